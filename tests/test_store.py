@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -483,3 +482,24 @@ def test_an_expired_lease_has_exactly_one_taker(tmp_path: Path) -> None:
             thread.join()
         assert len(won) == 1, won
         assert not service.renew(key, "dead", 30)
+
+
+def test_records_round_trip_and_stay_inside(tmp_path) -> None:
+    import pyarrow.fs as pafs
+    import fsspec
+
+    from lth_search.errors import StoreError
+    from lth_search.store import StageStore
+
+    memory = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
+    for store in (StageStore(str(tmp_path / "s")), StageStore("/records-test", filesystem=memory)):
+        assert store.records("search-x") == {}
+        store.put_record("search-x", "trial_1", {"round_keys": ["a"], "n": 1})
+        store.put_record("search-x", "trial_1", {"round_keys": ["a", "b"], "n": 2})
+        store.put_record("search-x", "trial_2", {"n": 3})
+        assert store.records("search-x") == {"trial_1": {"round_keys": ["a", "b"], "n": 2}, "trial_2": {"n": 3}}
+        for bad in ("../x", "/abs", "a/b", ".hidden", ""):
+            with pytest.raises(StoreError):
+                store.put_record("search-x", bad, {})
+            with pytest.raises(StoreError):
+                store.records(bad)

@@ -78,8 +78,8 @@ class FileLeaseService:
     """Leases as files `<root>/leases/<key>.lease` on a local or NFS directory.
 
     A free lease is created with O_CREAT|O_EXCL, so exactly one creator wins. An expired
-    one is first renamed to a unique name (rename is atomic, so one taker gets the stale
-    file) and checked to still be the stale record before the taker creates its own.
+    one is deleted by one taker at a time (under an O_EXCL guard file), and only if it is
+    still the record judged stale; then taking it is an ordinary exclusive create.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -102,7 +102,7 @@ class FileLeaseService:
             expired = record["expires"] < time.time() if record else mtime + ttl_s < time.time()
             if not expired:
                 return False
-            if not self._take_stale(path, record):
+            if not self._take_stale(path, (record, mtime), ttl_s):
                 return False
             log.info("lease %s of %s expired; taking over", key[:12], record["holder"] if record else "?")
         return False
@@ -142,24 +142,30 @@ class FileLeaseService:
         except FileNotFoundError:
             return None, None
 
-    def _take_stale(self, path: Path, stale: dict | None) -> bool:
-        """Move the stale lease file aside; False if someone else was faster."""
-        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.stale")
+    @staticmethod
+    def _take_stale(path: Path, stale: tuple[dict | None, float | None], ttl_s: float) -> bool:
+        """Delete the stale lease file if it is still `stale`; False if someone else got there.
+
+        A `.takeover` guard file (O_EXCL) admits one taker at a time, so no taker can
+        delete a lease another taker has just created.
+        """
+        guard = path.with_name(f"{path.name}.takeover")
         try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return True  # another taker moved it; creating decides who wins
-        moved, _ = self._read(aside)
-        if moved != stale:
-            # A fresh lease replaced the stale one between our read and the rename: put it back.
-            try:
-                os.link(aside, path)
-            except OSError:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a taker that died inside its guard: clear the guard after a generous delay
+                if guard.stat().st_mtime + max(ttl_s, 10.0) < time.time():
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
                 pass
-            aside.unlink(missing_ok=True)
             return False
-        aside.unlink(missing_ok=True)
-        return True
+        try:
+            if FileLeaseService._read(path) != stale:
+                return False  # renewed, released or taken over since we judged it
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
 
 
 class FilesystemLeaseService:

@@ -4,6 +4,10 @@ A mask maps each prunable parameter name to a bool tensor of the parameter's sha
 (True = kept). Masks only ever shrink: a round prunes among the weights its input mask
 keeps, so the masks of a lineage are nested.
 
+At rewind the survivors can be rescaled (`init_scale`): by density ** (-alpha/2), by the
+sum of squares the mask kept ("measured"), or by the activation variance measured on a
+probe batch (`calibrated_factors`, which needs the model and data).
+
 Every count here is exact and every tie is broken deterministically (a stable sort over
 the layers in name order, then flat index): the same inputs give the same mask on any
 device, which the content-addressed store relies on.
@@ -44,12 +48,11 @@ def _effective_rates(
     if unknown:
         present = ", ".join(sorted({groups[n] for n in names}))
         raise ConfigError(f"prune.layer_ratios: group(s) {', '.join(unknown)} not in this model (its groups: {present})")
-    rates = {}
-    for name in names:
-        group = groups[name]
-        multiplier = layer_ratios.get(group, 1.0) * (output_ratio if group == "output" else 1.0)
-        rates[name] = min(rate * multiplier, 1.0)
-    return rates
+    return {name: min(rate * _multiplier(groups[name], layer_ratios, output_ratio), 1.0) for name in names}
+
+
+def _multiplier(group: str, layer_ratios: dict[str, float], output_ratio: float) -> float:
+    return layer_ratios.get(group, 1.0) * (output_ratio if group == "output" else 1.0)
 
 
 def _partitions(rates: dict[str, float], scope: str) -> list[tuple[float, list[str]]]:
@@ -62,10 +65,28 @@ def _partitions(rates: dict[str, float], scope: str) -> list[tuple[float, list[s
     return sorted(by_rate.items())
 
 
-def _partition_count(rate: float, names: list[str], mask: Mask) -> int:
+def _partition_count(rate: float, names: list[str], counts: dict[str, int]) -> int:
     """round(rate * remaining), leaving every layer that still has a weight at least one."""
-    kept = [int(mask[n].sum()) for n in names]
+    kept = [counts[n] for n in names]
     return min(_round(rate * sum(kept)), sum(kept) - sum(1 for k in kept if k > 0))
+
+
+def _kept_counts(mask: Mask) -> dict[str, int]:
+    return {name: int(kept.sum()) for name, kept in mask.items()}
+
+
+def _magnitudes(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    values = weight.detach().to(positions.device).reshape(-1)[positions].abs()
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
+def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float], scope: str) -> Mask:
+    result, counts = dict(mask), _kept_counts(mask)
+    for rate, names in _partitions(rates, scope):
+        count = _partition_count(rate, names, counts)
+        if count > 0:
+            result.update(_prune_smallest(weights, mask, names, count))
+    return {name: result[name] for name in mask}
 
 
 def _prune_smallest(weights: dict[str, torch.Tensor], mask: Mask, names: list[str], count: int) -> Mask:
@@ -76,7 +97,7 @@ def _prune_smallest(weights: dict[str, torch.Tensor], mask: Mask, names: list[st
     """
     flat_masks = [mask[n].reshape(-1) for n in names]
     positions = [torch.nonzero(m, as_tuple=True)[0] for m in flat_masks]
-    magnitudes = torch.cat([weights[n].detach().reshape(-1)[p].abs().float() for n, p in zip(names, positions)])
+    magnitudes = torch.cat([_magnitudes(weights[n], p) for n, p in zip(names, positions)])
     offsets = torch.tensor([0] + [len(p) for p in positions], device=magnitudes.device).cumsum(0)
     order = torch.argsort(magnitudes, stable=True)
     layer_of = torch.searchsorted(offsets[1:], order, right=True)
@@ -134,12 +155,7 @@ def prune_round(
         raise ConfigError(f"prune.output_ratio: must be > 0, got {output_ratio}")
     _check_inputs(weights, mask, groups, scope)
     rates = _effective_rates(groups, sorted(mask), rate, dict(layer_ratios or {}), output_ratio)
-    result = dict(mask)
-    for partition_rate, names in _partitions(rates, scope):
-        count = _partition_count(partition_rate, names, mask)
-        if count > 0:
-            result.update(_prune_smallest(weights, mask, names, count))
-    return {name: result[name] for name in mask}
+    return _prune(weights, mask, rates, scope)
 
 
 def prune_to_sparsity(
@@ -164,11 +180,11 @@ def prune_to_sparsity(
         return dense
     names = sorted(dense)
     total = sum(m.numel() for m in dense.values())
-    ratios = dict(layer_ratios or {})
+    ratios, counts = dict(layer_ratios or {}), _kept_counts(dense)
 
     def pruned(base: float) -> int:
         rates = _effective_rates(groups, names, base, ratios, output_ratio)
-        return sum(_partition_count(r, ns, dense) for r, ns in _partitions(rates, scope))
+        return sum(_partition_count(r, ns, counts) for r, ns in _partitions(rates, scope))
 
     target = _round(sparsity * total)
     low, high = 0.0, 1.0 / min(1.0, *(_multiplier(groups[n], ratios, output_ratio) for n in names))
@@ -176,17 +192,7 @@ def prune_to_sparsity(
         middle = (low + high) / 2
         low, high = (middle, high) if pruned(middle) < target else (low, middle)
     base = min((low, high), key=lambda b: (abs(pruned(b) - target), b))
-    rates = _effective_rates(groups, names, base, ratios, output_ratio)
-    result = dict(dense)
-    for partition_rate, members in _partitions(rates, scope):
-        count = _partition_count(partition_rate, members, dense)
-        if count > 0:
-            result.update(_prune_smallest(weights, dense, members, count))
-    return {name: result[name] for name in groups}
-
-
-def _multiplier(group: str, layer_ratios: dict[str, float], output_ratio: float) -> float:
-    return layer_ratios.get(group, 1.0) * (output_ratio if group == "output" else 1.0)
+    return _prune(weights, dense, _effective_rates(groups, names, base, ratios, output_ratio), scope)
 
 
 def random_mask_like(mask: Mask, seed: int) -> Mask:
@@ -218,7 +224,9 @@ def rescale_factors(rewind_weights: dict[str, torch.Tensor], mask: Mask, init_sc
     weights keeps fraction d of the variance). Magnitude masks keep the *large* weights,
     i.e. more than d of the variance, so alpha 1 overshoots there; "measured" instead
     scales each layer so its kept sum of squares equals its full sum of squares in the
-    rewind weights, which is right for any mask. A layer with nothing kept gets 1.0.
+    rewind weights. That restores the first layer exactly for any mask and the next
+    ones closely; for deep IMP masks see `calibrated_factors`. A layer with nothing kept
+    gets 1.0.
     """
     _check_init_scale(init_scale)
     factors = {}
@@ -289,7 +297,8 @@ def calibrated_factors(
     with depth even when each layer's sum of squares is restored ("measured"). This
     measures instead: layer by layer in forward order, the factor is set so the layer's
     pre-activation variance on `probe` (a data batch) equals the dense network's at the
-    rewind point. Runs on a copy of `model` in eval mode (one forward pass per layer).
+    rewind point. Runs on a copy of `model` in eval mode (one forward pass per layer);
+    a layer the forward pass never reaches keeps its "measured" factor.
     """
     work = copy.deepcopy(model).eval()
     params = dict(work.named_parameters())

@@ -44,6 +44,7 @@ import torch
 
 from .codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
 from .errors import StoreError
+from .records import read_records, write_record
 from .leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
 
 if TYPE_CHECKING:
@@ -158,6 +159,15 @@ class StageStore:
 
     def __repr__(self) -> str:
         return f"StageStore({self.uri!r})"
+
+    # Records ------------------------------------------------------------------------------
+    def put_record(self, namespace: str, name: str, payload: dict) -> None:
+        """Replace the JSON record `namespace/name` (see records.py) atomically."""
+        write_record(self.filesystem, self.root, namespace, name, payload)
+
+    def records(self, namespace: str) -> dict[str, dict]:
+        """Every JSON record of `namespace`, by name."""
+        return read_records(self.filesystem, self.root, namespace)
 
     # Paths --------------------------------------------------------------------------------
     def _path(self, relative: str) -> str:

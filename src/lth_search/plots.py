@@ -1,0 +1,102 @@
+"""The two pictures MLflow shows: one lineage, and every lineage of a search.
+
+Both plot validation accuracy against sparsity with the dense network as a horizontal
+reference, because "does the ticket match dense?" is the question a lottery-ticket
+plot answers. Figures are drawn on matplotlib's Agg canvas without pyplot, so no
+display and no global figure state is involved (trials may plot concurrently).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterable, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pct(values: Iterable[float]) -> list[float]:
+    return [100.0 * v for v in values]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (sparsity, accuracy) points no other point beats on both, by increasing sparsity."""
+    front: list[tuple[float, float]] = []
+    best_accuracy = float("-inf")
+    for sparsity, accuracy in sorted(set(points), key=lambda p: (-p[0], -p[1])):
+        if accuracy > best_accuracy:
+            front.append((sparsity, accuracy))
+            best_accuracy = accuracy
+    return front[::-1]
+
+
+def lineage_plot(
+    rounds: Sequence[dict[str, Any]], dense_val: float | None, dense_test: float | None, tolerance: float,
+    title: str, matching_round: int | None = None,
+) -> bytes:
+    """PNG: val and test accuracy per round vs sparsity, dense lines and the matching threshold.
+
+    `rounds` are dicts with round, sparsity, val_accuracy, test_accuracy.
+    """
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    ordered = sorted(rounds, key=lambda r: r["round"])
+    x = _pct(r["sparsity"] for r in ordered)
+    axes.plot(x, _pct(r["val_accuracy"] for r in ordered), "o-", color="C0", label="val accuracy")
+    axes.plot(x, _pct(r["test_accuracy"] for r in ordered), "s--", color="C1", alpha=0.7, label="test accuracy")
+    if dense_val is not None:
+        axes.axhline(100 * dense_val, color="C0", lw=1, label=f"dense val {100 * dense_val:.2f}%")
+        axes.axhline(100 * (dense_val - tolerance), color="C0", lw=1, ls=":", label=f"matching threshold (-{100 * tolerance:g} pp)")
+    if dense_test is not None:
+        axes.axhline(100 * dense_test, color="C1", lw=1, alpha=0.6, label=f"dense test {100 * dense_test:.2f}%")
+    for item in ordered:
+        if item["round"] == matching_round:
+            axes.plot([100 * item["sparsity"]], [100 * item["val_accuracy"]], "*", ms=16, color="C2", label="matching ticket")
+    axes.set_xlabel("sparsity (% of prunable weights removed)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
+    return _png(figure)
+
+
+def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any] | None = None) -> bytes:
+    """PNG: every trial's val accuracy vs sparsity, dense references, the Pareto front, the best ticket.
+
+    `rows` are ticket rows (trial_id, round, sparsity, val_accuracy, dense_val_accuracy).
+    """
+    figure = Figure(figsize=(7.2, 4.8))
+    axes = figure.add_subplot()
+    trials: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        trials.setdefault(row["trial_id"], []).append(row)
+    for index, (trial_id, items) in enumerate(sorted(trials.items())):
+        items.sort(key=lambda r: r["round"])
+        axes.plot(
+            _pct(r["sparsity"] for r in items), _pct(r["val_accuracy"] for r in items), ".-", lw=0.8, alpha=0.6,
+            color=f"C{index % 10}", label=trial_id if len(trials) <= 12 else None,
+        )
+    for dense in sorted({r["dense_val_accuracy"] for r in rows if r.get("dense_val_accuracy") is not None}):
+        axes.axhline(100 * dense, color="black", lw=1, ls="--")
+    if any(r.get("dense_val_accuracy") is not None for r in rows):
+        axes.plot([], [], color="black", lw=1, ls="--", label="dense val accuracy")
+    front = pareto_front([(r["sparsity"], r["val_accuracy"]) for r in rows])
+    if front:
+        axes.step(_pct(p[0] for p in front), _pct(p[1] for p in front), where="post", color="red", lw=1.8,
+                  label="Pareto front (sparsity, val)")
+    if best is not None:
+        axes.plot([100 * best["sparsity"]], [100 * best["val_accuracy"]], "*", ms=18, color="gold",
+                  markeredgecolor="black", label="best ticket")
+    axes.set_xlabel("sparsity (% of prunable weights removed)")
+    axes.set_ylabel("val accuracy (%)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left", ncol=2)
+    return _png(figure)

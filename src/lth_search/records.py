@@ -1,0 +1,60 @@
+"""Small JSON records kept beside the stages (e.g. which stages each search trial walked).
+
+Stages say *what* was computed; records say *who needed it*: a search trial writes its
+choices and stage keys after every round, so `lth-search sync` and summaries can rebuild
+a search from the store alone, on any node. Records live under `records/<namespace>/`
+of the store root and are replaced atomically (a local rename; a single object write
+on object stores). They are JSON, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+
+import pyarrow.fs as pafs
+
+from .errors import StoreError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_record_name(name: object, what: str) -> str:
+    """A namespace or record name that cannot leave its folder (no '/', no leading '.')."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StoreError(f"record {what} {name!r} is invalid: use 1-128 letters, digits, '_', '.', '-'")
+    return name
+
+
+def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:
+    """Replace the record `namespace/name` with `payload` (JSON) atomically."""
+    folder = f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+    path = f"{folder}/{check_record_name(name, 'name')}.json"
+    data = json.dumps(payload, sort_keys=True).encode()
+    filesystem.create_dir(folder, recursive=True)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        staging = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(staging, "wb") as handle:
+            handle.write(data)
+        os.replace(staging, path)
+        return
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def read_records(filesystem: pafs.FileSystem, root: str, namespace: str) -> dict[str, dict]:
+    """Every record of a namespace by name ({} when there is none); unreadable ones are skipped."""
+    folder = f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+    infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    records: dict[str, dict] = {}
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
+            continue
+        try:
+            with filesystem.open_input_stream(info.path) as stream:
+                records[info.base_name[: -len(".json")]] = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue  # a record being replaced right now; the next read sees it
+    return records

@@ -1,0 +1,358 @@
+"""The search driver: Ray Tune runs IMP lineages, Optuna proposes choices, ASHA stops laggards.
+
+`run_search(cfg)` starts (or joins) Ray, builds the data set once and shares it through
+the object store, starts the search's lease actor and MLflow parent run, and runs a
+`tune.Tuner` whose trials are lineages (trial.py). Everything needed to continue lives
+on disk: `<output_dir>/searches/<name>/search.json` (config, Ray results path, parent
+run id, status) and `optuna.journal` (the study), so `resume_search(name)` restores the
+Tuner after a killed driver and Optuna continues the same study.
+
+Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
+folder and Optuna study are its own, while stages come from the shared store, so
+running the quickstart twice reuses every stage instead of mixing two studies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from .config import ExperimentConfig, validate_config
+from .data import load_dataset
+from .errors import ConfigError
+from .ray_leases import start_lease_actor
+from .space import PRIMARY_METRIC, DefineByRunSpace, journal_storage, make_sampler, objectives
+from .records import put_record, read_records
+from .store import StageStore
+from .summary import emit, summarize, summary_lines
+from .trial import PROGRESS_METRICS, lineage_trial, records_namespace
+
+Progress = Callable[[str], None]
+_progress: list[Progress] = [print]
+"""Where trial-completion lines go; a module global because Ray pickles callbacks for restore."""
+
+
+@dataclass
+class SearchState:
+    """What `search.json` holds: enough to restore the Tuner and its study by name."""
+
+    name: str
+    search_id: str
+    config: dict[str, Any]
+    results_path: str
+    journal: str
+    parent_run_id: str | None = None
+    status: str = "running"
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+    @staticmethod
+    def folder(output_dir: str | Path, name: str) -> Path:
+        return Path(output_dir).expanduser().resolve() / "searches" / name
+
+    def save(self) -> None:
+        path = self.folder(self.config["output_dir"], self.name) / "search.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(staging, path)
+
+    @classmethod
+    def load(cls, name: str, output_dir: str | Path) -> "SearchState":
+        folder = cls.folder(output_dir, name)
+        try:
+            data = json.loads((folder / "search.json").read_text())
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no search named {name} under {folder.parent}; run `lth-search run CONFIG` first"
+            ) from None
+        except ValueError:
+            raise ConfigError(f"{folder / 'search.json'}: not valid JSON; the search cannot be resumed") from None
+        return cls(**data)
+
+    def cfg(self) -> ExperimentConfig:
+        return validate_config(self.config, source=f"search {self.name}")
+
+
+def results_root(cfg: ExperimentConfig) -> str:
+    """Where Ray keeps trial results and checkpoints.
+
+    `<output_dir>/ray` locally; beside the store when the store is remote (s3://b/x/store
+    -> s3://b/x/ray), because every node must reach it and a head-local path will not do.
+    """
+    uri = cfg.store_uri()
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/").rsplit("/", 1)[0] + "/ray"
+    return str(cfg.output_path() / "ray")
+
+
+def new_state(cfg: ExperimentConfig) -> SearchState:
+    search_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = SearchState.folder(cfg.output_dir, cfg.name)
+    return SearchState(
+        name=cfg.name,
+        search_id=search_id,
+        config=cfg.model_dump(mode="json"),
+        results_path=f"{results_root(cfg)}/{search_id}",
+        journal=str(folder / "optuna.journal"),
+        started_at=time.time(),
+    )
+
+
+# Ray session ---------------------------------------------------------------------------------
+@contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """Reuse an initialised Ray, join `address`, or start a local Ray on loopback.
+
+    Yields whether Ray was started here (and so is shut down on exit).
+    """
+    if ray.is_initialized():
+        yield False
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(cfg: ExperimentConfig, started_here: bool) -> None:
+    """Fail in one line when a local Ray can never fit one trial (a cluster may scale up)."""
+    if not started_here:
+        return
+    available = ray.cluster_resources()
+    for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
+        if need > available.get(key, 0):
+            raise ConfigError(
+                f"resources.{key.lower()}: a trial needs {need} {key}s but this machine's Ray has "
+                f"{available.get(key, 0):g}; lower it (e.g. --set resources.{key.lower()}=0) or pass --address"
+            )
+
+
+# Tune pieces ---------------------------------------------------------------------------------
+def _trainable(cfg: ExperimentConfig, state: SearchState) -> Any:
+    """The lineage trial with the data set (via the object store) and the search context bound."""
+    dataset = load_dataset(cfg.data, cfg.seed, "cpu")
+    context = {"search_id": state.search_id, "parent_run_id": state.parent_run_id}
+    bound = tune.with_parameters(lineage_trial, base=state.config, dataset=dataset, context=context)
+    trainable = tune.with_resources(bound, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    trainable._progress_metrics = PROGRESS_METRICS  # read by Ray's console reporter
+    return trainable
+
+
+def _scheduler(cfg: ExperimentConfig) -> Any:
+    asha = cfg.search.asha
+    if not asha.enabled or cfg.prune.rounds < 2:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=PRIMARY_METRIC,
+        mode="max",
+        max_t=cfg.prune.rounds,
+        grace_period=min(asha.grace_period, cfg.prune.rounds),
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
+    metric, mode = objectives(cfg)
+    Path(state.journal).parent.mkdir(parents=True, exist_ok=True)
+    return OptunaSearch(
+        space=DefineByRunSpace(cfg),
+        metric=metric,
+        mode=mode,
+        sampler=make_sampler(cfg),
+        study_name=state.search_id,
+        storage=journal_storage(state.journal),
+    )
+
+
+class _TrialLines(tune.Callback):
+    """One readable line per finished, stopped or failed lineage (Ray's table shows the rest)."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        done = result.get("round", 0)
+        how = "finished" if done >= self.rounds else f"stopped by ASHA after round {done}"
+        _progress[0](
+            f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
+            f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _progress[0](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+
+def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
+    storage, name = state.results_path.rsplit("/", 1)
+    return tune.Tuner(
+        _trainable(cfg, state),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(cfg, state),
+            scheduler=_scheduler(cfg),
+            num_samples=cfg.search.num_trials,
+            max_concurrent_trials=cfg.search.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            callbacks=[_TrialLines(cfg.prune.rounds)],
+            verbose=1,
+        ),
+    )
+
+
+# Driver --------------------------------------------------------------------------------------
+def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    """Run a new search on a local Ray (no address) or a cluster; returns its summary."""
+    cfg = cfg.absolute()
+    state = new_state(cfg)
+    with ray_session(address) as started_here:
+        _check_resources(cfg, started_here)
+        _start_tracking(cfg, state)
+        state.save()
+        _announce(cfg, state, progress)
+        leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
+        summary = _fit(cfg, state, _tuner(cfg, state), progress)
+        del leases
+        return summary
+
+
+def resume_search(
+    name: str, output_dir: str = "./lth_runs", address: str | None = None, progress: Progress = print
+) -> dict[str, Any]:
+    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same MLflow parent."""
+    state = SearchState.load(name, output_dir)
+    cfg = state.cfg().absolute()
+    if not tune.Tuner.can_restore(state.results_path):
+        raise ConfigError(
+            f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
+        )
+    with ray_session(address) as started_here:
+        _check_resources(cfg, started_here)
+        _start_tracking(cfg, state)
+        state.status = "running"
+        state.save()
+        progress(f"resuming search {state.search_id} from {state.results_path}")
+        leases = start_lease_actor(cfg.name)
+        tuner = tune.Tuner.restore(
+            state.results_path, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True
+        )
+        summary = _fit(cfg, state, tuner, progress)
+        del leases
+        return summary
+
+
+def _start_tracking(cfg: ExperimentConfig, state: SearchState) -> None:
+    if not cfg.tracking.enabled:
+        return
+    from .tracking import SearchTracker
+
+    tracker = SearchTracker.start(cfg, ray_results_path=state.results_path, parent_run_id=state.parent_run_id)
+    state.parent_run_id = getattr(tracker, "parent_run_id", None)
+    _trackers[state.search_id] = tracker
+
+
+_trackers: dict[str, Any] = {}
+
+
+def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> None:
+    resources = ray.cluster_resources()
+    space = DefineByRunSpace(cfg).categorical
+    progress(
+        f"search {state.search_id}: {cfg.search.num_trials} lineages of up to {cfg.prune.rounds} rounds, "
+        f"{cfg.search.max_concurrent} at a time, on Ray with {resources.get('CPU', 0):g} CPUs / "
+        f"{resources.get('GPU', 0):g} GPUs"
+    )
+    progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}")
+    progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
+
+
+def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, progress: Progress) -> dict[str, Any]:
+    _progress[0] = progress
+    # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
+    # Ray warns about that frequency by default.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    began = time.time()
+    grid = tuner.fit()
+    statuses = _statuses(grid, cfg.prune.rounds)
+    store = StageStore.from_config(cfg)
+    records = _final_records(store, cfg.name, state.search_id, statuses)
+    complete = all(s in ("finished", "stopped", "error") for s in statuses.values())
+    state.status = "finished" if complete else "interrupted"
+    state.finished_at = time.time() if complete else None
+    state.save()
+    tracker = _trackers.pop(state.search_id, None)
+    if tracker is not None and complete:
+        tracker.finish(list(records.values()))
+    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, _links(cfg, state, began))
+    emit(summary_lines(summary), progress)
+    if not complete:
+        progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
+    return summary
+
+
+def _statuses(grid: Any, rounds: int) -> dict[str, str]:
+    """trial id -> finished / stopped (by ASHA) / error / unfinished, from Ray's view."""
+    statuses = {}
+    for trial in grid._experiment_analysis.trials:  # ResultGrid has no public per-trial status
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            statuses[trial.trial_id] = "error"
+        elif trial.status != "TERMINATED":
+            statuses[trial.trial_id] = "unfinished"
+        elif last.get("round", 0) >= rounds:
+            statuses[trial.trial_id] = "finished"
+        else:
+            statuses[trial.trial_id] = "stopped"
+    return statuses
+
+
+def _final_records(store: StageStore, name: str, search_id: str, statuses: dict[str, str]) -> dict[str, dict]:
+    """This search's trial records, their status set from Ray's final view (and saved)."""
+    records = {k: v for k, v in read_records(store, records_namespace(name)).items() if v.get("search_id") == search_id}
+    for trial_id, status in statuses.items():
+        record = records.get(trial_id)
+        if record is not None and record.get("status") != status:
+            record["status"] = status
+            put_record(store, records_namespace(name), trial_id, record)
+    return records
+
+
+def _links(cfg: ExperimentConfig, state: SearchState, began: float) -> dict[str, Any]:
+    extra: dict[str, Any] = {"wall_s": time.time() - began, "results_path": state.results_path}
+    if not cfg.tracking.enabled:
+        return extra
+    uri = cfg.tracking_uri()
+    extra["tracking_uri"] = uri
+    extra["parent_run_id"] = state.parent_run_id
+    if uri.startswith(("http://", "https://")):
+        extra["mlflow_command"] = f"open {uri} (the MLflow server of this search)"
+        base = uri.rstrip("/")
+    else:
+        extra["mlflow_command"] = f"mlflow ui --backend-store-uri {uri} --port 5000"
+        base = "http://127.0.0.1:5000"
+    from . import tracking
+
+    experiment_id = getattr(tracking, "experiment_id", lambda _: None)(cfg)
+    if experiment_id is not None:
+        extra["mlflow_link"] = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return extra

@@ -1,0 +1,98 @@
+"""What a finished search says: the best ticket, trial counts, compute executed vs reused.
+
+Built from the trial records in the store (the truth, written by the trials themselves)
+and each trial's final status from Ray; no Ray or MLflow import here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial with the highest matching sparsity (ties: higher val accuracy at it)."""
+    scored = [r for r in records if r.get("matching")]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r["matching"]["sparsity"], r["matching"]["val_accuracy"]))
+
+
+def summarize(
+    records: list[dict[str, Any]], search_id: str, rounds: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The summary dict `run_search` returns (best ticket, counts, steps)."""
+    statuses = [r.get("status", "running") for r in records]
+    best = best_record(records)
+    summary: dict[str, Any] = {
+        "search_id": search_id,
+        "trials": len(records),
+        "finished": statuses.count("finished"),
+        "stopped_by_asha": statuses.count("stopped"),
+        "errored": statuses.count("error"),
+        "unfinished": sum(s not in ("finished", "stopped", "error") for s in statuses),
+        "rounds": rounds,
+        "steps_executed": sum(int(r.get("steps_executed", 0)) for r in records),
+        "steps_reused": sum(int(r.get("steps_reused", 0)) for r in records),
+        "best": None,
+    }
+    if best is not None:
+        match = best["matching"]
+        summary["best"] = {
+            "trial_id": best["trial_id"],
+            "choices": best.get("choices", {}),
+            "matching_sparsity": match["sparsity"],
+            "round": match["round"],
+            "val_accuracy": match["val_accuracy"],
+            "test_accuracy": match["test_accuracy"],
+            "dense_val_accuracy": best["dense"]["val_accuracy"],
+            "dense_test_accuracy": best["dense"]["test_accuracy"],
+        }
+    summary.update(extra or {})
+    return summary
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _choices(choices: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(choices.items())) or "(the config's prune values)"
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """Human lines: the best ticket first, then counts, compute, and where to look."""
+    lines = []
+    best = summary.get("best")
+    if best is None:
+        lines.append("best ticket: none (no trial reported a round)")
+    elif best["round"] == 0:
+        lines.append(
+            f"best ticket: none matched dense within tolerance; dense val {_pct(best['dense_val_accuracy'])}, "
+            f"test {_pct(best['dense_test_accuracy'])}"
+        )
+    else:
+        lines.append(
+            f"best ticket: trial {best['trial_id']} round {best['round']}: sparsity {_pct(best['matching_sparsity'])}, "
+            f"val {_pct(best['val_accuracy'])} / test {_pct(best['test_accuracy'])} "
+            f"(dense val {_pct(best['dense_val_accuracy'])} / test {_pct(best['dense_test_accuracy'])})"
+        )
+        lines.append(f"  choices: {_choices(best['choices'])}")
+    lines.append(
+        f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped_by_asha']} stopped by ASHA, "
+        f"{summary['errored']} errored" + (f", {summary['unfinished']} unfinished" if summary["unfinished"] else "") + ")"
+    )
+    executed, reused = summary["steps_executed"], summary["steps_reused"]
+    share = reused / (executed + reused) if executed + reused else 0.0
+    lines.append(f"training steps: {executed} executed, {reused} reused from the store ({100 * share:.0f}% reused)")
+    if summary.get("wall_s") is not None:
+        lines.append(f"wall time: {summary['wall_s']:.1f} s")
+    if summary.get("mlflow_command"):
+        lines.append(f"MLflow: {summary['mlflow_command']}")
+        if summary.get("mlflow_link"):
+            lines.append(f"  then open {summary['mlflow_link']}")
+    return lines
+
+
+def emit(lines: list[str], progress: Callable[[str], None]) -> None:
+    for line in lines:
+        progress(line)

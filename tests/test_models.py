@@ -1,0 +1,173 @@
+"""The model registry: shapes, layer groups, seeded init and the papers' sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lth_search.config import ModelConfig
+from lth_search.errors import ConfigError
+from lth_search.models import GROUPS, build_model, prunable_groups
+
+CIFAR = (3, 32, 32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops: one intra-op thread is as fast alone and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str, shape: tuple[int, ...] = CIFAR, seed: int = 0, **fields) -> nn.Module:
+    return build_model(ModelConfig(name=name, **fields), shape, 10, seed)
+
+
+def count(model: nn.Module, names=None) -> int:
+    state = dict(model.named_parameters())
+    return sum(state[n].numel() for n in (names if names is not None else state))
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("mlp", (40,)),
+        ("mlp", (1, 8, 8)),
+        ("lenet_300_100", (1, 28, 28)),
+        ("conv2", CIFAR),
+        ("conv4", (1, 28, 28)),
+        ("conv6", CIFAR),
+        ("conv6", (1, 8, 8)),
+        ("resnet20", CIFAR),
+        ("resnet20", (1, 8, 8)),
+        ("vgg16", CIFAR),
+        ("vgg16", (1, 8, 8)),
+    ],
+)
+def test_forward_gives_one_logit_per_class(name, shape):
+    model = build(name, shape)
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "vgg16"])
+def test_prunable_are_the_conv_and_linear_weights(name):
+    model = build(name, (40,) if name in ("mlp", "lenet_300_100") else CIFAR)
+    params = dict(model.named_parameters())
+    weights = {
+        f"{m}.weight" for m, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+    }
+    assert set(model.prunable) == weights
+    assert set(model.prunable) <= set(model.state_dict())
+    assert all(params[n].dim() in (2, 4) for n in model.prunable)
+    assert set(model.prunable.values()) <= set(GROUPS)
+    assert list(model.prunable.values()).count("output") == 1
+    assert prunable_groups(model) == model.prunable
+
+
+def test_mlp_groups_and_widths():
+    model = build("mlp", (40,), widths=[7, 5, 3])
+    assert model.prunable == {
+        "hidden.0.weight": "fc",
+        "hidden.1.weight": "fc",
+        "hidden.2.weight": "fc",
+        "output.weight": "output",
+    }
+    shapes = [tuple(p.shape) for n, p in model.named_parameters() if n in model.prunable]
+    assert shapes == [(7, 40), (5, 7), (3, 5), (10, 3)]
+
+
+def test_conv6_groups():
+    groups = list(build("conv6").prunable.values())
+    assert groups == ["conv"] * 6 + ["fc", "fc", "output"]
+
+
+def test_resnet20_groups():
+    groups = build("resnet20").prunable
+    values = list(groups.values())
+    assert values.count("conv") == 19  # stem + 9 blocks x 2
+    assert values.count("shortcut") == 2  # option B projections into stages 2 and 3
+    assert values.count("output") == 1 and groups["fc.weight"] == "output"
+    assert all("shortcut" in n for n, g in groups.items() if g == "shortcut")
+
+
+def test_vgg16_groups():
+    values = list(build("vgg16").prunable.values())
+    assert values == ["conv"] * 13 + ["output"]
+
+
+def test_prunable_groups_derives_for_foreign_modules():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert prunable_groups(model) == {"0.weight": "conv", "2.weight": "fc", "4.weight": "output"}
+
+
+def test_paper_sizes():
+    lenet = build("lenet_300_100", (1, 28, 28))
+    assert count(lenet, lenet.prunable) == 266_200
+    resnet = build("resnet20")
+    assert 0.26e6 < count(resnet) < 0.28e6  # He et al.: 0.27M
+    vgg = build("vgg16")
+    assert 14.5e6 < count(vgg) < 15.5e6  # ~14.7M with batch norm
+    # Frankle & Carbin 2019, Figure 2: Conv-2 4.3M, Conv-4 2.4M weights on CIFAR-10.
+    # (Their Conv-6 figure, 1.7M, is below what the stated layers give: 2.26M, as built here.)
+    conv2, conv4, conv6 = build("conv2"), build("conv4"), build("conv6")
+    assert round(count(conv2, conv2.prunable) / 1e6, 1) == 4.3
+    assert round(count(conv4, conv4.prunable) / 1e6, 1) == 2.4
+    assert round(count(conv6, conv6.prunable) / 1e6, 2) == 2.26
+
+
+def test_lenet_ignores_widths_and_vgg_batch_norm_switch():
+    lenet = build("lenet_300_100", (1, 28, 28), widths=[3])
+    assert [p.shape[0] for n, p in lenet.named_parameters() if n in lenet.prunable] == [300, 100, 10]
+    plain = build("vgg16", batch_norm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_seeded_init_is_deterministic_and_seed_dependent():
+    for name, shape in [("mlp", (40,)), ("resnet20", (1, 8, 8))]:
+        a, b, c = build(name, shape, seed=3).state_dict(), build(name, shape, seed=3).state_dict(), build(name, shape, seed=4).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not all(torch.equal(a[k], c[k]) for k in a if k.endswith("weight"))
+
+
+def test_build_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    build("resnet20", (1, 8, 8))
+    build("mlp", (40,))
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_init_is_kaiming_normal_with_zero_bias_and_unit_batch_norm():
+    lenet = build("lenet_300_100", (1, 28, 28))
+    weight = lenet.hidden[0].weight
+    assert abs(weight.std().item() / math.sqrt(2 / 784) - 1) < 0.02
+    assert abs(weight.mean().item()) < 0.002
+    assert all(torch.count_nonzero(m.bias) == 0 for m in lenet.modules() if isinstance(m, nn.Linear))
+    resnet = build("resnet20")
+    for module in resnet.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+            assert torch.all(module.running_mean == 0) and torch.all(module.running_var == 1)
+    conv = resnet.conv.weight
+    assert abs(conv.std().item() / math.sqrt(2 / 27) - 1) < 0.25  # only 432 weights
+
+
+@pytest.mark.parametrize("name", ["conv2", "conv4", "conv6", "resnet20", "vgg16"])
+def test_conv_model_on_flat_input_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=rf"^model\.name: {name} needs image input \(C,H,W\), data gives \(40,\)$"):
+        build(name, (40,))
+
+
+def test_unknown_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name: unknown model 'nope'"):
+        build_model(ModelConfig.model_construct(name="nope", widths=[4], width=16, batch_norm=True), (40,), 10, 0)

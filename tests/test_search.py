@@ -1,0 +1,114 @@
+"""Searches on a real local Ray with real Optuna: reports, reuse, the objective, ASHA.
+
+Each test runs a tiny search (MLP [32], 200 steps per stage, 3 rounds) on the session's
+Ray and judges it by what it left on disk: Ray's result files, the store's manifests and
+trial records, and the Optuna journal.
+"""
+
+from __future__ import annotations
+
+import pytest
+from search_helpers import expected_matching, load_study, manifests, search_config, trial_records, trial_results
+
+from lth_search.errors import ConfigError
+from lth_search.search import resume_search, run_search
+
+pytestmark = pytest.mark.slow
+
+
+def test_small_search_reports_each_round_and_trains_dense_once(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {
+        "search.space.rate": "[0.2, 0.4]",
+        "search.asha.enabled": "false",
+        "search.tolerance": 0.02,
+        "tracking.enabled": "true",
+    })
+    lines: list[str] = []
+    summary = run_search(cfg, progress=lines.append)
+
+    histories = trial_results(summary["results_path"])
+    assert len(histories) == 4 and summary["trials"] == 4 and summary["finished"] == 4
+    for rows in histories.values():
+        # one report per round, training_iteration = round
+        assert [r["training_iteration"] for r in rows] == [1, 2, 3]
+        assert [r["round"] for r in rows] == [1, 2, 3]
+        # the running objective is the matching sparsity over the rounds reported so far
+        dense_val = rows[0]["dense_val_accuracy"]
+        for i, row in enumerate(rows):
+            seen = [(r["sparsity"], r["val_accuracy"]) for r in rows[: i + 1]]
+            assert row["matching_sparsity"] == pytest.approx(expected_matching(dense_val, seen, 0.02))
+        assert all(r["dense_val_accuracy"] == dense_val for r in rows)
+
+    # the dense stage exists once and exactly one trial trained it; every other trial reused it
+    dense = [m for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
+    assert len(dense) == 1
+    records = trial_records(tmp_path / "store", cfg.name)
+    assert len(records) == 4
+    trained_dense = [r for r in records.values() if dense[0]["key"] in r["attempts"][0]["executed_keys"]]
+    assert len(trained_dense) == 1
+    for trial_id, rows in histories.items():
+        if records[trial_id] is not trained_dense[0]:
+            assert rows[0]["steps_reused"] >= 200  # the dense stage's steps came from the store
+
+    # Optuna was told each trial's final objective
+    study = load_study(tmp_path, cfg.name, summary["search_id"])
+    told = {t.number: t.value for t in study.trials}
+    for trial_id, rows in histories.items():
+        assert told[records[trial_id]["optuna_trial"]] == pytest.approx(rows[-1]["matching_sparsity"])
+
+    # the summary names the best lineage and prints the MLflow command
+    best = max(rows[-1]["matching_sparsity"] for rows in histories.values())
+    assert summary["best"]["matching_sparsity"] == pytest.approx(best)
+    assert any(line.startswith("best ticket:") for line in lines)
+    assert any("mlflow ui --backend-store-uri sqlite:///" in line for line in lines)
+    assert summary["steps_executed"] + summary["steps_reused"] == sum(
+        rows[-1]["steps_executed"] + rows[-1]["steps_reused"] for rows in histories.values()
+    )
+
+
+def test_asha_stops_a_lagging_lineage_and_optuna_gets_its_last_value(ray_local, data_root, tmp_path):
+    # With tolerance 0.99 every round matches, so the objective is the sparsity reached:
+    # a rate-0.1 lineage always lags a rate-0.8 one. The seeded random sampler proposes
+    # 0.8, 0.8, 0.1, 0.1, ... (seed 7), so the third trial reaches rung 1 after two 0.8
+    # lineages recorded theirs and ASHA must stop it.
+    cfg = search_config(data_root, tmp_path, {
+        "seed": 7,
+        "search.num_trials": 6,
+        "search.sampler": "random",
+        "search.tolerance": 0.99,
+        "search.space.rate": "[0.1, 0.8]",
+        "search.space.rewind_step": "null",
+        "search.asha.grace_period": 1,
+        "search.asha.reduction_factor": 2,
+    })
+    summary = run_search(cfg, progress=lambda _: None)
+
+    histories = trial_results(summary["results_path"])
+    records = trial_records(tmp_path / "store", cfg.name)
+    stopped = {t: rows for t, rows in histories.items() if rows[-1]["training_iteration"] < 3}
+    assert stopped, "ASHA stopped no lineage"
+    assert summary["stopped_by_asha"] == len(stopped)
+    assert {records[t]["status"] for t in stopped} == {"stopped"}
+
+    study = load_study(tmp_path, cfg.name, summary["search_id"])
+    by_number = {t.number: t for t in study.trials}
+    for trial_id, rows in stopped.items():
+        optuna_trial = by_number[records[trial_id]["optuna_trial"]]
+        assert optuna_trial.state.name == "COMPLETE"
+        assert optuna_trial.value == pytest.approx(rows[-1]["matching_sparsity"])
+        assert optuna_trial.params["rate"] == 0.1
+
+
+def test_a_search_without_rounds_reports_the_dense_stage_once(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {"prune.rounds": 0, "search.num_trials": 1})
+    summary = run_search(cfg, progress=lambda _: None)
+    (rows,) = trial_results(summary["results_path"]).values()
+    assert [(r["training_iteration"], r["round"], r["matching_sparsity"]) for r in rows] == [(1, 0, 0.0)]
+    assert summary["finished"] == 1
+
+
+def test_resume_of_an_unknown_search_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        resume_search("nope", output_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and "no search named nope" in message and "lth-search run" in message
