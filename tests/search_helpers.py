@@ -44,10 +44,9 @@ def manifests(store_root: Path) -> list[dict[str, Any]]:
 
 
 def trial_records(store_root: Path, search_name: str) -> dict[str, dict[str, Any]]:
-    from lth_search.records import read_records
     from lth_search.store import StageStore
 
-    return read_records(StageStore(str(store_root)), f"search-{search_name}")
+    return StageStore(str(store_root)).records(f"search-{search_name}")
 
 
 def load_study(output_dir: Path, search_name: str, search_id: str) -> optuna.Study:

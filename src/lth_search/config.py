@@ -136,14 +136,15 @@ class TrainConfig(_Section):
         return self.model_dump(exclude={"device", "eval_batch_size"})
 
 
-InitScale = Union[float, Literal["measured"]]
+RESCALE_MODES = ("measured", "calibrated")
+InitScale = Union[float, Literal[RESCALE_MODES]]
 
 
 def _check_init_scale(value: Any) -> InitScale:
-    if value == "measured":
-        return "measured"
+    if value in RESCALE_MODES:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"must be a number (the rescale exponent alpha) or 'measured', got {value!r}")
+        raise ValueError(f"must be a number (the rescale exponent alpha), 'measured' or 'calibrated', got {value!r}")
     if not 0 <= value <= 2:
         raise ValueError(f"must lie in [0, 2] (0 plain rewind, 1 full 1/sqrt(density)), got {value}")
     return float(value)
@@ -165,8 +166,9 @@ class PruneConfig(_Section):
     )
     init_scale: InitScale = Field(
         0.0,
-        description="rescale exponent alpha at rewind: w *= density^(-alpha/2); 0 plain rewind, 1 variance "
-        "correction for random masks, 'measured' restores each layer's sum of squares",
+        description="rescale at rewind: a number alpha gives w *= density^(-alpha/2) (0 plain rewind, 1 "
+        "variance correction for random masks); 'measured' restores each layer's sum of squares; 'calibrated' "
+        "restores each layer's pre-activation variance on a batch of training inputs, layer by layer",
     )
 
     @field_validator("init_scale", mode="before")
@@ -224,7 +226,7 @@ class SearchSpace(_Section):
         if values is None:
             return None
         if not isinstance(values, list) or not values:
-            raise ValueError("must be a non-empty list of exponents or 'measured'")
+            raise ValueError("must be a non-empty list of exponents, 'measured' or 'calibrated'")
         return [_check_init_scale(v) for v in values]
 
     @field_validator("rate")

@@ -27,10 +27,22 @@ from .config import ExperimentConfig, content_key
 from .data import Dataset, load_dataset, resolve_device
 from .models import build_model
 from .objective import Matching, matching
-from .pruning import Mask, layer_sparsity, ones_mask, prune_round, random_mask_like, rewind_weights, sparsity
+from .pruning import (
+    Mask,
+    calibrated_factors,
+    layer_sparsity,
+    masked_state,
+    ones_mask,
+    prune_round,
+    random_mask_like,
+    rescale_factors,
+    sparsity,
+)
 from .store import StageEntry
 from .train import evaluate, resolved_recipe, train
 
+PROBE_SIZE = 1024
+"""Training inputs the `calibrated` rescale measures activation variance on."""
 STAGE_FORMAT = 1
 """Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching."""
 
@@ -66,6 +78,8 @@ class RoundResult:
     steps: int
     key: str
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    rescale: dict[str, float] = field(default_factory=dict)
+    """Per-layer factor the survivors were multiplied by at rewind."""
 
 
 @dataclass
@@ -190,13 +204,22 @@ class Lineage:
         )
         return self._train_masked(key, inputs, dense, mask, round_index)
 
+    def _rescale(self, rewind: dict[str, torch.Tensor], mask: Mask) -> dict[str, float]:
+        """Per-layer factors for the survivors at rewind (kept in the stage's metrics, so a
+        ticket can be rebuilt exactly without data)."""
+        if self.cfg.prune.init_scale == "calibrated":
+            probe = self.data.train.x[:PROBE_SIZE]
+            return calibrated_factors(self.model, rewind, mask, probe)
+        return rescale_factors(rewind, mask, self.cfg.prune.init_scale)
+
     def _train_masked(
         self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
         start_weights: dict[str, torch.Tensor] | None = None,
     ) -> StageEntry:
         prune = self.cfg.prune
         rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{prune.rewind_step}"]
-        self._load(rewind_weights(rewind, mask, prune.init_scale))
+        factors = self._rescale(rewind, mask)
+        self._load(masked_state(rewind, mask, factors))
         device_mask = {name: m.to(self.device) for name, m in mask.items()}
         result = train(
             self.model, self.data, self.cfg.train, self.cfg.seed, prune.rewind_step, self.total_steps, mask=device_mask
@@ -209,6 +232,7 @@ class Lineage:
             "sparsity": sparsity(mask),
             "round": round_index,
             "layer_sparsity": layer_sparsity(mask),
+            "rescale": factors,
         }
         cpu_mask = {name: m.to("cpu") for name, m in mask.items()}
         return StageEntry(key=key, kind="round", inputs=inputs, metrics=metrics, weights={"end": result.state},
@@ -287,6 +311,7 @@ class Lineage:
                 steps=metrics["steps"],
                 key=parent.key,
                 layer_sparsity=metrics["layer_sparsity"],
+                rescale=metrics.get("rescale", {}),
             )
             result.rounds.append(round_result)
             if reused:

@@ -212,6 +212,8 @@ def random_mask_like(mask: Mask, seed: int) -> Mask:
 def _check_init_scale(init_scale: float | str) -> None:
     if init_scale == "measured":
         return
+    if init_scale == "calibrated":
+        raise ValueError("init_scale 'calibrated' needs a data batch: use calibrated_factors")
     if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
         raise ConfigError(f"prune.init_scale: must be an exponent alpha or 'measured', got {init_scale!r}")
 

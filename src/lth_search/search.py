@@ -32,7 +32,6 @@ from .data import load_dataset
 from .errors import ConfigError
 from .ray_leases import start_lease_actor
 from .space import PRIMARY_METRIC, DefineByRunSpace, journal_storage, make_sampler, objectives
-from .records import put_record, read_records
 from .store import StageStore
 from .summary import emit, summarize, summary_lines
 from .trial import PROGRESS_METRICS, lineage_trial, records_namespace
@@ -328,12 +327,12 @@ def _statuses(grid: Any, rounds: int) -> dict[str, str]:
 
 def _final_records(store: StageStore, name: str, search_id: str, statuses: dict[str, str]) -> dict[str, dict]:
     """This search's trial records, their status set from Ray's final view (and saved)."""
-    records = {k: v for k, v in read_records(store, records_namespace(name)).items() if v.get("search_id") == search_id}
+    records = {k: v for k, v in store.records(records_namespace(name)).items() if v.get("search_id") == search_id}
     for trial_id, status in statuses.items():
         record = records.get(trial_id)
         if record is not None and record.get("status") != status:
             record["status"] = status
-            put_record(store, records_namespace(name), trial_id, record)
+            store.put_record(records_namespace(name), trial_id, record)
     return records
 
 

@@ -33,7 +33,6 @@ from .lineage import Lineage, LineageResult, RoundResult
 from .objective import matching
 from .ray_leases import RayLeaseService
 from .space import OPTUNA_TRIAL_KEY, choices_of
-from .records import put_record, read_records
 from .store import StageStore
 
 CHECKPOINT_FILE = "lineage.json"
@@ -179,7 +178,7 @@ class TrialRecord:
         choices: dict[str, Any], optuna_trial: int | None, cfg: ExperimentConfig, restored_round: int,
     ) -> None:
         self.store, self.namespace, self.trial_id = store, records_namespace(search_name), trial_id
-        previous = read_records(store, self.namespace).get(trial_id) or {}
+        previous = store.records(self.namespace).get(trial_id) or {}
         self.attempts: list[dict[str, Any]] = list(previous.get("attempts", []))
         self.attempt = len(self.attempts) + 1
         self.attempts.append({
@@ -237,7 +236,7 @@ class TrialRecord:
             steps_reused=max(0, total - executed),
             updated_at=time.time(),
         )
-        put_record(self.store, self.namespace, self.trial_id, self.payload)
+        self.store.put_record(self.namespace, self.trial_id, self.payload)
 
 
 def _executed_keys(result: LineageResult) -> list[str]:

@@ -1,0 +1,187 @@
+"""Test helpers for MLflow: a real `mlflow server` on loopback, REST checks, tiny tracked lineages.
+
+The server is a subprocess in its own session, started with a sqlite backend and
+proxied artifacts (`--artifacts-destination`), and stopped (or killed, to simulate a
+crash) by its pid. `search_layout` checks a search through MLflow's REST API alone,
+as a user's browser sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from lth_search.config import ExperimentConfig
+from lth_search.lineage import Lineage, LineageResult, RoundResult
+from lth_search.objective import matching
+from lth_search.store import StageStore
+from lth_search.tracking import TrialTracker
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.db = root / "server.db"
+        self.artifacts = root / "artifacts"
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, deadline_s: float = 240.0) -> "MlflowServer":
+        log = open(self.root / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination",
+             str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # No GenAI job runner (seven huey consumers): runs and artifacts are all we need.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+        log.close()
+        self._wait_healthy(deadline_s)
+        return self
+
+    def _wait_healthy(self, deadline_s: float) -> None:
+        """Poll /health (a generous start-up deadline, not a timing assertion)."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer /health within {deadline_s} s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def _signal(self, sig: int) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)  # the server and its workers: the session we started
+        except ProcessLookupError:
+            return
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as in a crash; wait until it is gone."""
+        self._signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+# REST ------------------------------------------------------------------------------------------
+def rest(url: str, endpoint: str, payload: dict | None = None, query: dict | None = None) -> dict:
+    """One MLflow REST call (GET with a query, or POST with a JSON body)."""
+    address = f"{url}/api/2.0/mlflow/{endpoint}"
+    if query:
+        address += "?" + urllib.parse.urlencode(query)
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(address, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {item["key"]: item["value"] for item in run["data"].get("tags", [])}
+
+
+def search_layout(url: str, experiment: str, children: int) -> tuple[dict, list[dict]]:
+    """Assert through the REST API that `experiment` holds one parent run with `children` child runs.
+
+    Returns (parent, children) as the REST API gives them.
+    """
+    found = rest(url, "experiments/get-by-name", query={"experiment_name": experiment})["experiment"]
+    runs = rest(url, "runs/search", {"experiment_ids": [found["experiment_id"]], "max_results": 1000}).get("runs", [])
+    parents = [run for run in runs if "mlflow.parentRunId" not in _tags(run)]
+    assert len(parents) == 1, f"expected one parent run, found {len(parents)}"
+    parent = parents[0]
+    kids = [run for run in runs if _tags(run).get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    assert len(kids) == children == len(runs) - 1, f"expected {children} child runs, found {len(kids)} of {len(runs) - 1}"
+    return parent, kids
+
+
+# Tracked lineages --------------------------------------------------------------------------------
+def tracked_trial(
+    cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any], store: StageStore,
+    dataset: Any, after_round: Callable[[RoundResult], None] | None = None,
+) -> tuple[TrialTracker, Lineage, LineageResult]:
+    """One trial as search trials run it (trial.py), minus Ray: a lineage with the tracker's callbacks."""
+    trial_cfg = cfg.with_choices(choices)
+    tracker = TrialTracker.start(trial_cfg, parent_run_id, trial_id, choices)
+    lineage = Lineage(trial_cfg, store, dataset)
+
+    def on_round(round_result: RoundResult, _: LineageResult) -> None:
+        tracker.log_round(round_result, lineage.entries[-1])
+        if after_round is not None:
+            after_round(round_result)
+
+    result = lineage.run(on_round=on_round, on_dense=lambda r: tracker.log_dense(r, lineage.entries[0]))
+    tracker.finish(result)
+    return tracker, lineage, result
+
+
+def trial_record(search_id: str, trial_id: str, choices: dict, cfg: ExperimentConfig, result: LineageResult,
+                 status: str = "finished") -> dict[str, Any]:
+    """The record trial.py's TrialRecord writes to the store (the fields tracking.py documents)."""
+    best = matching(result.dense["val_accuracy"], result.rounds, result.tolerance)
+    return {
+        "search": cfg.name, "search_id": search_id, "trial_id": trial_id, "optuna_trial": None,
+        "choices": choices, "config": cfg.with_choices(choices).model_dump(mode="json"), "status": status,
+        "dense": result.dense, "dense_key": result.dense["key"], "round_keys": [r.key for r in result.rounds],
+        "rounds": [{**asdict(r), "attempt": 1} for r in result.rounds],
+        "matching": {"sparsity": best.sparsity, "round": best.round, "val_accuracy": best.val_accuracy},
+        "steps_executed": result.steps_executed, "steps_reused": result.steps_reused,
+    }
+
+
+def write_search_json(cfg: ExperimentConfig, search_id: str, results_path: str, parent_run_id: str | None,
+                      status: str = "finished") -> Path:
+    """`<output_dir>/searches/<name>/search.json` as search.py's SearchState writes it."""
+    path = cfg.output_path() / "searches" / cfg.name / "search.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "name": cfg.name, "search_id": search_id, "config": cfg.model_dump(mode="json"), "results_path": results_path,
+        "journal": str(path.parent / "optuna.journal"), "parent_run_id": parent_run_id, "status": status,
+        "started_at": 0.0, "finished_at": None,
+    }, indent=2))
+    return path

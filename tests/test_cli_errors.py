@@ -1,0 +1,92 @@
+"""Bad input: one line naming the key or file, a non-zero exit, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import LTH_SEARCH, REPO
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+# (case id, extra --set overrides or a config file text, the text the one line must contain)
+CASES = [
+    ("unknown model", ["model.name=resnet99"], "model.name"),
+    ("unknown data set", ["data.name=imagenet"], "data.name"),
+    ("rate above 1", ["prune.rate=1.5"], "prune.rate"),
+    ("rate zero", ["prune.rate=0"], "prune.rate"),
+    ("negative rounds", ["prune.rounds=-1"], "prune.rounds"),
+    ("rewind step not kept", ["prune.rewind_step=50"], "prune.rewind_step"),
+    ("rewind step past the end", ["prune.rewind_steps=[0, 100, 5000]"], "prune.rewind_steps"),
+    ("unknown key in --set", ["prune.colour=red"], "prune.colour"),
+    ("wrong type in --set", ["train.batch_size=many"], "train.batch_size"),
+    ("--set without a value", ["prune.rate"], "--set"),
+    ("bad init scale", ["prune.init_scale=huge"], "prune.init_scale"),
+    ("cuda without cuda", ["train.device=cuda"], "train.device"),
+    ("conv model on 1-D data", ["model.name=conv6"], "model.name"),
+    ("missing MNIST files", ["data.name=mnist", "data.root={empty}"], "train-images-idx3-ubyte"),
+    ("malformed CIFAR batch", ["data.name=cifar10", "data.root={cifar}"], "data_batch_1"),
+    ("search value not kept", ["search.space.rewind_step=[0, 30]"], "search.space.rewind_step"),
+]
+FILE_CASES = [
+    ("YAML syntax error", "prune:\n  rate: [0.2\n", "bad.yaml"),
+    ("unknown top-level key", "trian:\n  lr: 0.1\n", "trian"),
+    ("not a mapping", "- 1\n- 2\n", "bad.yaml"),
+]
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([LTH_SEARCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert needle in lines[0] and lines[0].startswith("lth-search: error:"), lines[0]
+    assert done.stdout == ""
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir()
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / name).write_bytes(b"this is not a pickle of a CIFAR batch")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("case", "overrides", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_bad_lineage_input(case: str, overrides: list[str], needle: str, workdir: Path, data_root: Path) -> None:
+    sets = [f"data.root={data_root}", f"output_dir={workdir / 'runs'}", "prune.rewind_steps=[0, 100]",
+            "search.space.rewind_step=null"]
+    sets += [o.format(empty=workdir / "empty", cifar=workdir / "cifar") for o in overrides]
+    before_work, before_data = _snapshot(workdir), _snapshot(data_root)
+    done = _run(["lineage", QUICKSTART] + [arg for s in sets for arg in ("--set", s)], workdir)
+    _assert_one_line_error(done, needle)
+    assert _snapshot(workdir) == before_work and _snapshot(data_root) == before_data  # nothing written
+
+
+@pytest.mark.parametrize(("case", "text", "needle"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_config_file(case: str, text: str, needle: str, workdir: Path) -> None:
+    (workdir / "bad.yaml").write_text(text)
+    before = _snapshot(workdir)
+    done = _run(["lineage", "bad.yaml"], workdir)
+    _assert_one_line_error(done, needle)
+    assert _snapshot(workdir) == before
+
+
+def test_missing_config_file(workdir: Path) -> None:
+    done = _run(["lineage", "nowhere.yaml"], workdir)
+    _assert_one_line_error(done, "nowhere.yaml")
+    assert not (workdir / "lth_runs").exists()

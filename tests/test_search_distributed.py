@@ -1,0 +1,164 @@
+"""Searches across nodes and processes: a two-node cluster, a killed driver, a killed worker.
+
+Real signals to real processes; the search is judged by Ray's result files, the store's
+manifests and the trial records (which keep every attempt's pid, node and trained keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LTH_SEARCH
+from search_helpers import manifests, search_config, search_overrides, trial_records, trial_results
+
+from lth_search.search import run_search
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def test_two_node_cluster_shares_the_store_and_trains_dense_once(data_root, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(HERE / "two_node_search.py"), str(data_root), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=_env(),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["cluster_nodes"]) == 2
+    used = {node for nodes in report["trial_nodes"].values() for node in nodes}
+    assert used == set(report["cluster_nodes"]), "trials did not run on both nodes"
+    assert all(rounds == [1, 2, 3] for rounds in report["rounds"].values())
+    assert report["finished"] == 4
+    assert len(report["dense_stages"]) == 1 and len(report["dense_trainers"]) == 1
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stage_keys(store: Path) -> set[str]:
+    return {m["key"] for m in manifests(store)}
+
+
+def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_path):
+    settings = {"search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 1500,
+                "search.space.rate": "[0.2, 0.4]"}
+    (tmp_path / "killme.yaml").write_text("name: killme\n")
+    command = [LTH_SEARCH, "run", str(tmp_path / "killme.yaml")]
+    for item in search_overrides(data_root, tmp_path, settings):
+        command += ["--set", item]
+    log = open(tmp_path / "run.log", "w")
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    store = tmp_path / "store"
+    try:
+        def mid_search():
+            records = trial_records(store, "killme") if (store / "records").exists() else {}
+            finished = [r for r in records.values() if r["status"] == "finished"]
+            midway = [r for r in records.values() if r["status"] == "running" and 1 <= len(r["rounds"]) < 3]
+            return records if finished and midway else None
+
+        _wait_for(mid_search, 300, "a finished and a half-way trial")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    time.sleep(2)  # let the workers of the dead driver's Ray go (they share its fate)
+    at_kill = trial_records(store, "killme")
+    stored_at_kill = _stage_keys(store)
+    state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
+    assert state["status"] == "running"
+
+    resumed = subprocess.run(
+        [LTH_SEARCH, "resume", "killme", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "best ticket:" in resumed.stderr
+
+    after = trial_records(store, "killme")
+    assert len(after) == 4 and {r["status"] for r in after.values()} == {"finished"}
+    assert json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())["status"] == "finished"
+    steps_per_round = {k: 1500 - r["config"]["prune"]["rewind_step"] for k, r in after.items()}
+    recomputed = 0
+    for trial_id, record in after.items():
+        before = at_kill.get(trial_id)
+        new_attempts = record["attempts"][len(before["attempts"]) if before else 0:]
+        trained = [key for attempt in new_attempts for key in attempt["executed_keys"]]
+        # nothing that was in the store at the kill is trained again
+        assert not set(trained) & stored_at_kill, f"trial {trial_id} retrained a stored stage"
+        if before is not None and before["status"] == "finished":
+            assert trained == [], f"finished trial {trial_id} trained again"
+        elif before is not None:
+            # an unfinished trial trains only the rounds it had not finished: the one in flight
+            # at the kill (lost) and those after it
+            assert len(trained) <= 3 - len(before["rounds"])
+            recomputed += 1
+        assert sum(a["steps_executed"] for a in new_attempts) == len(trained) * steps_per_round[trial_id]
+    assert recomputed >= 1
+    # every stage computed after the resume was computed exactly once across trials
+    new_keys = _stage_keys(store) - stored_at_kill
+    trained_after = [k for t, r in after.items()
+                     for a in r["attempts"][len(at_kill.get(t, {}).get("attempts", [])):] for k in a["executed_keys"]]
+    assert sorted(trained_after) == sorted(new_keys)
+    # Ray recorded each round of each trial once
+    histories = trial_results(json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())["results_path"])
+    assert all(sorted(r["round"] for r in rows) == [1, 2, 3] for rows in histories.values())
+
+
+def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {
+        "search.num_trials": 1, "search.max_failures": 2, "train.steps": 3000, "search.space.rewind_step": "null",
+    })
+    store = tmp_path / "store"
+    killed: dict[str, int] = {}
+
+    def kill_mid_round() -> None:
+        def after_round_one():
+            records = trial_records(store, cfg.name) if (store / "records").exists() else {}
+            return next((r for r in records.values() if len(r["rounds"]) == 1), None)
+
+        record = _wait_for(after_round_one, 300, "round 1")
+        time.sleep(0.5)  # round 2 (3000 steps, seconds long) is now training
+        killed["pid"] = record["attempts"][-1]["pid"]
+        killed["stored"] = len(manifests(store))
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_round, daemon=True)
+    killer.start()
+    summary = run_search(cfg, progress=lambda _: None)
+    killer.join(timeout=10)
+    assert "pid" in killed, "the worker was never killed"
+
+    (record,) = trial_records(store, cfg.name).values()
+    first, second = record["attempts"]
+    assert first["pid"] == killed["pid"] and second["pid"] != killed["pid"]
+    assert killed["stored"] == 2  # dense + round 1 when the worker died mid round 2
+    assert second["restored_round"] == 1
+    # the retry trained only rounds 2 and 3; dense and round 1 came from the store
+    assert not set(first["executed_keys"]) & set(second["executed_keys"])
+    assert second["executed_keys"] == record["round_keys"][1:]
+    assert second["steps_executed"] == 2 * 3000
+    assert summary["finished"] == 1 and record["status"] == "finished"
+    (rows,) = trial_results(summary["results_path"]).values()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["attempt"] for r in rows] == [1, 2, 2]

@@ -1,0 +1,129 @@
+"""A tracking server that dies mid-search costs no result; `lth-search sync` fills MLflow in.
+
+A real `mlflow server` is killed (SIGKILL to its process group) between two rounds of
+the first lineage. The lineages finish, with every stage and trial record in the
+store; MLflow calls fail, are retried and reported, and never raise. After the server
+restarts on the same backend, `sync_search` (what `lth-search sync NAME` runs) must
+leave MLflow exactly as an uninterrupted search on the same server left its own
+experiment: the same runs, metric keys, steps and values (timings aside: a stage's
+steps/s is the one its store entry recorded), and masks equal to the store's.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import LTH_SEARCH, tiny_config
+from lth_search.codec import decode_mask
+from lth_search.data import load_dataset
+from lth_search.mlflow_io import read_artifact
+from lth_search.store import StageStore
+from lth_search.sync import sync_search
+from lth_search.tracking import SearchTracker
+from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record, write_search_json
+
+TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20}}
+TIMINGS = {"train_steps_per_s", "dense_train_steps_per_s"}
+
+
+def run_search(cfg, dataset, search_id: str, kill_after_round_1=None):
+    """The driver/trial flow of search.py without Ray; returns (tracker, records, store)."""
+    store = StageStore.from_config(cfg)
+    search = SearchTracker.start(cfg, ray_results_path=f"{cfg.output_path()}/ray/{search_id}")
+    records = []
+    for trial_id, choices in TRIALS.items():
+        hook = kill_after_round_1 if trial_id == "t0" else None
+        after = (lambda r: hook() if r.round == 1 else None) if hook else None
+        _, _, result = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset, after_round=after)
+        record = trial_record(search_id, trial_id, choices, cfg, result)
+        store.put_record(f"search-{cfg.name}", trial_id, record)
+        records.append(record)
+    search.finish(records)
+    write_search_json(cfg, search_id, f"{cfg.output_path()}/ray/{search_id}", search.parent_run_id)
+    return search, records, store
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    keys = client.get_run(run_id).data.metrics
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def trial_runs(client: MlflowClient, experiment: str) -> tuple[object, dict[str, object]]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return parents[0], {r.data.tags["lth.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+
+
+def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
+        common = dict(tracking__enabled="true", tracking__uri=server.url, search__tolerance=0.02)
+        reference = tiny_config(data_root, tmp_path / "ref", name="uninterrupted", **common)
+        run_search(reference, dataset, "uninterrupted-1")
+
+        cfg = tiny_config(data_root, tmp_path / "out", name="interrupted", **common)
+        with caplog.at_level(logging.WARNING, logger="lth_search"):
+            search, records, store = run_search(cfg, dataset, "interrupted-1", kill_after_round_1=server.kill)
+        # The lineages completed and the store holds everything MLflow missed.
+        assert [len(r["round_keys"]) for r in records] == [3, 3]
+        assert all(store.get(key) is not None for r in records for key in [r["dense_key"], *r["round_keys"]])
+        assert search.missed and any("lth-search sync interrupted" in m for m in caplog.messages)
+
+        server.start()  # same port, backend and artifacts
+        client = MlflowClient(server.url)
+        _, partial = trial_runs(client, "interrupted")
+        assert sorted(m.step for m in client.get_metric_history(partial["t0"].info.run_id, "val_accuracy")) == [1]
+        assert "t1" not in partial  # the second trial ran entirely while the server was down
+
+        counts = sync_search("interrupted", output_dir=cfg.output_dir, progress=lambda line: None)
+        assert counts["rounds"] == 5 and counts["dense"] == 1
+
+        ref_parent, ref_runs = trial_runs(client, "uninterrupted")
+        parent, runs = trial_runs(client, "interrupted")
+        assert parent.info.run_id == search.parent_run_id and parent.info.status == "FINISHED"
+        assert sorted(runs) == sorted(ref_runs) == sorted(TRIALS)
+        for trial_id in TRIALS:
+            expected, got = histories(client, ref_runs[trial_id].info.run_id), histories(client, runs[trial_id].info.run_id)
+            assert sorted(got) == sorted(expected)
+            for key in expected:
+                if key in TIMINGS:
+                    assert [s for s, _ in got[key]] == [s for s, _ in expected[key]]
+                else:
+                    assert got[key] == expected[key], key
+            record = next(r for r in records if r["trial_id"] == trial_id)
+            speeds = dict(got["train_steps_per_s"])
+            for item in record["rounds"]:
+                assert speeds[item["round"]] == store.get(item["key"]).metrics["train_steps_per_s"]
+                logged = decode_mask(read_artifact(client, runs[trial_id].info.run_id, f"masks/round_{item['round']:02d}.parquet"))
+                stored = store.get(item["key"]).masks["mask"]
+                assert all(torch.equal(logged[n], stored[n]) for n in stored)
+            assert runs[trial_id].data.params == ref_runs[trial_id].data.params
+            assert runs[trial_id].info.status == "FINISHED"
+        table = pq.read_table(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.parquet")))
+        assert table.num_rows == 6
+        assert parent.data.metrics["best_matching_sparsity"] == ref_parent.data.metrics["best_matching_sparsity"]
+        search_layout(server.url, "interrupted", children=2)
+
+        # A second sync finds nothing missing.
+        again = sync_search("interrupted", output_dir=cfg.output_dir, progress=lambda line: None)
+        assert again["rounds"] == 0 and again["dense"] == 0 and again["summaries"] == 0
+    finally:
+        server.stop()
+
+
+def test_sync_command_errors_are_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run([LTH_SEARCH, "sync", "nosuch", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no search named nosuch" in done.stderr

@@ -1,0 +1,164 @@
+"""MLflow tracking of a search, against sqlite and against a real `mlflow server` (no mocks).
+
+The driver/trial flow runs in-process without Ray: SearchTracker.start, tiny lineages
+whose callbacks drive TrialTrackers (as trial.py does), SearchTracker.finish. Every
+check reads MLflow back: run structure, metric histories, mask artifacts against the
+store's masks, the tickets table, the registered best ticket.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import tiny_config
+from lth_search.api import run_lineage_command
+from lth_search.codec import decode_mask, decode_weights
+from lth_search.data import load_dataset
+from lth_search.mlflow_io import read_artifact
+from lth_search.objective import is_matching
+from lth_search.store import StageStore
+from lth_search.tickets import best_ticket
+from lth_search.tracking import SearchTracker
+from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record
+
+TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}}
+
+
+@pytest.fixture(scope="module")
+def dataset(data_root: Path):
+    return load_dataset(tiny_config(data_root, data_root).data, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def children_of(client: MlflowClient, parent) -> list:
+    return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def check_child(client: MlflowClient, child, result, choices: dict, store: StageStore, rewind_step: int) -> None:
+    run_id = child.info.run_id
+    history = sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(r.round, r.val_accuracy) for r in result.rounds]
+    test = sorted(client.get_metric_history(run_id, "test_accuracy"), key=lambda m: m.step)
+    assert [m.value for m in test] == [r.test_accuracy for r in result.rounds]
+    assert child.data.params == {key: value if isinstance(value, str) else str(value) for key, value in choices.items()}
+    last = result.rounds[-1]
+    assert child.data.metrics["sparsity"] == last.sparsity
+    assert child.data.metrics["layer_sparsity/hidden.0.weight"] == last.layer_sparsity["hidden.0.weight"]
+    assert child.data.metrics["dense_val_accuracy"] == result.dense["val_accuracy"]
+    assert child.data.metrics["matching_sparsity"] == result.best.sparsity
+    for round_result in result.rounds:
+        logged = decode_mask(read_artifact(client, run_id, f"masks/round_{round_result.round:02d}.parquet"))
+        stored = store.get(round_result.key).masks["mask"]
+        assert list(logged) == list(stored)
+        assert all(torch.equal(logged[name], stored[name]) for name in stored)
+    rewind = decode_weights(read_artifact(client, run_id, f"weights/rewind_{rewind_step}.safetensors"))
+    dense = store.get(result.dense["key"]).weights[f"rewind_{rewind_step}"]
+    assert all(torch.equal(rewind[name], dense[name]) for name in dense)
+    assert read_artifact(client, run_id, "plots/accuracy_vs_sparsity.png")[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "server"])
+def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: Path, tmp_path: Path, dataset,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = request.getfixturevalue("sqlite_uri") if backend == "sqlite" else request.getfixturevalue("server").url
+    name = f"layout-{backend}"
+    cfg = tiny_config(data_root, tmp_path / "out", name=name, tracking__enabled="true", tracking__uri=uri,
+                      search__tolerance=0.02)
+    store = StageStore.from_config(cfg)
+    search = SearchTracker.start(cfg, ray_results_path=str(tmp_path / "ray" / f"{name}-1"))
+    assert search.parent_run_id is not None
+
+    results, trackers = {}, {}
+    for trial_id, choices in TRIALS.items():
+        trackers[trial_id], _, results[trial_id] = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset)
+    # A Ray retry of t0 walks its lineage again (all from the store): same run, nothing logged twice.
+    again, _, rerun = tracked_trial(cfg, search.parent_run_id, "t0", TRIALS["t0"], store, dataset)
+    assert all(r.reused for r in rerun.rounds)
+    assert again.run_id == trackers["t0"].run_id and again.logged == []
+
+    search.finish([trial_record(f"{name}-1", t, TRIALS[t], cfg, results[t]) for t in TRIALS])
+    assert search.missed == [] and all(not t.io.missed for t in trackers.values())
+
+    client = MlflowClient(uri)
+    parent = client.get_run(search.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["lth.role"] == "search" and parent.data.tags["lth.store_uri"] == cfg.store_uri()
+    assert parent.data.params["prune.rounds"] == "3" and parent.data.params["model.widths"] == "[32]"
+    children = children_of(client, parent)
+    assert sorted(c.data.tags["lth.trial_id"] for c in children) == sorted(TRIALS)
+    for child in children:
+        trial_id = child.data.tags["lth.trial_id"]
+        assert child.info.status == "FINISHED"
+        rewind_step = cfg.with_choices(TRIALS[trial_id]).prune.rewind_step
+        check_child(client, child, results[trial_id], TRIALS[trial_id], store, rewind_step)
+
+    table = pq.read_table(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.parquet"))).to_pylist()
+    expected = {(t, r.round): r for t, result in results.items() for r in result.rounds}
+    assert {(row["trial_id"], row["round"]) for row in table} == set(expected) and len(table) == 6
+    for row in table:
+        assert row["val_accuracy"] == expected[row["trial_id"], row["round"]].val_accuracy
+        assert row["rate"] == TRIALS[row["trial_id"]]["rate"]
+        assert row["run_id"] == trackers[row["trial_id"]].run_id
+    matching = [
+        (r.sparsity, r.val_accuracy) for result in results.values() for r in result.rounds
+        if is_matching(r.val_accuracy, result.dense["val_accuracy"], 0.02)
+    ]
+    assert parent.data.metrics["best_matching_sparsity"] == (max(matching)[0] if matching else 0.0)
+    assert read_artifact(client, parent.info.run_id, "plots/search_summary.png")[:4] == b"\x89PNG"
+
+    if backend == "server":
+        rest_parent, rest_children = search_layout(uri, name, children=2)
+        assert rest_parent["info"]["run_id"] == parent.info.run_id
+
+    # The registered best ticket loads through models:/NAME@best as the very model best_ticket builds.
+    ticket = best_ticket(experiment=name, tracking_uri=uri)
+    assert parent.data.tags["lth.best_run_id"] == ticket.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    registered = mlflow.pyfunc.load_model(f"models:/{name}@best")
+    model = ticket.build_model().eval()
+    assert all(torch.equal(a, b) for a, b in zip(registered.get_raw_model().state_dict().values(), model.state_dict().values()))
+    x = dataset.test.x[:64]
+    assert (registered.predict(x.numpy()) == model(x).argmax(1).numpy()).all()
+
+
+def test_lineage_command_logs_one_run(data_root: Path, tmp_path: Path, sqlite_uri: str) -> None:
+    cfg = tiny_config(data_root, tmp_path / "out", name="lineage-run", tracking__enabled="true", tracking__uri=sqlite_uri)
+    lines: list[str] = []
+    result = run_lineage_command(cfg, progress=lines.append)
+
+    client = MlflowClient(sqlite_uri)
+    experiment = client.get_experiment_by_name("lineage-run")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["lth.role"] == "lineage" and "mlflow.parentRunId" not in run.data.tags
+    assert run.data.params["rate"] == "0.2" and run.data.params["scope"] == "global"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3]
+    masks = {item.path for item in client.list_artifacts(run.info.run_id, "masks")}
+    assert masks == {f"masks/round_0{r}.parquet" for r in (1, 2, 3)}
+    assert any(run.info.run_id in line for line in lines)
+    # An experiment of lineage runs only still answers best_ticket.
+    ticket = best_ticket(experiment="lineage-run", min_sparsity=0.0, tracking_uri=sqlite_uri)
+    assert ticket.run_id == run.info.run_id
+    assert ticket.val_accuracy == max(r.val_accuracy for r in result.rounds)
