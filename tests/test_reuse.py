@@ -1,0 +1,469 @@
+"""Issue 3's acceptance at lineage level: stages are reused across runs and processes.
+
+Criteria about the command line run the installed `lth-search lineage ... --json` in real
+subprocesses against a real local store; the non-local filesystem criteria run
+`Lineage` in this process against an fsspec memory filesystem wrapped as a pyarrow
+filesystem (memory is per process, so concurrency there is two threads). Nothing the
+product uses is replaced: damage is done to the stored bytes, kills are real SIGKILLs,
+races are real races. The mask-size criterion (7) is tests/test_codec.py
+`test_size_of_a_million_weight_mask`; bad keys and names at store level are in
+tests/test_store.py.
+
+Every subprocess runs with one intra-op thread (OMP_NUM_THREADS=1): two lineage
+processes then fit two cores, and a recomputed stage reproduces its earlier numbers
+bit for bit (CPU float reductions depend on the thread count, not on the load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from conftest import LTH_SEARCH, tiny_config, tiny_overrides
+from lth_search.leases import FileLeaseService, check_key
+from lth_search.lineage import Lineage, LineageResult
+from lth_search.store import StageStore
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+T = 200
+"""train.steps of the tiny config; it keeps rewind steps 0 and 20."""
+BASE = {"prune__rewind_step": 20}
+"""The baseline lineage: dense (200 steps) + 3 rounds of 180 steps = 740 steps."""
+
+
+# Helpers -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "reuse.yaml"
+    path.write_text("name: reuse\n")
+    return path
+
+
+def lineage_command(config_file: Path, data_root: Path, output_dir: Path, **extra: object) -> list[str]:
+    command = [LTH_SEARCH, "lineage", str(config_file), "--json"]
+    for assignment in tiny_overrides(data_root, output_dir, **extra):
+        command += ["--set", assignment]
+    return command
+
+
+def run_lineage(config_file: Path, data_root: Path, output_dir: Path, **extra: object) -> tuple[dict, str]:
+    """(the --json report, stderr) of one `lth-search lineage` process."""
+    done = subprocess.run(
+        lineage_command(config_file, data_root, output_dir, **extra), capture_output=True, text=True, env=ENV,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), done.stderr
+
+
+def parse(process: subprocess.Popen) -> tuple[dict, str]:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout), stderr
+
+
+def stage_steps(report: dict) -> list[int]:
+    """Steps of the dense stage and of each round, in order."""
+    return [report["dense"]["steps"]] + [r["steps"] for r in report["rounds"]]
+
+
+def reused_flags(report: dict) -> list[int]:
+    return [report["dense"]["reused"]] + [r["reused"] for r in report["rounds"]]
+
+
+def keys_of(report: dict) -> list[str]:
+    return [report["dense"]["key"]] + [r["key"] for r in report["rounds"]]
+
+
+def outcome(report: dict, also_drop: tuple[str, ...] = ()) -> dict:
+    """What a lineage found, without how it got there (`reused`, and `also_drop`)."""
+    drop = ("reused",) + also_drop
+    return {
+        "dense": {k: v for k, v in report["dense"].items() if k not in drop},
+        "rounds": [{k: v for k, v in r.items() if k not in drop} for r in report["rounds"]],
+        "matching": [report["matching_sparsity"], report["matching_round"], report["matching_val_accuracy"]],
+    }
+
+
+RECOMPUTED = ("train_steps_per_s",)
+"""The one metric a recomputed stage may not reproduce (it is a wall-clock speed)."""
+
+
+def store_root(output_dir: Path) -> Path:
+    return output_dir / "store"
+
+
+def entry_dir(root: Path, key: str) -> Path:
+    return root / "stages" / key[:2] / key
+
+
+def published(root: Path) -> set[str]:
+    """Keys of the entries with a manifest (what makes an entry exist)."""
+    return {path.parent.name for path in (root / "stages").glob("*/*/manifest.json")}
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "stages").rglob("*")) if p.is_file()}
+
+
+def masks_of(store: StageStore, keys: list[str]) -> list[dict[str, torch.Tensor]]:
+    masks = []
+    for key in keys:
+        entry = store.get(key)
+        assert entry is not None, key
+        masks.append(entry.masks["mask"])
+    return masks
+
+
+def assert_same_masks(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for left, right in zip(a, b):
+        assert left.keys() == right.keys()
+        for name in left:
+            assert left[name].dtype == torch.bool and torch.equal(left[name], right[name]), name
+
+
+def flip_bytes(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4]) + data[middle + 4 :]
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) - 7]
+
+
+def clone(output_dir: Path, destination: Path) -> Path:
+    shutil.copytree(output_dir, destination)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def baseline(config_file: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One finished tiny lineage (rewind to step 20) and its output folder (never modified)."""
+    output_dir = tmp_path_factory.mktemp("baseline") / "out"
+    report, _ = run_lineage(config_file, data_root, output_dir, **BASE)
+    return report, output_dir
+
+
+# 1. The same command twice -----------------------------------------------------------------
+def test_baseline_lineage_writes_only_its_stages_under_the_store_root(baseline) -> None:
+    report, output_dir = baseline
+    assert reused_flags(report) == [0, 0, 0, 0]
+    assert stage_steps(report) == [T, T - 20, T - 20, T - 20]
+    assert report["steps_executed"] == T + 3 * (T - 20) and report["steps_reused"] == 0
+    keys = keys_of(report)
+    for key in keys:
+        check_key(key)  # content hashes, never names taken from input
+    root = store_root(output_dir)
+    assert published(root) == set(keys)
+    for path in output_dir.rglob("*"):
+        relative = path.relative_to(root)  # raises if anything was written outside the store root
+        assert relative.parts[0] in ("stages", "leases", "tmp"), path
+        if relative.parts[0] == "stages" and len(relative.parts) >= 3:
+            assert relative.parts[1] == relative.parts[2][:2] and relative.parts[2] in keys, path
+    assert not list((root / "leases").iterdir())  # every lease released
+    assert not list((root / "tmp").iterdir())  # every staging folder moved into place
+
+
+def test_second_run_executes_nothing_and_finds_identical_results(
+    baseline, config_file: Path, data_root: Path, tmp_path: Path
+) -> None:
+    first, base_dir = baseline
+    output_dir = clone(base_dir, tmp_path / "out")
+    root = store_root(output_dir)
+    before = file_digests(root)
+    masks_before = masks_of(StageStore(str(root)), keys_of(first)[1:])
+
+    second, stderr = run_lineage(config_file, data_root, output_dir, **BASE)
+
+    assert second["steps_executed"] == 0
+    assert second["steps_reused"] == first["steps_executed"] == T + 3 * (T - 20)
+    assert reused_flags(second) == [1, 1, 1, 1]
+    assert outcome(second) == outcome(first)  # every metric of every round, bit for bit
+    assert stderr.count("(reused)") == 4
+    assert file_digests(root) == before  # nothing rewritten
+    masks_after = masks_of(StageStore(str(root)), keys_of(second)[1:])
+    assert_same_masks(masks_after, masks_before)
+    for mask, round_report in zip(masks_after, second["rounds"]):
+        kept = sum(int(m.sum()) for m in mask.values())
+        total = sum(m.numel() for m in mask.values())
+        assert 1 - kept / total == pytest.approx(round_report["sparsity"])
+
+
+# 2. Two processes at once ------------------------------------------------------------------
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_idle(processes: list[subprocess.Popen], quiet_s: float = 1.0, timeout_s: float = 300) -> None:
+    """Until every process has used (almost) no CPU for `quiet_s`: started up and now waiting.
+
+    Only decides when the test lets the race begin; no assertion depends on its timing.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = {p.pid: cpu_ticks(p.pid) for p in processes}
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        for process in processes:
+            assert process.poll() is None, process.communicate()[1]
+        now = {p.pid: cpu_ticks(p.pid) for p in processes}
+        if any(now[pid] - last[pid] > 2 for pid in now):
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+
+
+def test_two_processes_started_together_compute_each_stage_once(
+    config_file: Path, data_root: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "out"
+    dense_key = Lineage(tiny_config(data_root, output_dir, **BASE)).stage_keys()[0]
+    # Hold the missing dense stage's lease like a third worker would, so both processes are
+    # certainly waiting for it when it is released and the race for it starts.
+    leases = FileLeaseService(store_root(output_dir))
+    assert leases.acquire(dense_key, "test-gate", 600)
+    processes = [
+        subprocess.Popen(lineage_command(config_file, data_root, output_dir, **BASE), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+        for _ in range(2)
+    ]
+    try:
+        wait_until_idle(processes)
+        assert not published(store_root(output_dir))
+    finally:
+        leases.release(dense_key, "test-gate")
+    (a, _), (b, _) = parse(processes[0]), parse(processes[1])
+
+    one_lineage = T + 3 * (T - 20)
+    assert a["steps_executed"] + b["steps_executed"] == one_lineage
+    assert a["steps_executed"] + a["steps_reused"] == b["steps_executed"] + b["steps_reused"] == one_lineage
+    for flag_a, flag_b in zip(reused_flags(a), reused_flags(b)):
+        assert {flag_a, flag_b} == {0, 1}  # each stage computed by exactly one of them
+    assert a["dense"]["key"] == dense_key
+    assert outcome(a) == outcome(b)
+    assert published(store_root(output_dir)) == set(keys_of(a))
+
+
+# 3. Search choices reuse the dense stage ---------------------------------------------------
+@pytest.mark.parametrize("change", [{"prune__rate": 0.4}, {"prune__rewind_step": 0}], ids=["rate", "rewind_step"])
+def test_changing_a_search_choice_reuses_the_dense_stage(
+    baseline, config_file: Path, data_root: Path, tmp_path: Path, change: dict
+) -> None:
+    first, base_dir = baseline
+    output_dir = clone(base_dir, tmp_path / "out")
+    report, stderr = run_lineage(config_file, data_root, output_dir, **{**BASE, **change})
+
+    rewind = change.get("prune__rewind_step", 20)
+    assert report["dense"]["reused"] == 1 and report["dense"]["key"] == first["dense"]["key"]
+    assert report["dense"]["val_accuracy"] == first["dense"]["val_accuracy"]
+    assert report["steps_reused"] == T  # the dense stage's steps, and nothing else
+    assert [r["reused"] for r in report["rounds"]] == [0, 0, 0]
+    assert report["steps_executed"] == 3 * (T - rewind)
+    assert not set(keys_of(report)[1:]) & set(keys_of(first))  # the rounds are new stages
+    assert stderr.splitlines()[1].endswith("(reused)")  # the dense progress line says so
+    if "prune__rate" in change:
+        assert report["rounds"][0]["sparsity"] == pytest.approx(0.4, abs=0.005)
+
+
+# 4. Corrupt entries are detected and recomputed ---------------------------------------------
+@pytest.mark.parametrize(
+    "stage, filename, damage",
+    [
+        (0, "weights_rewind_20.safetensors", truncate),
+        (1, "weights_end.safetensors", flip_bytes),
+        (2, "mask_mask.parquet", truncate),
+        (3, "mask_mask.parquet", flip_bytes),
+    ],
+    ids=["dense-weights-truncated", "round1-weights-flipped", "round2-mask-truncated", "round3-mask-flipped"],
+)
+def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
+    baseline, config_file: Path, data_root: Path, tmp_path: Path, stage: int, filename: str, damage: Callable
+) -> None:
+    first, base_dir = baseline
+    output_dir = clone(base_dir, tmp_path / "out")
+    root = store_root(output_dir)
+    key = keys_of(first)[stage]
+    path = entry_dir(root, key) / filename
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+
+    report, stderr = run_lineage(config_file, data_root, output_dir, **BASE)
+
+    warning = [line for line in stderr.splitlines() if key in line]
+    assert warning and "corrupt" in warning[0] and filename in warning[0], stderr
+    expected_flags = [1, 1, 1, 1]
+    expected_flags[stage] = 0
+    assert reused_flags(report) == expected_flags
+    assert report["steps_executed"] == stage_steps(first)[stage]
+    assert report["steps_reused"] == sum(stage_steps(first)) - stage_steps(first)[stage]
+    assert outcome(report, RECOMPUTED) == outcome(first, RECOMPUTED)  # finishes correctly
+    assert path.read_bytes() == good  # recomputed bit for bit and republished
+    store = StageStore(str(root))
+    assert_same_masks(masks_of(store, keys_of(report)[1:]), masks_of(StageStore(str(store_root(base_dir))),
+                                                                     keys_of(first)[1:]))
+    assert published(root) == set(keys_of(first))
+
+
+# 5. SIGKILL mid-round, then rerun ---------------------------------------------------------
+def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
+    config_file: Path, data_root: Path, tmp_path: Path
+) -> None:
+    # 2000 steps per stage, so that a round lasts long enough to be killed in;
+    # a short lease so that the rerun takes over the dead process's lease quickly.
+    settings = {"train__steps": 2000, "prune__rounds": 2, "store__lease_timeout_s": 3, "store__heartbeat_s": 0.5}
+    output_dir = tmp_path / "out"
+    root = store_root(output_dir)
+    keys = Lineage(tiny_config(data_root, output_dir, **settings)).stage_keys()
+    process = subprocess.Popen(lineage_command(config_file, data_root, output_dir, **settings),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lease = root / "leases" / f"{keys[2]}.lease"
+    deadline = time.monotonic() + 300
+    while not (published(root) >= set(keys[:2]) and lease.exists()):  # dense and round 1 stored, round 2 begun
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "round 2 never started"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    stored = published(root)
+    assert stored == set(keys[:2]), "round 2 finished before the kill; nothing was tested"
+    assert lease.exists()  # the dead process's lease is left behind
+    report, _ = run_lineage(config_file, data_root, output_dir, **settings)
+
+    assert keys_of(report) == keys
+    assert reused_flags(report) == [int(k in stored) for k in keys] == [1, 1, 0]
+    assert report["steps_executed"] == sum(s for s, k in zip(stage_steps(report), keys) if k not in stored) == 2000
+    assert report["steps_reused"] == 2000 + 2000
+    assert published(root) == set(keys)
+    assert not lease.exists()
+
+
+# 6. The same on a non-local pyarrow filesystem (in-process) ---------------------------------
+@pytest.fixture
+def one_thread():
+    """Like the subprocesses: one intra-op thread (two threads below share two cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def memory_store(one_thread) -> StageStore:
+    memory = fsspec.filesystem("memory")
+    root = f"/lth-reuse-{uuid.uuid4().hex}"  # the memory filesystem is process-wide
+    store = StageStore(root, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
+    assert not store.local
+    yield store
+    memory.rm(root, recursive=True)
+
+
+def as_report(result: LineageResult) -> dict:
+    return json.loads(json.dumps(result.to_json()))
+
+
+def memory_files(store: StageStore, key: str) -> set[str]:
+    infos = store.filesystem.get_file_info(pafs.FileSelector(f"{store.root}/stages/{key[:2]}/{key}",
+                                                             allow_not_found=True))
+    return {Path(info.path).name for info in infos}
+
+
+def test_memory_filesystem_second_run_executes_nothing(memory_store: StageStore, data_root: Path,
+                                                       tmp_path: Path) -> None:
+    cfg = tiny_config(data_root, tmp_path, **BASE)
+    first_lineage = Lineage(cfg, memory_store)
+    first = as_report(first_lineage.run())
+    assert first["steps_executed"] == T + 3 * (T - 20)
+    for key in keys_of(first):
+        assert "manifest.json" in memory_files(memory_store, key)
+    assert not (tmp_path / "store").exists()  # nothing went to the local disk
+
+    second = as_report(Lineage(cfg, memory_store).run())
+    assert second["steps_executed"] == 0 and second["steps_reused"] == first["steps_executed"]
+    assert reused_flags(second) == [1, 1, 1, 1]
+    assert outcome(second) == outcome(first)
+    assert_same_masks(masks_of(memory_store, keys_of(second)[1:]),
+                      [entry.masks["mask"] for entry in first_lineage.entries[1:]])
+
+    changed = as_report(Lineage(tiny_config(data_root, tmp_path, prune__rate=0.4, **BASE), memory_store).run())
+    assert changed["dense"]["reused"] == 1 and changed["steps_reused"] == T
+    assert changed["steps_executed"] == 3 * (T - 20)
+
+
+def test_memory_filesystem_two_threads_compute_each_stage_once(memory_store: StageStore, data_root: Path,
+                                                               tmp_path: Path) -> None:
+    cfg = tiny_config(data_root, tmp_path, **BASE)
+    lineages = [Lineage(cfg, memory_store) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    reports: dict[int, Any] = {}
+
+    def work(index: int) -> None:
+        barrier.wait()
+        try:
+            reports[index] = as_report(lineages[index].run())
+        except BaseException as error:  # reported below, not lost in the thread
+            reports[index] = error
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    a, b = reports[0], reports[1]
+    assert isinstance(a, dict) and isinstance(b, dict), (a, b)
+    assert a["steps_executed"] + b["steps_executed"] == T + 3 * (T - 20)
+    for flag_a, flag_b in zip(reused_flags(a), reused_flags(b)):
+        assert {flag_a, flag_b} == {0, 1}
+    assert outcome(a) == outcome(b)
+    assert_same_masks([e.masks["mask"] for e in lineages[0].entries[1:]],
+                      [e.masks["mask"] for e in lineages[1].entries[1:]])
+
+
+@pytest.mark.parametrize(
+    "stage, filename, damage",
+    [(0, "weights_end.safetensors", flip_bytes), (2, "mask_mask.parquet", truncate)],
+    ids=["dense-weights-flipped", "round2-mask-truncated"],
+)
+def test_memory_filesystem_corrupt_stage_is_recomputed(
+    memory_store: StageStore, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    stage: int, filename: str, damage: Callable,
+) -> None:
+    cfg = tiny_config(data_root, tmp_path, **BASE)
+    first = as_report(Lineage(cfg, memory_store).run())
+    key = keys_of(first)[stage]
+    path = f"{memory_store.root}/stages/{key[:2]}/{key}/{filename}"
+    with memory_store.filesystem.open_input_stream(path) as stream:
+        good = stream.read()
+    with memory_store.filesystem.open_output_stream(path) as stream:
+        stream.write(damage(good))
+
+    with caplog.at_level(logging.WARNING, logger="lth_search.store"):
+        again = as_report(Lineage(cfg, memory_store).run())
+
+    warnings = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert warnings and "corrupt" in warnings[0] and filename in warnings[0]
+    assert again["steps_executed"] == stage_steps(first)[stage]
+    assert reused_flags(again) == [int(i != stage) for i in range(4)]
+    assert outcome(again, RECOMPUTED) == outcome(first, RECOMPUTED)
+    with memory_store.filesystem.open_input_stream(path) as stream:
+        assert stream.read() == good  # republished, bit for bit
+    assert memory_store.get(key) is not None
