@@ -97,3 +97,20 @@ def test_reports_loss_and_throughput(setup) -> None:
     cfg, data = setup
     result = train(_model(cfg, data), data, cfg.train, seed=0)
     assert result.steps == 150 and result.steps_per_s > 0 and 0 < result.train_loss < 5
+
+
+def test_crop_flip_is_seeded_and_geometric() -> None:
+    from lth_search.augment import augment
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    first = augment(images, "crop_flip", seed=1, step=5)
+    assert first.shape == images.shape and torch.equal(first, augment(images, "crop_flip", seed=1, step=5))
+    assert not torch.equal(first, augment(images, "crop_flip", seed=1, step=6))
+    assert augment(images, "none", seed=1, step=5) is images
+    for i in range(2):  # every output is a shifted (maybe mirrored) window of the zero-padded input
+        padded = torch.nn.functional.pad(images[i], (4, 4, 4, 4))
+        windows = [padded[:, y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+        windows += [w.flip(-1) for w in windows]
+        assert any(torch.equal(first[i], w) for w in windows)
+    with pytest.raises(ValueError, match="train.augment"):
+        augment(torch.zeros(4, 40), "crop_flip", 0, 0)

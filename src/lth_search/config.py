@@ -111,6 +111,9 @@ class TrainConfig(_Section):
     milestones: list[Steps] = Field([], description="step schedule: lr x gamma at each of these steps")
     gamma: float = Field(0.1, gt=0)
     warmup_steps: Steps = Field(0, description="linear lr warmup length")
+    augment: Literal["none", "crop_flip"] = Field(
+        "none", description="training augmentation: crop_flip = random 4-pixel-padded crops + horizontal flips (CIFAR)"
+    )
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N")
     eval_batch_size: int = Field(2000, ge=1)
 

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .augment import augment
 from .config import TrainConfig, resolve_steps
 from .data import BatchOrder, Dataset, Split
 
@@ -162,7 +163,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
         batch = order.batch(step)
-        loss = loss_fn(model(data.train.x.index_select(0, batch)), data.train.y.index_select(0, batch))
+        inputs = augment(data.train.x.index_select(0, batch), recipe.augment, seed, step)
+        loss = loss_fn(model(inputs), data.train.y.index_select(0, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
