@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 import random
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ import torch
 from lth_search.config import DataConfig
 from lth_search.data import BatchOrder, Dataset, load_dataset, resolve_device
 from lth_search.errors import ConfigError, DataError
+
+from datafiles import write_cifar as _write_cifar, write_mnist as _write_mnist
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -123,30 +123,6 @@ def test_batch_order_smaller_than_batch() -> None:
 
 
 # MNIST / Fashion-MNIST IDX -------------------------------------------------------------
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
-def _write_mnist(folder: Path, gz: bool, n_train: int = 30, n_test: int = 12) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": np.arange(n_test, dtype=np.uint8)[::-1] % 10,
-    }
-    for name, array in arrays.items():
-        _write_idx(folder / (name + (".gz" if gz else "")), array)
-    return arrays
-
-
 @pytest.mark.parametrize(
     "name, folder, gz",
     [
@@ -191,28 +167,6 @@ def test_malformed_idx_names_the_file(tmp_path: Path, corrupt, message: str) -> 
 
 
 # CIFAR-10 python batches -----------------------------------------------------------------
-def _cifar_batch(n: int, offset: int) -> dict[bytes, object]:
-    rng = np.random.default_rng(offset)
-    return {
-        b"batch_label": b"training batch",
-        b"labels": [(offset + i) % 10 for i in range(n)],
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"filenames": [b"img_%d.png" % i for i in range(n)],
-    }
-
-
-def _write_cifar(root: Path, n: int = 4) -> list[dict[bytes, object]]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = [_cifar_batch(n, 10 * i) for i in range(6)]
-    for i, batch in enumerate(batches):
-        blob = pickle.dumps(batch, protocol=2)
-        if i == 0:  # the real files (pickled under numpy 1.x) name numpy.core.multiarray
-            blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(blob)
-    return batches
-
-
 def test_cifar10_batches_load(tmp_path: Path) -> None:
     batches = _write_cifar(tmp_path)
     cfg = DataConfig(name="cifar10", root=str(tmp_path), val_size=5, normalize=False)
