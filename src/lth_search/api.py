@@ -19,6 +19,18 @@ def _quiet(_: str) -> None:
     pass
 
 
+def use_cpus(cpus: float) -> None:
+    """Train on as many torch threads as the config gives a trial (`resources.cpu`).
+
+    A lineage run from the CLI then computes exactly what a search trial computes (CPU
+    float results depend on the thread count), and two lineages on two cores do not
+    oversubscribe them.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def open_store(cfg: ExperimentConfig, lease_service: Any = None) -> Any:
     """The stage store of `cfg` (created on first use)."""
     from .store import StageStore
@@ -41,6 +53,7 @@ def run_lineage_command(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
+    use_cpus(cfg.resources.cpu)
     lineage = Lineage(cfg)
     if use_store:
         lineage.store = open_store(cfg)

@@ -25,6 +25,7 @@ import torch
 
 from .config import ExperimentConfig, content_key
 from .data import Dataset, load_dataset, resolve_device
+from .errors import ConfigError
 from .models import build_model
 from .objective import Matching, matching
 from .pruning import (
@@ -111,10 +112,6 @@ RoundCallback = Callable[[RoundResult, LineageResult], None]
 DenseCallback = Callable[[LineageResult], None]
 
 
-def _metrics_of(entry: StageEntry) -> dict[str, Any]:
-    return dict(entry.metrics)
-
-
 class Lineage:
     """An IMP lineage for one config. Build it once; `run()` walks its stages."""
 
@@ -132,8 +129,6 @@ class Lineage:
         self.total_steps = self.recipe["steps"]
         late = [k for k in cfg.prune.rewind_steps if k >= self.total_steps]
         if late:
-            from .errors import ConfigError
-
             raise ConfigError(f"prune.rewind_steps: {late} must be < train.steps ({self.total_steps} iterations)")
 
     # Keys ---------------------------------------------------------------------------------
@@ -277,7 +272,7 @@ class Lineage:
         """
         dense, reused = self.dense_stage()
         self.entries = [dense]
-        dm = _metrics_of(dense)
+        dm = dense.metrics
         result = LineageResult(
             dense={
                 "val_accuracy": dm["val_accuracy"],
@@ -299,7 +294,7 @@ class Lineage:
         for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             self.entries.append(parent)
-            metrics = _metrics_of(parent)
+            metrics = parent.metrics
             round_result = RoundResult(
                 round=round_index,
                 sparsity=metrics["sparsity"],
