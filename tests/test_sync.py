@@ -39,8 +39,11 @@ def run_search(cfg, dataset, search_id: str, kill_after_round_1=None):
     search = SearchTracker.start(cfg, ray_results_path=f"{cfg.output_path()}/ray/{search_id}")
     records = []
     for trial_id, choices in TRIALS.items():
-        hook = kill_after_round_1 if trial_id == "t0" else None
-        after = (lambda r: hook() if r.round == 1 else None) if hook else None
+        after = None
+        if kill_after_round_1 is not None and trial_id == "t0":
+            def after(round_result):
+                if round_result.round == 1:
+                    kill_after_round_1()
         _, _, result = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset, after_round=after)
         record = trial_record(search_id, trial_id, choices, cfg, result)
         store.put_record(f"search-{cfg.name}", trial_id, record)
@@ -104,7 +107,8 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
             speeds = dict(got["train_steps_per_s"])
             for item in record["rounds"]:
                 assert speeds[item["round"]] == store.get(item["key"]).metrics["train_steps_per_s"]
-                logged = decode_mask(read_artifact(client, runs[trial_id].info.run_id, f"masks/round_{item['round']:02d}.parquet"))
+                mask_file = f"masks/round_{item['round']:02d}.parquet"
+                logged = decode_mask(read_artifact(client, runs[trial_id].info.run_id, mask_file))
                 stored = store.get(item["key"]).masks["mask"]
                 assert all(torch.equal(logged[n], stored[n]) for n in stored)
             assert runs[trial_id].data.params == ref_runs[trial_id].data.params

@@ -136,7 +136,9 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     registered = mlflow.pyfunc.load_model(f"models:/{name}@best")
     model = ticket.build_model().eval()
-    assert all(torch.equal(a, b) for a, b in zip(registered.get_raw_model().state_dict().values(), model.state_dict().values()))
+    loaded = registered.get_raw_model().state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in model.state_dict().items())
     x = dataset.test.x[:64]
     assert (registered.predict(x.numpy()) == model(x).argmax(1).numpy()).all()
 

@@ -125,9 +125,10 @@ def cmd_best(args: argparse.Namespace) -> int:
         experiment=args.experiment, max_accuracy_drop=args.max_drop, min_sparsity=args.min_sparsity,
         tracking_uri=args.tracking_uri,
     )
-    if args.out:
-        ticket.save(args.out)
+    saved = ticket.save(args.out) if args.out else None
     print(json.dumps(ticket.summary()) if args.json else describe_ticket(ticket))
+    if saved is not None and not args.json:
+        print(f"  ticket files (mask.parquet, rewind.safetensors, config.json, ticket.json) in {saved}")
     return 0
 
 

@@ -10,7 +10,8 @@ lineage loses no time; a server that comes back is used again).
 
 MLflow's own HTTP client retries 7 times over ~4 minutes per request. The trackers
 lower that (only where the user has not set the variables) so this module's backoff is
-the one that counts: `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`, `MLFLOW_HTTP_REQUEST_TIMEOUT=30`.
+the one that counts: `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`, `MLFLOW_HTTP_REQUEST_TIMEOUT=30`
+(per socket operation, so large uploads are not cut short).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def limit_http_retries() -> None:
     """Let our backoff, not MLflow's 4-minute one, decide (unless the user chose otherwise)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    quiet_downloads()
+
+
+def quiet_downloads() -> None:
+    """No per-file download progress bars on the terminal (unless the user asked for them)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -56,7 +63,7 @@ def is_transient(error: BaseException) -> bool:
 
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
 def artifact_root_for(uri: str, experiment: str) -> str | None:

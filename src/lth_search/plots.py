@@ -53,7 +53,8 @@ def lineage_plot(
     axes.plot(x, _pct(r["test_accuracy"] for r in ordered), "s--", color="C1", alpha=0.7, label="test accuracy")
     if dense_val is not None:
         axes.axhline(100 * dense_val, color="C0", lw=1, label=f"dense val {100 * dense_val:.2f}%")
-        axes.axhline(100 * (dense_val - tolerance), color="C0", lw=1, ls=":", label=f"matching threshold (-{100 * tolerance:g} pp)")
+        threshold = f"matching threshold (-{100 * tolerance:g} pp)"
+        axes.axhline(100 * (dense_val - tolerance), color="C0", lw=1, ls=":", label=threshold)
     if dense_test is not None:
         axes.axhline(100 * dense_test, color="C1", lw=1, alpha=0.6, label=f"dense test {100 * dense_test:.2f}%")
     for item in ordered:
@@ -83,14 +84,19 @@ def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any]
             _pct(r["sparsity"] for r in items), _pct(r["val_accuracy"] for r in items), ".-", lw=0.8, alpha=0.6,
             color=f"C{index % 10}", label=trial_id if len(trials) <= 12 else None,
         )
-    for dense in sorted({r["dense_val_accuracy"] for r in rows if r.get("dense_val_accuracy") is not None}):
+    references = {(r["dense_val_accuracy"], r.get("tolerance")) for r in rows if r.get("dense_val_accuracy") is not None}
+    for dense, tolerance in sorted(references, key=str):
         axes.axhline(100 * dense, color="black", lw=1, ls="--")
-    if any(r.get("dense_val_accuracy") is not None for r in rows):
+        if tolerance is not None:
+            axes.axhline(100 * (dense - tolerance), color="black", lw=1, ls=":")
+    if references:
         axes.plot([], [], color="black", lw=1, ls="--", label="dense val accuracy")
+        axes.plot([], [], color="black", lw=1, ls=":", label="matching threshold")
     front = pareto_front([(r["sparsity"], r["val_accuracy"]) for r in rows])
     if front:
-        axes.step(_pct(p[0] for p in front), _pct(p[1] for p in front), where="post", color="red", lw=1.8,
-                  label="Pareto front (sparsity, val)")
+        # where="pre": at any sparsity s, the line shows the best val accuracy reached at sparsity >= s.
+        axes.step(_pct(p[0] for p in front), _pct(p[1] for p in front), where="pre", color="red", lw=1.8,
+                  marker="o", ms=4, label="Pareto front (sparsity, val)")
     if best is not None:
         axes.plot([100 * best["sparsity"]], [100 * best["val_accuracy"]], "*", ms=18, color="gold",
                   markeredgecolor="black", label="best ticket")

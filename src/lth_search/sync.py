@@ -22,7 +22,8 @@ from .config import ExperimentConfig, validate_config
 from .errors import TrackingError
 from .lineage import LineageResult, RoundResult
 from .store import StageEntry, StageStore
-from .tracking import TERMINAL, SearchTracker, TrialTracker, summary_metrics
+from .tracking import TERMINAL, SearchTracker, TrialTracker
+from .tracking_layout import summary_metrics
 
 log = logging.getLogger(__name__)
 

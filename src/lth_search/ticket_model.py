@@ -64,6 +64,12 @@ def _same_ticket(client: Any, name: str, ticket: Ticket) -> str | None:
     return version.version if same else None
 
 
+def registered_uri(client: Any, ticket: Ticket) -> str | None:
+    """`models:/NAME@best` when the registry's best ticket of this search is `ticket`."""
+    name = ticket.config.name
+    return f"models:/{name}@{ALIAS}" if _same_ticket(client, name, ticket) is not None else None
+
+
 def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
     """Log `ticket` as a pyfunc model under run `run_id` and point `models:/name@best` at it.
 
@@ -82,7 +88,8 @@ def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
         model_dir = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(model_dir), loader_module=__name__, data_path=str(files),
-            pip_requirements=[f"lth-search=={__version__}", f"torch>={torch.__version__.split('+')[0]}", "safetensors", "pyarrow"],
+            pip_requirements=[f"lth-search=={__version__}", f"torch>={torch.__version__.split('+')[0]}", "safetensors",
+                              "pyarrow"],
         )
         client.log_artifacts(run_id, str(model_dir), MODEL_PATH)
     try:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import TrackingError
-from .mlflow_io import first_line, metric_history
+from .mlflow_io import first_line, metric_history, quiet_downloads
 from .objective import is_matching
 from .tracking_layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
 
@@ -38,20 +38,20 @@ class SearchRef:
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else the default sqlite database (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    database = DEFAULT_DB.resolve()
-    if not database.exists():
-        raise TrackingError(
-            f"no MLflow database at {database}: run a search first, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
-        )
-    return f"sqlite:///{database}"
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
+        database = Path(uri[len("sqlite:///"):])
+        if not database.exists():
+            raise TrackingError(
+                f"no MLflow database at {database}: run a search first, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+    return uri
 
 
 def client_for(uri: str) -> Any:
     from mlflow import MlflowClient
 
+    quiet_downloads()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -138,13 +138,13 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
     history = {key: metric_history(client, run.info.run_id, key) for key in ROUND_METRICS}
     metrics, tags = run.data.metrics, run.data.tags
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
-    tolerance = float(tags.get(TOLERANCE, "nan"))
+    tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
     rounds = sorted(set(history["val_accuracy"]) & set(history["test_accuracy"]) & set(history["sparsity"]))
     rows = []
     for step in rounds:
         val = history["val_accuracy"][step]
-        judged = dense_val is not None and tolerance == tolerance
+        judged = dense_val is not None and tolerance is not None
         rows.append({
             "trial_id": tags.get(TRIAL_ID, run.info.run_name),
             "run_id": run.info.run_id,
@@ -157,7 +157,7 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
             "reused": int(history["reused"].get(step, 0)),
             "train_loss": history["train_loss"].get(step),
             "train_steps_per_s": history["train_steps_per_s"].get(step),
-            "tolerance": tolerance if tolerance == tolerance else None,
+            "tolerance": tolerance,
             "matching": is_matching(val, dense_val, tolerance) if judged else None,
             "params": params,
         })
@@ -170,7 +170,9 @@ def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
 
 
-def read_rows(experiment: str | None = None, search_run_id: str | None = None, tracking_uri: str | None = None) -> tuple[SearchRef, list[dict[str, Any]], Any]:
+def read_rows(
+    experiment: str | None = None, search_run_id: str | None = None, tracking_uri: str | None = None
+) -> tuple[SearchRef, list[dict[str, Any]], Any]:
     """(search, rows, client) for the CLI and the API; MLflow errors become one-line TrackingErrors."""
     from mlflow.exceptions import MlflowException
 
@@ -200,18 +202,13 @@ def _column(values: list[Any]) -> pa.Array:
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     """One row per trial-round: ids, round, one column per choice, metrics."""
-    choices = sorted({key for row in rows for key in row["params"]})
-    columns: dict[str, pa.Array] = {}
-    for name in FIXED_COLUMNS:
-        columns[name] = _column([row[name] for row in rows])
-    for name in choices:
-        columns[name if name not in columns and name not in METRIC_COLUMNS else f"param.{name}"] = _column(
-            [row["params"].get(name) for row in rows]
-        )
-    for name in METRIC_COLUMNS:
-        columns[name] = _column([row[name] for row in rows])
     if not rows:
         return pa.table({name: pa.array([], pa.string()) for name in (*FIXED_COLUMNS, *METRIC_COLUMNS)})
+    columns = {name: _column([row[name] for row in rows]) for name in FIXED_COLUMNS}
+    for name in sorted({key for row in rows for key in row["params"]}):
+        column = name if name not in columns and name not in METRIC_COLUMNS else f"param.{name}"
+        columns[column] = _column([row["params"].get(name) for row in rows])
+    columns.update({name: _column([row[name] for row in rows]) for name in METRIC_COLUMNS})
     return pa.table(columns)
 
 

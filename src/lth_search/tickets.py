@@ -223,7 +223,13 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
         row = select_ticket(rows, max_accuracy_drop, min_sparsity)
     except TrackingError as error:
         raise TrackingError(f"experiment {ref.experiment_name}: {error}") from None
-    return load_ticket(client, ref, row, criterion_text(max_accuracy_drop, min_sparsity))
+    ticket = load_ticket(client, ref, row, criterion_text(max_accuracy_drop, min_sparsity))
+    from .ticket_model import registered_uri
+
+    model_uri = registered_uri(client, ticket)
+    if model_uri is not None:
+        ticket.extra["model_uri"] = model_uri
+    return ticket
 
 
 def list_tickets(experiment: str | None = None, tracking_uri: str | None = None,
@@ -243,6 +249,7 @@ def describe_ticket(ticket: Ticket) -> str:
     dense_val, dense_test = m.get("dense_val_accuracy"), m.get("dense_test_accuracy")
     drop = "" if dense_val is None else f" ({100 * (m['val_accuracy'] - dense_val):+.2f} pp vs dense {100 * dense_val:.2f}%)"
     test = "" if dense_test is None else f" (dense {100 * dense_test:.2f}%)"
+    registered = ticket.extra.get("model_uri")
     return "\n".join([
         f"best ticket of {ticket.experiment}: trial {ticket.trial_id}, round {ticket.round} [{ticket.criterion}]",
         f"  sparsity {100 * ticket.sparsity:.2f}%  ({100 * (1 - ticket.sparsity):.2f}% of prunable weights remain)",
@@ -251,6 +258,7 @@ def describe_ticket(ticket: Ticket) -> str:
         f"  choices: {_choices(ticket.params) or '(none searched)'}; rewind to step {ticket.rewind_step}",
         f"  MLflow run {ticket.run_id}",
         f"  in Python: best_ticket(experiment={ticket.experiment!r}).build_model()",
+        *([f"  registered: mlflow.pyfunc.load_model({registered!r})"] if registered else []),
     ])
 
 
@@ -258,7 +266,8 @@ def format_tickets(table: list[dict[str, Any]]) -> str:
     """Every ticket as a fixed-width table, by trial then round."""
     if not table:
         return "no tickets"
-    header = f"{'trial':<22} {'round':>5} {'sparsity':>9} {'val':>7} {'test':>7} {'dense val':>9} {'Δval':>8} {'match':>5} {'reused':>6}  choices"
+    header = (f"{'trial':<22} {'round':>5} {'sparsity':>9} {'val':>7} {'test':>7} {'dense val':>9} {'Δval':>8} "
+              f"{'match':>5} {'reused':>6}  choices")
     lines = [header]
     for row in table:
         dense = row.get("dense_val_accuracy")

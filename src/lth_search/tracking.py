@@ -40,59 +40,33 @@ from typing import Any, Callable
 from .codec import encode_mask, encode_weights
 from .config import ExperimentConfig
 from .lineage import LineageResult, RoundResult
-from .mlflow_io import MlflowIO, flatten, metric_history, param_text
+from .mlflow_io import MlflowIO, flatten, metric_history
 from .plots import lineage_plot
 from .store import StageEntry
 from .tracking_layout import (
-    CONFIG, INPUT_SHAPE, LINEAGE_PLOT, NUM_CLASSES, PARENT, RAY_RESULTS, REWIND_STEP, ROLE, SEARCH_NAME, STATUS,
-    TOLERANCE, TRIAL_ID, mask_artifact, metric_name, rewind_artifact,
+    CONFIG,
+    INPUT_SHAPE,
+    LINEAGE_PLOT,
+    NUM_CLASSES,
+    PARENT,
+    RAY_RESULTS,
+    REWIND_STEP,
+    ROLE,
+    SEARCH_NAME,
+    STATUS,
+    TOLERANCE,
+    TRIAL_ID,
+    dense_metrics,
+    mask_artifact,
+    rewind_artifact,
+    round_metrics,
+    summary_metrics,
 )
 
 log = logging.getLogger(__name__)
 
 TERMINAL = {"finished": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "failed": "FAILED"}
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
-
-
-def round_metrics(round_result: RoundResult) -> dict[str, float]:
-    metrics = {
-        "val_accuracy": round_result.val_accuracy,
-        "test_accuracy": round_result.test_accuracy,
-        "sparsity": round_result.sparsity,
-        "train_loss": round_result.train_loss,
-        "train_steps_per_s": round_result.train_steps_per_s,
-        "reused": float(round_result.reused),
-    }
-    metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
-    return metrics
-
-
-def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
-    return {
-        "dense_val_accuracy": dense["val_accuracy"],
-        "dense_test_accuracy": dense["test_accuracy"],
-        "dense_train_loss": dense["train_loss"],
-        "dense_train_steps_per_s": dense["train_steps_per_s"],
-        "dense_reused": float(dense["reused"]),
-    }
-
-
-def summary_metrics(result: LineageResult) -> dict[str, float]:
-    """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
-    best = result.best
-    test_at = {r.round: r.test_accuracy for r in result.rounds}
-    metrics = {
-        "matching_sparsity": best.sparsity,
-        "matching_round": float(best.round),
-        "matching_val_accuracy": best.val_accuracy,
-        "matching_test_accuracy": test_at.get(best.round, result.dense["test_accuracy"]),
-        "rounds_completed": float(len(result.rounds)),
-    }
-    if result.rounds:
-        top = max(result.rounds, key=lambda r: (r.val_accuracy, r.sparsity))
-        metrics.update(best_val_accuracy=top.val_accuracy, best_val_sparsity=top.sparsity,
-                       final_sparsity=result.rounds[-1].sparsity)
-    return metrics
 
 
 def data_signature(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
@@ -103,19 +77,26 @@ def data_signature(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
     return tuple(spec.input_shape), int(spec.num_classes)
 
 
+def sync_hint(cfg: ExperimentConfig) -> str:
+    """The arguments of the `lth-search sync` that fills in what MLflow missed."""
+    return f"{cfg.name} --output-dir {cfg.output_path()}"
+
+
 def experiment_id(cfg: ExperimentConfig) -> str | None:
     """The id of the config's MLflow experiment (for links), or None when MLflow does not answer."""
     if not cfg.tracking.enabled:
         return None
-    io = MlflowIO(cfg.tracking_uri(), cfg.name)
+    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
     ok, value = io.call("look up the experiment", lambda: io.experiment_id(cfg.experiment_name()))
     return value if ok else None
 
 
-def ui_link(tracking_uri: str, experiment: str | None) -> str:
-    """Where to look: the runs table opens directly at this address (MLflow 3 opens GenAI otherwise)."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" if experiment else base
+def ui_hint(tracking_uri: str, experiment: str | None) -> str:
+    """How to look: the runs table opens directly at the link (MLflow 3 opens its GenAI view otherwise)."""
+    served = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    link = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" if experiment else base
+    return f"open {link}" if served else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {link}"
 
 
 # Search -----------------------------------------------------------------------------------
@@ -129,11 +110,13 @@ class SearchTracker:
         self.ray_results_path = ray_results_path
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, ray_results_path: str | None = None, parent_run_id: str | None = None) -> "SearchTracker":
+    def start(
+        cls, cfg: ExperimentConfig, ray_results_path: str | None = None, parent_run_id: str | None = None
+    ) -> "SearchTracker":
         """Create the experiment (once, here: sqlite schema races otherwise) and the parent run."""
         if not cfg.tracking.enabled:
             return cls(cfg)
-        io = MlflowIO(cfg.tracking_uri(), cfg.name)
+        io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
         tracker = cls(cfg, io, None, parent_run_id, ray_results_path)
         tracker._open()
         return tracker
@@ -142,20 +125,25 @@ class SearchTracker:
     def missed(self) -> list[str]:
         return self.io.missed if self.io is not None else []
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
+        """Whether experiment and parent run are known; creates (or finds) what is missing."""
         io = self.io
-        ok, self.experiment = io.call("create the experiment", lambda: io.experiment_id(self.cfg.experiment_name()))
-        if not ok:
-            return
-        if self.parent_run_id is None and self.ray_results_path:
+        if io is None:
+            return False
+        if self.experiment is None:
+            ok, self.experiment = io.call("create the experiment", lambda: io.experiment_id(self.cfg.experiment_name()))
+            if not ok:
+                return False
+        if self.parent_run_id is None and self.ray_results_path:  # created by an earlier start or sync
             ok, run = io.call("find the search run", lambda: io.find_run(self.experiment, {RAY_RESULTS: self.ray_results_path}))
             self.parent_run_id = run.info.run_id if ok and run is not None else None
-        if self.parent_run_id is not None:
-            return
-        ok, run = io.call("create the search run", self._create)
-        if ok:
+        if self.parent_run_id is None:
+            ok, run = io.call("create the search run", self._create)
+            if not ok:
+                return False
             self.parent_run_id = run.info.run_id
             io.call("log the search config", self._log_config)
+        return True
 
     def _create(self) -> Any:
         tags = {
@@ -163,6 +151,10 @@ class SearchTracker:
             "lth.output_dir": str(self.cfg.output_path()), RAY_RESULTS: self.ray_results_path or "",
         }
         return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
+
+    def _ensure_config(self) -> None:
+        if CONFIG not in self.io.artifact_names(self.parent_run_id):
+            self._log_config()
 
     def _log_config(self) -> None:
         self.io.log_values(self.parent_run_id, params=flatten(self.cfg.model_dump(mode="json")))
@@ -180,15 +172,12 @@ class SearchTracker:
 
         Returns counts of what was logged now (see sync.reconcile); nothing raises.
         """
-        if self.io is None:
+        if not self._open():
             return {}
-        if self.parent_run_id is None:
-            self._open()
-            if self.parent_run_id is None:
-                return {}
         from .search_summary import log_search_summary
         from .sync import reconcile
 
+        self.io.call("log the search config", self._ensure_config)
         counts = reconcile(self, records)
         log_search_summary(self, records)
         return counts
@@ -215,7 +204,8 @@ class TrialTracker:
     def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
                  io: MlflowIO | None = None, role: str = "trial") -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
-        self.choices = {key: param_text(value) for key, value in flatten(choices).items()} if choices else {}
+        self.choices = flatten(choices) if choices else {}
+        """The choices as MLflow params (text that json.loads turns back into the value)."""
         self.io = io
         self.run_id: str | None = None
         self.state = RunState()
@@ -233,7 +223,7 @@ class TrialTracker:
             if cfg.tracking.enabled:
                 log.warning("trial %s: the search has no MLflow run; `lth-search sync %s` logs it later", trial_id, cfg.name)
             return cls(cfg, parent_run_id, trial_id, choices)
-        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), cfg.name))
+        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)))
         tracker.ensure_run()
         return tracker
 
@@ -311,9 +301,8 @@ class TrialTracker:
             self.logged += ["dense"] if ok else []
         step = self.cfg.prune.rewind_step
         if not self.state.rewind and dense_entry is not None:
-            data = encode_weights(dense_entry.weights[f"rewind_{step}"])
-            ok, _ = self.io.call(f"upload θ{step} of trial {self.trial_id}",
-                                 lambda: self.io.log_bytes(self.run_id, data, rewind_artifact(step)))
+            ok, _ = self.io.call(f"upload θ{step} of trial {self.trial_id}", lambda: self.io.log_bytes(
+                self.run_id, encode_weights(dense_entry.weights[f"rewind_{step}"]), rewind_artifact(step)))
             self.state.rewind = ok
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
@@ -328,9 +317,8 @@ class TrialTracker:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")
         if index not in self.state.masks and entry is not None and "mask" in entry.masks:
-            data = encode_mask(entry.masks["mask"])
-            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}",
-                                 lambda: self.io.log_bytes(self.run_id, data, mask_artifact(index)))
+            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: self.io.log_bytes(
+                self.run_id, encode_mask(entry.masks["mask"]), mask_artifact(index)))
             if ok:
                 self.state.masks.add(index)
 
@@ -382,18 +370,17 @@ def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, prog
     """Log a finished `lth-search lineage` as one run (no parent) with a trial's layout."""
     if not cfg.tracking.enabled:
         return
-    io = MlflowIO(cfg.tracking_uri(), cfg.name)
+    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
     tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
     tracker.log_dense(result, lineage.entries[0])
-    for round_result, entry in zip(result.rounds, lineage.entries[1:]):
+    for round_result, entry in zip(result.rounds, lineage.entries[1:], strict=True):
         tracker.log_round(round_result, entry)
     tracker.finish(result)
     if tracker.run_id is None or io.missed:
         progress(f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store")
         return
     experiment = experiment_id(cfg)
-    progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()} ({io.uri}): "
-             f"{ui_link(io.uri, experiment)}")
+    progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")
 
 
 def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None,

@@ -1,4 +1,4 @@
-"""Names of things in MLflow: tags, artifact paths, metric keys (writers and readers share them).
+"""Names of things in MLflow: tags, artifact paths, metrics (writers and readers share them).
 
 tracking.py writes runs with these names; ticket_table.py and tickets.py read them
 back with nothing but MLflow, so a name changed here changes both sides at once.
@@ -7,6 +7,10 @@ back with nothing but MLflow, so a name changed here changes both sides at once.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .lineage import LineageResult, RoundResult
 
 # Tags
 ROLE = "lth.role"                 # search | trial | lineage
@@ -45,3 +49,44 @@ DENSE_VAL, DENSE_TEST = "dense_val_accuracy", "dense_test_accuracy"
 def metric_name(name: str) -> str:
     """A layer name as MLflow accepts it in a metric key."""
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def round_metrics(round_result: "RoundResult") -> dict[str, float]:
+    metrics = {
+        "val_accuracy": round_result.val_accuracy,
+        "test_accuracy": round_result.test_accuracy,
+        "sparsity": round_result.sparsity,
+        "train_loss": round_result.train_loss,
+        "train_steps_per_s": round_result.train_steps_per_s,
+        "reused": float(round_result.reused),
+    }
+    metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
+    return metrics
+
+
+def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
+    return {
+        "dense_val_accuracy": dense["val_accuracy"],
+        "dense_test_accuracy": dense["test_accuracy"],
+        "dense_train_loss": dense["train_loss"],
+        "dense_train_steps_per_s": dense["train_steps_per_s"],
+        "dense_reused": float(dense["reused"]),
+    }
+
+
+def summary_metrics(result: "LineageResult") -> dict[str, float]:
+    """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
+    best = result.best
+    test_at = {r.round: r.test_accuracy for r in result.rounds}
+    metrics = {
+        "matching_sparsity": best.sparsity,
+        "matching_round": float(best.round),
+        "matching_val_accuracy": best.val_accuracy,
+        "matching_test_accuracy": test_at.get(best.round, result.dense["test_accuracy"]),
+        "rounds_completed": float(len(result.rounds)),
+    }
+    if result.rounds:
+        top = max(result.rounds, key=lambda r: (r.val_accuracy, r.sparsity))
+        metrics.update(best_val_accuracy=top.val_accuracy, best_val_sparsity=top.sparsity,
+                       final_sparsity=result.rounds[-1].sparsity)
+    return metrics
