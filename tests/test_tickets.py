@@ -152,23 +152,26 @@ def test_best_and_tickets_commands(known: dict, tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1 and "no ticket at sparsity >= 99.00%" in done.stderr
 
 
-def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("init_scale", ["measured", "calibrated"])
+def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path: Path, init_scale: str) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(data_root, tmp_path / "out", name="retrain", tracking__enabled="true", tracking__uri=uri)
     dataset = load_dataset(cfg.data, cfg.seed)
     search = SearchTracker.start(cfg, ray_results_path=str(tmp_path / "ray"))
-    choices = {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}
+    choices = {"rate": 0.5, "rewind_step": 20, "init_scale": init_scale}
     _, _, result = tracked_trial(cfg, search.parent_run_id, "t0", choices, StageStore.from_config(cfg), dataset)
     search.finish([])
 
     ticket = best_ticket(experiment="retrain", min_sparsity=0.7, tracking_uri=uri)
-    assert (ticket.round, ticket.rewind_step, ticket.config.prune.init_scale) == (2, 20, "measured")
+    assert (ticket.round, ticket.rewind_step, ticket.config.prune.init_scale) == (2, 20, init_scale)
+    assert ticket.rescale == result.rounds[1].rescale  # the factors the trial used, from MLflow alone
     model = ticket.build_model()
     state = model.state_dict()
     for name, kept in ticket.mask.items():
         assert not state[name][~kept].any()  # pruned weights are zero at the rewind point
-        if not kept.all():  # and the survivors of a pruned layer are rescaled ("measured": factor > 1)
-            assert (state[name][kept].abs() > ticket.rewind_weights[name][kept].abs()).all()
+        if not kept.all():  # and the survivors of a pruned layer are rescaled by the logged factor
+            expected = ticket.rewind_weights[name][kept] * ticket.rescale[name]
+            assert torch.allclose(state[name][kept], expected)
     cfg_t = ticket.config
     data = load_dataset(cfg_t.data, cfg_t.seed)
     train(model, data, cfg_t.train, cfg_t.seed, ticket.rewind_step, mask=ticket.mask)

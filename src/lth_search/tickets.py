@@ -24,11 +24,19 @@ from torch import nn
 from .codec import Mask, decode_mask, decode_weights, encode_mask, encode_weights
 from .config import ExperimentConfig, validate_config
 from .errors import TrackingError
-from .mlflow_io import first_line, read_artifact
+from .mlflow_io import first_line, metric_history, read_artifact
 from .objective import is_matching
-from .pruning import layer_sparsity, rewind_weights
+from .pruning import layer_sparsity, masked_state, rewind_weights
 from .ticket_table import SearchRef, read_rows
-from .tracking_layout import CONFIG, INPUT_SHAPE, NUM_CLASSES, mask_artifact, metric_name, rewind_artifact
+from .tracking_layout import (
+    CONFIG,
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    mask_artifact,
+    metric_name,
+    rescale_metric,
+    rewind_artifact,
+)
 
 SUMMARY_KEYS = ("run_id", "round", "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "params")
 
@@ -51,6 +59,8 @@ class Ticket:
     experiment: str = ""
     search_run_id: str | None = None
     criterion: str = ""
+    rescale: dict[str, float] = field(default_factory=dict)
+    """Per-layer factors the survivors were scaled by at rewind, as the trial logged them."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,7 +85,11 @@ class Ticket:
 
         cfg = self.config
         model = build_model(cfg.model, self.input_shape, self.num_classes, cfg.seed)
-        model.load_state_dict(rewind_weights(self.rewind_weights, self.mask, cfg.prune.init_scale))
+        if set(self.mask) <= set(self.rescale):
+            state = masked_state(self.rewind_weights, self.mask, self.rescale)
+        else:  # a run logged before factors were recorded: recompute them from the rule
+            state = rewind_weights(self.rewind_weights, self.mask, cfg.prune.init_scale)
+        model.load_state_dict(state)
         return model
 
     def summary(self) -> dict[str, Any]:
@@ -107,7 +121,7 @@ class Ticket:
         (folder / "rewind.safetensors").write_bytes(encode_weights(self.rewind_weights))
         (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
         about = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
-                 "num_classes": self.num_classes}
+                 "num_classes": self.num_classes, "rescale": self.rescale}
         (folder / "ticket.json").write_text(json.dumps(about, indent=2))
         return folder
 
@@ -128,7 +142,7 @@ class Ticket:
         return cls(
             config=config, mask=mask, rewind_weights=weights, metrics=about["metrics"],
             input_shape=tuple(about["input_shape"]), num_classes=int(about["num_classes"]),
-            **{key: about[key] for key in known},
+            rescale=about.get("rescale", {}), **{key: about[key] for key in known},
         )
 
 
@@ -190,6 +204,7 @@ def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str
         config = validate_config(json.loads(read_artifact(client, run_id, CONFIG)), source=f"run {run_id} config.json")
         mask = decode_mask(read_artifact(client, run_id, mask_artifact(row["round"])))
         weights = decode_weights(read_artifact(client, run_id, rewind_artifact(config.prune.rewind_step)))
+        rescale = _rescale_at(client, run_id, mask, int(row["round"]))
     except (MlflowException, OSError) as error:
         raise TrackingError(
             f"run {run_id} round {row['round']}: cannot read its artifacts ({first_line(error)}); "
@@ -201,11 +216,21 @@ def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in layer_sparsity(mask).items()})
     return Ticket(
         run_id=run_id, round=int(row["round"]), sparsity=float(row["sparsity"]), metrics=metrics,
-        params=dict(row["params"]), config=config, mask=mask, rewind_weights=weights,
+        params=dict(row["params"]), config=config, mask=mask, rewind_weights=weights, rescale=rescale,
         input_shape=tuple(json.loads(tags[INPUT_SHAPE])), num_classes=int(tags[NUM_CLASSES]),
         trial_id=str(row["trial_id"]), experiment=ref.experiment_name, search_run_id=ref.search_run_id,
         criterion=criterion,
     )
+
+
+def _rescale_at(client: Any, run_id: str, mask: Mask, round_index: int) -> dict[str, float]:
+    """The rescale factors a trial logged for a round ({} if it logged none)."""
+    factors = {}
+    for layer in mask:
+        history = metric_history(client, run_id, rescale_metric(layer))
+        if round_index in history:
+            factors[layer] = history[round_index]
+    return factors
 
 
 def best_ticket(experiment: str | None = None, search_run_id: str | None = None, max_accuracy_drop: float | None = None,

@@ -61,7 +61,14 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
         "reused": float(round_result.reused),
     }
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
+    metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
     return metrics
+
+
+def rescale_metric(layer: str) -> str:
+    """The metric holding a layer's rewind rescale factor: a ticket is rebuilt from these
+    exactly, even for the data-dependent `calibrated` mode."""
+    return f"rescale/{metric_name(layer)}"
 
 
 def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
