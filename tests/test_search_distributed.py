@@ -32,7 +32,7 @@ def _env() -> dict[str, str]:
 def test_two_node_cluster_shares_the_store_and_trains_dense_once(data_root, tmp_path):
     done = subprocess.run(
         [sys.executable, str(HERE / "two_node_search.py"), str(data_root), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=300, env=_env(),
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

@@ -9,11 +9,16 @@ one Ray connection and the test session already has its local Ray.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import ray
-from ray.cluster_utils import Cluster
+# ray.init(address="127.0.0.1:PORT") rewrites a loopback address to the machine's routable
+# IP, where a loopback-bound GCS does not listen; with this, Ray's node IP is loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_helpers import manifests, search_config, trial_records, trial_results  # noqa: E402

@@ -89,10 +89,12 @@ def results_root(cfg: ExperimentConfig) -> str:
     `<output_dir>/ray` locally; beside the store when the store is remote (s3://b/x/store
     -> s3://b/x/ray), because every node must reach it and a head-local path will not do.
     """
-    uri = cfg.store_uri()
-    if "://" in uri and not uri.startswith("file://"):
-        return uri.rstrip("/").rsplit("/", 1)[0] + "/ray"
-    return str(cfg.output_path() / "ray")
+    uri = cfg.store_uri().rstrip("/")
+    if "://" not in uri or uri.startswith("file://"):
+        return str(cfg.output_path() / "ray")
+    scheme, path = uri.split("://", 1)
+    parent = path.rsplit("/", 1)[0] if "/" in path else path  # s3://bucket -> s3://bucket/ray
+    return f"{scheme}://{parent}/ray"
 
 
 def new_state(cfg: ExperimentConfig) -> SearchState:
@@ -207,6 +209,7 @@ def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
             scheduler=_scheduler(cfg),
             num_samples=cfg.search.num_trials,
             max_concurrent_trials=cfg.search.max_concurrent,
+            reuse_actors=True,  # a new lineage starts in a warm process (torch imported, data fetched)
         ),
         run_config=tune.RunConfig(
             name=name,

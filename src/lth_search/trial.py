@@ -70,8 +70,15 @@ def lineage_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset
     tracker = _start_tracker(trial_cfg, context, trial_id, choices)
     lineage = Lineage(trial_cfg, store, dataset)
     reporter = _Reporter(trial_cfg, lineage, record, tracker, done)
-    result = lineage.run(on_round=reporter.on_round, on_dense=reporter.on_dense)
-    record.finish(result)
+    try:
+        result = lineage.run(on_round=reporter.on_round, on_dense=reporter.on_dense)
+    except SystemExit:  # how Ray ends a trial its scheduler stopped: inside tune.report
+        if reporter.last is not None:
+            record.finish(reporter.last, "stopped")
+            if tracker is not None:
+                tracker.finish(reporter.last, status="stopped")
+        raise
+    record.finish(result, "finished")
     if tracker is not None:
         tracker.finish(result)
 
@@ -111,8 +118,11 @@ class _Reporter:
 
     def __init__(self, cfg: ExperimentConfig, lineage: Lineage, record: "TrialRecord", tracker: Any, done: int):
         self.cfg, self.lineage, self.record, self.tracker, self.done = cfg, lineage, record, tracker, done
+        self.last: LineageResult | None = None
+        """The lineage's result so far (a stopped trial never returns one)."""
 
     def on_dense(self, result: LineageResult) -> None:
+        self.last = result
         self.record.update(result, self.lineage)
         if self.tracker is not None and self.done < 0:
             self.tracker.log_dense(result, self.lineage.entries[0])
@@ -209,8 +219,8 @@ class TrialRecord:
             self.rounds.setdefault(item.key, {**asdict(item), "attempt": self.attempt})
         self._write(result)
 
-    def finish(self, result: LineageResult) -> None:
-        self.payload["status"] = "finished"
+    def finish(self, result: LineageResult, status: str) -> None:
+        self.payload["status"] = status
         self._write(result)
 
     def _write(self, result: LineageResult) -> None:

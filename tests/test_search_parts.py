@@ -1,0 +1,98 @@
+"""The search's parts on their own: the Optuna space, the Ray lease actor, the summary."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+
+from lth_search.config import load_config
+from lth_search.ray_leases import RayLeaseService, start_lease_actor
+from lth_search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
+from lth_search.summary import summarize, summary_lines
+
+KEY_A, KEY_B = "a" * 64, "b" * 64
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["prune.rewind_steps=[0, 20]", *overrides])
+
+
+def test_space_searches_only_the_keys_given_and_fixes_the_rest():
+    cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.init_scale=[0.0, measured]",
+               "search.space.layer_ratios={fc: [0.5, 1.0], output: [0.25]}")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    returned = DefineByRunSpace(cfg)(trial)
+    assert set(trial.params) == {"rate", "init_scale", "layer_ratios/fc", "layer_ratios/output"}
+    assert returned == {OPTUNA_TRIAL_KEY: trial.number}
+    # Ray nests "a/b" keys; choices_of flattens them back for with_choices
+    ray_config = {"rate": 0.5, "init_scale": "measured", "layer_ratios": {"fc": 0.5, "output": 0.25},
+                  OPTUNA_TRIAL_KEY: 0}
+    choices = choices_of(ray_config)
+    assert choices == {"rate": 0.5, "init_scale": "measured", "layer_ratios/fc": 0.5, "layer_ratios/output": 0.25}
+    chosen = cfg.with_choices(choices)
+    assert chosen.prune.rate == 0.5 and chosen.prune.init_scale == "measured"
+    assert chosen.prune.layer_ratios == {"fc": 0.5, "output": 0.25}
+    assert chosen.prune.scope == cfg.prune.scope and chosen.prune.rewind_step == cfg.prune.rewind_step
+
+
+def test_samplers_and_objectives_follow_the_config():
+    assert isinstance(make_sampler(_cfg()), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(_cfg("search.sampler=random")), optuna.samplers.RandomSampler)
+    two = _cfg("search.objectives=2")
+    assert isinstance(make_sampler(two), optuna.samplers.NSGAIISampler)
+    assert objectives(two) == (["matching_sparsity", "matching_val_accuracy"], ["max", "max"])
+    assert objectives(_cfg()) == ("matching_sparsity", "max")
+
+
+def test_ray_lease_actor_is_exclusive_expires_and_belongs_to_the_trial(ray_local):
+    actor = start_lease_actor("parts-test")
+    one, two = RayLeaseService("parts-test"), RayLeaseService("parts-test")
+    assert one.acquire(KEY_A, "w1", 30) and not two.acquire(KEY_A, "w2", 30)
+    assert one.renew(KEY_A, "w1", 30) and not two.renew(KEY_A, "w2", 30)
+    two.release(KEY_A, "w2")  # not the holder: no effect
+    assert one.held() == {KEY_A: "w1"}
+    one.release(KEY_A, "w1")
+    assert two.acquire(KEY_A, "w2", 0.3)
+    time.sleep(0.5)  # w2 died without releasing: its lease expires
+    assert one.acquire(KEY_A, "w1", 30)
+    # a retried trial (new process, new holder id) continues its own claim at once
+    first = RayLeaseService("parts-test", owner="trial:x")
+    retry = RayLeaseService("parts-test", owner="trial:x")
+    assert first.acquire(KEY_B, "pid-1", 30) and retry.acquire(KEY_B, "pid-2", 30)
+    assert not two.acquire(KEY_B, "w2", 30)
+    del actor
+
+
+def _record(trial_id: str, sparsity: float, val: float, status: str, executed: int, reused: int) -> dict:
+    return {
+        "trial_id": trial_id, "status": status, "choices": {"rate": 0.2},
+        "dense": {"val_accuracy": 0.65, "test_accuracy": 0.64},
+        "matching": {"sparsity": sparsity, "round": 3, "val_accuracy": val, "test_accuracy": 0.6},
+        "steps_executed": executed, "steps_reused": reused,
+    }
+
+
+def test_summary_picks_the_sparsest_match_and_counts_compute():
+    records = [
+        _record("t1", 0.488, 0.64, "finished", 1000, 0),
+        _record("t2", 0.672, 0.63, "stopped", 500, 1000),
+        _record("t3", 0.672, 0.645, "finished", 200, 1000),  # tie on sparsity: better val wins
+    ]
+    summary = summarize(records, "s-1", rounds=5, extra={"wall_s": 12.0, "mlflow_command": "mlflow ui X"})
+    assert summary["best"]["trial_id"] == "t3"
+    assert (summary["trials"], summary["finished"], summary["stopped_by_asha"]) == (3, 2, 1)
+    assert (summary["steps_executed"], summary["steps_reused"]) == (1700, 2000)
+    lines = summary_lines(summary)
+    assert lines[0].startswith("best ticket: trial t3 round 3: sparsity 67.20%")
+    assert "mlflow ui X" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("records", [[], [_record("t1", 0.0, 0.65, "finished", 1, 0)]])
+def test_summary_says_when_nothing_matched(records):
+    for record in records:
+        record["matching"]["round"] = 0
+    line = summary_lines(summarize(records, "s", rounds=3))[0]
+    assert line.startswith("best ticket: none")
