@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-
 from conftest import tiny_overrides
+
 from lth_search.config import ExperimentConfig, load_config
 
 

@@ -99,6 +99,20 @@ def test_asha_stops_a_lagging_lineage_and_optuna_gets_its_last_value(ray_local, 
         assert optuna_trial.params["rate"] == 0.1
 
 
+def test_two_objectives_tell_optuna_both_values(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {"search.objectives": 2, "search.num_trials": 2,
+                                              "search.space.rate": "[0.2, 0.4]", "prune.rounds": 2})
+    summary = run_search(cfg, progress=lambda _: None)
+    study = load_study(tmp_path, cfg.name, summary["search_id"])
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    records = trial_records(tmp_path / "store", cfg.name)
+    told = {t.number: t.values for t in study.trials}
+    for trial_id, rows in trial_results(summary["results_path"]).items():
+        last = rows[-1]
+        assert told[records[trial_id]["optuna_trial"]] == pytest.approx(
+            [last["matching_sparsity"], last["matching_val_accuracy"]])
+
+
 def test_a_search_without_rounds_reports_the_dense_stage_once(ray_local, data_root, tmp_path):
     cfg = search_config(data_root, tmp_path, {"prune.rounds": 0, "search.num_trials": 1})
     summary = run_search(cfg, progress=lambda _: None)

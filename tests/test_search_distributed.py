@@ -65,23 +65,23 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     command = [LTH_SEARCH, "run", str(tmp_path / "killme.yaml")]
     for item in search_overrides(data_root, tmp_path, settings):
         command += ["--set", item]
-    log = open(tmp_path / "run.log", "w")
-    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
     store = tmp_path / "store"
-    try:
-        def mid_search():
-            records = trial_records(store, "killme") if (store / "records").exists() else {}
-            finished = [r for r in records.values() if r["status"] == "finished"]
-            midway = [r for r in records.values() if r["status"] == "running" and 1 <= len(r["rounds"]) < 3]
-            return records if finished and midway else None
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+        try:
+            def mid_search():
+                assert driver.poll() is None, "the search ended before it could be killed mid-way"
+                records = trial_records(store, "killme") if (store / "records").exists() else {}
+                finished = [r for r in records.values() if r["status"] == "finished"]
+                midway = [r for r in records.values() if r["status"] == "running" and 1 <= len(r["rounds"]) < 3]
+                return records if finished and midway else None
 
-        _wait_for(mid_search, 300, "a finished and a half-way trial")
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
+            _wait_for(mid_search, 300, "a finished and a half-way trial")
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     time.sleep(2)  # let the workers of the dead driver's Ray go (they share its fate)
     at_kill = trial_records(store, "killme")
     stored_at_kill = _stage_keys(store)
@@ -96,8 +96,13 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     assert "best ticket:" in resumed.stderr
 
     after = trial_records(store, "killme")
-    assert len(after) == 4 and {r["status"] for r in after.values()} == {"finished"}
-    assert json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())["status"] == "finished"
+    state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
+    assert state["status"] == "finished"
+    histories = trial_results(state["results_path"])
+    assert len(histories) == 4 and {after[t]["status"] for t in histories} == {"finished"}
+    # a trial the driver started after Ray's last snapshot is not Ray's to resume: Ray
+    # ran a replacement, and the orphan's record says so
+    assert {r["status"] for t, r in after.items() if t not in histories} <= {"abandoned"}
     steps_per_round = {k: 1500 - r["config"]["prune"]["rewind_step"] for k, r in after.items()}
     recomputed = 0
     for trial_id, record in after.items():
@@ -121,7 +126,6 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
                      for a in r["attempts"][len(at_kill.get(t, {}).get("attempts", [])):] for k in a["executed_keys"]]
     assert sorted(trained_after) == sorted(new_keys)
     # Ray recorded each round of each trial once
-    histories = trial_results(json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())["results_path"])
     assert all(sorted(r["round"] for r in rows) == [1, 2, 3] for rows in histories.values())
 
 
@@ -138,7 +142,8 @@ def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_roo
             return next((r for r in records.values() if len(r["rounds"]) == 1), None)
 
         record = _wait_for(after_round_one, 300, "round 1")
-        time.sleep(0.5)  # round 2 (3000 steps, seconds long) is now training
+        _wait_for(lambda: list(tmp_path.glob("ray/*/*/checkpoint_000000")), 60, "round 1's checkpoint")
+        time.sleep(0.3)  # round 2 (3000 steps, more than a second) is now training
         killed["pid"] = record["attempts"][-1]["pid"]
         killed["stored"] = len(manifests(store))
         os.kill(killed["pid"], signal.SIGKILL)

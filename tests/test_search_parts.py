@@ -9,6 +9,7 @@ import pytest
 
 from lth_search.config import load_config
 from lth_search.ray_leases import RayLeaseService, start_lease_actor
+from lth_search.search import results_root
 from lth_search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
 from lth_search.summary import summarize, summary_lines
 
@@ -96,3 +97,14 @@ def test_summary_says_when_nothing_matched(records):
         record["matching"]["round"] = 0
     line = summary_lines(summarize(records, "s", rounds=3))[0]
     assert line.startswith("best ticket: none")
+
+
+@pytest.mark.parametrize(("store", "expected"), [
+    ("s3://bucket/lth/store", "s3://bucket/lth/ray"),
+    ("s3://bucket", "s3://bucket/ray"),
+    ("gs://bucket/x/", "gs://bucket/ray"),
+])
+def test_ray_results_live_beside_a_remote_store(store, expected, tmp_path):
+    assert results_root(_cfg(f"store.uri={store}")) == expected
+    local = _cfg(f"output_dir={tmp_path}", f"store.uri={tmp_path / 'elsewhere'}")
+    assert results_root(local) == str(tmp_path / "ray")

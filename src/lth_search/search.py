@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,14 +32,15 @@ from .config import ExperimentConfig, validate_config
 from .data import load_dataset
 from .errors import ConfigError
 from .ray_leases import start_lease_actor
-from .space import PRIMARY_METRIC, DefineByRunSpace, journal_storage, make_sampler, objectives
+from .space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
 from .store import StageStore
 from .summary import emit, summarize, summary_lines
 from .trial import PROGRESS_METRICS, lineage_trial, records_namespace
 
 Progress = Callable[[str], None]
-_progress: list[Progress] = [print]
-"""Where trial-completion lines go; a module global because Ray pickles callbacks for restore."""
+_session: dict[str, Any] = {"progress": print, "store": None, "namespace": ""}
+"""What the driver's Tune callback needs (see `_TrialEvents`)."""
+FINAL = ("finished", "stopped", "error", "abandoned")
 
 
 @dataclass
@@ -112,34 +114,43 @@ def new_state(cfg: ExperimentConfig) -> SearchState:
 
 # Ray session ---------------------------------------------------------------------------------
 @contextmanager
-def ray_session(address: str | None) -> Iterator[bool]:
+def ray_session(address: str | None) -> Iterator[None]:
     """Reuse an initialised Ray, join `address`, or start a local Ray on loopback.
 
-    Yields whether Ray was started here (and so is shut down on exit).
+    Ray started or joined here is shut down on exit; a Ray already up is left alone.
     """
     if ray.is_initialized():
-        yield False
+        yield
         return
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({reason})") from None
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
-        yield True
+        yield
     finally:
         ray.shutdown()
 
 
-def _check_resources(cfg: ExperimentConfig, started_here: bool) -> None:
-    """Fail in one line when a local Ray can never fit one trial (a cluster may scale up)."""
-    if not started_here:
+def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
+    """Fail in one line, before anything starts, when a local Ray could never fit one trial.
+
+    Only for the local Ray this process would start: a cluster may scale up to fit.
+    """
+    if address or ray.is_initialized():
         return
-    available = ray.cluster_resources()
+    import torch
+
+    available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
     for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
-        if need > available.get(key, 0):
+        if need > available[key]:
             raise ConfigError(
-                f"resources.{key.lower()}: a trial needs {need} {key}s but this machine's Ray has "
-                f"{available.get(key, 0):g}; lower it (e.g. --set resources.{key.lower()}=0) or pass --address"
+                f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
+                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}=0) or pass --address"
             )
 
 
@@ -181,8 +192,14 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     )
 
 
-class _TrialLines(tune.Callback):
-    """One readable line per finished, stopped or failed lineage (Ray's table shows the rest)."""
+class _TrialEvents(tune.Callback):
+    """Final trial statuses into the trial records, and one readable line per lineage.
+
+    Only the driver knows why a trial ended: a trial ASHA stops and one cut short by an
+    interrupted search both end inside `tune.report`, but only the first gets
+    `on_trial_complete`. State lives in the module (`_session`): Ray pickles callbacks
+    into the experiment and restores copies of them on resume.
+    """
 
     def __init__(self, rounds: int) -> None:
         self.rounds = rounds
@@ -190,14 +207,25 @@ class _TrialLines(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         done = result.get("round", 0)
-        how = "finished" if done >= self.rounds else f"stopped by ASHA after round {done}"
-        _progress[0](
+        status = "finished" if done >= self.rounds else "stopped"
+        _set_status(trial.trial_id, status)
+        how = "finished" if status == "finished" else f"stopped by ASHA after round {done}"
+        _session["progress"](
             f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
             f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _progress[0](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        _set_status(trial.trial_id, "error")
+        _session["progress"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+
+def _set_status(trial_id: str, status: str) -> None:
+    store, namespace = _session["store"], _session["namespace"]
+    record = store.records(namespace).get(trial_id) if store is not None else None
+    if record is not None and record.get("status") != status:
+        record["status"] = status
+        store.put_record(namespace, trial_id, record)
 
 
 def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
@@ -216,7 +244,7 @@ def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[_TrialLines(cfg.prune.rounds)],
+            callbacks=[_TrialEvents(cfg.prune.rounds)],
             verbose=1,
         ),
     )
@@ -227,15 +255,20 @@ def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Prog
     """Run a new search on a local Ray (no address) or a cluster; returns its summary."""
     cfg = cfg.absolute()
     state = new_state(cfg)
-    with ray_session(address) as started_here:
-        _check_resources(cfg, started_here)
-        _start_tracking(cfg, state)
-        state.save()
-        _announce(cfg, state, progress)
-        leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-        summary = _fit(cfg, state, _tuner(cfg, state), progress)
-        del leases
-        return summary
+    _check_resources(cfg, address)
+    with ThreadPoolExecutor(1) as pool:
+        # MLflow's setup (seconds for a new database) overlaps the start of a local Ray;
+        # joining a cluster comes first, so a wrong --address leaves no MLflow run behind.
+        local = not address and not ray.is_initialized()
+        early = pool.submit(_start_tracking, cfg, state) if local else None
+        with ray_session(address):
+            tracker = early.result() if early is not None else _start_tracking(cfg, state)
+            state.save()
+            _announce(cfg, state, progress)
+            leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
+            summary = _fit(cfg, state, _tuner(cfg, state), tracker, progress)
+            del leases
+            return summary
 
 
 def resume_search(
@@ -248,9 +281,9 @@ def resume_search(
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
-    with ray_session(address) as started_here:
-        _check_resources(cfg, started_here)
-        _start_tracking(cfg, state)
+    _check_resources(cfg, address)
+    with ray_session(address):
+        tracker = _start_tracking(cfg, state)
         state.status = "running"
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
@@ -258,22 +291,20 @@ def resume_search(
         tuner = tune.Tuner.restore(
             state.results_path, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True
         )
-        summary = _fit(cfg, state, tuner, progress)
+        summary = _fit(cfg, state, tuner, tracker, progress)
         del leases
         return summary
 
 
-def _start_tracking(cfg: ExperimentConfig, state: SearchState) -> None:
+def _start_tracking(cfg: ExperimentConfig, state: SearchState) -> Any:
+    """The MLflow parent run (created, or the saved one on resume); trials log under it."""
     if not cfg.tracking.enabled:
-        return
+        return None
     from .tracking import SearchTracker
 
     tracker = SearchTracker.start(cfg, ray_results_path=state.results_path, parent_run_id=state.parent_run_id)
     state.parent_run_id = getattr(tracker, "parent_run_id", None)
-    _trackers[state.search_id] = tracker
-
-
-_trackers: dict[str, Any] = {}
+    return tracker
 
 
 def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> None:
@@ -288,21 +319,26 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
     progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
 
 
-def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, progress: Progress) -> dict[str, Any]:
-    _progress[0] = progress
+def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress) -> dict[str, Any]:
+    """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
+    store = StageStore.from_config(cfg)
+    _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name))
     # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
     # Ray warns about that frequency by default.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
     grid = tuner.fit()
-    statuses = _statuses(grid, cfg.prune.rounds)
-    store = StageStore.from_config(cfg)
-    records = _final_records(store, cfg.name, state.search_id, statuses)
-    complete = all(s in ("finished", "stopped", "error") for s in statuses.values())
+    records = {k: v for k, v in store.records(records_namespace(cfg.name)).items() if v.get("search_id") == state.search_id}
+    trials = grid._experiment_analysis.trials  # ResultGrid has no public per-trial status
+    complete = len(trials) >= cfg.search.num_trials and all(
+        records.get(t.trial_id, {}).get("status") in FINAL or t.status == "ERROR" for t in trials
+    )
+    if complete:
+        _abandon_orphans(store, cfg.name, records, {t.trial_id for t in trials})
+        close_orphans(state.journal, state.search_id)
     state.status = "finished" if complete else "interrupted"
     state.finished_at = time.time() if complete else None
     state.save()
-    tracker = _trackers.pop(state.search_id, None)
     if tracker is not None and complete:
         tracker.finish(list(records.values()))
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, _links(cfg, state, began))
@@ -312,31 +348,16 @@ def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, progress:
     return summary
 
 
-def _statuses(grid: Any, rounds: int) -> dict[str, str]:
-    """trial id -> finished / stopped (by ASHA) / error / unfinished, from Ray's view."""
-    statuses = {}
-    for trial in grid._experiment_analysis.trials:  # ResultGrid has no public per-trial status
-        last = trial.last_result or {}
-        if trial.status == "ERROR":
-            statuses[trial.trial_id] = "error"
-        elif trial.status != "TERMINATED":
-            statuses[trial.trial_id] = "unfinished"
-        elif last.get("round", 0) >= rounds:
-            statuses[trial.trial_id] = "finished"
-        else:
-            statuses[trial.trial_id] = "stopped"
-    return statuses
+def _abandon_orphans(store: StageStore, name: str, records: dict[str, dict], known: set[str]) -> None:
+    """Mark trials Ray does not know: started by a killed driver after Ray's last snapshot.
 
-
-def _final_records(store: StageStore, name: str, search_id: str, statuses: dict[str, str]) -> dict[str, dict]:
-    """This search's trial records, their status set from Ray's final view (and saved)."""
-    records = {k: v for k, v in store.records(records_namespace(name)).items() if v.get("search_id") == search_id}
-    for trial_id, status in statuses.items():
-        record = records.get(trial_id)
-        if record is not None and record.get("status") != status:
-            record["status"] = status
+    Ray's restored state never had them, so the search ran replacements; their stages
+    stay in the store (and were reused), their records say what happened.
+    """
+    for trial_id, record in records.items():
+        if trial_id not in known and record.get("status") not in FINAL:
+            record["status"] = "abandoned"
             store.put_record(records_namespace(name), trial_id, record)
-    return records
 
 
 def _links(cfg: ExperimentConfig, state: SearchState, began: float) -> dict[str, Any]:

@@ -87,3 +87,16 @@ def journal_storage(path: str) -> optuna.storages.BaseStorage:
     """A study storage in one append-only file: survives a killed driver, needs no database."""
     backend = optuna.storages.journal.JournalFileBackend(path)
     return optuna.storages.JournalStorage(backend)
+
+
+def close_orphans(journal: str, study_name: str) -> int:
+    """Fail the study's trials still RUNNING once a search has ended; returns how many.
+
+    They belong to trials a killed driver had started after Ray's last snapshot: Ray
+    never resumes them, and a RUNNING trial would stay in the study forever.
+    """
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in running:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(running)

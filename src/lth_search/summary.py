@@ -22,14 +22,16 @@ def summarize(
 ) -> dict[str, Any]:
     """The summary dict `run_search` returns (best ticket, counts, steps)."""
     statuses = [r.get("status", "running") for r in records]
+    counted = [r for r in records if r.get("status") != "abandoned"]
     best = best_record(records)
     summary: dict[str, Any] = {
         "search_id": search_id,
-        "trials": len(records),
+        "trials": len(counted),
         "finished": statuses.count("finished"),
         "stopped_by_asha": statuses.count("stopped"),
         "errored": statuses.count("error"),
-        "unfinished": sum(s not in ("finished", "stopped", "error") for s in statuses),
+        "abandoned": statuses.count("abandoned"),
+        "unfinished": sum(s not in ("finished", "stopped", "error", "abandoned") for s in statuses),
         "rounds": rounds,
         "steps_executed": sum(int(r.get("steps_executed", 0)) for r in records),
         "steps_reused": sum(int(r.get("steps_reused", 0)) for r in records),
@@ -80,6 +82,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(
         f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped_by_asha']} stopped by ASHA, "
         f"{summary['errored']} errored" + (f", {summary['unfinished']} unfinished" if summary["unfinished"] else "") + ")"
+        + (f"; {summary['abandoned']} abandoned by a killed driver (their stages were reused)" if summary["abandoned"] else "")
     )
     executed, reused = summary["steps_executed"], summary["steps_reused"]
     share = reused / (executed + reused) if executed + reused else 0.0

@@ -70,14 +70,9 @@ def lineage_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset
     tracker = _start_tracker(trial_cfg, context, trial_id, choices)
     lineage = Lineage(trial_cfg, store, dataset)
     reporter = _Reporter(trial_cfg, lineage, record, tracker, done)
-    try:
-        result = lineage.run(on_round=reporter.on_round, on_dense=reporter.on_dense)
-    except SystemExit:  # how Ray ends a trial its scheduler stopped: inside tune.report
-        if reporter.last is not None:
-            record.finish(reporter.last, "stopped")
-            if tracker is not None:
-                tracker.finish(reporter.last, status="stopped")
-        raise
+    # A trial ASHA stops (or an interrupted search) ends inside tune.report (SystemExit),
+    # after its record was written; the driver sets the record's final status.
+    result = lineage.run(on_round=reporter.on_round, on_dense=reporter.on_dense)
     record.finish(result, "finished")
     if tracker is not None:
         tracker.finish(result)
@@ -118,23 +113,20 @@ class _Reporter:
 
     def __init__(self, cfg: ExperimentConfig, lineage: Lineage, record: "TrialRecord", tracker: Any, done: int):
         self.cfg, self.lineage, self.record, self.tracker, self.done = cfg, lineage, record, tracker, done
-        self.last: LineageResult | None = None
-        """The lineage's result so far (a stopped trial never returns one)."""
 
     def on_dense(self, result: LineageResult) -> None:
-        self.last = result
         self.record.update(result, self.lineage)
-        if self.tracker is not None and self.done < 0:
+        if self.tracker is not None:  # idempotent: a retry fills in what a dead attempt missed
             self.tracker.log_dense(result, self.lineage.entries[0])
         if self.cfg.prune.rounds == 0 and self.done < 0:
             self._report(0, result.dense["key"], {"round": 0, "sparsity": 0.0, **_dense_metrics(result)}, result)
 
     def on_round(self, round_result: RoundResult, result: LineageResult) -> None:
         self.record.update(result, self.lineage)
-        if round_result.round <= self.done:
-            return  # reported before a restart; Tune and Optuna already have it
         if self.tracker is not None:
             self.tracker.log_round(round_result, self.lineage.entries[-1])
+        if round_result.round <= self.done:
+            return  # reported before a restart; Tune and Optuna already have it
         metrics = {
             "round": round_result.round,
             "sparsity": round_result.sparsity,
