@@ -52,11 +52,14 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination",
+                str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+
     def start(self, deadline_s: float = 240.0) -> "MlflowServer":
         log = open(self.root / "server.log", "ab")
         self.process = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination",
-             str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            self.command(),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # No GenAI job runner (seven huey consumers): runs and artifacts are all we need.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -107,6 +110,21 @@ class MlflowServer:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class MlflowUi(MlflowServer):
+    """A command line `lth-search` printed (`mlflow ui --backend-store-uri URI --port 5000`), run
+    as printed but on a free loopback port: what a user runs to look at a search."""
+
+    def __init__(self, root: Path, printed: str) -> None:
+        super().__init__(root)
+        words = printed.split()
+        assert words[:2] == ["mlflow", "ui"] and "--port" in words, printed
+        at = words.index("--port")
+        self.words = [MLFLOW, *words[1:at], "--port", str(self.port), *words[at + 2:], "--host", "127.0.0.1"]
+
+    def command(self) -> list[str]:
+        return self.words
 
 
 # REST ------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""MLflow as a real search leaves it: Ray trials log to MLflow, a user looks with `mlflow ui`.
+
+test_tracking.py checks the layout in detail with the trackers driven in-process; here
+the whole product runs (run_search on the session's real Ray, trials in Ray workers)
+and MLflow is read back the way a user reaches it: through the `mlflow ui` command the
+search printed (REST API), and after a tracking server died mid-search, through
+`lth-search sync`. The truth to compare with is what the trials reported to Ray Tune
+(each trial's result.json) and what the store holds.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import LTH_SEARCH
+from mlflow import MlflowClient
+from mlflow_helpers import MlflowServer, MlflowUi, rest, search_layout
+from search_helpers import search_config, trial_records, trial_results
+
+from lth_search.codec import decode_mask
+from lth_search.mlflow_io import read_artifact
+from lth_search.search import run_search
+from lth_search.store import StageStore
+
+pytestmark = pytest.mark.slow
+PER_ROUND = ("val_accuracy", "test_accuracy", "sparsity")
+
+
+def _rest_history(url: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    metrics = rest(url, "metrics/get-history", query={"run_id": run_id, "metric_key": key}).get("metrics", [])
+    return sorted((int(m["step"]), float(m["value"])) for m in metrics)
+
+
+def _reported(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(row["round"], float(row[key])) for row in rows]
+
+
+def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {
+        "name": "uiview", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
+    })
+    assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default: beside the outputs
+    summary = run_search(cfg, progress=lambda _: None)
+    histories = trial_results(summary["results_path"])
+    assert summary["finished"] == 3 and len(histories) == 3
+
+    ui = MlflowUi(tmp_path / "ui", summary["mlflow_command"]).start()
+    try:
+        parent, children = search_layout(ui.url, "uiview", children=3)
+        assert parent["info"]["run_id"] == summary["parent_run_id"]
+        assert parent["info"]["status"] == "FINISHED"
+        experiment_id = parent["info"]["experiment_id"]
+        assert summary["mlflow_link"].endswith(f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        by_trial = {next(t["value"] for t in c["data"]["tags"] if t["key"] == "lth.trial_id"): c for c in children}
+        assert sorted(by_trial) == sorted(histories)
+        for trial_id, child in by_trial.items():
+            assert child["info"]["status"] == "FINISHED"
+            for key in PER_ROUND:  # one point per completed round, the values the trial reported
+                assert _rest_history(ui.url, child["info"]["run_id"], key) == _reported(histories[trial_id], key)
+    finally:
+        ui.stop()
+
+    client = MlflowClient(cfg.tracking_uri())
+    store = StageStore.from_config(cfg)
+    records = trial_records(tmp_path / "store", "uiview")
+    for trial_id, child in by_trial.items():
+        for item in records[trial_id]["rounds"]:
+            logged = decode_mask(read_artifact(client, child["info"]["run_id"], f"masks/round_{item['round']:02d}.parquet"))
+            stored = store.get(item["key"]).masks["mask"]
+            assert list(logged) == list(stored) and all(torch.equal(logged[n], stored[n]) for n in stored)
+    table = pq.read_table(io.BytesIO(read_artifact(client, summary["parent_run_id"], "tickets.parquet")))
+    assert sorted(zip(table["trial_id"].to_pylist(), table["round"].to_pylist())) == sorted(
+        (t, r["round"]) for t, rows in histories.items() for r in rows)
+
+
+def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_path):
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        cfg = search_config(data_root, tmp_path, {
+            "name": "serverdown", "search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 1500,
+            "tracking.enabled": "true", "tracking.uri": server.url,
+        })
+        store_root = tmp_path / "store"
+        killed: dict[str, int] = {}
+
+        def kill_after_the_first_round() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                records = trial_records(store_root, "serverdown") if (store_root / "records").exists() else {}
+                if any(r.get("rounds") for r in records.values()):
+                    killed["rounds"] = sum(len(r["rounds"]) for r in records.values())
+                    server.kill()
+                    return
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_after_the_first_round, daemon=True)
+        killer.start()
+        summary = run_search(cfg, progress=lambda _: None)
+        killer.join(timeout=10)
+        assert "rounds" in killed, "the server was never killed"
+
+        # The search finished without MLflow, and the store has every stage of every trial.
+        histories = trial_results(summary["results_path"])
+        records = trial_records(store_root, "serverdown")
+        assert summary["finished"] == 4 and len(histories) == 4
+        assert killed["rounds"] < sum(len(rows) for rows in histories.values()), "killed too late to matter"
+        store = StageStore.from_config(cfg)
+        assert all(store.get(k) is not None for r in records.values() for k in [r["dense_key"], *r["round_keys"]])
+
+        server.start()  # same port, database and artifacts
+        synced = subprocess.run([LTH_SEARCH, "sync", "serverdown", "--output-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=300)
+        assert synced.returncode == 0, synced.stderr[-3000:]
+        assert "MLflow is up to date" in synced.stderr + synced.stdout
+
+        parent, children = search_layout(server.url, "serverdown", children=4)
+        assert parent["info"]["status"] == "FINISHED"
+        client = MlflowClient(server.url)
+        for child in children:
+            run_id = child["info"]["run_id"]
+            trial_id = next(t["value"] for t in child["data"]["tags"] if t["key"] == "lth.trial_id")
+            assert child["info"]["status"] == "FINISHED"
+            for key in PER_ROUND:  # as an uninterrupted trial would have logged them: what it reported
+                assert _rest_history(server.url, run_id, key) == _reported(histories[trial_id], key)
+            for item in records[trial_id]["rounds"]:
+                logged = decode_mask(read_artifact(client, run_id, f"masks/round_{item['round']:02d}.parquet"))
+                stored = store.get(item["key"]).masks["mask"]
+                assert all(torch.equal(logged[n], stored[n]) for n in stored)
+        table = pq.read_table(io.BytesIO(read_artifact(client, parent["info"]["run_id"], "tickets.parquet")))
+        assert table.num_rows == 12
+    finally:
+        server.stop()
