@@ -90,3 +90,33 @@ def test_missing_config_file(workdir: Path) -> None:
     done = _run(["lineage", "nowhere.yaml"], workdir)
     _assert_one_line_error(done, "nowhere.yaml")
     assert not (workdir / "lth_runs").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the test uses it: nothing answers there
+
+
+# Commands other than `lineage`: (case id, arguments, the text the one line must contain)
+COMMAND_CASES = [
+    ("run: rate above 1", ["run", QUICKSTART, "--set", "prune.rate=2"], "prune.rate"),
+    ("run: a GPU this machine lacks", ["run", QUICKSTART, "--set", "resources.gpu=1"], "resources.gpu"),
+    ("run: nobody at --address", ["run", QUICKSTART, "--address", "127.0.0.1:{port}"], "--address"),
+    ("run: missing config", ["run", "nowhere.yaml"], "nowhere.yaml"),
+    ("resume: unknown search", ["resume", "nosuch"], "nosuch"),
+    ("sync: unknown search", ["sync", "nosuch"], "nosuch"),
+    ("best: no database", ["best"], "mlflow.db"),
+    ("best: drop outside [0, 1]", ["best", "--max-drop", "-1"], "max_accuracy_drop"),
+    ("tickets: no database", ["tickets", "--tracking-uri", "sqlite:////nonexistent/x.db"], "/nonexistent/x.db"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "needle"), COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input(case: str, args: list[str], needle: str, workdir: Path) -> None:
+    before = _snapshot(workdir)
+    done = _run([a.format(port=_closed_port()) for a in args], workdir)
+    _assert_one_line_error(done, needle)
+    assert _snapshot(workdir) == before

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -123,6 +124,9 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     if address:
+        unreachable = _unreachable(address)
+        if unreachable:
+            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({unreachable})")
         try:
             ray.init(address=address)
         except ConnectionError as error:
@@ -134,6 +138,22 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why HOST:PORT (or ray://HOST:PORT) takes no TCP connection, or None if it does.
+
+    Ray itself retries an address that does not answer for minutes before it gives up;
+    a wrong --address should fail in seconds. `auto` and other forms are left to Ray.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        return f"nothing answers at {host}:{port}: {error.strerror or type(error).__name__}"
+    return None
 
 
 def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
