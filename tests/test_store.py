@@ -498,8 +498,12 @@ def test_records_round_trip_and_stay_inside(tmp_path) -> None:
         store.put_record("search-x", "trial_1", {"round_keys": ["a", "b"], "n": 2})
         store.put_record("search-x", "trial_2", {"n": 3})
         assert store.records("search-x") == {"trial_1": {"round_keys": ["a", "b"], "n": 2}, "trial_2": {"n": 3}}
+        assert store.record("search-x", "trial_2") == {"n": 3}
+        assert store.record("search-x", "trial_3") is None and store.record("search-y", "trial_1") is None
         for bad in ("../x", "/abs", "a/b", ".hidden", ""):
             with pytest.raises(StoreError):
                 store.put_record("search-x", bad, {})
             with pytest.raises(StoreError):
                 store.records(bad)
+            with pytest.raises(StoreError):
+                store.record("search-x", bad)

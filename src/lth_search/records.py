@@ -30,7 +30,7 @@ def check_record_name(name: object, what: str) -> str:
 
 def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:
     """Replace the record `namespace/name` with `payload` (JSON) atomically."""
-    folder = f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+    folder = _folder(root, namespace)
     path = f"{folder}/{check_record_name(name, 'name')}.json"
     data = json.dumps(payload, sort_keys=True).encode()
     filesystem.create_dir(folder, recursive=True)
@@ -44,9 +44,23 @@ def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: s
         stream.write(data)
 
 
+def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:
+    """One record (None when it does not exist or cannot be read right now)."""
+    path = f"{_folder(root, namespace)}/{check_record_name(name, 'name')}.json"
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):  # absent (FileNotFoundError is an OSError) or being replaced
+        return None
+
+
+def _folder(root: str, namespace: str) -> str:
+    return f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+
+
 def read_records(filesystem: pafs.FileSystem, root: str, namespace: str) -> dict[str, dict]:
     """Every record of a namespace by name ({} when there is none); unreadable ones are skipped."""
-    folder = f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+    folder = _folder(root, namespace)
     infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     records: dict[str, dict] = {}
     for info in infos:

@@ -242,7 +242,7 @@ class _TrialEvents(tune.Callback):
 
 def _set_status(trial_id: str, status: str) -> None:
     store, namespace = _session["store"], _session["namespace"]
-    record = store.records(namespace).get(trial_id) if store is not None else None
+    record = store.record(namespace, trial_id) if store is not None else None
     if record is not None and record.get("status") != status:
         record["status"] = status
         store.put_record(namespace, trial_id, record)

@@ -44,7 +44,7 @@ import torch
 
 from .codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
 from .errors import StoreError
-from .records import read_records, write_record
+from .records import read_record, read_records, write_record
 from .leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
 
 if TYPE_CHECKING:
@@ -164,6 +164,10 @@ class StageStore:
     def put_record(self, namespace: str, name: str, payload: dict) -> None:
         """Replace the JSON record `namespace/name` (see records.py) atomically."""
         write_record(self.filesystem, self.root, namespace, name, payload)
+
+    def record(self, namespace: str, name: str) -> dict | None:
+        """The JSON record `namespace/name`, or None."""
+        return read_record(self.filesystem, self.root, namespace, name)
 
     def records(self, namespace: str) -> dict[str, dict]:
         """Every JSON record of `namespace`, by name."""

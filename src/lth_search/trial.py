@@ -180,7 +180,7 @@ class TrialRecord:
         choices: dict[str, Any], optuna_trial: int | None, cfg: ExperimentConfig, restored_round: int,
     ) -> None:
         self.store, self.namespace, self.trial_id = store, records_namespace(search_name), trial_id
-        previous = store.records(self.namespace).get(trial_id) or {}
+        previous = store.record(self.namespace, trial_id) or {}
         self.attempts: list[dict[str, Any]] = list(previous.get("attempts", []))
         self.attempt = len(self.attempts) + 1
         self.attempts.append({
