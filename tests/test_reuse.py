@@ -209,6 +209,12 @@ def test_second_run_executes_nothing_and_finds_identical_results(
 
 
 # 2. Two processes at once ------------------------------------------------------------------
+STORES = {
+    "local": lambda root: {},
+    # the same folder through fsspec, wrapped as pyarrow.fs.PyFileSystem: the non-local code
+    # path (data first, manifest moved in last; lease objects), shared by real processes
+    "fsspec": lambda root: {"store__uri": f"local://{root}"},
+}
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -233,17 +239,19 @@ def wait_until_idle(processes: list[subprocess.Popen], quiet_s: float = 1.0, tim
             return
 
 
+@pytest.mark.parametrize("store", sorted(STORES))
 def test_two_processes_started_together_compute_each_stage_once(
-    config_file: Path, data_root: Path, tmp_path: Path
+    config_file: Path, data_root: Path, tmp_path: Path, store: str
 ) -> None:
     output_dir = tmp_path / "out"
-    dense_key = Lineage(tiny_config(data_root, output_dir, **BASE)).stage_keys()[0]
+    settings = {**BASE, **STORES[store](store_root(output_dir))}
+    dense_key = Lineage(tiny_config(data_root, output_dir, **settings)).stage_keys()[0]
     # Hold the missing dense stage's lease like a third worker would, so both processes are
     # certainly waiting for it when it is released and the race for it starts.
     leases = FileLeaseService(store_root(output_dir))
     assert leases.acquire(dense_key, "test-gate", 600)
     processes = [
-        subprocess.Popen(lineage_command(config_file, data_root, output_dir, **BASE), stdout=subprocess.PIPE,
+        subprocess.Popen(lineage_command(config_file, data_root, output_dir, **settings), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=ENV)
         for _ in range(2)
     ]
@@ -326,14 +334,16 @@ def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
 
 
 # 5. SIGKILL mid-round, then rerun ---------------------------------------------------------
+@pytest.mark.parametrize("store", sorted(STORES))
 def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
-    config_file: Path, data_root: Path, tmp_path: Path
+    config_file: Path, data_root: Path, tmp_path: Path, store: str
 ) -> None:
     # 2000 steps per stage, so that a round lasts long enough to be killed in;
     # a short lease so that the rerun takes over the dead process's lease quickly.
-    settings = {"train__steps": 2000, "prune__rounds": 2, "store__lease_timeout_s": 3, "store__heartbeat_s": 0.5}
     output_dir = tmp_path / "out"
     root = store_root(output_dir)
+    settings = {"train__steps": 2000, "prune__rounds": 2, "store__lease_timeout_s": 3, "store__heartbeat_s": 0.5,
+                **STORES[store](root)}
     keys = Lineage(tiny_config(data_root, output_dir, **settings)).stage_keys()
     process = subprocess.Popen(lineage_command(config_file, data_root, output_dir, **settings),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

@@ -292,6 +292,20 @@ def test_unusable_locations_raise_store_error(tmp_path: Path) -> None:
         StageStore(str(tmp_path / "file" / "store"))
 
 
+def test_fsspec_protocols_open_through_pyfilesystem(tmp_path: Path) -> None:
+    """Schemes pyarrow lacks (local://, memory://, sftp://, ...) go through fsspec, as non-local stores."""
+    import pyarrow.fs as pafs
+
+    on_disk = StageStore(f"local://{tmp_path}/s")
+    assert isinstance(on_disk.filesystem, pafs.PyFileSystem) and not on_disk.local
+    entry = make_entry(key_of("fsspec"))
+    on_disk.put(entry)
+    assert (tmp_path / "s" / "stages" / entry.key[:2] / entry.key / "manifest.json").is_file()
+    assert not list((tmp_path / "s" / "stages").rglob("*.tmp"))  # the manifest was moved into place
+    assert StageStore(str(tmp_path / "s")).get(entry.key) is not None  # the same bytes as a local store's
+    assert StageStore(f"file://{tmp_path}/s").local  # file:// stays pyarrow's own local filesystem
+
+
 # Single flight within a process ------------------------------------------------------------
 def test_get_or_compute_computes_once_then_reuses(store: StageStore) -> None:
     key = key_of("once")

@@ -3,14 +3,13 @@
 Stages say *what* was computed; records say *who needed it*: a search trial writes its
 choices and stage keys after every round, so `lth-search sync` and summaries can rebuild
 a search from the store alone, on any node. Records live under `records/<namespace>/`
-of the store root and are replaced atomically (a local rename; a single object write
-on object stores). They are JSON, never pickles.
+of the store root and are replaced atomically (written aside, then moved: a rename, or
+an object copy on object stores). They are JSON, never pickles.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 
@@ -34,14 +33,10 @@ def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: s
     path = f"{folder}/{check_record_name(name, 'name')}.json"
     data = json.dumps(payload, sort_keys=True).encode()
     filesystem.create_dir(folder, recursive=True)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        staging = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(staging, "wb") as handle:
-            handle.write(data)
-        os.replace(staging, path)
-        return
-    with filesystem.open_output_stream(path) as stream:
+    staging = f"{path}.{uuid.uuid4().hex}.tmp"  # a move is a rename (or an object copy): readers never see half
+    with filesystem.open_output_stream(staging) as stream:
         stream.write(data)
+    filesystem.move(staging, path)
 
 
 def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:

@@ -34,7 +34,7 @@ from .data import load_dataset
 from .errors import ConfigError
 from .ray_leases import start_lease_actor
 from .space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
-from .store import StageStore
+from .store import PYARROW_SCHEMES, StageStore
 from .summary import emit, summarize, summary_lines
 from .trial import PROGRESS_METRICS, lineage_trial, records_namespace
 
@@ -93,8 +93,8 @@ def results_root(cfg: ExperimentConfig) -> str:
     -> s3://b/x/ray), because every node must reach it and a head-local path will not do.
     """
     uri = cfg.store_uri().rstrip("/")
-    if "://" not in uri or uri.startswith("file://"):
-        return str(cfg.output_path() / "ray")
+    if "://" not in uri or uri.split("://", 1)[0].lower() not in PYARROW_SCHEMES - {"file"}:
+        return str(cfg.output_path() / "ray")  # Ray opens pyarrow URIs only
     scheme, path = uri.split("://", 1)
     parent = path.rsplit("/", 1)[0] if "/" in path else path  # s3://bucket -> s3://bucket/ray
     return f"{scheme}://{parent}/ray"

@@ -105,11 +105,34 @@ def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[st
     if "://" not in uri:
         path = str(Path(uri).expanduser().resolve())
         return path, pafs.LocalFileSystem(), path
+    scheme = uri.split("://", 1)[0].lower()
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError) as error:  # pyarrow.ArrowInvalid is a ValueError
+        if scheme in PYARROW_SCHEMES:
+            fs, root = pafs.FileSystem.from_uri(uri)
+        else:
+            fs, root = _fsspec_filesystem(uri, scheme)
+    except (OSError, ValueError, ImportError) as error:  # pyarrow.ArrowInvalid is a ValueError
         raise StoreError(f"store.uri {uri!r}: cannot open ({str(error).splitlines()[0]})") from None
     return uri.rstrip("/"), fs, root.rstrip("/") or "/"
+
+
+PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock"})
+"""URI schemes pyarrow opens natively; any other scheme fsspec knows is opened through fsspec."""
+
+
+def _fsspec_filesystem(uri: str, scheme: str) -> tuple[pafs.FileSystem, str]:
+    """An fsspec filesystem (sftp://, memory://, local://, ...) wrapped as a pyarrow filesystem.
+
+    The store then takes its object-store path (data first, manifest last; lease objects),
+    which is right for any filesystem whose renames are not known to be atomic.
+    """
+    import fsspec
+
+    if scheme not in fsspec.available_protocols():
+        known = ", ".join(sorted(PYARROW_SCHEMES - {"mock"}))
+        raise ValueError(f"unknown scheme {scheme}://; use a path, one of {known}, or an fsspec protocol")
+    filesystem, root = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), root
 
 
 class StageStore:
@@ -291,7 +314,11 @@ class StageStore:
         for filename, data in files.items():
             if filename != MANIFEST:
                 self._write(f"{directory}/{filename}", data)
-        self._write(f"{directory}/{MANIFEST}", files[MANIFEST])  # last: this makes the entry exist
+        # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
+        # store's copy) never shows a reader half a manifest, as a plain write may.
+        staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        self._write(staging, files[MANIFEST])
+        self.filesystem.move(staging, f"{directory}/{MANIFEST}")
         return entry
 
     def _remove(self, key: str, judged_manifest: bytes) -> None:
