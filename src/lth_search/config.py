@@ -279,7 +279,11 @@ class ResourcesConfig(_Section):
 
 
 class StoreConfig(_Section):
-    uri: str | None = Field(None, description="stage store root: a path or a pyarrow URI (s3://, gs://); default <output_dir>/store")
+    uri: str | None = Field(
+        None,
+        description="stage store root: a path, a pyarrow URI (s3://, gs://, hdfs://, abfs://) or any "
+        "other fsspec protocol (sftp://, ...); default <output_dir>/store",
+    )
     lease_timeout_s: float = Field(120.0, gt=0, description="a lease not renewed for this long is taken over")
     heartbeat_s: float = Field(5.0, gt=0)
 
