@@ -9,7 +9,7 @@ import pytest
 
 from lth_search.config import load_config
 from lth_search.ray_leases import RayLeaseService, start_lease_actor
-from lth_search.search import results_root
+from lth_search.search_state import results_root
 from lth_search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
 from lth_search.summary import summarize, summary_lines
 

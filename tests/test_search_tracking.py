@@ -14,7 +14,6 @@ import io
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

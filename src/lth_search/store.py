@@ -3,7 +3,8 @@
 An entry is keyed by the sha256 of the stage's canonical inputs (parent key included),
 so equal inputs find equal entries and nothing is ever overwritten with different
 meaning. The root is any pyarrow filesystem: a local path, ``file://``, ``s3://``,
-``gs://``, or a filesystem object given explicitly. Layout under the root::
+``gs://``, another fsspec protocol (store_uri.py), or a filesystem object given
+explicitly. Layout under the root::
 
     stages/<key[:2]>/<key>/manifest.json            what makes the entry exist
     stages/<key[:2]>/<key>/weights_<name>.safetensors
@@ -18,7 +19,8 @@ logged and removed, which makes it look absent: the caller recomputes and republ
 
 Publishing is atomic. Locally, the entry is written under ``tmp/`` and the directory
 renamed into place. Object stores have no directory rename, so data files go first
-and the manifest last: a stage directory without a manifest is absent.
+and the manifest last, written aside and moved into place whole: a stage directory
+without a manifest is absent.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from .codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
 from .errors import StoreError
 from .records import read_record, read_records, write_record
+from .store_uri import resolve_uri
 from .leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
 
 if TYPE_CHECKING:
@@ -94,45 +97,6 @@ def _code_version() -> str:
         return metadata.version("lth-search")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[str, pafs.FileSystem, str]:
-    """(normalised uri, filesystem, root path within it) of a store location."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise StoreError("store.uri must be a path or a URI such as s3://bucket/prefix")
-    if filesystem is not None:
-        return uri, filesystem, uri.rstrip("/") or "/"
-    if "://" not in uri:
-        path = str(Path(uri).expanduser().resolve())
-        return path, pafs.LocalFileSystem(), path
-    scheme = uri.split("://", 1)[0].lower()
-    try:
-        if scheme in PYARROW_SCHEMES:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        else:
-            fs, root = _fsspec_filesystem(uri, scheme)
-    except (OSError, ValueError, ImportError) as error:  # pyarrow.ArrowInvalid is a ValueError
-        raise StoreError(f"store.uri {uri!r}: cannot open ({str(error).splitlines()[0]})") from None
-    return uri.rstrip("/"), fs, root.rstrip("/") or "/"
-
-
-PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock"})
-"""URI schemes pyarrow opens natively; any other scheme fsspec knows is opened through fsspec."""
-
-
-def _fsspec_filesystem(uri: str, scheme: str) -> tuple[pafs.FileSystem, str]:
-    """An fsspec filesystem (sftp://, memory://, local://, ...) wrapped as a pyarrow filesystem.
-
-    The store then takes its object-store path (data first, manifest last; lease objects),
-    which is right for any filesystem whose renames are not known to be atomic.
-    """
-    import fsspec
-
-    if scheme not in fsspec.available_protocols():
-        known = ", ".join(sorted(PYARROW_SCHEMES - {"mock"}))
-        raise ValueError(f"unknown scheme {scheme}://; use a path, one of {known}, or an fsspec protocol")
-    filesystem, root = fsspec.core.url_to_fs(uri)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), root
 
 
 class StageStore:
