@@ -129,6 +129,34 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     assert all(sorted(r["round"] for r in rows) == [1, 2, 3] for rows in histories.values())
 
 
+def test_ctrl_c_ends_the_search_resumably_with_exit_130(data_root, tmp_path):
+    settings = {"search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 1500}
+    (tmp_path / "stopme.yaml").write_text("name: stopme\n")
+    command = [LTH_SEARCH, "run", str(tmp_path / "stopme.yaml")]
+    for item in search_overrides(data_root, tmp_path, settings):
+        command += ["--set", item]
+    store = tmp_path / "store"
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                              cwd=tmp_path)
+    try:
+        def first_round():
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            records = trial_records(store, "stopme") if (store / "records").exists() else {}
+            return any(r["rounds"] for r in records.values())
+
+        _wait_for(first_round, 300, "a first round")
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert f"continue it with `lth-search resume stopme --output-dir {tmp_path}`" in output
+    state = json.loads((tmp_path / "searches" / "stopme" / "search.json").read_text())
+    assert state["status"] == "interrupted"
+
+
 def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_root, tmp_path):
     cfg = search_config(data_root, tmp_path, {
         "search.num_trials": 1, "search.max_failures": 2, "train.steps": 3000, "search.space.rewind_step": "null",

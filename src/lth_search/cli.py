@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from .errors import LthError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -107,15 +108,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .api import load_config, run_search
 
     cfg = load_config(args.config, args.overrides)
-    run_search(cfg, address=args.address, progress=_print_progress)
-    return 0
+    return _search_exit(run_search(cfg, address=args.address, progress=_print_progress))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from .api import resume_search
 
-    resume_search(args.name, output_dir=args.output_dir, address=args.address, progress=_print_progress)
-    return 0
+    return _search_exit(resume_search(args.name, output_dir=args.output_dir, address=args.address,
+                                      progress=_print_progress))
+
+
+def _search_exit(summary: dict[str, Any]) -> int:
+    """0 for a search that ended; 130 (as for Ctrl-C) for one interrupted before its end."""
+    return EXIT_INTERRUPTED if summary.get("status") == "interrupted" else 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -162,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("lth-search: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -292,6 +292,7 @@ def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: 
     if tracker is not None and complete:
         tracker.finish(list(records.values()))
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, _links(cfg, state, began))
+    summary["status"] = state.status
     emit(summary_lines(summary), progress)
     if not complete:
         progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
