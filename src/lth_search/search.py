@@ -324,9 +324,9 @@ def _links(cfg: ExperimentConfig, state: SearchState, began: float) -> dict[str,
     else:
         extra["mlflow_command"] = f"mlflow ui --backend-store-uri {uri} --port 5000"
         base = "http://127.0.0.1:5000"
-    from . import tracking
+    from .tracking import experiment_id as mlflow_experiment_id
 
-    experiment_id = getattr(tracking, "experiment_id", lambda _: None)(cfg)
+    experiment_id = mlflow_experiment_id(cfg)
     if experiment_id is not None:
         extra["mlflow_link"] = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     return extra
