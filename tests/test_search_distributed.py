@@ -151,7 +151,9 @@ def test_ctrl_c_ends_the_search_resumably_with_exit_130(data_root, tmp_path):
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 130, output[-3000:]
-    assert "Traceback" not in output
+    # no traceback from lth-search (a Ray worker killed mid-step may print one of its own,
+    # forwarded with its "(lineage_trial pid=N)" prefix)
+    assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-3000:]
     assert f"continue it with `lth-search resume stopme --output-dir {tmp_path}`" in output
     state = json.loads((tmp_path / "searches" / "stopme" / "search.json").read_text())
     assert state["status"] == "interrupted"
