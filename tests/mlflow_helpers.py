@@ -139,7 +139,7 @@ def rest(url: str, endpoint: str, payload: dict | None = None, query: dict | Non
         return json.loads(response.read())
 
 
-def _tags(run: dict) -> dict[str, str]:
+def run_tags(run: dict) -> dict[str, str]:
     return {item["key"]: item["value"] for item in run["data"].get("tags", [])}
 
 
@@ -150,10 +150,10 @@ def search_layout(url: str, experiment: str, children: int) -> tuple[dict, list[
     """
     found = rest(url, "experiments/get-by-name", query={"experiment_name": experiment})["experiment"]
     runs = rest(url, "runs/search", {"experiment_ids": [found["experiment_id"]], "max_results": 1000}).get("runs", [])
-    parents = [run for run in runs if "mlflow.parentRunId" not in _tags(run)]
+    parents = [run for run in runs if "mlflow.parentRunId" not in run_tags(run)]
     assert len(parents) == 1, f"expected one parent run, found {len(parents)}"
     parent = parents[0]
-    kids = [run for run in runs if _tags(run).get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    kids = [run for run in runs if run_tags(run).get("mlflow.parentRunId") == parent["info"]["run_id"]]
     assert len(kids) == children == len(runs) - 1, f"expected {children} child runs, found {len(kids)} of {len(runs) - 1}"
     return parent, kids
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import LTH_SEARCH
 from mlflow import MlflowClient
-from mlflow_helpers import MlflowServer, MlflowUi, rest, search_layout
+from mlflow_helpers import MlflowServer, MlflowUi, rest, run_tags, search_layout
 from search_helpers import search_config, trial_records, trial_results
 
 from lth_search.codec import decode_mask
@@ -41,6 +41,14 @@ def _reported(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(row["round"], float(row[key])) for row in rows]
 
 
+def _assert_logged_masks_are_stored(client: MlflowClient, run_id: str, record: dict, store: StageStore) -> None:
+    """Each round's mask artifact decodes to exactly the mask of that round's stage in the store."""
+    for item in record["rounds"]:
+        logged = decode_mask(read_artifact(client, run_id, f"masks/round_{item['round']:02d}.parquet"))
+        stored = store.get(item["key"]).masks["mask"]
+        assert list(logged) == list(stored) and all(torch.equal(logged[n], stored[n]) for n in stored)
+
+
 def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp_path):
     cfg = search_config(data_root, tmp_path, {
         "name": "uiview", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
@@ -57,7 +65,7 @@ def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp
         assert parent["info"]["status"] == "FINISHED"
         experiment_id = parent["info"]["experiment_id"]
         assert summary["mlflow_link"].endswith(f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-        by_trial = {next(t["value"] for t in c["data"]["tags"] if t["key"] == "lth.trial_id"): c for c in children}
+        by_trial = {run_tags(c)["lth.trial_id"]: c for c in children}
         assert sorted(by_trial) == sorted(histories)
         for trial_id, child in by_trial.items():
             assert child["info"]["status"] == "FINISHED"
@@ -70,10 +78,7 @@ def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp
     store = StageStore.from_config(cfg)
     records = trial_records(tmp_path / "store", "uiview")
     for trial_id, child in by_trial.items():
-        for item in records[trial_id]["rounds"]:
-            logged = decode_mask(read_artifact(client, child["info"]["run_id"], f"masks/round_{item['round']:02d}.parquet"))
-            stored = store.get(item["key"]).masks["mask"]
-            assert list(logged) == list(stored) and all(torch.equal(logged[n], stored[n]) for n in stored)
+        _assert_logged_masks_are_stored(client, child["info"]["run_id"], records[trial_id], store)
     table = pq.read_table(io.BytesIO(read_artifact(client, summary["parent_run_id"], "tickets.parquet")))
     assert sorted(zip(table["trial_id"].to_pylist(), table["round"].to_pylist())) == sorted(
         (t, r["round"]) for t, rows in histories.items() for r in rows)
@@ -124,14 +129,11 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
         client = MlflowClient(server.url)
         for child in children:
             run_id = child["info"]["run_id"]
-            trial_id = next(t["value"] for t in child["data"]["tags"] if t["key"] == "lth.trial_id")
+            trial_id = run_tags(child)["lth.trial_id"]
             assert child["info"]["status"] == "FINISHED"
             for key in PER_ROUND:  # as an uninterrupted trial would have logged them: what it reported
                 assert _rest_history(server.url, run_id, key) == _reported(histories[trial_id], key)
-            for item in records[trial_id]["rounds"]:
-                logged = decode_mask(read_artifact(client, run_id, f"masks/round_{item['round']:02d}.parquet"))
-                stored = store.get(item["key"]).masks["mask"]
-                assert all(torch.equal(logged[n], stored[n]) for n in stored)
+            _assert_logged_masks_are_stored(client, run_id, records[trial_id], store)
         table = pq.read_table(io.BytesIO(read_artifact(client, parent["info"]["run_id"], "tickets.parquet")))
         assert table.num_rows == 12
     finally:
