@@ -27,10 +27,15 @@ def check_record_name(name: object, what: str) -> str:
     return name
 
 
+def records_namespace(search_name: str) -> str:
+    """Where a search's trial records live in the store (trial.py writes, search.py and sync.py read)."""
+    return f"search-{search_name}"
+
+
 def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:
     """Replace the record `namespace/name` with `payload` (JSON) atomically."""
     folder = _folder(root, namespace)
-    path = f"{folder}/{check_record_name(name, 'name')}.json"
+    path = _record_path(root, namespace, name)
     data = json.dumps(payload, sort_keys=True).encode()
     filesystem.create_dir(folder, recursive=True)
     staging = f"{path}.{uuid.uuid4().hex}.tmp"  # a move is a rename (or an object copy): readers never see half
@@ -41,7 +46,7 @@ def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: s
 
 def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:
     """One record (None when it does not exist or cannot be read right now)."""
-    path = f"{_folder(root, namespace)}/{check_record_name(name, 'name')}.json"
+    path = _record_path(root, namespace, name)
     try:
         with filesystem.open_input_stream(path) as stream:
             return json.loads(stream.read())
@@ -51,6 +56,10 @@ def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: st
 
 def _folder(root: str, namespace: str) -> str:
     return f"{root.rstrip('/')}/records/{check_record_name(namespace, 'namespace')}"
+
+
+def _record_path(root: str, namespace: str, name: str) -> str:
+    return f"{_folder(root, namespace)}/{check_record_name(name, 'name')}.json"
 
 
 def read_records(filesystem: pafs.FileSystem, root: str, namespace: str) -> dict[str, dict]:

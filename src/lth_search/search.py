@@ -31,11 +31,12 @@ from .config import ExperimentConfig
 from .data import load_dataset
 from .errors import ConfigError
 from .ray_leases import start_lease_actor
+from .records import records_namespace
 from .space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
 from .search_state import SearchState, new_state
 from .store import StageStore
 from .summary import emit, summarize, summary_lines
-from .trial import PROGRESS_METRICS, lineage_trial, records_namespace
+from .trial import PROGRESS_METRICS, lineage_trial
 
 Progress = Callable[[str], None]
 _session: dict[str, Any] = {"progress": print, "store": None, "namespace": ""}

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from .config import ExperimentConfig, validate_config
 from .errors import TrackingError
 from .lineage import LineageResult, RoundResult
+from .records import records_namespace
 from .store import StageEntry, StageStore
 from .tracking import TERMINAL, SearchTracker, TrialTracker
 from .tracking_layout import summary_metrics
@@ -28,11 +29,6 @@ from .tracking_layout import summary_metrics
 log = logging.getLogger(__name__)
 
 _ROUND_FIELDS = [f.name for f in dataclasses.fields(RoundResult)]
-
-
-def records_namespace(name: str) -> str:
-    """Where trial.py keeps a search's trial records (without importing Ray)."""
-    return f"search-{name}"
 
 
 def result_from_record(record: dict[str, Any], cfg: ExperimentConfig) -> LineageResult | None:

@@ -33,16 +33,12 @@ from .lineage import Lineage, LineageResult, RoundResult
 from .objective import matching
 from .ray_leases import RayLeaseService
 from .space import OPTUNA_TRIAL_KEY, choices_of
+from .records import records_namespace
 from .store import StageStore
 
 CHECKPOINT_FILE = "lineage.json"
 PROGRESS_METRICS = ["round", "sparsity", "val_accuracy", "test_accuracy", "matching_sparsity", "reused", "attempt"]
 """What Ray's console shows of each result (everything is still in the results files)."""
-
-
-def records_namespace(search_name: str) -> str:
-    """Where a search's trial records live in the store."""
-    return f"search-{search_name}"
 
 
 def lineage_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset, context: dict[str, Any]) -> None:
