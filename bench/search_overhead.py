@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from lth_search.config import load_config  # noqa: E402
-from lth_search.search import run_search  # noqa: E402
+from lth_search.search.driver import run_search  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from lth_search.config import load_config
-from lth_search.data import load_dataset, resolve_device
-from lth_search.models import build_model
-from lth_search.pruning import ones_mask, prune_round
-from lth_search.train import train
+from lth_search.engine.data import load_dataset, resolve_device
+from lth_search.engine.models import build_model
+from lth_search.engine.pruning import ones_mask, prune_round
+from lth_search.engine.train import train
 
 
 def plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int, steps: int) -> float:

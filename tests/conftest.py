@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lth_search.config import DataConfig, ExperimentConfig, load_config
-from lth_search.data import load_dataset
+from lth_search.engine.data import load_dataset
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

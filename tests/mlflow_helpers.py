@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
-from lth_search.lineage import Lineage, LineageResult, RoundResult
-from lth_search.objective import matching
-from lth_search.store import StageStore
-from lth_search.tracking import TrialTracker
+from lth_search.engine.lineage import Lineage, LineageResult, RoundResult
+from lth_search.engine.objective import matching
+from lth_search.store.stages import StageStore
+from lth_search.tracking.runs import TrialTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

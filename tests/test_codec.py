@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lth_search.codec import (
+from lth_search.store.codec import (
     decode_manifest,
     decode_mask,
     decode_weights,

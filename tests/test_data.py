@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lth_search.config import DataConfig
-from lth_search.data import BatchOrder, Dataset, load_dataset, resolve_device
+from lth_search.engine.data import BatchOrder, Dataset, load_dataset, resolve_device
 from lth_search.errors import ConfigError, DataError
 
 from datafiles import write_cifar as _write_cifar, write_mnist as _write_mnist

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import LTH_SEARCH, REPO, tiny_config
-from lth_search.config import content_key
-from lth_search.lineage import Lineage, MemoryStages
-from lth_search.pruning import layer_sparsity
+from lth_search.store.keys import content_key
+from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.pruning import layer_sparsity
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_quickstart_lineage_command(data_root: Path, tmp_path: Path) -> None:
         assert {"sparsity", "val_accuracy", "test_accuracy", "reused", "train_steps_per_s"} <= set(r)
     assert report["steps_executed"] == 6 * 1500 and report["steps_reused"] == 0
     assert len([l for l in done.stderr.splitlines() if l.startswith("round ")]) == 5
-    from lth_search.store import StageStore
+    from lth_search.store.stages import StageStore
 
     store = StageStore(str(tmp_path / "runs" / "store"))
     for r in report["rounds"]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lth_search.config import ModelConfig
 from lth_search.errors import ConfigError
-from lth_search.models import GROUPS, build_model, prunable_groups
+from lth_search.engine.models import GROUPS, build_model, prunable_groups
 
 CIFAR = (3, 32, 32)
 

@@ -7,8 +7,8 @@ import torch
 
 from lth_search.config import ModelConfig
 from lth_search.errors import ConfigError
-from lth_search.models import build_model
-from lth_search.pruning import (
+from lth_search.engine.models import build_model
+from lth_search.engine.pruning import (
     apply_mask_,
     calibrated_factors,
     density,

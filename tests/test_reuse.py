@@ -35,9 +35,9 @@ import pytest
 import torch
 
 from conftest import LTH_SEARCH, tiny_config, tiny_overrides
-from lth_search.leases import FileLeaseService, check_key
-from lth_search.lineage import Lineage, LineageResult
-from lth_search.store import StageStore
+from lth_search.store.leases import FileLeaseService, check_key
+from lth_search.engine.lineage import Lineage, LineageResult
+from lth_search.store.stages import StageStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 T = 200
@@ -469,7 +469,7 @@ def test_memory_filesystem_corrupt_stage_is_recomputed(
     with memory_store.filesystem.open_output_stream(path) as stream:
         stream.write(damage(good))
 
-    with caplog.at_level(logging.WARNING, logger="lth_search.store"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
         again = as_report(Lineage(cfg, memory_store).run())
 
     warnings = [r.getMessage() for r in caplog.records if key in r.getMessage()]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lth_search.config import load_config
-from lth_search.lineage import Lineage
+from lth_search.engine.lineage import Lineage
 
 from conftest import REPO
 

@@ -8,10 +8,10 @@ import optuna
 import pytest
 
 from lth_search.config import load_config
-from lth_search.ray_leases import RayLeaseService, start_lease_actor
-from lth_search.search_state import results_root
-from lth_search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
-from lth_search.summary import summarize, summary_lines
+from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
+from lth_search.runs.state import results_root
+from lth_search.search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
+from lth_search.runs.summary import summarize, summary_lines
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 

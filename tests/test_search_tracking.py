@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, MlflowUi, rest, run_tags, search_layout
 from search_helpers import search_config, trial_records, trial_results
 
-from lth_search.codec import decode_mask
-from lth_search.mlflow_io import read_artifact
-from lth_search.search import run_search
-from lth_search.store import StageStore
+from lth_search.store.codec import decode_mask
+from lth_search.tracking.client import read_artifact
+from lth_search.search.driver import run_search
+from lth_search.store.stages import StageStore
 
 pytestmark = pytest.mark.slow
 PER_ROUND = ("val_accuracy", "test_accuracy", "sparsity")

@@ -19,11 +19,12 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from lth_search.codec import encode_manifest
-from lth_search.config import content_key, load_config
+from lth_search.store.codec import encode_manifest
+from lth_search.config import load_config
+from lth_search.store.keys import content_key
 from lth_search.errors import StoreError
-from lth_search.leases import FileLeaseService, FilesystemLeaseService
-from lth_search.store import StageEntry, StageStore
+from lth_search.store.leases import FileLeaseService, FilesystemLeaseService
+from lth_search.store.stages import StageEntry, StageStore
 
 KINDS = ["local", "file_uri", "memory"]
 
@@ -158,7 +159,7 @@ def test_corrupt_entry_is_reported_removed_and_replaced(
     key = key_of("corrupt")
     store.put(make_entry(key))
     damage(store, entry_file(store, key, filename))
-    with caplog.at_level(logging.WARNING, logger="lth_search.store"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
         assert store.get(key) is None
     assert key in caplog.text and filename in caplog.text
     assert not store.contains(key)
@@ -173,7 +174,7 @@ def test_missing_data_file_is_corrupt(store: StageStore, caplog: pytest.LogCaptu
     key = key_of("missing")
     store.put(make_entry(key))
     store.filesystem.delete_file(entry_file(store, key, "weights_end.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="lth_search.store"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
         assert store.get(key) is None
     assert "weights_end.safetensors: missing" in caplog.text
 
@@ -205,7 +206,7 @@ def test_manifest_cannot_point_outside_the_entry(store: StageStore, caplog: pyte
     del body["checksum"]
     body["files"]["../../../../weights_x.safetensors"] = {"sha256": "0" * 64, "bytes": 1}
     write_file(store, path, encode_manifest(body))  # a validly signed but hostile manifest
-    with caplog.at_level(logging.WARNING, logger="lth_search.store"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
         assert store.get(key) is None
     assert "unexpected file name" in caplog.text
 
@@ -375,7 +376,7 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     import torch
-    from lth_search.store import StageEntry, StageStore
+    from lth_search.store.stages import StageEntry, StageStore
 
     root, key, counter, out, sleep_s, timeout_s, go = sys.argv[1:]
     store = StageStore(root, lease_timeout_s=float(timeout_s), heartbeat_s=float(timeout_s) / 4)
@@ -503,7 +504,7 @@ def test_records_round_trip_and_stay_inside(tmp_path) -> None:
     import fsspec
 
     from lth_search.errors import StoreError
-    from lth_search.store import StageStore
+    from lth_search.store.stages import StageStore
 
     memory = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
     for store in (StageStore(str(tmp_path / "s")), StageStore("/records-test", filesystem=memory)):

@@ -21,12 +21,12 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import LTH_SEARCH, tiny_config
-from lth_search.codec import decode_mask
-from lth_search.data import load_dataset
-from lth_search.mlflow_io import read_artifact
-from lth_search.store import StageStore
-from lth_search.sync import sync_search
-from lth_search.tracking import SearchTracker
+from lth_search.store.codec import decode_mask
+from lth_search.engine.data import load_dataset
+from lth_search.tracking.client import read_artifact
+from lth_search.store.stages import StageStore
+from lth_search.tracking.sync import sync_search
+from lth_search.tracking.runs import SearchTracker
 from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record, write_search_json
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20}}

@@ -18,15 +18,15 @@ from mlflow import MlflowClient
 
 from conftest import LTH_SEARCH, tiny_config
 from lth_search.config import ExperimentConfig
-from lth_search.data import load_dataset
+from lth_search.engine.data import load_dataset
 from lth_search.errors import TrackingError
-from lth_search.lineage import LineageResult, RoundResult
-from lth_search.models import build_model
-from lth_search.pruning import layer_sparsity
-from lth_search.store import StageEntry, StageStore
+from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.engine.models import build_model
+from lth_search.engine.pruning import layer_sparsity
+from lth_search.store.stages import StageEntry, StageStore
 from lth_search.tickets import Ticket, best_ticket, format_tickets, list_tickets
-from lth_search.tracking import SearchTracker, TrialTracker
-from lth_search.train import evaluate, train
+from lth_search.tracking.runs import SearchTracker, TrialTracker
+from lth_search.engine.train import evaluate, train
 from mlflow_helpers import tracked_trial
 
 DENSE_VAL = 0.60

@@ -19,13 +19,13 @@ from mlflow import MlflowClient
 
 from conftest import tiny_config
 from lth_search.api import run_lineage_command
-from lth_search.codec import decode_mask, decode_weights
-from lth_search.data import load_dataset
-from lth_search.mlflow_io import read_artifact
-from lth_search.objective import is_matching
-from lth_search.store import StageStore
+from lth_search.store.codec import decode_mask, decode_weights
+from lth_search.engine.data import load_dataset
+from lth_search.tracking.client import read_artifact
+from lth_search.engine.objective import is_matching
+from lth_search.store.stages import StageStore
 from lth_search.tickets import best_ticket
-from lth_search.tracking import SearchTracker
+from lth_search.tracking.runs import SearchTracker
 from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}}

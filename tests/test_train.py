@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lth_search.config import TrainConfig, load_config
-from lth_search.data import load_dataset
-from lth_search.models import build_model
-from lth_search.pruning import ones_mask, prune_round, random_mask_like
-from lth_search.train import Schedule, evaluate, train
+from lth_search.engine.data import load_dataset
+from lth_search.engine.models import build_model
+from lth_search.engine.pruning import ones_mask, prune_round, random_mask_like
+from lth_search.engine.train import Schedule, evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_reports_loss_and_throughput(setup) -> None:
 
 
 def test_crop_flip_is_seeded_and_geometric() -> None:
-    from lth_search.augment import augment
+    from lth_search.engine.augment import augment
 
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
     first = augment(images, "crop_flip", seed=1, step=5)

@@ -1,0 +1,387 @@
+"""The experiment configuration: one pydantic schema that validates, documents and hashes.
+
+Like open_lth's hyperparameter dataclasses, the schema is the single source of truth:
+defaults live here and nowhere else, `--set a.b=value` overrides address its fields by
+dotted path, and the canonical JSON of (parts of) it is what stage keys are hashed from.
+Unlike open_lth, every field is hashed (not only non-default ones), so changing a
+default can never silently alias an old stored stage with a new meaning.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lth_search.errors import ConfigError
+
+DATA_SETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
+MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "vgg16")
+Steps = Union[int, str]
+"""A training length: an iteration count (int or "500it") or epochs ("2ep")."""
+
+_STEPS_RE = re.compile(r"^\s*(\d+)\s*(it|ep)\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _check_steps(value: Steps, field: str) -> Steps:
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be an iteration count or a string like '500it' or '2ep'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{field} must be >= 0")
+        return value
+    if not _STEPS_RE.match(value):
+        raise ValueError(f"{field} must be an iteration count or a string like '500it' or '2ep', got {value!r}")
+    return value
+
+
+def resolve_steps(value: Steps, steps_per_epoch: int) -> int:
+    """Canonical iteration count of a length given as int, "Nit" or "Nep".
+
+    Stage keys hash the resolved count, so "2ep" and the equivalent "Nit" share stages.
+    """
+    if isinstance(value, int):
+        return value
+    match = _STEPS_RE.match(value)
+    assert match, value
+    count, unit = int(match.group(1)), match.group(2)
+    return count if unit == "it" else count * steps_per_epoch
+
+
+class DataConfig(_Section):
+    """Which data set, where its files are, and how the validation split is carved."""
+
+    name: Literal[DATA_SETS] = Field("mnist1d", description="data set: " + ", ".join(DATA_SETS))
+    root: str = Field(
+        "~/.cache/lth_search/data",
+        description="folder with the standard files (MNIST IDX, CIFAR-10 python batches); "
+        "also where MNIST-1D is cached after its first offline build",
+    )
+    val_size: int = Field(
+        1000,
+        ge=1,
+        description="training examples held out (seeded) as the validation split; selection uses "
+        "it, reporting uses test. Its size sets the noise of a 'matching' verdict: the standard "
+        "error of an accuracy p is sqrt(p(1-p)/val_size), ~1.5 pp at 1000 examples and 65%.",
+    )
+    normalize: bool = Field(True, description="standardise inputs with the training split's mean and std")
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the split's content (the folder is where, not what)."""
+        return self.model_dump(exclude={"root"})
+
+
+class ModelConfig(_Section):
+    """Architecture. Initialisation is seeded by the experiment seed."""
+
+    name: Literal[MODELS] = Field("mlp", description="model: " + ", ".join(MODELS))
+    widths: list[int] = Field([100, 100], description="hidden widths of `mlp`")
+    width: int = Field(16, ge=1, description="base width of resnet20 (16 = the paper's)")
+    batch_norm: bool = Field(True, description="batch norm in vgg16")
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 for w in widths):
+            raise ValueError("every width must be >= 1")
+        return widths
+
+
+class TrainConfig(_Section):
+    """The training recipe, used for the dense stage and for every round's retraining."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-2, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(100, ge=1)
+    steps: Steps = Field(1500, description="training length T per stage: iterations or 'Nep'")
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    milestones: list[Steps] = Field([], description="step schedule: lr x gamma at each of these steps")
+    gamma: float = Field(0.1, gt=0)
+    warmup_steps: Steps = Field(0, description="linear lr warmup length")
+    augment: Literal["none", "crop_flip"] = Field(
+        "none", description="training augmentation: crop_flip = random 4-pixel-padded crops + horizontal flips (CIFAR)"
+    )
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N")
+    eval_batch_size: int = Field(2000, ge=1)
+
+    @field_validator("steps", "warmup_steps")
+    @classmethod
+    def _steps(cls, value: Steps, info: Any) -> Steps:
+        return _check_steps(value, f"train.{info.field_name}")
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, values: list[Steps]) -> list[Steps]:
+        return [_check_steps(v, "train.milestones") for v in values]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    def recipe(self) -> dict[str, Any]:
+        """What determines training results (device and eval batching do not)."""
+        return self.model_dump(exclude={"device", "eval_batch_size"})
+
+
+RESCALE_MODES = ("measured", "calibrated")
+InitScale = Union[float, Literal[RESCALE_MODES]]
+
+
+def _check_init_scale(value: Any) -> InitScale:
+    if value in RESCALE_MODES:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"must be a number (the rescale exponent alpha), 'measured' or 'calibrated', got {value!r}")
+    if not 0 <= value <= 2:
+        raise ValueError(f"must lie in [0, 2] (0 plain rewind, 1 full 1/sqrt(density)), got {value}")
+    return float(value)
+
+
+class PruneConfig(_Section):
+    """Iterative magnitude pruning: what each round removes and where survivors rewind to."""
+
+    rounds: int = Field(5, ge=0, description="pruning rounds after the dense stage")
+    rate: float = Field(0.2, gt=0, lt=1, description="fraction of the remaining weights pruned per round")
+    scope: Literal["global", "layerwise"] = "global"
+    layer_ratios: dict[str, float] = Field(
+        {}, description="rate multiplier per layer group (conv, fc, output, shortcut, ...)"
+    )
+    output_ratio: float = Field(1.0, gt=0, description="rate multiplier of the output layer (0.5 in Frankle & Carbin)")
+    rewind_step: int = Field(0, ge=0, description="iteration k the survivors rewind to")
+    rewind_steps: list[int] = Field(
+        [0], description="rewind steps the dense stage keeps (theta_k for each); the search picks among them"
+    )
+    init_scale: InitScale = Field(
+        0.0,
+        description="rescale at rewind: a number alpha gives w *= density^(-alpha/2) (0 plain rewind, 1 "
+        "variance correction for random masks); 'measured' restores each layer's sum of squares; 'calibrated' "
+        "restores each layer's pre-activation variance on a batch of training inputs, layer by layer",
+    )
+
+    @field_validator("init_scale", mode="before")
+    @classmethod
+    def _init_scale(cls, value: Any) -> InitScale:
+        return _check_init_scale(value)
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _ratios(cls, ratios: dict[str, float]) -> dict[str, float]:
+        for group, ratio in ratios.items():
+            if not ratio > 0:
+                raise ValueError(f"ratio of group {group!r} must be > 0, got {ratio}")
+        return ratios
+
+    @field_validator("rewind_steps")
+    @classmethod
+    def _rewind_steps(cls, steps: list[int]) -> list[int]:
+        if not steps or any(s < 0 for s in steps):
+            raise ValueError("must be a non-empty list of iterations >= 0")
+        return sorted(set(steps))
+
+    @model_validator(mode="after")
+    def _rewind_kept(self) -> "PruneConfig":
+        if self.rewind_step not in self.rewind_steps:
+            raise ValueError(
+                f"prune.rewind_step: {self.rewind_step} is not a kept rewind step "
+                f"(prune.rewind_steps = {self.rewind_steps}); add it to prune.rewind_steps"
+            )
+        return self
+
+    def choices(self) -> dict[str, Any]:
+        """The per-round pruning choices that enter a round's stage key."""
+        return self.model_dump(include={"rate", "scope", "layer_ratios", "output_ratio", "rewind_step", "init_scale"})
+
+
+class AshaConfig(_Section):
+    enabled: bool = True
+    grace_period: int = Field(2, ge=1, description="rounds every lineage runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchSpace(_Section):
+    """Values the search may pick; a key left out (null) is fixed at its `prune` value."""
+
+    rewind_step: list[int] | None = None
+    rate: list[float] | None = None
+    scope: list[Literal["global", "layerwise"]] | None = None
+    layer_ratios: dict[str, list[float]] | None = None
+    init_scale: list[InitScale] | None = None
+
+    @field_validator("init_scale", mode="before")
+    @classmethod
+    def _scales(cls, values: Any) -> Any:
+        if values is None:
+            return None
+        if not isinstance(values, list) or not values:
+            raise ValueError("must be a non-empty list of exponents, 'measured' or 'calibrated'")
+        return [_check_init_scale(v) for v in values]
+
+    @field_validator("rate")
+    @classmethod
+    def _rates(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and (not values or any(not 0 < v < 1 for v in values)):
+            raise ValueError("must be a non-empty list of rates in (0, 1)")
+        return values
+
+    @field_validator("rewind_step", "scope")
+    @classmethod
+    def _non_empty(cls, values: list | None) -> list | None:
+        if values is not None and not values:
+            raise ValueError("must be a non-empty list (or null to keep it fixed)")
+        return values
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _layer_ratios(cls, ratios: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        for group, values in (ratios or {}).items():
+            if not values or any(not v > 0 for v in values):
+                raise ValueError(f"group {group!r} needs a non-empty list of multipliers > 0")
+        return ratios
+
+
+class SearchConfig(_Section):
+    num_trials: int = Field(12, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["tpe", "nsga2", "random"] = Field(
+        "tpe", description="tpe (seeded) for one objective; nsga2 for (matching sparsity, accuracy at it)"
+    )
+    objectives: int = Field(1, ge=1, le=2, description="1: matching sparsity; 2: plus val accuracy at it")
+    tolerance: float = Field(
+        0.01, ge=0, lt=1, description="a round matches when its val accuracy >= dense val accuracy - tolerance"
+    )
+    max_failures: int = Field(2, ge=0, description="Ray retries of a failed trial")
+    asha: AshaConfig = AshaConfig()
+    space: SearchSpace = SearchSpace()
+
+
+class ResourcesConfig(_Section):
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial: 0 (CPU), a fraction such as 0.25, or 1")
+    gpu_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="per-process CUDA memory cap; defaults to `gpu` when it is fractional"
+    )
+
+
+class StoreConfig(_Section):
+    uri: str | None = Field(
+        None,
+        description="stage store root: a path, a pyarrow URI (s3://, gs://, hdfs://, abfs://) or any "
+        "other fsspec protocol (sftp://, ...); default <output_dir>/store",
+    )
+    lease_timeout_s: float = Field(120.0, gt=0, description="a lease not renewed for this long is taken over")
+    heartbeat_s: float = Field(5.0, gt=0)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; default the config name")
+    enabled: bool = True
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: what `lth-search run`, `lineage` and the store agree on."""
+
+    name: str = Field("quickstart", description="search name: MLflow experiment and resume handle")
+    seed: int = Field(0, ge=0, description="seeds data split, batch order, model init and the sampler")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    store: StoreConfig = StoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = Field("./lth_runs", description="mlflow.db, store/, ray/ go here (made absolute at start)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError("must be 1-100 letters, digits, '_', '.', '-' starting with a letter or digit")
+        return name
+
+    @model_validator(mode="after")
+    def _space_within_kept(self) -> "ExperimentConfig":
+        steps = self.search.space.rewind_step
+        if steps is not None:
+            missing = sorted(set(steps) - set(self.prune.rewind_steps))
+            if missing:
+                raise ValueError(
+                    f"search.space.rewind_step: {missing} not kept by the dense stage "
+                    f"(prune.rewind_steps = {self.prune.rewind_steps}); add them there"
+                )
+        if isinstance(self.train.steps, int):
+            late = [s for s in self.prune.rewind_steps if s >= self.train.steps]
+            if late:
+                raise ValueError(f"prune.rewind_steps: {late} must be < train.steps ({self.train.steps})")
+        return self
+
+    # Paths -------------------------------------------------------------------------------
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    def store_uri(self) -> str:
+        return self.store.uri or str(self.output_path() / "store")
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.output_path() / 'mlflow.db'}"
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def absolute(self) -> "ExperimentConfig":
+        """A copy whose paths are absolute: Ray trials chdir into their own folders."""
+        copy = self.model_copy(deep=True)
+        copy.output_dir = str(self.output_path())
+        copy.data.root = str(Path(self.data.root).expanduser().resolve())
+        if copy.store.uri and "://" not in copy.store.uri:
+            copy.store.uri = str(Path(copy.store.uri).expanduser().resolve())
+        return copy
+
+    def with_choices(self, choices: dict[str, Any]) -> "ExperimentConfig":
+        """A copy with search choices (keys of PruneConfig) applied, validated again."""
+        data = self.model_dump()
+        prune = data["prune"]
+        for key, value in choices.items():
+            if key.startswith("layer_ratios/"):
+                prune["layer_ratios"][key.split("/", 1)[1]] = value
+            else:
+                prune[key] = value
+        return validate_config(data, source="search choices")
+
+
+# Validation ---------------------------------------------------------------------------------
+def _format_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-after"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "literal_error" or "got" in message or isinstance(item.get("input", {}), dict):
+            pass
+        else:
+            message += f" (got {item['input']!r})"
+        parts.append(f"{key}: {message}" if key and not message.startswith(key) else message)
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict, raising ConfigError with one line naming each bad key."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error, source)) from None

@@ -1,0 +1,1 @@
+"""What a search trial is without Ray: its typed record, the runner, search state, summary."""

@@ -1,0 +1,87 @@
+"""What a search keeps on disk so that it can be resumed by name, and where Ray keeps its part.
+
+`<output_dir>/searches/<name>/search.json` holds the config, the Ray results path, the
+MLflow parent run id and the status; `optuna.journal` beside it holds the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lth_search.config import ExperimentConfig, validate_config
+from lth_search.errors import ConfigError
+from lth_search.store.uri import PYARROW_SCHEMES
+
+
+@dataclass
+class SearchState:
+    """What `search.json` holds: enough to restore the Tuner and its study by name."""
+
+    name: str
+    search_id: str
+    config: dict[str, Any]
+    results_path: str
+    journal: str
+    parent_run_id: str | None = None
+    status: str = "running"
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+    @staticmethod
+    def folder(output_dir: str | Path, name: str) -> Path:
+        return Path(output_dir).expanduser().resolve() / "searches" / name
+
+    def save(self) -> None:
+        path = self.folder(self.config["output_dir"], self.name) / "search.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(staging, path)
+
+    @classmethod
+    def load(cls, name: str, output_dir: str | Path) -> "SearchState":
+        folder = cls.folder(output_dir, name)
+        try:
+            data = json.loads((folder / "search.json").read_text())
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no search named {name} under {folder.parent}; run `lth-search run CONFIG` first"
+            ) from None
+        except ValueError:
+            raise ConfigError(f"{folder / 'search.json'}: not valid JSON; the search cannot be resumed") from None
+        return cls(**data)
+
+    def cfg(self) -> ExperimentConfig:
+        return validate_config(self.config, source=f"search {self.name}")
+
+
+def results_root(cfg: ExperimentConfig) -> str:
+    """Where Ray keeps trial results and checkpoints.
+
+    `<output_dir>/ray` locally; beside the store when the store is remote (s3://b/x/store
+    -> s3://b/x/ray), because every node must reach it and a head-local path will not do.
+    """
+    uri = cfg.store_uri().rstrip("/")
+    if "://" not in uri or uri.split("://", 1)[0].lower() not in PYARROW_SCHEMES - {"file"}:
+        return str(cfg.output_path() / "ray")  # Ray opens pyarrow URIs only
+    scheme, path = uri.split("://", 1)
+    parent = path.rsplit("/", 1)[0] if "/" in path else path  # s3://bucket -> s3://bucket/ray
+    return f"{scheme}://{parent}/ray"
+
+
+def new_state(cfg: ExperimentConfig) -> SearchState:
+    search_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = SearchState.folder(cfg.output_dir, cfg.name)
+    return SearchState(
+        name=cfg.name,
+        search_id=search_id,
+        config=cfg.model_dump(mode="json"),
+        results_path=f"{results_root(cfg)}/{search_id}",
+        journal=str(folder / "optuna.journal"),
+        started_at=time.time(),
+    )

@@ -1,0 +1,102 @@
+"""The Optuna side of a search: the define-by-run space, the sampler, the objectives.
+
+Each `search.space` key that is not null becomes a categorical choice (discrete values
+let lineages share stage prefixes, so the store can reuse them); a null key stays at its
+`prune` value. Layer-group ratios are one choice per group, named "layer_ratios/<group>"
+as `ExperimentConfig.with_choices` expects.
+
+The space is a plain picklable object, not a closure: Ray saves the searcher (and so
+the space) with `pickle` for `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from lth_search.config import ExperimentConfig
+
+OPTUNA_TRIAL_KEY = "optuna_trial"
+"""Config key carrying the Optuna trial number, so a Ray trial can be matched to its study trial."""
+
+PRIMARY_METRIC = "matching_sparsity"
+SECONDARY_METRIC = "matching_val_accuracy"
+
+
+class DefineByRunSpace:
+    """`space(trial)` suggests every searched key; called by Ray's OptunaSearch once per trial."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.categorical: dict[str, list[Any]] = searched_values(cfg)
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        for name, values in self.categorical.items():
+            trial.suggest_categorical(name, values)
+        return {OPTUNA_TRIAL_KEY: trial.number}
+
+
+def searched_values(cfg: ExperimentConfig) -> dict[str, list[Any]]:
+    """Each searched choice name with its candidate values (in config order)."""
+    space = cfg.search.space
+    values: dict[str, list[Any]] = {}
+    for key in ("rewind_step", "rate", "scope", "init_scale"):
+        candidates = getattr(space, key)
+        if candidates is not None:
+            values[key] = list(candidates)
+    for group, candidates in (space.layer_ratios or {}).items():
+        values[f"layer_ratios/{group}"] = list(candidates)
+    return values
+
+
+def choices_of(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """The flat choices ("rate", "layer_ratios/fc", ...) of a Ray trial config.
+
+    Ray unflattens "a/b" keys into nested dicts; `with_choices` wants them flat.
+    """
+    choices: dict[str, Any] = {}
+    for key, value in trial_config.items():
+        if key == OPTUNA_TRIAL_KEY:
+            continue
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                choices[f"{key}/{sub}"] = inner
+        else:
+            choices[key] = value
+    return choices
+
+
+def objectives(cfg: ExperimentConfig) -> tuple[str | list[str], str | list[str]]:
+    """(metric, mode) for OptunaSearch: one objective, or (matching sparsity, val accuracy at it)."""
+    if cfg.search.objectives == 2:
+        return [PRIMARY_METRIC, SECONDARY_METRIC], ["max", "max"]
+    return PRIMARY_METRIC, "max"
+
+
+def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
+    """TPE by default, NSGA-II for two objectives (or when asked), random when asked; all seeded."""
+    sampler = cfg.search.sampler
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if sampler == "nsga2" or cfg.search.objectives == 2:
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+    return optuna.samplers.TPESampler(seed=cfg.seed)
+
+
+def journal_storage(path: str) -> optuna.storages.BaseStorage:
+    """A study storage in one append-only file: survives a killed driver, needs no database."""
+    backend = optuna.storages.journal.JournalFileBackend(path)
+    return optuna.storages.JournalStorage(backend)
+
+
+def close_orphans(journal: str, study_name: str) -> int:
+    """Fail the study's trials still RUNNING once a search has ended; returns how many.
+
+    They belong to trials a killed driver had started after Ray's last snapshot: Ray
+    never resumes them, and a RUNNING trial would stay in the study forever.
+    """
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in running:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(running)

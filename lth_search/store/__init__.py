@@ -1,0 +1,5 @@
+"""The content-addressed stage store: keys, byte formats, filesystems, leases, records.
+
+Stages are safetensors + bit-packed Parquet + JSON manifests on any pyarrow/fsspec
+filesystem; nothing is ever unpickled from it.
+"""

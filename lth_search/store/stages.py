@@ -1,0 +1,413 @@
+"""Content-addressed stage store: a stage any lineage computed is never trained again.
+
+An entry is keyed by the sha256 of the stage's canonical inputs (parent key included),
+so equal inputs find equal entries and nothing is ever overwritten with different
+meaning. The root is any pyarrow filesystem: a local path, ``file://``, ``s3://``,
+``gs://``, another fsspec protocol (store_uri.py), or a filesystem object given
+explicitly. Layout under the root::
+
+    stages/<key[:2]>/<key>/manifest.json            what makes the entry exist
+    stages/<key[:2]>/<key>/weights_<name>.safetensors
+    stages/<key[:2]>/<key>/mask_<name>.parquet      (columns: see codec.py)
+    leases/<key>.lease                              single-flight claims (leases.py)
+    tmp/                                            staging of local publishes
+
+The manifest (JSON) holds format, key, kind, inputs, metrics, created_at, code_version,
+``files: {filename: {sha256, bytes}}`` and a ``checksum`` (sha256 of the canonical JSON
+of all other fields), so every byte of an entry is verified when read. A corrupt entry is
+logged and removed, which makes it look absent: the caller recomputes and republishes.
+
+Publishing is atomic. Locally, the entry is written under ``tmp/`` and the directory
+renamed into place. Object stores have no directory rename, so data files go first
+and the manifest last, written aside and moved into place whole: a stage directory
+without a manifest is absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pyarrow.fs as pafs
+import torch
+
+from lth_search.store.codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
+from lth_search.errors import StoreError
+from lth_search.store.records import read_record, read_records, write_record
+from lth_search.store.uri import resolve_uri
+from lth_search.store.leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
+
+if TYPE_CHECKING:
+    from lth_search.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+"""Manifest format version; a reader refuses entries from a newer format."""
+MANIFEST = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KIND_RE = re.compile(r"^[a-z_]{1,32}$")
+_FILE_RE = re.compile(r"^(?:weights_([A-Za-z0-9_.-]{1,64})\.safetensors|mask_([A-Za-z0-9_.-]{1,64})\.parquet)$")
+_TMP_MAX_AGE_S = 24 * 3600
+
+
+@dataclass
+class StageEntry:
+    """One stage's output: metrics, named weight sets and named masks."""
+
+    key: str
+    kind: str
+    inputs: dict
+    metrics: dict
+    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    masks: dict[str, Mask] = field(default_factory=dict)
+    created_at: str = ""
+    code_version: str = ""
+
+
+class _Corrupt(Exception):
+    """An entry failed verification; the message names the file."""
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise StoreError(f"invalid {what} name {name!r}: expected 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _code_version() -> str:
+    try:
+        return metadata.version("lth-search")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class StageStore:
+    """Stages on a pyarrow filesystem, published atomically, verified on read, computed once."""
+
+    poll_s = 0.25
+    """How often a waiter looks for a stage another worker is computing."""
+
+    def __init__(
+        self,
+        uri: str,
+        filesystem: pafs.FileSystem | None = None,
+        lease_timeout_s: float = 120.0,
+        heartbeat_s: float = 5.0,
+        lease_service: LeaseService | None = None,
+    ) -> None:
+        if not 0 < heartbeat_s < lease_timeout_s:
+            raise StoreError(
+                f"store.heartbeat_s ({heartbeat_s}) must be > 0 and smaller than store.lease_timeout_s ({lease_timeout_s})"
+            )
+        self.uri, self.filesystem, self.root = resolve_uri(uri, filesystem)
+        self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        self.lease_timeout_s, self.heartbeat_s = lease_timeout_s, heartbeat_s
+        try:
+            for sub in ("stages", "tmp"):
+                self.filesystem.create_dir(self._path(sub), recursive=True)
+            self.leases: LeaseService = lease_service or self._default_leases()
+        except OSError as error:
+            raise StoreError(f"store {self.uri!r}: cannot create its folders ({error})") from None
+        if self.local:
+            self._sweep_tmp()
+
+    @classmethod
+    def from_config(cls, cfg: "ExperimentConfig", lease_service: LeaseService | None = None) -> "StageStore":
+        """The store an experiment config names (default `<output_dir>/store`)."""
+        return cls(
+            cfg.store_uri(),
+            lease_timeout_s=cfg.store.lease_timeout_s,
+            heartbeat_s=cfg.store.heartbeat_s,
+            lease_service=lease_service,
+        )
+
+    def _default_leases(self) -> LeaseService:
+        if self.local:
+            return FileLeaseService(self.root)
+        return FilesystemLeaseService(self.filesystem, self.root)
+
+    def __repr__(self) -> str:
+        return f"StageStore({self.uri!r})"
+
+    # Records ------------------------------------------------------------------------------
+    def put_record(self, namespace: str, name: str, payload: dict) -> None:
+        """Replace the JSON record `namespace/name` (see records.py) atomically."""
+        write_record(self.filesystem, self.root, namespace, name, payload)
+
+    def record(self, namespace: str, name: str) -> dict | None:
+        """The JSON record `namespace/name`, or None."""
+        return read_record(self.filesystem, self.root, namespace, name)
+
+    def records(self, namespace: str) -> dict[str, dict]:
+        """Every JSON record of `namespace`, by name."""
+        return read_records(self.filesystem, self.root, namespace)
+
+    # Paths --------------------------------------------------------------------------------
+    def _path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def _entry_dir(self, key: str) -> str:
+        check_key(key)
+        return self._path(f"stages/{key[:2]}/{key}")
+
+    # Reading ------------------------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        """Whether a published entry exists (cheap: the manifest is not verified)."""
+        info = self.filesystem.get_file_info(f"{self._entry_dir(key)}/{MANIFEST}")
+        return info.type == pafs.FileType.File
+
+    def get(self, key: str) -> StageEntry | None:
+        """The verified entry, or None if absent; a corrupt entry is logged, removed and None."""
+        manifest = self._read(f"{self._entry_dir(key)}/{MANIFEST}")
+        if manifest is None:
+            return None
+        try:
+            return self._load(key, manifest)
+        except _Corrupt as problem:
+            log.warning("stage %s is corrupt (%s); removing it so that it is recomputed", key, problem)
+            self._remove(key, manifest)
+            return None
+
+    def _read(self, path: str) -> bytes | None:
+        try:
+            with self.filesystem.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            raise StoreError(f"store {self.uri!r}: cannot read {path} ({error})") from None
+
+    def _load(self, key: str, manifest_bytes: bytes) -> StageEntry:
+        manifest = _parse_manifest(key, manifest_bytes)
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+        masks: dict[str, Mask] = {}
+        for filename, expected in manifest["files"].items():
+            data = self._read(f"{self._entry_dir(key)}/{filename}")
+            _verify_file(filename, data, expected)
+            weights_name, mask_name = _FILE_RE.fullmatch(filename).groups()  # type: ignore[union-attr]
+            try:
+                if weights_name is not None:
+                    weights[weights_name] = decode_weights(data)  # type: ignore[arg-type]
+                else:
+                    masks[mask_name] = decode_mask(data)  # type: ignore[arg-type]
+            except ValueError as error:
+                raise _Corrupt(f"{filename}: {error}") from None
+        return StageEntry(
+            key=key,
+            kind=manifest["kind"],
+            inputs=manifest["inputs"],
+            metrics=manifest["metrics"],
+            weights=weights,
+            masks=masks,
+            created_at=manifest["created_at"],
+            code_version=manifest["code_version"],
+        )
+
+    # Writing ------------------------------------------------------------------------------
+    def put(self, entry: StageEntry) -> None:
+        """Publish atomically; if the entry exists already (a racing writer), keep that one.
+
+        Fills `entry.created_at` and `entry.code_version`.
+        """
+        self._publish(entry)
+
+    def _publish(self, entry: StageEntry) -> StageEntry:
+        """Publish and return the entry now stored: `entry`, or an existing valid one."""
+        files = _encode_files(entry)
+        entry.created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        entry.code_version = _code_version()
+        files[MANIFEST] = encode_manifest(_manifest_body(entry, files))
+        if self.local:
+            return self._publish_local(entry, files)
+        return self._publish_remote(entry, files)
+
+    def _write(self, path: str, data: bytes) -> None:
+        with self.filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def _publish_local(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
+        staging = Path(self._path(f"tmp/{entry.key}.{uuid.uuid4().hex}"))
+        staging.mkdir(parents=True)
+        for filename, data in files.items():
+            self._write(str(staging / filename), data)
+        destination = Path(self._entry_dir(entry.key))
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                os.rename(staging, destination)
+                return entry
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            existing = self.get(entry.key)
+            if existing is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                return existing
+            if destination.exists() and not (destination / MANIFEST).exists():
+                self._discard_local(destination)  # leftovers without a manifest are never an entry
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StoreError(f"store {self.uri!r}: could not publish stage {entry.key} (destination keeps changing)")
+
+    def _publish_remote(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
+        if self.contains(entry.key):
+            existing = self.get(entry.key)
+            if existing is not None:
+                return existing
+        directory = self._entry_dir(entry.key)
+        self.filesystem.create_dir(directory, recursive=True)
+        for filename, data in files.items():
+            if filename != MANIFEST:
+                self._write(f"{directory}/{filename}", data)
+        # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
+        # store's copy) never shows a reader half a manifest, as a plain write may.
+        staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        self._write(staging, files[MANIFEST])
+        self.filesystem.move(staging, f"{directory}/{MANIFEST}")
+        return entry
+
+    def _remove(self, key: str, judged_manifest: bytes) -> None:
+        """Remove a corrupt entry, unless a writer replaced it since it was judged."""
+        directory = self._entry_dir(key)
+        if self._read(f"{directory}/{MANIFEST}") != judged_manifest:
+            return
+        if self.local:
+            self._discard_local(Path(directory))
+            return
+        try:
+            self.filesystem.delete_file(f"{directory}/{MANIFEST}")  # first: the entry is now absent
+            self.filesystem.delete_dir(directory)
+        except FileNotFoundError:
+            pass
+
+    def _discard_local(self, directory: Path) -> None:
+        trash = Path(self._path(f"tmp/{directory.name}.{uuid.uuid4().hex}.trash"))
+        try:
+            os.rename(directory, trash)  # atomic: readers see the whole entry or nothing
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _sweep_tmp(self) -> None:
+        """Delete staging folders that killed writers left behind (older than a day)."""
+        cutoff = time.time() - _TMP_MAX_AGE_S
+        for child in Path(self._path("tmp")).iterdir():
+            try:
+                if child.stat().st_mtime < cutoff:
+                    shutil.rmtree(child, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+    # Single flight ------------------------------------------------------------------------
+    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
+        """(entry, reused): the stored entry, or compute it once however many workers ask.
+
+        The first worker to take the lease computes (renewing the lease from a heartbeat
+        thread); the others poll until the entry appears, or take over once the lease
+        expires because its holder died.
+        """
+        entry = self.get(key)
+        if entry is not None:
+            return entry, True
+        holder = new_holder()
+        waiting = False
+        while True:
+            if self.leases.acquire(key, holder, self.lease_timeout_s):
+                return self._compute_holding(key, compute, holder)
+            if not waiting:
+                waiting = True
+                log.info("stage %s is being computed by another worker; waiting for it", key[:12])
+            time.sleep(self.poll_s * random.uniform(0.8, 1.2))
+            if self.contains(key):
+                entry = self.get(key)
+                if entry is not None:
+                    return entry, True
+
+    def _compute_holding(self, key: str, compute: Callable[[], StageEntry], holder: str) -> tuple[StageEntry, bool]:
+        try:
+            entry = self.get(key)  # published while we were acquiring?
+            if entry is not None:
+                return entry, True
+            with Heartbeat(self.leases, key, holder, self.lease_timeout_s, self.heartbeat_s):
+                entry = compute()
+            if not isinstance(entry, StageEntry) or entry.key != key:
+                raise ValueError(f"compute for stage {key} returned {type(entry).__name__} with another key")
+            return self._publish(entry), False
+        finally:
+            try:
+                self.leases.release(key, holder)
+            except OSError as error:  # it expires on its own; never mask the real outcome
+                log.warning("releasing the lease on stage %s failed: %s", key, error)
+
+
+# Manifest ---------------------------------------------------------------------------------
+def _encode_files(entry: StageEntry) -> dict[str, bytes]:
+    check_key(entry.key)
+    if not isinstance(entry.kind, str) or not _KIND_RE.fullmatch(entry.kind):
+        raise StoreError(f"invalid stage kind {entry.kind!r}: expected 1-32 lowercase letters or '_'")
+    files = {f"weights_{_check_name(n, 'weight set')}.safetensors": encode_weights(s) for n, s in entry.weights.items()}
+    files.update({f"mask_{_check_name(n, 'mask')}.parquet": encode_mask(m) for n, m in entry.masks.items()})
+    return files
+
+
+def _manifest_body(entry: StageEntry, files: dict[str, bytes]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "key": entry.key,
+        "kind": entry.kind,
+        "inputs": entry.inputs,
+        "metrics": entry.metrics,
+        "created_at": entry.created_at,
+        "code_version": entry.code_version,
+        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+    }
+
+
+def _parse_manifest(key: str, data: bytes) -> dict[str, Any]:
+    """The manifest, verified against its own checksum and the key it is stored under."""
+    fmt = _peek_format(data)
+    if isinstance(fmt, int) and fmt > FORMAT:  # before the checksum: a newer format may sign differently
+        raise StoreError(f"stage {key} was written by a newer lth-search (format {fmt}); upgrade lth-search")
+    try:
+        manifest = decode_manifest(data)
+    except ValueError as error:
+        raise _Corrupt(f"{MANIFEST}: {error}") from None
+    if manifest.get("key") != key:
+        raise _Corrupt(f"{MANIFEST}: names key {manifest.get('key')!r}")
+    for filename in manifest["files"]:
+        if not _FILE_RE.fullmatch(filename):
+            raise _Corrupt(f"{MANIFEST}: unexpected file name {filename!r}")
+    return manifest
+
+
+def _peek_format(data: bytes) -> Any:
+    try:
+        return json.loads(data).get("format")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _verify_file(filename: str, data: bytes | None, expected: dict[str, Any]) -> None:
+    if data is None:
+        raise _Corrupt(f"{filename}: missing")
+    if len(data) != expected["bytes"] or _sha256(data) != expected["sha256"]:
+        raise _Corrupt(f"{filename}: sha256 mismatch ({len(data)} bytes, {expected['bytes']} expected)")

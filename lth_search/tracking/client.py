@@ -1,0 +1,223 @@
+"""MLflow calls that never raise into a lineage: retries, backoff, an offline mode.
+
+Trials log to MLflow from Ray workers while they train. A tracking server that is down
+or slow must not cost a lineage or a result: the store holds the truth and
+`lth-search sync NAME` logs what MLflow missed. So every write goes through
+`MlflowIO.call`, which retries transient failures with exponential backoff, then gives
+up with one warning, remembers what was missed, and switches to an *offline* mode in
+which each later call is tried once (a dead server refuses connections at once, so a
+lineage loses no time; a server that comes back is used again).
+
+MLflow's own HTTP client retries 7 times over ~4 minutes per request. The trackers
+lower that (only where the user has not set the variables) so this module's backoff is
+the one that counts: `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`, `MLFLOW_HTTP_REQUEST_TIMEOUT=30`
+(per socket operation, so large uploads are not cut short).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 4
+BASE_DELAY_S = 0.5
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+_PERMANENT_CODES = {
+    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+    "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED",
+}
+
+
+def limit_http_retries() -> None:
+    """Let our backoff, not MLflow's 4-minute one, decide (unless the user chose otherwise)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    quiet_downloads()
+
+
+def quiet_downloads() -> None:
+    """No per-file download progress bars on the terminal (unless the user asked for them)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def is_permanent(error: BaseException) -> bool:
+    """An error that retrying cannot fix (a bad request), as opposed to a server that is away."""
+    code = getattr(error, "error_code", None)
+    return isinstance(code, str) and code in _PERMANENT_CODES
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure worth retrying: MLflow or the network, not a bad request or a bug of ours."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, (MlflowException, OSError)) and not is_permanent(error)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def artifact_root_for(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps artifacts: next to a sqlite database, else the server's choice.
+
+    MLflow's default for a database URI is ./mlruns of whoever creates the experiment;
+    an absolute folder beside the database keeps runs and artifacts together.
+    """
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        return (database.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys with text values (see `param_text`)."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, str] = {}
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: param_text(value)}
+
+
+def param_text(value: Any) -> str:
+    """A param value as text that `json.loads` turns back into the value (strings stay bare)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class MlflowIO:
+    """An MlflowClient whose calls retry, warn once and are remembered when they fail.
+
+    `label` names the search in warnings, so the user knows which `sync` to run.
+    """
+
+    def __init__(self, uri: str, label: str, attempts: int = ATTEMPTS, base_delay_s: float = BASE_DELAY_S) -> None:
+        limit_http_retries()
+        from mlflow import MlflowClient
+
+        self.uri, self.label = uri, label
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.attempts, self.base_delay_s = attempts, base_delay_s
+        self.offline = False
+        self.missed: list[str] = []
+
+    # The one door ---------------------------------------------------------------------------
+    def call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, result) or (False, None) after retries; never raises."""
+        attempts = 1 if self.offline else self.attempts
+        for attempt in range(attempts):
+            try:
+                result = fn()
+            except Exception as error:  # noqa: BLE001 - nothing may reach the lineage
+                if not is_transient(error) or attempt == attempts - 1:
+                    self._give_up(what, error)
+                    return False, None
+                time.sleep(self.base_delay_s * 2**attempt)
+                continue
+            if self.offline:
+                self.offline = False
+                log.warning("MLflow at %s answers again (%s)", self.uri, what)
+            return True, result
+        return False, None  # attempts >= 1, so unreachable
+
+    def _give_up(self, what: str, error: Exception) -> None:
+        self.missed.append(what)
+        if not is_transient(error):
+            from lth_search.errors import LthError
+
+            expected = is_permanent(error) or isinstance(error, LthError)
+            log.warning("MLflow: %s failed: %s", what, first_line(error), exc_info=not expected)
+            return
+        if not self.offline:
+            log.warning(
+                "MLflow at %s: %s failed after %d attempts (%s); results stay in the store, "
+                "run `lth-search sync %s` once the server answers",
+                self.uri, what, self.attempts, first_line(error), self.label,
+            )
+        self.offline = True
+
+    # Experiments and runs -------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created (beside a sqlite database) or restored when needed.
+
+        Raises; call it through `call`.
+        """
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_root_for(self.uri, name))
+            except MlflowException as error:
+                if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+        if experiment.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", name)
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def find_run(self, experiment_id: str, tags: dict[str, str]) -> Any:
+        """The newest run carrying all `tags`, or None. Raises; call it through `call`."""
+        clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0] if runs else None
+
+    # Writing --------------------------------------------------------------------------------
+    def log_values(
+        self, run_id: str, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None
+    ) -> None:
+        """Metrics at one step and params, in as few requests as MLflow allows. Raises."""
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        metric_list = [Metric(key, float(value), now, int(step)) for key, value in (metrics or {}).items()]
+        param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
+        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        for chunk in _chunks(param_list, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""
+        folder, _, filename = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
+            local = Path(tmp) / filename
+            local.write_bytes(data)
+            self.client.log_artifact(run_id, str(local), artifact_path=folder or None)
+
+    def read_artifact(self, run_id: str, artifact_file: str) -> bytes:
+        """The bytes of one artifact of a run. Raises."""
+        return read_artifact(self.client, run_id, artifact_file)
+
+    def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
+        """Paths of the files directly in `folder` of a run's artifacts. Raises."""
+        return {item.path for item in self.client.list_artifacts(run_id, folder) if not item.is_dir}
+
+
+def read_artifact(client: Any, run_id: str, artifact_file: str) -> bytes:
+    """The bytes of one run artifact, wherever MLflow keeps it (local folder or HTTP proxy)."""
+    with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
+        local = client.download_artifacts(run_id, artifact_file, dst_path=tmp)
+        return Path(local).read_bytes()
+
+
+def metric_history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of a metric; of several points at one step the latest logged wins."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {int(m.step): float(m.value) for m in points}
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for begin in range(0, len(items), size):
+        yield items[begin : begin + size]

@@ -1,0 +1,99 @@
+"""Names of things in MLflow: tags, artifact paths, metrics (writers and readers share them).
+
+tracking.py writes runs with these names; ticket_table.py and tickets.py read them
+back with nothing but MLflow, so a name changed here changes both sides at once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lth_search.engine.lineage import LineageResult, RoundResult
+
+# Tags
+ROLE = "lth.role"                 # search | trial | lineage
+TRIAL_ID = "lth.trial_id"
+SEARCH_NAME = "lth.search_name"
+RAY_RESULTS = "lth.ray_results_path"
+TOLERANCE = "lth.tolerance"       # the trial config's search.tolerance (repr of a float)
+REWIND_STEP = "lth.rewind_step"
+INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
+NUM_CLASSES = "lth.num_classes"
+STATUS = "lth.status"             # the trial record's status when the run was ended
+PARENT = "mlflow.parentRunId"
+
+# Artifacts
+CONFIG = "config.json"
+TICKETS = "tickets.parquet"
+LINEAGE_PLOT = "plots/accuracy_vs_sparsity.png"
+SEARCH_PLOT = "plots/search_summary.png"
+MODEL_DIR = "best_ticket"
+
+
+def mask_artifact(round_index: int) -> str:
+    return f"masks/round_{round_index:02d}.parquet"
+
+
+def rewind_artifact(step: int) -> str:
+    return f"weights/rewind_{step}.safetensors"
+
+
+# Metrics
+ROUND_METRICS = ("val_accuracy", "test_accuracy", "sparsity", "reused", "train_loss", "train_steps_per_s")
+"""Logged at step = round for every round."""
+DENSE_VAL, DENSE_TEST = "dense_val_accuracy", "dense_test_accuracy"
+
+
+def metric_name(name: str) -> str:
+    """A layer name as MLflow accepts it in a metric key."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def round_metrics(round_result: "RoundResult") -> dict[str, float]:
+    metrics = {
+        "val_accuracy": round_result.val_accuracy,
+        "test_accuracy": round_result.test_accuracy,
+        "sparsity": round_result.sparsity,
+        "train_loss": round_result.train_loss,
+        "train_steps_per_s": round_result.train_steps_per_s,
+        "reused": float(round_result.reused),
+    }
+    metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
+    metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
+    return metrics
+
+
+def rescale_metric(layer: str) -> str:
+    """The metric holding a layer's rewind rescale factor: a ticket is rebuilt from these
+    exactly, even for the data-dependent `calibrated` mode."""
+    return f"rescale/{metric_name(layer)}"
+
+
+def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
+    return {
+        "dense_val_accuracy": dense["val_accuracy"],
+        "dense_test_accuracy": dense["test_accuracy"],
+        "dense_train_loss": dense["train_loss"],
+        "dense_train_steps_per_s": dense["train_steps_per_s"],
+        "dense_reused": float(dense["reused"]),
+    }
+
+
+def summary_metrics(result: "LineageResult") -> dict[str, float]:
+    """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
+    best = result.best
+    test_at = {r.round: r.test_accuracy for r in result.rounds}
+    metrics = {
+        "matching_sparsity": best.sparsity,
+        "matching_round": float(best.round),
+        "matching_val_accuracy": best.val_accuracy,
+        "matching_test_accuracy": test_at.get(best.round, result.dense["test_accuracy"]),
+        "rounds_completed": float(len(result.rounds)),
+    }
+    if result.rounds:
+        top = max(result.rounds, key=lambda r: (r.val_accuracy, r.sparsity))
+        metrics.update(best_val_accuracy=top.val_accuracy, best_val_sparsity=top.sparsity,
+                       final_sparsity=result.rounds[-1].sparsity)
+    return metrics

@@ -1,0 +1,86 @@
+"""The parent run's view of a search: tickets table, summary plot and metrics, best model.
+
+Built from the child runs' metric histories (ticket_table.py), the same source
+`lth-search tickets` and `best_ticket()` read, so the three can never disagree. The
+trial records (the store's truth) only tell how many tickets MLflow should hold, so a
+gap is reported with the command that fills it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from lth_search.errors import TrackingError
+from lth_search.tracking.plots import search_plot
+from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
+from lth_search.tickets import criterion_text, load_ticket, select_ticket
+from lth_search.tracking.layout import SEARCH_PLOT, TICKETS
+
+if TYPE_CHECKING:
+    from lth_search.tracking.runs import SearchTracker
+
+log = logging.getLogger(__name__)
+
+
+def search_metrics(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, float]:
+    """Numbers to sort searches by in the MLflow runs table."""
+    metrics = {
+        "trials": float(len({r["trial_id"] for r in rows})),
+        "tickets": float(len(rows)),
+        "matching_tickets": float(sum(bool(r["matching"]) for r in rows)),
+        "best_matching_sparsity": best["sparsity"] if best else 0.0,
+    }
+    if best:
+        metrics.update(
+            best_matching_val_accuracy=best["val_accuracy"], best_matching_test_accuracy=best["test_accuracy"],
+            best_matching_round=float(best["round"]),
+        )
+        if best["dense_val_accuracy"] is not None:
+            metrics.update(dense_val_accuracy=best["dense_val_accuracy"], dense_test_accuracy=best["dense_test_accuracy"])
+    return metrics
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return select_ticket(rows)
+    except TrackingError:
+        return None
+
+
+def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -> None:
+    """Rewrite the parent's tickets.parquet, summary plot, metrics and registered model."""
+    io, parent = search.io, search.parent_run_id
+    ref = SearchRef(search.cfg.experiment_name(), search.experiment, parent)
+    ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
+    if not ok:
+        return
+    expected = sum(len(r.get("round_keys") or []) for r in records)
+    if len(rows) < expected:
+        log.warning("MLflow holds %d of the %d tickets in the store; run `lth-search sync %s`",
+                    len(rows), expected, search.cfg.name)
+    best = _best(rows)
+    io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
+    title = f"{search.cfg.name}: {len({r['trial_id'] for r in rows})} lineages, {len(rows)} tickets"
+    io.call("upload the search plot", lambda: io.log_bytes(parent, search_plot(rows, title, best), SEARCH_PLOT))
+    io.call("log the search summary", lambda: _log_summary(search, rows, best))
+    if best is not None:
+        io.call("register the best ticket", lambda: _register(search, ref, best))
+
+
+def _log_summary(search: "SearchTracker", rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    client, parent = search.io.client, search.parent_run_id
+    current = client.get_run(parent).data.metrics
+    changed = {k: v for k, v in search_metrics(rows, best).items() if current.get(k) != v}
+    search.io.log_values(parent, changed, step=0)
+    if best is not None:
+        for key in ("run_id", "trial_id", "round"):
+            client.set_tag(parent, f"lth.best_{key}", str(best[key]))
+
+
+def _register(search: "SearchTracker", ref: SearchRef, best: dict[str, Any]) -> None:
+    from lth_search.tracking.registry import register_ticket
+
+    ticket = load_ticket(search.io.client, ref, best, criterion_text())
+    uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id)
+    search.io.client.set_tag(search.parent_run_id, "lth.best_model_uri", uri)

@@ -1,0 +1,391 @@
+"""MLflow tracking: one parent run per search, one child run per trial (ARCHITECTURE.md).
+
+Layout in the experiment `cfg.experiment_name()`:
+
+- parent run (tag ``lth.role=search``): the config as params (dotted keys), tags
+  ``lth.search_name``, ``lth.store_uri``, ``lth.ray_results_path``; artifacts
+  ``config.json``, ``tickets.parquet`` (one row per trial-round, see ticket_table.py),
+  ``plots/search_summary.png``; summary metrics ``best_matching_sparsity``, ...;
+  the best ticket as a pyfunc model ``best_ticket/``, registered as ``models:/NAME@best``.
+- child run per trial (tag ``mlflow.parentRunId``, ``lth.role=trial``, ``lth.trial_id``):
+  the trial's choices as params; tags ``lth.tolerance``, ``lth.rewind_step``,
+  ``lth.input_shape``, ``lth.num_classes`` (so a ticket is rebuilt without loading
+  data); metrics ``dense_val_accuracy`` ... at step 0; per round (step = round)
+  ``val_accuracy``, ``test_accuracy``, ``sparsity``, ``layer_sparsity/<layer>``,
+  ``train_loss``, ``train_steps_per_s``, ``reused``; artifacts ``config.json``,
+  ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
+  (codec.encode_mask), ``plots/accuracy_vs_sparsity.png``; at the end summary metrics
+  ``matching_sparsity``, ``matching_round``, ``best_val_accuracy``, ...
+- ``lth-search lineage`` logs one run with the child's layout, ``lth.role=lineage``.
+
+Nothing here raises into a lineage: every call goes through `MlflowIO` (retries, then
+a warning). What MLflow missed is filled in from the store by `sync.reconcile`, which
+`SearchTracker.finish` runs for every trial and `lth-search sync NAME` runs later.
+Its input is the trial record that trial.py writes to the store (``search-<name>``
+namespace): ``trial_id``, ``search_id``, ``choices``, ``config`` (the trial config),
+``status``, ``dense`` (LineageResult.dense), ``dense_key``, ``round_keys`` and
+``rounds`` (RoundResult fields per completed round, ``reused`` included).
+Logging is idempotent: a retried trial, a resumed search or a second sync continue the
+same child run (found by its ``lth.trial_id`` tag) and log only what it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lth_search.store.codec import encode_mask, encode_weights
+from lth_search.config import ExperimentConfig
+from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.tracking.client import MlflowIO, flatten, metric_history
+from lth_search.tracking.plots import lineage_plot
+from lth_search.store.stages import StageEntry
+from lth_search.tracking.layout import (
+    CONFIG,
+    INPUT_SHAPE,
+    LINEAGE_PLOT,
+    NUM_CLASSES,
+    PARENT,
+    RAY_RESULTS,
+    REWIND_STEP,
+    ROLE,
+    SEARCH_NAME,
+    STATUS,
+    TOLERANCE,
+    TRIAL_ID,
+    dense_metrics,
+    mask_artifact,
+    rewind_artifact,
+    round_metrics,
+    summary_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+TERMINAL = {"finished": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "failed": "FAILED"}
+"""Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
+
+
+def data_signature(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of the config's data set, known without reading the data."""
+    from lth_search.engine.data import _REGISTRY  # the registry's shapes; loading the data would take seconds
+
+    spec = _REGISTRY[cfg.data.name]
+    return tuple(spec.input_shape), int(spec.num_classes)
+
+
+def sync_hint(cfg: ExperimentConfig) -> str:
+    """The arguments of the `lth-search sync` that fills in what MLflow missed."""
+    return f"{cfg.name} --output-dir {cfg.output_path()}"
+
+
+def experiment_id(cfg: ExperimentConfig) -> str | None:
+    """The id of the config's MLflow experiment (for links), or None when MLflow does not answer."""
+    if not cfg.tracking.enabled:
+        return None
+    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
+    ok, value = io.call("look up the experiment", lambda: io.experiment_id(cfg.experiment_name()))
+    return value if ok else None
+
+
+def ui_hint(tracking_uri: str, experiment: str | None) -> str:
+    """How to look: the runs table opens directly at the link (MLflow 3 opens its GenAI view otherwise)."""
+    served = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    link = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" if experiment else base
+    return f"open {link}" if served else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {link}"
+
+
+# Search -----------------------------------------------------------------------------------
+class SearchTracker:
+    """The parent run of a search, opened by the driver before any trial starts."""
+
+    def __init__(self, cfg: ExperimentConfig, io: MlflowIO | None = None, experiment: str | None = None,
+                 parent_run_id: str | None = None, ray_results_path: str | None = None) -> None:
+        self.cfg, self.io, self.experiment = cfg, io, experiment
+        self.parent_run_id = parent_run_id
+        self.ray_results_path = ray_results_path
+
+    @classmethod
+    def start(
+        cls, cfg: ExperimentConfig, ray_results_path: str | None = None, parent_run_id: str | None = None
+    ) -> "SearchTracker":
+        """Create the experiment (once, here: sqlite schema races otherwise) and the parent run."""
+        if not cfg.tracking.enabled:
+            return cls(cfg)
+        io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
+        tracker = cls(cfg, io, None, parent_run_id, ray_results_path)
+        tracker._open()
+        return tracker
+
+    @property
+    def missed(self) -> list[str]:
+        return self.io.missed if self.io is not None else []
+
+    def _open(self) -> bool:
+        """Whether experiment and parent run are known; creates (or finds) what is missing."""
+        io = self.io
+        if io is None:
+            return False
+        if self.experiment is None:
+            ok, self.experiment = io.call("create the experiment", lambda: io.experiment_id(self.cfg.experiment_name()))
+            if not ok:
+                return False
+        if self.parent_run_id is None and self.ray_results_path:  # created by an earlier start or sync
+            ok, run = io.call("find the search run", lambda: io.find_run(self.experiment, {RAY_RESULTS: self.ray_results_path}))
+            self.parent_run_id = run.info.run_id if ok and run is not None else None
+        if self.parent_run_id is None:
+            ok, run = io.call("create the search run", self._create)
+            if not ok:
+                return False
+            self.parent_run_id = run.info.run_id
+            io.call("log the search config", self._log_config)
+        return True
+
+    def _create(self) -> Any:
+        tags = {
+            ROLE: "search", SEARCH_NAME: self.cfg.name, "lth.store_uri": self.cfg.store_uri(),
+            "lth.output_dir": str(self.cfg.output_path()), RAY_RESULTS: self.ray_results_path or "",
+        }
+        return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
+
+    def _ensure_config(self) -> None:
+        if CONFIG not in self.io.artifact_names(self.parent_run_id):
+            self._log_config()
+
+    def _log_config(self) -> None:
+        self.io.log_values(self.parent_run_id, params=flatten(self.cfg.model_dump(mode="json")))
+        config = json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode()
+        self.io.log_bytes(self.parent_run_id, config, CONFIG)
+
+    def finish(self, records: list[dict[str, Any]], status: str = "FINISHED") -> None:
+        """Fill in what trials could not log, then the tickets table, plot, summary, model; end the run."""
+        self.refresh(records)
+        if self.io is not None and self.parent_run_id is not None:
+            self.io.call("end the search run", lambda: self.io.client.set_terminated(self.parent_run_id, status))
+
+    def refresh(self, records: list[dict[str, Any]]) -> dict[str, int]:
+        """Reconcile every trial record with MLflow and rewrite the parent's artifacts.
+
+        Returns counts of what was logged now (see sync.reconcile); nothing raises.
+        """
+        if not self._open():
+            return {}
+        from lth_search.tracking.parent import log_search_summary
+        from lth_search.tracking.sync import reconcile
+
+        self.io.call("log the search config", self._ensure_config)
+        counts = reconcile(self, records)
+        log_search_summary(self, records)
+        return counts
+
+
+# Trials -----------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What a run already holds, so that logging again adds nothing twice."""
+
+    rounds: set[int] = field(default_factory=set)
+    masks: set[int] = field(default_factory=set)
+    dense: bool = False
+    rewind: bool = False
+    config: bool = False
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "RUNNING"
+
+
+class TrialTracker:
+    """The child run of one trial (or the run of one `lth-search lineage`)."""
+
+    def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
+                 io: MlflowIO | None = None, role: str = "trial") -> None:
+        self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
+        self.choices = flatten(choices) if choices else {}
+        """The choices as MLflow params (text that json.loads turns back into the value)."""
+        self.io = io
+        self.run_id: str | None = None
+        self.state = RunState()
+        self.logged: list[str] = []
+        """What this tracker logged (dense, round_N, summary), for sync's report."""
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any]) -> "TrialTracker":
+        """Open the trial's child run: the one tagged with this trial id if it exists, else a new one.
+
+        Without a parent run (MLflow was down when the search started) nothing is logged
+        now; the search's finish or `lth-search sync` logs the trial from the store.
+        """
+        if not cfg.tracking.enabled or parent_run_id is None:
+            if cfg.tracking.enabled:
+                log.warning("trial %s: the search has no MLflow run; `lth-search sync %s` logs it later", trial_id, cfg.name)
+            return cls(cfg, parent_run_id, trial_id, choices)
+        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)))
+        tracker.ensure_run()
+        return tracker
+
+    # Opening ----------------------------------------------------------------------------------
+    def ensure_run(self) -> bool:
+        """Whether the run is open; tries to open it when an earlier attempt failed."""
+        if self.io is None:
+            return False
+        if self.run_id is None:
+            ok, run = self.io.call(f"open the MLflow run of trial {self.trial_id}", self._find_or_create)
+            if not ok:
+                return False
+            self.run_id = run.info.run_id
+            self.io.call(f"log params of trial {self.trial_id}", self._log_setup)
+        return True
+
+    def _find_or_create(self) -> Any:
+        io = self.io
+        experiment = io.experiment_id(self.cfg.experiment_name())
+        if self.parent_run_id is not None:
+            run = io.find_run(experiment, {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id})
+            if run is not None:
+                self._read_state(run)
+                return run
+        shape, classes = data_signature(self.cfg)
+        tags = {
+            ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
+            TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
+            INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes),
+        }
+        if self.parent_run_id is not None:
+            tags[PARENT] = self.parent_run_id
+        name = " ".join([self.trial_id, *(f"{k}={v}" for k, v in self.choices.items())])[:200]
+        return io.client.create_run(experiment, tags=tags, run_name=name)
+
+    def _read_state(self, run: Any) -> None:
+        io, run_id = self.io, run.info.run_id
+        masks = io.artifact_names(run_id, "masks")
+        self.state = RunState(
+            rounds=set(metric_history(io.client, run_id, "val_accuracy")),
+            masks={int(m.group(1)) for m in (re.search(r"round_(\d+)\.parquet$", p) for p in masks) if m},
+            dense="dense_val_accuracy" in run.data.metrics,
+            rewind=rewind_artifact(self.cfg.prune.rewind_step) in io.artifact_names(run_id, "weights"),
+            config=CONFIG in io.artifact_names(run_id),
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+            status=run.info.status,
+        )
+
+    def _log_setup(self) -> None:
+        missing = {k: v for k, v in self.choices.items() if k not in self.state.params}
+        if missing:
+            self.io.log_values(self.run_id, params=missing)
+            self.state.params.update(missing)
+        if not self.state.config:
+            self.io.log_bytes(self.run_id, json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode(), CONFIG)
+            self.state.config = True
+
+    # Logging ----------------------------------------------------------------------------------
+    def needs_dense(self) -> bool:
+        return not (self.state.dense and self.state.rewind)
+
+    def needs_round(self, round_index: int) -> bool:
+        return round_index not in self.state.rounds or round_index not in self.state.masks
+
+    def log_dense(self, result: LineageResult, dense_entry: StageEntry | None) -> None:
+        """Dense accuracies (metrics at step 0) and the rewind weights θk of this trial, once."""
+        if not self.ensure_run():
+            return
+        if not self.state.dense:
+            ok, _ = self.io.call(f"log the dense stage of trial {self.trial_id}", lambda: self.io.log_values(
+                self.run_id, dense_metrics(result.dense), step=0))
+            self.state.dense = ok
+            self.state.metrics.update(dense_metrics(result.dense) if ok else {})
+            self.logged += ["dense"] if ok else []
+        step = self.cfg.prune.rewind_step
+        if not self.state.rewind and dense_entry is not None:
+            ok, _ = self.io.call(f"upload θ{step} of trial {self.trial_id}", lambda: self.io.log_bytes(
+                self.run_id, encode_weights(dense_entry.weights[f"rewind_{step}"]), rewind_artifact(step)))
+            self.state.rewind = ok
+
+    def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
+        """The round's metrics at step = round and its mask, each once."""
+        if not self.ensure_run():
+            return
+        index = round_result.round
+        if index not in self.state.rounds:
+            ok, _ = self.io.call(f"log round {index} of trial {self.trial_id}", lambda: self.io.log_values(
+                self.run_id, round_metrics(round_result), step=index))
+            if ok:
+                self.state.rounds.add(index)
+                self.logged.append(f"round_{index}")
+        if index not in self.state.masks and entry is not None and "mask" in entry.masks:
+            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: self.io.log_bytes(
+                self.run_id, encode_mask(entry.masks["mask"]), mask_artifact(index)))
+            if ok:
+                self.state.masks.add(index)
+
+    def finish(self, result: LineageResult, status: str = "finished") -> None:
+        """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""
+        if not self.ensure_run():
+            return
+        summary = {k: v for k, v in summary_metrics(result).items() if self.state.metrics.get(k) != v}
+        if summary:
+            ok, _ = self.io.call(f"log the summary of trial {self.trial_id}",
+                                 lambda: self.io.log_values(self.run_id, summary, step=0))
+            if ok:
+                self.state.metrics.update(summary)
+                self.logged.append("summary")
+        if summary or self.state.status == "RUNNING":
+            self._plot(result)
+        run_status = TERMINAL.get(status, "FINISHED")
+        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status, run_status))
+        if ok:
+            self.state.status = run_status
+
+    def _end(self, status: str, run_status: str) -> None:
+        self.io.client.set_tag(self.run_id, STATUS, status)
+        self.io.client.set_terminated(self.run_id, run_status)
+
+    def _plot(self, result: LineageResult) -> None:
+        rounds = [vars(r) for r in result.rounds]
+        title = f"{self.cfg.name} · {self.trial_id}  " + " ".join(f"{k}={v}" for k, v in self.choices.items())
+        try:
+            png = lineage_plot(rounds, result.dense["val_accuracy"], result.dense["test_accuracy"],
+                               result.tolerance, title[:110], result.best.round)
+        except Exception as error:  # noqa: BLE001 - a plot never costs a lineage
+            log.warning("trial %s: plotting failed: %s", self.trial_id, error)
+            return
+        self.io.call(f"upload the plot of trial {self.trial_id}",
+                     lambda: self.io.log_bytes(self.run_id, png, LINEAGE_PLOT))
+
+
+# `lth-search lineage` ------------------------------------------------------------------------
+def lineage_choices(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The pruning choices of a config, named as the search names them (layer_ratios/<group>)."""
+    choices = cfg.prune.choices()
+    ratios = choices.pop("layer_ratios")
+    choices.update({f"layer_ratios/{group}": ratio for group, ratio in sorted(ratios.items())})
+    return choices
+
+
+def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, progress: Callable[[str], None] = print) -> None:
+    """Log a finished `lth-search lineage` as one run (no parent) with a trial's layout."""
+    if not cfg.tracking.enabled:
+        return
+    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
+    tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
+    tracker.log_dense(result, lineage.entries[0])
+    for round_result, entry in zip(result.rounds, lineage.entries[1:], strict=True):
+        tracker.log_round(round_result, entry)
+    tracker.finish(result)
+    if tracker.run_id is None or io.missed:
+        progress(f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store")
+        return
+    experiment = experiment_id(cfg)
+    progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")
+
+
+def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None,
+                progress: Callable[[str], None] = print) -> dict[str, int]:
+    """`lth-search sync NAME`: log to MLflow what the store holds and MLflow lacks (see sync.py)."""
+    from lth_search.tracking.sync import sync_search as _sync
+
+    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)

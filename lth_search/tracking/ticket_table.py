@@ -1,0 +1,218 @@
+"""The tickets of a search as MLflow holds them: one row per (trial run, round).
+
+Reading needs MLflow alone (no store, no Ray), so `lth-search best` works on any
+machine that can reach the tracking server. A ticket row is read from the child run's
+metric histories (step = round), its params (the trial's choices) and its tags (the
+tolerance, written when the run was created). The same rows become the parent run's
+`tickets.parquet`, so the file and `lth-search tickets` always agree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lth_search.errors import TrackingError
+from lth_search.tracking.client import first_line, metric_history, quiet_downloads
+from lth_search.engine.objective import is_matching
+from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
+
+DEFAULT_DB = Path("lth_runs") / "mlflow.db"
+
+
+@dataclass(frozen=True)
+class SearchRef:
+    """Where a search's tickets live. `search_run_id` None: the experiment's `lineage` runs."""
+
+    experiment_name: str
+    experiment_id: str
+    search_run_id: str | None
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The argument, else $MLFLOW_TRACKING_URI, else the default sqlite database (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
+        database = Path(uri[len("sqlite:///"):])
+        if not database.exists():
+            raise TrackingError(
+                f"no MLflow database at {database}: run a search first, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+    return uri
+
+
+def client_for(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    quiet_downloads()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def parse_param(text: str) -> Any:
+    """A param back to its value: "0.3" -> 0.3, "[1, 2]" -> [1, 2], "global" stays text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def search_all(client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list[Any]:
+    """Every run matching the filter (all pages)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _latest_run(client: Any, experiment_id: str, role: str) -> Any:
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE}` = '{role}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def _ref_in(client: Any, experiment: Any) -> SearchRef | None:
+    search = _latest_run(client, experiment.experiment_id, "search")
+    if search is not None:
+        return SearchRef(experiment.name, experiment.experiment_id, search.info.run_id)
+    if _latest_run(client, experiment.experiment_id, "lineage") is not None:
+        return SearchRef(experiment.name, experiment.experiment_id, None)
+    return None
+
+
+def find_search(client: Any, experiment: str | None = None, search_run_id: str | None = None) -> SearchRef:
+    """The search to read: by run id, else the latest in `experiment`, else the latest anywhere.
+
+    An experiment without a search falls back to its `lth-search lineage` runs.
+    """
+    if search_run_id is not None:
+        run = client.get_run(search_run_id)
+        name = client.get_experiment(run.info.experiment_id).name
+        return SearchRef(name, run.info.experiment_id, search_run_id)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise TrackingError(f"no MLflow experiment {experiment!r}; experiments with lth-search runs: {_names(client)}")
+        ref = _ref_in(client, found)
+        if ref is None:
+            raise TrackingError(f"MLflow experiment {experiment!r} holds no lth-search search or lineage run")
+        return ref
+    experiments = client.search_experiments(order_by=["creation_time DESC"])
+    refs = [ref for ref in (_ref_in(client, e) for e in experiments) if ref is not None]
+    with_search = [ref for ref in refs if ref.search_run_id is not None]
+    if with_search or refs:
+        return (with_search or refs)[0]
+    names = ", ".join(e.name for e in experiments) or "none"
+    raise TrackingError(f"no lth-search runs in MLflow (experiments: {names}); run a search first")
+
+
+def _names(client: Any) -> str:
+    names = [e.name for e in client.search_experiments(order_by=["creation_time DESC"]) if _ref_in(client, e)]
+    return ", ".join(names) or "none"
+
+
+def candidate_runs(client: Any, ref: SearchRef) -> list[Any]:
+    """The trial runs of a search (or the lineage runs of an experiment)."""
+    if ref.search_run_id is not None:
+        query = f"tags.`{PARENT}` = '{ref.search_run_id}'"
+    else:
+        query = f"tags.`{ROLE}` = 'lineage'"
+    return search_all(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
+
+
+def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
+    """The ticket rows of one trial run: every round that has val, test and sparsity."""
+    history = {key: metric_history(client, run.info.run_id, key) for key in ROUND_METRICS}
+    metrics, tags = run.data.metrics, run.data.tags
+    dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
+    tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
+    params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
+    rounds = sorted(set(history["val_accuracy"]) & set(history["test_accuracy"]) & set(history["sparsity"]))
+    rows = []
+    for step in rounds:
+        val = history["val_accuracy"][step]
+        judged = dense_val is not None and tolerance is not None
+        rows.append({
+            "trial_id": tags.get(TRIAL_ID, run.info.run_name),
+            "run_id": run.info.run_id,
+            "round": step,
+            "sparsity": history["sparsity"][step],
+            "val_accuracy": val,
+            "test_accuracy": history["test_accuracy"][step],
+            "dense_val_accuracy": dense_val,
+            "dense_test_accuracy": dense_test,
+            "reused": int(history["reused"].get(step, 0)),
+            "train_loss": history["train_loss"].get(step),
+            "train_steps_per_s": history["train_steps_per_s"].get(step),
+            "tolerance": tolerance,
+            "matching": is_matching(val, dense_val, tolerance) if judged else None,
+            "params": params,
+        })
+    return rows
+
+
+def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
+    """Every ticket of a search, by trial then round."""
+    rows = [row for run in candidate_runs(client, ref) for row in run_rows(client, run)]
+    return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
+
+
+def read_rows(
+    experiment: str | None = None, search_run_id: str | None = None, tracking_uri: str | None = None
+) -> tuple[SearchRef, list[dict[str, Any]], Any]:
+    """(search, rows, client) for the CLI and the API; MLflow errors become one-line TrackingErrors."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = client_for(uri)
+    try:
+        ref = find_search(client, experiment, search_run_id)
+        return ref, ticket_rows(client, ref), client
+    except MlflowException as error:
+        raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None
+
+
+# tickets.parquet ---------------------------------------------------------------------------
+FIXED_COLUMNS = ("trial_id", "run_id", "round")
+METRIC_COLUMNS = (
+    "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "dense_test_accuracy", "reused",
+    "train_loss", "train_steps_per_s", "tolerance", "matching",
+)
+
+
+def _column(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # mixed types, e.g. 0.5 and "measured"
+        return pa.array([None if v is None else json.dumps(v) if not isinstance(v, str) else v for v in values])
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """One row per trial-round: ids, round, one column per choice, metrics."""
+    if not rows:
+        return pa.table({name: pa.array([], pa.string()) for name in (*FIXED_COLUMNS, *METRIC_COLUMNS)})
+    columns = {name: _column([row[name] for row in rows]) for name in FIXED_COLUMNS}
+    for name in sorted({key for row in rows for key in row["params"]}):
+        column = name if name not in columns and name not in METRIC_COLUMNS else f"param.{name}"
+        columns[column] = _column([row["params"].get(name) for row in rows])
+    columns.update({name: _column([row[name] for row in rows]) for name in METRIC_COLUMNS})
+    return pa.table(columns)
+
+
+def rows_parquet(rows: list[dict[str, Any]]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(rows_table(rows), sink, compression="zstd")
+    return sink.getvalue()
