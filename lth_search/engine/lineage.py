@@ -5,11 +5,18 @@ its output, its parent's key included (ARCHITECTURE.md, "Stages and reuse"):
 
 - dense: data content, model, resolved recipe, seed, the rewind steps to keep. Output:
   theta_k for every kept rewind step k ("rewind_<k>", k = 0 is the initialisation),
-  theta_T ("end"), dense val/test accuracy.
+  theta_T ("end"), dense val/test accuracy. The replicated dense baseline is more dense
+  stages of the same inputs with seeds seed+1, seed+2, ... (on the lineage's own split).
 - round r: the parent's key (dense or round r-1) and the round's pruning choices
   (rate, scope, ratios, rewind step, init scale). It prunes the parent's end weights by
   magnitude, rewinds the survivors to theta_k (rescaled), retrains from step k to T, and
   outputs the mask ("mask"), the end weights ("end") and the metrics.
+
+Every stage's metrics keep which val examples it classified right (`val_correct`,
+packed bits), so a round is judged paired against the dense replicates (objective.py).
+The walk stops when the unbroken matching run ends (`prune.patience` misses in a row),
+at `prune.target_sparsity`, or at the cap `prune.rounds`; the stages and their keys do
+not depend on where a lineage stops, so a longer lineage reuses a shorter one's rounds.
 
 Before computing a stage the lineage asks the store, so any stage any lineage computed
 is reused (`reused=1`), and a lineage killed mid-round resumes after its last stored
@@ -28,7 +35,7 @@ from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.objective import Matching, matching
+from lth_search.engine.objective import Matching, Verdict, matching, pack_correct, paired_verdict, run_ended, unpack_correct
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -41,12 +48,13 @@ from lth_search.engine.pruning import (
     sparsity,
 )
 from lth_search.store.stages import StageEntry
-from lth_search.engine.train import evaluate, resolved_recipe, train
+from lth_search.engine.train import evaluate, predict, resolved_recipe, train
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
-STAGE_FORMAT = 1
-"""Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching."""
+STAGE_FORMAT = 2
+"""Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching.
+2: stages keep per-example val correctness (`val_correct`) for the paired verdict."""
 
 
 class StageSource(Protocol):
@@ -82,19 +90,54 @@ class RoundResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factor the survivors were multiplied by at rewind."""
+    matches: bool | None = None
+    """The paired verdict against the dense replicates (None: not judged, e.g. an old record)."""
+    margin: float | None = None
+    """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
+    margin_se: float | None = None
+    """Standard error of `margin` (paired per-example differences)."""
 
 
 @dataclass
 class LineageResult:
+    """A lineage so far. `dense` is its own dense stage; `dense["replicates"]` the baseline."""
+
     dense: dict[str, Any]
     rounds: list[RoundResult]
     steps_executed: int
     steps_reused: int
     tolerance: float
+    patience: int = 1
+    target_sparsity: float | None = None
+    stop_reason: str = ""
+    """Why the walk ended: "run_ended", "target_sparsity", "cap" ("" while it runs)."""
 
     @property
     def best(self) -> Matching:
-        return matching(self.dense["val_accuracy"], self.rounds, self.tolerance)
+        """The score so far: the last round of the unbroken matching run (fair at any round)."""
+        return self.score()
+
+    def score(self, upto: int | None = None) -> Matching:
+        """The score counting rounds 1..`upto` only (all completed rounds by default).
+
+        What a trial reports after each round; it never looks at rounds not yet run.
+        """
+        rounds = self.rounds if upto is None else [r for r in self.rounds if r.round <= upto]
+        return matching(self.dense["val_accuracy"], rounds, self.tolerance, self.patience)
+
+    def verdicts(self) -> list[bool]:
+        """Each completed round's verdict (paired when judged, else the unpaired rule)."""
+        from lth_search.engine.objective import verdicts
+
+        return verdicts(self.dense["val_accuracy"], self.rounds, self.tolerance)
+
+    def should_stop(self) -> str:
+        """Why the lineage stops after its last completed round ("" to continue, the cap aside)."""
+        if run_ended(self.verdicts(), self.patience):
+            return "run_ended"
+        if self.target_sparsity is not None and self.rounds and self.rounds[-1].sparsity >= self.target_sparsity:
+            return "target_sparsity"
+        return ""
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
@@ -106,6 +149,8 @@ class LineageResult:
             "matching_sparsity": best.sparsity,
             "matching_round": best.round,
             "matching_val_accuracy": best.val_accuracy,
+            "patience": self.patience,
+            "stop_reason": self.stop_reason,
         }
 
 
@@ -126,6 +171,8 @@ class Lineage:
         self.groups = dict(self.model.prunable)
         self.entries: list[StageEntry] = []
         """The stages of the last `run()`: dense first, then one per round."""
+        self.replicates: list[StageEntry] = []
+        """The dense baseline of the last `run()`: the lineage's own dense stage, then seed+1, ..."""
         self.recipe = resolved_recipe(cfg.train, self.data.steps_per_epoch(cfg.train.batch_size))
         self.total_steps = self.recipe["steps"]
         late = [k for k in cfg.prune.rewind_steps if k >= self.total_steps]
@@ -133,7 +180,8 @@ class Lineage:
             raise ConfigError(f"prune.rewind_steps: {late} must be < train.steps ({self.total_steps} iterations)")
 
     # Keys ---------------------------------------------------------------------------------
-    def dense_inputs(self) -> dict[str, Any]:
+    def dense_inputs(self, seed: int | None = None) -> dict[str, Any]:
+        """Inputs of the dense stage trained with `seed` (default the lineage's: replicate 0)."""
         cfg = self.cfg
         return {
             "stage": "dense",
@@ -142,7 +190,7 @@ class Lineage:
             "data_fingerprint": self.data.fingerprint,
             "model": cfg.model.model_dump(),
             "recipe": self.recipe,
-            "seed": cfg.seed,
+            "seed": cfg.seed if seed is None else seed,
             "rewind_steps": cfg.prune.rewind_steps,
         }
 
@@ -166,18 +214,21 @@ class Lineage:
     def _load(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
 
-    def _accuracies(self) -> dict[str, float]:
+    def _accuracies(self) -> dict[str, Any]:
         batch = self.cfg.train.eval_batch_size
+        correct = (predict(self.model, self.data.val, batch) == self.data.val.y).cpu().numpy()
         return {
-            "val_accuracy": evaluate(self.model, self.data.val, batch),
+            "val_accuracy": float(correct.mean()) if correct.size else 0.0,
             "test_accuracy": evaluate(self.model, self.data.test, batch),
+            "val_correct": {"n": int(correct.size), "bits": pack_correct(correct)},
         }
 
     def _compute_dense(self, key: str, inputs: dict[str, Any]) -> StageEntry:
-        fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, self.cfg.seed)
+        seed = inputs["seed"]
+        fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed)
         self._load(fresh.state_dict())
         kept = self.cfg.prune.rewind_steps
-        result = train(self.model, self.data, self.cfg.train, self.cfg.seed, 0, self.total_steps, snapshot_steps=kept)
+        result = train(self.model, self.data, self.cfg.train, seed, 0, self.total_steps, snapshot_steps=kept)
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -234,10 +285,14 @@ class Lineage:
         return StageEntry(key=key, kind="round", inputs=inputs, metrics=metrics, weights={"end": result.state},
                           masks={"mask": cpu_mask})
 
-    def dense_stage(self) -> tuple[StageEntry, bool]:
-        inputs = self.dense_inputs()
+    def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
+        inputs = self.dense_inputs(seed)
         key = content_key(inputs)
         return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs))
+
+    def judge(self, entry: StageEntry) -> Verdict:
+        """The paired verdict of a stage against the dense replicates (`run()` trains them first)."""
+        return paired_verdict(_correct(entry), [_correct(d) for d in self.replicates], self.cfg.search.tolerance)
 
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         inputs = self.round_inputs(parent.key, round_index)
@@ -266,13 +321,17 @@ class Lineage:
 
     # The walk -------------------------------------------------------------------------------
     def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
-        """Run (or fetch) the dense stage and every round, calling back after each stage.
+        """Run (or fetch) the dense stages and the rounds until the lineage stops, calling back
+        after the dense baseline and after each round.
 
         `self.entries[-1]` is the stage just finished when a callback runs (its mask and
-        weights are there for whoever logs them).
+        weights are there for whoever logs them); `self.replicates` holds the dense
+        baseline (the lineage's own dense stage first).
         """
+        prune = self.cfg.prune
         dense, reused = self.dense_stage()
         self.entries = [dense]
+        self.replicates = [dense]
         dm = dense.metrics
         result = LineageResult(
             dense={
@@ -288,14 +347,22 @@ class Lineage:
             steps_executed=0 if reused else dm["steps"],
             steps_reused=dm["steps"] if reused else 0,
             tolerance=self.cfg.search.tolerance,
+            patience=prune.patience,
+            target_sparsity=prune.target_sparsity,
         )
+        for offset in range(1, prune.dense_replicates):
+            replicate, replicate_reused = self.dense_stage(self.cfg.seed + offset)
+            self.replicates.append(replicate)
+            _count_steps(result, replicate.metrics["steps"], replicate_reused)
+        result.dense.update(_baseline(self.replicates))
         if on_dense is not None:
             on_dense(result)
         parent = dense
-        for round_index in range(1, self.cfg.prune.rounds + 1):
+        for round_index in range(1, prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             self.entries.append(parent)
             metrics = parent.metrics
+            verdict = self.judge(parent)
             round_result = RoundResult(
                 round=round_index,
                 sparsity=metrics["sparsity"],
@@ -308,15 +375,45 @@ class Lineage:
                 key=parent.key,
                 layer_sparsity=metrics["layer_sparsity"],
                 rescale=metrics.get("rescale", {}),
+                matches=verdict.matches,
+                margin=verdict.margin,
+                margin_se=verdict.se,
             )
             result.rounds.append(round_result)
-            if reused:
-                result.steps_reused += round_result.steps
-            else:
-                result.steps_executed += round_result.steps
+            _count_steps(result, round_result.steps, reused)
+            result.stop_reason = result.should_stop() or ("cap" if round_index == prune.rounds else "")
             if on_round is not None:
                 on_round(round_result, result)
+            if result.stop_reason:
+                break
+        if not result.stop_reason:
+            result.stop_reason = "cap"
         return result
+
+
+def _correct(entry: StageEntry) -> Any:
+    """A stage's per-example val correctness (a bool vector)."""
+    packed = entry.metrics["val_correct"]
+    return unpack_correct(packed["bits"], packed["n"])
+
+
+def _baseline(replicates: list[StageEntry]) -> dict[str, Any]:
+    """What the result says about the replicated dense baseline (beside the own dense's metrics)."""
+    vals = [r.metrics["val_accuracy"] for r in replicates]
+    return {
+        "replicates": len(replicates),
+        "replicate_keys": [r.key for r in replicates],
+        "replicate_val_accuracies": vals,
+        "baseline_val_accuracy": sum(vals) / len(vals),
+        "baseline_test_accuracy": sum(r.metrics["test_accuracy"] for r in replicates) / len(replicates),
+    }
+
+
+def _count_steps(result: LineageResult, steps: int, reused: bool) -> None:
+    if reused:
+        result.steps_reused += steps
+    else:
+        result.steps_executed += steps
 
 
 def run_lineage(
