@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.lineage import Lineage, LineageResult, RoundResult
-from lth_search.engine.objective import matching
 from lth_search.store.stages import StageStore
 from lth_search.tracking.runs import TrialTracker
 
@@ -181,7 +180,7 @@ def tracked_trial(
 def trial_record(search_id: str, trial_id: str, choices: dict, cfg: ExperimentConfig, result: LineageResult,
                  status: str = "finished") -> dict[str, Any]:
     """The record trial.py's TrialRecord writes to the store (the fields tracking.py documents)."""
-    best = matching(result.dense["val_accuracy"], result.rounds, result.tolerance)
+    best = result.best
     return {
         "search": cfg.name, "search_id": search_id, "trial_id": trial_id, "optuna_trial": None,
         "choices": choices, "config": cfg.with_choices(choices).model_dump(mode="json"), "status": status,

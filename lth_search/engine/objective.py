@@ -113,8 +113,13 @@ def verdicts(dense_val_accuracy: float, rounds: Iterable[_RoundLike], tolerance:
 
 
 def run_ended(passes: Sequence[bool], patience: int) -> bool:
-    """Whether `patience` rounds in a row have failed: the unbroken run is over."""
-    return patience >= 1 and len(passes) >= patience and not any(passes[-patience:])
+    """Whether `patience` rounds in a row have failed (anywhere): the unbroken run is over."""
+    misses = 0
+    for passed in passes:
+        misses = 0 if passed else misses + 1
+        if misses >= patience:
+            return True
+    return False
 
 
 def unbroken_run(passes: Sequence[bool], patience: int) -> int:

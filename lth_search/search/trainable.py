@@ -30,7 +30,6 @@ from ray import tune
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.engine.data import Dataset
 from lth_search.engine.lineage import Lineage, LineageResult, RoundResult
-from lth_search.engine.objective import matching
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of
 from lth_search.store.records import records_namespace
@@ -135,7 +134,7 @@ class _Reporter:
         self._report(round_result.round, round_result.key, metrics, result)
 
     def _report(self, round_index: int, key: str, metrics: dict[str, Any], result: LineageResult) -> None:
-        best = matching(result.dense["val_accuracy"], result.rounds, self.cfg.search.tolerance)
+        best = result.score(round_index)
         metrics.update(
             steps_executed=result.steps_executed,
             steps_reused=result.steps_reused,
@@ -214,7 +213,7 @@ class TrialRecord:
     def _write(self, result: LineageResult) -> None:
         rounds = sorted(self.rounds.values(), key=lambda r: r["round"])
         rounds = [r for r in rounds if r["key"] in {x.key for x in result.rounds}]
-        best = matching(result.dense["val_accuracy"], result.rounds, result.tolerance)
+        best = result.best
         test_at = {r["round"]: r["test_accuracy"] for r in rounds}
         total = result.dense["steps"] + sum(r.steps for r in result.rounds)
         executed = sum(a["steps_executed"] for a in self.attempts)

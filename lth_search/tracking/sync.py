@@ -45,6 +45,7 @@ def result_from_record(record: dict[str, Any], cfg: ExperimentConfig) -> Lineage
     return LineageResult(
         dense=dense, rounds=rounds, steps_executed=int(record.get("steps_executed", 0)),
         steps_reused=int(record.get("steps_reused", 0)), tolerance=cfg.search.tolerance,
+        patience=cfg.prune.patience, target_sparsity=cfg.prune.target_sparsity,
     )
 
 
