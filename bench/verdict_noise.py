@@ -190,6 +190,48 @@ def analyze(folder: Path, variants: list[tuple[int, int, float, int | None]], re
                   + f"  margin se {100 * statistics.fmean(ses):.2f} pp")
 
 
+def stability(folder: Path, variants: list[tuple[int, int, float, int | None]]) -> None:
+    """Is the verdict a coin flip? Score every lineage twice with disjoint val examples
+    and disjoint dense replicates (what another draw of the same noise would give), and
+    count how often the matching round moves and by how much (in compression)."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*.json"))]
+    new = [r for r in records if not r["old"]]
+    if not new:
+        return
+    print("\nstability: the same lineages judged on disjoint val examples and disjoint dense replicates")
+    for n_val, k, tol, patience in variants:
+        moved, ratios = 0, []
+        total = 0
+        for rec in new:
+            n = rec["val_size"]
+            if 2 * n_val > n or 2 * k > len(rec["dense"]):
+                continue
+            perm = np.random.default_rng(rec["seed"]).permutation(n)
+            halves = (np.sort(perm[:n_val]), np.sort(perm[n_val : 2 * n_val]))
+            dense = [_unpack(d["bits"], n) for d in rec["dense"]]
+            sets = (dense[:k], dense[k : 2 * k])
+            for rounds in rec["recipes"].values():
+                a, _ = score(rounds, sets[0], halves[0], tol, patience)
+                b, _ = score(rounds, sets[1], halves[1], tol, patience)
+                total += 1
+                moved += a != b
+                ratios.append(abs(math.log((1 - a) / (1 - b))))
+        if total:
+            label = f"n={n_val} k={k} tol={tol:g} " + (f"patience={patience}" if patience else "max-over-passes")
+            print(f"  {label:40s} matching round moved in {moved}/{total} lineages; "
+                  f"median compression ratio between draws {math.exp(statistics.median(ratios)):.2f}x, "
+                  f"worst {math.exp(max(ratios)):.2f}x")
+
+
+def training_noise(folder: Path) -> None:
+    """Seed-to-seed spread of dense val accuracy on one fixed split (noise pairing cannot remove)."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*.json"))]
+    sds = [statistics.stdev(d["val_accuracy"] for d in r["dense"]) for r in records if not r["old"] and len(r["dense"]) > 1]
+    if sds:
+        print(f"\ndense replicates on the same split: val accuracy SD {100 * statistics.fmean(sds):.2f} pp "
+              f"(mean over seeds; per seed " + " ".join(f"{100 * s:.2f}" for s in sds) + ")")
+
+
 def _variants(text: str) -> list[tuple[int, int, float, int | None]]:
     """`n:k:tol:patience,...` (patience 0 = max over passes)."""
     out = []
@@ -214,6 +256,7 @@ def main() -> None:
     ana.add_argument("folder")
     ana.add_argument("--variants", default="1000:1:0.02:0,1000:1:0.02:2,13000:1:0.01:2,13000:3:0.01:2,13000:5:0.01:2")
     ana.add_argument("--recipes", default=None)
+    ana.add_argument("--stability", default="1000:1:0.02:0,1000:1:0.02:2,6500:1:0.01:2,6500:2:0.01:2,6500:2:0.02:2")
     args = parser.parse_args()
     if args.command == "run":
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -224,6 +267,8 @@ def main() -> None:
                 print("wrote", future.result(), flush=True)
     else:
         analyze(Path(args.folder), _variants(args.variants), args.recipes.split(",") if args.recipes else None)
+        training_noise(Path(args.folder))
+        stability(Path(args.folder), _variants(args.stability))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ class PruneConfig(_Section):
     """Iterative magnitude pruning: what each round removes and where survivors rewind to."""
 
     rounds: int = Field(
-        5, ge=0, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier when "
+        20, ge=0, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier when "
         "its matching run ends, see patience, or when it reaches target_sparsity)"
     )
     patience: int = Field(
