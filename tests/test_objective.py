@@ -113,7 +113,10 @@ def test_paired_verdict_on_constructed_predictions() -> None:
     assert not paired_verdict(ticket, [dense_a, dense_b], tolerance=0.0099).matches
     assert not paired_verdict(ticket, [dense_b], tolerance=0.02).matches  # one lucky dense run sets a higher bar
     diff = ticket.astype(float) - (dense_a.astype(float) + dense_b) / 2
-    assert verdict.se == pytest.approx(diff.std(ddof=1) / math.sqrt(n))
+    assert verdict.se_paired == pytest.approx(diff.std(ddof=1) / math.sqrt(n))
+    # the replicates disagree by 4 pp: seed noise that pairing cannot remove, added to the error
+    assert verdict.seed_sd == pytest.approx(0.04 / math.sqrt(2))
+    assert verdict.se == pytest.approx(math.sqrt(verdict.se_paired**2 + verdict.seed_sd**2 * 1.5))
 
 
 def test_pairing_cancels_what_ticket_and_dense_share() -> None:
@@ -128,7 +131,7 @@ def test_pairing_cancels_what_ticket_and_dense_share() -> None:
     unrelated[rng.permutation(n)[: int(similar.sum())]] = True
     paired, unpaired = paired_verdict(similar, [dense], 0.02), paired_verdict(unrelated, [dense], 0.02)
     assert paired.margin == pytest.approx(unpaired.margin)
-    assert paired.se < unpaired.se / 5
+    assert paired.se_paired < unpaired.se_paired / 5 and paired.seed_sd == 0.0
 
 
 def test_paired_verdict_rejects_mismatched_vectors() -> None:

@@ -25,6 +25,8 @@ stage. Without a store, stages live in memory for the run.
 
 from __future__ import annotations
 
+import logging
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -49,6 +51,8 @@ from lth_search.engine.pruning import (
 )
 from lth_search.store.stages import StageEntry
 from lth_search.engine.train import evaluate, predict, resolved_recipe, train
+
+log = logging.getLogger(__name__)
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
@@ -95,7 +99,7 @@ class RoundResult:
     margin: float | None = None
     """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
     margin_se: float | None = None
-    """Standard error of `margin` (paired per-example differences)."""
+    """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
 
 
 @dataclass
@@ -381,6 +385,12 @@ class Lineage:
             )
             result.rounds.append(round_result)
             _count_steps(result, round_result.steps, reused)
+            if round_index == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
+                log.warning(
+                    "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
+                    "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
+                    self.cfg.search.tolerance, verdict.se,
+                )
             result.stop_reason = result.should_stop() or ("cap" if round_index == prune.rounds else "")
             if on_round is not None:
                 on_round(round_result, result)
@@ -406,6 +416,7 @@ def _baseline(replicates: list[StageEntry]) -> dict[str, Any]:
         "replicate_val_accuracies": vals,
         "baseline_val_accuracy": sum(vals) / len(vals),
         "baseline_test_accuracy": sum(r.metrics["test_accuracy"] for r in replicates) / len(replicates),
+        "baseline_val_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
     }
 
 

@@ -9,7 +9,9 @@ Two parts, both pure (no Ray, no MLflow):
   The margin is the ticket's accuracy minus the dense replicates' mean accuracy; its
   standard error comes from the per-example differences (ticket correct minus the mean
   of the replicates' correctness), which is what makes the comparison paired: the
-  examples both get right or both get wrong cancel.
+  examples both get right or both get wrong cancel. What pairing cannot remove is the
+  seed noise of training itself (the ticket's and the replicates'); the spread of the
+  replicates' accuracies on the same split measures it, and the verdict's `se` adds it.
 - The score: the sparsity of the last round of the lineage's unbroken matching run.
   A lineage may miss `patience - 1` rounds in a row and continue its run with a later
   pass; `patience` misses in a row end the run, and no pass after that counts. The
@@ -53,7 +55,13 @@ class Verdict:
     margin: float
     """Ticket val accuracy minus the dense replicates' mean val accuracy (negative: worse)."""
     se: float
-    """Standard error of `margin` from the paired per-example differences."""
+    """Standard error of `margin` as an estimate of the ticket's true gap to dense:
+    sqrt(se_paired^2 + seed_sd^2 (1 + 1/k)) for k replicates (seed noise of the ticket
+    and of the replicates' mean). Keep the tolerance at least twice this."""
+    se_paired: float
+    """The val-sampling part: from the paired per-example differences."""
+    seed_sd: float
+    """Standard deviation of the replicates' val accuracies (training-seed noise; 0 with one)."""
     dense_val_accuracy: float
     """The replicates' mean val accuracy: the bar the margin is measured from."""
 
@@ -83,7 +91,8 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
 
     Matches when the margin (ticket minus the replicates' mean accuracy) is at least
     `-tolerance`. Size the tolerance to at least twice `se` (bench/verdict_noise.py
-    measures both): then a ticket as good as dense fails by noise alone in ~2 % of rounds.
+    measures it): then a ticket as good as dense fails by noise alone in ~2 % of rounds,
+    and the round where a lineage stops matching moves by about one round between draws.
     """
     if not dense:
         raise ValueError("paired_verdict needs at least one dense replicate")
@@ -94,8 +103,11 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
     bar = d.mean(axis=0)
     diff = t - bar
     margin = float(diff.mean())
-    se = float(diff.std(ddof=1) / math.sqrt(t.size)) if t.size > 1 else float("inf")
-    return Verdict(margin >= -tolerance - _EPS, margin, se, float(bar.mean()))
+    se_paired = float(diff.std(ddof=1) / math.sqrt(t.size)) if t.size > 1 else float("inf")
+    k = d.shape[0]
+    seed_sd = float(d.mean(axis=1).std(ddof=1)) if k > 1 else 0.0
+    se = math.sqrt(se_paired**2 + seed_sd**2 * (1 + 1 / k))
+    return Verdict(margin >= -tolerance - _EPS, margin, se, se_paired, seed_sd, float(bar.mean()))
 
 
 # The score --------------------------------------------------------------------------------
