@@ -36,7 +36,8 @@ import torch
 
 from conftest import LTH_SEARCH, tiny_config, tiny_overrides
 from lth_search.store.leases import FileLeaseService, check_key
-from lth_search.engine.lineage import Lineage, LineageResult
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.results import LineageResult
 from lth_search.store.stages import StageStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ import pytest
 from conftest import LTH_SEARCH
 from search_helpers import manifests, search_config, search_overrides, trial_records, trial_results
 
-from lth_search.search.driver import run_search
+from lth_search.api import run_search
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent

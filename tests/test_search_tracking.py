@@ -25,7 +25,7 @@ from search_helpers import search_config, trial_records, trial_results
 
 from lth_search.store.codec import decode_mask
 from lth_search.tracking.client import read_artifact
-from lth_search.search.driver import run_search
+from lth_search.api import run_search
 from lth_search.store.stages import StageStore
 
 pytestmark = pytest.mark.slow

@@ -385,3 +385,8 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_error(error, source)) from None
+
+
+def default_output_dir() -> str:
+    """The schema's `output_dir` default, for commands that name a search instead of a config."""
+    return ExperimentConfig.model_fields["output_dir"].default

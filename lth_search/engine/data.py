@@ -272,6 +272,12 @@ _REGISTRY = {
 }
 
 
+def data_signature(name: str) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of a data set, known without reading it (loading takes seconds)."""
+    spec = _REGISTRY[name]
+    return tuple(spec.input_shape), int(spec.num_classes)
+
+
 def _check_labels(name: str, spec: _Spec, labels: np.ndarray) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise DataError(f"{name}: labels outside 0..{spec.num_classes - 1} (found {labels.min()}..{labels.max()})")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lth_search.config import ExperimentConfig, validate_config
+from lth_search.config import ExperimentConfig, default_output_dir, validate_config
 from lth_search.errors import ConfigError
 from lth_search.store.uri import PYARROW_SCHEMES
 
@@ -44,8 +44,9 @@ class SearchState:
         os.replace(staging, path)
 
     @classmethod
-    def load(cls, name: str, output_dir: str | Path) -> "SearchState":
-        folder = cls.folder(output_dir, name)
+    def load(cls, name: str, output_dir: str | Path | None = None) -> "SearchState":
+        """The state of search `name` under `output_dir` (default: the schema's)."""
+        folder = cls.folder(output_dir or default_output_dir(), name)
         try:
             data = json.loads((folder / "search.json").read_text())
         except FileNotFoundError:
