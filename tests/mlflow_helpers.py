@@ -14,12 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
+
+from conftest import wait_for
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.results import LineageResult
@@ -70,20 +71,22 @@ class MlflowServer:
         return self
 
     def _wait_healthy(self, deadline_s: float) -> None:
-        """Poll /health (a generous start-up deadline, not a timing assertion)."""
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
+        """Wait for /health (a generous start-up deadline, not a timing assertion)."""
+
+        def healthy() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited ({self.process.returncode}):\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer /health within {deadline_s} s:\n{self.log_tail()}")
+                return False
+
+        try:
+            wait_for(healthy, deadline_s, "mlflow server /health", poll=0.5)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"mlflow server did not answer /health within {deadline_s} s:\n{self.log_tail()}") from None
 
     def log_tail(self) -> str:
         path = self.root / "server.log"
