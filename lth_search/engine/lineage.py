@@ -231,15 +231,7 @@ class Lineage:
         self.entries = [dense]
         dm = dense.metrics
         result = LineageResult(
-            dense=DenseResult(
-                val_accuracy=dm["val_accuracy"],
-                test_accuracy=dm["test_accuracy"],
-                train_loss=dm["train_loss"],
-                train_steps_per_s=dm["train_steps_per_s"],
-                reused=int(reused),
-                steps=dm["steps"],
-                key=dense.key,
-            ),
+            dense=DenseResult.from_stage(dm, dense.key, reused),
             rounds=[],
             steps_executed=0 if reused else dm["steps"],
             steps_reused=dm["steps"] if reused else 0,
@@ -251,20 +243,7 @@ class Lineage:
         for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             self.entries.append(parent)
-            metrics = parent.metrics
-            round_result = RoundResult(
-                round=round_index,
-                sparsity=metrics["sparsity"],
-                val_accuracy=metrics["val_accuracy"],
-                test_accuracy=metrics["test_accuracy"],
-                train_loss=metrics["train_loss"],
-                train_steps_per_s=metrics["train_steps_per_s"],
-                reused=int(reused),
-                steps=metrics["steps"],
-                key=parent.key,
-                layer_sparsity=metrics["layer_sparsity"],
-                rescale=metrics.get("rescale", {}),
-            )
+            round_result = RoundResult.from_stage({**parent.metrics, "round": round_index}, parent.key, reused)
             result.rounds.append(round_result)
             if reused:
                 result.steps_reused += round_result.steps

@@ -22,8 +22,24 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+class _JsonRecord:
+    """to/from JSON for a flat dataclass; `from_json` ignores keys it does not know."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):  # noqa: ANN206 - returns cls
+        return cls(**_known_fields(cls, data))
+
+    @classmethod
+    def from_stage(cls, metrics: dict[str, Any], key: str, reused: bool):  # noqa: ANN206
+        """The result of a stage, from the metrics it stored and whether it was reused now."""
+        return cls.from_json({**metrics, "key": key, "reused": int(reused)})
+
+
 @dataclass
-class DenseResult:
+class DenseResult(_JsonRecord):
     """The dense stage: accuracies of the unpruned network at the end of training."""
 
     val_accuracy: float
@@ -34,16 +50,9 @@ class DenseResult:
     steps: int
     key: str
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DenseResult":
-        return cls(**_known_fields(cls, data))
-
 
 @dataclass
-class RoundResult:
+class RoundResult(_JsonRecord):
     """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
 
     round: int
@@ -58,13 +67,6 @@ class RoundResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factor the survivors were multiplied by at rewind."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "RoundResult":
-        return cls(**_known_fields(cls, data))
 
 
 @dataclass
