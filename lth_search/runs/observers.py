@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.results import LineageResult, RoundResult
-from lth_search.runs.record import TrialRecord
+from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.store.stages import StageEntry
 
 
@@ -26,7 +26,7 @@ class TrialObserver(Protocol):
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None: ...
 
-    def finish(self, result: LineageResult, status: str = "finished") -> None: ...
+    def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None: ...
 
 
 TrialObserverFactory = Callable[[ExperimentConfig, "str | None", str, dict[str, Any]], "TrialObserver | None"]

@@ -144,5 +144,5 @@ def run_trial(
         record.status = TrialStatus.FINISHED
     run.save(result)
     if observer is not None:
-        observer.finish(result, TrialStatus.FINISHED.value)
+        observer.finish(result, TrialStatus.FINISHED)
     return result

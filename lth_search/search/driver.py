@@ -33,7 +33,7 @@ from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.runs.state import SearchState, new_state
+from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import emit, summarize, summary_lines
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
@@ -267,7 +267,7 @@ def resume_search(
     _check_resources(cfg, address)
     with ray_session(address):
         observer = _start_tracking(cfg, state, tracking)
-        state.status = "running"
+        state.status = SearchStatus.RUNNING
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
         leases = start_lease_actor(cfg.name)
@@ -319,7 +319,7 @@ def _fit(
     if complete:
         _abandon_orphans(store, records, set(trials))
         close_orphans(state.journal, state.search_id)
-    state.status = "finished" if complete else "interrupted"
+    state.status = SearchStatus.FINISHED if complete else SearchStatus.INTERRUPTED
     state.finished_at = time.time() if complete else None
     state.save()
     if observer is not None and complete:
@@ -327,7 +327,7 @@ def _fit(
     links = {"wall_s": time.time() - began, "results_path": state.results_path}
     links.update(observer.links() if observer is not None else {})
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links)
-    summary["status"] = state.status
+    summary["status"] = state.status.value
     emit(summary_lines(summary), progress)
     if not complete:
         progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")

@@ -316,7 +316,7 @@ class TrialTracker:
             if ok:
                 self.state.masks.add(index)
 
-    def finish(self, result: LineageResult, status: str = "finished") -> None:
+    def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
         """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""
         if not self.ensure_run():
             return
@@ -329,8 +329,8 @@ class TrialTracker:
                 self.logged.append("summary")
         if summary or self.state.status == "RUNNING":
             self._plot(result)
-        run_status = TERMINAL.get(TrialStatus(status), "FINISHED")
-        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status, run_status))
+        run_status = TERMINAL.get(status, "FINISHED")
+        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
             self.state.status = run_status
 

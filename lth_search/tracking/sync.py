@@ -18,7 +18,7 @@ from typing import Callable
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.errors import TrackingError
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.runs.state import SearchState
+from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.store.stages import StageEntry, StageStore
 from lth_search.tracking.layout import summary_metrics
 from lth_search.tracking.parent import log_search_summary
@@ -88,7 +88,7 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
             entry = stages.get(round_result.key) if round_result.round not in tracker.state.masks else None
             tracker.log_round(round_result, entry)
     if record.status in TERMINAL and _needs_finish(tracker, result, record.status):
-        tracker.finish(result, record.status.value)
+        tracker.finish(result, record.status)
     return tracker.logged
 
 
@@ -115,7 +115,7 @@ def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | No
     if search.parent_run_id is None:
         raise TrackingError(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
     counts = refresh(search, records)
-    if state.status == "finished":
+    if state.status is SearchStatus.FINISHED:
         search.end()
     if search.missed:
         raise TrackingError(
