@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lth_search.engine.lineage import Lineage, LineageResult, MemoryStages
+from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.results import DenseResult, LineageResult
 from lth_search.engine.objective import (
     matching,
     pack_correct,
@@ -75,7 +76,9 @@ def test_run_end_and_unbroken_run_agree() -> None:
 def test_the_score_is_fair_at_any_round() -> None:
     """What a trial reports after round r only depends on rounds 1..r, and never drops a
     ticket it has earned while the run is unbroken."""
-    result = LineageResult(dense={"val_accuracy": DENSE}, rounds=curve([PASS, MISS, PASS, MISS, MISS, PASS]),
+    dense = DenseResult(val_accuracy=DENSE, test_accuracy=DENSE, train_loss=0.0, train_steps_per_s=0.0, reused=0,
+                        steps=0, key="dense")
+    result = LineageResult(dense=dense, rounds=curve([PASS, MISS, PASS, MISS, MISS, PASS]),
                            steps_executed=0, steps_reused=0, tolerance=TOL, patience=2)
     assert [result.score(r).round for r in range(0, 7)] == [0, 1, 1, 3, 3, 3, 3]
     assert result.best == result.score(6)
@@ -164,7 +167,7 @@ def test_rate_02_lineage_matches_past_8_rounds_then_stops_within_patience(data_r
     reported: list[int] = []
     result = lineage.run(on_round=lambda r, res: reported.append(res.score(r.round).round))
     passes = [r.matches for r in result.rounds]
-    assert len(lineage.replicates) == 2 and result.dense["replicates"] == 2
+    assert len(lineage.replicates) == 2 and result.dense.replicates == len(result.dense.replicate_keys) == 2
     first_miss = passes.index(False) + 1
     assert first_miss > 8 and result.best.round == first_miss - 1 > 8, passes
     assert result.best.sparsity == pytest.approx(1 - 0.8 ** result.best.round, abs=0.005)

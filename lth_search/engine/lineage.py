@@ -25,9 +25,9 @@ stage. Without a store, stages live in memory for the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -37,7 +37,8 @@ from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.objective import Matching, Verdict, matching, pack_correct, paired_verdict, run_ended, unpack_correct
+from lth_search.engine.objective import Verdict, pack_correct, paired_verdict, unpack_correct
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -76,86 +77,6 @@ class MemoryStages:
             return self._entries[key], True
         self._entries[key] = compute()
         return self._entries[key], False
-
-
-@dataclass
-class RoundResult:
-    """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
-
-    round: int
-    sparsity: float
-    val_accuracy: float
-    test_accuracy: float
-    train_loss: float
-    train_steps_per_s: float
-    reused: int
-    steps: int
-    key: str
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    rescale: dict[str, float] = field(default_factory=dict)
-    """Per-layer factor the survivors were multiplied by at rewind."""
-    matches: bool | None = None
-    """The paired verdict against the dense replicates (None: not judged, e.g. an old record)."""
-    margin: float | None = None
-    """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
-    margin_se: float | None = None
-    """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
-
-
-@dataclass
-class LineageResult:
-    """A lineage so far. `dense` is its own dense stage; `dense["replicates"]` the baseline."""
-
-    dense: dict[str, Any]
-    rounds: list[RoundResult]
-    steps_executed: int
-    steps_reused: int
-    tolerance: float
-    patience: int = 1
-    target_sparsity: float | None = None
-    stop_reason: str = ""
-    """Why the walk ended: "run_ended", "target_sparsity", "cap" ("" while it runs)."""
-
-    @property
-    def best(self) -> Matching:
-        """The score so far: the last round of the unbroken matching run (fair at any round)."""
-        return self.score()
-
-    def score(self, upto: int | None = None) -> Matching:
-        """The score counting rounds 1..`upto` only (all completed rounds by default).
-
-        What a trial reports after each round; it never looks at rounds not yet run.
-        """
-        rounds = self.rounds if upto is None else [r for r in self.rounds if r.round <= upto]
-        return matching(self.dense["val_accuracy"], rounds, self.tolerance, self.patience)
-
-    def verdicts(self) -> list[bool]:
-        """Each completed round's verdict (paired when judged, else the unpaired rule)."""
-        from lth_search.engine.objective import verdicts
-
-        return verdicts(self.dense["val_accuracy"], self.rounds, self.tolerance)
-
-    def should_stop(self) -> str:
-        """Why the lineage stops after its last completed round ("" to continue, the cap aside)."""
-        if run_ended(self.verdicts(), self.patience):
-            return "run_ended"
-        if self.target_sparsity is not None and self.rounds and self.rounds[-1].sparsity >= self.target_sparsity:
-            return "target_sparsity"
-        return ""
-
-    def to_json(self) -> dict[str, Any]:
-        best = self.best
-        return {
-            "dense": self.dense,
-            "rounds": [asdict(r) for r in self.rounds],
-            "steps_executed": self.steps_executed,
-            "steps_reused": self.steps_reused,
-            "matching_sparsity": best.sparsity,
-            "matching_round": best.round,
-            "matching_val_accuracy": best.val_accuracy,
-            "patience": self.patience,
-            "stop_reason": self.stop_reason,
-        }
 
 
 RoundCallback = Callable[[RoundResult, LineageResult], None]
@@ -338,15 +259,7 @@ class Lineage:
         self.replicates = [dense]
         dm = dense.metrics
         result = LineageResult(
-            dense={
-                "val_accuracy": dm["val_accuracy"],
-                "test_accuracy": dm["test_accuracy"],
-                "train_loss": dm["train_loss"],
-                "train_steps_per_s": dm["train_steps_per_s"],
-                "reused": int(reused),
-                "steps": dm["steps"],
-                "key": dense.key,
-            },
+            dense=DenseResult.from_stage(dm, dense.key, reused),
             rounds=[],
             steps_executed=0 if reused else dm["steps"],
             steps_reused=dm["steps"] if reused else 0,
@@ -358,30 +271,18 @@ class Lineage:
             replicate, replicate_reused = self.dense_stage(self.cfg.seed + offset)
             self.replicates.append(replicate)
             _count_steps(result, replicate.metrics["steps"], replicate_reused)
-        result.dense.update(_baseline(self.replicates))
+        result.dense = dataclasses.replace(result.dense, **_baseline(self.replicates))
         if on_dense is not None:
             on_dense(result)
         parent = dense
         for round_index in range(1, prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             self.entries.append(parent)
-            metrics = parent.metrics
             verdict = self.judge(parent)
-            round_result = RoundResult(
-                round=round_index,
-                sparsity=metrics["sparsity"],
-                val_accuracy=metrics["val_accuracy"],
-                test_accuracy=metrics["test_accuracy"],
-                train_loss=metrics["train_loss"],
-                train_steps_per_s=metrics["train_steps_per_s"],
-                reused=int(reused),
-                steps=metrics["steps"],
-                key=parent.key,
-                layer_sparsity=metrics["layer_sparsity"],
-                rescale=metrics.get("rescale", {}),
-                matches=verdict.matches,
-                margin=verdict.margin,
-                margin_se=verdict.se,
+            round_result = RoundResult.from_stage(
+                {**parent.metrics, "round": round_index, "matches": verdict.matches, "margin": verdict.margin,
+                 "margin_se": verdict.se},
+                parent.key, reused,
             )
             result.rounds.append(round_result)
             _count_steps(result, round_result.steps, reused)
