@@ -23,11 +23,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from lth_search.config import ExperimentConfig
-from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
-from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -39,8 +36,11 @@ from lth_search.engine.pruning import (
     rescale_factors,
     sparsity,
 )
-from lth_search.store.stages import StageEntry
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.train import evaluate, resolved_recipe, train
+from lth_search.errors import ConfigError
+from lth_search.store.keys import content_key
+from lth_search.store.stages import StageEntry
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
