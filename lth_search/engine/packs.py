@@ -307,7 +307,7 @@ class _Pack:
         wanted = [{s for s in m.snapshot_steps if m.start_step <= s <= end} for m, end in zip(self.members, self.ends)]
         snapshots: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in range(count)]
         window = torch.tensor([max(n - LOSS_WINDOW, 0) for n in self.lengths_sorted], device=self._device)
-        loss_sums = torch.zeros(count, dtype=self.x.dtype, device=self._device)
+        loss_sums = torch.zeros(count, device=self._device)  # train()'s accumulator: default dtype
         names = self.param_names
         optimizer = StackedOptimizer(self.recipe, [self.params[n].detach() for n in names])
         self._apply_masks(count)
