@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from lth_search.engine.pruning import ones_mask, prune_round, random_mask_like
 from lth_search.engine.train import train
 from lth_search.store.stages import StageStore
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 # Three members: two seeds, one rewinding later (it leaves the pack early), and one sharing
 # member 0's dense stage with other pruning choices (that stage is trained once).
@@ -116,3 +119,14 @@ def test_train_pack_equals_train_per_member(data_root: Path, tmp_path: Path, mod
         assert result.train_loss == pytest.approx(alone.train_loss, rel=1e-6)
         for step, snapshot in result.snapshots.items():  # masked weights exactly zero after every step
             assert all(bool((snapshot[n][~m] == 0).all()) for n, m in (member.mask or {}).items()), step
+
+
+def test_gpu_bench_without_cuda_fails_with_one_clear_line() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"bench/gpu.py: needs a CUDA GPU, and torch {torch.__version__} sees none (torch.cuda.is_available() is False)"
+    ]
