@@ -76,8 +76,10 @@ class LineagePack:
         first = lineages[0]
         for lineage in lineages[1:]:
             cfg = lineage.cfg
-            if cfg.model != first.cfg.model or lineage.recipe != first.recipe or lineage.device != first.device:
-                raise ValueError("pack members must share model, resolved training recipe and device")
+            same_data = (lineage.data.input_shape, lineage.data.num_classes) == (first.data.input_shape, first.data.num_classes)
+            if cfg.model != first.cfg.model or lineage.recipe != first.recipe or lineage.device != first.device \
+                    or not same_data:
+                raise ValueError("pack members must share model, data shapes, resolved training recipe and device")
         self.lineages = lineages
         self.mode = mode
 

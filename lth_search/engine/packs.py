@@ -214,8 +214,10 @@ class _Pack:
     def __init__(self, model: nn.Module, members: list[PackMember], recipe: TrainConfig, mode: str) -> None:
         self.recipe = recipe
         self.model = model
-        first = members[0].data
-        schedule = Schedule.from_recipe(recipe, first.steps_per_epoch(recipe.batch_size))
+        per_epoch = {m.data.steps_per_epoch(recipe.batch_size) for m in members}
+        if len(per_epoch) > 1:
+            raise ValueError("pack members must have train splits of the same length (the recipe's epochs differ)")
+        schedule = Schedule.from_recipe(recipe, per_epoch.pop())
         ends = [schedule.total_steps if m.end_step is None else m.end_step for m in members]
         self.lengths = [max(end - m.start_step, 0) for m, end in zip(members, ends)]
         self.order = sorted(range(len(members)), key=lambda i: -self.lengths[i])  # stable: ties keep input order
@@ -270,9 +272,8 @@ class _Pack:
             offsets.append(splits[id(train_split)])
         self.x = xs[0] if len(xs) == 1 else torch.cat(xs)
         self.y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        batch = self.orders[0].batch_size
-        self.offsets = torch.tensor(offsets, device=self._device).repeat_interleave(batch)
-        self.batch = batch
+        self.batch = self.orders[0].batch_size
+        self.offsets = torch.tensor(offsets, device=self._device).repeat_interleave(self.batch) if len(xs) > 1 else None
 
     def _lr(self, t: int, k: int) -> Lr:
         if self.schedule.constant:
@@ -280,11 +281,11 @@ class _Pack:
         rates = [self.schedule.lr_at(self.members[j].start_step + t) for j in range(k)]
         if all(r == rates[0] for r in rates):
             return rates[0]
-        return torch.tensor(rates, dtype=self.x.dtype, device=self._device)
+        return torch.tensor(rates, dtype=self.params[self.param_names[0]].dtype, device=self._device)
 
     def _inputs(self, t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         batches = torch.cat([self.orders[j].batch(self.members[j].start_step + t) for j in range(k)])
-        index = batches + self.offsets[: k * self.batch]
+        index = batches if self.offsets is None else batches + self.offsets[: k * self.batch]
         x = self.x.index_select(0, index).view(k, self.batch, *self.x.shape[1:])
         if self.recipe.augment != "none":
             x = torch.stack([augment(x[j], self.recipe.augment, self.members[j].seed, self.members[j].start_step + t)
