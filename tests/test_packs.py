@@ -22,6 +22,8 @@ from lth_search.store.stages import StageStore
 
 from conftest import REPO, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Three members: two seeds, one rewinding later (it leaves the pack early), and one sharing
 # member 0's dense stage with other pruning choices (that stage is trained once).
 MEMBERS = [
