@@ -25,14 +25,15 @@ a prefix of the stacks and a step touches only `[:k]`.
 
 How a model is batched (`choose_mode`, measured by bench/packs.py, one CPU thread):
 
-- "bmm": the MLP (and LeNet-300-100) as `torch.baddbmm` over stacked weights; 2-3x the
-  lineage-steps/s of the sequential trainer at R = 8 on one CPU thread.
+- "bmm": the MLP (and LeNet-300-100) as `torch.baddbmm` over stacked weights. Quickstart
+  MLP, one CPU thread: 1.2x / 1.9x / 2.6x / 2.9x the lineage-steps/s of the sequential
+  trainer at R = 2 / 4 / 8 / 16.
 - "vmap": any other model via `torch.func.functional_call` + `vmap` (convolutions become
   grouped convolutions; batch-norm buffers are stacked and updated per member). On a GPU
   a small conv step is mostly launch overhead, which batching removes.
 - "sequential": the members one after another with `train(...)`. Chosen for conv nets
-  on the CPU: there a conv step is compute-bound, and bench/packs.py measured the vmap
-  pack of conv2 at about the sequential speed, so batching does not pay there.
+  on the CPU: there a conv step is compute-bound, and the vmap pack of conv2 ran at
+  0.9-1.1x the sequential trainer for R = 2..16, so batching does not pay there.
 
 Equality with `train` is to rounding: a batched matmul sums in another order than a
 single one, so float64 packs give the same masks as lone lineages and float32 packs the
