@@ -220,30 +220,29 @@ class _Pack:
             raise ValueError("pack members must have train splits of the same length (the recipe's epochs differ)")
         schedule = Schedule.from_recipe(recipe, per_epoch.pop())
         ends = [schedule.total_steps if m.end_step is None else m.end_step for m in members]
-        self.lengths = [max(end - m.start_step, 0) for m, end in zip(members, ends)]
-        self.order = sorted(range(len(members)), key=lambda i: -self.lengths[i])  # stable: ties keep input order
+        lengths = [max(end - m.start_step, 0) for m, end in zip(members, ends)]
+        self.order = sorted(range(len(members)), key=lambda i: -lengths[i])  # stable: ties keep input order
         self.members = [members[i] for i in self.order]
         self.ends = [ends[i] for i in self.order]
+        self.lengths = [lengths[i] for i in self.order]
+        self.device = next(model.parameters()).device
         self.schedule = schedule
         self.param_names = [name for name, _ in model.named_parameters()]
         self.buffer_names = [name for name, _ in model.named_buffers()] if mode == "vmap" else []
         self.state_names = list(model.state_dict())
         self.forward = _mlp_forward(model) if mode == "bmm" else _vmap_forward(model)
         model.train()
+        template = model.state_dict()
         stack = lambda name: torch.stack([m.state[name] for m in self.members]).to(  # noqa: E731
-            device=self._device, dtype=dict(model.state_dict())[name].dtype
+            device=self.device, dtype=template[name].dtype
         )
         self.params = {name: stack(name).requires_grad_() for name in self.param_names}
         self.buffers = {name: stack(name) for name in self.buffer_names}
         self.masks = self._stack_masks()
-        self.orders = [BatchOrder(len(m.data.train), recipe.batch_size, m.seed, self._device) for m in self.members]
+        self.orders = [BatchOrder(len(m.data.train), recipe.batch_size, m.seed, self.device) for m in self.members]
         if len({o.batch_size for o in self.orders}) > 1:
             raise ValueError("pack members must have the same batch size (a train split smaller than a batch differs)")
         self._stack_data()
-
-    @property
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _stack_masks(self) -> dict[str, torch.Tensor]:
         """name -> (R, ...) 0/1 factors of the param's dtype, for every name any member masks."""
@@ -274,7 +273,7 @@ class _Pack:
         self.x = xs[0] if len(xs) == 1 else torch.cat(xs)
         self.y = ys[0] if len(ys) == 1 else torch.cat(ys)
         self.batch = self.orders[0].batch_size
-        self.offsets = torch.tensor(offsets, device=self._device).repeat_interleave(self.batch) if len(xs) > 1 else None
+        self.offsets = torch.tensor(offsets, device=self.device).repeat_interleave(self.batch) if len(xs) > 1 else None
 
     def _lr(self, t: int, k: int) -> Lr:
         if self.schedule.constant:
@@ -282,7 +281,7 @@ class _Pack:
         rates = [self.schedule.lr_at(self.members[j].start_step + t) for j in range(k)]
         if all(r == rates[0] for r in rates):
             return rates[0]
-        return torch.tensor(rates, dtype=self.params[self.param_names[0]].dtype, device=self._device)
+        return torch.tensor(rates, dtype=self.params[self.param_names[0]].dtype, device=self.device)
 
     def _inputs(self, t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         batches = torch.cat([self.orders[j].batch(self.members[j].start_step + t) for j in range(k)])
@@ -308,16 +307,17 @@ class _Pack:
         count = len(self.members)
         wanted = [{s for s in m.snapshot_steps if m.start_step <= s <= end} for m, end in zip(self.members, self.ends)]
         snapshots: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in range(count)]
-        window = torch.tensor([max(n - LOSS_WINDOW, 0) for n in self.lengths_sorted], device=self._device)
-        loss_sums = torch.zeros(count, device=self._device)  # train()'s accumulator: default dtype
+        window_starts = [max(n - LOSS_WINDOW, 0) for n in self.lengths]  # each member's last LOSS_WINDOW steps
+        window, window_from = torch.tensor(window_starts, device=self.device), min(window_starts, default=0)
+        loss_sums = torch.zeros(count, device=self.device)  # train()'s accumulator: default dtype
         names = self.param_names
         optimizer = StackedOptimizer(self.recipe, [self.params[n].detach() for n in names])
         self._apply_masks(count)
-        total = max(self.lengths_sorted, default=0)
+        total = max(self.lengths, default=0)
         began = time.perf_counter()
         k = count
         for t in range(total):
-            while k and self.lengths_sorted[k - 1] <= t:
+            while k and self.lengths[k - 1] <= t:
                 k -= 1
             for j in range(k):
                 if self.members[j].start_step + t in wanted[j]:
@@ -333,24 +333,21 @@ class _Pack:
             with torch.no_grad():
                 optimizer.step([self.params[n][:k] for n in names], list(grads), lr, k)
                 self._apply_masks(k)
-                loss_sums[:k] += losses.detach() * (window[:k] <= t)
+                if t >= window_from:
+                    loss_sums[:k] += losses.detach() * (window[:k] <= t)
         for j in range(count):
             end = self.ends[j]
             if end in wanted[j]:
                 snapshots[j][end] = self._member_state(j)
         seconds = time.perf_counter() - began
         sums = loss_sums.tolist()
-        all_steps = max(sum(self.lengths_sorted), 1)
+        all_steps = max(sum(self.lengths), 1)
         results = [
             TrainResult(self._member_state(j), snapshots[j], sums[j] / max(min(n, LOSS_WINDOW), 1), n,
                         seconds * n / all_steps)
-            for j, n in enumerate(self.lengths_sorted)
+            for j, n in enumerate(self.lengths)
         ]
         back = [None] * count
         for position, original in enumerate(self.order):
             back[original] = results[position]
         return back  # type: ignore[return-value]
-
-    @property
-    def lengths_sorted(self) -> list[int]:
-        return [self.lengths[i] for i in self.order]
