@@ -43,7 +43,8 @@ def _lineages(data_root: Path, tmp_path: Path, dtype: torch.dtype, store=None) -
     for extra in MEMBERS:
         cfg = tiny_config(data_root, tmp_path, train__device="cpu", **extra)
         data = load_dataset(cfg.data, cfg.seed)
-        lineage = Lineage(cfg, store if store is not None else MemoryStages(), _double(data) if dtype == torch.float64 else data)
+        data = _double(data) if dtype == torch.float64 else data
+        lineage = Lineage(cfg, store if store is not None else MemoryStages(), data)
         lineage.model.to(dtype)
         lineages.append(lineage)
     return lineages

@@ -74,12 +74,11 @@ class LineagePack:
         if not lineages:
             raise ValueError("a lineage pack needs at least one lineage")
         first = lineages[0]
-        for lineage in lineages[1:]:
-            cfg = lineage.cfg
-            same_data = (lineage.data.input_shape, lineage.data.num_classes) == (first.data.input_shape, first.data.num_classes)
-            if cfg.model != first.cfg.model or lineage.recipe != first.recipe or lineage.device != first.device \
-                    or not same_data:
-                raise ValueError("pack members must share model, data shapes, resolved training recipe and device")
+        shared = lambda lineage: (  # noqa: E731
+            lineage.cfg.model, lineage.recipe, lineage.device, lineage.data.input_shape, lineage.data.num_classes
+        )
+        if any(shared(lineage) != shared(first) for lineage in lineages[1:]):
+            raise ValueError("pack members must share model, data shapes, resolved training recipe and device")
         self.lineages = lineages
         self.mode = mode
 

@@ -81,7 +81,9 @@ def choose_mode(model: nn.Module, device: torch.device | str) -> str:
     return "vmap" if torch.device(device).type == "cuda" else "sequential"
 
 
-def train_pack(model: nn.Module, members: list[PackMember], recipe: TrainConfig, mode: Mode = "auto") -> list[TrainResult]:
+def train_pack(
+    model: nn.Module, members: list[PackMember], recipe: TrainConfig, mode: Mode = "auto"
+) -> list[TrainResult]:
     """Train every member as `train(model, ...)` would, in lockstep; one result per member.
 
     `model` is a template (architecture, dtype and device); it is left in an unspecified
@@ -260,16 +262,17 @@ class _Pack:
     def _stack_data(self) -> None:
         """One tensor of every distinct train split, and each member's offset into it, so a
         step's batches are one `index_select` (members of one seed share one split)."""
-        splits: dict[int, int] = {}
+        splits: dict[tuple[int, int], int] = {}  # by storage: `Dataset.to` copies the containers, not the tensors
         xs, ys, offsets, total = [], [], [], 0
         for member in self.members:
             train_split = member.data.train
-            if id(train_split) not in splits:
-                splits[id(train_split)] = total
+            where = (train_split.x.data_ptr(), train_split.y.data_ptr())
+            if where not in splits:
+                splits[where] = total
                 xs.append(train_split.x)
                 ys.append(train_split.y)
                 total += len(train_split)
-            offsets.append(splits[id(train_split)])
+            offsets.append(splits[where])
         self.x = xs[0] if len(xs) == 1 else torch.cat(xs)
         self.y = ys[0] if len(ys) == 1 else torch.cat(ys)
         self.batch = self.orders[0].batch_size
