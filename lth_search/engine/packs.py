@@ -88,6 +88,8 @@ def train_pack(
 
     `model` is a template (architecture, dtype and device); it is left in an unspecified
     state. All members share the recipe and the model; they may differ in everything else.
+    A member's `seconds` is its share (by steps) of the pack's wall time, so its
+    `steps_per_s` is the pack's lineage-steps/s.
     """
     if not members:
         return []
