@@ -33,12 +33,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 from lth_search.config import ExperimentConfig
-from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
-from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
 from lth_search.engine.objective import Verdict, pack_correct, paired_verdict, unpack_correct
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -50,8 +47,11 @@ from lth_search.engine.pruning import (
     rescale_factors,
     sparsity,
 )
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+from lth_search.engine.train import TrainResult, evaluate, predict, resolved_recipe, train
+from lth_search.errors import ConfigError
+from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
-from lth_search.engine.train import evaluate, predict, resolved_recipe, train
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,12 @@ class Lineage:
         self._load(fresh.state_dict())
         kept = self.cfg.prune.rewind_steps
         result = train(self.model, self.data, self.cfg.train, seed, 0, self.total_steps, snapshot_steps=kept)
+        return self.dense_entry(key, inputs, result)
+
+    def dense_entry(self, key: str, inputs: dict[str, Any], result: TrainResult) -> StageEntry:
+        """The dense stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
+        kept = self.cfg.prune.rewind_steps
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -168,13 +174,16 @@ class Lineage:
     def _compute_round(
         self, key: str, inputs: dict[str, Any], dense: StageEntry, parent: StageEntry, round_index: int
     ) -> StageEntry:
+        return self._train_masked(key, inputs, dense, self.next_mask(parent), round_index)
+
+    def next_mask(self, parent: StageEntry) -> Mask:
+        """The mask of the round after `parent` (dense or a round): prune its end weights."""
         prune = self.cfg.prune
         parent_mask = parent.masks.get("mask") or ones_mask(self.model)
-        mask = prune_round(
+        return prune_round(
             parent.weights["end"], parent_mask, self.groups, prune.rate, prune.scope, prune.layer_ratios,
             prune.output_ratio,
         )
-        return self._train_masked(key, inputs, dense, mask, round_index)
 
     def _rescale(self, rewind: dict[str, torch.Tensor], mask: Mask) -> dict[str, float]:
         """Per-layer factors for the survivors at rewind (kept in the stage's metrics, so a
@@ -188,14 +197,30 @@ class Lineage:
         self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
         start_weights: dict[str, torch.Tensor] | None = None,
     ) -> StageEntry:
-        prune = self.cfg.prune
-        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{prune.rewind_step}"]
-        factors = self._rescale(rewind, mask)
-        self._load(masked_state(rewind, mask, factors))
+        start, factors = self.round_start(dense, mask, start_weights)
+        self._load(start)
         device_mask = {name: m.to(self.device) for name, m in mask.items()}
         result = train(
-            self.model, self.data, self.cfg.train, self.cfg.seed, prune.rewind_step, self.total_steps, mask=device_mask
+            self.model, self.data, self.cfg.train, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
+            mask=device_mask,
         )
+        return self.round_entry(key, inputs, mask, factors, result, round_index)
+
+    def round_start(
+        self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """(weights a masked stage trains from, the rescale factors): the rewind weights
+        (or `start_weights`) masked and rescaled."""
+        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{self.cfg.prune.rewind_step}"]
+        factors = self._rescale(rewind, mask)
+        return masked_state(rewind, mask, factors), factors
+
+    def round_entry(
+        self, key: str, inputs: dict[str, Any], mask: Mask, factors: dict[str, float], result: TrainResult,
+        round_index: int,
+    ) -> StageEntry:
+        """A masked stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -245,6 +270,51 @@ class Lineage:
         return self.store.get_or_compute(key, compute)
 
     # The walk -------------------------------------------------------------------------------
+    def start(self, dense: StageEntry, reused: bool) -> LineageResult:
+        """The result of a walk whose dense stage is `dense` (no rounds yet)."""
+        self.entries = [dense]
+        self.replicates = [dense]
+        steps = dense.metrics["steps"]
+        return LineageResult(
+            dense=DenseResult.from_stage(dense.metrics, dense.key, reused),
+            rounds=[],
+            steps_executed=0 if reused else steps,
+            steps_reused=steps if reused else 0,
+            tolerance=self.cfg.search.tolerance,
+            patience=self.cfg.prune.patience,
+            target_sparsity=self.cfg.prune.target_sparsity,
+        )
+
+    def replicate_seeds(self) -> list[int]:
+        """Seeds of the dense replicates beyond the lineage's own dense stage."""
+        return [self.cfg.seed + offset for offset in range(1, self.cfg.prune.dense_replicates)]
+
+    def add_replicate(self, result: LineageResult, entry: StageEntry, reused: bool) -> None:
+        """Count one more dense replicate into the baseline."""
+        self.replicates.append(entry)
+        _count_steps(result, entry.metrics["steps"], reused)
+        result.dense = dataclasses.replace(result.dense, **_baseline(self.replicates))
+
+    def add_round(self, result: LineageResult, entry: StageEntry, reused: bool, round_index: int) -> RoundResult:
+        """Judge a finished round against the baseline, append it, and set `result.stop_reason`."""
+        self.entries.append(entry)
+        verdict = self.judge(entry)
+        round_result = RoundResult.from_stage(
+            {**entry.metrics, "round": round_index, "matches": verdict.matches, "margin": verdict.margin,
+             "margin_se": verdict.se},
+            entry.key, reused,
+        )
+        result.rounds.append(round_result)
+        _count_steps(result, round_result.steps, reused)
+        if round_index == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
+            log.warning(
+                "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
+                "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
+                self.cfg.search.tolerance, verdict.se,
+            )
+        result.stop_reason = result.should_stop() or ("cap" if round_index >= self.cfg.prune.rounds else "")
+        return round_result
+
     def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
         """Run (or fetch) the dense stages and the rounds until the lineage stops, calling back
         after the dense baseline and after each round.
@@ -253,52 +323,21 @@ class Lineage:
         weights are there for whoever logs them); `self.replicates` holds the dense
         baseline (the lineage's own dense stage first).
         """
-        prune = self.cfg.prune
         dense, reused = self.dense_stage()
-        self.entries = [dense]
-        self.replicates = [dense]
-        dm = dense.metrics
-        result = LineageResult(
-            dense=DenseResult.from_stage(dm, dense.key, reused),
-            rounds=[],
-            steps_executed=0 if reused else dm["steps"],
-            steps_reused=dm["steps"] if reused else 0,
-            tolerance=self.cfg.search.tolerance,
-            patience=prune.patience,
-            target_sparsity=prune.target_sparsity,
-        )
-        for offset in range(1, prune.dense_replicates):
-            replicate, replicate_reused = self.dense_stage(self.cfg.seed + offset)
-            self.replicates.append(replicate)
-            _count_steps(result, replicate.metrics["steps"], replicate_reused)
-        result.dense = dataclasses.replace(result.dense, **_baseline(self.replicates))
+        result = self.start(dense, reused)
+        for seed in self.replicate_seeds():
+            self.add_replicate(result, *self.dense_stage(seed))
         if on_dense is not None:
             on_dense(result)
         parent = dense
-        for round_index in range(1, prune.rounds + 1):
+        for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
-            self.entries.append(parent)
-            verdict = self.judge(parent)
-            round_result = RoundResult.from_stage(
-                {**parent.metrics, "round": round_index, "matches": verdict.matches, "margin": verdict.margin,
-                 "margin_se": verdict.se},
-                parent.key, reused,
-            )
-            result.rounds.append(round_result)
-            _count_steps(result, round_result.steps, reused)
-            if round_index == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
-                log.warning(
-                    "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
-                    "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
-                    self.cfg.search.tolerance, verdict.se,
-                )
-            result.stop_reason = result.should_stop() or ("cap" if round_index == prune.rounds else "")
+            round_result = self.add_round(result, parent, reused, round_index)
             if on_round is not None:
                 on_round(round_result, result)
             if result.stop_reason:
                 break
-        if not result.stop_reason:
-            result.stop_reason = "cap"
+        result.stop_reason = result.stop_reason or "cap"
         return result
 
 
