@@ -184,3 +184,18 @@ def test_target_sparsity_stops_the_walk(data_root: Path, tmp_path: Path) -> None
     result = Lineage(cfg).run()
     assert [r.round for r in result.rounds] == [1, 2, 3, 4] and result.stop_reason == "target_sparsity"
     assert result.best.round == 4
+
+
+def test_a_pack_walks_like_a_lone_lineage(data_root: Path, tmp_path: Path) -> None:
+    """Packs train the same dense replicates, judge rounds the same way and stop members alike."""
+    from lth_search.engine.pack_lineage import LineagePack
+
+    settings = dict(prune__rate=0.2, prune__rounds=20, prune__patience=2, prune__dense_replicates=2,
+                    search__tolerance=0.115, train__device="cpu")
+    alone = Lineage(tiny_config(data_root, tmp_path, **settings), MemoryStages()).run()
+    packed = LineagePack([Lineage(tiny_config(data_root, tmp_path, **settings), MemoryStages()),
+                          Lineage(tiny_config(data_root, tmp_path, **{**settings, "prune__rounds": 3}), MemoryStages())]).run()
+    assert packed[0].dense.replicate_keys == alone.dense.replicate_keys
+    assert [r.matches for r in packed[0].rounds] == [r.matches for r in alone.rounds]
+    assert packed[0].stop_reason == alone.stop_reason == "run_ended" and packed[0].best.round == alone.best.round
+    assert len(packed[1].rounds) == 3 and packed[1].stop_reason == "cap"
