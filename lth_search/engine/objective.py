@@ -111,10 +111,6 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
 
 
 # The score --------------------------------------------------------------------------------
-class _Judged(_RoundLike, Protocol):
-    matches: bool | None
-
-
 def verdicts(dense_val_accuracy: float, rounds: Iterable[_RoundLike], tolerance: float) -> list[bool]:
     """Each round's verdict: its own paired `matches` when it has one, else the unpaired rule."""
     out = []
