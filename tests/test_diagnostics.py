@@ -19,12 +19,7 @@ from lth_search.engine.diagnostics import (
 from lth_search.engine.models import MLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sign_preservation_is_one_when_no_kept_weight_flips() -> None:

@@ -12,12 +12,7 @@ from lth_search.engine.prune_at_init import grasp_scores, prune_at_init, snip_sc
 NAMES = ["hidden.0.weight", "output.weight"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(seed: int = 0) -> tuple[MLP, torch.Tensor, torch.Tensor]:

@@ -143,6 +143,8 @@ class TrainConfig(_Section):
         return self.model_dump(exclude={"device", "eval_batch_size"})
 
 
+KINDS = ("imp", "lr_rewind", "finetune", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")
+"""Lineage kinds (engine/kinds.py): IMP with weight rewinding and the baselines it is compared with."""
 RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
 
@@ -161,6 +163,14 @@ def check_init_scale(value: Any) -> InitScale:
 class PruneConfig(_Section):
     """Iterative magnitude pruning: what each round removes and where survivors rewind to."""
 
+    kind: Literal[KINDS] = Field(
+        "imp",
+        description="lineage kind: imp (weight rewinding), lr_rewind (retrain the end weights with the schedule "
+        "rewound to rewind_step), finetune (retrain the end weights at the final learning rate), oneshot "
+        "(magnitude-prune the dense end weights once per sparsity, rewind), random_prune / random_reinit (the "
+        "controls of each IMP round), snip / grasp / synflow (prune at theta_k, train); every kind other than "
+        "imp and the iterative lr_rewind / finetune is trained at the IMP lineage's sparsities",
+    )
     rounds: int = Field(5, ge=0, description="pruning rounds after the dense stage")
     rate: float = Field(0.2, gt=0, lt=1, description="fraction of the remaining weights pruned per round")
     scope: Literal["global", "layerwise"] = "global"
@@ -213,6 +223,31 @@ class PruneConfig(_Section):
         return self.model_dump(include={"rate", "scope", "layer_ratios", "output_ratio", "rewind_step", "init_scale"})
 
 
+class DiagnosticsConfig(_Section):
+    """Why a ticket wins (engine/diagnostics.py): computed per round, logged beside the accuracies."""
+
+    enabled: bool = Field(
+        True, description="sign preservation, trajectory alignment and layer health per round (cheap: no training)"
+    )
+    probe_size: int = Field(1024, ge=1, description="training examples of the fixed probe batch (gradient at theta_k)")
+    stability: bool = Field(
+        False, description="linear-mode-connectivity instability per round: trains a second copy from theta_k "
+        "with another data order (doubles a round)",
+    )
+    stability_points: int = Field(5, ge=2, le=101, description="interpolation points on the line between the copies")
+    stability_steps: list[int] = Field(
+        [], description="rewind steps k for the dense instability probe (two dense copies from theta_k each)"
+    )
+    perturbation: float | None = Field(
+        None, gt=0, description="retrain from theta_k plus Gaussian noise of this scale (relative to each layer's "
+        "kept-weight std) on the kept weights; off when null",
+    )
+    collapse_ratio: float = Field(0.05, gt=0, lt=1, description="a layer keeping less than this share of the "
+                                  "network's kept fraction is reported as collapsed")
+    deviation_bound: float = Field(0.25, gt=0, le=1, description="warn when a layer's sparsity is further than this "
+                                   "from the target")
+
+
 class AshaConfig(_Section):
     """Early stopping that is fair across pruning rates.
 
@@ -231,6 +266,9 @@ class AshaConfig(_Section):
 class SearchSpace(_Section):
     """Values the search may pick; a key left out (null) is fixed at its `prune` value."""
 
+    kind: list[Literal[KINDS]] | None = Field(
+        None, description="lineage kinds to choose among (prune.kind), e.g. [imp, lr_rewind]"
+    )
     rewind_step: list[int] | None = None
     rate: list[float] | None = None
     scope: list[Literal["global", "layerwise"]] | None = None
@@ -253,7 +291,7 @@ class SearchSpace(_Section):
             raise ValueError("must be a non-empty list of rates in (0, 1)")
         return values
 
-    @field_validator("rewind_step", "scope")
+    @field_validator("kind", "rewind_step", "scope")
     @classmethod
     def _non_empty(cls, values: list | None) -> list | None:
         if values is not None and not values:
@@ -330,6 +368,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     prune: PruneConfig = PruneConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
     store: StoreConfig = StoreConfig()
@@ -371,7 +410,7 @@ class ExperimentConfig(_Section):
         """Each searched choice name ("rate", "layer_ratios/output", ...) with its candidates."""
         space = self.search.space
         values: dict[str, list[Any]] = {}
-        for key in ("rewind_step", "rate", "scope", "init_scale"):
+        for key in ("kind", "rewind_step", "rate", "scope", "init_scale"):
             candidates = getattr(space, key)
             if candidates is not None:
                 values[key] = list(candidates)

@@ -58,33 +58,6 @@ class LayerHealth:
     deviates: bool
 
 
-@dataclass
-class RoundDiagnostics:
-    """Diagnostics of one round; the optional probes stay None unless asked for."""
-
-    sign_ticket: float | None = None
-    sign_dense: float | None = None
-    alignment: float | None = None
-    barrier: float | None = None
-    """Error barrier between two copies of this round trained with different data orders."""
-    perturbed_val_accuracy: float | None = None
-    collapsed_layers: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        """The numeric diagnostics, named as MLflow metrics (absent ones left out)."""
-        values = {
-            "sign_preservation": self.sign_ticket,
-            "sign_preservation_dense": self.sign_dense,
-            "trajectory_alignment": self.alignment,
-            "instability_barrier": self.barrier,
-            "perturbed_val_accuracy": self.perturbed_val_accuracy,
-        }
-        out = {name: float(v) for name, v in values.items() if v is not None}
-        out["collapsed_layers"] = float(len(self.collapsed_layers))
-        return out
-
-
 # Sign preservation ----------------------------------------------------------------------------
 def sign_share(reference: dict[str, torch.Tensor], end: dict[str, torch.Tensor], mask: Mask | None,
                names: Iterable[str]) -> float:

@@ -52,6 +52,33 @@ class DenseResult(_JsonRecord):
 
 
 @dataclass
+class RoundDiagnostics:
+    """Diagnostics of one round; the optional probes stay None unless asked for."""
+
+    sign_ticket: float | None = None
+    sign_dense: float | None = None
+    alignment: float | None = None
+    barrier: float | None = None
+    """Error barrier between two copies of this round trained with different data orders."""
+    perturbed_val_accuracy: float | None = None
+    collapsed_layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric diagnostics, named as MLflow metrics (absent ones left out)."""
+        values = {
+            "sign_preservation": self.sign_ticket,
+            "sign_preservation_dense": self.sign_dense,
+            "trajectory_alignment": self.alignment,
+            "instability_barrier": self.barrier,
+            "perturbed_val_accuracy": self.perturbed_val_accuracy,
+        }
+        out = {name: float(v) for name, v in values.items() if v is not None}
+        out["collapsed_layers"] = float(len(self.collapsed_layers))
+        return out
+
+
+@dataclass
 class RoundResult(_JsonRecord):
     """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
 
@@ -67,6 +94,12 @@ class RoundResult(_JsonRecord):
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factor the survivors were multiplied by at rewind."""
+    diagnostics: RoundDiagnostics | None = None
+    """Sign preservation, trajectory alignment, layer health, optional probes (diagnostics.*)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.diagnostics, dict):  # read back from JSON (a trial record, sync)
+            self.diagnostics = RoundDiagnostics(**self.diagnostics)
 
 
 @dataclass
@@ -78,6 +111,8 @@ class LineageResult:
     steps_executed: int
     steps_reused: int
     tolerance: float
+    kind: str = "imp"
+    """The lineage kind (prune.kind, engine/kinds.py)."""
 
     @property
     def best(self) -> Matching:
@@ -99,6 +134,7 @@ class LineageResult:
     def to_json(self) -> dict[str, Any]:
         best = self.best
         return {
+            "kind": self.kind,
             "dense": self.dense.to_json(),
             "rounds": [r.to_json() for r in self.rounds],
             "steps_executed": self.steps_executed,
