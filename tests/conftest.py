@@ -76,17 +76,6 @@ def tiny_config(data_root: Path, output_dir: Path, **extra: object) -> Experimen
     return load_config(None, tiny_overrides(data_root, output_dir, **extra)).absolute()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is as fast alone and much faster on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session, on loopback (ray.init takes 10-20 s here)."""

@@ -19,7 +19,7 @@ from lth_search.engine.diagnostics import (
 from lth_search.engine.models import MLP
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sign_preservation_is_one_when_no_kept_weight_flips() -> None:

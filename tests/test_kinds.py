@@ -16,11 +16,11 @@ from lth_search.engine.lineage import Lineage, MemoryStages
 from lth_search.store.keys import content_key
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def every_kind(one_thread, data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+def every_kind(one_torch_thread, data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = tiny_config(data_root, tmp_path_factory.mktemp("kinds"), prune__rounds=2, prune__rewind_step=20,
                       train__schedule="step", train__milestones="[100]")
     stages = MemoryStages()

@@ -12,7 +12,7 @@ from lth_search.engine.prune_at_init import grasp_scores, prune_at_init, snip_sc
 NAMES = ["hidden.0.weight", "output.weight"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small(seed: int = 0) -> tuple[MLP, torch.Tensor, torch.Tensor]:
