@@ -21,6 +21,7 @@ from lth_search.config import ExperimentConfig
 from lth_search.config.schema import validate_config
 from lth_search.engine.kinds import KindLineage, check_kinds
 from lth_search.engine.lineage import Lineage, MemoryStages, StageSource
+from lth_search.engine.probes import RoundProbes
 from lth_search.store.stages import StageEntry
 
 Progress = Callable[[str], None]
@@ -70,6 +71,9 @@ class CompareResult:
     rows: list[CompareRow] = field(default_factory=list)
     dense: dict[int, dict[str, float]] = field(default_factory=dict)
     """Dense val/test accuracy per seed."""
+    dense_barriers: dict[int, dict[int, float]] = field(default_factory=dict)
+    """Per seed, the dense network's instability barrier (val error) per rewind step k
+    (diagnostics.stability_steps)."""
     steps_executed: int = 0
     steps_reused: int = 0
 
@@ -99,6 +103,7 @@ class CompareResult:
         lines = [
             f"compare {self.name}: seeds {','.join(map(str, self.seeds))}; dense val {100 * dense['val_accuracy']:.2f}%"
             f"  test {100 * dense['test_accuracy']:.2f}%  (mean over seeds; [min, max] across seeds)",
+            *self._barrier_lines(),
             f"{'kind':<14} {'round':>5} {'sparsity':>9} {'remaining':>9}  {'val %':<22} {'test %':<22} {'rho':>5}",
         ]
         for row in self.summary():
@@ -109,6 +114,16 @@ class CompareResult:
                 f"{rho}"
             )
         return "\n".join(lines)
+
+    def _barrier_lines(self) -> list[str]:
+        steps = sorted({k for barriers in self.dense_barriers.values() for k in barriers})
+        if not steps:
+            return []
+        parts = []
+        for k in steps:
+            values = [b[k] for b in self.dense_barriers.values() if k in b]
+            parts.append(f"k={k}: {_span(statistics.mean(values), min(values), max(values))} pp")
+        return ["dense instability barrier (val error, two data orders from theta_k): " + ";  ".join(parts)]
 
     def rows_csv(self) -> str:
         buffer = io.StringIO()
@@ -121,6 +136,7 @@ class CompareResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "kinds": self.kinds, "seeds": self.seeds, "dense": self.dense,
+            "dense_barriers": self.dense_barriers,
             "steps_executed": self.steps_executed, "steps_reused": self.steps_reused,
             "rows": [asdict(r) for r in self.rows], "summary": [asdict(r) for r in self.summary()],
         }
@@ -164,8 +180,20 @@ def run_compare(
                 progress(f"seed {seed} {kind:<14} {len(lineage_result.rounds)} rounds to {100 * last.sparsity:.2f}% "
                          f"sparsity: val {100 * last.val_accuracy:5.2f}%  test {100 * last.test_accuracy:5.2f}%  "
                          f"({executed} steps trained)")
+        if cfg.diagnostics.stability_steps:
+            result.dense_barriers[seed] = dense_barriers(lineage, cfg.diagnostics.stability_steps, progress)
     result.steps_executed, result.steps_reused = counting.executed, counting.reused
     return result
+
+
+def dense_barriers(lineage: Lineage, steps: Sequence[int], progress: Progress) -> dict[int, float]:
+    """The dense network's instability barrier for each rewind step k (stored stages)."""
+    probes = lineage.diagnose if isinstance(lineage.diagnose, RoundProbes) else RoundProbes(lineage)
+    dense, _ = lineage.dense_stage()
+    barriers = {k: float(probes.dense_stability(dense, k).metrics["barrier"]) for k in steps}
+    progress(f"seed {lineage.cfg.seed} dense instability barrier: "
+             + ", ".join(f"k={k} {100 * b:.2f} pp" for k, b in barriers.items()))
+    return barriers
 
 
 class _CountingStages:

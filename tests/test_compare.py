@@ -19,12 +19,13 @@ def _command(data_root: Path, tmp_path: Path, *extra: str, **overrides: object) 
 def test_compare_writes_table_plot_rows_and_an_mlflow_run(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = _command(data_root, tmp_path, "--kinds", "imp,random_prune,synflow", "--seeds", "0,1", "--out", str(out),
-                       tracking__enabled="true")
+                       tracking__enabled="true", diagnostics__stability_steps="[0, 20]")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     table = done.stdout.splitlines()
     assert table[0].startswith("compare quickstart: seeds 0,1")
-    body = [line.split() for line in table[2:]]
+    assert table[1].startswith("dense instability barrier (val error, two data orders from theta_k): k=0: ")
+    body = [line.split() for line in table[3:]]
     assert [(row[0], row[1]) for row in body] == [(k, r) for k in ("imp", "random_prune", "synflow") for r in ("1", "2")]
     assert {row[2] for row in body if row[1] == "2"} == {"36.00%"}  # every kind at the IMP sparsity
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -32,6 +33,8 @@ def test_compare_writes_table_plot_rows_and_an_mlflow_run(data_root: Path, tmp_p
     assert len(rows) == 3 * 2 * 2 and {r["seed"] for r in rows} == {"0", "1"}
     report = json.loads((out / "compare.json").read_text())
     assert report["steps_executed"] > 0 and len(report["summary"]) == 6
+    assert set(report["dense_barriers"]) == {"0", "1"}
+    assert all(set(b) == {"0", "20"} and min(b.values()) >= 0 for b in report["dense_barriers"].values())
 
     import mlflow
 

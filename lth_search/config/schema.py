@@ -236,7 +236,8 @@ class DiagnosticsConfig(_Section):
     )
     stability_points: int = Field(5, ge=2, le=101, description="interpolation points on the line between the copies")
     stability_steps: list[int] = Field(
-        [], description="rewind steps k for the dense instability probe (two dense copies from theta_k each)"
+        [], description="rewind steps k (kept ones, prune.rewind_steps) for the dense instability probe of "
+        "`lth-search compare`: two dense copies from theta_k with different data orders, their error barrier"
     )
     perturbation: float | None = Field(
         None, gt=0, description="retrain from theta_k plus Gaussian noise of this scale (relative to each layer's "
@@ -431,6 +432,16 @@ class ExperimentConfig(_Section):
             else:
                 recipe[key] = getattr(self.prune, key)
         return recipe
+
+    @model_validator(mode="after")
+    def _stability_steps_kept(self) -> "ExperimentConfig":
+        missing = sorted(set(self.diagnostics.stability_steps) - set(self.prune.rewind_steps))
+        if missing:
+            raise ValueError(
+                f"diagnostics.stability_steps: {missing} not kept by the dense stage "
+                f"(prune.rewind_steps = {self.prune.rewind_steps}); add them there"
+            )
+        return self
 
     # Paths -------------------------------------------------------------------------------
     def output_path(self) -> Path:

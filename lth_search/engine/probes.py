@@ -36,6 +36,7 @@ from lth_search.engine.diagnostics import (
 from lth_search.engine.models import build_model
 from lth_search.engine.results import RoundDiagnostics
 from lth_search.engine.train import train
+from lth_search.errors import ConfigError
 from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
 
@@ -129,6 +130,9 @@ class RoundProbes:
     def dense_stability(self, dense: StageEntry, step: int) -> StageEntry:
         """The dense probe: two dense copies from theta_step with different data orders."""
         lineage = self.lineage
+        if f"rewind_{step}" not in dense.weights:
+            raise ConfigError(f"diagnostics.stability_steps: {step} is not a kept rewind step "
+                              f"(prune.rewind_steps = {lineage.cfg.prune.rewind_steps})")
         points = interpolation_points(self.settings.stability_points)
         inputs = {"stage": "dense_stability", "format": 1, "parent": dense.key, "step": step,
                   "points": len(points), "data_seed": lineage.cfg.seed + STABILITY_SEED}
