@@ -13,7 +13,9 @@ from typing import Any, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+_LOG_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
 def _png(figure: Figure) -> bytes:
@@ -128,8 +130,10 @@ def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title:
                               color=color, alpha=0.15, lw=0)
         axes.axhline(100 * dense[f"{split}_accuracy"], color="black", lw=1, ls="--", label="dense")
         axes.set_xscale("log")
+        shown = [100 * (1 - r["sparsity"]) for r in rows]
+        axes.set_xticks([v for v in _LOG_TICKS if min(shown) / 1.5 <= v <= max(shown) * 1.5])
         axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        axes.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.invert_xaxis()
         axes.set_xlabel("remaining weights (% of prunable, log scale)")
         axes.set_ylabel(f"{split} accuracy (%)")
