@@ -38,7 +38,7 @@ def run_lineage_command(
     progress: Progress = _quiet,
     round_line: Callable[[dict[str, Any], int], str] | None = None,
 ) -> LineageResult:
-    """`lth-search lineage`: one IMP lineage through the store, a progress line per round.
+    """`lth-search lineage`: one lineage of `prune.kind` through the store, a progress line per round.
 
     It runs the same trial runner as a search trial (runs/trial.py), with no Ray, no
     trial record and, when tracking is on, its own MLflow run. Everything is validated
@@ -66,12 +66,54 @@ def run_lineage_command(
             + ("  (reused)" if dense.reused else "")
         )
 
-    progress(f"lineage {cfg.name}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
+    kind = "" if cfg.prune.kind == "imp" else f" ({cfg.prune.kind})"
+    progress(f"lineage {cfg.name}{kind}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
     result = run_trial(cfg, store, report, observer=tracker, on_dense=on_dense)
     if tracker is not None:
         from lth_search.tracking.runs import lineage_run_line
 
         progress(lineage_run_line(tracker))
+    return result
+
+
+def compare(
+    config: str | Path | ExperimentConfig,
+    kinds: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    use_store: bool = True,
+    track: bool = True,
+    progress: Progress = _quiet,
+) -> Any:
+    """`lth-search compare`: lineage kinds at the IMP lineage's sparsities, no Ray.
+
+    Writes the table, the plot (accuracy vs remaining weights, a line per kind, seeds as
+    bands), compare.json and compare.csv to `out` (default <output_dir>/compare/<name>)
+    and logs one MLflow run. Returns the compare.CompareResult.
+    """
+    from lth_search.compare import run_compare, write_outputs
+    from lth_search.engine.kinds import check_kinds
+    from lth_search.runs.trial import limit_resources
+    from lth_search.tracking.plots import compare_plot
+
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    cfg = cfg.absolute()
+    check_kinds(list(kinds))
+    seeds = list(seeds) if seeds else [cfg.seed]
+    limit_resources(cfg)
+    store = open_store(cfg) if use_store else None
+    progress(f"compare {cfg.name}: kinds {','.join(kinds)}; seeds {','.join(map(str, seeds))}; "
+             f"{cfg.prune.rounds} IMP rounds; stages in {cfg.store_uri() if use_store else 'memory'}")
+    result = run_compare(cfg, kinds, seeds, store, progress)
+    summary = [vars(row) for row in result.summary()]
+    png = compare_plot(summary, result.dense_mean(), f"{cfg.name}: {len(seeds)} seed(s)")
+    folder = write_outputs(result, out or cfg.output_path() / "compare" / cfg.name, png)
+    progress(f"table, plot, compare.json and compare.csv in {folder}")
+    if track and cfg.tracking.enabled:
+        from lth_search.tracking.compare import log_compare
+
+        log_compare(cfg, result, png, progress=progress)
     return result
 
 
@@ -123,6 +165,6 @@ def list_tickets(*args: Any, **kwargs: Any) -> Any:
 
 
 __all__ = [
-    "best_ticket", "list_tickets", "load_config", "open_store", "resume_search", "run_lineage_command",
+    "best_ticket", "compare", "list_tickets", "load_config", "open_store", "resume_search", "run_lineage_command",
     "run_search", "sync_search",
 ]

@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any, Sequence
 
-from lth_search.config.schema import default_output_dir
-from lth_search.errors import LthError
+from lth_search.config.schema import KINDS, default_output_dir
+from lth_search.errors import ConfigError, LthError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print one JSON object at the end")
     lineage.add_argument("--no-store", action="store_true", help="keep stages in memory only")
     lineage.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
+
+    compare = commands.add_parser("compare", help="lineage kinds side by side at the IMP lineage's sparsities")
+    _add_config_args(compare)
+    compare.add_argument("--kinds", default=",".join(KINDS),
+                         help=f"comma-separated kinds (default all: {','.join(KINDS)})")
+    compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    compare.add_argument("--out", help="folder for table.txt, the plot, compare.json/csv "
+                         "(default <output_dir>/compare/<name>)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    compare.add_argument("--no-store", action="store_true", help="keep stages in memory only")
+    compare.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
 
     best = commands.add_parser("best", help="the best ticket of a search")
     _add_tracking_args(best)
@@ -103,6 +114,27 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
             f"reused {result.steps_reused}"
         )
+    return 0
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lth_search.api import compare
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    result = compare(
+        args.config, kinds, _int_list(args.seeds, "--seeds"), args.overrides, out=args.out,
+        use_store=not args.no_store, track=not args.no_track, progress=_print_progress,
+    )
+    print(json.dumps(result.to_json()) if args.json else result.table())
     return 0
 
 
@@ -157,7 +189,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "resume": cmd_resume, "lineage": cmd_lineage, "best": cmd_best,
+    "run": cmd_run, "resume": cmd_resume, "lineage": cmd_lineage, "compare": cmd_compare, "best": cmd_best,
     "tickets": cmd_tickets, "sync": cmd_sync,
 }
 

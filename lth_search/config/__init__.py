@@ -3,8 +3,10 @@
 from lth_search.config.load import apply_override, load_config
 from lth_search.config.schema import (
     DATA_SETS,
+    KINDS,
     MODELS,
     DataConfig,
+    DiagnosticsConfig,
     ExperimentConfig,
     ModelConfig,
     PruneConfig,
@@ -16,6 +18,7 @@ from lth_search.config.schema import (
 )
 
 __all__ = [
-    "DATA_SETS", "MODELS", "DataConfig", "ExperimentConfig", "ModelConfig", "PruneConfig", "SearchConfig",
-    "TrainConfig", "apply_override", "default_output_dir", "load_config", "resolve_steps", "validate_config",
+    "DATA_SETS", "KINDS", "MODELS", "DataConfig", "DiagnosticsConfig", "ExperimentConfig", "ModelConfig",
+    "PruneConfig", "SearchConfig", "TrainConfig", "apply_override", "default_output_dir", "load_config",
+    "resolve_steps", "validate_config",
 ]

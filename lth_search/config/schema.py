@@ -153,6 +153,8 @@ class TrainConfig(_Section):
         return self.model_dump(exclude={"device", "eval_batch_size"})
 
 
+KINDS = ("imp", "lr_rewind", "finetune", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")
+"""Lineage kinds (engine/kinds.py): IMP with weight rewinding and the baselines it is compared with."""
 RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
 
@@ -171,6 +173,14 @@ def check_init_scale(value: Any) -> InitScale:
 class PruneConfig(_Section):
     """Iterative magnitude pruning: what each round removes and where survivors rewind to."""
 
+    kind: Literal[KINDS] = Field(
+        "imp",
+        description="lineage kind: imp (weight rewinding), lr_rewind (retrain the end weights with the schedule "
+        "rewound to rewind_step), finetune (retrain the end weights at the final learning rate), oneshot "
+        "(magnitude-prune the dense end weights once per sparsity, rewind), random_prune / random_reinit (the "
+        "controls of each IMP round), snip / grasp / synflow (prune at theta_k, train); every kind other than "
+        "imp and the iterative lr_rewind / finetune is trained at the IMP lineage's sparsities",
+    )
     rounds: int = Field(
         20, ge=0, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier when "
         "its matching run ends, see patience, or when it reaches target_sparsity)"
@@ -238,6 +248,32 @@ class PruneConfig(_Section):
         return self.model_dump(include={"rate", "scope", "layer_ratios", "output_ratio", "rewind_step", "init_scale"})
 
 
+class DiagnosticsConfig(_Section):
+    """Why a ticket wins (engine/diagnostics.py): computed per round, logged beside the accuracies."""
+
+    enabled: bool = Field(
+        True, description="sign preservation, trajectory alignment and layer health per round (cheap: no training)"
+    )
+    probe_size: int = Field(1024, ge=1, description="training examples of the fixed probe batch (gradient at theta_k)")
+    stability: bool = Field(
+        False, description="linear-mode-connectivity instability per round: trains a second copy from theta_k "
+        "with another data order (doubles a round)",
+    )
+    stability_points: int = Field(5, ge=2, le=101, description="interpolation points on the line between the copies")
+    stability_steps: list[int] = Field(
+        [], description="rewind steps k (kept ones, prune.rewind_steps) for the dense instability probe of "
+        "`lth-search compare`: two dense copies from theta_k with different data orders, their error barrier"
+    )
+    perturbation: float | None = Field(
+        None, gt=0, description="retrain from theta_k plus Gaussian noise of this scale (relative to each layer's "
+        "kept-weight std) on the kept weights; off when null",
+    )
+    collapse_ratio: float = Field(0.05, gt=0, lt=1, description="a layer keeping less than this share of the "
+                                  "network's kept fraction is reported as collapsed")
+    deviation_bound: float = Field(0.25, gt=0, le=1, description="warn when a layer's sparsity is further than this "
+                                   "from the target")
+
+
 class AshaConfig(_Section):
     """Early stopping that is fair across pruning rates.
 
@@ -256,6 +292,9 @@ class AshaConfig(_Section):
 class SearchSpace(_Section):
     """Values the search may pick; a key left out (null) is fixed at its `prune` value."""
 
+    kind: list[Literal[KINDS]] | None = Field(
+        None, description="lineage kinds to choose among (prune.kind), e.g. [imp, lr_rewind]"
+    )
     rewind_step: list[int] | None = None
     rate: list[float] | None = None
     scope: list[Literal["global", "layerwise"]] | None = None
@@ -278,7 +317,7 @@ class SearchSpace(_Section):
             raise ValueError("must be a non-empty list of rates in (0, 1)")
         return values
 
-    @field_validator("rewind_step", "scope")
+    @field_validator("kind", "rewind_step", "scope")
     @classmethod
     def _non_empty(cls, values: list | None) -> list | None:
         if values is not None and not values:
@@ -357,6 +396,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     prune: PruneConfig = PruneConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     search: SearchConfig = SearchConfig()
     resources: ResourcesConfig = ResourcesConfig()
     store: StoreConfig = StoreConfig()
@@ -398,7 +438,7 @@ class ExperimentConfig(_Section):
         """Each searched choice name ("rate", "layer_ratios/output", ...) with its candidates."""
         space = self.search.space
         values: dict[str, list[Any]] = {}
-        for key in ("rewind_step", "rate", "scope", "init_scale"):
+        for key in ("kind", "rewind_step", "rate", "scope", "init_scale"):
             candidates = getattr(space, key)
             if candidates is not None:
                 values[key] = list(candidates)
@@ -419,6 +459,16 @@ class ExperimentConfig(_Section):
             else:
                 recipe[key] = getattr(self.prune, key)
         return recipe
+
+    @model_validator(mode="after")
+    def _stability_steps_kept(self) -> "ExperimentConfig":
+        missing = sorted(set(self.diagnostics.stability_steps) - set(self.prune.rewind_steps))
+        if missing:
+            raise ValueError(
+                f"diagnostics.stability_steps: {missing} not kept by the dense stage "
+                f"(prune.rewind_steps = {self.prune.rewind_steps}); add them there"
+            )
+        return self
 
     # Paths -------------------------------------------------------------------------------
     def output_path(self) -> Path:

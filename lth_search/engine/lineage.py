@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -54,6 +54,9 @@ from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from lth_search.engine.results import RoundDiagnostics
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
@@ -103,6 +106,9 @@ class Lineage:
         late = [k for k in cfg.prune.rewind_steps if k >= self.total_steps]
         if late:
             raise ConfigError(f"prune.rewind_steps: {late} must be < train.steps ({self.total_steps} iterations)")
+        self.diagnose: Callable[[StageEntry, StageEntry], "RoundDiagnostics"] | None = None
+        """Called with (dense, round stage) for each round's diagnostics; set by KindLineage
+        (engine/kinds.py) to engine/probes.py's RoundProbes when `diagnostics.enabled`."""
 
     # Keys ---------------------------------------------------------------------------------
     def dense_inputs(self, seed: int | None = None) -> dict[str, Any]:
@@ -195,24 +201,27 @@ class Lineage:
 
     def _train_masked(
         self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
-        start_weights: dict[str, torch.Tensor] | None = None,
+        start_weights: dict[str, torch.Tensor] | None = None, fixed_lr: float | None = None, rescale: bool = True,
+        data_seed: int | None = None,
     ) -> StageEntry:
-        start, factors = self.round_start(dense, mask, start_weights)
+        start, factors = self.round_start(dense, mask, start_weights, rescale)
         self._load(start)
         device_mask = {name: m.to(self.device) for name, m in mask.items()}
+        seed = self.cfg.seed if data_seed is None else data_seed
         result = train(
-            self.model, self.data, self.cfg.train, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
-            mask=device_mask,
+            self.model, self.data, self.cfg.train, seed, self.cfg.prune.rewind_step, self.total_steps,
+            mask=device_mask, fixed_lr=fixed_lr,
         )
         return self.round_entry(key, inputs, mask, factors, result, round_index)
 
     def round_start(
-        self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None
+        self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None,
+        rescale: bool = True,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """(weights a masked stage trains from, the rescale factors): the rewind weights
-        (or `start_weights`) masked and rescaled."""
+        (or `start_weights`) masked and rescaled (factors 1 when `rescale` is False)."""
         rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{self.cfg.prune.rewind_step}"]
-        factors = self._rescale(rewind, mask)
+        factors = self._rescale(rewind, mask) if rescale else {name: 1.0 for name in mask}
         return masked_state(rewind, mask, factors), factors
 
     def round_entry(
@@ -234,6 +243,26 @@ class Lineage:
         cpu_mask = {name: m.to("cpu") for name, m in mask.items()}
         return StageEntry(key=key, kind="round", inputs=inputs, metrics=metrics, weights={"end": result.state},
                           masks={"mask": cpu_mask})
+
+    def train_stage(
+        self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
+        start_weights: dict[str, torch.Tensor] | None = None, fixed_lr: float | None = None, rescale: bool = True,
+        data_seed: int | None = None,
+    ) -> StageEntry:
+        """Train `mask` from `start_weights` (default theta_k of `dense`, rescaled per
+        prune.init_scale unless `rescale` is False) over steps k..T; the stage is not
+        stored here (pass it to the store's get_or_compute). `fixed_lr` replaces the
+        schedule, `data_seed` the batch order's seed (a second copy for stability)."""
+        return self._train_masked(key, inputs, dense, mask, round_index, start_weights, fixed_lr, rescale, data_seed)
+
+    def start_result(self, dense: StageEntry, reused: bool) -> LineageResult:
+        """A result holding the dense stage (reused or not) and no round yet."""
+        steps = dense.metrics["steps"]
+        return LineageResult(
+            dense=DenseResult.from_stage(dense.metrics, dense.key, reused),
+            rounds=[], steps_executed=0 if reused else steps, steps_reused=steps if reused else 0,
+            tolerance=self.cfg.search.tolerance,
+        )
 
     def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
         inputs = self.dense_inputs(seed)
@@ -333,6 +362,7 @@ class Lineage:
         for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             round_result = self.add_round(result, parent, reused, round_index)
+            round_result.diagnostics = self.diagnose(dense, parent) if self.diagnose is not None else None
             if on_round is not None:
                 on_round(round_result, result)
             if result.stop_reason:

@@ -88,11 +88,14 @@ def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float]
     return {name: result[name] for name in mask}
 
 
-def _prune_smallest(weights: dict[str, torch.Tensor], mask: Mask, names: list[str], count: int) -> Mask:
+def _prune_smallest(
+    weights: dict[str, torch.Tensor], mask: Mask, names: list[str], count: int, protect: bool = True
+) -> Mask:
     """Remove the `count` smallest-magnitude kept weights jointly across `names`.
 
-    Each layer's largest kept weight is protected, so no layer is emptied. Ties fall on
-    the earlier weight (layers in name order, then flat index) via a stable sort.
+    Each layer's largest kept weight is protected (unless `protect` is False), so no
+    layer is emptied. Ties fall on the earlier weight (layers in name order, then flat
+    index) via a stable sort.
     """
     flat_masks = [mask[n].reshape(-1) for n in names]
     positions = [torch.nonzero(m, as_tuple=True)[0] for m in flat_masks]
@@ -104,7 +107,8 @@ def _prune_smallest(weights: dict[str, torch.Tensor], mask: Mask, names: list[st
     last = torch.full((len(names),), -1, dtype=torch.long, device=order.device)
     last = last.scatter_reduce(0, layer_of, rank, reduce="amax")
     candidate = torch.ones(len(order), dtype=torch.bool, device=order.device)
-    candidate[last[last >= 0]] = False
+    if protect:
+        candidate[last[last >= 0]] = False
     chosen = order[candidate][:count]
     chosen_layer = torch.searchsorted(offsets[1:], chosen, right=True)
     result = {}
@@ -192,6 +196,28 @@ def prune_to_sparsity(
         low, high = (middle, high) if pruned(middle) < target else (low, middle)
     base = min((low, high), key=lambda b: (abs(pruned(b) - target), b))
     return _prune(weights, dense, _effective_rates(groups, names, base, ratios, output_ratio), scope)
+
+
+def prune_lowest_scores(scores: dict[str, torch.Tensor], mask: Mask, count: int, protect: bool = True) -> Mask:
+    """Remove the `count` lowest-*scoring* kept weights of `mask` jointly across its layers.
+
+    For saliency scores of any sign (GraSP's are signed): the scores are replaced by
+    their global ranks (exact in float64) and pruned like magnitudes, so ties, the
+    device independence and the protection of each layer's best weight (`protect`) are
+    those of `prune_round`. `count` is capped at what can go.
+    """
+    names = sorted(mask)
+    flat = torch.cat([scores[n].detach().reshape(-1).double().cpu() for n in names])
+    ranks = torch.empty_like(flat)
+    ranks[torch.argsort(flat, stable=True)] = torch.arange(len(flat), dtype=torch.float64)
+    pieces = dict(zip(names, ranks.split([mask[n].numel() for n in names])))
+    rank_weights = {n: pieces[n].reshape(mask[n].shape) for n in names}
+    cpu_mask = {n: mask[n].cpu() for n in names}
+    kept = sum(int(m.sum()) for m in cpu_mask.values())
+    floor = sum(1 for m in cpu_mask.values() if bool(m.any())) if protect else 0
+    count = max(0, min(count, kept - floor))
+    result = _prune_smallest(rank_weights, cpu_mask, names, count, protect) if count else cpu_mask
+    return {n: result[n].to(mask[n].device) for n in mask}
 
 
 def random_mask_like(mask: Mask, seed: int) -> Mask:

@@ -61,6 +61,33 @@ class DenseResult(_JsonRecord):
 
 
 @dataclass
+class RoundDiagnostics:
+    """Diagnostics of one round; the optional probes stay None unless asked for."""
+
+    sign_ticket: float | None = None
+    sign_dense: float | None = None
+    alignment: float | None = None
+    barrier: float | None = None
+    """Error barrier between two copies of this round trained with different data orders."""
+    perturbed_val_accuracy: float | None = None
+    collapsed_layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric diagnostics, named as MLflow metrics (absent ones left out)."""
+        values = {
+            "sign_preservation": self.sign_ticket,
+            "sign_preservation_dense": self.sign_dense,
+            "trajectory_alignment": self.alignment,
+            "instability_barrier": self.barrier,
+            "perturbed_val_accuracy": self.perturbed_val_accuracy,
+        }
+        out = {name: float(v) for name, v in values.items() if v is not None}
+        out["collapsed_layers"] = float(len(self.collapsed_layers))
+        return out
+
+
+@dataclass
 class RoundResult(_JsonRecord):
     """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
 
@@ -82,6 +109,12 @@ class RoundResult(_JsonRecord):
     """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
     margin_se: float | None = None
     """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
+    diagnostics: RoundDiagnostics | None = None
+    """Sign preservation, trajectory alignment, layer health, optional probes (diagnostics.*)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.diagnostics, dict):  # read back from JSON (a trial record, sync)
+            self.diagnostics = RoundDiagnostics(**self.diagnostics)
 
 
 @dataclass
@@ -98,6 +131,8 @@ class LineageResult:
     target_sparsity: float | None = None
     stop_reason: str = ""
     """Why the walk ended: "run_ended", "target_sparsity" or "cap" ("" while it runs)."""
+    kind: str = "imp"
+    """The lineage kind (prune.kind, engine/kinds.py)."""
 
     @property
     def best(self) -> Matching:
@@ -137,6 +172,7 @@ class LineageResult:
     def to_json(self) -> dict[str, Any]:
         best = self.best
         return {
+            "kind": self.kind,
             "dense": self.dense.to_json(),
             "rounds": [r.to_json() for r in self.rounds],
             "steps_executed": self.steps_executed,

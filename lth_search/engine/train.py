@@ -135,12 +135,14 @@ def train(
     end_step: int | None = None,
     mask: dict[str, torch.Tensor] | None = None,
     snapshot_steps: Iterable[int] = (),
+    fixed_lr: float | None = None,
 ) -> TrainResult:
     """Train `model` in place from iteration `start_step` to `end_step` of the recipe.
 
     The model must already be on the data's device and at the weights it starts from.
     `snapshot_steps` are iterations at which a CPU copy of the state is kept (the state
-    *before* that iteration's update, so step 0 is the initialisation).
+    *before* that iteration's update, so step 0 is the initialisation). `fixed_lr`
+    replaces the schedule by one constant rate (fine-tuning at the final rate).
     """
     steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
     schedule = Schedule.from_recipe(recipe, steps_per_epoch)
@@ -149,6 +151,10 @@ def train(
     keeper = _MaskKeeper(model, mask)
     keeper.apply()
     optimizer = make_optimizer(model, recipe)
+    if fixed_lr is not None:
+        schedule = Schedule(schedule.total_steps, fixed_lr, "constant", (), 1.0, 0)
+        for group in optimizer.param_groups:
+            group["lr"] = fixed_lr
     order = BatchOrder(len(data.train), recipe.batch_size, seed, data.train.x.device)
     loss_fn = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=data.train.x.device)

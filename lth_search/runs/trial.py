@@ -20,6 +20,7 @@ import torch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset
+from lth_search.engine.kinds import KindLineage
 from lth_search.engine.lineage import Lineage, StageSource
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.observers import TrialObserver
@@ -102,7 +103,7 @@ class TrialRun:
     """The lineage callbacks of one trial: record to the store, log, report."""
 
     def __init__(
-        self, cfg: ExperimentConfig, lineage: Lineage, store: StageSource, record: TrialRecord | None,
+        self, cfg: ExperimentConfig, lineage: Lineage | KindLineage, store: StageSource, record: TrialRecord | None,
         observer: TrialObserver | None, report: Report, done: int, extra: dict[str, Any],
         on_dense: Callable[[LineageResult], None] | None = None,
     ) -> None:
@@ -159,7 +160,7 @@ def run_trial(
     limit_resources(cfg)
     if record is not None:
         record.begin_attempt(node_id, done)
-    lineage = Lineage(cfg, store, dataset)
+    lineage = KindLineage(Lineage(cfg, store, dataset))  # prune.kind; imp runs Lineage.run itself
     extra = {"node_id": node_id} if node_id is not None else {}
     run = TrialRun(cfg, lineage, store, record, observer, report, done, extra, on_dense)
     result = lineage.run(on_round=run.on_round, on_dense=run.on_dense)

@@ -65,6 +65,8 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
     }
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
     metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
+    if round_result.diagnostics is not None:
+        metrics.update({f"diagnostics/{k}": v for k, v in round_result.diagnostics.metrics().items()})
     return metrics
 
 

@@ -13,6 +13,9 @@ from typing import Any, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+_LOG_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
 def _png(figure: Figure) -> bytes:
@@ -105,4 +108,37 @@ def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any]
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower left", ncol=2)
+    return _png(figure)
+
+
+def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title: str) -> bytes:
+    """PNG: val and test accuracy vs remaining weights (log scale) for each lineage kind.
+
+    `rows` are summary rows (kind, sparsity, val_mean/min/max, test_mean/min/max); the
+    band around each line spans the seeds' min to max, the dashed line is dense.
+    """
+    figure = Figure(figsize=(11, 4.4))
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    for index, split in enumerate(("val", "test")):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for number, kind in enumerate(kinds):
+            items = sorted((r for r in rows if r["kind"] == kind), key=lambda r: -r["sparsity"])
+            remaining = [100 * (1 - r["sparsity"]) for r in items]
+            color = f"C{number % 10}"
+            axes.plot(remaining, _pct(r[f"{split}_mean"] for r in items), "o-", ms=3, color=color, label=kind)
+            axes.fill_between(remaining, _pct(r[f"{split}_min"] for r in items), _pct(r[f"{split}_max"] for r in items),
+                              color=color, alpha=0.15, lw=0)
+        axes.axhline(100 * dense[f"{split}_accuracy"], color="black", lw=1, ls="--", label="dense")
+        axes.set_xscale("log")
+        shown = [100 * (1 - r["sparsity"]) for r in rows]
+        axes.set_xticks([v for v in _LOG_TICKS if min(shown) / 1.5 <= v <= max(shown) * 1.5])
+        axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.invert_xaxis()
+        axes.set_xlabel("remaining weights (% of prunable, log scale)")
+        axes.set_ylabel(f"{split} accuracy (%)")
+        axes.grid(alpha=0.3, which="both")
+        axes.set_title(f"{title} · {split}", fontsize=10)
+        if index == 0:
+            axes.legend(fontsize=7, loc="lower left")
     return _png(figure)

@@ -1,0 +1,223 @@
+"""`lth-search compare`: lineage kinds side by side at the IMP lineage's sparsities, no Ray.
+
+For each seed, one Lineage (its dense stage shared by every kind) runs each kind of
+`--kinds` through the stage store (engine/kinds.py): a rerun, or a comparison that adds
+a kind, trains only what is missing. The result is one row per (kind, seed, round) and
+a summary per (kind, round) over seeds (mean, min, max), which api.compare turns into
+the table, the plot (tracking/plots.py) and the MLflow run (tracking/compare.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lth_search.config import ExperimentConfig
+from lth_search.config.schema import validate_config
+from lth_search.engine.kinds import KindLineage, check_kinds
+from lth_search.engine.lineage import Lineage, MemoryStages, StageSource
+from lth_search.engine.probes import RoundProbes
+from lth_search.store.stages import StageEntry
+
+Progress = Callable[[str], None]
+DEFAULT_KINDS = ("imp", "lr_rewind", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")
+
+
+@dataclass
+class CompareRow:
+    """One kind, one seed, one round."""
+
+    kind: str
+    seed: int
+    round: int
+    sparsity: float
+    val_accuracy: float
+    test_accuracy: float
+    reused: int
+    key: str
+    sign_preservation: float | None = None
+    sign_preservation_dense: float | None = None
+    alignment: float | None = None
+    barrier: float | None = None
+
+
+@dataclass
+class SummaryRow:
+    """One kind at one round, over seeds."""
+
+    kind: str
+    round: int
+    sparsity: float
+    seeds: int
+    val_mean: float
+    val_min: float
+    val_max: float
+    test_mean: float
+    test_min: float
+    test_max: float
+    sign_preservation: float | None
+
+
+@dataclass
+class CompareResult:
+    name: str
+    kinds: list[str]
+    seeds: list[int]
+    rows: list[CompareRow] = field(default_factory=list)
+    dense: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Dense val/test accuracy per seed."""
+    dense_barriers: dict[int, dict[int, float]] = field(default_factory=dict)
+    """Per seed, the dense network's instability barrier (val error) per rewind step k
+    (diagnostics.stability_steps)."""
+    steps_executed: int = 0
+    steps_reused: int = 0
+
+    def summary(self) -> list[SummaryRow]:
+        groups: dict[tuple[str, int], list[CompareRow]] = {}
+        for row in self.rows:
+            groups.setdefault((row.kind, row.round), []).append(row)
+        out = []
+        for kind in self.kinds:
+            for (k, round_index), rows in sorted(groups.items(), key=lambda item: item[0][1]):
+                if k != kind:
+                    continue
+                val, test = [r.val_accuracy for r in rows], [r.test_accuracy for r in rows]
+                signs = [r.sign_preservation for r in rows if r.sign_preservation is not None]
+                out.append(SummaryRow(kind, round_index, statistics.mean(r.sparsity for r in rows), len(rows),
+                                      statistics.mean(val), min(val), max(val), statistics.mean(test), min(test),
+                                      max(test), statistics.mean(signs) if signs else None))
+        return out
+
+    def dense_mean(self) -> dict[str, float]:
+        values = list(self.dense.values())
+        return {split: statistics.mean(v[split] for v in values) for split in ("val_accuracy", "test_accuracy")}
+
+    def table(self) -> str:
+        """The console table: one line per kind and round, accuracies as mean [min, max] over seeds."""
+        dense = self.dense_mean()
+        lines = [
+            f"compare {self.name}: seeds {','.join(map(str, self.seeds))}; dense val {100 * dense['val_accuracy']:.2f}%"
+            f"  test {100 * dense['test_accuracy']:.2f}%  (mean over seeds; [min, max] across seeds)",
+            *self._barrier_lines(),
+            f"{'kind':<14} {'round':>5} {'sparsity':>9} {'remaining':>9}  {'val %':<22} {'test %':<22} {'rho':>5}",
+        ]
+        for row in self.summary():
+            rho = f"{row.sign_preservation:5.3f}" if row.sign_preservation is not None else "    -"
+            lines.append(
+                f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}% {100 * (1 - row.sparsity):8.2f}%  "
+                f"{_span(row.val_mean, row.val_min, row.val_max):<22} {_span(row.test_mean, row.test_min, row.test_max):<22} "
+                f"{rho}"
+            )
+        return "\n".join(lines)
+
+    def _barrier_lines(self) -> list[str]:
+        steps = sorted({k for barriers in self.dense_barriers.values() for k in barriers})
+        if not steps:
+            return []
+        parts = []
+        for k in steps:
+            values = [b[k] for b in self.dense_barriers.values() if k in b]
+            parts.append(f"k={k}: {_span(statistics.mean(values), min(values), max(values))} pp")
+        return ["dense instability barrier (val error, two data orders from theta_k): " + ";  ".join(parts)]
+
+    def rows_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(asdict(self.rows[0]))) if self.rows else None
+        if writer is not None:
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in self.rows)
+        return buffer.getvalue()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kinds": self.kinds, "seeds": self.seeds, "dense": self.dense,
+            "dense_barriers": self.dense_barriers,
+            "steps_executed": self.steps_executed, "steps_reused": self.steps_reused,
+            "rows": [asdict(r) for r in self.rows], "summary": [asdict(r) for r in self.summary()],
+        }
+
+
+def _span(mean: float, low: float, high: float) -> str:
+    return f"{100 * mean:5.2f} [{100 * low:5.2f}, {100 * high:5.2f}]"
+
+
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    data = cfg.model_dump()
+    data["seed"] = seed
+    return validate_config(data, source="compare seeds")
+
+
+def run_compare(
+    cfg: ExperimentConfig, kinds: Sequence[str], seeds: Sequence[int], store: StageSource | None = None,
+    progress: Progress = lambda _: None,
+) -> CompareResult:
+    """Run every kind for every seed (stages through `store`) and collect the rows."""
+    kinds = check_kinds(list(dict.fromkeys(kinds)))
+    result = CompareResult(cfg.name, kinds, list(seeds))
+    counting = _CountingStages(store if store is not None else MemoryStages())
+    for seed in seeds:
+        lineage = Lineage(seed_config(cfg, seed), counting)
+        for kind in kinds:
+            runner = KindLineage(lineage, kind)
+            lineage_result = runner.run()
+            dense = lineage_result.dense
+            result.dense[seed] = {"val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy}
+            executed = sum(r.steps for r in lineage_result.rounds if not r.reused)
+            for r in lineage_result.rounds:
+                d = r.diagnostics
+                result.rows.append(CompareRow(
+                    kind, seed, r.round, r.sparsity, r.val_accuracy, r.test_accuracy, r.reused, r.key,
+                    d.sign_ticket if d else None, d.sign_dense if d else None, d.alignment if d else None,
+                    d.barrier if d else None,
+                ))
+            last = lineage_result.rounds[-1] if lineage_result.rounds else None
+            if last is not None:
+                progress(f"seed {seed} {kind:<14} {len(lineage_result.rounds)} rounds to {100 * last.sparsity:.2f}% "
+                         f"sparsity: val {100 * last.val_accuracy:5.2f}%  test {100 * last.test_accuracy:5.2f}%  "
+                         f"({executed} steps trained)")
+        if cfg.diagnostics.stability_steps:
+            result.dense_barriers[seed] = dense_barriers(lineage, cfg.diagnostics.stability_steps, progress)
+    result.steps_executed, result.steps_reused = counting.executed, counting.reused
+    return result
+
+
+def dense_barriers(lineage: Lineage, steps: Sequence[int], progress: Progress) -> dict[int, float]:
+    """The dense network's instability barrier for each rewind step k (stored stages)."""
+    probes = lineage.diagnose if isinstance(lineage.diagnose, RoundProbes) else RoundProbes(lineage)
+    dense, _ = lineage.dense_stage()
+    barriers = {k: float(probes.dense_stability(dense, k).metrics["barrier"]) for k in steps}
+    progress(f"seed {lineage.cfg.seed} dense instability barrier: "
+             + ", ".join(f"k={k} {100 * b:.2f} pp" for k, b in barriers.items()))
+    return barriers
+
+
+class _CountingStages:
+    """The store, counting the training steps of the stages computed vs taken from it."""
+
+    def __init__(self, inner: StageSource) -> None:
+        self.inner, self.executed, self.reused = inner, 0, 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
+        entry, reused = self.inner.get_or_compute(key, compute)
+        steps = int(entry.metrics.get("steps", 0))
+        if reused:
+            self.reused += steps
+        else:
+            self.executed += steps
+        return entry, reused
+
+
+def write_outputs(result: CompareResult, out: str | Path, plot_png: bytes) -> Path:
+    """compare.json, compare.csv (one row per kind, seed, round), table.txt and the plot, in `out`."""
+    folder = Path(out).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compare.json").write_text(json.dumps(result.to_json(), indent=2))
+    (folder / "compare.csv").write_text(result.rows_csv())
+    (folder / "table.txt").write_text(result.table() + "\n")
+    (folder / "accuracy_vs_sparsity.png").write_bytes(plot_png)
+    return folder

@@ -1,0 +1,183 @@
+"""A lineage's diagnostics, round by round: cheap ones from stored weights, probes as stages.
+
+The cheap diagnostics (sign preservation, trajectory alignment, layer health) need no
+training: they are recomputed from the stage's stored weights whenever a round is
+reported, so a reused round gets them too and turning them on never retrains anything.
+The probes that train (linear-mode-connectivity stability, perturbation) are stages of
+their own, keyed by the round they probe, so they are computed once and reused like any
+stage, and switching them on later does not invalidate the rounds.
+
+Sign preservation compares a round's end weights with the initial weights of its
+kind: theta_k, except for random re-initialisation (its own fresh initialisation). So
+for LR rewinding and fine-tuning rho says how many signs survived since theta_k across
+all their rounds. Stability is defined from theta_k with the mask (Frankle et al.,
+2020); for kinds whose rounds do not start there (lr_rewind, finetune, random_reinit)
+it is not reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lth_search.engine.diagnostics import (
+    error_barrier,
+    health_warnings,
+    interpolation_errors,
+    interpolation_points,
+    layer_health,
+    perturbed_start,
+    probe_gradients,
+    sign_preservation,
+    trajectory_alignment,
+)
+from lth_search.engine.models import build_model
+from lth_search.engine.results import RoundDiagnostics
+from lth_search.engine.train import train
+from lth_search.errors import ConfigError
+from lth_search.store.keys import content_key
+from lth_search.store.stages import StageEntry
+
+if TYPE_CHECKING:
+    from lth_search.engine.lineage import Lineage
+
+log = logging.getLogger(__name__)
+
+STABILITY_SEED = 7919
+"""Added to the experiment seed for the second copy's data order."""
+PERTURBATION_SEED = 104729
+REWINDING_KINDS = ("imp", "oneshot", "random_prune", "snip", "grasp", "synflow")
+"""Kinds whose rounds train from theta_k with their mask (stability is defined for them)."""
+
+
+def stage_kind(entry: StageEntry) -> str:
+    """The lineage kind a stage belongs to (IMP rounds carry none in their inputs)."""
+    return str(entry.inputs.get("kind", "imp"))
+
+
+class RoundProbes:
+    """`lineage.diagnose`: the diagnostics of one round stage of `lineage`."""
+
+    def __init__(self, lineage: "Lineage") -> None:
+        self.lineage = lineage
+        self.settings = lineage.cfg.diagnostics
+        self._gradients: dict[str, dict[str, torch.Tensor]] = {}
+
+    # Reference points -------------------------------------------------------------------
+    def rewind_state(self, dense: StageEntry) -> dict[str, torch.Tensor]:
+        return dense.weights[f"rewind_{self.lineage.cfg.prune.rewind_step}"]
+
+    def reference_state(self, dense: StageEntry, entry: StageEntry) -> dict[str, torch.Tensor]:
+        """The initial weights of `entry`'s kind (theta_k, or a random re-initialisation's own)."""
+        if stage_kind(entry) == "random_reinit":
+            lineage = self.lineage
+            fresh = build_model(lineage.cfg.model, lineage.data.input_shape, lineage.data.num_classes,
+                                int(entry.inputs["seed"]))
+            return fresh.state_dict()
+        return self.rewind_state(dense)
+
+    def gradient(self, dense: StageEntry) -> dict[str, torch.Tensor]:
+        """The loss gradient at theta_k on the fixed probe batch (computed once per dense stage)."""
+        if dense.key not in self._gradients:
+            lineage = self.lineage
+            size = self.settings.probe_size
+            split = lineage.data.train
+            state = {n: t.to(lineage.device) for n, t in self.rewind_state(dense).items()}
+            self._gradients[dense.key] = probe_gradients(
+                lineage.model, state, split.x[:size], split.y[:size], sorted(lineage.groups)
+            )
+        return self._gradients[dense.key]
+
+    # The diagnostics ----------------------------------------------------------------------
+    def __call__(self, dense: StageEntry, entry: StageEntry) -> RoundDiagnostics:
+        mask = entry.masks["mask"]
+        rho = sign_preservation(self.reference_state(dense, entry), entry.weights["end"], mask,
+                                dense.weights["end"])
+        rows = layer_health(mask, entry.metrics["sparsity"], self.settings.collapse_ratio, self.settings.deviation_bound)
+        result = RoundDiagnostics(
+            sign_ticket=rho.ticket,
+            sign_dense=rho.dense,
+            alignment=trajectory_alignment(self.gradient(dense), mask),
+            collapsed_layers=[row.name for row in rows if row.collapsed],
+            warnings=health_warnings(rows),
+        )
+        for line in result.warnings:  # on stderr for `lth-search lineage`, in the worker log in a search
+            log.warning("round %s (%s): %s", entry.metrics.get("round", "?"), stage_kind(entry), line)
+        if self.settings.stability and stage_kind(entry) in REWINDING_KINDS:
+            result.barrier = float(self.stability(dense, entry).metrics["barrier"])
+        if self.settings.perturbation is not None and stage_kind(entry) in REWINDING_KINDS:
+            result.perturbed_val_accuracy = float(self.perturbation(dense, entry).metrics["val_accuracy"])
+        return result
+
+    # Probes that train (stages of their own) ----------------------------------------------
+    def stability(self, dense: StageEntry, entry: StageEntry) -> StageEntry:
+        """A second copy of `entry`'s round from theta_k with another data order, and the
+        error barrier on the val split between its end weights and the round's."""
+        lineage = self.lineage
+        points = interpolation_points(self.settings.stability_points)
+        inputs = {"stage": "stability", "format": 1, "parent": entry.key, "points": len(points),
+                  "data_seed": lineage.cfg.seed + STABILITY_SEED}
+
+        def compute(key: str) -> StageEntry:
+            copy = lineage.train_stage(key, inputs, dense, entry.masks["mask"], int(entry.metrics.get("round", 0)),
+                                       start_weights=self.reference_state(dense, entry), data_seed=inputs["data_seed"])
+            return self._barrier_entry(key, inputs, entry.weights["end"], copy.weights["end"], points)
+
+        return self._stage(inputs, compute)
+
+    def dense_stability(self, dense: StageEntry, step: int) -> StageEntry:
+        """The dense probe: two dense copies from theta_step with different data orders."""
+        lineage = self.lineage
+        if f"rewind_{step}" not in dense.weights:
+            raise ConfigError(f"diagnostics.stability_steps: {step} is not a kept rewind step "
+                              f"(prune.rewind_steps = {lineage.cfg.prune.rewind_steps})")
+        points = interpolation_points(self.settings.stability_points)
+        inputs = {"stage": "dense_stability", "format": 1, "parent": dense.key, "step": step,
+                  "points": len(points), "data_seed": lineage.cfg.seed + STABILITY_SEED}
+
+        def compute(key: str) -> StageEntry:
+            start = dense.weights[f"rewind_{step}"]
+            ends = []
+            for seed in (lineage.cfg.seed, inputs["data_seed"]):
+                lineage.model.load_state_dict(start)
+                trained = train(lineage.model, lineage.data, lineage.cfg.train, seed, step, lineage.total_steps)
+                ends.append(trained.state)
+            return self._barrier_entry(key, inputs, ends[0], ends[1], points)
+
+        return self._stage(inputs, compute)
+
+    def perturbation(self, dense: StageEntry, entry: StageEntry) -> StageEntry:
+        """`entry`'s round retrained from theta_k plus relative Gaussian noise on the kept weights."""
+        lineage = self.lineage
+        epsilon = float(self.settings.perturbation)
+        inputs = {"stage": "perturbation", "format": 1, "parent": entry.key, "epsilon": epsilon,
+                  "seed": lineage.cfg.seed + PERTURBATION_SEED}
+
+        def compute(key: str) -> StageEntry:
+            mask = entry.masks["mask"]
+            start = perturbed_start(self.reference_state(dense, entry), mask, epsilon, inputs["seed"])
+            trained = lineage.train_stage(key, inputs, dense, mask, int(entry.metrics.get("round", 0)),
+                                          start_weights=start)
+            return StageEntry(key=key, kind="perturbation", inputs=inputs,
+                              metrics={k: trained.metrics[k] for k in ("val_accuracy", "test_accuracy", "steps")})
+
+        return self._stage(inputs, compute)
+
+    # Helpers --------------------------------------------------------------------------------
+    def _stage(self, inputs: dict[str, Any], compute: Any) -> StageEntry:
+        key = content_key(inputs)
+        entry, _ = self.lineage.store.get_or_compute(key, lambda: compute(key))
+        return entry
+
+    def _barrier_entry(self, key: str, inputs: dict[str, Any], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                       points: list[float]) -> StageEntry:
+        lineage = self.lineage
+        device = lineage.device
+        a = {n: t.to(device) for n, t in a.items()}
+        b = {n: t.to(device) for n, t in b.items()}
+        val = lineage.data.val
+        errors = interpolation_errors(lineage.model, a, b, val.x, val.y, points)
+        return StageEntry(key=key, kind="stability", inputs=inputs,
+                          metrics={"barrier": error_barrier(points, errors), "errors": errors, "points": points})
