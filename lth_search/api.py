@@ -78,25 +78,35 @@ def run_lineage_command(
     return result
 
 
-def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> Any:
-    """Run a search on a local Ray (address None) or a Ray cluster; returns its summary."""
+def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print, verbosity: int = 0) -> Any:
+    """Run a search on a local Ray, or on the cluster at `address` / $RAY_ADDRESS; returns its summary."""
     from lth_search.search.driver import run_search as _run
 
-    return _run(cfg, address=address, progress=progress)
+    return _run(cfg, address=address, progress=progress, verbosity=verbosity)
 
 
-def resume_search(name: str, output_dir: str = "./lth_runs", address: str | None = None, progress: Progress = print) -> Any:
-    """Continue an interrupted search by name (Tuner.restore + the persisted Optuna study)."""
+def resume_search(
+    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
+    store_uri: str | None = None, verbosity: int = 0,
+) -> Any:
+    """Continue an interrupted search by name (Tuner.restore + the persisted Optuna study).
+
+    The search is found beside its store: `store_uri`, else `<output_dir>/store`.
+    """
     from lth_search.search.driver import resume_search as _resume
 
-    return _resume(name, output_dir=output_dir, address=address, progress=progress)
+    return _resume(name, output_dir=output_dir, address=address, progress=progress, store_uri=store_uri,
+                   verbosity=verbosity)
 
 
-def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None, progress: Progress = print) -> Any:
+def sync_search(
+    name: str, output_dir: str | None = None, tracking_uri: str | None = None, progress: Progress = print,
+    store_uri: str | None = None,
+) -> Any:
     """Log to MLflow what the store holds for a search and MLflow lacks."""
     from lth_search.tracking.runs import sync_search as _sync
 
-    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
+    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress, store_uri=store_uri)
 
 
 __all__ = ["load_config", "run_lineage", "run_search", "resume_search", "sync_search", "run_lineage_command"]

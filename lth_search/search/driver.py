@@ -3,9 +3,14 @@
 `run_search(cfg)` starts (or joins) Ray, builds the data set once and shares it through
 the object store, starts the search's lease actor and MLflow parent run, and runs a
 `tune.Tuner` whose trials are lineages (trial.py). Everything needed to continue lives
-on disk: `<output_dir>/searches/<name>/search.json` (config, Ray results path, parent
-run id, status) and `optuna.journal` (the study), so `resume_search(name)` restores the
-Tuner after a killed driver and Optuna continues the same study.
+beside the store, on the same storage (runs/state.py): `searches/<name>/search.json`
+(config, Ray results path, parent run id, status), `optuna.journal` (the study) and
+Ray's results, so `resume_search(name)` restores the Tuner after a killed driver, from
+any machine that reaches the store, and Optuna continues the same study.
+
+Ray: `--address` wins; else `RAY_ADDRESS` (what `ray job submit` sets for its
+entrypoint) joins that cluster, as Ray's own default does; else a local Ray starts on
+loopback. What the user sees is search/console.py.
 
 Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
 folder and Optuna study are its own, while stages come from the shared store, so
@@ -14,57 +19,77 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
+import pyarrow.fs as pafs
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError
+from lth_search.search.console import SearchConsole, ray_verbose, use_console
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.store.records import records_namespace
-from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
+from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, make_sampler, objectives
+from lth_search.search.journal import journal_storage
+from lth_search.store.uri import PYARROW_SCHEMES, resolve_uri
 from lth_search.runs.state import SearchState, new_state
 from lth_search.store.stages import StageStore
 from lth_search.runs.summary import emit, summarize, summary_lines
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 
 Progress = Callable[[str], None]
-_session: dict[str, Any] = {"progress": print, "store": None, "namespace": ""}
+_session: dict[str, Any] = {"progress": print, "store": None, "namespace": "", "verbosity": 0}
 """What the driver's Tune callback needs (see `_TrialEvents`)."""
 FINAL = ("finished", "stopped", "error", "abandoned")
 
 
 # Ray session ---------------------------------------------------------------------------------
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else None (local)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Reuse an initialised Ray, join `address`, or start a local Ray on loopback.
+    """Reuse an initialised Ray, join `address` or $RAY_ADDRESS, or start a local Ray on loopback.
 
     Ray started or joined here is shut down on exit; a Ray already up is left alone.
+    Workers of a cluster do not share the driver's environment: the MLflow variables
+    the driver sees (credentials, timeouts) go to them through the job's runtime env,
+    unless this driver is itself a `ray job submit` entrypoint, whose runtime env
+    (`--runtime-env-json`) already reaches every worker and may not be given twice.
     """
     if ray.is_initialized():
         yield
         return
-    if address:
-        unreachable = _unreachable(address)
+    quiet = {"logging_level": logging.INFO if _session["verbosity"] > 0 else logging.WARNING}
+    joined = cluster_address(address)
+    if joined:
+        what = "--address" if address else "RAY_ADDRESS"
+        unreachable = _unreachable(joined)
         if unreachable:
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({unreachable})")
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({unreachable})")
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
+        mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
         try:
-            ray.init(address=address)
+            ray.init(address=joined, runtime_env={"env_vars": mlflow_env} if mlflow_env else None, **quiet)
         except ConnectionError as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({reason})") from None
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({reason})") from None
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
+        )
     try:
         yield
     finally:
@@ -72,12 +97,12 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 
 def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
-    """Why HOST:PORT (or ray://HOST:PORT) takes no TCP connection, or None if it does.
+    """Why HOST:PORT takes no TCP connection, or None if it does.
 
     Ray itself retries an address that does not answer for minutes before it gives up;
     a wrong --address should fail in seconds. `auto` and other forms are left to Ray.
     """
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         return None
     try:
@@ -92,7 +117,7 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
 
     Only for the local Ray this process would start: a cluster may scale up to fit.
     """
-    if address or ray.is_initialized():
+    if cluster_address(address) or ray.is_initialized():
         return
     import torch
 
@@ -117,13 +142,12 @@ def _trainable(cfg: ExperimentConfig, state: SearchState) -> Any:
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
+    """ASHA on the primary metric, which it takes from TuneConfig (setting it twice is an error)."""
     asha = cfg.search.asha
     if not asha.enabled or cfg.prune.rounds < 2:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration",
-        metric=PRIMARY_METRIC,
-        mode="max",
         max_t=cfg.prune.rounds,
         grace_period=min(asha.grace_period, cfg.prune.rounds),
         reduction_factor=asha.reduction_factor,
@@ -132,7 +156,6 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
 
 def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     metric, mode = objectives(cfg)
-    Path(state.journal).parent.mkdir(parents=True, exist_ok=True)
     return OptunaSearch(
         space=DefineByRunSpace(cfg),
         metric=metric,
@@ -144,7 +167,7 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 
 class _TrialEvents(tune.Callback):
-    """Final trial statuses into the trial records, and one readable line per lineage.
+    """Final trial statuses into the trial records (the console prints the lines, console.py).
 
     Only the driver knows why a trial ended: a trial ASHA stops and one cut short by an
     interrupted search both end inside `tune.report`, but only the first gets
@@ -160,15 +183,9 @@ class _TrialEvents(tune.Callback):
         done = result.get("round", 0)
         status = "finished" if done >= self.rounds else "stopped"
         _set_status(trial.trial_id, status)
-        how = "finished" if status == "finished" else f"stopped by ASHA after round {done}"
-        _session["progress"](
-            f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
-            f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
-        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         _set_status(trial.trial_id, "error")
-        _session["progress"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
 
 
 def _set_status(trial_id: str, status: str) -> None:
@@ -179,11 +196,26 @@ def _set_status(trial_id: str, status: str) -> None:
         store.put_record(namespace, trial_id, record)
 
 
+def _ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(storage path, filesystem) for Ray: pyarrow URIs and paths as they are, fsspec ones wrapped."""
+    if "://" not in uri or uri.split("://", 1)[0].lower() in PYARROW_SCHEMES:
+        return uri, None
+    _, filesystem, path = resolve_uri(uri)
+    return path, filesystem
+
+
+def _callbacks(cfg: ExperimentConfig) -> list[tune.Callback]:
+    return [_TrialEvents(cfg.prune.rounds), *SearchConsole.callbacks(cfg.prune.rounds, cfg.search.num_trials)]
+
+
 def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
+    storage_path, filesystem = _ray_storage(storage)
     return tune.Tuner(
         _trainable(cfg, state),
         tune_config=tune.TuneConfig(
+            metric=PRIMARY_METRIC,  # for ASHA and Ray's own reports (-v); OptunaSearch keeps its objectives
+            mode="max",
             search_alg=_searcher(cfg, state),
             scheduler=_scheduler(cfg),
             num_samples=cfg.search.num_trials,
@@ -192,43 +224,62 @@ def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[_TrialEvents(cfg.prune.rounds)],
-            verbose=1,
+            callbacks=_callbacks(cfg),
+            verbose=ray_verbose(_session["verbosity"]),
         ),
     )
 
 
 # Driver --------------------------------------------------------------------------------------
-def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Run a new search on a local Ray (no address) or a cluster; returns its summary."""
+def run_search(
+    cfg: ExperimentConfig, address: str | None = None, progress: Progress = print, verbosity: int = 0
+) -> dict[str, Any]:
+    """Run a new search on a local Ray, or on the cluster at `address` / $RAY_ADDRESS; returns its summary.
+
+    `verbosity`: -1 errors only, 0 lth-search's lines, 1 also Ray's tables and library INFO logs.
+    """
+    progress = _use_console(progress, verbosity)
     cfg = cfg.absolute()
     state = new_state(cfg)
     _check_resources(cfg, address)
     with ThreadPoolExecutor(1) as pool:
         # MLflow's setup (seconds for a new database) overlaps the start of a local Ray;
         # joining a cluster comes first, so a wrong --address leaves no MLflow run behind.
-        local = not address and not ray.is_initialized()
+        local = not cluster_address(address) and not ray.is_initialized()
         early = pool.submit(_start_tracking, cfg, state) if local else None
         with ray_session(address):
             tracker = early.result() if early is not None else _start_tracking(cfg, state)
             state.save()
             _announce(cfg, state, progress)
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-            summary = _fit(cfg, state, _tuner(cfg, state), tracker, progress)
+            summary = _fit(cfg, state, _tuner(cfg, state), tracker, progress, address)
             del leases
             return summary
 
 
+def _use_console(progress: Progress, verbosity: int) -> Progress:
+    _session["verbosity"] = verbosity
+    return use_console(verbosity, progress)
+
+
 def resume_search(
-    name: str, output_dir: str = "./lth_runs", address: str | None = None, progress: Progress = print
+    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
+    store_uri: str | None = None, verbosity: int = 0,
 ) -> dict[str, Any]:
-    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same MLflow parent."""
-    state = SearchState.load(name, output_dir)
+    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same MLflow parent.
+
+    The search is found beside its store (`store_uri`, default `<output_dir>/store`), so
+    it resumes from any machine or folder that reaches that storage.
+    """
+    progress = _use_console(progress, verbosity)
+    state = SearchState.load(name, store_uri=store_uri, output_dir=output_dir)
     cfg = state.cfg().absolute()
-    if not tune.Tuner.can_restore(state.results_path):
+    results, filesystem = _ray_storage(state.results_path)
+    if not tune.Tuner.can_restore(results, storage_filesystem=filesystem):
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
@@ -240,9 +291,13 @@ def resume_search(
         progress(f"resuming search {state.search_id} from {state.results_path}")
         leases = start_lease_actor(cfg.name)
         tuner = tune.Tuner.restore(
-            state.results_path, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True
+            results, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True,
+            storage_filesystem=filesystem,
         )
-        summary = _fit(cfg, state, tuner, tracker, progress)
+        # The restored RunConfig is the pickled one: this run's console and verbosity instead.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks, run_config.verbose = _callbacks(cfg), ray_verbose(verbosity)
+        summary = _fit(cfg, state, tuner, tracker, progress, address)
         del leases
         return summary
 
@@ -270,7 +325,9 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
     progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
 
 
-def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress) -> dict[str, Any]:
+def _fit(
+    cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress, address: str | None
+) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
     store = StageStore.from_config(cfg)
     _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name))
@@ -296,8 +353,14 @@ def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: 
     summary["status"] = state.status
     emit(summary_lines(summary), progress)
     if not complete:
-        progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
+        progress(f"search interrupted: continue it with `{_resume_command(cfg, address)}`")
     return summary
+
+
+def _resume_command(cfg: ExperimentConfig, address: str | None) -> str:
+    """The command that continues this search, wherever it was started from."""
+    where = f"--store-uri {cfg.store.uri}" if cfg.store.uri else f"--output-dir {cfg.output_dir}"
+    return f"lth-search resume {cfg.name} {where}" + (f" --address {address}" if address else "")
 
 
 def _abandon_orphans(store: StageStore, name: str, records: dict[str, dict], known: set[str]) -> None:

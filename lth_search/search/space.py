@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 
 from lth_search.config import ExperimentConfig
+from lth_search.search.journal import journal_storage
 
 OPTUNA_TRIAL_KEY = "optuna_trial"
 """Config key carrying the Optuna trial number, so a Ray trial can be matched to its study trial."""
@@ -81,12 +82,6 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     if sampler == "nsga2" or cfg.search.objectives == 2:
         return optuna.samplers.NSGAIISampler(seed=cfg.seed)
     return optuna.samplers.TPESampler(seed=cfg.seed)
-
-
-def journal_storage(path: str) -> optuna.storages.BaseStorage:
-    """A study storage in one append-only file: survives a killed driver, needs no database."""
-    backend = optuna.storages.journal.JournalFileBackend(path)
-    return optuna.storages.JournalStorage(backend)
 
 
 def close_orphans(journal: str, study_name: str) -> int:

@@ -383,9 +383,9 @@ def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, prog
     progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")
 
 
-def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None,
-                progress: Callable[[str], None] = print) -> dict[str, int]:
+def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | None = None,
+                progress: Callable[[str], None] = print, store_uri: str | None = None) -> dict[str, int]:
     """`lth-search sync NAME`: log to MLflow what the store holds and MLflow lacks (see sync.py)."""
     from lth_search.tracking.sync import sync_search as _sync
 
-    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
+    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress, store_uri=store_uri)

@@ -13,7 +13,6 @@ runs it later, once the server answers again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from typing import Any, Callable
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.errors import TrackingError
 from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.runs.state import SearchState
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageEntry, StageStore
 from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
@@ -104,38 +104,27 @@ def _needs_finish(tracker: TrialTracker, result: LineageResult, status: str) -> 
     return bool(tracker.logged) or changed or tracker.state.status != TERMINAL[status]
 
 
-def read_search_json(name: str, output_dir: str | Path) -> dict[str, Any]:
-    """The driver's `<output_dir>/searches/<name>/search.json` (search.py's SearchState)."""
-    path = Path(output_dir).expanduser().resolve() / "searches" / name / "search.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrackingError(f"no search named {name} under {path.parent.parent} (no {path.name}); check --output-dir") from None
-    except ValueError:
-        raise TrackingError(f"{path}: not valid JSON") from None
-
-
-def sync_search(name: str, output_dir: str | Path = "./lth_runs", tracking_uri: str | None = None,
-                progress: Callable[[str], None] = print) -> dict[str, int]:
+def sync_search(name: str, output_dir: str | Path | None = None, tracking_uri: str | None = None,
+                progress: Callable[[str], None] = print, store_uri: str | None = None) -> dict[str, int]:
     """Log to MLflow every trial-round the store holds for search `name` and MLflow lacks.
 
     Then the parent's tickets table, plot and summary are rewritten, and a finished
     search's run is ended. Raises TrackingError when MLflow still does not answer.
     """
-    meta = read_search_json(name, output_dir)
-    cfg = validate_config(meta["config"], source=f"search {name}").absolute()
+    state = SearchState.load(name, store_uri=store_uri, output_dir=output_dir)
+    cfg = state.cfg().absolute()
     cfg.tracking.enabled = True
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     store = StageStore.from_config(cfg)
-    search_id = meta.get("search_id")
+    search_id = state.search_id
     records = [r for r in store.records(records_namespace(name)).values() if search_id is None or r.get("search_id") == search_id]
     progress(f"sync {name}: {len(records)} trial record(s) in {cfg.store_uri()} -> MLflow at {cfg.tracking_uri()}")
-    search = SearchTracker.start(cfg, meta.get("results_path") or meta.get("ray_results_path"), meta.get("parent_run_id"))
+    search = SearchTracker.start(cfg, state.results_path, state.parent_run_id)
     if search.parent_run_id is None:
         raise TrackingError(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
     counts = search.refresh(records)
-    if meta.get("status") == "finished":
+    if state.status == "finished":
         search.io.call("end the search run", lambda: search.io.client.set_terminated(search.parent_run_id, "FINISHED"))
     if search.missed:
         raise TrackingError(

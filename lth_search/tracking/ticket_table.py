@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lth_search.config import ExperimentConfig
 from lth_search.errors import TrackingError
 from lth_search.tracking.client import first_line, metric_history, quiet_downloads
 from lth_search.engine.objective import is_matching
 from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
-
-DEFAULT_DB = Path("lth_runs") / "mlflow.db"
-
 
 @dataclass(frozen=True)
 class SearchRef:
@@ -37,8 +34,8 @@ class SearchRef:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The argument, else $MLFLOW_TRACKING_URI, else the default sqlite database (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    """The argument, else the schema's default ($MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db)."""
+    uri = uri or ExperimentConfig().tracking_uri()
     if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
         database = Path(uri[len("sqlite:///"):])
         if not database.exists():

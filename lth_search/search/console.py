@@ -1,0 +1,136 @@
+"""What a person sees of a search: a few lines on stderr, Ray's tables only when asked.
+
+By default (verbosity 0) a search prints its header, one line when a lineage starts
+(its choices) and one when it ends (its score), a one-line status every few seconds
+(done / running / pending, best so far), and the summary. `-v` (1) brings back Ray's
+own trial tables and the INFO logs of MLflow and Optuna; `-vv` (2) Ray's most verbose
+tables; `-q` (-1) prints errors only. Everything human goes to stderr, so `--json` owns
+stdout.
+
+Ray pickles callbacks into the experiment state and restores copies of them on
+resume, so `SearchConsole` keeps no printer of its own: it writes through `_out`, set
+by `use_console` in the driver process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from ray import tune
+
+from lth_search.search.space import PRIMARY_METRIC, choices_of
+
+STATUS_EVERY_S = 10.0
+"""Seconds between status lines (a line is skipped when nothing changed, at most for a minute)."""
+QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
+"""Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
+
+_out: dict[str, Any] = {"line": lambda text: None}
+
+
+def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    """Set up the driver's console for `verbosity`; returns the function that prints a human line.
+
+    Quietens library loggers and Tune's automatic loggers (their TensorBoard hint and CSV
+    files nobody reads; result.json is kept, see `SearchConsole.callbacks`), here and in
+    the local Ray's workers, which inherit this process's environment.
+    """
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    level = logging.INFO if verbosity > 0 else logging.WARNING
+    if verbosity <= 0:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbosity > 0 else optuna.logging.WARNING)
+    printer = line or _stderr
+    _out["line"] = printer if verbosity >= 0 else (lambda text: None)
+    return _out["line"]
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def ray_verbose(verbosity: int) -> int:
+    """Ray Tune's `RunConfig(verbose=...)` for our verbosity: its tables only with -v."""
+    return max(0, min(2, verbosity))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _choices(trial: Any) -> str:
+    choices = choices_of(trial.config or {})
+    return ", ".join(f"{k}={v}" for k, v in sorted(choices.items())) or "the config's prune values"
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class SearchConsole(tune.Callback):
+    """One line per lineage start and end, and a status line every few seconds."""
+
+    def __init__(self, rounds: int, num_trials: int, status_every_s: float = STATUS_EVERY_S) -> None:
+        self.rounds, self.num_trials, self.status_every_s = rounds, num_trials, status_every_s
+        self.began = time.time()
+        self.last_status_at = self.began
+        self.last_status = ""
+
+    @staticmethod
+    def callbacks(rounds: int, num_trials: int) -> list[tune.Callback]:
+        """The console plus Tune's result.json writer (kept when the automatic loggers are off)."""
+        from ray.tune.logger import JsonLoggerCallback
+
+        return [SearchConsole(rounds, num_trials), JsonLoggerCallback()]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _out["line"](f"trial {trial.trial_id} started: {_choices(trial)}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _out["line"](f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        done = result.get("round", 0)
+        how = "finished" if done >= self.rounds else f"stopped by ASHA after round {done}"
+        _out["line"](
+            f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
+            f"(round {result.get('matching_round', 0)}, val {_pct(result.get('matching_val_accuracy', 0.0))})"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _out["line"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.time()
+        if now - self.last_status_at < self.status_every_s:
+            return
+        status = self.status(trials)
+        if status == self.last_status and now - self.last_status_at < 60:
+            return
+        self.last_status, self.last_status_at = status, now
+        _out["line"](f"[{_elapsed(now - self.began)}] {status}")
+
+    def status(self, trials: list) -> str:
+        """'3/12 done, 2 running; best so far 87.0% sparsity (trial X, val 61.2%)'."""
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        scored = [t.last_result for t in trials if (t.last_result or {}).get(PRIMARY_METRIC) is not None]
+        text = f"{done}/{self.num_trials} done, {running} running"
+        if scored:
+            best = max(scored, key=lambda r: (r[PRIMARY_METRIC], r.get("matching_val_accuracy", 0.0)))
+            text += (
+                f"; best so far {_pct(best[PRIMARY_METRIC])} sparsity "
+                f"(trial {best.get('trial_id')}, val {_pct(best.get('matching_val_accuracy', 0.0))})"
+            )
+        return text
