@@ -40,6 +40,8 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
     the local Ray's workers, which inherit this process's environment.
     """
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Ray's new reporter prints its experiment box even when silent; its old one does not.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbosity > 0 else "0"
     level = logging.INFO if verbosity > 0 else logging.WARNING
     if verbosity <= 0:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
