@@ -46,7 +46,7 @@ def _nodes_of(results_path: str) -> set[str]:
 
 
 def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    command = _search(tmp_path, "jobsearch", data_root, str(tmp_path)) + ["--json"]
+    command = _search(tmp_path, "jobsearch", data_root, str(tmp_path)) + ["--json", "-v"]
     done = subprocess.run(
         [RAY, "job", "submit", "--address", head.dashboard_url, "--", *command],
         env=head.env, capture_output=True, text=True, timeout=300,
@@ -58,6 +58,8 @@ def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root
     assert _nodes_of(summary["results_path"]) == head.node_ids()
     state = json.loads((tmp_path / "searches" / "jobsearch" / "search.json").read_text())
     assert state["status"] == "finished"
+    # -v brings Ray's own tables back (the job's log holds the entrypoint's stdout and stderr)
+    assert "Configuration for experiment" in done.stdout and "Trial status" in done.stdout
 
 
 def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
@@ -82,23 +84,13 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert all(not line.startswith("trial ") for line in lines[summary_at:])
 
 
-def test_verbose_brings_back_rays_tables(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    command = _search(tmp_path, "loud", data_root, str(tmp_path), search__num_trials=1, prune__rounds=1) + ["-v"]
-    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == ""  # Ray's tables are human text too: stderr
-    assert "Configuration for experiment" in done.stderr and "Trial status" in done.stderr
-    assert "best ticket:" in done.stderr
-
-
 def test_resume_from_another_folder_through_the_store_uri(head: RayHead, data_root: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     store_uri = f"local://{shared / 'store'}"  # an fsspec store: the search state goes through the store's filesystem
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
     command = _search(tmp_path, "moved", data_root, "lth_runs", store__uri=store_uri, search__num_trials=3,
-                      search__max_concurrent=1, train__steps=1500)
+                      search__max_concurrent=1, train__steps=800)
     env = {**head.env, "RAY_ADDRESS": head.gcs_address}
     driver = subprocess.Popen(command, env=env, cwd=first, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
