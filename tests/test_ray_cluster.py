@@ -64,7 +64,9 @@ def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root
 
 def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
     command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true") + ["--json"]
-    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    database = tmp_path / "elsewhere" / "mlflow.db"  # MLflow's own variable, honoured by `run` (no tracking.uri)
+    database.parent.mkdir()
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # stdout: one JSON object and nothing else
@@ -81,6 +83,8 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert not [line for line in lines if "INFO" in line or "╭" in line or "tensorboard" in line.lower()], done.stderr
     summary_at = next(i for i, line in enumerate(lines) if line.startswith("best ticket:"))
     assert lines[-1].startswith("  then open http://127.0.0.1:5000/#/experiments/")
+    assert summary["tracking_uri"] == f"sqlite:///{database}" and database.exists()
+    assert not (tmp_path / "mlflow.db").exists()
     assert all(not line.startswith("trial ") for line in lines[summary_at:])
 
 

@@ -104,7 +104,8 @@ def test_summary_says_when_nothing_matched(records):
     ("s3://bucket", "s3://bucket/ray"),
     ("gs://bucket/x/", "gs://bucket/ray"),
 ])
-def test_ray_results_live_beside_a_remote_store(store, expected, tmp_path):
+def test_ray_results_live_beside_the_store(store, expected, tmp_path):
     assert results_root(_cfg(f"store.uri={store}")) == expected
-    local = _cfg(f"output_dir={tmp_path}", f"store.uri={tmp_path / 'elsewhere'}")
-    assert results_root(local) == str(tmp_path / "ray")
+    local = _cfg(f"output_dir={tmp_path / 'runs'}", f"store.uri={tmp_path / 'shared' / 'store'}")
+    assert results_root(local) == str(tmp_path / "shared" / "ray")  # beside the store, not in output_dir
+    assert results_root(_cfg(f"output_dir={tmp_path / 'runs'}")) == str(tmp_path / "runs" / "ray")
