@@ -25,7 +25,9 @@ from ray import tune
 from lth_search.search.space import PRIMARY_METRIC, choices_of
 
 STATUS_EVERY_S = 10.0
-"""Seconds between status lines (a line is skipped when nothing changed, at most for a minute)."""
+"""Seconds between status lines at first; the gap grows with the search's age (a sixth of it) up
+to a minute, so a 1-minute search prints ~6 and an hour-long one ~70; an unchanged status waits
+the full minute."""
 QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
 """Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
 
@@ -115,7 +117,7 @@ class SearchConsole(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
-        if now - self.last_status_at < self.status_every_s:
+        if now - self.last_status_at < min(60.0, max(self.status_every_s, (now - self.began) / 6)):
             return
         status = self.status(trials)
         if status == self.last_status and now - self.last_status_at < 60:
