@@ -44,7 +44,9 @@ def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None
 
 
 def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", help="MLflow experiment (default: the only / latest search)")
+    parser.add_argument(
+        "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the latest search's)"
+    )
     parser.add_argument(
         "--search-run-id", help="the MLflow run id of one search of the experiment (default: the latest)"
     )

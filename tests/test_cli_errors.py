@@ -133,3 +133,17 @@ def test_version_and_usage_errors() -> None:
     assert done.returncode == 0 and done.stdout.startswith("lth-search ")
     done = subprocess.run([LTH_SEARCH, "run"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "config" in done.stderr
+
+
+def test_every_option_says_what_it_takes() -> None:
+    import argparse
+
+    from lth_search.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"lth-search {name} {'/'.join(action.option_strings) or action.dest} has no help"
+    best = commands.choices["best"]
+    assert "fraction" in next(a for a in best._actions if "--max-drop" in a.option_strings).help

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,8 @@ def read_rows(
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     try:
-        ref = find_search(client, experiment, search_run_id)
+        # MLflow's own variable names the experiment when the command line does not
+        ref = find_search(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"), search_run_id)
         return ref, ticket_rows(client, ref), client
     except MlflowException as error:
         raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None
