@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
-import pyarrow.fs as pafs
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
