@@ -33,12 +33,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri", help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {OUTPUT_DIR}/mlflow.db)"
-    )
-
-
 def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
     parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
 
@@ -50,7 +44,9 @@ def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--search-run-id", help="the MLflow run id of one search of the experiment (default: the latest)"
     )
-    _add_tracking_uri(parser)
+    parser.add_argument(
+        "--tracking-uri", help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {OUTPUT_DIR}/mlflow.db)"
+    )
     _add_json(parser)
 
 
