@@ -49,6 +49,8 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # Ray's note that a new local cluster enabled token auth: lth-search's own Ray is on loopback
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbosity > 0 else optuna.logging.WARNING)
