@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ class RayHead:
     gcs_address: str
     dashboard_url: str
     env: dict[str, str]
+    temp_dir: str
 
     def node_ids(self) -> set[str]:
         """The cluster's alive node ids, from the dashboard's state API."""
@@ -43,6 +45,7 @@ class RayHead:
         return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
     def stop(self) -> None:
+        """SIGTERM to the `ray start --block` session (it stops its children), SIGKILL if it lingers."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -50,6 +53,7 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _answers(url: str) -> bool:
@@ -64,7 +68,8 @@ def start_head(num_cpus: int = 2, timeout_s: float = 120.0) -> RayHead:
     """Start the cluster and return once its job API answers (the event `ray job submit` needs)."""
     gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="lthray")  # short: Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # no 30 s drain at SIGTERM: nothing to hand over
     env.pop("RAY_ADDRESS", None)
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",
@@ -75,11 +80,12 @@ def start_head(num_cpus: int = 2, timeout_s: float = 120.0) -> RayHead:
     ]
     log = open(Path(temp_dir) / "ray-start.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(process, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env)
+    head = RayHead(process, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, temp_dir)
     deadline = time.time() + timeout_s
     while not _answers(f"{head.dashboard_url}/api/version"):
         if process.poll() is not None or time.time() > deadline:
+            log_text = (Path(temp_dir) / "ray-start.log").read_text()[-2000:]
             head.stop()
-            raise RuntimeError(f"ray start --head did not come up: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
+            raise RuntimeError(f"ray start --head did not come up: {log_text}")
         time.sleep(0.5)  # polling the job API's readiness, not a guessed delay
     return head
