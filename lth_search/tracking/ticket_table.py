@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
 from lth_search.errors import TrackingError
-from lth_search.tracking.client import first_line, metric_history, quiet_downloads
+from lth_search.tracking.client import first_line, metric_history, quiet_mlflow_output
 from lth_search.engine.objective import is_matching
 from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
 
@@ -49,7 +49,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def client_for(uri: str) -> Any:
     from mlflow import MlflowClient
 
-    quiet_downloads()
+    quiet_mlflow_output()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
