@@ -17,7 +17,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Sequence
 
-from lth_search.config import OUTPUT_DIR
+from lth_search.config.schema import default_output_dir
 from lth_search.errors import LthError, RuntimeFailure
 
 EXIT_RUNTIME_FAILURE = 1
@@ -45,7 +45,8 @@ def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
         "--search-run-id", help="the MLflow run id of one search of the experiment (default: the latest)"
     )
     parser.add_argument(
-        "--tracking-uri", help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {OUTPUT_DIR}/mlflow.db)"
+        "--tracking-uri",
+        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default_output_dir()}/mlflow.db)",
     )
     _add_json(parser)
 
@@ -56,7 +57,9 @@ def _add_search_location(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--store-uri", help="the search's store.uri: its state lives beside the store (default: OUTPUT_DIR/store)"
     )
-    where.add_argument("--output-dir", help=f"the search's output_dir, when it used the default store (default {OUTPUT_DIR})")
+    where.add_argument(
+        "--output-dir", help=f"the search's output_dir, when it used the default store (default {default_output_dir()})"
+    )
 
 
 def _add_console_args(parser: argparse.ArgumentParser) -> None:
@@ -128,12 +131,12 @@ def _print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _round_line(round_result: Any, total: int) -> str:
-    tag = "  (reused)" if round_result.reused else ""
+def _round_line(metrics: dict[str, Any], total: int) -> str:
+    tag = "  (reused)" if metrics["reused"] else ""
     return (
-        f"round {round_result.round}/{total}  sparsity {100 * round_result.sparsity:6.2f}%  "
-        f"val {100 * round_result.val_accuracy:5.2f}%  test {100 * round_result.test_accuracy:5.2f}%  "
-        f"loss {round_result.train_loss:.3f}  {round_result.train_steps_per_s:7.0f} steps/s{tag}"
+        f"round {metrics['round']}/{total}  sparsity {100 * metrics['sparsity']:6.2f}%  "
+        f"val {100 * metrics['val_accuracy']:5.2f}%  test {100 * metrics['test_accuracy']:5.2f}%  "
+        f"loss {metrics['train_loss']:.3f}  {metrics['train_steps_per_s']:7.0f} steps/s{tag}"
     )
 
 
@@ -150,7 +153,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         best = result.best
         print(
             f"matching sparsity {100 * best.sparsity:.2f}% (round {best.round}, val {100 * best.val_accuracy:.2f}% "
-            f"vs dense {100 * result.dense['val_accuracy']:.2f}%); steps executed {result.steps_executed}, "
+            f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
             f"reused {result.steps_reused}"
         )
     return 0
@@ -195,7 +198,8 @@ def _search_exit(summary: dict[str, Any], as_json: bool) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from lth_search.tickets import best_ticket, describe_ticket
+    from lth_search.api import best_ticket
+    from lth_search.tickets import describe_ticket
 
     ticket = best_ticket(
         experiment=args.experiment, search_run_id=args.search_run_id, max_accuracy_drop=args.max_drop,
@@ -209,7 +213,8 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:
-    from lth_search.tickets import format_tickets, list_tickets
+    from lth_search.api import list_tickets
+    from lth_search.tickets import format_tickets
 
     table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri, search_run_id=args.search_run_id)
     print(json.dumps(table) if args.json else format_tickets(table))

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from conftest import wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -81,11 +82,14 @@ def start_head(num_cpus: int = 2, timeout_s: float = 120.0) -> RayHead:
     log = open(Path(temp_dir) / "ray-start.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(process, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, temp_dir)
-    deadline = time.time() + timeout_s
-    while not _answers(f"{head.dashboard_url}/api/version"):
-        if process.poll() is not None or time.time() > deadline:
-            log_text = (Path(temp_dir) / "ray-start.log").read_text()[-2000:]
-            head.stop()
-            raise RuntimeError(f"ray start --head did not come up: {log_text}")
-        time.sleep(0.5)  # polling the job API's readiness, not a guessed delay
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start --head exited: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
+        return _answers(f"{head.dashboard_url}/api/version")
+
+    try:
+        wait_for(up, timeout_s, "the dashboard's job API", poll=0.5)
+    except BaseException:
+        head.stop()
+        raise
     return head

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import LTH_SEARCH
+from conftest import LTH_SEARCH, wait_for
 from ray_head import RAY, RayHead, start_head
 from search_helpers import manifests, search_overrides, trial_records, trial_results
 
@@ -102,9 +101,13 @@ def test_resume_from_another_folder_through_the_store_uri(head: RayHead, data_ro
             if " started: " in line:
                 break
         records_dir = shared / "store" / "records"
-        while driver.poll() is None and not any(r["rounds"] for r in (
-                trial_records(shared / "store", "moved") if records_dir.exists() else {}).values()):
-            time.sleep(0.2)  # polling the trial records (files) for the first round
+
+        def first_round() -> bool:
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            records = trial_records(shared / "store", "moved") if records_dir.exists() else {}
+            return any(r["rounds"] for r in records.values())
+
+        wait_for(first_round, 300, "a first round in the trial records", poll=0.2)
         driver.send_signal(signal.SIGINT)
         output = line + driver.communicate(timeout=120)[0]
     finally:

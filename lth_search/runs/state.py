@@ -14,12 +14,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lth_search.config import OUTPUT_DIR, ExperimentConfig, validate_config
+from lth_search.config import ExperimentConfig, default_output_dir, validate_config
 from lth_search.errors import ConfigError, StoreError
 from lth_search.store.uri import beside, read_file, write_file
+
+
+class SearchStatus(str, Enum):
+    """Where a search is (the words stored in search.json)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    """Stopped before its end (Ctrl-C, a killed driver): `lth-search resume` continues it."""
 
 
 @dataclass
@@ -32,23 +42,26 @@ class SearchState:
     results_path: str
     journal: str
     parent_run_id: str | None = None
-    status: str = "running"
+    status: SearchStatus = SearchStatus.RUNNING
     started_at: float = 0.0
     finished_at: float | None = None
 
+    def __post_init__(self) -> None:
+        self.status = SearchStatus(self.status)
+
     @staticmethod
     def folder(store_uri: str, name: str) -> str:
-        """Where search `name` keeps search.json and its journal (a path or URI)."""
+        """Where search `name` keeps search.json and its journal (a path or URI beside the store)."""
         return f"{beside(store_uri, 'searches')}/{name}"
 
     def save(self) -> None:
-        store_uri = self.cfg().store_uri()
-        write_file(f"{self.folder(store_uri, self.name)}/search.json", json.dumps(asdict(self), indent=2).encode())
+        path = f"{self.folder(self.cfg().store_uri(), self.name)}/search.json"
+        write_file(path, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
-    def load(cls, name: str, store_uri: str | None = None, output_dir: str | Path | None = None) -> "SearchState":
-        """The state of search `name` beside `store_uri` (default: `<output_dir>/store`)."""
-        store_uri = store_uri or ExperimentConfig(output_dir=str(output_dir or OUTPUT_DIR)).store_uri()
+    def load(cls, name: str, output_dir: str | Path | None = None, store_uri: str | None = None) -> "SearchState":
+        """The state of search `name` beside `store_uri` (default: the store of `output_dir`, default the schema's)."""
+        store_uri = store_uri or ExperimentConfig(output_dir=str(output_dir or default_output_dir())).store_uri()
         path = f"{cls.folder(store_uri, name)}/search.json"
         try:
             data = read_file(path)

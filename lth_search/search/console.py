@@ -7,9 +7,9 @@ own trial tables and the INFO logs of MLflow and Optuna; `-vv` (2) Ray's most ve
 tables; `-q` (-1) prints errors only. Everything human goes to stderr, so `--json` owns
 stdout.
 
-Ray pickles callbacks into the experiment state and restores copies of them on
-resume, so `SearchConsole` keeps no printer of its own: it writes through `_out`, set
-by `use_console` in the driver process.
+`use_console` sets the process up (library loggers, Tune's automatic loggers) and
+returns the printer for the verbosity; `SearchConsole` prints through it. Ray pickles
+callbacks into its experiment state, so the console holds nothing else.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ the full minute."""
 QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
 """Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
 
-_out: dict[str, Any] = {"line": lambda text: None}
-
-
 def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Callable[[str], None]:
     """Set up the driver's console for `verbosity`; returns the function that prints a human line.
 
@@ -54,13 +51,15 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbosity > 0 else optuna.logging.WARNING)
-    printer = line or _stderr
-    _out["line"] = printer if verbosity >= 0 else (lambda text: None)
-    return _out["line"]
+    return (line or _stderr) if verbosity >= 0 else _silent
 
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def ray_verbose(verbosity: int) -> int:
@@ -86,36 +85,38 @@ def _elapsed(seconds: float) -> str:
 class SearchConsole(tune.Callback):
     """One line per lineage start and end, and a status line every few seconds."""
 
-    def __init__(self, rounds: int, num_trials: int, status_every_s: float = STATUS_EVERY_S) -> None:
-        self.rounds, self.num_trials, self.status_every_s = rounds, num_trials, status_every_s
+    def __init__(
+        self, rounds: int, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S
+    ) -> None:
+        self.rounds, self.num_trials, self.line, self.status_every_s = rounds, num_trials, line, status_every_s
         self.began = time.time()
         self.last_status_at = self.began
         self.last_status = ""
 
     @staticmethod
-    def callbacks(rounds: int, num_trials: int) -> list[tune.Callback]:
+    def callbacks(rounds: int, num_trials: int, line: Callable[[str], None]) -> list[tune.Callback]:
         """The console plus Tune's result.json writer (kept when the automatic loggers are off)."""
         from ray.tune.logger import JsonLoggerCallback
 
-        return [SearchConsole(rounds, num_trials), JsonLoggerCallback()]
+        return [SearchConsole(rounds, num_trials, line), JsonLoggerCallback()]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _out["line"](f"trial {trial.trial_id} started: {_choices(trial)}")
+        self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _out["line"](f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
+        self.line(f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         done = result.get("round", 0)
         how = "finished" if done >= self.rounds else f"stopped by ASHA after round {done}"
-        _out["line"](
+        self.line(
             f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
             f"(round {result.get('matching_round', 0)}, val {_pct(result.get('matching_val_accuracy', 0.0))})"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _out["line"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        self.line(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
@@ -125,7 +126,7 @@ class SearchConsole(tune.Callback):
         if status == self.last_status and now - self.last_status_at < 60:
             return
         self.last_status, self.last_status_at = status, now
-        _out["line"](f"[{_elapsed(now - self.began)}] {status}")
+        self.line(f"[{_elapsed(now - self.began)}] {status}")
 
     def status(self, trials: list) -> str:
         """'3/12 done, 2 running; best so far 87.0% sparsity (trial X, val 61.2%)'."""

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
 from lth_search.errors import TrackingError
-from lth_search.tracking.client import first_line, metric_history, quiet_mlflow_output
+from lth_search.tracking.client import first_line, metric_history, new_client
 from lth_search.engine.objective import is_matching
 from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
 
@@ -35,7 +35,7 @@ class SearchRef:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The argument, else the schema's default ($MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db)."""
+    """The argument, else the schema's default ($MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db)."""
     uri = uri or ExperimentConfig().tracking_uri()
     if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
         database = Path(uri[len("sqlite:///"):])
@@ -44,13 +44,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
                 f"no MLflow database at {database}: run a search first, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
             )
     return uri
-
-
-def client_for(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    quiet_mlflow_output()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def parse_param(text: str) -> Any:
@@ -175,7 +168,7 @@ def read_rows(
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = client_for(uri)
+    client = new_client(uri)
     try:
         # MLflow's own variable names the experiment when the command line does not
         ref = find_search(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"), search_run_id)
