@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from ray import tune
 
+from lth_search.runs.record import TrialStatus
 from lth_search.search.space import PRIMARY_METRIC, choices_of
 
 STATUS_EVERY_S = 10.0
@@ -31,11 +32,12 @@ the full minute."""
 QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
 """Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
 
+
 def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Callable[[str], None]:
     """Set up the driver's console for `verbosity`; returns the function that prints a human line.
 
     Quietens library loggers and Tune's automatic loggers (their TensorBoard hint and CSV
-    files nobody reads; result.json is kept, see `SearchConsole.callbacks`), here and in
+    files nobody reads; the driver keeps result.json with a JsonLoggerCallback), here and in
     the local Ray's workers, which inherit this process's environment.
     """
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -83,22 +85,17 @@ def _elapsed(seconds: float) -> str:
 
 
 class SearchConsole(tune.Callback):
-    """One line per lineage start and end, and a status line every few seconds."""
+    """One line per lineage start and end, and a status line every few seconds.
 
-    def __init__(
-        self, rounds: int, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S
-    ) -> None:
-        self.rounds, self.num_trials, self.line, self.status_every_s = rounds, num_trials, line, status_every_s
+    Why a trial ended (finished by itself, stopped by the scheduler) is the driver's to
+    decide from the trial record; it tells the console through `ended` and `failed`.
+    """
+
+    def __init__(self, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S) -> None:
+        self.num_trials, self.line, self.status_every_s = num_trials, line, status_every_s
         self.began = time.time()
         self.last_status_at = self.began
         self.last_status = ""
-
-    @staticmethod
-    def callbacks(rounds: int, num_trials: int, line: Callable[[str], None]) -> list[tune.Callback]:
-        """The console plus Tune's result.json writer (kept when the automatic loggers are off)."""
-        from ray.tune.logger import JsonLoggerCallback
-
-        return [SearchConsole(rounds, num_trials, line), JsonLoggerCallback()]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
@@ -106,16 +103,15 @@ class SearchConsole(tune.Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.line(f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def ended(self, trial: Any, status: TrialStatus) -> None:
         result = trial.last_result or {}
-        done = result.get("round", 0)
-        how = "finished" if done >= self.rounds else f"stopped by ASHA after round {done}"
+        how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {result.get('round', 0)}"
         self.line(
             f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
             f"(round {result.get('matching_round', 0)}, val {_pct(result.get('matching_val_accuracy', 0.0))})"
         )
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def failed(self, trial: Any) -> None:
         self.line(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

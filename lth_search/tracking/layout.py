@@ -27,6 +27,9 @@ PARENT = "mlflow.parentRunId"
 # Artifacts
 CONFIG = "config.json"
 TICKETS = "tickets.parquet"
+CONFIRMATION = "confirmation.json"
+"""The parent run's confirmation table (runs/confirmation.py `Confirmation.to_json()` plus
+`trial_id`, the search trial of the chosen recipe)."""
 LINEAGE_PLOT = "plots/accuracy_vs_sparsity.png"
 SEARCH_PLOT = "plots/search_summary.png"
 MODEL_DIR = "best_ticket"

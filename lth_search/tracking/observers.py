@@ -25,8 +25,8 @@ class MlflowSearch:
     def parent_run_id(self) -> str | None:
         return self.tracker.parent_run_id
 
-    def finish(self, records: list[TrialRecord]) -> None:
-        refresh(self.tracker, records)
+    def finish(self, records: list[TrialRecord], confirmation: dict[str, Any] | None = None) -> None:
+        refresh(self.tracker, records, confirmation)
         self.tracker.end()
 
     def links(self) -> dict[str, Any]:
