@@ -34,7 +34,8 @@ def _search(tmp_path: Path, name: str, data_root: Path, output_dir: str, **setti
     """`lth-search run` of a tiny search named `name` (config file in tmp_path)."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(f"name: {name}\n")
-    base = {"search.num_trials": 2, "prune.rounds": 2, "search.asha.enabled": "false"}
+    base = {"search.num_trials": 2, "prune.rounds": 2, "search.asha.enabled": "false",
+            "search.confirm_seeds": 0}  # no confirmation runs: these tests are about where things run and print
     base.update({k.replace("__", "."): v for k, v in settings.items()})
     sets = search_overrides(data_root, Path(output_dir), base)
     return [LTH_SEARCH, "run", str(config)] + [arg for item in sets for arg in ("--set", item)]
