@@ -109,3 +109,18 @@ def test_ray_results_live_beside_the_store(store, expected, tmp_path):
     local = _cfg(f"output_dir={tmp_path / 'runs'}", f"store.uri={tmp_path / 'shared' / 'store'}")
     assert results_root(local) == str(tmp_path / "shared" / "ray")  # beside the store, not in output_dir
     assert results_root(_cfg(f"output_dir={tmp_path / 'runs'}")) == str(tmp_path / "runs" / "ray")
+
+
+def test_the_resume_hint_names_where_the_search_lives_and_the_cluster(tmp_path):
+    import shlex
+
+    from lth_search.cli import build_parser
+    from lth_search.search.driver import _resume_command
+
+    local = _cfg(f"output_dir={tmp_path}").absolute()
+    assert _resume_command(local, None) == f"lth-search resume quickstart --output-dir {tmp_path}"
+    remote = _cfg("store.uri=s3://b/lth/store")
+    hint = _resume_command(remote, "10.0.0.7:6379")
+    assert hint == "lth-search resume quickstart --store-uri s3://b/lth/store --address 10.0.0.7:6379"
+    args = build_parser().parse_args(shlex.split(hint)[1:])
+    assert (args.name, args.store_uri, args.address) == ("quickstart", "s3://b/lth/store", "10.0.0.7:6379")
