@@ -11,7 +11,7 @@ import pytest
 from search_helpers import expected_matching, load_study, manifests, search_config, trial_records, trial_results
 
 from lth_search.errors import ConfigError
-from lth_search.api import resume_search, run_search
+from lth_search.api import best_ticket, resume_search, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +127,32 @@ def test_resume_of_an_unknown_search_is_a_one_line_error(tmp_path):
         resume_search("nope", output_dir=str(tmp_path))
     message = str(error.value)
     assert "\n" not in message and "no search named nope" in message and "lth-search run" in message
+
+
+def test_confirmation_reruns_the_default_and_the_best_on_fresh_seeds(ray_local, data_root, tmp_path):
+    # A margin no recipe can meet: the default recipe is chosen, and said so beside the best
+    # searched recipe; best_ticket() returns the default's ticket with the confirmed scores.
+    cfg = search_config(data_root, tmp_path, {
+        "search.confirm_seeds": 2, "search.confirm_top_k": 1, "search.confirm_margin": 10,
+        "search.num_trials": 2, "search.space.rewind_step": "null", "tracking.enabled": "true",
+    })
+    lines: list[str] = []
+    summary = run_search(cfg, progress=lines.append)
+    confirmation = summary["confirmation"]
+    assert len(confirmation["seeds"]) == 2 and cfg.seed not in confirmation["seeds"]
+    recipes = [s["recipe"] for s in confirmation["scores"]]
+    assert recipes[0] == cfg.default_recipe() == {"rate": 0.2} and len(recipes) == 2
+    assert all(s["seeds"] == confirmation["seeds"] for s in confirmation["scores"])  # paired: same seeds
+    assert confirmation["chosen"]["is_default"] and confirmation["gain"] == 1.0
+    assert summary["best"]["choices"] == {"rate": 0.2}
+    assert any("chosen recipe: the default" in line for line in lines)
+    assert any("not 10x the default's" in line for line in lines)
+
+    # the confirmation runs are lineages of their own (fresh seeds: their own dense stages)
+    dense_seeds = {m["inputs"]["seed"] for m in manifests(tmp_path / "store") if m["kind"] == "dense"}
+    assert dense_seeds == {cfg.seed, *confirmation["seeds"]}
+
+    ticket = best_ticket(experiment=cfg.name, tracking_uri=cfg.tracking_uri())
+    assert ticket.params == {"rate": 0.2} and ticket.trial_id == summary["best"]["trial_id"]
+    assert ticket.summary()["confirmation"]["chosen"]["compression"] == pytest.approx(
+        confirmation["chosen"]["compression"])

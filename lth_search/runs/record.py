@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult, _known_fields
+from lth_search.engine.results import (
+    DenseResult,
+    LineageResult,
+    RoundResult,
+    _known_fields,
+)
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageStore
 
