@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -42,7 +41,7 @@ from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
-from lth_search.search.console import SearchConsole, ray_verbose, use_console
+from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
@@ -57,7 +56,7 @@ from lth_search.search.space import (
 )
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.store.stages import StageStore
-from lth_search.store.uri import PYARROW_SCHEMES, resolve_uri
+from lth_search.store.uri import pyarrow_location
 
 Progress = Callable[[str], None]
 
@@ -210,27 +209,17 @@ class TrialEvents(tune.Callback):
             record.save(self.store)
 
 
-def _ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
-    """(storage path, filesystem) for Ray: pyarrow URIs and paths as they are, fsspec ones wrapped."""
-    if "://" not in uri or uri.split("://", 1)[0].lower() in PYARROW_SCHEMES:
-        return uri, None
-    _, filesystem, path = resolve_uri(uri)
-    return path, filesystem
-
-
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
-    from ray.tune.logger import JsonLoggerCallback
-
     console = SearchConsole(trial_budget(cfg), progress)
-    return [TrialEvents(cfg, console), console, JsonLoggerCallback()]
+    return [TrialEvents(cfg, console), console, *result_files()]
 
 
 def _tuner(
     cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress, verbosity: int
 ) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
-    storage_path, filesystem = _ray_storage(storage)
+    storage_path, filesystem = pyarrow_location(storage)
     return tune.Tuner(
         _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
@@ -308,7 +297,7 @@ def resume_search(
     progress = use_console(verbosity, progress)
     state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
-    results, filesystem = _ray_storage(state.results_path)
+    results, filesystem = pyarrow_location(state.results_path)
     if not tune.Tuner.can_restore(results, storage_filesystem=filesystem):
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"

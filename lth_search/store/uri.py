@@ -55,6 +55,18 @@ def _fsspec_filesystem(uri: str, scheme: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), root
 
 
+def pyarrow_location(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path or URI, filesystem) to hand a pyarrow consumer such as Ray Tune's storage.
+
+    Paths and the URIs pyarrow opens itself go as they are (filesystem None); any other
+    fsspec URI (local://, sftp://, ...) becomes its path within the wrapped filesystem.
+    """
+    if "://" not in uri or uri.split("://", 1)[0].lower() in PYARROW_SCHEMES:
+        return uri, None
+    _, filesystem, path = resolve_uri(uri)
+    return path, filesystem
+
+
 def beside(uri: str, name: str) -> str:
     """The location `name` next to a store root, on the same storage.
 
