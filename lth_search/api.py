@@ -123,31 +123,39 @@ def _tracking(cfg: ExperimentConfig) -> Any:
     return search_tracking(cfg)
 
 
-def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Run a search on a local Ray (address None) or a Ray cluster; returns its summary."""
+def run_search(
+    cfg: ExperimentConfig, address: str | None = None, progress: Progress = print, verbosity: int = 0
+) -> dict[str, Any]:
+    """Run a search on a local Ray, or on the cluster at `address` / $RAY_ADDRESS; returns its summary."""
     from lth_search.search.driver import run_search as _run
 
-    return _run(cfg, address=address, progress=progress, tracking=_tracking(cfg))
+    return _run(cfg, address=address, progress=progress, tracking=_tracking(cfg), verbosity=verbosity)
 
 
 def resume_search(
-    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print
+    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
+    store_uri: str | None = None, verbosity: int = 0,
 ) -> dict[str, Any]:
-    """Continue an interrupted search by name (Tuner.restore + the persisted Optuna study)."""
+    """Continue an interrupted search by name (Tuner.restore + the persisted Optuna study).
+
+    The search is found beside its store: `store_uri`, else `<output_dir>/store`.
+    """
     from lth_search.runs.state import SearchState
     from lth_search.search.driver import resume_search as _resume
 
-    cfg = SearchState.load(name, output_dir).cfg()
-    return _resume(name, output_dir=output_dir, address=address, progress=progress, tracking=_tracking(cfg))
+    cfg = SearchState.load(name, store_uri=store_uri, output_dir=output_dir).cfg()
+    return _resume(name, output_dir=output_dir, address=address, progress=progress, tracking=_tracking(cfg),
+                   store_uri=store_uri, verbosity=verbosity)
 
 
 def sync_search(
-    name: str, output_dir: str | None = None, tracking_uri: str | None = None, progress: Progress = print
+    name: str, output_dir: str | None = None, tracking_uri: str | None = None, progress: Progress = print,
+    store_uri: str | None = None,
 ) -> dict[str, int]:
     """Log to MLflow what the store holds for a search and MLflow lacks."""
     from lth_search.tracking.sync import sync_search as _sync
 
-    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
+    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress, store_uri=store_uri)
 
 
 def best_ticket(*args: Any, **kwargs: Any) -> Any:

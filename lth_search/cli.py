@@ -1,20 +1,26 @@
 """The `lth-search` command line: parse, call the API, print.
 
-Errors a user can cause (`LthError`) print as one line on stderr and exit with code 2,
-without a traceback. Ray and MLflow are imported only by the commands that need them,
-so `lineage` starts fast and `best`/`tickets` need neither Ray nor the store.
+Errors a user can cause (`LthError`) print as one line on stderr, without a traceback;
+the exit code follows the error's class: 2 for usage and config errors (argparse's own
+code), 1 for a `RuntimeFailure` (the command was right but could not be carried out),
+130 for an interrupt. Human text goes to stderr, `--json` results alone to stdout. Ray
+and MLflow are imported only by the commands that need them, so `lineage` starts fast
+and `best`/`tickets` need neither Ray nor the store. Defaults come from the schema.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Iterator, Sequence
 
 from lth_search.config.schema import KINDS, default_output_dir
-from lth_search.errors import ConfigError, LthError
+from lth_search.errors import ConfigError, LthError, RuntimeFailure
 
+EXIT_RUNTIME_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -27,29 +33,70 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
+
+
 def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", help="MLflow experiment (default: the only / latest search)")
+    parser.add_argument(
+        "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the latest search's)"
+    )
+    parser.add_argument(
+        "--search-run-id", help="the MLflow run id of one search of the experiment (default: the latest)"
+    )
     parser.add_argument(
         "--tracking-uri",
         help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default_output_dir()}/mlflow.db)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(parser)
+
+
+def _add_search_location(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the search's config name")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--store-uri", help="the search's store.uri: its state lives beside the store (default: OUTPUT_DIR/store)"
+    )
+    where.add_argument(
+        "--output-dir", help=f"the search's output_dir, when it used the default store (default {default_output_dir()})"
+    )
+
+
+def _add_console_args(parser: argparse.ArgumentParser) -> None:
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="also show Ray's trial tables and MLflow/Optuna logs (-vv: Ray's most verbose tables)",
+    )
+    loud.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument(
+        "--address", help="join the Ray cluster at HOST:PORT or 'auto' (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    _add_json(parser, "the search summary")
+
+
+def _version() -> str:
+    try:
+        return version("lth-search")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lth-search", description="Distributed hyperparameter search for lottery tickets (IMP lineages)."
+        prog="lth-search", description="Distributed hyperparameter search for lottery tickets (IMP lineages).",
+        epilog="On a Ray cluster: ray job submit --address http://HEAD:8265 -- lth-search run CONFIG ...",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a search (local Ray by default)")
+    run = commands.add_parser("run", help="run a search (local Ray, or the cluster of ray job submit / --address)")
     _add_config_args(run)
-    run.add_argument("--address", help="join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
+    _add_console_args(run)
 
     resume = commands.add_parser("resume", help="continue an interrupted search")
-    resume.add_argument("name", help="the search's config name")
-    resume.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
-    resume.add_argument("--address", help="join a Ray cluster instead of starting a local one")
+    _add_search_location(resume)
+    _add_console_args(resume)
 
     lineage = commands.add_parser("lineage", help="run one IMP lineage without Ray")
     _add_config_args(lineage)
@@ -71,17 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     best = commands.add_parser("best", help="the best ticket of a search")
     _add_tracking_args(best)
     criterion = best.add_mutually_exclusive_group()
-    criterion.add_argument("--max-drop", type=float, help="sparsest ticket within this val accuracy drop of dense")
-    criterion.add_argument("--min-sparsity", type=float, help="best val accuracy at or above this sparsity")
+    criterion.add_argument(
+        "--max-drop", type=float, metavar="FRACTION",
+        help="sparsest ticket whose val accuracy is at most this fraction below dense (0.01 = 1 point)",
+    )
+    criterion.add_argument(
+        "--min-sparsity", type=float, metavar="FRACTION",
+        help="best val accuracy among tickets at or above this sparsity (a fraction: 0.9 = 90%% pruned)",
+    )
     best.add_argument("--out", help="write the ticket (mask, weights, config) to this folder")
 
     tickets = commands.add_parser("tickets", help="every ticket (trial-round) of a search")
     _add_tracking_args(tickets)
 
     sync = commands.add_parser("sync", help="log to MLflow what the store has and MLflow lacks")
-    sync.add_argument("name", help="the search's config name")
-    sync.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
-    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search config's)")
+    _add_search_location(sync)
+    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search logged to)")
+    _add_json(sync, "what was logged")
     return parser
 
 
@@ -138,22 +191,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verbosity(args: argparse.Namespace) -> int:
+    return -1 if args.quiet else args.verbose
+
+
+@contextlib.contextmanager
+def _human_text_on_stderr() -> Iterator[None]:
+    """Anything printed while a search runs (Ray's tables with -v, forwarded worker output) goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lth_search.api import load_config, run_search
 
     cfg = load_config(args.config, args.overrides)
-    return _search_exit(run_search(cfg, address=args.address, progress=_print_progress))
+    with _human_text_on_stderr():
+        summary = run_search(cfg, address=args.address, progress=_print_progress, verbosity=_verbosity(args))
+    return _search_exit(summary, args.json)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from lth_search.api import resume_search
 
-    return _search_exit(resume_search(args.name, output_dir=args.output_dir, address=args.address,
-                                      progress=_print_progress))
+    with _human_text_on_stderr():
+        summary = resume_search(
+            args.name, output_dir=args.output_dir, store_uri=args.store_uri, address=args.address,
+            progress=_print_progress, verbosity=_verbosity(args),
+        )
+    return _search_exit(summary, args.json)
 
 
-def _search_exit(summary: dict[str, Any]) -> int:
+def _search_exit(summary: dict[str, Any], as_json: bool) -> int:
     """0 for a search that ended; 130 (as for Ctrl-C) for one interrupted before its end."""
+    if as_json:
+        print(json.dumps(summary))
     return EXIT_INTERRUPTED if summary.get("status") == "interrupted" else 0
 
 
@@ -162,8 +234,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     from lth_search.tickets import describe_ticket
 
     ticket = best_ticket(
-        experiment=args.experiment, max_accuracy_drop=args.max_drop, min_sparsity=args.min_sparsity,
-        tracking_uri=args.tracking_uri,
+        experiment=args.experiment, search_run_id=args.search_run_id, max_accuracy_drop=args.max_drop,
+        min_sparsity=args.min_sparsity, tracking_uri=args.tracking_uri,
     )
     saved = ticket.save(args.out) if args.out else None
     print(json.dumps(ticket.summary()) if args.json else describe_ticket(ticket))
@@ -176,7 +248,7 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     from lth_search.api import list_tickets
     from lth_search.tickets import format_tickets
 
-    table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri)
+    table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri, search_run_id=args.search_run_id)
     print(json.dumps(table) if args.json else format_tickets(table))
     return 0
 
@@ -184,7 +256,10 @@ def cmd_tickets(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from lth_search.api import sync_search
 
-    sync_search(args.name, output_dir=args.output_dir, tracking_uri=args.tracking_uri, progress=_print_progress)
+    counts = sync_search(args.name, output_dir=args.output_dir, store_uri=args.store_uri,
+                         tracking_uri=args.tracking_uri, progress=_print_progress)
+    if args.json:
+        print(json.dumps(counts))
     return 0
 
 
@@ -200,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except LthError as error:
         print(f"lth-search: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_RUNTIME_FAILURE if isinstance(error, RuntimeFailure) else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("lth-search: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -24,7 +24,7 @@ from torch import nn
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.engine.objective import is_matching
 from lth_search.engine.pruning import layer_sparsity, masked_state, rewind_weights
-from lth_search.errors import TrackingError
+from lth_search.errors import ConfigError, TrackingError
 from lth_search.store.codec import (
     Mask,
     decode_mask,
@@ -155,7 +155,7 @@ class Ticket:
 # Selection ---------------------------------------------------------------------------------
 def _check_fraction(value: float | None, what: str, example: str) -> None:
     if value is not None and not 0 <= value <= 1:
-        raise TrackingError(f"{what} is a fraction in [0, 1] ({example}), got {value}")
+        raise ConfigError(f"{what} is a fraction in [0, 1] ({example}), got {value}")
 
 
 def criterion_text(max_accuracy_drop: float | None = None, min_sparsity: float | None = None) -> str:
@@ -175,7 +175,7 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
     not the luckiest round of any trial.
     """
     if max_accuracy_drop is not None and min_sparsity is not None:
-        raise TrackingError("give max_accuracy_drop or min_sparsity, not both")
+        raise ConfigError("give max_accuracy_drop or min_sparsity, not both")
     _check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     _check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     if not rows:

@@ -31,9 +31,12 @@ def search_overrides(data_root: Path, output_dir: Path, settings: dict[str, Any]
 
 
 def trial_results(results_path: str) -> dict[str, list[dict[str, Any]]]:
-    """trial id -> every result Ray recorded for it, in order (from each trial's result.json)."""
+    """trial id -> every result Ray recorded for it, in order (from each trial's result.json).
+
+    `results_path` is a local path or a `local://` URI (fsspec's local filesystem).
+    """
     histories: dict[str, list[dict[str, Any]]] = {}
-    for path in Path(results_path).glob("*/result.json"):
+    for path in Path(results_path.removeprefix("local://")).glob("*/result.json"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows:
             histories[rows[0]["trial_id"]] = rows

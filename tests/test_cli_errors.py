@@ -42,8 +42,8 @@ def _snapshot(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+def _run(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     return subprocess.run([LTH_SEARCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -100,23 +100,50 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # closed again when the test uses it: nothing answers there
 
 
-# Commands other than `lineage`: (case id, arguments, the text the one line must contain)
+# Commands other than `lineage`: (case id, arguments, the text the one line must contain, exit code:
+# 2 for usage and config errors, 1 for a valid command the world could not answer)
 COMMAND_CASES = [
-    ("run: rate above 1", ["run", QUICKSTART, "--set", "prune.rate=2"], "prune.rate"),
-    ("run: a GPU this machine lacks", ["run", QUICKSTART, "--set", "resources.gpu=1"], "resources.gpu"),
-    ("run: nobody at --address", ["run", QUICKSTART, "--address", "127.0.0.1:{port}"], "--address"),
-    ("run: missing config", ["run", "nowhere.yaml"], "nowhere.yaml"),
-    ("resume: unknown search", ["resume", "nosuch"], "nosuch"),
-    ("sync: unknown search", ["sync", "nosuch"], "nosuch"),
-    ("best: no database", ["best"], "mlflow.db"),
-    ("best: drop outside [0, 1]", ["best", "--max-drop", "-1"], "max_accuracy_drop"),
-    ("tickets: no database", ["tickets", "--tracking-uri", "sqlite:////nonexistent/x.db"], "/nonexistent/x.db"),
+    ("run: rate above 1", ["run", QUICKSTART, "--set", "prune.rate=2"], "prune.rate", 2),
+    ("run: a GPU this machine lacks", ["run", QUICKSTART, "--set", "resources.gpu=1"], "resources.gpu", 2),
+    ("run: nobody at --address", ["run", QUICKSTART, "--address", "127.0.0.1:{port}"], "--address", 2),
+    ("run: nobody at RAY_ADDRESS", ["run", QUICKSTART, "env:RAY_ADDRESS=127.0.0.1:{port}"], "RAY_ADDRESS", 2),
+    ("run: missing config", ["run", "nowhere.yaml"], "nowhere.yaml", 2),
+    ("resume: unknown search", ["resume", "nosuch"], "nosuch", 2),
+    ("sync: unknown search", ["sync", "nosuch"], "nosuch", 2),
+    ("best: no database", ["best"], "mlflow.db", 1),
+    ("best: drop outside [0, 1]", ["best", "--max-drop", "-1"], "max_accuracy_drop", 2),
+    ("tickets: no database", ["tickets", "--tracking-uri", "sqlite:////nonexistent/x.db"], "/nonexistent/x.db", 1),
+    ("tickets: MLFLOW_TRACKING_URI", ["tickets", "env:MLFLOW_TRACKING_URI=sqlite:////nonexistent/y.db"], "/nonexistent/y.db", 1),
 ]
 
 
-@pytest.mark.parametrize(("case", "args", "needle"), COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
-def test_bad_command_input(case: str, args: list[str], needle: str, workdir: Path) -> None:
+@pytest.mark.parametrize(("case", "args", "needle", "code"), COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input(case: str, args: list[str], needle: str, code: int, workdir: Path) -> None:
     before = _snapshot(workdir)
-    done = _run([a.format(port=_closed_port()) for a in args], workdir)
+    port = _closed_port()
+    env = dict(a[len("env:"):].format(port=port).split("=", 1) for a in args if a.startswith("env:"))
+    done = _run([a.format(port=port) for a in args if not a.startswith("env:")], workdir, env)
     _assert_one_line_error(done, needle)
+    assert done.returncode == code, done.stderr
     assert _snapshot(workdir) == before
+
+
+def test_version_and_usage_errors() -> None:
+    done = subprocess.run([LTH_SEARCH, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("lth-search ")
+    done = subprocess.run([LTH_SEARCH, "run"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "config" in done.stderr
+
+
+def test_every_option_says_what_it_takes() -> None:
+    import argparse
+
+    from lth_search.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"lth-search {name} {'/'.join(action.option_strings) or action.dest} has no help"
+    best = commands.choices["best"]
+    assert "fraction" in next(a for a in best._actions if "--max-drop" in a.option_strings).help

@@ -81,3 +81,18 @@ def test_invalid_values_name_their_key(overrides: list[str], needle: str) -> Non
 
 def test_defaults_are_the_schema() -> None:
     assert ExperimentConfig().model_dump() == load_config(None).model_dump()
+
+
+def test_mlflow_environment_sits_below_an_explicit_tracking_config(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    assert cfg.tracking_uri() == "http://mlflow.example:5000" and cfg.experiment_name() == "from-env"
+    # absolute() writes what the driver saw into the config, for trials on nodes without that environment
+    resolved = cfg.absolute()
+    assert (resolved.tracking.uri, resolved.tracking.experiment) == ("http://mlflow.example:5000", "from-env")
+    explicit = load_config(None, ["tracking.uri=sqlite:////x/mlflow.db", "tracking.experiment=mine"])
+    assert explicit.tracking_uri() == "sqlite:////x/mlflow.db" and explicit.experiment_name() == "mine"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}" and cfg.experiment_name() == cfg.name

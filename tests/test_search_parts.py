@@ -9,7 +9,9 @@ import pytest
 from lth_search.config import load_config
 from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.runs.state import results_root
-from lth_search.search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
+from lth_search.search.space import (
+    OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives, space_size, startup_trials, trial_budget,
+)
 from lth_search.engine.results import DenseResult
 from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
 from lth_search.runs.summary import summarize, summary_lines
@@ -23,7 +25,7 @@ def _cfg(*overrides: str):
 
 def test_space_searches_only_the_keys_given_and_fixes_the_rest():
     cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.init_scale=[0.0, measured]",
-               "search.space.layer_ratios={fc: [0.5, 1.0], output: [0.25]}")
+               "search.space.layer_ratios={fc: [0.5, 1.0], output: [1.0, 0.25]}")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
     returned = DefineByRunSpace(cfg)(trial)
@@ -41,7 +43,14 @@ def test_space_searches_only_the_keys_given_and_fixes_the_rest():
 
 
 def test_samplers_and_objectives_follow_the_config():
-    assert isinstance(make_sampler(_cfg()), optuna.samplers.TPESampler)
+    # auto: every recipe once when the budget covers the space, else TPE with a sized start-up
+    assert isinstance(make_sampler(_cfg()), optuna.samplers.BruteForceSampler)
+    large = _cfg("search.num_trials=6", "search.space.rate=[0.1, 0.2, 0.3]", "search.space.scope=[global, layerwise]",
+                 "search.space.init_scale=[0.0, 0.5]")
+    assert space_size(large) == 12 and trial_budget(large) == 6
+    assert isinstance(make_sampler(large), optuna.samplers.TPESampler) and startup_trials(6) == 2
+    exhaustive = _cfg("search.num_trials=50", "search.space.rate=[0.1, 0.2]")
+    assert isinstance(make_sampler(exhaustive), optuna.samplers.BruteForceSampler) and trial_budget(exhaustive) == 2
     assert isinstance(make_sampler(_cfg("search.sampler=random")), optuna.samplers.RandomSampler)
     two = _cfg("search.objectives=2")
     assert isinstance(make_sampler(two), optuna.samplers.NSGAIISampler)
@@ -104,7 +113,23 @@ def test_summary_says_when_nothing_matched(records):
     ("s3://bucket", "s3://bucket/ray"),
     ("gs://bucket/x/", "gs://bucket/ray"),
 ])
-def test_ray_results_live_beside_a_remote_store(store, expected, tmp_path):
+def test_ray_results_live_beside_the_store(store, expected, tmp_path):
     assert results_root(_cfg(f"store.uri={store}")) == expected
-    local = _cfg(f"output_dir={tmp_path}", f"store.uri={tmp_path / 'elsewhere'}")
-    assert results_root(local) == str(tmp_path / "ray")
+    local = _cfg(f"output_dir={tmp_path / 'runs'}", f"store.uri={tmp_path / 'shared' / 'store'}")
+    assert results_root(local) == str(tmp_path / "shared" / "ray")  # beside the store, not in output_dir
+    assert results_root(_cfg(f"output_dir={tmp_path / 'runs'}")) == str(tmp_path / "runs" / "ray")
+
+
+def test_the_resume_hint_names_where_the_search_lives_and_the_cluster(tmp_path):
+    import shlex
+
+    from lth_search.cli import build_parser
+    from lth_search.search.driver import _resume_command
+
+    local = _cfg(f"output_dir={tmp_path}").absolute()
+    assert _resume_command(local, None) == f"lth-search resume quickstart --output-dir {tmp_path}"
+    remote = _cfg("store.uri=s3://b/lth/store")
+    hint = _resume_command(remote, "10.0.0.7:6379")
+    assert hint == "lth-search resume quickstart --store-uri s3://b/lth/store --address 10.0.0.7:6379"
+    args = build_parser().parse_args(shlex.split(hint)[1:])
+    assert (args.name, args.store_uri, args.address) == ("quickstart", "s3://b/lth/store", "10.0.0.7:6379")

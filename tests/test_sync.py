@@ -12,7 +12,9 @@ steps/s is the one its store entry recorded), and masks equal to the store's.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,16 +119,17 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
         assert parent.data.metrics["best_matching_sparsity"] == ref_parent.data.metrics["best_matching_sparsity"]
         search_layout(server.url, "interrupted", children=2)
 
-        # A second sync finds nothing missing.
-        again = sync_search("interrupted", output_dir=cfg.output_dir, progress=lambda line: None)
+        # A second sync (the command, --json: one object on stdout) finds nothing missing.
+        done = subprocess.run([LTH_SEARCH, "sync", "interrupted", "--output-dir", cfg.output_dir, "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.count("\n") == 1, done.stdout + done.stderr[-2000:]
+        again = json.loads(done.stdout)
         assert again["rounds"] == 0 and again["dense"] == 0 and again["summaries"] == 0
     finally:
         server.stop()
 
 
 def test_sync_command_errors_are_one_line(tmp_path: Path) -> None:
-    import subprocess
-
     done = subprocess.run([LTH_SEARCH, "sync", "nosuch", "--output-dir", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no search named nosuch" in done.stderr

@@ -10,6 +10,7 @@ default can never silently alias an old stored stage with a new meaning.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -382,8 +383,12 @@ class StoreConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output_dir>/mlflow.db")
-    experiment: str | None = Field(None, description="MLflow experiment; default the config name")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db"
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default $MLFLOW_EXPERIMENT_NAME, else the config name"
+    )
     enabled: bool = True
 
 
@@ -478,14 +483,28 @@ class ExperimentConfig(_Section):
         return self.store.uri or str(self.output_path() / "store")
 
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.output_path() / 'mlflow.db'}"
+        """`tracking.uri`, else MLflow's own `MLFLOW_TRACKING_URI`, else the sqlite file in output_dir.
+
+        The one place the tracking URI is decided: an explicit config value wins over the
+        environment, as MLflow's conventions have it, and every command reads it here.
+        """
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.output_path() / 'mlflow.db'}"
 
     def experiment_name(self) -> str:
-        return self.tracking.experiment or self.name
+        """`tracking.experiment`, else MLflow's `MLFLOW_EXPERIMENT_NAME`, else the config name."""
+        return self.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.name
 
     def absolute(self) -> "ExperimentConfig":
-        """A copy whose paths are absolute: Ray trials chdir into their own folders."""
+        """A copy whose paths are absolute and whose tracking target is resolved.
+
+        Ray trials chdir into their own folders, and on a cluster they run on nodes that do
+        not share the driver's environment: the MLflow URI and experiment the driver sees
+        (config, else MLFLOW_* variables) are written into the copy so that every trial,
+        and a resumed search, logs to the same place.
+        """
         copy = self.model_copy(deep=True)
+        copy.tracking.uri = self.tracking_uri()
+        copy.tracking.experiment = self.experiment_name()
         copy.output_dir = str(self.output_path())
         copy.data.root = str(Path(self.data.root).expanduser().resolve())
         if copy.store.uri and "://" not in copy.store.uri:

@@ -1,13 +1,17 @@
-"""What a search keeps on disk so that it can be resumed by name, and where Ray keeps its part.
+"""What a search keeps so that it can be resumed by name, from any machine that reaches its store.
 
-`<output_dir>/searches/<name>/search.json` holds the config, the Ray results path, the
-MLflow parent run id and the status; `optuna.journal` beside it holds the study.
+Everything lives on the store's storage, beside the store root (store/uri.py `beside`):
+`<store parent>/searches/<name>/search.json` (config, Ray results path, MLflow parent run
+id, status), `optuna.journal` beside it (the study), and Ray's results in
+`<store parent>/ray/<search id>`. With the default store (`<output_dir>/store`) that is
+`<output_dir>/searches/<name>/`; with `store.uri=s3://b/lth/store` it is
+`s3://b/lth/searches/<name>/`, so `lth-search resume NAME --store-uri s3://b/lth/store`
+works after `ray down`, from a laptop or another head.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -15,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lth_search.config import ExperimentConfig, default_output_dir, validate_config
-from lth_search.errors import ConfigError
-from lth_search.store.uri import PYARROW_SCHEMES
+from lth_search.errors import ConfigError, StoreError
+from lth_search.store.uri import beside, read_file, write_file
 
 
 class SearchStatus(str, Enum):
@@ -48,56 +52,53 @@ class SearchState:
         self.status = SearchStatus(self.status)
 
     @staticmethod
-    def folder(output_dir: str | Path, name: str) -> Path:
-        return Path(output_dir).expanduser().resolve() / "searches" / name
+    def folder(store_uri: str, name: str) -> str:
+        """Where search `name` keeps search.json and its journal (a path or URI beside the store)."""
+        return f"{beside(store_uri, 'searches')}/{name}"
 
     def save(self) -> None:
-        path = self.folder(self.config["output_dir"], self.name) / "search.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(staging, path)
+        path = f"{self.folder(self.cfg().store_uri(), self.name)}/search.json"
+        write_file(path, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
-    def load(cls, name: str, output_dir: str | Path | None = None) -> "SearchState":
-        """The state of search `name` under `output_dir` (default: the schema's)."""
-        folder = cls.folder(output_dir or default_output_dir(), name)
+    def load(cls, name: str, output_dir: str | Path | None = None, store_uri: str | None = None) -> "SearchState":
+        """The state of search `name` beside `store_uri` (default: the store of `output_dir`, default the schema's)."""
+        store_uri = store_uri or ExperimentConfig(output_dir=str(output_dir or default_output_dir())).store_uri()
+        path = f"{cls.folder(store_uri, name)}/search.json"
         try:
-            data = json.loads((folder / "search.json").read_text())
-        except FileNotFoundError:
+            data = read_file(path)
+        except (OSError, StoreError) as error:
+            raise ConfigError(f"search {name}: cannot read {path} ({str(error).splitlines()[0]})") from None
+        if data is None:
             raise ConfigError(
-                f"no search named {name} under {folder.parent}; run `lth-search run CONFIG` first"
-            ) from None
-        except ValueError:
-            raise ConfigError(f"{folder / 'search.json'}: not valid JSON; the search cannot be resumed") from None
-        return cls(**data)
+                f"no search named {name} beside the store {store_uri} (no {path}); run `lth-search run CONFIG` "
+                "first, or pass the search's --store-uri / --output-dir"
+            )
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{path}: not a valid search.json; the search cannot be resumed") from None
 
     def cfg(self) -> ExperimentConfig:
         return validate_config(self.config, source=f"search {self.name}")
 
 
 def results_root(cfg: ExperimentConfig) -> str:
-    """Where Ray keeps trial results and checkpoints.
+    """Where Ray keeps trial results and checkpoints: beside the store, on the same storage.
 
-    `<output_dir>/ray` locally; beside the store when the store is remote (s3://b/x/store
-    -> s3://b/x/ray), because every node must reach it and a head-local path will not do.
+    Every node must reach it (a head-local path does not work across nodes), and a
+    resumed search must find it from wherever it is resumed.
     """
-    uri = cfg.store_uri().rstrip("/")
-    if "://" not in uri or uri.split("://", 1)[0].lower() not in PYARROW_SCHEMES - {"file"}:
-        return str(cfg.output_path() / "ray")  # Ray opens pyarrow URIs only
-    scheme, path = uri.split("://", 1)
-    parent = path.rsplit("/", 1)[0] if "/" in path else path  # s3://bucket -> s3://bucket/ray
-    return f"{scheme}://{parent}/ray"
+    return beside(cfg.store_uri(), "ray")
 
 
 def new_state(cfg: ExperimentConfig) -> SearchState:
     search_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = SearchState.folder(cfg.output_dir, cfg.name)
     return SearchState(
         name=cfg.name,
         search_id=search_id,
         config=cfg.model_dump(mode="json"),
         results_path=f"{results_root(cfg)}/{search_id}",
-        journal=str(folder / "optuna.journal"),
+        journal=f"{SearchState.folder(cfg.store_uri(), cfg.name)}/optuna.journal",
         started_at=time.time(),
     )

@@ -25,8 +25,10 @@ from lth_search.runs.confirmation import (
 )
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import run_trial
+from lth_search.search.console import result_files
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.store.stages import StageStore
+from lth_search.store.uri import pyarrow_location
 
 ROLE = "confirm"
 
@@ -72,6 +74,7 @@ def run_confirmation(
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
     storage, name = results_path.rsplit("/", 1)
+    storage_path, filesystem = pyarrow_location(storage)
     trainable = tune.with_resources(
         tune.with_parameters(confirm_trial, base=cfg.model_dump(mode="json"), recipes=recipes, search_id=search_id),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
@@ -81,8 +84,9 @@ def run_confirmation(
         param_space={"recipe": tune.grid_search(list(range(len(recipes)))), "seed": tune.grid_search(seeds)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"{name}-confirm", storage_path=storage,
+            name=f"{name}-confirm", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0,
+            callbacks=result_files(),
         ),
     )
     tuner.fit()

@@ -3,9 +3,14 @@
 `run_search(cfg)` starts (or joins) Ray, builds the data set once and shares it through
 the object store, starts the search's lease actor and MLflow parent run, and runs a
 `tune.Tuner` whose trials are lineages (trial.py). Everything needed to continue lives
-on disk: `<output_dir>/searches/<name>/search.json` (config, Ray results path, parent
-run id, status) and `optuna.journal` (the study), so `resume_search(name)` restores the
-Tuner after a killed driver and Optuna continues the same study.
+beside the store, on the same storage (runs/state.py): `searches/<name>/search.json`
+(config, Ray results path, parent run id, status), `optuna.journal` (the study) and
+Ray's results, so `resume_search(name)` restores the Tuner after a killed driver, from
+any machine that reaches the store, and Optuna continues the same study.
+
+Ray: `--address` wins; else `RAY_ADDRESS` (what `ray job submit` sets for its
+entrypoint) joins that cluster, as Ray's own default does; else a local Ray starts on
+loopback. What a person sees of the search is search/console.py.
 
 Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
 folder and Optuna study are its own, while stages come from the shared store, so
@@ -14,6 +19,7 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -35,13 +41,13 @@ from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
+from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
+from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import (
-    PRIMARY_METRIC,
     DefineByRunSpace,
     close_orphans,
-    journal_storage,
     make_sampler,
     objectives,
     sampler_name,
@@ -50,31 +56,48 @@ from lth_search.search.space import (
 )
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.store.stages import StageStore
+from lth_search.store.uri import pyarrow_location
 
 Progress = Callable[[str], None]
 
 
 # Ray session ---------------------------------------------------------------------------------
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else None (local)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Reuse an initialised Ray, join `address`, or start a local Ray on loopback.
+def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
+    """Reuse an initialised Ray, join `address` or $RAY_ADDRESS, or start a local Ray on loopback.
 
     Ray started or joined here is shut down on exit; a Ray already up is left alone.
+    Workers of a cluster do not share the driver's environment: the MLflow variables
+    the driver sees (credentials, timeouts) go to them through the job's runtime env,
+    unless this driver is itself a `ray job submit` entrypoint, whose runtime env
+    (`--runtime-env-json`) already reaches every worker and may not be given twice.
     """
     if ray.is_initialized():
         yield
         return
-    if address:
-        unreachable = _unreachable(address)
+    quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING}
+    joined = cluster_address(address)
+    if joined:
+        what = "--address" if address else "RAY_ADDRESS"
+        unreachable = _unreachable(joined)
         if unreachable:
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({unreachable})")
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({unreachable})")
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
+        mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
         try:
-            ray.init(address=address)
+            ray.init(address=joined, runtime_env={"env_vars": mlflow_env} if mlflow_env else None, **quiet)
         except ConnectionError as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster there ({reason})") from None
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({reason})") from None
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
+        )
     try:
         yield
     finally:
@@ -82,12 +105,12 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 
 def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
-    """Why HOST:PORT (or ray://HOST:PORT) takes no TCP connection, or None if it does.
+    """Why HOST:PORT takes no TCP connection, or None if it does.
 
     Ray itself retries an address that does not answer for minutes before it gives up;
     a wrong --address should fail in seconds. `auto` and other forms are left to Ray.
     """
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         return None
     try:
@@ -102,7 +125,7 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
 
     Only for the local Ray this process would start: a cluster may scale up to fit.
     """
-    if address or ray.is_initialized():
+    if cluster_address(address) or ray.is_initialized():
         return
     import torch
 
@@ -132,7 +155,6 @@ def _trainable(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracki
 def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     """Optuna over the space, the default recipe enqueued first (the baseline is always in the race)."""
     metric, mode = objectives(cfg)
-    Path(state.journal).parent.mkdir(parents=True, exist_ok=True)
     default = cfg.default_recipe()
     return PruningAwareOptunaSearch(
         space=DefineByRunSpace(cfg),
@@ -147,16 +169,17 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 
 class TrialEvents(tune.Callback):
-    """Final trial statuses into the trial records, and one readable line per lineage.
+    """Final trial statuses into the trial records (the lines a person reads: console.py).
 
     Only the driver knows why a trial ended: a trial the scheduler stops and one cut short
     by an interrupted search both end inside `tune.report`, but only the first gets
     `on_trial_complete`. Ray pickles callbacks into its experiment state and restores
-    copies of them on resume, so all state is the config (the store is reopened lazily).
+    copies of them on resume, so all state is the config and the console (the store is
+    reopened lazily).
     """
 
-    def __init__(self, cfg: ExperimentConfig, progress: Progress) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: ExperimentConfig, console: SearchConsole) -> None:
+        self.cfg, self.console = cfg, console
         self._store: StageStore | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -169,21 +192,15 @@ class TrialEvents(tune.Callback):
         return self._store
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        done = result.get("round", 0)
         record = TrialRecord.load(self.store, self.cfg.name, trial.trial_id)
         ended = record is not None and record.status is TrialStatus.FINISHED
         status = TrialStatus.FINISHED if ended else TrialStatus.STOPPED
         self._set_status(trial.trial_id, status)
-        how = "finished" if ended else f"stopped by ASHA after round {done}"
-        self.progress(
-            f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
-            f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
-        )
+        self.console.ended(trial, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._set_status(trial.trial_id, TrialStatus.ERROR)
-        self.progress(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        self.console.failed(trial)
 
     def _set_status(self, trial_id: str, status: TrialStatus) -> None:
         record = TrialRecord.load(self.store, self.cfg.name, trial_id)
@@ -192,8 +209,17 @@ class TrialEvents(tune.Callback):
             record.save(self.store)
 
 
-def _tuner(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress) -> tune.Tuner:
+def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
+    """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
+    console = SearchConsole(trial_budget(cfg), progress)
+    return [TrialEvents(cfg, console), console, *result_files()]
+
+
+def _tuner(
+    cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress, verbosity: int
+) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
+    storage_path, filesystem = pyarrow_location(storage)
     return tune.Tuner(
         _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
@@ -205,11 +231,12 @@ def _tuner(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking |
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[TrialEvents(cfg, progress)],
-            verbose=1,
+            callbacks=_callbacks(cfg, progress),
+            verbose=ray_verbose(verbosity),
         ),
     )
 
@@ -232,53 +259,65 @@ def _ray_trials(grid: tune.ResultGrid) -> dict[str, bool]:
 # Driver --------------------------------------------------------------------------------------
 def run_search(
     cfg: ExperimentConfig, address: str | None = None, progress: Progress = print,
-    tracking: SearchTracking | None = None,
+    tracking: SearchTracking | None = None, verbosity: int = 0,
 ) -> dict[str, Any]:
-    """Run a new search on a local Ray (no address) or a cluster; returns its summary.
+    """Run a new search on a local Ray, or on the cluster at `address` / $RAY_ADDRESS; returns its summary.
 
     `tracking` (from api: MLflow, or None) opens the search's run and the trials' runs.
+    `verbosity`: -1 errors only, 0 lth-search's lines, 1 also Ray's tables and library INFO logs.
     """
+    progress = use_console(verbosity, progress)
     cfg = cfg.absolute()
     state = new_state(cfg)
     _check_resources(cfg, address)
     with ThreadPoolExecutor(1) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
-        local = not address and not ray.is_initialized()
+        local = not cluster_address(address) and not ray.is_initialized()
         early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
-        with ray_session(address):
+        with ray_session(address, verbosity):
             observer = early.result() if early is not None else _start_tracking(cfg, state, tracking)
             state.save()
             _announce(cfg, state, progress)
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-            summary = _fit(cfg, state, _tuner(cfg, state, tracking, progress), observer, progress)
+            summary = _fit(cfg, state, _tuner(cfg, state, tracking, progress, verbosity), observer, progress, address)
             del leases
             return summary
 
 
 def resume_search(
     name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
-    tracking: SearchTracking | None = None,
+    tracking: SearchTracking | None = None, store_uri: str | None = None, verbosity: int = 0,
 ) -> dict[str, Any]:
-    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same tracking run."""
-    state = SearchState.load(name, output_dir)
+    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same tracking run.
+
+    The search is found beside its store (`store_uri`, default `<output_dir>/store`), so
+    it resumes from any machine or folder that reaches that storage.
+    """
+    progress = use_console(verbosity, progress)
+    state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
-    if not tune.Tuner.can_restore(state.results_path):
+    results, filesystem = pyarrow_location(state.results_path)
+    if not tune.Tuner.can_restore(results, storage_filesystem=filesystem):
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
     _check_resources(cfg, address)
-    with ray_session(address):
+    with ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
         state.status = SearchStatus.RUNNING
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
         leases = start_lease_actor(cfg.name)
         tuner = tune.Tuner.restore(
-            state.results_path, trainable=_trainable(cfg, state, tracking), resume_unfinished=True,
-            resume_errored=True,
+            results, trainable=_trainable(cfg, state, tracking), resume_unfinished=True, resume_errored=True,
+            storage_filesystem=filesystem,
         )
-        summary = _fit(cfg, state, tuner, observer, progress)
+        # Tuner.restore brings back the first run's pickled RunConfig and has no public way to
+        # change it; this run's console (its printer, -v/-q) replaces the pickled one.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks, run_config.verbose = _callbacks(cfg, progress), ray_verbose(verbosity)
+        summary = _fit(cfg, state, tuner, observer, progress, address)
         del leases
         return summary
 
@@ -307,7 +346,7 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
 
 def _fit(
     cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, observer: SearchObserver | None,
-    progress: Progress,
+    progress: Progress, address: str | None,
 ) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
     # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
@@ -341,8 +380,14 @@ def _fit(
     summary["status"] = state.status.value
     emit(summary_lines(summary), progress)
     if not complete:
-        progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
+        progress(f"search interrupted: continue it with `{_resume_command(cfg, address)}`")
     return summary
+
+
+def _resume_command(cfg: ExperimentConfig, address: str | None) -> str:
+    """The command that continues this search, wherever it was started from."""
+    where = f"--store-uri {cfg.store.uri}" if cfg.store.uri else f"--output-dir {cfg.output_dir}"
+    return f"lth-search resume {cfg.name} {where}" + (f" --address {address}" if address else "")
 
 
 def _abandon_orphans(store: StageStore, records: dict[str, TrialRecord], known: set[str]) -> None:

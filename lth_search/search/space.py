@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from lth_search.config import ExperimentConfig
+from lth_search.search.journal import journal_storage
 
 OPTUNA_TRIAL_KEY = "optuna_trial"
 """Config key carrying the Optuna trial number, so a Ray trial can be matched to its study trial."""
@@ -103,12 +104,6 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed)
     return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
-
-
-def journal_storage(path: str) -> optuna.storages.BaseStorage:
-    """A study storage in one append-only file: survives a killed driver, needs no database."""
-    backend = optuna.storages.journal.JournalFileBackend(path)
-    return optuna.storages.JournalStorage(backend)
 
 
 def close_orphans(journal: str, study_name: str) -> int:

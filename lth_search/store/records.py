@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import pyarrow.fs as pafs
 
 from lth_search.errors import StoreError
+from lth_search.store.uri import replace_file
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -35,14 +35,7 @@ def records_namespace(search_name: str, role: str = "search") -> str:
 
 def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:
     """Replace the record `namespace/name` with `payload` (JSON) atomically."""
-    folder = _folder(root, namespace)
-    path = _record_path(root, namespace, name)
-    data = json.dumps(payload, sort_keys=True).encode()
-    filesystem.create_dir(folder, recursive=True)
-    staging = f"{path}.{uuid.uuid4().hex}.tmp"  # a move is a rename (or an object copy): readers never see half
-    with filesystem.open_output_stream(staging) as stream:
-        stream.write(data)
-    filesystem.move(staging, path)
+    replace_file(filesystem, _record_path(root, namespace, name), json.dumps(payload, sort_keys=True).encode())
 
 
 def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:

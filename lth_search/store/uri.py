@@ -8,6 +8,7 @@ includes everything fsspec reaches.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -52,3 +53,58 @@ def _fsspec_filesystem(uri: str, scheme: str) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"unknown scheme {scheme}://; use a path, one of {known}, or an fsspec protocol")
     filesystem, root = fsspec.core.url_to_fs(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), root
+
+
+def pyarrow_location(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path or URI, filesystem) to hand a pyarrow consumer such as Ray Tune's storage.
+
+    Paths and the URIs pyarrow opens itself go as they are (filesystem None); any other
+    fsspec URI (local://, sftp://, ...) becomes its path within the wrapped filesystem.
+    """
+    if "://" not in uri or uri.split("://", 1)[0].lower() in PYARROW_SCHEMES:
+        return uri, None
+    _, filesystem, path = resolve_uri(uri)
+    return path, filesystem
+
+
+def beside(uri: str, name: str) -> str:
+    """The location `name` next to a store root, on the same storage.
+
+    /runs/store -> /runs/<name>; s3://b/lth/store -> s3://b/lth/<name>; a bucket root
+    (s3://b) -> s3://b/<name>. Ray's results and the searches' resume state live there,
+    so a search can be continued from any machine that reaches the store.
+    """
+    if "://" not in uri:
+        return str(Path(uri).expanduser().resolve().parent / name)
+    scheme, path = uri.rstrip("/").split("://", 1)
+    parent = path.rsplit("/", 1)[0] if "/" in path.strip("/") else path
+    return f"{scheme}://{parent.rstrip('/')}/{name}"
+
+
+def read_file(uri: str) -> bytes | None:
+    """The bytes of the file at `uri` (a path or any store URI), None when there is none."""
+    _, filesystem, path = resolve_uri(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise
+
+
+def write_file(uri: str, data: bytes) -> None:
+    """Replace the file at `uri` (a path or any store URI) with `data`, atomically."""
+    _, filesystem, path = resolve_uri(uri)
+    replace_file(filesystem, path, data)
+
+
+def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write aside, then move into place (a rename, or an object copy): readers never see half."""
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    staging = f"{path}.{uuid.uuid4().hex}.tmp"
+    with filesystem.open_output_stream(staging) as stream:
+        stream.write(data)
+    filesystem.move(staging, path)

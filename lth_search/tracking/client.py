@@ -40,12 +40,17 @@ def limit_http_retries() -> None:
     """Let our backoff, not MLflow's 4-minute one, decide (unless the user chose otherwise)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    quiet_downloads()
+    quiet_mlflow_output()
 
 
-def quiet_downloads() -> None:
-    """No per-file download progress bars on the terminal (unless the user asked for them)."""
+def quiet_mlflow_output() -> None:
+    """No per-file download progress bars and no per-run links on the terminal (unless asked for).
+
+    MLflow writes "View run ... at" links to stdout when a run on a server ends; stdout
+    belongs to `--json`, and lth-search prints the link to the runs table itself.
+    """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -94,10 +99,10 @@ def param_text(value: Any) -> str:
 
 
 def new_client(uri: str) -> Any:
-    """The MlflowClient of a tracking URI (the registry at the same place), quiet downloads."""
+    """The MlflowClient of a tracking URI (the registry at the same place), quiet output."""
     from mlflow import MlflowClient
 
-    quiet_downloads()
+    quiet_mlflow_output()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -102,13 +102,13 @@ def _needs_finish(tracker: TrialTracker, result, status: TrialStatus) -> bool:
 
 
 def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | None = None,
-                progress: Callable[[str], None] = print) -> dict[str, int]:
+                progress: Callable[[str], None] = print, store_uri: str | None = None) -> dict[str, int]:
     """Log to MLflow every trial-round the store holds for search `name` and MLflow lacks.
 
     Then the parent's tickets table, plot and summary are rewritten, and a finished
     search's run is ended. Raises TrackingError when MLflow still does not answer.
     """
-    state = SearchState.load(name, output_dir)
+    state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
     cfg.tracking.enabled = True
     if tracking_uri:

@@ -50,8 +50,8 @@ class SearchRef:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The argument, else $MLFLOW_TRACKING_URI, else the default sqlite database (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ExperimentConfig().tracking_uri()
+    """The argument, else the schema's default ($MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db)."""
+    uri = uri or ExperimentConfig().tracking_uri()
     if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
         database = Path(uri[len("sqlite:///"):])
         if not database.exists():
@@ -185,7 +185,8 @@ def read_rows(
     uri = resolve_tracking_uri(tracking_uri)
     client = new_client(uri)
     try:
-        ref = find_search(client, experiment, search_run_id)
+        # MLflow's own variable names the experiment when the command line does not
+        ref = find_search(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"), search_run_id)
         return ref, ticket_rows(client, ref), client
     except MlflowException as error:
         raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None

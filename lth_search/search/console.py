@@ -1,0 +1,147 @@
+"""What a person sees of a search: a few lines on stderr, Ray's tables only when asked.
+
+By default (verbosity 0) a search prints its header, one line when a lineage starts
+(its choices) and one when it ends (its score), a one-line status every few seconds
+(done / running / pending, best so far), and the summary. `-v` (1) brings back Ray's
+own trial tables and the INFO logs of MLflow and Optuna; `-vv` (2) Ray's most verbose
+tables; `-q` (-1) prints errors only. Everything human goes to stderr, so `--json` owns
+stdout.
+
+`use_console` sets the process up (library loggers, Tune's automatic loggers) and
+returns the printer for the verbosity; `SearchConsole` prints through it. Ray pickles
+callbacks into its experiment state, so the console holds nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from ray import tune
+
+from lth_search.runs.record import TrialStatus
+from lth_search.search.space import PRIMARY_METRIC, choices_of
+
+STATUS_EVERY_S = 10.0
+"""Seconds between status lines at first; the gap grows with the search's age (a sixth of it) up
+to a minute, so a 1-minute search prints ~6 and an hour-long one ~70; an unchanged status waits
+the full minute."""
+QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
+"""Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
+
+
+def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    """Set up the driver's console for `verbosity`; returns the function that prints a human line.
+
+    Quietens library loggers and Tune's automatic loggers (their TensorBoard hint and CSV
+    files nobody reads; `result_files` keeps result.json), here and in
+    the local Ray's workers, which inherit this process's environment.
+    """
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Ray's new reporter prints its experiment box even when silent; its old one does not.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbosity > 0 else "0"
+    level = logging.INFO if verbosity > 0 else logging.WARNING
+    if verbosity <= 0:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    # Ray's note that a new local cluster enabled token auth: lth-search's own Ray is on loopback
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbosity > 0 else optuna.logging.WARNING)
+    return (line or _stderr) if verbosity >= 0 else _silent
+
+
+def result_files() -> list[tune.Callback]:
+    """Tune's result.json writer, for every Tuner of a search: the automatic loggers are off
+    (their TensorBoard hint and CSV files), but results stay readable per trial."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    return [JsonLoggerCallback()]
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _silent(text: str) -> None:
+    pass
+
+
+def ray_verbose(verbosity: int) -> int:
+    """Ray Tune's `RunConfig(verbose=...)` for our verbosity: its tables only with -v."""
+    return max(0, min(2, verbosity))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _choices(trial: Any) -> str:
+    choices = choices_of(trial.config or {})
+    return ", ".join(f"{k}={v}" for k, v in sorted(choices.items())) or "the config's prune values"
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class SearchConsole(tune.Callback):
+    """One line per lineage start and end, and a status line every few seconds.
+
+    Why a trial ended (finished by itself, stopped by the scheduler) is the driver's to
+    decide from the trial record; it tells the console through `ended` and `failed`.
+    """
+
+    def __init__(self, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S) -> None:
+        self.num_trials, self.line, self.status_every_s = num_trials, line, status_every_s
+        self.began = time.time()
+        self.last_status_at = self.began
+        self.last_status = ""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.line(f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
+
+    def ended(self, trial: Any, status: TrialStatus) -> None:
+        result = trial.last_result or {}
+        how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {result.get('round', 0)}"
+        self.line(
+            f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
+            f"(round {result.get('matching_round', 0)}, val {_pct(result.get('matching_val_accuracy', 0.0))})"
+        )
+
+    def failed(self, trial: Any) -> None:
+        self.line(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.time()
+        if now - self.last_status_at < min(60.0, max(self.status_every_s, (now - self.began) / 6)):
+            return
+        status = self.status(trials)
+        if status == self.last_status and now - self.last_status_at < 60:
+            return
+        self.last_status, self.last_status_at = status, now
+        self.line(f"[{_elapsed(now - self.began)}] {status}")
+
+    def status(self, trials: list) -> str:
+        """'3/12 done, 2 running; best so far 87.0% sparsity (trial X, val 61.2%)'."""
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        scored = [t.last_result for t in trials if (t.last_result or {}).get(PRIMARY_METRIC) is not None]
+        text = f"{done}/{self.num_trials} done, {running} running"
+        if scored:
+            best = max(scored, key=lambda r: (r[PRIMARY_METRIC], r.get("matching_val_accuracy", 0.0)))
+            text += (
+                f"; best so far {_pct(best[PRIMARY_METRIC])} sparsity "
+                f"(trial {best.get('trial_id')}, val {_pct(best.get('matching_val_accuracy', 0.0))})"
+            )
+        return text

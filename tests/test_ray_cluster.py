@@ -1,0 +1,135 @@
+"""The Ray conventions on a real cluster: `ray job submit`, RAY_ADDRESS, the console, resume elsewhere.
+
+One `ray start --head` cluster (with its dashboard, as `ray job submit` needs) serves the
+module; each search is a tiny one (2-3 lineages of 2 rounds, a 32-unit MLP) and is
+judged by what it left behind: Ray's result files (which node ran each round), the
+store's manifests and trial records, search.json, and what it printed where.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import LTH_SEARCH, wait_for
+from ray_head import RAY, RayHead, start_head
+from search_helpers import manifests, search_overrides, trial_records, trial_results
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def head():
+    cluster = start_head()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _search(tmp_path: Path, name: str, data_root: Path, output_dir: str, **settings: object) -> list[str]:
+    """`lth-search run` of a tiny search named `name` (config file in tmp_path)."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"name: {name}\n")
+    base = {"search.num_trials": 2, "prune.rounds": 2, "search.asha.enabled": "false",
+            "search.confirm_seeds": 0}  # no confirmation runs: these tests are about where things run and print
+    base.update({k.replace("__", "."): v for k, v in settings.items()})
+    sets = search_overrides(data_root, Path(output_dir), base)
+    return [LTH_SEARCH, "run", str(config)] + [arg for item in sets for arg in ("--set", item)]
+
+
+def _nodes_of(results_path: str) -> set[str]:
+    return {row["node_id"] for rows in trial_results(results_path).values() for row in rows}
+
+
+def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root: Path, tmp_path: Path) -> None:
+    command = _search(tmp_path, "jobsearch", data_root, str(tmp_path)) + ["--json", "-v"]
+    done = subprocess.run(
+        [RAY, "job", "submit", "--address", head.dashboard_url, "--", *command],
+        env=head.env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"search_id"')))
+    assert summary["finished"] == 2 and summary["status"] == "finished"
+    # every round ran on the cluster's node: the entrypoint joined it (RAY_ADDRESS), no local Ray of its own
+    assert _nodes_of(summary["results_path"]) == head.node_ids()
+    state = json.loads((tmp_path / "searches" / "jobsearch" / "search.json").read_text())
+    assert state["status"] == "finished"
+    # -v brings Ray's own tables back (the job's log holds the entrypoint's stdout and stderr)
+    assert "Configuration for experiment" in done.stdout and "Trial status" in done.stdout
+
+
+def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
+    command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true") + ["--json"]
+    database = tmp_path / "elsewhere" / "mlflow.db"  # MLflow's own variable, honoured by `run` (no tracking.uri)
+    database.parent.mkdir()
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # stdout: one JSON object and nothing else
+    assert done.stdout.endswith("\n") and done.stdout.count("\n") == 1
+    summary = json.loads(done.stdout)
+    assert summary["finished"] == 2
+    assert _nodes_of(summary["results_path"]) == head.node_ids()
+    # stderr: header, a start and an end line per lineage, status lines, the summary; nothing of Ray's or MLflow's
+    lines = done.stderr.splitlines()
+    assert len(lines) <= 60, done.stderr
+    assert lines[0].startswith("search envsearch-")
+    assert sum(" started: " in line for line in lines) == 2
+    assert sum(" finished: matching sparsity " in line for line in lines) == 2
+    assert not [line for line in lines if "INFO" in line or "╭" in line or "tensorboard" in line.lower()], done.stderr
+    summary_at = next(i for i, line in enumerate(lines) if line.startswith("best ticket:"))
+    assert lines[-1].startswith("  then open http://127.0.0.1:5000/#/experiments/")
+    assert summary["tracking_uri"] == f"sqlite:///{database}" and database.exists()
+    assert not (tmp_path / "mlflow.db").exists()
+    assert all(not line.startswith("trial ") for line in lines[summary_at:])
+
+
+def test_resume_from_another_folder_through_the_store_uri(head: RayHead, data_root: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    store_uri = f"local://{shared / 'store'}"  # an fsspec store: the search state goes through the store's filesystem
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    command = _search(tmp_path, "moved", data_root, "lth_runs", store__uri=store_uri, search__num_trials=2,
+                      search__max_concurrent=1, train__steps=800)
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    driver = subprocess.Popen(command, env=env, cwd=first, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in driver.stdout:  # the console says when a lineage starts; its first round follows
+            if " started: " in line:
+                break
+        records_dir = shared / "store" / "records"
+
+        def first_round() -> bool:
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            records = trial_records(shared / "store", "moved") if records_dir.exists() else {}
+            return any(r["rounds"] for r in records.values())
+
+        wait_for(first_round, 300, "a first round in the trial records", poll=0.2)
+        driver.send_signal(signal.SIGINT)
+        output = line + driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    assert f"continue it with `lth-search resume moved --store-uri {store_uri}`" in output
+    assert not (first / "lth_runs" / "searches").exists()  # the state lives beside the store, not in the folder
+    at_interrupt = trial_records(shared / "store", "moved")
+    stored = {m["key"] for m in manifests(shared / "store")}
+
+    resumed = subprocess.run([LTH_SEARCH, "resume", "moved", "--store-uri", store_uri, "--json"],
+                             env=env, cwd=second, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "finished" and summary["finished"] == 2
+    state = json.loads((shared / "searches" / "moved" / "search.json").read_text())
+    assert state["status"] == "finished" and state["results_path"].startswith(f"local://{shared / 'ray'}")
+    after = trial_records(shared / "store", "moved")
+    for trial_id, record in after.items():
+        old = len(at_interrupt.get(trial_id, {}).get("attempts", []))
+        trained = [key for attempt in record["attempts"][old:] for key in attempt["executed_keys"]]
+        assert not set(trained) & stored, f"trial {trial_id} retrained a stored stage after the resume"
+    assert not list(second.iterdir())  # the second folder only ran the command
