@@ -64,7 +64,7 @@ class KindLineage:
         self.kind = check_kinds([kind or lineage.cfg.prune.kind])[0]
         if lineage.diagnose is None and lineage.cfg.diagnostics.enabled:
             lineage.diagnose = RoundProbes(lineage)
-        self.entries: list[StageEntry] = []
+        self._entries: list[StageEntry] = []
         self.imp: LineageResult | None = None
         """The IMP lineage the non-iterative kinds were trained against."""
 
@@ -72,12 +72,16 @@ class KindLineage:
     def cfg(self) -> Any:
         return self.lineage.cfg
 
+    @property
+    def entries(self) -> list[StageEntry]:
+        """The stages of the walk so far (the IMP lineage's own, live, for kind imp): callbacks
+        read the stage just finished here while the walk runs."""
+        return self.lineage.entries if self.kind == "imp" else self._entries
+
     def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
         lineage = self.lineage
         if self.kind == "imp":
-            result = lineage.run(on_round, on_dense)
-            self.entries = list(lineage.entries)
-            return result
+            return lineage.run(on_round, on_dense)
         if self.kind in ITERATIVE:
             dense, reused = lineage.dense_stage()
             imp_entries: list[StageEntry] = []
@@ -89,7 +93,7 @@ class KindLineage:
         result.kind = self.kind
         if self.imp is not None:  # the IMP lineage (dense stage included) is part of what this kind cost
             result.steps_executed, result.steps_reused = self.imp.steps_executed, self.imp.steps_reused
-        self.entries = [dense]
+        self._entries = [dense]
         if on_dense is not None:
             on_dense(result)
         parent = dense
@@ -103,7 +107,7 @@ class KindLineage:
             )
             if lineage.diagnose is not None:
                 round_result.diagnostics = lineage.diagnose(dense, entry)
-            self.entries.append(entry)
+            self._entries.append(entry)
             result.rounds.append(round_result)
             if stage_reused:
                 result.steps_reused += round_result.steps
