@@ -99,4 +99,21 @@ def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | N
     return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
 
 
-__all__ = ["load_config", "run_lineage", "run_search", "resume_search", "sync_search", "run_lineage_command"]
+def best_ticket(experiment: str | None = None, search_run_id: str | None = None, max_accuracy_drop: float | None = None,
+                min_sparsity: float | None = None, tracking_uri: str | None = None) -> Any:
+    """The best ticket of a search, from MLflow alone: see `lth_search.tracking.tickets.best_ticket`."""
+    from lth_search.tracking.tickets import best_ticket as _best
+
+    return _best(experiment, search_run_id, max_accuracy_drop, min_sparsity, tracking_uri)
+
+
+def list_tickets(experiment: str | None = None, tracking_uri: str | None = None,
+                 search_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Every ticket (trial-round) of a search, from MLflow alone."""
+    from lth_search.tracking.tickets import list_tickets as _list
+
+    return _list(experiment, tracking_uri, search_run_id)
+
+
+__all__ = ["load_config", "run_lineage", "run_search", "resume_search", "sync_search", "run_lineage_command",
+           "best_ticket", "list_tickets"]

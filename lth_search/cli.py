@@ -124,7 +124,8 @@ def _search_exit(summary: dict[str, Any]) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from lth_search.tickets import best_ticket, describe_ticket
+    from lth_search.api import best_ticket
+    from lth_search.tickets import FILES, describe_ticket
 
     ticket = best_ticket(
         experiment=args.experiment, max_accuracy_drop=args.max_drop, min_sparsity=args.min_sparsity,
@@ -133,12 +134,13 @@ def cmd_best(args: argparse.Namespace) -> int:
     saved = ticket.save(args.out) if args.out else None
     print(json.dumps(ticket.summary()) if args.json else describe_ticket(ticket))
     if saved is not None and not args.json:
-        print(f"  ticket files (mask.parquet, rewind.safetensors, config.json, ticket.json) in {saved}")
+        print(f"  ticket files ({', '.join(p.name for p in sorted(saved.iterdir()) if p.name in FILES)}) in {saved}")
     return 0
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:
-    from lth_search.tickets import format_tickets, list_tickets
+    from lth_search.api import list_tickets
+    from lth_search.tickets import format_tickets
 
     table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri)
     print(json.dumps(table) if args.json else format_tickets(table))

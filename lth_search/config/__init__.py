@@ -2,8 +2,6 @@
 
 from lth_search.config.load import apply_override, load_config
 from lth_search.config.schema import (
-    DATA_SETS,
-    MODELS,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -15,6 +13,6 @@ from lth_search.config.schema import (
 )
 
 __all__ = [
-    "DATA_SETS", "MODELS", "DataConfig", "ExperimentConfig", "ModelConfig", "PruneConfig", "SearchConfig",
+    "DataConfig", "ExperimentConfig", "ModelConfig", "PruneConfig", "SearchConfig",
     "TrainConfig", "apply_override", "load_config", "resolve_steps", "validate_config",
 ]

@@ -63,7 +63,7 @@ def lineage_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset
         lease_service=RayLeaseService(cfg.name, owner=f"trial:{trial_id}"),
     )
     record = TrialRecord(store, cfg.name, trial_id, context, choices, config.get(OPTUNA_TRIAL_KEY), trial_cfg, done)
-    tracker = _start_tracker(trial_cfg, context, trial_id, choices)
+    tracker = _start_tracker(trial_cfg, context, trial_id, choices, config.get(OPTUNA_TRIAL_KEY))
     lineage = Lineage(trial_cfg, store, dataset)
     reporter = _Reporter(trial_cfg, lineage, record, tracker, done)
     # A trial ASHA stops (or an interrupted search) ends inside tune.report (SystemExit),
@@ -96,12 +96,13 @@ def _checkpointed_round(checkpoint: tune.Checkpoint | None) -> int:
     return int(state["round"])
 
 
-def _start_tracker(cfg: ExperimentConfig, context: dict[str, Any], trial_id: str, choices: dict[str, Any]) -> Any:
+def _start_tracker(cfg: ExperimentConfig, context: dict[str, Any], trial_id: str, choices: dict[str, Any],
+                   optuna_trial: int | None) -> Any:
     if not cfg.tracking.enabled:
         return None
     from lth_search.tracking.runs import TrialTracker
 
-    return TrialTracker.start(cfg, context.get("parent_run_id"), trial_id, choices)
+    return TrialTracker.start(cfg, context.get("parent_run_id"), trial_id, choices, context.get("search_id"), optuna_trial)
 
 
 class _Reporter:

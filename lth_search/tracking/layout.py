@@ -22,6 +22,8 @@ REWIND_STEP = "lth.rewind_step"
 INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
+SEARCH_ID = "lth.search_id"       # the search (Optuna study) a trial belongs to
+OPTUNA_TRIAL = "lth.optuna_trial" # the trial's number in that Optuna study
 PARENT = "mlflow.parentRunId"
 
 # Artifacts
@@ -37,7 +39,17 @@ def mask_artifact(round_index: int) -> str:
 
 
 def rewind_artifact(step: int) -> str:
+    """θk, the weights a ticket rewinds to (the half to retrain), logged once per trial."""
     return f"weights/rewind_{step}.safetensors"
+
+
+def trained_artifact(round_index: int) -> str:
+    """A round's trained end weights (the half for inference; pruned entries are zero)."""
+    return f"weights/trained_round_{round_index:02d}.safetensors"
+
+
+TRAINED_RE = re.compile(r"trained_round_(\d+)\.safetensors$")
+MASK_RE = re.compile(r"round_(\d+)\.parquet$")
 
 
 # Metrics
@@ -63,6 +75,20 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
     metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
     return metrics
+
+
+SERIES_METRICS = ("val_accuracy", "test_accuracy")
+
+
+def sparsity_series(values: dict[str, Any]) -> dict[str, float]:
+    """Accuracies to log at step = `sparsity_step`: MLflow charts metrics against the step,
+    so this series shows accuracy against sparsity, the dense network at step 0."""
+    return {f"by_sparsity/{key}": float(values[key]) for key in SERIES_METRICS}
+
+
+def sparsity_step(sparsity: float) -> int:
+    """A sparsity as the step of the `by_sparsity/*` series: permille (0 dense, 900 = 90 %)."""
+    return round(1000 * sparsity)
 
 
 def rescale_metric(layer: str) -> str:

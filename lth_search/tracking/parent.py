@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from lth_search.errors import TrackingError
 from lth_search.tracking.plots import search_plot
 from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
-from lth_search.tickets import criterion_text, load_ticket, select_ticket
+from lth_search.tickets import criterion_text, select_ticket
+from lth_search.tracking.tickets import load_ticket
 from lth_search.tracking.layout import SEARCH_PLOT, TICKETS
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from lth_search.errors import TrackingError
 from lth_search.engine.lineage import LineageResult, RoundResult
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageEntry, StageStore
+from lth_search.tracking.describe import search_tags
 from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
 from lth_search.tracking.layout import summary_metrics
 
@@ -84,14 +85,15 @@ def reconcile_trial(search: SearchTracker, record: dict[str, Any], stages: _Stag
     result = result_from_record(record, cfg)
     if result is None:
         return []
-    tracker = TrialTracker(cfg, search.parent_run_id, str(record["trial_id"]), record.get("choices") or {}, search.io)
+    tracker = TrialTracker(cfg, search.parent_run_id, str(record["trial_id"]), record.get("choices") or {}, search.io,
+                           tags=search_tags(record.get("search_id"), record.get("optuna_trial")))
     if not tracker.ensure_run():
         return []
     if tracker.needs_dense():
-        tracker.log_dense(result, stages.get(record["dense_key"]) if not tracker.state.rewind else None)
+        tracker.log_dense(result, stages.get(record["dense_key"]) if tracker.needs_dense_stage() else None)
     for round_result in result.rounds:
         if tracker.needs_round(round_result.round):
-            entry = stages.get(round_result.key) if round_result.round not in tracker.state.masks else None
+            entry = stages.get(round_result.key) if tracker.needs_round_stage(round_result.round) else None
             tracker.log_round(round_result, entry)
     status = record.get("status")
     if status in TERMINAL and _needs_finish(tracker, result, status):
