@@ -24,7 +24,7 @@ from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.store.stages import StageStore
-from lth_search.tickets import best_ticket
+from lth_search.tracking.tickets import best_ticket
 from lth_search.tracking.runs import SearchTracker
 from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record
 

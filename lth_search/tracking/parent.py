@@ -83,5 +83,5 @@ def _register(search: "SearchTracker", ref: SearchRef, best: dict[str, Any]) -> 
     from lth_search.tracking.registry import register_ticket
 
     ticket = load_ticket(search.io.client, ref, best, criterion_text())
-    uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id)
+    uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id, search.io.uri)
     search.io.client.set_tag(search.parent_run_id, "lth.best_model_uri", uri)
