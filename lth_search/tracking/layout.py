@@ -29,6 +29,7 @@ PARENT = "mlflow.parentRunId"
 # Artifacts
 CONFIG = "config.json"
 TICKETS = "tickets.parquet"
+TICKETS_CSV = "tickets.csv"       # the same table, which the MLflow UI previews (it does not preview Parquet)
 LINEAGE_PLOT = "plots/accuracy_vs_sparsity.png"
 SEARCH_PLOT = "plots/search_summary.png"
 MODEL_DIR = "best_ticket"

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from lth_search.errors import TrackingError
 from lth_search.tracking.plots import search_plot
-from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
+from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, ticket_rows
 from lth_search.tickets import criterion_text, select_ticket
 from lth_search.tracking.tickets import load_ticket
-from lth_search.tracking.layout import SEARCH_PLOT, TICKETS
+from lth_search.tracking.layout import SEARCH_PLOT, TICKETS, TICKETS_CSV
 
 if TYPE_CHECKING:
     from lth_search.tracking.runs import SearchTracker
@@ -50,7 +50,7 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -> None:
-    """Rewrite the parent's tickets.parquet, summary plot, metrics and registered model."""
+    """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model."""
     io, parent = search.io, search.parent_run_id
     ref = SearchRef(search.cfg.experiment_name(), search.experiment, parent)
     ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
@@ -62,6 +62,7 @@ def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -
                     len(rows), expected, search.cfg.name)
     best = _best(rows)
     io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
+    io.call("upload tickets.csv", lambda: io.log_bytes(parent, rows_csv(rows), TICKETS_CSV))
     title = f"{search.cfg.name}: {len({r['trial_id'] for r in rows})} lineages, {len(rows)} tickets"
     io.call("upload the search plot", lambda: io.log_bytes(parent, search_plot(rows, title, best), SEARCH_PLOT))
     io.call("log the search summary", lambda: _log_summary(search, rows, best))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,15 +93,22 @@ def _code_paths(ticket: Ticket, folder: Path) -> list[str]:
 
 @contextlib.contextmanager
 def _tracking(uri: str) -> Iterator[None]:
-    """MLflow's fluent model logging reads the global tracking URI: point it at `uri` meanwhile."""
-    import mlflow
+    """MLflow's fluent model logging reads the global tracking URI: point it at `uri` meanwhile.
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    MLflow's own switch also rewrites $MLFLOW_TRACKING_URI (and unsets it on the way
+    back when no URI was set), so the variable is restored here as it was.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        yield
+        with _use_tracking_uri(uri):
+            yield
     finally:
-        mlflow.set_tracking_uri(before)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:

@@ -331,9 +331,18 @@ class TrialTracker:
                 self.run_id, encode_weights(dense_entry.weights[f"rewind_{step}"]), rewind_artifact(step)))
             self.state.rewind = ok
         if not self.state.data and dense_entry is not None and "data_fingerprint" in dense_entry.inputs:
-            ok, _ = self.io.call(f"log the data set of trial {self.trial_id}", lambda: self.io.client.log_inputs(
-                self.run_id, [data_input(self.cfg, dense_entry.inputs["data_fingerprint"])]))
+            ok, _ = self.io.call(f"log the data set of trial {self.trial_id}",
+                                 lambda: self._log_data(dense_entry.inputs["data_fingerprint"]))
             self.state.data = ok
+
+    def _log_data(self, fingerprint: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        entry = [data_input(self.cfg, fingerprint)]
+        try:
+            self.io.client.log_inputs(self.run_id, entry)
+        except MlflowException:  # trials adding the same data set at once collide once; it exists now
+            self.io.client.log_inputs(self.run_id, entry)
 
     def _log_dense_metrics(self, result: LineageResult) -> None:
         self.io.log_values(self.run_id, dense_metrics(result.dense), step=0)
