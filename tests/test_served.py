@@ -165,7 +165,8 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     fingerprint = load_dataset(cfg.data, cfg.seed).fingerprint
     registered = client.get_model_version_by_alias("served", "best")
-    assert registered.model_id in [output.model_id for output in parent.outputs.model_outputs]  # Models column
+    logged = [output.model_id for output in parent.outputs.model_outputs]  # the Models column
+    assert registered.source == f"models:/{logged[-1]}"
     assert parent.data.tags["mlflow.note.content"].startswith("lth-search search `served`")
     assert sorted(int(c.data.tags["lth.optuna_trial"]) for c in children) == [0, 1, 2]
     for child in children:
