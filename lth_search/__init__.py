@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_config": "lth_search.config",
     "ExperimentConfig": "lth_search.config",
-    "run_lineage": "lth_search.api",
+    "run_lineage": "lth_search.engine.lineage",
     "run_search": "lth_search.api",
     "resume_search": "lth_search.api",
     "sync_search": "lth_search.api",

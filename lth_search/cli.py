@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from lth_search.config.schema import default_output_dir
 from lth_search.errors import LthError
 
 EXIT_USER_ERROR = 2
@@ -29,7 +30,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="MLflow experiment (default: the only / latest search)")
     parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db)"
+        "--tracking-uri",
+        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default_output_dir()}/mlflow.db)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue an interrupted search")
     resume.add_argument("name", help="the search's config name")
-    resume.add_argument("--output-dir", default="./lth_runs", help="output_dir of the search (default ./lth_runs)")
+    resume.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
     resume.add_argument("--address", help="join a Ray cluster instead of starting a local one")
 
     lineage = commands.add_parser("lineage", help="run one IMP lineage without Ray")
@@ -67,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser("sync", help="log to MLflow what the store has and MLflow lacks")
     sync.add_argument("name", help="the search's config name")
-    sync.add_argument("--output-dir", default="./lth_runs")
-    sync.add_argument("--tracking-uri")
+    sync.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
+    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search config's)")
     return parser
 
 
@@ -76,12 +78,12 @@ def _print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _round_line(round_result: Any, total: int) -> str:
-    tag = "  (reused)" if round_result.reused else ""
+def _round_line(metrics: dict[str, Any], total: int) -> str:
+    tag = "  (reused)" if metrics["reused"] else ""
     return (
-        f"round {round_result.round}/{total}  sparsity {100 * round_result.sparsity:6.2f}%  "
-        f"val {100 * round_result.val_accuracy:5.2f}%  test {100 * round_result.test_accuracy:5.2f}%  "
-        f"loss {round_result.train_loss:.3f}  {round_result.train_steps_per_s:7.0f} steps/s{tag}"
+        f"round {metrics['round']}/{total}  sparsity {100 * metrics['sparsity']:6.2f}%  "
+        f"val {100 * metrics['val_accuracy']:5.2f}%  test {100 * metrics['test_accuracy']:5.2f}%  "
+        f"loss {metrics['train_loss']:.3f}  {metrics['train_steps_per_s']:7.0f} steps/s{tag}"
     )
 
 
@@ -98,7 +100,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         best = result.best
         print(
             f"matching sparsity {100 * best.sparsity:.2f}% (round {best.round}, val {100 * best.val_accuracy:.2f}% "
-            f"vs dense {100 * result.dense['val_accuracy']:.2f}%); steps executed {result.steps_executed}, "
+            f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
             f"reused {result.steps_reused}"
         )
     return 0

@@ -28,7 +28,7 @@ from torch.nn.utils import prune
 
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.engine.models import build_model
-from lth_search.search.driver import run_search
+from lth_search.api import run_search
 from lth_search.tracking.client import read_artifact
 from lth_search.tracking.tickets import best_ticket
 

@@ -166,7 +166,8 @@ RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
 
 
-def _check_init_scale(value: Any) -> InitScale:
+def check_init_scale(value: Any) -> InitScale:
+    """The one rule for a rescale mode: an exponent alpha in [0, 2], 'measured' or 'calibrated'."""
     if value in RESCALE_MODES:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -200,7 +201,7 @@ class PruneConfig(_Section):
     @field_validator("init_scale", mode="before")
     @classmethod
     def _init_scale(cls, value: Any) -> InitScale:
-        return _check_init_scale(value)
+        return check_init_scale(value)
 
     @field_validator("layer_ratios")
     @classmethod
@@ -253,7 +254,7 @@ class SearchSpace(_Section):
             return None
         if not isinstance(values, list) or not values:
             raise ValueError("must be a non-empty list of exponents, 'measured' or 'calibrated'")
-        return [_check_init_scale(v) for v in values]
+        return [check_init_scale(v) for v in values]
 
     @field_validator("rate")
     @classmethod
@@ -411,3 +412,8 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_error(error, source)) from None
+
+
+def default_output_dir() -> str:
+    """The schema's `output_dir` default, for commands that name a search instead of a config."""
+    return ExperimentConfig.model_fields["output_dir"].default

@@ -10,12 +10,22 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lth_search.config import ExperimentConfig, validate_config
+from lth_search.config import ExperimentConfig, default_output_dir, validate_config
 from lth_search.errors import ConfigError
 from lth_search.store.uri import PYARROW_SCHEMES
+
+
+class SearchStatus(str, Enum):
+    """Where a search is (the words stored in search.json)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    """Stopped before its end (Ctrl-C, a killed driver): `lth-search resume` continues it."""
 
 
 @dataclass
@@ -28,9 +38,12 @@ class SearchState:
     results_path: str
     journal: str
     parent_run_id: str | None = None
-    status: str = "running"
+    status: SearchStatus = SearchStatus.RUNNING
     started_at: float = 0.0
     finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status = SearchStatus(self.status)
 
     @staticmethod
     def folder(output_dir: str | Path, name: str) -> Path:
@@ -44,8 +57,9 @@ class SearchState:
         os.replace(staging, path)
 
     @classmethod
-    def load(cls, name: str, output_dir: str | Path) -> "SearchState":
-        folder = cls.folder(output_dir, name)
+    def load(cls, name: str, output_dir: str | Path | None = None) -> "SearchState":
+        """The state of search `name` under `output_dir` (default: the schema's)."""
+        folder = cls.folder(output_dir or default_output_dir(), name)
         try:
             data = json.loads((folder / "search.json").read_text())
         except FileNotFoundError:

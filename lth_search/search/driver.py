@@ -15,6 +15,7 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,18 +31,16 @@ from ray.tune.search.optuna import OptunaSearch
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError
-from lth_search.search.ray_leases import start_lease_actor
-from lth_search.store.records import records_namespace
-from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
-from lth_search.runs.state import SearchState, new_state
-from lth_search.store.stages import StageStore
+from lth_search.runs.observers import SearchObserver, SearchTracking
+from lth_search.runs.record import TrialRecord, TrialStatus
+from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import emit, summarize, summary_lines
+from lth_search.search.ray_leases import start_lease_actor
+from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
+from lth_search.store.stages import StageStore
 
 Progress = Callable[[str], None]
-_session: dict[str, Any] = {"progress": print, "store": None, "namespace": ""}
-"""What the driver's Tune callback needs (see `_TrialEvents`)."""
-FINAL = ("finished", "stopped", "error", "abandoned")
 
 
 # Ray session ---------------------------------------------------------------------------------
@@ -106,11 +105,14 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
 
 
 # Tune pieces ---------------------------------------------------------------------------------
-def _trainable(cfg: ExperimentConfig, state: SearchState) -> Any:
+def _trainable(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> Any:
     """The lineage trial with the data set (via the object store) and the search context bound."""
     dataset = load_dataset(cfg.data, cfg.seed, "cpu")
     context = {"search_id": state.search_id, "parent_run_id": state.parent_run_id}
-    bound = tune.with_parameters(lineage_trial, base=state.config, dataset=dataset, context=context)
+    observer_factory = tracking.trial_observer if tracking is not None else None
+    bound = tune.with_parameters(
+        lineage_trial, base=state.config, dataset=dataset, context=context, observer_factory=observer_factory
+    )
     trainable = tune.with_resources(bound, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     trainable._progress_metrics = PROGRESS_METRICS  # read by Ray's console reporter
     return trainable
@@ -143,46 +145,54 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     )
 
 
-class _TrialEvents(tune.Callback):
+class TrialEvents(tune.Callback):
     """Final trial statuses into the trial records, and one readable line per lineage.
 
-    Only the driver knows why a trial ended: a trial ASHA stops and one cut short by an
-    interrupted search both end inside `tune.report`, but only the first gets
-    `on_trial_complete`. State lives in the module (`_session`): Ray pickles callbacks
-    into the experiment and restores copies of them on resume.
+    Only the driver knows why a trial ended: a trial the scheduler stops and one cut short
+    by an interrupted search both end inside `tune.report`, but only the first gets
+    `on_trial_complete`. Ray pickles callbacks into its experiment state and restores
+    copies of them on resume, so all state is the config (the store is reopened lazily).
     """
 
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
+    def __init__(self, cfg: ExperimentConfig, progress: Progress) -> None:
+        self.cfg, self.progress = cfg, progress
+        self._store: StageStore | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> StageStore:
+        if self._store is None:
+            self._store = StageStore.from_config(self.cfg)
+        return self._store
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         done = result.get("round", 0)
-        status = "finished" if done >= self.rounds else "stopped"
-        _set_status(trial.trial_id, status)
-        how = "finished" if status == "finished" else f"stopped by ASHA after round {done}"
-        _session["progress"](
+        status = TrialStatus.FINISHED if done >= self.cfg.prune.rounds else TrialStatus.STOPPED
+        self._set_status(trial.trial_id, status)
+        how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {done}"
+        self.progress(
             f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
             f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _set_status(trial.trial_id, "error")
-        _session["progress"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        self._set_status(trial.trial_id, TrialStatus.ERROR)
+        self.progress(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+    def _set_status(self, trial_id: str, status: TrialStatus) -> None:
+        record = TrialRecord.load(self.store, self.cfg.name, trial_id)
+        if record is not None and record.status is not status:
+            record.status = status
+            record.save(self.store)
 
 
-def _set_status(trial_id: str, status: str) -> None:
-    store, namespace = _session["store"], _session["namespace"]
-    record = store.record(namespace, trial_id) if store is not None else None
-    if record is not None and record.get("status") != status:
-        record["status"] = status
-        store.put_record(namespace, trial_id, record)
-
-
-def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
+def _tuner(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
     return tune.Tuner(
-        _trainable(cfg, state),
+        _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(cfg, state),
             scheduler=_scheduler(cfg),
@@ -195,37 +205,59 @@ def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[_TrialEvents(cfg.prune.rounds)],
+            callbacks=[TrialEvents(cfg, progress)],
             verbose=1,
         ),
     )
 
 
+def _ray_trials(grid: tune.ResultGrid) -> dict[str, bool]:
+    """Every trial Ray knows at the end, by id, with whether it errored.
+
+    A trial that never reported has no `trial_id` metric; its folder name carries the id.
+    """
+    trials: dict[str, bool] = {}
+    for result in grid:
+        trial_id = result.metrics.get("trial_id")
+        if trial_id is None:
+            found = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", Path(result.path).name)
+            trial_id = found.group(1) if found else Path(result.path).name
+        trials[trial_id] = result.error is not None
+    return trials
+
+
 # Driver --------------------------------------------------------------------------------------
-def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Run a new search on a local Ray (no address) or a cluster; returns its summary."""
+def run_search(
+    cfg: ExperimentConfig, address: str | None = None, progress: Progress = print,
+    tracking: SearchTracking | None = None,
+) -> dict[str, Any]:
+    """Run a new search on a local Ray (no address) or a cluster; returns its summary.
+
+    `tracking` (from api: MLflow, or None) opens the search's run and the trials' runs.
+    """
     cfg = cfg.absolute()
     state = new_state(cfg)
     _check_resources(cfg, address)
     with ThreadPoolExecutor(1) as pool:
-        # MLflow's setup (seconds for a new database) overlaps the start of a local Ray;
-        # joining a cluster comes first, so a wrong --address leaves no MLflow run behind.
+        # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
+        # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not address and not ray.is_initialized()
-        early = pool.submit(_start_tracking, cfg, state) if local else None
+        early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
         with ray_session(address):
-            tracker = early.result() if early is not None else _start_tracking(cfg, state)
+            observer = early.result() if early is not None else _start_tracking(cfg, state, tracking)
             state.save()
             _announce(cfg, state, progress)
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-            summary = _fit(cfg, state, _tuner(cfg, state), tracker, progress)
+            summary = _fit(cfg, state, _tuner(cfg, state, tracking, progress), observer, progress)
             del leases
             return summary
 
 
 def resume_search(
-    name: str, output_dir: str = "./lth_runs", address: str | None = None, progress: Progress = print
+    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
+    tracking: SearchTracking | None = None,
 ) -> dict[str, Any]:
-    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same MLflow parent."""
+    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same tracking run."""
     state = SearchState.load(name, output_dir)
     cfg = state.cfg().absolute()
     if not tune.Tuner.can_restore(state.results_path):
@@ -234,28 +266,27 @@ def resume_search(
         )
     _check_resources(cfg, address)
     with ray_session(address):
-        tracker = _start_tracking(cfg, state)
-        state.status = "running"
+        observer = _start_tracking(cfg, state, tracking)
+        state.status = SearchStatus.RUNNING
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
         leases = start_lease_actor(cfg.name)
         tuner = tune.Tuner.restore(
-            state.results_path, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True
+            state.results_path, trainable=_trainable(cfg, state, tracking), resume_unfinished=True,
+            resume_errored=True,
         )
-        summary = _fit(cfg, state, tuner, tracker, progress)
+        summary = _fit(cfg, state, tuner, observer, progress)
         del leases
         return summary
 
 
-def _start_tracking(cfg: ExperimentConfig, state: SearchState) -> Any:
-    """The MLflow parent run (created, or the saved one on resume); trials log under it."""
-    if not cfg.tracking.enabled:
+def _start_tracking(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> SearchObserver | None:
+    """The search's tracking run (created, or the saved one on resume); trials log under it."""
+    if tracking is None:
         return None
-    from lth_search.tracking.runs import SearchTracker
-
-    tracker = SearchTracker.start(cfg, ray_results_path=state.results_path, parent_run_id=state.parent_run_id)
-    state.parent_run_id = getattr(tracker, "parent_run_id", None)
-    return tracker
+    observer = tracking.start(cfg, state.results_path, state.parent_run_id)
+    state.parent_run_id = observer.parent_run_id
+    return observer
 
 
 def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> None:
@@ -270,64 +301,46 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
     progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
 
 
-def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress) -> dict[str, Any]:
+def _fit(
+    cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, observer: SearchObserver | None,
+    progress: Progress,
+) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
-    store = StageStore.from_config(cfg)
-    _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name))
     # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
     # Ray warns about that frequency by default.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
-    grid = tuner.fit()
-    records = {k: v for k, v in store.records(records_namespace(cfg.name)).items() if v.get("search_id") == state.search_id}
-    trials = grid._experiment_analysis.trials  # ResultGrid has no public per-trial status
+    trials = _ray_trials(tuner.fit())
+    store = StageStore.from_config(cfg)
+    records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id)}
     complete = len(trials) >= cfg.search.num_trials and all(
-        records.get(t.trial_id, {}).get("status") in FINAL or t.status == "ERROR" for t in trials
+        errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
     if complete:
-        _abandon_orphans(store, cfg.name, records, {t.trial_id for t in trials})
+        _abandon_orphans(store, records, set(trials))
         close_orphans(state.journal, state.search_id)
-    state.status = "finished" if complete else "interrupted"
+    state.status = SearchStatus.FINISHED if complete else SearchStatus.INTERRUPTED
     state.finished_at = time.time() if complete else None
     state.save()
-    if tracker is not None and complete:
-        tracker.finish(list(records.values()))
-    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, _links(cfg, state, began))
-    summary["status"] = state.status
+    if observer is not None and complete:
+        observer.finish(list(records.values()))
+    links = {"wall_s": time.time() - began, "results_path": state.results_path}
+    links.update(observer.links() if observer is not None else {})
+    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links)
+    summary["status"] = state.status.value
     emit(summary_lines(summary), progress)
     if not complete:
         progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
     return summary
 
 
-def _abandon_orphans(store: StageStore, name: str, records: dict[str, dict], known: set[str]) -> None:
+def _abandon_orphans(store: StageStore, records: dict[str, TrialRecord], known: set[str]) -> None:
     """Mark trials Ray does not know: started by a killed driver after Ray's last snapshot.
 
     Ray's restored state never had them, so the search ran replacements; their stages
     stay in the store (and were reused), their records say what happened.
     """
     for trial_id, record in records.items():
-        if trial_id not in known and record.get("status") not in FINAL:
-            record["status"] = "abandoned"
-            store.put_record(records_namespace(name), trial_id, record)
-
-
-def _links(cfg: ExperimentConfig, state: SearchState, began: float) -> dict[str, Any]:
-    extra: dict[str, Any] = {"wall_s": time.time() - began, "results_path": state.results_path}
-    if not cfg.tracking.enabled:
-        return extra
-    uri = cfg.tracking_uri()
-    extra["tracking_uri"] = uri
-    extra["parent_run_id"] = state.parent_run_id
-    if uri.startswith(("http://", "https://")):
-        extra["mlflow_command"] = f"open {uri} (the MLflow server of this search)"
-        base = uri.rstrip("/")
-    else:
-        extra["mlflow_command"] = f"mlflow ui --backend-store-uri {uri} --port 5000"
-        base = "http://127.0.0.1:5000"
-    from lth_search.tracking.runs import experiment_id as mlflow_experiment_id
-
-    experiment_id = mlflow_experiment_id(cfg)
-    if experiment_id is not None:
-        extra["mlflow_link"] = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    return extra
+        if trial_id not in known and not record.status.final:
+            record.status = TrialStatus.ABANDONED
+            record.save(store)

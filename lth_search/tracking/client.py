@@ -93,6 +93,14 @@ def param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def new_client(uri: str) -> Any:
+    """The MlflowClient of a tracking URI (the registry at the same place), quiet downloads."""
+    from mlflow import MlflowClient
+
+    quiet_downloads()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 class MlflowIO:
     """An MlflowClient whose calls retry, warn once and are remembered when they fail.
 
@@ -101,10 +109,8 @@ class MlflowIO:
 
     def __init__(self, uri: str, label: str, attempts: int = ATTEMPTS, base_delay_s: float = BASE_DELAY_S) -> None:
         limit_http_retries()
-        from mlflow import MlflowClient
-
         self.uri, self.label = uri, label
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.client = new_client(uri)
         self.attempts, self.base_delay_s = attempts, base_delay_s
         self.offline = False
         self.missed: list[str] = []

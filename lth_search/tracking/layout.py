@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lth_search.engine.lineage import LineageResult, RoundResult
+    from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 
 # Tags
 ROLE = "lth.role"                 # search | trial | lineage
@@ -81,10 +81,10 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
 SERIES_METRICS = ("val_accuracy", "test_accuracy")
 
 
-def sparsity_series(values: dict[str, Any]) -> dict[str, float]:
+def sparsity_series(result: "DenseResult | RoundResult") -> dict[str, float]:
     """Accuracies to log at step = `sparsity_step`: MLflow charts metrics against the step,
     so this series shows accuracy against sparsity, the dense network at step 0."""
-    return {f"by_sparsity/{key}": float(values[key]) for key in SERIES_METRICS}
+    return {f"by_sparsity/{key}": float(getattr(result, key)) for key in SERIES_METRICS}
 
 
 def sparsity_step(sparsity: float) -> int:
@@ -98,25 +98,24 @@ def rescale_metric(layer: str) -> str:
     return f"rescale/{metric_name(layer)}"
 
 
-def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
+def dense_metrics(dense: "DenseResult") -> dict[str, float]:
     return {
-        "dense_val_accuracy": dense["val_accuracy"],
-        "dense_test_accuracy": dense["test_accuracy"],
-        "dense_train_loss": dense["train_loss"],
-        "dense_train_steps_per_s": dense["train_steps_per_s"],
-        "dense_reused": float(dense["reused"]),
+        "dense_val_accuracy": dense.val_accuracy,
+        "dense_test_accuracy": dense.test_accuracy,
+        "dense_train_loss": dense.train_loss,
+        "dense_train_steps_per_s": dense.train_steps_per_s,
+        "dense_reused": float(dense.reused),
     }
 
 
 def summary_metrics(result: "LineageResult") -> dict[str, float]:
     """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
     best = result.best
-    test_at = {r.round: r.test_accuracy for r in result.rounds}
     metrics = {
         "matching_sparsity": best.sparsity,
         "matching_round": float(best.round),
         "matching_val_accuracy": best.val_accuracy,
-        "matching_test_accuracy": test_at.get(best.round, result.dense["test_accuracy"]),
+        "matching_test_accuracy": result.matching_test_accuracy,
         "rounds_completed": float(len(result.rounds)),
     }
     if result.rounds:

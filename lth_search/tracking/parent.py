@@ -9,7 +9,7 @@ gap is reported with the command that fills it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lth_search.errors import TrackingError
 from lth_search.tracking.plots import search_plot
@@ -17,9 +17,8 @@ from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, 
 from lth_search.tickets import criterion_text, select_ticket
 from lth_search.tracking.tickets import load_ticket
 from lth_search.tracking.layout import SEARCH_PLOT, TICKETS, TICKETS_CSV
+from lth_search.tracking.runs import SearchTracker
 
-if TYPE_CHECKING:
-    from lth_search.tracking.runs import SearchTracker
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +48,20 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
 
 
-def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -> None:
-    """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model."""
+def log_search_summary(search: SearchTracker, expected_tickets: int) -> None:
+    """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model.
+
+    `expected_tickets` is how many trial-rounds the store holds: fewer in MLflow is a gap
+    that `lth-search sync` fills, and is said so.
+    """
     io, parent = search.io, search.parent_run_id
     ref = SearchRef(search.cfg.experiment_name(), search.experiment, parent)
     ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
     if not ok:
         return
-    expected = sum(len(r.get("round_keys") or []) for r in records)
-    if len(rows) < expected:
+    if len(rows) < expected_tickets:
         log.warning("MLflow holds %d of the %d tickets in the store; run `lth-search sync %s`",
-                    len(rows), expected, search.cfg.name)
+                    len(rows), expected_tickets, search.cfg.name)
     best = _best(rows)
     io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
     io.call("upload tickets.csv", lambda: io.log_bytes(parent, rows_csv(rows), TICKETS_CSV))
@@ -70,7 +72,7 @@ def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -
         io.call("register the best ticket", lambda: _register(search, ref, best))
 
 
-def _log_summary(search: "SearchTracker", rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+def _log_summary(search: SearchTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     client, parent = search.io.client, search.parent_run_id
     current = client.get_run(parent).data.metrics
     changed = {k: v for k, v in search_metrics(rows, best).items() if current.get(k) != v}
@@ -80,7 +82,7 @@ def _log_summary(search: "SearchTracker", rows: list[dict[str, Any]], best: dict
             client.set_tag(parent, f"lth.best_{key}", str(best[key]))
 
 
-def _register(search: "SearchTracker", ref: SearchRef, best: dict[str, Any]) -> None:
+def _register(search: SearchTracker, ref: SearchRef, best: dict[str, Any]) -> None:
     from lth_search.tracking.registry import register_ticket
 
     ticket = load_ticket(search.io.client, ref, best, criterion_text())

@@ -40,12 +40,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.config import ExperimentConfig
-from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.engine.data import data_signature
+from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.runs.record import TrialStatus
+from lth_search.store.codec import encode_mask, encode_weights
+from lth_search.store.stages import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.plots import lineage_plot
-from lth_search.store.stages import StageEntry
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -74,16 +76,10 @@ from lth_search.tracking.describe import data_input, run_description, search_tag
 
 log = logging.getLogger(__name__)
 
-TERMINAL = {"finished": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "failed": "FAILED"}
+TERMINAL = {
+    TrialStatus.FINISHED: "FINISHED", TrialStatus.STOPPED: "FINISHED", TrialStatus.ERROR: "FAILED",
+}
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
-
-
-def data_signature(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
-    """(input shape, classes) of the config's data set, known without reading the data."""
-    from lth_search.engine.data import data_signature as signature  # the registry's shapes: no data read
-
-    shape, classes = signature(cfg.data)
-    return tuple(shape), int(classes)
 
 
 def sync_hint(cfg: ExperimentConfig) -> str:
@@ -100,12 +96,23 @@ def experiment_id(cfg: ExperimentConfig) -> str | None:
     return value if ok else None
 
 
-def ui_hint(tracking_uri: str, experiment: str | None) -> str:
-    """How to look: the runs table opens directly at the link (MLflow 3 opens its GenAI view otherwise)."""
+def ui_links(tracking_uri: str, experiment: str | None) -> dict[str, str]:
+    """How to look: the command that serves the UI and the runs-table link (MLflow 3 opens
+    its GenAI view otherwise)."""
     served = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
-    link = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" if experiment else base
-    return f"open {link}" if served else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {link}"
+    links = {"mlflow_command": f"open {base} (the MLflow server of this search)" if served
+             else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000"}
+    if experiment is not None:
+        links["mlflow_link"] = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    return links
+
+
+def ui_hint(tracking_uri: str, experiment: str | None) -> str:
+    """`ui_links` as one line."""
+    links = ui_links(tracking_uri, experiment)
+    link = links.get("mlflow_link", tracking_uri)
+    return f"open {link}" if tracking_uri.startswith(("http://", "https://")) else f"{links['mlflow_command']}, then open {link}"
 
 
 # Search -----------------------------------------------------------------------------------
@@ -127,14 +134,14 @@ class SearchTracker:
             return cls(cfg)
         io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
         tracker = cls(cfg, io, None, parent_run_id, ray_results_path)
-        tracker._open()
+        tracker.open()
         return tracker
 
     @property
     def missed(self) -> list[str]:
         return self.io.missed if self.io is not None else []
 
-    def _open(self) -> bool:
+    def open(self) -> bool:
         """Whether experiment and parent run are known; creates (or finds) what is missing."""
         io = self.io
         if io is None:
@@ -162,35 +169,22 @@ class SearchTracker:
         }
         return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
 
-    def _ensure_config(self) -> None:
-        if CONFIG not in self.io.artifact_names(self.parent_run_id):
-            self._log_config()
-
     def _log_config(self) -> None:
         self.io.log_values(self.parent_run_id, params=flatten(self.cfg.model_dump(mode="json")))
         config = json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode()
         self.io.log_bytes(self.parent_run_id, config, CONFIG)
 
-    def finish(self, records: list[dict[str, Any]], status: str = "FINISHED") -> None:
-        """Fill in what trials could not log, then the tickets table, plot, summary, model; end the run."""
-        self.refresh(records)
+    def end(self, status: str = "FINISHED") -> None:
         if self.io is not None and self.parent_run_id is not None:
             self.io.call("end the search run", lambda: self.io.client.set_terminated(self.parent_run_id, status))
 
-    def refresh(self, records: list[dict[str, Any]]) -> dict[str, int]:
-        """Reconcile every trial record with MLflow and rewrite the parent's artifacts.
+    def ensure_config(self) -> None:
+        """Log the search config if the parent run lacks it (a run created by an outage-era sync)."""
+        def log_if_missing() -> None:
+            if CONFIG not in self.io.artifact_names(self.parent_run_id):
+                self._log_config()
 
-        Returns counts of what was logged now (see sync.reconcile); nothing raises.
-        """
-        if not self._open():
-            return {}
-        from lth_search.tracking.parent import log_search_summary
-        from lth_search.tracking.sync import reconcile
-
-        self.io.call("log the search config", self._ensure_config)
-        counts = reconcile(self, records)
-        log_search_summary(self, records)
-        return counts
+        self.io.call("log the search config", log_if_missing)
 
 
 # Trials -----------------------------------------------------------------------------------
@@ -264,7 +258,7 @@ class TrialTracker:
             if run is not None:
                 self._read_state(run)
                 return run
-        shape, classes = data_signature(self.cfg)
+        shape, classes = data_signature(self.cfg.data)
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
             TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
@@ -350,7 +344,7 @@ class TrialTracker:
 
     def _log_round_metrics(self, round_result: RoundResult) -> None:
         self.io.log_values(self.run_id, round_metrics(round_result), step=round_result.round)
-        self.io.log_values(self.run_id, sparsity_series(vars(round_result)), step=sparsity_step(round_result.sparsity))
+        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         """The round's metrics at step = round, its mask and its trained weights, each once."""
@@ -374,7 +368,7 @@ class TrialTracker:
             if ok:
                 self.state.trained.add(index)
 
-    def finish(self, result: LineageResult, status: str = "finished") -> None:
+    def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
         """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""
         if not self.ensure_run():
             return
@@ -388,7 +382,7 @@ class TrialTracker:
         if summary or self.state.status == "RUNNING":
             self._plot(result)
         run_status = TERMINAL.get(status, "FINISHED")
-        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status, run_status))
+        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
             self.state.status = run_status
 
@@ -400,7 +394,7 @@ class TrialTracker:
         rounds = [vars(r) for r in result.rounds]
         title = f"{self.cfg.name} · {self.trial_id}  " + " ".join(f"{k}={v}" for k, v in self.choices.items())
         try:
-            png = lineage_plot(rounds, result.dense["val_accuracy"], result.dense["test_accuracy"],
+            png = lineage_plot(rounds, result.dense.val_accuracy, result.dense.test_accuracy,
                                result.tolerance, title[:110], result.best.round)
         except Exception as error:  # noqa: BLE001 - a plot never costs a lineage
             log.warning("trial %s: plotting failed: %s", self.trial_id, error)
@@ -418,26 +412,15 @@ def lineage_choices(cfg: ExperimentConfig) -> dict[str, Any]:
     return choices
 
 
-def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, progress: Callable[[str], None] = print) -> None:
-    """Log a finished `lth-search lineage` as one run (no parent) with a trial's layout."""
-    if not cfg.tracking.enabled:
-        return
+def lineage_tracker(cfg: ExperimentConfig) -> TrialTracker:
+    """The run of one `lth-search lineage` (no parent), logged as it goes with a trial's layout."""
     io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
-    tracker.log_dense(result, lineage.entries[0])
-    for round_result, entry in zip(result.rounds, lineage.entries[1:], strict=True):
-        tracker.log_round(round_result, entry)
-    tracker.finish(result)
+    return TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
+
+
+def lineage_run_line(tracker: TrialTracker) -> str:
+    """What to tell the user about a finished lineage's run: where to look, or that logging failed."""
+    io, cfg = tracker.io, tracker.cfg
     if tracker.run_id is None or io.missed:
-        progress(f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store")
-        return
-    experiment = experiment_id(cfg)
-    progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")
-
-
-def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None,
-                progress: Callable[[str], None] = print) -> dict[str, int]:
-    """`lth-search sync NAME`: log to MLflow what the store holds and MLflow lacks (see sync.py)."""
-    from lth_search.tracking.sync import sync_search as _sync
-
-    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
+        return f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store"
+    return f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment_id(cfg))}"

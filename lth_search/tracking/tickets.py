@@ -78,7 +78,7 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
 
     `experiment` None: the most recently created experiment holding an lth-search
     search; `search_run_id` picks one search of an experiment (default: the latest).
-    Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db.
+    Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else mlflow.db in the default output_dir.
     """
     check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
