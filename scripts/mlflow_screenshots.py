@@ -13,11 +13,14 @@ what the README promises is on screen and exits non-zero when it is not.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
+import os
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -39,7 +42,7 @@ def start_server(database: Path, port: int, folder: Path) -> subprocess.Popen:
                f"sqlite:///{database.resolve()}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = open(folder / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                              env={**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -69,12 +72,6 @@ def wait_text(driver: webdriver.Chrome, text: str, timeout: float = 60) -> None:
     WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
 
 
-def click_text(driver: webdriver.Chrome, text: str, tag: str = "*") -> None:
-    element = WebDriverWait(driver, 30).until(ready.element_to_be_clickable(
-        (By.XPATH, f"//{tag}[normalize-space(.)='{text}']")))
-    element.click()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("database", type=Path)
@@ -85,29 +82,30 @@ def main() -> int:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="lth-shots-") as tmp:
         server = start_server(args.database, port, Path(tmp))
-        driver = browser(1600, 1000)
+        driver = browser(1900, 1000)
         try:
             base = f"http://127.0.0.1:{port}"
-            from mlflow import MlflowClient
-
-            experiment = MlflowClient(base).get_experiment_by_name(args.experiment).experiment_id
-            driver.get(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+            query = urllib.parse.urlencode({"experiment_name": args.experiment})
+            with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=30) as answer:
+                experiment = json.loads(answer.read())["experiment"]["experiment_id"]
+            runs = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+            driver.get(runs)
             wait_text(driver, f"{args.experiment} search")
-            expanders = driver.find_elements(By.CSS_SELECTOR, "[data-testid='runs-table-expand-button'], "
-                                                              "button[aria-label*='xpand']")
-            for button in expanders[:1]:
-                button.click()
-            time.sleep(2)  # let the table settle after expanding (rendering only, no data wait)
+            for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+                close.click()  # the MLflow Assistant panel
+            parent = driver.find_element(By.XPATH, f"//a[normalize-space(.)='{args.experiment} search']"
+                                                   "/ancestor::*[@role='row'][1]")
+            parent.find_element(By.CSS_SELECTOR, "button").click()  # expand: the lineages under the search
+            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[role='row']")) > 3)
             body = driver.find_element(By.TAG_NAME, "body").text
-            missing = [word for word in ("Models", "Dataset", "best_ticket", "mnist1d") if word not in body]
+            missing = [word for word in ("Models", "Dataset", "best_ticket", "mnist1d", "lth-sea") if word not in body]
             driver.save_screenshot(str(args.out / "mlflow-runs.png"))
-            click_text(driver, "Chart")
-            time.sleep(2)
-            search = WebDriverWait(driver, 30).until(ready.element_to_be_clickable(
-                (By.CSS_SELECTOR, "input[placeholder*='Search']")))
-            search.send_keys("by_sparsity/val_accuracy")
+            driver.get(runs + "&compareRunsMode=CHART")
+            search = WebDriverWait(driver, 60).until(ready.element_to_be_clickable(
+                (By.CSS_SELECTOR, "input[placeholder='Search metric charts']")))
+            search.send_keys("by_sparsity")
             wait_text(driver, "by_sparsity/val_accuracy")
-            time.sleep(3)
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg .scatterlayer")) >= 2)
             driver.save_screenshot(str(args.out / "mlflow-charts.png"))
         finally:
             driver.quit()
