@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
 from lth_search.engine.lineage import MemoryStages
+from lth_search.engine.models import check_parts
 from lth_search.engine.results import LineageResult
 from lth_search.runs.trial import run_trial
 
@@ -47,6 +48,7 @@ def run_lineage_command(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
+    check_parts(cfg)
     total = cfg.prune.rounds
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
@@ -85,6 +87,7 @@ def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Prog
     """Run a search on a local Ray (address None) or a Ray cluster; returns its summary."""
     from lth_search.search.driver import run_search as _run
 
+    check_parts(cfg)
     return _run(cfg, address=address, progress=progress, tracking=_tracking(cfg))
 
 

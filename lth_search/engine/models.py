@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lth_search.config import ModelConfig
+from lth_search.config import ExperimentConfig, ModelConfig
 from lth_search.engine.plugins import MODEL_GROUP, resolve
 from lth_search.errors import ConfigError
 from lth_search.portable.architectures import IMAGE_MODELS, NAMES, build_architecture
@@ -106,6 +106,19 @@ def prunable_groups(model: nn.Module) -> dict[str, str]:
     if last_linear is not None:
         groups[last_linear] = "output"
     return groups
+
+
+def check_parts(cfg: ExperimentConfig) -> None:
+    """Fail now, before anything is written, when the model or the data set cannot be had.
+
+    Names are the registries' business (built in, plug-in or import target), so a
+    config validates without them; this resolves both and builds the model for the
+    data's shape (a model plug-in is imported and called once; a data plug-in is read).
+    """
+    from lth_search.engine.data import data_signature
+
+    shape, classes = data_signature(cfg.data)
+    build_model(cfg.model, shape, classes, cfg.seed)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
