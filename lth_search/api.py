@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
 from lth_search.engine.lineage import MemoryStages
+from lth_search.engine.data import load_dataset
 from lth_search.engine.models import check_parts
 from lth_search.engine.results import LineageResult
 from lth_search.runs.trial import run_trial
@@ -48,7 +49,8 @@ def run_lineage_command(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
-    check_parts(cfg)
+    dataset = load_dataset(cfg.data, cfg.seed)  # bad names, files, model or device fail here, nothing written
+    check_parts(cfg, dataset)
     total = cfg.prune.rounds
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
@@ -69,7 +71,7 @@ def run_lineage_command(
         )
 
     progress(f"lineage {cfg.name}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
-    result = run_trial(cfg, store, report, observer=tracker, on_dense=on_dense)
+    result = run_trial(cfg, store, report, observer=tracker, dataset=dataset, on_dense=on_dense)
     if tracker is not None:
         from lth_search.tracking.runs import lineage_run_line
 

@@ -20,10 +20,15 @@ gives a bit-identical state dict on any machine.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from lth_search.config import ExperimentConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from lth_search.engine.data import Dataset
 from lth_search.engine.plugins import MODEL_GROUP, resolve
 from lth_search.errors import ConfigError
 from lth_search.portable.architectures import IMAGE_MODELS, NAMES, build_architecture
@@ -108,16 +113,17 @@ def prunable_groups(model: nn.Module) -> dict[str, str]:
     return groups
 
 
-def check_parts(cfg: ExperimentConfig) -> None:
-    """Fail now, before anything is written, when the model or the data set cannot be had.
+def check_parts(cfg: ExperimentConfig, data: "Dataset | None" = None) -> None:
+    """Fail now, before anything is written, when the device, model or data set cannot be had.
 
     Names are the registries' business (built in, plug-in or import target), so a
     config validates without them; this resolves both and builds the model for the
-    data's shape (a model plug-in is imported and called once; a data plug-in is read).
+    data's shape (`data` when loaded already, else the registry's or a plug-in's shape).
     """
-    from lth_search.engine.data import data_signature
+    from lth_search.engine.data import data_signature, resolve_device
 
-    shape, classes = data_signature(cfg.data)
+    resolve_device(cfg.train.device)
+    shape, classes = (data.input_shape, data.num_classes) if data is not None else data_signature(cfg.data)
     build_model(cfg.model, shape, classes, cfg.seed)
 
 
