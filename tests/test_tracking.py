@@ -139,7 +139,7 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     registered = mlflow.pyfunc.load_model(f"models:/{name}@best")
     model = ticket.trained_model()
-    loaded = registered.get_raw_model().model.state_dict()
+    loaded = registered.get_raw_model().state_dict()
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in model.state_dict().items())
     raw = read_raw(cfg.data)[0][2][:64]

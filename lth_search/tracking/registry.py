@@ -11,7 +11,7 @@ signature and an input example, and `mlflow models serve` can build its environm
 
     model = mlflow.pyfunc.load_model("models:/quickstart@best")
     model.predict(x_raw)          # class ids, from raw inputs
-    model.get_raw_model()         # the TicketModel of portable/ticket_model.py (.model: the nn.Module)
+    model.get_raw_model()         # the torch nn.Module (it takes standardised inputs)
 """
 
 from __future__ import annotations
