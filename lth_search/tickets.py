@@ -207,14 +207,22 @@ def criterion_text(max_accuracy_drop: float | None = None, min_sparsity: float |
 
 
 def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = None,
-                  min_sparsity: float | None = None) -> dict[str, Any]:
-    """The chosen ticket row (see the module docstring); TrackingError when none qualifies."""
+                  min_sparsity: float | None = None, confirmed_trial: str | None = None) -> dict[str, Any]:
+    """The chosen ticket row (see the module docstring); TrackingError when none qualifies.
+
+    Without a criterion, a search's confirmed recipe decides: the ticket is the matching
+    round of `confirmed_trial` (the search trial of the recipe confirmed on fresh seeds),
+    not the luckiest round of any trial.
+    """
     if max_accuracy_drop is not None and min_sparsity is not None:
         raise TrackingError("give max_accuracy_drop or min_sparsity, not both")
     check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     if not rows:
         raise TrackingError("the search has no tickets in MLflow yet (no completed round)")
+    if confirmed_trial is not None and max_accuracy_drop is None and min_sparsity is None:
+        confirmed = [r for r in rows if r["trial_id"] == confirmed_trial]
+        rows = confirmed or rows
     if min_sparsity is not None:
         pool = [r for r in rows if r["sparsity"] >= min_sparsity - 1e-12]
         if not pool:

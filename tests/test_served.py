@@ -42,7 +42,7 @@ def served(ray_local, data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
     cfg = search_config(data_root, tmp, {
         "name": "served", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
-        "search.space.rate": "[0.3, 0.5]", "search.tolerance": 0.1,
+        "search.tolerance": 0.1,
     })
     summary = run_search(cfg, progress=lambda _: None)
     assert summary["finished"] == 3

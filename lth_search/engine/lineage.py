@@ -23,11 +23,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from lth_search.config import ExperimentConfig
-from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
-from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -39,8 +36,11 @@ from lth_search.engine.pruning import (
     rescale_factors,
     sparsity,
 )
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+from lth_search.engine.train import TrainResult, evaluate, resolved_recipe, train
+from lth_search.errors import ConfigError
+from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
-from lth_search.engine.train import evaluate, resolved_recipe, train
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
@@ -134,6 +134,12 @@ class Lineage:
         self._load(fresh.state_dict())
         kept = self.cfg.prune.rewind_steps
         result = train(self.model, self.data, self.cfg.train, self.cfg.seed, 0, self.total_steps, snapshot_steps=kept)
+        return self.dense_entry(key, inputs, result)
+
+    def dense_entry(self, key: str, inputs: dict[str, Any], result: TrainResult) -> StageEntry:
+        """The dense stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
+        kept = self.cfg.prune.rewind_steps
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -148,13 +154,16 @@ class Lineage:
     def _compute_round(
         self, key: str, inputs: dict[str, Any], dense: StageEntry, parent: StageEntry, round_index: int
     ) -> StageEntry:
+        return self._train_masked(key, inputs, dense, self.next_mask(parent), round_index)
+
+    def next_mask(self, parent: StageEntry) -> Mask:
+        """The mask of the round after `parent` (dense or a round): prune its end weights."""
         prune = self.cfg.prune
         parent_mask = parent.masks.get("mask") or ones_mask(self.model)
-        mask = prune_round(
+        return prune_round(
             parent.weights["end"], parent_mask, self.groups, prune.rate, prune.scope, prune.layer_ratios,
             prune.output_ratio,
         )
-        return self._train_masked(key, inputs, dense, mask, round_index)
 
     def _rescale(self, rewind: dict[str, torch.Tensor], mask: Mask) -> dict[str, float]:
         """Per-layer factors for the survivors at rewind (kept in the stage's metrics, so a
@@ -168,14 +177,30 @@ class Lineage:
         self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
         start_weights: dict[str, torch.Tensor] | None = None,
     ) -> StageEntry:
-        prune = self.cfg.prune
-        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{prune.rewind_step}"]
-        factors = self._rescale(rewind, mask)
-        self._load(masked_state(rewind, mask, factors))
+        start, factors = self.round_start(dense, mask, start_weights)
+        self._load(start)
         device_mask = {name: m.to(self.device) for name, m in mask.items()}
         result = train(
-            self.model, self.data, self.cfg.train, self.cfg.seed, prune.rewind_step, self.total_steps, mask=device_mask
+            self.model, self.data, self.cfg.train, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
+            mask=device_mask,
         )
+        return self.round_entry(key, inputs, mask, factors, result, round_index)
+
+    def round_start(
+        self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """(weights a masked stage trains from, the rescale factors): the rewind weights
+        (or `start_weights`) masked and rescaled."""
+        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{self.cfg.prune.rewind_step}"]
+        factors = self._rescale(rewind, mask)
+        return masked_state(rewind, mask, factors), factors
+
+    def round_entry(
+        self, key: str, inputs: dict[str, Any], mask: Mask, factors: dict[str, float], result: TrainResult,
+        round_index: int,
+    ) -> StageEntry:
+        """A masked stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,

@@ -22,8 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lth_search.engine.augment import augment
 from lth_search.config import TrainConfig, resolve_steps
+from lth_search.engine.augment import augment
 from lth_search.engine.data import BatchOrder, Dataset, Split
 
 LOSS_WINDOW = 100

@@ -41,8 +41,9 @@ class SearchObserver(Protocol):
 
     parent_run_id: str | None
 
-    def finish(self, records: list[TrialRecord]) -> None:
-        """Fill in what trials could not log, write the search's summary; end the run."""
+    def finish(self, records: list[TrialRecord], confirmation: dict[str, Any] | None = None) -> None:
+        """Fill in what trials could not log, write the search's summary and confirmation
+        (SearchState.confirmation); end the run."""
 
     def links(self) -> dict[str, Any]:
         """Where to look: `tracking_uri`, `mlflow_command`, `mlflow_link`, ... for the summary."""

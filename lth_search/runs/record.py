@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult, _known_fields
+from lth_search.engine.results import (
+    DenseResult,
+    LineageResult,
+    RoundResult,
+    _known_fields,
+)
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageStore
 
@@ -76,6 +81,8 @@ class TrialRecord:
 
     search: str
     trial_id: str
+    role: str = "search"
+    """"search" for a search trial, "confirm" for a confirmation run (kept apart in the store)."""
     search_id: str | None = None
     optuna_trial: int | None = None
     choices: dict[str, Any] = field(default_factory=dict)
@@ -164,25 +171,27 @@ class TrialRecord:
     @classmethod
     def open(
         cls, store: StageStore, search: str, trial_id: str, search_id: str | None, optuna_trial: int | None,
-        choices: dict[str, Any], config: dict[str, Any],
+        choices: dict[str, Any], config: dict[str, Any], role: str = "search",
     ) -> "TrialRecord":
         """The trial's record: the one in the store (a retry, a resumed search) or a new one."""
-        record = cls.load(store, search, trial_id) or cls(search=search, trial_id=trial_id)
+        record = cls.load(store, search, trial_id, role) or cls(search=search, trial_id=trial_id, role=role)
         record.search_id, record.optuna_trial, record.choices, record.config = search_id, optuna_trial, choices, config
         return record
 
     def save(self, store: StageStore) -> None:
-        store.put_record(records_namespace(self.search), self.trial_id, self.to_json())
+        store.put_record(records_namespace(self.search, self.role), self.trial_id, self.to_json())
 
     @classmethod
-    def load(cls, store: StageStore, search: str, trial_id: str) -> "TrialRecord | None":
-        data = store.record(records_namespace(search), trial_id)
+    def load(cls, store: StageStore, search: str, trial_id: str, role: str = "search") -> "TrialRecord | None":
+        data = store.record(records_namespace(search, role), trial_id)
         return cls.from_json(data) if data is not None else None
 
     @classmethod
-    def load_all(cls, store: StageStore, search: str, search_id: str | None = None) -> list["TrialRecord"]:
+    def load_all(
+        cls, store: StageStore, search: str, search_id: str | None = None, role: str = "search"
+    ) -> list["TrialRecord"]:
         """Every trial record of a search name (of one search id when given), sorted by trial id."""
-        records = [cls.from_json(data) for data in store.records(records_namespace(search)).values()]
+        records = [cls.from_json(data) for data in store.records(records_namespace(search, role)).values()]
         return sorted(
             (r for r in records if search_id is None or r.search_id == search_id), key=lambda r: r.trial_id
         )

@@ -41,6 +41,8 @@ class SearchState:
     status: SearchStatus = SearchStatus.RUNNING
     started_at: float = 0.0
     finished_at: float | None = None
+    confirmation: dict[str, Any] | None = None
+    """The confirmation's scores and chosen trial (runs/confirmation.py), once it ran."""
 
     def __post_init__(self) -> None:
         self.status = SearchStatus(self.status)

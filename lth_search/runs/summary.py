@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lth_search.runs.confirmation import Confirmation, confirmation_lines
 from lth_search.runs.record import TrialRecord, TrialStatus
 
 
@@ -19,12 +20,24 @@ def best_record(records: list[TrialRecord]) -> TrialRecord | None:
     return max(scored, key=lambda r: (r.matching.sparsity, r.matching.val_accuracy))
 
 
+def chosen_record(records: list[TrialRecord], confirmation: Confirmation | None) -> TrialRecord | None:
+    """The search trial that holds the best ticket: the best trial of the confirmed recipe
+    (without confirmation, the best trial)."""
+    if confirmation is not None:
+        recipe = confirmation.chosen.recipe
+        same = [r for r in records if r.choices == recipe]
+        if same:
+            return best_record(same)
+    return best_record(records)
+
+
 def summarize(
-    records: list[TrialRecord], search_id: str, rounds: int, extra: dict[str, Any] | None = None
+    records: list[TrialRecord], search_id: str, rounds: int, extra: dict[str, Any] | None = None,
+    confirmation: Confirmation | None = None,
 ) -> dict[str, Any]:
-    """The summary `run_search` returns (best ticket, counts, steps) as JSON-ready values."""
+    """The summary `run_search` returns (best ticket, counts, steps, confirmation) as JSON-ready values."""
     statuses = [r.status for r in records]
-    best = best_record(records)
+    best = chosen_record(records, confirmation)
     summary: dict[str, Any] = {
         "search_id": search_id,
         "trials": sum(s is not TrialStatus.ABANDONED for s in statuses),
@@ -50,6 +63,7 @@ def summarize(
             "dense_val_accuracy": best.dense.val_accuracy,
             "dense_test_accuracy": best.dense.test_accuracy,
         }
+    summary["confirmation"] = confirmation.to_json() if confirmation is not None else None
     summary.update(extra or {})
     return summary
 
@@ -80,6 +94,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"(dense val {_pct(best['dense_val_accuracy'])} / test {_pct(best['dense_test_accuracy'])})"
         )
         lines.append(f"  choices: {_choices(best['choices'])}")
+    if summary.get("confirmation"):
+        lines.extend(confirmation_lines(summary["confirmation"]))
     lines.append(
         f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped_by_asha']} stopped by ASHA, "
         f"{summary['errored']} errored" + (f", {summary['unfinished']} unfinished" if summary["unfinished"] else "") + ")"

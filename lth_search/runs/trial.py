@@ -13,6 +13,7 @@ store, and rounds it reported before (`done`) are not reported twice.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,12 @@ from lth_search.engine.lineage import Lineage, StageSource
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.observers import TrialObserver
 from lth_search.runs.record import TrialRecord, TrialStatus
+
+SPARSITY_LEVEL = "sparsity_level"
+"""Reported with every round: floor(log(1 - sparsity) / log(0.8)), the scheduler's clock."""
+VAL_MARGIN = "val_margin"
+"""Reported with every round: val accuracy minus dense val accuracy, the scheduler's yardstick."""
+LEVEL_RATE = 0.2
 
 Report = Callable[[int, str, dict[str, Any]], None]
 """(round, stage key, metrics): one report per round (round 0 when a lineage has no rounds)."""
@@ -40,6 +47,17 @@ def limit_resources(cfg: ExperimentConfig) -> None:
     fraction = cfg.resources.gpu_memory_fraction or (gpu if 0 < gpu < 1 else None)
     if fraction is not None and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(fraction)
+
+
+def sparsity_level(sparsity: float) -> int:
+    """How many 20 % prunes leave as few weights as `sparsity` does (48.8 % -> 3).
+
+    Schedulers compare lineages at equal level, i.e. at equal sparsity, whatever their
+    pruning rate (search/scheduler.py).
+    """
+    if sparsity >= 1.0:
+        return 10_000
+    return int(math.floor(math.log(1.0 - sparsity) / math.log(1.0 - LEVEL_RATE) + 1e-9))
 
 
 def round_report(result: LineageResult, round_result: RoundResult | None, attempt: int) -> dict[str, Any]:
@@ -62,6 +80,8 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
             "reused": round_result.reused,
         }
     best = result.best
+    metrics[SPARSITY_LEVEL] = sparsity_level(metrics["sparsity"])
+    metrics[VAL_MARGIN] = metrics["val_accuracy"] - result.dense.val_accuracy
     metrics.update(
         steps_executed=result.steps_executed,
         steps_reused=result.steps_reused,

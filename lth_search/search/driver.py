@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
@@ -34,9 +33,21 @@ from lth_search.errors import ConfigError
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus, new_state
-from lth_search.runs.summary import emit, summarize, summary_lines
+from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
+from lth_search.search.confirm import run_confirmation
 from lth_search.search.ray_leases import start_lease_actor
-from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
+from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
+from lth_search.search.space import (
+    PRIMARY_METRIC,
+    DefineByRunSpace,
+    close_orphans,
+    journal_storage,
+    make_sampler,
+    objectives,
+    sampler_name,
+    space_size,
+    trial_budget,
+)
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.store.stages import StageStore
 
@@ -118,30 +129,20 @@ def _trainable(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracki
     return trainable
 
 
-def _scheduler(cfg: ExperimentConfig) -> Any:
-    asha = cfg.search.asha
-    if not asha.enabled or cfg.prune.rounds < 2:
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=PRIMARY_METRIC,
-        mode="max",
-        max_t=cfg.prune.rounds,
-        grace_period=min(asha.grace_period, cfg.prune.rounds),
-        reduction_factor=asha.reduction_factor,
-    )
-
-
 def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
+    """Optuna over the space, the default recipe enqueued first (the baseline is always in the race)."""
     metric, mode = objectives(cfg)
     Path(state.journal).parent.mkdir(parents=True, exist_ok=True)
-    return OptunaSearch(
+    default = cfg.default_recipe()
+    return PruningAwareOptunaSearch(
         space=DefineByRunSpace(cfg),
         metric=metric,
         mode=mode,
         sampler=make_sampler(cfg),
         study_name=state.search_id,
         storage=journal_storage(state.journal),
+        points_to_evaluate=[default] if default else None,
+        cfg=cfg,
     )
 
 
@@ -170,9 +171,11 @@ class TrialEvents(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         done = result.get("round", 0)
-        status = TrialStatus.FINISHED if done >= self.cfg.prune.rounds else TrialStatus.STOPPED
+        record = TrialRecord.load(self.store, self.cfg.name, trial.trial_id)
+        ended = record is not None and record.status is TrialStatus.FINISHED
+        status = TrialStatus.FINISHED if ended else TrialStatus.STOPPED
         self._set_status(trial.trial_id, status)
-        how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {done}"
+        how = "finished" if ended else f"stopped by ASHA after round {done}"
         self.progress(
             f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
             f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
@@ -195,8 +198,8 @@ def _tuner(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking |
         _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(cfg, state),
-            scheduler=_scheduler(cfg),
-            num_samples=cfg.search.num_trials,
+            scheduler=make_scheduler(cfg),
+            num_samples=trial_budget(cfg),
             max_concurrent_trials=cfg.search.max_concurrent,
             reuse_actors=True,  # a new lineage starts in a warm process (torch imported, data fetched)
         ),
@@ -293,11 +296,12 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
     resources = ray.cluster_resources()
     space = DefineByRunSpace(cfg).categorical
     progress(
-        f"search {state.search_id}: {cfg.search.num_trials} lineages of up to {cfg.prune.rounds} rounds, "
+        f"search {state.search_id}: {trial_budget(cfg)} lineages of up to {cfg.prune.rounds} rounds, "
         f"{cfg.search.max_concurrent} at a time, on Ray with {resources.get('CPU', 0):g} CPUs / "
         f"{resources.get('GPU', 0):g} GPUs"
     )
-    progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}")
+    progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}: "
+             f"{space_size(cfg)} recipes, {sampler_name(cfg)} sampler, the default recipe first")
     progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
 
 
@@ -313,7 +317,7 @@ def _fit(
     trials = _ray_trials(tuner.fit())
     store = StageStore.from_config(cfg)
     records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id)}
-    complete = len(trials) >= cfg.search.num_trials and all(
+    complete = len(trials) >= trial_budget(cfg) and all(
         errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
     if complete:
@@ -322,11 +326,18 @@ def _fit(
     state.status = SearchStatus.FINISHED if complete else SearchStatus.INTERRUPTED
     state.finished_at = time.time() if complete else None
     state.save()
+    confirmation = None
+    if complete:
+        confirmation = run_confirmation(cfg, state.search_id, state.results_path, list(records.values()), progress)
+        if confirmation is not None:
+            chosen = chosen_record(list(records.values()), confirmation)
+            state.confirmation = {**confirmation.to_json(), "trial_id": chosen.trial_id if chosen else None}
+            state.save()
     if observer is not None and complete:
-        observer.finish(list(records.values()))
+        observer.finish(list(records.values()), state.confirmation)
     links = {"wall_s": time.time() - began, "results_path": state.results_path}
     links.update(observer.links() if observer is not None else {})
-    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links)
+    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links, confirmation)
     summary["status"] = state.status.value
     emit(summary_lines(summary), progress)
     if not complete:

@@ -7,7 +7,7 @@ back with nothing but MLflow, so a name changed here changes both sides at once.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lth_search.engine.results import DenseResult, LineageResult, RoundResult
@@ -30,6 +30,9 @@ PARENT = "mlflow.parentRunId"
 CONFIG = "config.json"
 TICKETS = "tickets.parquet"
 TICKETS_CSV = "tickets.csv"       # the same table, which the MLflow UI previews (it does not preview Parquet)
+CONFIRMATION = "confirmation.json"
+"""The parent run's confirmation table (runs/confirmation.py `Confirmation.to_json()` plus
+`trial_id`, the search trial of the chosen recipe)."""
 LINEAGE_PLOT = "plots/accuracy_vs_sparsity.png"
 SEARCH_PLOT = "plots/search_summary.png"
 MODEL_DIR = "best_ticket"

@@ -11,7 +11,12 @@ from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
-from lth_search.tracking.runs import SearchTracker, TrialTracker, experiment_id, ui_links
+from lth_search.tracking.runs import (
+    SearchTracker,
+    TrialTracker,
+    experiment_id,
+    ui_links,
+)
 from lth_search.tracking.sync import refresh
 
 
@@ -25,8 +30,8 @@ class MlflowSearch:
     def parent_run_id(self) -> str | None:
         return self.tracker.parent_run_id
 
-    def finish(self, records: list[TrialRecord]) -> None:
-        refresh(self.tracker, records)
+    def finish(self, records: list[TrialRecord], confirmation: dict[str, Any] | None = None) -> None:
+        refresh(self.tracker, records, confirmation)
         self.tracker.end()
 
     def links(self) -> dict[str, Any]:

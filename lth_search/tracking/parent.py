@@ -8,17 +8,17 @@ gap is reported with the command that fills it.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from lth_search.errors import TrackingError
-from lth_search.tracking.plots import search_plot
-from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, ticket_rows
 from lth_search.tickets import criterion_text, select_ticket
+from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS, TICKETS_CSV
+from lth_search.tracking.plots import search_plot
 from lth_search.tracking.tickets import load_ticket
-from lth_search.tracking.layout import SEARCH_PLOT, TICKETS, TICKETS_CSV
 from lth_search.tracking.runs import SearchTracker
-
+from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, ticket_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,28 @@ def search_metrics(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> d
     return metrics
 
 
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _best(rows: list[dict[str, Any]], confirmed_trial: str | None) -> dict[str, Any] | None:
     try:
-        return select_ticket(rows)
+        return select_ticket(rows, confirmed_trial=confirmed_trial)
     except TrackingError:
         return None
 
 
-def log_search_summary(search: SearchTracker, expected_tickets: int) -> None:
+def log_confirmation(search: SearchTracker, confirmation: dict[str, Any]) -> None:
+    """The confirmation table (confirmation.json) and its numbers as metrics to sort by."""
+    io, parent = search.io, search.parent_run_id
+    io.call("upload confirmation.json", lambda: io.log_bytes(parent, json.dumps(confirmation, indent=1).encode(), CONFIRMATION))
+    chosen, default = confirmation["chosen"], confirmation["default"]
+    metrics = {
+        "confirmed_compression": chosen["compression"], "confirmed_test_drop": chosen["mean_test_drop"],
+        "default_confirmed_compression": default["compression"], "default_confirmed_test_drop": default["mean_test_drop"],
+        "confirmed_gain": confirmation["gain"],
+    }
+    io.call("log the confirmation", lambda: io.log_values(parent, metrics, step=0))
+    io.call("tag the confirmed trial", lambda: io.client.set_tag(parent, "lth.confirmed_trial_id", confirmation["trial_id"]))
+
+
+def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_trial: str | None = None) -> None:
     """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model.
 
     `expected_tickets` is how many trial-rounds the store holds: fewer in MLflow is a gap
@@ -62,7 +76,7 @@ def log_search_summary(search: SearchTracker, expected_tickets: int) -> None:
     if len(rows) < expected_tickets:
         log.warning("MLflow holds %d of the %d tickets in the store; run `lth-search sync %s`",
                     len(rows), expected_tickets, search.cfg.name)
-    best = _best(rows)
+    best = _best(rows, confirmed_trial)
     io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
     io.call("upload tickets.csv", lambda: io.log_bytes(parent, rows_csv(rows), TICKETS_CSV))
     title = f"{search.cfg.name}: {len({r['trial_id'] for r in rows})} lineages, {len(rows)} tickets"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
@@ -47,7 +47,6 @@ from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.stages import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
-from lth_search.tracking.plots import lineage_plot
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -73,6 +72,7 @@ from lth_search.tracking.layout import (
     trained_artifact,
 )
 from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
+from lth_search.tracking.plots import lineage_plot
 
 log = logging.getLogger(__name__)
 

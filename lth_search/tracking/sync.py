@@ -13,7 +13,7 @@ runs it later, once the server answers again.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.errors import TrackingError
@@ -22,7 +22,7 @@ from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.store.stages import StageEntry, StageStore
 from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import summary_metrics
-from lth_search.tracking.parent import log_search_summary
+from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,20 @@ class _Stages:
         return entry
 
 
-def refresh(search: SearchTracker, records: list[TrialRecord]) -> dict[str, int]:
+def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dict[str, Any] | None = None) -> dict[str, int]:
     """Reconcile every trial record with MLflow and rewrite the parent's artifacts.
 
-    Returns counts of what was logged now (see `reconcile`); nothing raises.
+    `confirmation` (Confirmation.to_json() with the chosen `trial_id`) goes to the parent
+    and decides the best ticket. Returns counts of what was logged now (see `reconcile`);
+    nothing raises.
     """
     if not search.open():
         return {}
     search.ensure_config()
     counts = reconcile(search, records)
-    log_search_summary(search, expected_tickets=sum(len(r.round_keys) for r in records))
+    if confirmation is not None:
+        log_confirmation(search, confirmation)
+    log_search_summary(search, sum(len(r.round_keys) for r in records), confirmation and confirmation["trial_id"])
     return counts
 
 
@@ -116,7 +120,7 @@ def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | No
     search = SearchTracker.start(cfg, state.results_path, state.parent_run_id)
     if search.parent_run_id is None:
         raise TrackingError(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
-    counts = refresh(search, records)
+    counts = refresh(search, records, state.confirmation)
     if state.status is SearchStatus.FINISHED:
         search.end()
     if search.missed:

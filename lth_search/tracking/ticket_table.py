@@ -21,10 +21,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
-from lth_search.errors import TrackingError
-from lth_search.tracking.client import first_line, metric_history, new_client
 from lth_search.engine.objective import is_matching
-from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
+from lth_search.errors import TrackingError
+from lth_search.tracking.client import (
+    first_line,
+    metric_history,
+    new_client,
+    read_artifact,
+)
+from lth_search.tracking.layout import (
+    CONFIRMATION,
+    DENSE_TEST,
+    DENSE_VAL,
+    PARENT,
+    ROLE,
+    ROUND_METRICS,
+    TOLERANCE,
+    TRIAL_ID,
+)
+
 
 @dataclass(frozen=True)
 class SearchRef:
@@ -175,6 +190,15 @@ def read_rows(
         return ref, ticket_rows(client, ref), client
     except MlflowException as error:
         raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None
+
+
+def read_confirmation(client: Any, ref: SearchRef) -> dict[str, Any] | None:
+    """The search's confirmation (chosen recipe, confirmed scores), None when it has none."""
+    if ref.search_run_id is None:
+        return None
+    if CONFIRMATION not in {item.path for item in client.list_artifacts(ref.search_run_id)}:
+        return None
+    return json.loads(read_artifact(client, ref.search_run_id, CONFIRMATION))
 
 
 # tickets.parquet ---------------------------------------------------------------------------

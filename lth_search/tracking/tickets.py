@@ -27,7 +27,7 @@ from lth_search.tracking.layout import (
     rewind_artifact,
     trained_artifact,
 )
-from lth_search.tracking.ticket_table import SearchRef, read_rows
+from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
 
 
 def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str = "") -> Ticket:
@@ -83,11 +83,15 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
     check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     ref, rows, client = read_rows(experiment, search_run_id, tracking_uri)
+    confirmation = read_confirmation(client, ref)
+    confirmed_trial = confirmation.get("trial_id") if confirmation else None
     try:
-        row = select_ticket(rows, max_accuracy_drop, min_sparsity)
+        row = select_ticket(rows, max_accuracy_drop, min_sparsity, confirmed_trial)
     except TrackingError as error:
         raise TrackingError(f"experiment {ref.experiment_name}: {error}") from None
     ticket = load_ticket(client, ref, row, criterion_text(max_accuracy_drop, min_sparsity))
+    if confirmation:
+        ticket.extra["confirmation"] = confirmation
     model_uri = registered_uri(client, ticket)
     if model_uri is not None:
         ticket.extra["model_uri"] = model_uri
