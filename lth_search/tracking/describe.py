@@ -61,7 +61,8 @@ def run_description(cfg: ExperimentConfig, role: str, choices: dict[str, Any] | 
                 f"k from the search space. Children: one run per lineage. Tickets: `tickets.csv`; "
                 f"best ticket: `models:/{cfg.name}@best`.")
     picked = ", ".join(f"{k}={v}" for k, v in (choices or {}).items()) or "the config's choices"
-    return (f"One IMP lineage ({role}) of {what}{cfg.prune.rewind_step}, choices: {picked}. "
+    kind = "One search trial: an IMP lineage" if role == "trial" else "An `lth-search lineage` run: an IMP lineage"
+    return (f"{kind} of {what}{cfg.prune.rewind_step}, choices: {picked}. "
             f"Per round (step = round): accuracies, sparsity, mask and trained weights; "
             f"`by_sparsity/*` charts accuracy against sparsity (step = sparsity in permille, dense at 0).")
 
