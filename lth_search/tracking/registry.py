@@ -61,15 +61,21 @@ def registered_uri(client: Any, ticket: Ticket) -> str | None:
     return f"models:/{name}@{ALIAS}" if _same_ticket(client, name, ticket) is not None else None
 
 
+def _plugin_factory(ticket: Ticket) -> Any:
+    """The factory of a plug-in model (None for a built-in one)."""
+    name = ticket.config.model.name
+    return None if name in NAMES else resolve("model.name", "model", name, MODEL_GROUP, NAMES)
+
+
 def model_spec(ticket: Ticket, normalization: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     """`model.json` of the served model (see portable/ticket_model.py)."""
     model = ticket.config.model
     spec: dict[str, Any] = {"input_shape": list(ticket.input_shape), "num_classes": ticket.num_classes}
-    if model.name in NAMES:
+    factory = _plugin_factory(ticket)
+    if factory is None:
         spec.update(architecture=model.name, options={"widths": list(model.widths), "width": model.width,
                                                         "batch_norm": model.batch_norm})
     else:
-        factory = resolve("model.name", "model", model.name, MODEL_GROUP, NAMES)
         spec["factory"] = f"{factory.__module__}:{factory.__qualname__}"
     if normalization is not None:
         spec["normalization"] = {"mean": normalization[0].tolist(), "std": normalization[1].tolist()}
@@ -82,10 +88,9 @@ def _code_paths(ticket: Ticket, folder: Path) -> list[str]:
     shutil.copytree(Path(__file__).resolve().parents[1] / "portable", bundle,
                     ignore=shutil.ignore_patterns("__pycache__"))
     paths = [str(bundle)]
-    name = ticket.config.model.name
-    if name not in NAMES:
-        module = factory_module(resolve("model.name", "model", name, MODEL_GROUP, NAMES))
-        top = __import__(module.__name__.split(".")[0])
+    factory = _plugin_factory(ticket)
+    if factory is not None:
+        top = __import__(factory_module(factory).__name__.split(".")[0])
         source = Path(top.__file__)
         paths.append(str(source.parent if source.name == "__init__.py" else source))
     return paths
@@ -114,9 +119,8 @@ def _tracking(uri: str) -> Iterator[None]:
 def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
     """Log the ticket's trained sparse network as a LoggedModel of run `run_id`; returns its ModelInfo.
 
-    Logs to MLflow's global tracking URI (see `_tracking`).
-
-    Reads the data set once (seconds at most) for the normalisation and a raw input example.
+    Logs to MLflow's global tracking URI (see `_tracking`). Reads the data set (seconds at
+    most) for the training split's normalisation and a few raw test inputs as the example.
     """
     import mlflow
     from mlflow.models import ModelSignature
