@@ -2,7 +2,8 @@
 
     from lth_search import best_ticket
     t = best_ticket(experiment="quickstart", max_accuracy_drop=0.01)
-    model = t.build_model()
+    net = t.trained_model()      # the trained sparse network, for inference
+    start = t.rewound_model()    # the ticket to retrain: θk, mask applied
 
 Names are resolved lazily so `import lth_search` pulls in neither Ray nor MLflow.
 """
@@ -22,6 +23,7 @@ _EXPORTS = {
     "resume_search": "lth_search.api",
     "sync_search": "lth_search.api",
     "best_ticket": "lth_search.api",
+    "list_tickets": "lth_search.api",
     "Ticket": "lth_search.tickets",
     "LthError": "lth_search.errors",
 }

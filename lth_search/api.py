@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
 from lth_search.engine.lineage import MemoryStages
+from lth_search.engine.data import load_dataset
+from lth_search.engine.models import check_parts
 from lth_search.engine.results import LineageResult
 from lth_search.runs.trial import run_trial
 
@@ -47,6 +49,8 @@ def run_lineage_command(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
+    dataset = load_dataset(cfg.data, cfg.seed)  # bad names, files, model or device fail here, nothing written
+    check_parts(cfg, dataset)
     total = cfg.prune.rounds
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
@@ -68,7 +72,7 @@ def run_lineage_command(
 
     kind = "" if cfg.prune.kind == "imp" else f" ({cfg.prune.kind})"
     progress(f"lineage {cfg.name}{kind}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
-    result = run_trial(cfg, store, report, observer=tracker, on_dense=on_dense)
+    result = run_trial(cfg, store, report, observer=tracker, dataset=dataset, on_dense=on_dense)
     if tracker is not None:
         from lth_search.tracking.runs import lineage_run_line
 
@@ -129,6 +133,7 @@ def run_search(
     """Run a search on a local Ray, or on the cluster at `address` / $RAY_ADDRESS; returns its summary."""
     from lth_search.search.driver import run_search as _run
 
+    check_parts(cfg)
     return _run(cfg, address=address, progress=progress, tracking=_tracking(cfg), verbosity=verbosity)
 
 
@@ -158,18 +163,20 @@ def sync_search(
     return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress, store_uri=store_uri)
 
 
-def best_ticket(*args: Any, **kwargs: Any) -> Any:
-    """The best ticket of a search (see `lth_search.tickets.best_ticket`)."""
-    from lth_search.tickets import best_ticket as _best
+def best_ticket(experiment: str | None = None, search_run_id: str | None = None, max_accuracy_drop: float | None = None,
+                min_sparsity: float | None = None, tracking_uri: str | None = None) -> Any:
+    """The best ticket of a search, from MLflow alone: see `lth_search.tracking.tickets.best_ticket`."""
+    from lth_search.tracking.tickets import best_ticket as _best
 
-    return _best(*args, **kwargs)
+    return _best(experiment, search_run_id, max_accuracy_drop, min_sparsity, tracking_uri)
 
 
-def list_tickets(*args: Any, **kwargs: Any) -> Any:
-    """Every ticket (trial-round) of a search (see `lth_search.tickets.list_tickets`)."""
-    from lth_search.tickets import list_tickets as _list
+def list_tickets(experiment: str | None = None, tracking_uri: str | None = None,
+                 search_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Every ticket (trial-round) of a search, from MLflow alone."""
+    from lth_search.tracking.tickets import list_tickets as _list
 
-    return _list(*args, **kwargs)
+    return _list(experiment, tracking_uri, search_run_id)
 
 
 __all__ = [

@@ -231,7 +231,7 @@ def _search_exit(summary: dict[str, Any], as_json: bool) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from lth_search.api import best_ticket
-    from lth_search.tickets import describe_ticket
+    from lth_search.tickets import FILES, describe_ticket
 
     ticket = best_ticket(
         experiment=args.experiment, search_run_id=args.search_run_id, max_accuracy_drop=args.max_drop,
@@ -240,7 +240,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     saved = ticket.save(args.out) if args.out else None
     print(json.dumps(ticket.summary()) if args.json else describe_ticket(ticket))
     if saved is not None and not args.json:
-        print(f"  ticket files (mask.parquet, rewind.safetensors, config.json, ticket.json) in {saved}")
+        print(f"  ticket files ({', '.join(p.name for p in sorted(saved.iterdir()) if p.name in FILES)}) in {saved}")
     return 0
 
 

@@ -1,14 +1,22 @@
-"""The best ticket of a search, fetched from MLflow alone, as a ready model.
+"""A lottery ticket and how to pick one: pure (MLflow access lives in tracking/tickets.py).
 
-A ticket is one (trial, round): the round's mask plus the trial's rewind weights θk
-and the recipe that retrains it. Selection uses validation accuracy and reporting
-uses test, as in the search. Default criterion: the sparsest ticket whose val accuracy
-is within the trial config's `search.tolerance` of its dense network (ties: higher
-val); `max_accuracy_drop` replaces the tolerance; `min_sparsity` asks instead for the
-best val accuracy at or above a sparsity.
+A ticket is one (trial, round), and it has two halves that must not be confused:
 
-    t = best_ticket(experiment="quickstart", max_accuracy_drop=0.01)
-    model = t.build_model()   # nn.Module at θk, mask applied, rescale applied
+- the ticket to retrain: the round's mask plus the rewind weights θk (rescaled as the
+  trial rescaled them), the starting point of a new sparse training run
+  (`Ticket.rewound_model()`, `rewind.safetensors`);
+- the trained sparse network: the round's trained end weights, pruned entries zero,
+  for inference (`Ticket.trained_model()`, `trained.safetensors`, `models:/NAME@best`).
+
+Selection uses validation accuracy and reporting uses test, as in the search. Default
+criterion: the sparsest ticket whose val accuracy is within the trial config's
+`search.tolerance` of its dense network (ties: higher val); `max_accuracy_drop`
+replaces the tolerance; `min_sparsity` asks instead for the best val accuracy at or
+above a sparsity.
+
+    t = lth_search.best_ticket(experiment="quickstart", max_accuracy_drop=0.01)
+    net = t.trained_model()     # inference: the trained sparse network
+    start = t.rewound_model()   # retraining: θk, mask and rescale applied
 """
 
 from __future__ import annotations
@@ -18,38 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.engine.objective import is_matching
-from lth_search.engine.pruning import layer_sparsity, masked_state, rewind_weights
+from lth_search.engine.pruning import masked_state, rewind_weights
 from lth_search.errors import ConfigError, TrackingError
-from lth_search.store.codec import (
-    Mask,
-    decode_mask,
-    decode_weights,
-    encode_mask,
-    encode_weights,
-)
-from lth_search.tracking.client import first_line, metric_history, read_artifact
-from lth_search.tracking.layout import (
-    CONFIG,
-    INPUT_SHAPE,
-    NUM_CLASSES,
-    mask_artifact,
-    metric_name,
-    rescale_metric,
-    rewind_artifact,
-)
-from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
+from lth_search.store.codec import Mask
 
+MASK_SUFFIX = "_mask"
+"""`mask.safetensors` keys are `<module>.weight_mask`, the buffer `torch.nn.utils.prune` keeps."""
+FILES = {
+    "mask.safetensors": "mask per pruned parameter, key <module>.weight_mask, 1.0 kept / 0.0 pruned "
+                        "(torch.nn.utils.prune.custom_from_mask takes it)",
+    "rewind.safetensors": "the ticket to retrain: theta_k with the mask and the trial's rescale applied",
+    "trained.safetensors": "the trained sparse network (the round's end weights, pruned entries zero)",
+    "config.json": "the trial's full lth-search config",
+    "ticket.json": "this card: numbers, choices, shapes, files",
+}
 SUMMARY_KEYS = ("run_id", "round", "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "params")
 
 
 @dataclass
 class Ticket:
-    """A winning-ticket candidate: mask, rewind weights, the config that made it, its numbers."""
+    """A winning-ticket candidate: mask, rewind weights θk, trained weights, its config and numbers."""
 
     run_id: str
     round: int
@@ -59,8 +61,11 @@ class Ticket:
     config: ExperimentConfig
     mask: Mask
     rewind_weights: dict[str, torch.Tensor]
+    """θk as the dense run saved it (before masking and rescale)."""
     input_shape: tuple[int, ...]
     num_classes: int
+    trained_weights: dict[str, torch.Tensor] | None = None
+    """The round's trained end weights (pruned entries exactly zero); None for runs logged before they were."""
     trial_id: str = ""
     experiment: str = ""
     search_run_id: str | None = None
@@ -81,22 +86,40 @@ class Ticket:
     def rewind_step(self) -> int:
         return self.config.prune.rewind_step
 
-    def build_model(self) -> nn.Module:
-        """The model at θk with the mask and the trial's rescale (prune.init_scale) applied.
+    def _empty_model(self) -> nn.Module:
+        from lth_search.engine.models import build_model
+
+        cfg = self.config
+        return build_model(cfg.model, self.input_shape, self.num_classes, cfg.seed)
+
+    def rewound_state(self) -> dict[str, torch.Tensor]:
+        """θk with the mask and the trial's rescale (prune.init_scale) applied: the ticket to retrain."""
+        if set(self.mask) <= set(self.rescale):
+            return masked_state(self.rewind_weights, self.mask, self.rescale)
+        # a run logged before factors were recorded: recompute them from the rule
+        return rewind_weights(self.rewind_weights, self.mask, self.config.prune.init_scale)
+
+    def rewound_model(self) -> nn.Module:
+        """The ticket to retrain: the model at θk, mask and rescale applied (untrained).
 
         Retrain it with `lth_search.engine.train.train(model, data, t.config.train, t.config.seed,
         t.rewind_step, mask=t.mask)` to reproduce the ticket's reported accuracy.
         """
-        from lth_search.engine.models import build_model
-
-        cfg = self.config
-        model = build_model(cfg.model, self.input_shape, self.num_classes, cfg.seed)
-        if set(self.mask) <= set(self.rescale):
-            state = masked_state(self.rewind_weights, self.mask, self.rescale)
-        else:  # a run logged before factors were recorded: recompute them from the rule
-            state = rewind_weights(self.rewind_weights, self.mask, cfg.prune.init_scale)
-        model.load_state_dict(state)
+        model = self._empty_model()
+        model.load_state_dict(self.rewound_state())
         return model
+
+    build_model = rewound_model
+    """The name before the two halves had names of their own: the ticket to retrain."""
+
+    def trained_model(self) -> nn.Module:
+        """The trained sparse network, for inference (eval mode); its accuracy is the ticket's."""
+        if self.trained_weights is None:
+            raise TrackingError(f"run {self.run_id} round {self.round}: no trained weights were logged "
+                                f"(a run from before lth-search logged them); retrain t.rewound_model()")
+        model = self._empty_model()
+        model.load_state_dict(self.trained_weights)
+        return model.eval()
 
     def summary(self) -> dict[str, Any]:
         """What `lth-search best --json` prints (JSON-safe)."""
@@ -120,40 +143,57 @@ class Ticket:
 
     # Files ------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write mask.parquet, rewind.safetensors (θk before masking), config.json, ticket.json."""
+        """Write the standard files (`FILES`): safetensors a PyTorch user loads directly, JSON card."""
         folder = Path(directory).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "mask.parquet").write_bytes(encode_mask(self.mask))
-        (folder / "rewind.safetensors").write_bytes(encode_weights(self.rewind_weights))
+        rewound = self.rewound_state()
+        safetensors.torch.save_file(mask_tensors(self.mask, rewound), str(folder / "mask.safetensors"))
+        safetensors.torch.save_file(_contiguous(rewound), str(folder / "rewind.safetensors"))
+        if self.trained_weights is not None:
+            safetensors.torch.save_file(_contiguous(self.trained_weights), str(folder / "trained.safetensors"))
         (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-        about = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
-                 "num_classes": self.num_classes, "rescale": self.rescale}
-        (folder / "ticket.json").write_text(json.dumps(about, indent=2))
+        files = {name: about for name, about in FILES.items() if (folder / name).exists() or name == "ticket.json"}
+        card = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "rescale_applied": self.rescale, "files": files}
+        (folder / "ticket.json").write_text(json.dumps(card, indent=2))
         return folder
 
     @classmethod
     def load(cls, directory: str | Path) -> "Ticket":
-        """A ticket written by `save` (no pickles: Parquet, safetensors, JSON)."""
+        """A ticket written by `save` (no pickles: safetensors and JSON)."""
         folder = Path(directory).expanduser()
         try:
-            about = json.loads((folder / "ticket.json").read_text())
+            card = json.loads((folder / "ticket.json").read_text())
             config = validate_config(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
-            mask = decode_mask((folder / "mask.parquet").read_bytes())
-            weights = decode_weights((folder / "rewind.safetensors").read_bytes())
+            masks = safetensors.torch.load_file(str(folder / "mask.safetensors"))
+            rewound = safetensors.torch.load_file(str(folder / "rewind.safetensors"))
+            trained_file = folder / "trained.safetensors"
+            trained = safetensors.torch.load_file(str(trained_file)) if trained_file.exists() else None
         except FileNotFoundError as error:
             raise TrackingError(f"{folder}: not a saved ticket ({Path(error.filename).name} missing)") from None
-        except ValueError as error:
-            raise TrackingError(f"{folder}: unreadable ticket ({first_line(error)})") from None
+        except (ValueError, OSError) as error:
+            raise TrackingError(f"{folder}: unreadable ticket ({type(error).__name__}: {error})") from None
+        mask = {key.removesuffix(MASK_SUFFIX): value.bool() for key, value in masks.items()}
         known = {"run_id", "round", "sparsity", "params", "trial_id", "experiment", "search_run_id", "criterion"}
         return cls(
-            config=config, mask=mask, rewind_weights=weights, metrics=about["metrics"],
-            input_shape=tuple(about["input_shape"]), num_classes=int(about["num_classes"]),
-            rescale=about.get("rescale", {}), **{key: about[key] for key in known},
+            config=config, mask=mask, rewind_weights=rewound, trained_weights=trained, metrics=card["metrics"],
+            input_shape=tuple(card["input_shape"]), num_classes=int(card["num_classes"]),
+            rescale={name: 1.0 for name in mask},  # rewind.safetensors holds θk already rescaled
+            **{key: card[key] for key in known},
         )
 
 
+def mask_tensors(mask: Mask, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mask as `torch.nn.utils.prune` keeps it: `<module>.weight_mask`, the weight's dtype, 1 = kept."""
+    return {name + MASK_SUFFIX: kept.to(like[name].dtype).contiguous() for name, kept in mask.items()}
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
 # Selection ---------------------------------------------------------------------------------
-def _check_fraction(value: float | None, what: str, example: str) -> None:
+def check_fraction(value: float | None, what: str, example: str) -> None:
     if value is not None and not 0 <= value <= 1:
         raise ConfigError(f"{what} is a fraction in [0, 1] ({example}), got {value}")
 
@@ -176,8 +216,8 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
     """
     if max_accuracy_drop is not None and min_sparsity is not None:
         raise ConfigError("give max_accuracy_drop or min_sparsity, not both")
-    _check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
-    _check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
+    check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
+    check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     if not rows:
         raise TrackingError("the search has no tickets in MLflow yet (no completed round)")
     if confirmed_trial is not None and max_accuracy_drop is None and min_sparsity is None:
@@ -207,80 +247,6 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
     return max(pool, key=lambda r: (r["sparsity"], r["val_accuracy"]))
 
 
-# Loading -----------------------------------------------------------------------------------
-def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str = "") -> Ticket:
-    """The full ticket of a row: config, mask and θk downloaded from the run's artifacts."""
-    from mlflow.exceptions import MlflowException
-
-    run_id = row["run_id"]
-    try:
-        run = client.get_run(run_id)
-        config = validate_config(json.loads(read_artifact(client, run_id, CONFIG)), source=f"run {run_id} config.json")
-        mask = decode_mask(read_artifact(client, run_id, mask_artifact(row["round"])))
-        weights = decode_weights(read_artifact(client, run_id, rewind_artifact(config.prune.rewind_step)))
-        rescale = _rescale_at(client, run_id, mask, int(row["round"]))
-    except (MlflowException, OSError) as error:
-        raise TrackingError(
-            f"run {run_id} round {row['round']}: cannot read its artifacts ({first_line(error)}); "
-            f"if MLflow was down during the search, run `lth-search sync NAME` first"
-        ) from None
-    tags = run.data.tags
-    metrics = {key: row[key] for key in ("val_accuracy", "test_accuracy", "sparsity", "dense_val_accuracy",
-                                         "dense_test_accuracy", "train_loss", "reused", "tolerance")}
-    metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in layer_sparsity(mask).items()})
-    return Ticket(
-        run_id=run_id, round=int(row["round"]), sparsity=float(row["sparsity"]), metrics=metrics,
-        params=dict(row["params"]), config=config, mask=mask, rewind_weights=weights, rescale=rescale,
-        input_shape=tuple(json.loads(tags[INPUT_SHAPE])), num_classes=int(tags[NUM_CLASSES]),
-        trial_id=str(row["trial_id"]), experiment=ref.experiment_name, search_run_id=ref.search_run_id,
-        criterion=criterion,
-    )
-
-
-def _rescale_at(client: Any, run_id: str, mask: Mask, round_index: int) -> dict[str, float]:
-    """The rescale factors a trial logged for a round ({} if it logged none)."""
-    factors = {}
-    for layer in mask:
-        history = metric_history(client, run_id, rescale_metric(layer))
-        if round_index in history:
-            factors[layer] = history[round_index]
-    return factors
-
-
-def best_ticket(experiment: str | None = None, search_run_id: str | None = None, max_accuracy_drop: float | None = None,
-                min_sparsity: float | None = None, tracking_uri: str | None = None) -> Ticket:
-    """The best ticket of a search, read from MLflow alone (no store, no Ray).
-
-    `experiment` None: the most recently created experiment holding an lth-search
-    search; `search_run_id` picks one search of an experiment (default: the latest).
-    Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else mlflow.db in the default output_dir.
-    """
-    _check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
-    _check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
-    ref, rows, client = read_rows(experiment, search_run_id, tracking_uri)
-    confirmation = read_confirmation(client, ref)
-    confirmed_trial = confirmation.get("trial_id") if confirmation else None
-    try:
-        row = select_ticket(rows, max_accuracy_drop, min_sparsity, confirmed_trial)
-    except TrackingError as error:
-        raise TrackingError(f"experiment {ref.experiment_name}: {error}") from None
-    ticket = load_ticket(client, ref, row, criterion_text(max_accuracy_drop, min_sparsity))
-    if confirmation:
-        ticket.extra["confirmation"] = confirmation
-    from lth_search.tracking.registry import registered_uri
-
-    model_uri = registered_uri(client, ticket)
-    if model_uri is not None:
-        ticket.extra["model_uri"] = model_uri
-    return ticket
-
-
-def list_tickets(experiment: str | None = None, tracking_uri: str | None = None,
-                 search_run_id: str | None = None) -> list[dict[str, Any]]:
-    """Every ticket (trial-round) of a search: one dict per row, as in tickets.parquet."""
-    return read_rows(experiment, search_run_id, tracking_uri)[1]
-
-
 # Text ----------------------------------------------------------------------------------------
 def _choices(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
@@ -300,7 +266,8 @@ def describe_ticket(ticket: Ticket) -> str:
         f"  test {100 * m['test_accuracy']:.2f}%{test}",
         f"  choices: {_choices(ticket.params) or '(none searched)'}; rewind to step {ticket.rewind_step}",
         f"  MLflow run {ticket.run_id}",
-        f"  in Python: best_ticket(experiment={ticket.experiment!r}).build_model()",
+        f"  in Python: t = best_ticket(experiment={ticket.experiment!r}); t.trained_model() (inference), "
+        f"t.rewound_model() (to retrain)",
         *([f"  registered: mlflow.pyfunc.load_model({registered!r})"] if registered else []),
     ])
 

@@ -83,10 +83,16 @@ def tiny_config(data_root: Path, output_dir: Path, **extra: object) -> Experimen
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the whole session, on loopback (ray.init takes 10-20 s here)."""
+    """One real local Ray for the whole session, on loopback (ray.init takes 10-20 s here).
+
+    Its workers import from tests/ too: plug-in models and data sets defined there
+    (custom_parts.py) are importable on every node, as a user's installed module is.
+    """
     import ray
 
     if not ray.is_initialized():
+        tests = str(Path(__file__).resolve().parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
         ray.init(
             address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False,
             _node_ip_address="127.0.0.1",

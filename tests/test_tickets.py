@@ -24,7 +24,8 @@ from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
 from lth_search.store.stages import StageEntry, StageStore
-from lth_search.tickets import Ticket, best_ticket, format_tickets, list_tickets
+from lth_search.tickets import Ticket, format_tickets
+from lth_search.tracking.tickets import best_ticket, list_tickets
 from lth_search.tracking.runs import TrialTracker
 from lth_search.engine.train import evaluate, train
 from lth_search.tracking.observers import MlflowTracking
@@ -63,8 +64,9 @@ def fake_trial(cfg: ExperimentConfig, parent: str, trial_id: str, choices: dict,
         mask = {name: torch.rand(state[name].shape, generator=generator) >= sparsity for name in model.prunable}
         round_result = RoundResult(index, sparsity, val, test, 0.5, 1000.0, 0, 200, f"{trial_id}-{index}", layer_sparsity(mask))
         result.rounds.append(round_result)
+        trained = {name: value * mask[name] if name in mask else value for name, value in state.items()}
         tracker.log_round(round_result, StageEntry(key=round_result.key, kind="round", inputs={}, metrics={},
-                                                   masks={"mask": mask}))
+                                                   masks={"mask": mask}, weights={"end": trained}))
         masks[index] = mask
     tracker.finish(result)
     assert not tracker.io.missed
@@ -140,7 +142,7 @@ def test_best_and_tickets_commands(known: dict, tmp_path: Path) -> None:
     assert summary["model_uri"] == "models:/known@best"  # the default criterion's ticket is the registered one
     saved = Ticket.load(tmp_path / "ticket")
     files = sorted(p.name for p in (tmp_path / "ticket").iterdir())
-    assert files == ["config.json", "mask.parquet", "rewind.safetensors", "ticket.json"]
+    assert files == ["config.json", "mask.safetensors", "rewind.safetensors", "ticket.json", "trained.safetensors"]
     assert all(torch.equal(saved.mask[n], m) for n, m in known["trials"]["C"]["masks"][2].items())
 
     done = subprocess.run([LTH_SEARCH, "tickets", "--tracking-uri", uri, "--experiment", "known"], capture_output=True, text=True)
@@ -166,7 +168,7 @@ def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path
     ticket = best_ticket(experiment="retrain", min_sparsity=0.7, tracking_uri=uri)
     assert (ticket.round, ticket.rewind_step, ticket.config.prune.init_scale) == (2, 20, init_scale)
     assert ticket.rescale == result.rounds[1].rescale  # the factors the trial used, from MLflow alone
-    model = ticket.build_model()
+    model = ticket.rewound_model()
     state = model.state_dict()
     for name, kept in ticket.mask.items():
         assert not state[name][~kept].any()  # pruned weights are zero at the rewind point

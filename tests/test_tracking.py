@@ -20,11 +20,11 @@ from mlflow import MlflowClient
 from conftest import tiny_config
 from lth_search.api import run_lineage_command
 from lth_search.store.codec import decode_mask, decode_weights
-from lth_search.engine.data import load_dataset
+from lth_search.engine.data import load_dataset, read_raw
 from lth_search.tracking.client import read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.store.stages import StageStore
-from lth_search.tickets import best_ticket
+from lth_search.tracking.tickets import best_ticket
 from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import MlflowServer, search_layout, tracked_trial
 
@@ -132,17 +132,19 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
         rest_parent, rest_children = search_layout(uri, name, children=2)
         assert rest_parent["info"]["run_id"] == parent.info.run_id
 
-    # The registered best ticket loads through models:/NAME@best as the very model best_ticket builds.
+    # The registered best ticket loads through models:/NAME@best as the very trained network best_ticket builds,
+    # and takes raw inputs (it standardises them as training did).
     ticket = best_ticket(experiment=name, tracking_uri=uri)
     assert parent.data.tags["lth.best_run_id"] == ticket.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     registered = mlflow.pyfunc.load_model(f"models:/{name}@best")
-    model = ticket.build_model().eval()
+    model = ticket.trained_model()
     loaded = registered.get_raw_model().state_dict()
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in model.state_dict().items())
-    x = dataset.test.x[:64]
-    assert (registered.predict(x.numpy()) == model(x).argmax(1).numpy()).all()
+    raw = read_raw(cfg.data)[0][2][:64]
+    with torch.no_grad():
+        assert (registered.predict(raw) == model(dataset.test.x[:64]).argmax(1).numpy()).all()
 
 
 def test_lineage_command_logs_one_run(data_root: Path, tmp_path: Path, sqlite_uri: str) -> None:

@@ -2,9 +2,7 @@
 
 from lth_search.config.load import apply_override, load_config
 from lth_search.config.schema import (
-    DATA_SETS,
     KINDS,
-    MODELS,
     DataConfig,
     DiagnosticsConfig,
     ExperimentConfig,
@@ -18,7 +16,6 @@ from lth_search.config.schema import (
 )
 
 __all__ = [
-    "DATA_SETS", "KINDS", "MODELS", "DataConfig", "DiagnosticsConfig", "ExperimentConfig", "ModelConfig",
-    "PruneConfig", "SearchConfig", "TrainConfig", "apply_override", "default_output_dir", "load_config",
-    "resolve_steps", "validate_config",
+    "KINDS", "DataConfig", "DiagnosticsConfig", "ExperimentConfig", "ModelConfig", "PruneConfig", "SearchConfig",
+    "TrainConfig", "apply_override", "default_output_dir", "load_config", "resolve_steps", "validate_config",
 ]

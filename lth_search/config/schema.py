@@ -26,8 +26,16 @@ from pydantic import (
 
 from lth_search.errors import ConfigError
 
-DATA_SETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
-MODELS = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "vgg16")
+_NAME_RE = re.compile(r"^([A-Za-z_][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
+"""A registered name (built in or an entry point) or an import target package.module:factory.
+Which names exist is the registries' business (engine/data.py, engine/models.py)."""
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"must be a registered name or an import target package.module:factory, got {value!r}")
+    return value
+
 Steps = Union[int, str]
 """A training length: an iteration count (int or "500it") or epochs ("2ep")."""
 
@@ -66,7 +74,11 @@ def resolve_steps(value: Steps, steps_per_epoch: int) -> int:
 class DataConfig(_Section):
     """Which data set, where its files are, and how the validation split is carved."""
 
-    name: Literal[DATA_SETS] = Field("mnist1d", description="data set: " + ", ".join(DATA_SETS))
+    name: str = Field(
+        "mnist1d",
+        description="data set: built in (mnist1d, digits, mnist, fashion_mnist, cifar10; see engine/data.py), an "
+        "entry point of group lth_search.data, or package.module:factory returning (x_train, y_train, x_test, y_test)",
+    )
     root: str = Field(
         "~/.cache/lth_search/data",
         description="folder with the standard files (MNIST IDX, CIFAR-10 python batches); "
@@ -89,6 +101,11 @@ class DataConfig(_Section):
     )
     normalize: bool = Field(True, description="standardise inputs with the training split's mean and std")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
+
     def identity(self) -> dict[str, Any]:
         """What determines the split's content (the folder is where, not what; the MNIST-1D
         generator's size only matters for MNIST-1D)."""
@@ -99,10 +116,19 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Architecture. Initialisation is seeded by the experiment seed."""
 
-    name: Literal[MODELS] = Field("mlp", description="model: " + ", ".join(MODELS))
+    name: str = Field(
+        "mlp",
+        description="model: built in (mlp, lenet_300_100, conv2/4/6, resnet20, vgg16; see engine/models.py), an "
+        "entry point of group lth_search.models, or package.module:factory(input_shape, num_classes) -> nn.Module",
+    )
     widths: list[int] = Field([100, 100], description="hidden widths of `mlp`")
     width: int = Field(16, ge=1, description="base width of resnet20 (16 = the paper's)")
     batch_norm: bool = Field(True, description="batch norm in vgg16")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
 
     @field_validator("widths")
     @classmethod

@@ -4,6 +4,7 @@ Every data set is read from files a researcher already has (or, for MNIST-1D, bu
 offline and cached), split into train / val / test with a seeded validation carve, and
 fingerprinted, so a stage key names the exact examples a model saw. Nothing here is
 unpickled without a whitelist: CIFAR-10 batches go through a restricted unpickler.
+Any other `data.name` is a plug-in (engine/plugins.py) returning the same four arrays.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from lth_search.config import DataConfig
 from lth_search.engine.data_files import read_cifar_batch, read_idx
 from lth_search.errors import ConfigError, DataError
+from lth_search.engine.plugins import DATA_GROUP, resolve
 
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test; x (n, *shape)
 
@@ -52,6 +54,9 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
     fingerprint: str
+    normalization: tuple[np.ndarray, np.ndarray] | None = None
+    """(mean, std) the raw inputs were standardised with (None: data.normalize is off); a
+    served model applies them to raw inputs."""
 
     def to(self, device: torch.device | str) -> "Dataset":
         """A copy on `device`; the fingerprint names content, so it is kept."""
@@ -286,15 +291,9 @@ _REGISTRY = {
 }
 
 
-def data_signature(name: str) -> tuple[tuple[int, ...], int]:
-    """(input shape, classes) of a data set, known without reading it (loading takes seconds)."""
-    spec = _REGISTRY[name]
-    return tuple(spec.input_shape), int(spec.num_classes)
-
-
-def _check_labels(name: str, spec: _Spec, labels: np.ndarray) -> None:
-    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise DataError(f"{name}: labels outside 0..{spec.num_classes - 1} (found {labels.min()}..{labels.max()})")
+def _check_labels(name: str, num_classes: int, labels: np.ndarray) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{name}: labels outside 0..{num_classes - 1} (found {labels.min()}..{labels.max()})")
 
 
 def _fingerprint(name: str, normalize: bool, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -328,34 +327,65 @@ def _tensors(x: np.ndarray, y: np.ndarray, stats: tuple[np.ndarray, np.ndarray] 
     return Split(torch.from_numpy(xf), torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
 
+def _plugin_spec(name: str) -> _Spec:
+    factory = resolve("data.name", "data set", name, DATA_GROUP, tuple(_REGISTRY))
+
+    def read(root: Path) -> Raw:
+        try:
+            arrays = tuple(np.asarray(a) for a in factory(root))
+        except (TypeError, ValueError) as error:
+            raise DataError(f"data.name: {name} failed ({type(error).__name__}: {error})") from None
+        if len(arrays) != 4 or arrays[0].ndim < 2 or len(arrays[0]) != len(arrays[1]) \
+                or len(arrays[2]) != len(arrays[3]) or arrays[0].shape[1:] != arrays[2].shape[1:]:
+            raise DataError(f"data.name: {name} must return (x_train, y_train, x_test, y_test) with matching "
+                            f"lengths and example shapes, got shapes {[a.shape for a in arrays]}")
+        return arrays  # type: ignore[return-value]
+
+    return _Spec(read, (), 0)
+
+
+def read_raw(cfg: DataConfig) -> tuple[Raw, tuple[int, ...], int]:
+    """The data set's raw arrays (before the val carve and normalisation), its input shape and classes."""
+    spec = _REGISTRY.get(cfg.name) or _plugin_spec(cfg.name)
+    root = Path(cfg.root).expanduser().resolve()
+    raw = _read_mnist1d(root, cfg.mnist1d_samples) if cfg.name == "mnist1d" else spec.read(root)
+    if spec.num_classes:
+        return raw, spec.input_shape, spec.num_classes
+    labels = np.concatenate([raw[1], raw[3]])
+    return raw, tuple(int(d) for d in raw[0].shape[1:]), int(labels.max()) + 1 if len(labels) else 0
+
+
+def data_signature(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes): from the registry, or by reading a plug-in's arrays."""
+    spec = _REGISTRY.get(cfg.name)
+    if spec is not None:
+        return spec.input_shape, spec.num_classes
+    _, shape, classes = read_raw(cfg)
+    return shape, classes
+
+
 def load_dataset(cfg: DataConfig, seed: int, device: torch.device | str = "cpu") -> Dataset:
     """Read `cfg.name`, carve `cfg.val_size` seeded validation examples off train, normalise.
 
     The carve depends only on (data, seed), so every trial of a search holds out the same
     examples; test is the data set's own test split and never changes.
     """
-    spec = _REGISTRY.get(cfg.name)
-    if spec is None:
-        raise DataError(f"data.name: unknown data set {cfg.name!r}; choose one of {', '.join(_REGISTRY)}")
     device = resolve_device(device) if isinstance(device, str) else device
-    root = Path(cfg.root).expanduser().resolve()
-    if cfg.name == "mnist1d":
-        x, y, x_test, y_test = _read_mnist1d(root, cfg.mnist1d_samples)
-    else:
-        x, y, x_test, y_test = spec.read(root)
+    (x, y, x_test, y_test), input_shape, num_classes = read_raw(cfg)
     for labels in (y, y_test):
-        _check_labels(cfg.name, spec, labels)
+        _check_labels(cfg.name, num_classes, labels)
     if cfg.val_size >= len(y):
         raise DataError(f"data.val_size: {cfg.val_size} must be < {len(y)} training examples of {cfg.name}")
     perm = _randperm(len(y), _derive_seed("val", seed)).numpy()
     val_idx, train_idx = np.sort(perm[: cfg.val_size]), np.sort(perm[cfg.val_size :])
     raw = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (x_test, y_test)}
-    stats = _normalizer(raw["train"][0], image=len(spec.input_shape) == 3) if cfg.normalize else None
+    stats = _normalizer(raw["train"][0], image=len(input_shape) == 3) if cfg.normalize else None
     splits = {k: _tensors(xs, ys, stats).to(device) for k, (xs, ys) in raw.items()}
     return Dataset(
         name=cfg.name,
-        num_classes=spec.num_classes,
-        input_shape=spec.input_shape,
+        num_classes=num_classes,
+        input_shape=input_shape,
         fingerprint=_fingerprint(cfg.name, cfg.normalize, raw),
+        normalization=stats,
         **splits,
     )

@@ -6,6 +6,11 @@ output layer, as Frankle & Carbin prune the output layer at half rate). So every
 built here carries `model.prunable`: parameter name -> group, covering the weights of
 conv and linear layers (never biases or batch norm, as in open_lth).
 
+Any other `model.name` is a plug-in (engine/plugins.py: an entry point or a
+`package.module:factory` import target); its prunable tensors and layer groups are
+found by `prunable_groups`, and it is initialised by its own code under a private,
+seeded RNG (`torch.random.fork_rng`), so the same two guarantees below hold for it.
+
 Initialisation is a pure function of the seed: models are allocated on the meta device
 (so PyTorch's default initialisers never draw from the global RNG) and then every
 parameter and buffer is written from a private `torch.Generator`. Building a model thus
@@ -15,135 +20,21 @@ gives a bit-identical state dict on any machine.
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lth_search.config import MODELS, ModelConfig
+from lth_search.config import ExperimentConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from lth_search.engine.data import Dataset
+from lth_search.engine.plugins import MODEL_GROUP, resolve
 from lth_search.errors import ConfigError
+from lth_search.portable.architectures import IMAGE_MODELS, NAMES, build_architecture
 
 GROUPS = ("conv", "fc", "output", "shortcut")
 """Layer groups a model here can have; `prune.layer_ratios` keys refer to these."""
-
-_CONV_PLANS: dict[str, tuple[list[int | str], list[int]]] = {
-    # Frankle & Carbin 2019, Figure 2: 3x3 convs (pad 1) with max pools, then fc layers.
-    "conv2": ([64, 64, "M"], [256, 256]),
-    "conv4": ([64, 64, "M", 128, 128, "M"], [256, 256]),
-    "conv6": ([64, 64, "M", 128, 128, "M", 256, 256, "M"], [256, 256]),
-}
-_VGG16_PLAN: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-
-
-# Architectures ------------------------------------------------------------------------------
-class MLP(nn.Module):
-    """Fully connected ReLU network on the flattened input (LeNet-300-100 is widths [300, 100])."""
-
-    def __init__(self, in_features: int, widths: list[int], num_classes: int) -> None:
-        super().__init__()
-        sizes = [in_features, *widths]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.output = nn.Linear(sizes[-1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.output(x)
-
-
-def _pool() -> nn.MaxPool2d:
-    """2x2 max pool that rounds up: identical to the usual pool on CIFAR's power-of-two
-    sizes, but never shrinks a small image (8x8 digits) to nothing before the last pool."""
-    return nn.MaxPool2d(2, ceil_mode=True)
-
-
-def _ceil_pools(size: int, pools: int) -> int:
-    for _ in range(pools):
-        size = -(-size // 2)
-    return size
-
-
-def _conv_stack(channels: int, plan: list[int | str], batch_norm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for item in plan:
-        if item == "M":
-            layers.append(_pool())
-            continue
-        layers.append(nn.Conv2d(channels, int(item), 3, padding=1, bias=not batch_norm))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(int(item)))
-        layers.append(nn.ReLU())
-        channels = int(item)
-    return nn.Sequential(*layers)
-
-
-class ConvNet(nn.Module):
-    """Conv-2/4/6 of Frankle & Carbin 2019: conv blocks, then a ReLU MLP head."""
-
-    def __init__(self, input_shape: tuple[int, ...], plan: list[int | str], fc: list[int], num_classes: int) -> None:
-        super().__init__()
-        channels, height, width = input_shape
-        self.features = _conv_stack(channels, plan, batch_norm=False)
-        last = [c for c in plan if c != "M"][-1]
-        flat = int(last) * _ceil_pools(height, plan.count("M")) * _ceil_pools(width, plan.count("M"))
-        self.head = MLP(flat, fc, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class BasicBlock(nn.Module):
-    """He et al.'s basic block; a 1x1 conv + BN projection (option B) when the shape changes."""
-
-    def __init__(self, f_in: int, f_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(f_out)
-        self.conv2 = nn.Conv2d(f_out, f_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(f_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or f_in != f_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(f_in, f_out, 1, stride=stride, bias=False), nn.BatchNorm2d(f_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-20 for CIFAR (He et al. 2016, open_lth `cifar_resnet_20`): 3 stages of 3 blocks."""
-
-    def __init__(self, channels: int, width: int, num_classes: int, blocks_per_stage: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, width, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        blocks: list[nn.Module] = []
-        f_in = width
-        for stage, f_out in enumerate((width, 2 * width, 4 * width)):
-            for index in range(blocks_per_stage):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(f_in, f_out, stride))
-                f_in = f_out
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.blocks(torch.relu(self.bn(self.conv(x))))
-        return self.fc(out.mean(dim=(2, 3)))
-
-
-class VGG(nn.Module):
-    """CIFAR VGG-16 as in open_lth: 13 3x3 convs, global average pool, one Linear output."""
-
-    def __init__(self, channels: int, plan: list[int | str], num_classes: int, batch_norm: bool) -> None:
-        super().__init__()
-        self.features = _conv_stack(channels, plan, batch_norm)
-        self.fc = nn.Linear(int([c for c in plan if c != "M"][-1]), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
 # Registry -----------------------------------------------------------------------------------
@@ -154,19 +45,25 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
 
 
-def _architecture(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    name = cfg.name
-    if name in ("mlp", "lenet_300_100"):
-        widths = [300, 100] if name == "lenet_300_100" else list(cfg.widths)
-        return MLP(math.prod(input_shape), widths, num_classes)
-    if name in _CONV_PLANS:
-        plan, fc = _CONV_PLANS[name]
-        return ConvNet(_image_shape(name, input_shape), plan, fc, num_classes)
-    if name == "resnet20":
-        return CifarResNet(_image_shape(name, input_shape)[0], cfg.width, num_classes)
-    if name == "vgg16":
-        return VGG(_image_shape(name, input_shape)[0], _VGG16_PLAN, num_classes, cfg.batch_norm)
-    raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
+def _builtin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    if cfg.name in IMAGE_MODELS:
+        _image_shape(cfg.name, input_shape)
+    with torch.device("meta"):
+        model = build_architecture(cfg.name, input_shape, num_classes, cfg.widths, cfg.width, cfg.batch_norm)
+    model = model.to_empty(device="cpu")
+    _initialise(model, torch.Generator().manual_seed(int(seed)))
+    return model
+
+
+def _plugin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """A plug-in model, initialised by its own code from a private RNG seeded by `seed`."""
+    factory = resolve("model.name", "model", cfg.name, MODEL_GROUP, NAMES)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = factory(input_shape, num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, not a torch nn.Module")
+    return model.to("cpu")
 
 
 def _initialise(model: nn.Module, generator: torch.Generator) -> None:
@@ -206,7 +103,7 @@ def prunable_groups(model: nn.Module) -> dict[str, str]:
     last_linear = None
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.modules.conv._ConvNd):
             groups[f"{prefix}weight"] = "shortcut" if "shortcut" in name.split(".") else "conv"
         elif isinstance(module, nn.Linear):
             groups[f"{prefix}weight"] = "fc"
@@ -214,6 +111,20 @@ def prunable_groups(model: nn.Module) -> dict[str, str]:
     if last_linear is not None:
         groups[last_linear] = "output"
     return groups
+
+
+def check_parts(cfg: ExperimentConfig, data: "Dataset | None" = None) -> None:
+    """Fail now, before anything is written, when the device, model or data set cannot be had.
+
+    Names are the registries' business (built in, plug-in or import target), so a
+    config validates without them; this resolves both and builds the model for the
+    data's shape (`data` when loaded already, else the registry's or a plug-in's shape).
+    """
+    from lth_search.engine.data import data_signature, resolve_device
+
+    resolve_device(cfg.train.device)
+    shape, classes = (data.input_shape, data.num_classes) if data is not None else data_signature(cfg.data)
+    build_model(cfg.model, shape, classes, cfg.seed)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
@@ -225,11 +136,10 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     if num_classes < 1:
         raise ConfigError(f"model: need at least one class, data gives {num_classes}")
     input_shape = tuple(int(s) for s in input_shape)
-    with torch.device("meta"):
-        model = _architecture(cfg, input_shape, num_classes)
-    model = model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(int(seed))
-    _initialise(model, generator)
+    build = _builtin if cfg.name in NAMES else _plugin
+    model = build(cfg, input_shape, num_classes, seed)
     model.prunable = prunable_groups(model)
+    if not model.prunable:
+        raise ConfigError(f"model.name: {cfg.name} has no conv or linear layer to prune")
     return model
 

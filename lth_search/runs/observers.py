@@ -29,8 +29,11 @@ class TrialObserver(Protocol):
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None: ...
 
 
-TrialObserverFactory = Callable[[ExperimentConfig, "str | None", str, dict[str, Any]], "TrialObserver | None"]
-"""(trial config, parent run id, trial id, choices) -> observer; picklable (Ray ships it to workers)."""
+TrialObserverFactory = Callable[
+    [ExperimentConfig, "str | None", str, dict[str, Any], "str | None", "int | None"], "TrialObserver | None"
+]
+"""(trial config, parent run id, trial id, choices, search id, Optuna trial number) -> observer;
+picklable (Ray ships it to workers)."""
 
 
 class SearchObserver(Protocol):

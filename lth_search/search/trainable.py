@@ -60,7 +60,8 @@ def lineage_trial(
     )
     observer = None
     if observer_factory is not None:
-        observer = observer_factory(trial_cfg, context.get("parent_run_id"), trial_id, choices)
+        observer = observer_factory(trial_cfg, context.get("parent_run_id"), trial_id, choices,
+                                    context.get("search_id"), config.get(OPTUNA_TRIAL_KEY))
 
     def report(round_index: int, key: str, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="lth-ckpt-") as directory:

@@ -22,11 +22,14 @@ REWIND_STEP = "lth.rewind_step"
 INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
+SEARCH_ID = "lth.search_id"       # the search (Optuna study) a trial belongs to
+OPTUNA_TRIAL = "lth.optuna_trial" # the trial's number in that Optuna study
 PARENT = "mlflow.parentRunId"
 
 # Artifacts
 CONFIG = "config.json"
 TICKETS = "tickets.parquet"
+TICKETS_CSV = "tickets.csv"       # the same table, which the MLflow UI previews (it does not preview Parquet)
 CONFIRMATION = "confirmation.json"
 """The parent run's confirmation table (runs/confirmation.py `Confirmation.to_json()` plus
 `trial_id`, the search trial of the chosen recipe)."""
@@ -40,7 +43,17 @@ def mask_artifact(round_index: int) -> str:
 
 
 def rewind_artifact(step: int) -> str:
+    """θk, the weights a ticket rewinds to (the half to retrain), logged once per trial."""
     return f"weights/rewind_{step}.safetensors"
+
+
+def trained_artifact(round_index: int) -> str:
+    """A round's trained end weights (the half for inference; pruned entries are zero)."""
+    return f"weights/trained_round_{round_index:02d}.safetensors"
+
+
+TRAINED_RE = re.compile(r"trained_round_(\d+)\.safetensors$")
+MASK_RE = re.compile(r"round_(\d+)\.parquet$")
 
 
 # Metrics
@@ -68,6 +81,20 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
     if round_result.diagnostics is not None:
         metrics.update({f"diagnostics/{k}": v for k, v in round_result.diagnostics.metrics().items()})
     return metrics
+
+
+SERIES_METRICS = ("val_accuracy", "test_accuracy")
+
+
+def sparsity_series(result: "DenseResult | RoundResult") -> dict[str, float]:
+    """Accuracies to log at step = `sparsity_step`: MLflow charts metrics against the step,
+    so this series shows accuracy against sparsity, the dense network at step 0."""
+    return {f"by_sparsity/{key}": float(getattr(result, key)) for key in SERIES_METRICS}
+
+
+def sparsity_step(sparsity: float) -> int:
+    """A sparsity as the step of the `by_sparsity/*` series: permille (0 dense, 900 = 90 %)."""
+    return round(1000 * sparsity)
 
 
 def rescale_metric(layer: str) -> str:

@@ -13,11 +13,12 @@ import logging
 from typing import Any
 
 from lth_search.errors import TrackingError
-from lth_search.tickets import criterion_text, load_ticket, select_ticket
-from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS
+from lth_search.tickets import criterion_text, select_ticket
+from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS, TICKETS_CSV
 from lth_search.tracking.plots import search_plot
+from lth_search.tracking.tickets import load_ticket
 from lth_search.tracking.runs import SearchTracker
-from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
+from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, ticket_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def log_confirmation(search: SearchTracker, confirmation: dict[str, Any]) -> Non
 
 
 def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_trial: str | None = None) -> None:
-    """Rewrite the parent's tickets.parquet, summary plot, metrics and registered model.
+    """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model.
 
     `expected_tickets` is how many trial-rounds the store holds: fewer in MLflow is a gap
     that `lth-search sync` fills, and is said so.
@@ -77,6 +78,7 @@ def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_t
                     len(rows), expected_tickets, search.cfg.name)
     best = _best(rows, confirmed_trial)
     io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
+    io.call("upload tickets.csv", lambda: io.log_bytes(parent, rows_csv(rows), TICKETS_CSV))
     title = f"{search.cfg.name}: {len({r['trial_id'] for r in rows})} lineages, {len(rows)} tickets"
     io.call("upload the search plot", lambda: io.log_bytes(parent, search_plot(rows, title, best), SEARCH_PLOT))
     io.call("log the search summary", lambda: _log_summary(search, rows, best))
@@ -98,5 +100,5 @@ def _register(search: SearchTracker, ref: SearchRef, best: dict[str, Any]) -> No
     from lth_search.tracking.registry import register_ticket
 
     ticket = load_ticket(search.io.client, ref, best, criterion_text())
-    uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id)
+    uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id, search.io.uri)
     search.io.client.set_tag(search.parent_run_id, "lth.best_model_uri", uri)

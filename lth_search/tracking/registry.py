@@ -1,54 +1,45 @@
-"""The best ticket in the MLflow model registry (`models:/NAME@best`), without pickles.
+"""The best ticket as a servable MLflow model (`models:/NAME@best`), without pickles.
 
-MLflow's usual Python models are cloudpickled objects. This one uses pyfunc's
-`loader_module` workflow instead: the model folder holds the ticket files (Parquet
-mask, safetensors θk, JSON config) and MLflow imports this module and calls
-`_load_pyfunc(data_path)` to load it, so nothing is unpickled on either side.
+The model is the trained sparse network of the best ticket, logged as an MLflow
+LoggedModel (the Models column of the runs table, the Models page) with pyfunc's
+`loader_module` workflow: plain files (`model.json`, safetensors weights, the ticket's
+standard exports) plus the code that rebuilds the network, `lth_search/portable/`,
+bundled as `lth_portable` through `code_paths`. So it loads and predicts with torch and
+mlflow alone, from raw inputs (the training split's normalisation is inside), has a
+signature and an input example, and `mlflow models serve` can build its environment
+(its requirements name only packages an index has).
 
     model = mlflow.pyfunc.load_model("models:/quickstart@best")
-    model.predict(x)          # class ids for a batch of inputs (preprocessed like the data set)
-    model.get_raw_model()     # the torch nn.Module (rewind weights, mask applied)
+    model.predict(x_raw)          # class ids, from raw inputs
+    model.get_raw_model()         # the torch nn.Module (it takes standardised inputs)
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch import nn
 
+from lth_search.engine.data import load_dataset, read_raw
+from lth_search.engine.models import NAMES
+from lth_search.engine.plugins import MODEL_GROUP, factory_module, resolve
 from lth_search.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
 ALIAS = "best"
-MODEL_PATH = "best_ticket"
-
-
-class TicketPredictor:
-    """What `mlflow.pyfunc.load_model` wraps: predict() gives class ids, get_raw_model() the module."""
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-        self.model = ticket.build_model().eval()
-
-    @torch.no_grad()
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        x = x.reshape(-1, *self.ticket.input_shape)
-        return self.model(x).argmax(dim=1).numpy()
-
-    def get_raw_model(self) -> nn.Module:
-        return self.model
-
-
-def _load_pyfunc(data_path: str) -> TicketPredictor:
-    """MLflow's entry point for `loader_module` models."""
-    return TicketPredictor(Ticket.load(data_path))
+MODEL_NAME = "best_ticket"
+BUNDLE = "lth_portable"
+"""The name `lth_search/portable/` has inside a logged model."""
+EXAMPLE_ROWS = 5
 
 
 def _same_ticket(client: Any, name: str, ticket: Ticket) -> str | None:
@@ -70,39 +61,129 @@ def registered_uri(client: Any, ticket: Ticket) -> str | None:
     return f"models:/{name}@{ALIAS}" if _same_ticket(client, name, ticket) is not None else None
 
 
-def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
-    """Log `ticket` as a pyfunc model under run `run_id` and point `models:/name@best` at it.
+def _plugin_factory(ticket: Ticket) -> Any:
+    """The factory of a plug-in model (None for a built-in one)."""
+    name = ticket.config.model.name
+    return None if name in NAMES else resolve("model.name", "model", name, MODEL_GROUP, NAMES)
+
+
+def model_spec(ticket: Ticket, normalization: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """`model.json` of the served model (see portable/ticket_model.py)."""
+    model = ticket.config.model
+    spec: dict[str, Any] = {"input_shape": list(ticket.input_shape), "num_classes": ticket.num_classes}
+    factory = _plugin_factory(ticket)
+    if factory is None:
+        spec.update(architecture=model.name, options={"widths": list(model.widths), "width": model.width,
+                                                        "batch_norm": model.batch_norm})
+    else:
+        spec["factory"] = f"{factory.__module__}:{factory.__qualname__}"
+    if normalization is not None:
+        spec["normalization"] = {"mean": normalization[0].tolist(), "std": normalization[1].tolist()}
+    return spec
+
+
+def _code_paths(ticket: Ticket, folder: Path) -> list[str]:
+    """The portable package (as `lth_portable`) and, for a plug-in model, its factory's top-level module."""
+    bundle = folder / BUNDLE
+    shutil.copytree(Path(__file__).resolve().parents[1] / "portable", bundle,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    paths = [str(bundle)]
+    factory = _plugin_factory(ticket)
+    if factory is not None:
+        top = __import__(factory_module(factory).__name__.split(".")[0])
+        source = Path(top.__file__)
+        paths.append(str(source.parent if source.name == "__init__.py" else source))
+    return paths
+
+
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[None]:
+    """MLflow's fluent model logging reads the global tracking URI: point it at `uri` meanwhile.
+
+    MLflow's own switch also rewrites $MLFLOW_TRACKING_URI (and unsets it on the way
+    back when no URI was set), so the variable is restored here as it was.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    variable = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
+    """Log the ticket's trained sparse network as a LoggedModel of run `run_id`; returns its ModelInfo.
+
+    Logs to MLflow's global tracking URI (see `_tracking`). Reads the data set (seconds at
+    most) for the training split's normalisation and a few raw test inputs as the example.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.models.model import Model
+    from mlflow.types import Schema, TensorSpec
+
+    from lth_search.errors import TrackingError
+
+    if ticket.trained_weights is None:
+        raise TrackingError(f"run {ticket.run_id} round {ticket.round}: no trained weights logged; nothing to serve")
+    cfg = ticket.config
+    normalization = load_dataset(cfg.data, cfg.seed).normalization
+    example = np.ascontiguousarray(read_raw(cfg.data)[0][2][:EXAMPLE_ROWS])  # raw test inputs, their own dtype
+    signature = ModelSignature(  # MLflow accepts exactly the dtype a signature names: the data files' own
+        inputs=Schema([TensorSpec(example.dtype, (-1, *ticket.input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),  # class ids
+    )
+    # Created here, in the run's experiment: Model.log alone would put it in the fluent API's
+    # active experiment (Default, artifacts under ./mlruns of the current folder).
+    logged = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="lth-ticket",
+        tags={"lth.run_id": ticket.run_id, "lth.round": str(ticket.round)},
+        params={"sparsity": f"{ticket.sparsity:.4f}", "rewind_step": str(ticket.rewind_step),
+                "trial_id": ticket.trial_id},
+    )
+    with tempfile.TemporaryDirectory(prefix="lth-served-") as tmp:
+        files = ticket.save(Path(tmp) / "ticket")
+        (files / "model.json").write_text(json.dumps(model_spec(ticket, normalization), indent=2))
+        return Model.log(
+            artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+            loader_module=f"{BUNDLE}.ticket_model", data_path=str(files), code_paths=_code_paths(ticket, Path(tmp)),
+            signature=signature, input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"], model_id=logged.model_id,
+        )
+
+
+def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str, tracking_uri: str) -> str:
+    """Log `ticket` as a servable model under run `run_id` and point `models:/name@best` at it.
 
     Does nothing when the alias already names this ticket. Raises MLflow errors.
     """
-    import mlflow
+    if _same_ticket(client, name, ticket) is not None:
+        return f"models:/{name}@{ALIAS}"
+    with _tracking(tracking_uri):  # logging the model and resolving its models:/m-... source both read it
+        return _register(client, ticket, name, run_id)
+
+
+def _register(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
     from mlflow.exceptions import MlflowException
 
-    from lth_search import __version__
-
-    uri = f"models:/{name}@{ALIAS}"
-    if _same_ticket(client, name, ticket) is not None:
-        return uri
-    with tempfile.TemporaryDirectory(prefix="lth-ticket-") as tmp:
-        files = ticket.save(Path(tmp) / "ticket")
-        model_dir = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            path=str(model_dir), loader_module=__name__, data_path=str(files),
-            pip_requirements=[f"lth-search=={__version__}", f"torch>={torch.__version__.split('+')[0]}", "safetensors",
-                              "pyarrow"],
-        )
-        client.log_artifacts(run_id, str(model_dir), MODEL_PATH)
+    info = log_served_model(client, ticket, run_id)
     try:
-        client.create_registered_model(name, description="lth-search: the best lottery ticket of the search")
+        client.create_registered_model(name, description="lth-search: the best lottery ticket of the search "
+                                                          "(trained sparse network; predicts from raw inputs)")
     except MlflowException as error:
         if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
     version = client.create_model_version(
-        name, source, run_id=run_id,
+        name, info.model_uri, run_id=run_id, model_id=info.model_id,
         tags={"lth.run_id": ticket.run_id, "lth.round": str(ticket.round), "lth.sparsity": f"{ticket.sparsity:.4f}"},
         description=f"trial {ticket.trial_id} round {ticket.round}: sparsity {100 * ticket.sparsity:.2f}%, "
-                    f"val {100 * ticket.val_accuracy:.2f}%, test {100 * ticket.test_accuracy:.2f}%",
+                    f"val {100 * ticket.val_accuracy:.2f}%, test {100 * ticket.test_accuracy:.2f}% "
+                    f"(the trained sparse network)",
     )
     client.set_registered_model_alias(name, ALIAS, version.version)
-    return uri
+    return f"models:/{name}@{ALIAS}"

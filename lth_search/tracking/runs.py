@@ -14,7 +14,11 @@ Layout in the experiment `cfg.experiment_name()`:
   ``val_accuracy``, ``test_accuracy``, ``sparsity``, ``layer_sparsity/<layer>``,
   ``train_loss``, ``train_steps_per_s``, ``reused``; artifacts ``config.json``,
   ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
-  (codec.encode_mask), ``plots/accuracy_vs_sparsity.png``; at the end summary metrics
+  (codec.encode_mask), ``weights/trained_round_NN.safetensors`` (the round's trained
+  end weights), ``plots/accuracy_vs_sparsity.png``; ``by_sparsity/val_accuracy`` and
+  ``by_sparsity/test_accuracy`` at step = sparsity in permille (dense at 0), the series
+  the UI charts as accuracy against sparsity; the data set as a run input (digest = its
+  fingerprint); tags ``lth.search_id``, ``lth.optuna_trial``, source and git; at the end summary metrics
   ``matching_sparsity``, ``matching_round``, ``best_val_accuracy``, ...
 - ``lth-search lineage`` logs one run with the child's layout, ``lth.role=lineage``.
 
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +52,7 @@ from lth_search.tracking.layout import (
     INPUT_SHAPE,
     LINEAGE_PLOT,
     NUM_CLASSES,
+    MASK_RE,
     PARENT,
     RAY_RESULTS,
     REWIND_STEP,
@@ -56,13 +60,18 @@ from lth_search.tracking.layout import (
     SEARCH_NAME,
     STATUS,
     TOLERANCE,
+    TRAINED_RE,
     TRIAL_ID,
     dense_metrics,
     mask_artifact,
     rewind_artifact,
     round_metrics,
+    sparsity_series,
+    sparsity_step,
     summary_metrics,
+    trained_artifact,
 )
+from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
 from lth_search.tracking.plots import lineage_plot
 
 log = logging.getLogger(__name__)
@@ -156,6 +165,7 @@ class SearchTracker:
         tags = {
             ROLE: "search", SEARCH_NAME: self.cfg.name, "lth.store_uri": self.cfg.store_uri(),
             "lth.output_dir": str(self.cfg.output_path()), RAY_RESULTS: self.ray_results_path or "",
+            **source_tags(), "mlflow.note.content": run_description(self.cfg, "search"),
         }
         return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
 
@@ -184,7 +194,9 @@ class RunState:
 
     rounds: set[int] = field(default_factory=set)
     masks: set[int] = field(default_factory=set)
+    trained: set[int] = field(default_factory=set)
     dense: bool = False
+    data: bool = False
     rewind: bool = False
     config: bool = False
     params: dict[str, str] = field(default_factory=dict)
@@ -196,8 +208,10 @@ class TrialTracker:
     """The child run of one trial (or the run of one `lth-search lineage`)."""
 
     def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
-                 io: MlflowIO | None = None, role: str = "trial") -> None:
+                 io: MlflowIO | None = None, role: str = "trial", tags: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
+        self.tags = dict(tags or {})
+        """Extra tags of a new run (the search id and Optuna trial number, see `search_tags`)."""
         self.choices = flatten(choices) if choices else {}
         """The choices as MLflow params (text that json.loads turns back into the value)."""
         self.io = io
@@ -207,17 +221,19 @@ class TrialTracker:
         """What this tracker logged (dense, round_N, summary), for sync's report."""
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any]) -> "TrialTracker":
+    def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
+              search_id: str | None = None, optuna_trial: int | None = None) -> "TrialTracker":
         """Open the trial's child run: the one tagged with this trial id if it exists, else a new one.
 
         Without a parent run (MLflow was down when the search started) nothing is logged
         now; the search's finish or `lth-search sync` logs the trial from the store.
         """
+        tags = search_tags(search_id, optuna_trial)
         if not cfg.tracking.enabled or parent_run_id is None:
             if cfg.tracking.enabled:
                 log.warning("trial %s: the search has no MLflow run; `lth-search sync %s` logs it later", trial_id, cfg.name)
-            return cls(cfg, parent_run_id, trial_id, choices)
-        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)))
+            return cls(cfg, parent_run_id, trial_id, choices, tags=tags)
+        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)), tags=tags)
         tracker.ensure_run()
         return tracker
 
@@ -242,11 +258,12 @@ class TrialTracker:
             if run is not None:
                 self._read_state(run)
                 return run
-        shape, classes = data_signature(self.cfg.data.name)
+        shape, classes = data_signature(self.cfg.data)
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
             TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
             INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes),
+            **source_tags(), **self.tags, "mlflow.note.content": run_description(self.cfg, self.role, self.choices),
         }
         if self.parent_run_id is not None:
             tags[PARENT] = self.parent_run_id
@@ -255,12 +272,14 @@ class TrialTracker:
 
     def _read_state(self, run: Any) -> None:
         io, run_id = self.io, run.info.run_id
-        masks = io.artifact_names(run_id, "masks")
+        masks, weights = io.artifact_names(run_id, "masks"), io.artifact_names(run_id, "weights")
         self.state = RunState(
             rounds=set(metric_history(io.client, run_id, "val_accuracy")),
-            masks={int(m.group(1)) for m in (re.search(r"round_(\d+)\.parquet$", p) for p in masks) if m},
+            masks={int(m.group(1)) for m in map(MASK_RE.search, masks) if m},
+            trained={int(m.group(1)) for m in map(TRAINED_RE.search, weights) if m},
             dense="dense_val_accuracy" in run.data.metrics,
-            rewind=rewind_artifact(self.cfg.prune.rewind_step) in io.artifact_names(run_id, "weights"),
+            data=bool(run.inputs and run.inputs.dataset_inputs),
+            rewind=rewind_artifact(self.cfg.prune.rewind_step) in weights,
             config=CONFIG in io.artifact_names(run_id),
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
@@ -278,18 +297,25 @@ class TrialTracker:
 
     # Logging ----------------------------------------------------------------------------------
     def needs_dense(self) -> bool:
-        return not (self.state.dense and self.state.rewind)
+        return not (self.state.dense and self.state.rewind and self.state.data)
+
+    def needs_dense_stage(self) -> bool:
+        """Whether logging the dense stage needs its stored entry (θk, the data fingerprint)."""
+        return not (self.state.rewind and self.state.data)
 
     def needs_round(self, round_index: int) -> bool:
-        return round_index not in self.state.rounds or round_index not in self.state.masks
+        return round_index not in self.state.rounds or self.needs_round_stage(round_index)
+
+    def needs_round_stage(self, round_index: int) -> bool:
+        """Whether logging the round needs its stored entry (mask, trained weights)."""
+        return round_index not in self.state.masks or round_index not in self.state.trained
 
     def log_dense(self, result: LineageResult, dense_entry: StageEntry | None) -> None:
-        """Dense accuracies (metrics at step 0) and the rewind weights θk of this trial, once."""
+        """Dense accuracies (metrics at step 0), the data set and the rewind weights θk of this trial, once."""
         if not self.ensure_run():
             return
         if not self.state.dense:
-            ok, _ = self.io.call(f"log the dense stage of trial {self.trial_id}", lambda: self.io.log_values(
-                self.run_id, dense_metrics(result.dense), step=0))
+            ok, _ = self.io.call(f"log the dense stage of trial {self.trial_id}", lambda: self._log_dense_metrics(result))
             self.state.dense = ok
             self.state.metrics.update(dense_metrics(result.dense) if ok else {})
             self.logged += ["dense"] if ok else []
@@ -298,15 +324,36 @@ class TrialTracker:
             ok, _ = self.io.call(f"upload θ{step} of trial {self.trial_id}", lambda: self.io.log_bytes(
                 self.run_id, encode_weights(dense_entry.weights[f"rewind_{step}"]), rewind_artifact(step)))
             self.state.rewind = ok
+        if not self.state.data and dense_entry is not None and "data_fingerprint" in dense_entry.inputs:
+            ok, _ = self.io.call(f"log the data set of trial {self.trial_id}",
+                                 lambda: self._log_data(dense_entry.inputs["data_fingerprint"]))
+            self.state.data = ok
+
+    def _log_data(self, fingerprint: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        entry = [data_input(self.cfg, fingerprint)]
+        try:
+            self.io.client.log_inputs(self.run_id, entry)
+        except MlflowException:  # trials adding the same data set at once collide once; it exists now
+            self.io.client.log_inputs(self.run_id, entry)
+
+    def _log_dense_metrics(self, result: LineageResult) -> None:
+        self.io.log_values(self.run_id, dense_metrics(result.dense), step=0)
+        self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
+
+    def _log_round_metrics(self, round_result: RoundResult) -> None:
+        self.io.log_values(self.run_id, round_metrics(round_result), step=round_result.round)
+        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
-        """The round's metrics at step = round and its mask, each once."""
+        """The round's metrics at step = round, its mask and its trained weights, each once."""
         if not self.ensure_run():
             return
         index = round_result.round
         if index not in self.state.rounds:
-            ok, _ = self.io.call(f"log round {index} of trial {self.trial_id}", lambda: self.io.log_values(
-                self.run_id, round_metrics(round_result), step=index))
+            ok, _ = self.io.call(f"log round {index} of trial {self.trial_id}",
+                                 lambda: self._log_round_metrics(round_result))
             if ok:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")
@@ -315,6 +362,11 @@ class TrialTracker:
                 self.run_id, encode_mask(entry.masks["mask"]), mask_artifact(index)))
             if ok:
                 self.state.masks.add(index)
+        if index not in self.state.trained and entry is not None and "end" in entry.weights:
+            ok, _ = self.io.call(f"upload the round {index} weights of trial {self.trial_id}", lambda: self.io.log_bytes(
+                self.run_id, encode_weights(entry.weights["end"]), trained_artifact(index)))
+            if ok:
+                self.state.trained.add(index)
 
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
         """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""

@@ -20,6 +20,7 @@ from lth_search.errors import TrackingError
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.store.stages import StageEntry, StageStore
+from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
@@ -82,14 +83,15 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     result = record.result(cfg.search.tolerance, cfg.prune.patience)
     if result is None:
         return []
-    tracker = TrialTracker(cfg, search.parent_run_id, record.trial_id, record.choices, search.io)
+    tracker = TrialTracker(cfg, search.parent_run_id, record.trial_id, record.choices, search.io,
+                           tags=search_tags(record.search_id, record.optuna_trial))
     if not tracker.ensure_run():
         return []
     if tracker.needs_dense():
-        tracker.log_dense(result, stages.get(record.dense_key) if not tracker.state.rewind else None)
+        tracker.log_dense(result, stages.get(record.dense_key) if tracker.needs_dense_stage() else None)
     for round_result in result.rounds:
         if tracker.needs_round(round_result.round):
-            entry = stages.get(round_result.key) if round_result.round not in tracker.state.masks else None
+            entry = stages.get(round_result.key) if tracker.needs_round_stage(round_result.round) else None
             tracker.log_round(round_result, entry)
     if record.status in TERMINAL and _needs_finish(tracker, result, record.status):
         tracker.finish(result, record.status)

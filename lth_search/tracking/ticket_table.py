@@ -9,6 +9,7 @@ tolerance, written when the run was created). The same rows become the parent ru
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -226,6 +227,17 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
         columns[column] = _column([row["params"].get(name) for row in rows])
     columns.update({name: _column([row[name] for row in rows]) for name in METRIC_COLUMNS})
     return pa.table(columns)
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The tickets table as CSV (lists and dicts as JSON, missing values empty)."""
+    table = rows_table(rows)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(table.column_names)
+    for row in table.to_pylist():
+        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row.values()])
+    return text.getvalue().encode()
 
 
 def rows_parquet(rows: list[dict[str, Any]]) -> bytes:

@@ -1,0 +1,45 @@
+"""A researcher's own model and data set, as `package.module:factory` targets (see test_plugins.py).
+
+Plain torch and numpy: a served ticket of this model bundles this file, so it must load
+where neither pytest nor lth-search is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TinyConv(nn.Module):
+    """A 1-D conv feature layer, a hidden linear layer and an output layer."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels, length = input_shape
+        self.features = nn.Sequential(nn.Conv1d(channels, 8, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2))
+        self.hidden = nn.Linear(8 * (length // 2), 32)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.features(x).flatten(1))))
+
+
+def tiny_conv(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return TinyConv(input_shape, num_classes)
+
+
+def wave_data(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Three classes of noisy sine waves (frequency = class), 600 train / 200 test, shape (1, 24)."""
+    rng = np.random.default_rng(7)
+    t = np.linspace(0, 2 * np.pi, 24)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        phase = rng.uniform(0, 2 * np.pi, (n, 1))
+        x = 3.0 * np.sin((y[:, None] + 1) * t + phase) + 5.0 + rng.normal(0, 1.5, (n, 24))
+        return x[:, None, :].astype(np.float32), y
+
+    return (*draw(600), *draw(200))

@@ -1,0 +1,52 @@
+"""Your own model and data: `package.module:factory` targets through a whole search, store and tickets.
+
+The model and the data set live in tests/custom_parts.py (a module on the path of the
+test session and so of its Ray workers). Layer groups are found automatically (conv,
+fc, output); a 3-trial search on the session's Ray runs through them, and the best
+ticket comes back from MLflow with its trained network.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from search_helpers import search_config
+
+from lth_search.engine.data import load_dataset
+from lth_search.engine.models import build_model
+from lth_search.engine.train import evaluate
+from lth_search.errors import ConfigError
+from lth_search.api import run_search
+from lth_search.tracking.tickets import best_ticket
+
+MODEL, DATA = "custom_parts:tiny_conv", "custom_parts:wave_data"
+
+
+def test_plugin_model_gets_layer_groups_and_a_seeded_init(data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {"model.name": MODEL, "data.name": DATA, "data.val_size": 100})
+    data = load_dataset(cfg.data, cfg.seed)
+    assert (data.input_shape, data.num_classes, len(data.train), len(data.val)) == ((1, 24), 3, 500, 100)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=3)
+    assert model.prunable == {"features.0.weight": "conv", "hidden.weight": "fc", "head.weight": "output"}
+    state = torch.get_rng_state()
+    again = build_model(cfg.model, data.input_shape, data.num_classes, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"^model\.name: cannot import 'custom_parts:nothing_here'"):
+        build_model(cfg.model.model_copy(update={"name": "custom_parts:nothing_here"}), (1, 24), 3, 0)
+
+
+@pytest.mark.slow
+def test_search_through_plugin_targets_fetches_its_best_ticket(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {
+        "name": "plugins", "model.name": MODEL, "data.name": DATA, "data.val_size": 100, "search.num_trials": 3,
+        "search.asha.enabled": "false", "tracking.enabled": "true", "prune.rounds": 2, "search.tolerance": 0.1,
+        "search.space.layer_ratios": "{conv: [0.5, 1.0]}",
+    })
+    summary = run_search(cfg, progress=lambda _: None)
+    assert summary["finished"] == 3
+    ticket = best_ticket(experiment="plugins", tracking_uri=cfg.tracking_uri())
+    assert ticket.config.model.name == MODEL and set(ticket.mask) == {"features.0.weight", "hidden.weight", "head.weight"}
+    assert ticket.sparsity > 0 and ticket.extra["model_uri"] == "models:/plugins@best"
+    data = load_dataset(cfg.data, cfg.seed)
+    assert evaluate(ticket.trained_model(), data.test, 1000) == ticket.test_accuracy

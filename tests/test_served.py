@@ -1,0 +1,186 @@
+"""Tickets a user can use, after a real search: the served model, its fresh-venv load, the exports, MLflow's view.
+
+One tiny search (3 lineages on the session's Ray, real MLflow on sqlite, real Optuna)
+is shared by the tests here. The truth to compare with is what the search reported
+(the best ticket's test accuracy, its mask) and the data set's own files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.csv
+import pytest
+import safetensors.torch
+import torch
+from conftest import LTH_SEARCH
+from mlflow import MlflowClient
+from search_helpers import search_config
+from torch.nn.utils import prune
+
+from lth_search.engine.data import load_dataset, read_raw
+from lth_search.engine.models import build_model
+from lth_search.api import run_search
+from lth_search.tracking.client import read_artifact
+from lth_search.tracking.tickets import best_ticket
+
+pytestmark = pytest.mark.slow
+VENV_CACHE = Path(os.environ.get("LTH_TEST_VENV_CACHE", Path.home() / ".cache" / "lth_search" / "test-venvs"))
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, data_root, tmp_path_factory):
+    """A finished 3-lineage search whose best ticket is registered as models:/served@best."""
+    tmp = tmp_path_factory.mktemp("served")
+    cfg = search_config(data_root, tmp, {
+        "name": "served", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
+        "search.tolerance": 0.1,
+    })
+    summary = run_search(cfg, progress=lambda _: None)
+    assert summary["finished"] == 3
+    ticket = best_ticket(experiment="served", tracking_uri=cfg.tracking_uri())
+    (x_test, y_test) = read_raw(cfg.data)[0][2:]
+    return {"cfg": cfg, "summary": summary, "ticket": ticket, "x_test": x_test, "y_test": y_test, "tmp": tmp}
+
+
+def test_registered_model_predicts_raw_inputs_with_the_reported_accuracy(served, monkeypatch):
+    cfg, ticket = served["cfg"], served["ticket"]
+    assert ticket.extra["model_uri"] == "models:/served@best"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri())
+    model = mlflow.pyfunc.load_model("models:/served@best")
+    predicted = model.predict(served["x_test"])  # raw MNIST-1D inputs: the model normalises them
+    accuracy = float((predicted == served["y_test"]).mean())
+    assert abs(accuracy - ticket.test_accuracy) <= 0.001, (accuracy, ticket.test_accuracy)
+    assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, *ticket.input_shape]
+    assert model.metadata.saved_input_example_info is not None
+    flavor = model.metadata.flavors["python_function"]
+    assert flavor["loader_module"] == "lth_portable.ticket_model" and "python_model" not in flavor  # no cloudpickle
+    # the trained half is what is served: pruned entries exactly zero, survivors trained away from theta_k
+    pruned = 0
+    for name, kept in ticket.mask.items():
+        trained = ticket.trained_weights[name]
+        assert torch.count_nonzero(trained[~kept]) == 0
+        pruned += int((~kept).sum())
+        assert not torch.equal(trained[kept], ticket.rewound_state()[name][kept])
+    assert pruned > 0
+
+
+def _bare_venv() -> Path:
+    """A venv with torch and mlflow only (the versions running here), cached across sessions.
+
+    Built from pip's cache/wheel sources once (about a minute); a lock keeps parallel
+    sessions from building it twice, and `.ready` is written last.
+    """
+    versions = f"py{sys.version_info.major}{sys.version_info.minor}-torch-{torch.__version__.split('+')[0]}" \
+               f"-mlflow-{mlflow.__version__}"
+    root = VENV_CACHE / versions
+    VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(VENV_CACHE / f"{versions}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".ready").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(root)], check=True)
+            subprocess.run([str(root / "bin" / "pip"), "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}",
+                            f"mlflow=={mlflow.__version__}"], check=True)
+            (root / ".ready").write_text("torch and mlflow only\n")
+    return root / "bin" / "python"
+
+
+BARE_SCRIPT = """
+import importlib.util, sys
+import numpy as np
+import mlflow
+assert importlib.util.find_spec("lth_search") is None, "lth_search is importable here"
+model = mlflow.pyfunc.load_model("models:/served@best")
+np.save(sys.argv[2], model.predict(np.load(sys.argv[1], allow_pickle=False)))
+print(sorted(m for m in sys.modules if m.startswith("lth")))
+"""
+
+
+def test_registered_model_loads_where_lth_search_is_not_installed(served, tmp_path, monkeypatch):
+    python = _bare_venv()
+    np.save(tmp_path / "x.npy", served["x_test"])
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(MLFLOW_TRACKING_URI=served["cfg"].tracking_uri(), PYTHONNOUSERSITE="1")
+    done = subprocess.run([str(python), "-c", BARE_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "['lth_portable', 'lth_portable.architectures', " \
+                                                  "'lth_portable.ticket_model']"  # the bundled code, nothing else
+    there = np.load(tmp_path / "y.npy", allow_pickle=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["cfg"].tracking_uri())
+    here = mlflow.pyfunc.load_model("models:/served@best").predict(served["x_test"])
+    assert np.array_equal(there, here)
+    assert abs(float((there == served["y_test"]).mean()) - served["ticket"].test_accuracy) <= 0.001
+
+
+def test_exported_mask_keeps_pruned_weights_zero_while_training(served, tmp_path):
+    cfg = served["cfg"]
+    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "served",
+                           "--out", str(tmp_path / "ticket")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "ticket"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "mask.safetensors", "rewind.safetensors", "ticket.json", "trained.safetensors"]
+    masks = safetensors.torch.load_file(str(folder / "mask.safetensors"))
+    ticket = served["ticket"]
+    assert sorted(masks) == sorted(f"{name}_mask" for name in ticket.mask)
+
+    # A PyTorch user's fine-tuning: a freshly built model, the ticket's rewind weights, torch's own pruning.
+    model = build_model(cfg.model, ticket.input_shape, ticket.num_classes, seed=123)
+    model.load_state_dict(safetensors.torch.load_file(str(folder / "rewind.safetensors")))
+    for key, mask in masks.items():
+        prune.custom_from_mask(model.get_submodule(key.removesuffix(".weight_mask")), "weight", mask)
+    data = load_dataset(cfg.data, cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    start = {key: model.get_submodule(key.removesuffix(".weight_mask")).weight_orig.clone() for key in masks}
+    for _ in range(30):
+        batch = torch.randint(len(data.train), (64,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(data.train.x[batch]), data.train.y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, mask in masks.items():
+        module = model.get_submodule(key.removesuffix(".weight_mask"))
+        assert (mask == 0).any() and torch.count_nonzero(module.weight[mask == 0]) == 0
+        assert not torch.equal(module.weight_orig[mask == 1], start[key][mask == 1])  # it did train
+        prune.remove(module, "weight")
+        assert torch.count_nonzero(module.weight[mask == 0]) == 0
+
+
+def test_mlflow_shows_data_set_model_series_and_provenance(served):
+    cfg, summary, ticket = served["cfg"], served["summary"], served["ticket"]
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    fingerprint = load_dataset(cfg.data, cfg.seed).fingerprint
+    registered = client.get_model_version_by_alias("served", "best")
+    logged = [output.model_id for output in parent.outputs.model_outputs]  # the Models column
+    assert registered.source == f"models:/{logged[-1]}"
+    assert parent.data.tags["mlflow.note.content"].startswith("lth-search search `served`")
+    assert sorted(int(c.data.tags["lth.optuna_trial"]) for c in children) == [0, 1, 2]
+    for child in children:
+        tags = child.data.tags
+        (data_input,) = child.inputs.dataset_inputs  # Dataset column
+        assert (data_input.dataset.name, data_input.dataset.digest) == ("mnist1d", fingerprint[:32])
+        assert tags["lth.search_id"] == summary["search_id"]
+        assert tags["mlflow.source.git.commit"] and tags["mlflow.source.name"].startswith("lth-search")
+        assert "IMP lineage" in tags["mlflow.note.content"]
+        series = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "by_sparsity/val_accuracy")}
+        rounds = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "sparsity")}
+        vals = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val_accuracy")}
+        expected = {0: child.data.metrics["dense_val_accuracy"]}  # the dense point, at sparsity 0
+        expected.update({round(1000 * rounds[r]): vals[r] for r in rounds})
+        assert series == expected and len(series) == 4
+    table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.csv")))
+    assert table.num_rows == 9 and ticket.run_id in table.column("run_id").to_pylist()
