@@ -1,15 +1,22 @@
-"""Errors a user can cause and fix.
+"""Errors a user can cause and fix, and failures of the machine underneath.
 
-Every error a researcher can trigger with bad input derives from `LthError`. The CLI
-prints such an error as one line (no traceback) and exits non-zero, so messages must
-name the config key or file at fault and say what would be valid.
+Every error lth-search raises on purpose derives from `LthError`. The CLI prints such an
+error as one line (no traceback) and exits with its `exit_code`: 2 for input a user
+can correct (a config key, a file, a name), 1 for a runtime failure (a full disk, a
+store or tracking server that does not answer). Messages name the config key or file
+at fault and say what would be valid.
 """
 
 from __future__ import annotations
 
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
 
 class LthError(Exception):
     """Base class for user-facing errors: the message is the whole explanation."""
+
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(LthError):
@@ -26,3 +33,20 @@ class StoreError(LthError):
 
 class TrackingError(LthError):
     """MLflow holds nothing that answers the request (no experiment, no ticket)."""
+
+
+class RuntimeFailure(LthError):
+    """The machine failed, not the input: disk full, a store or server away. Exit code 1.
+
+    Whatever was stored before the failure stays stored; the message says how to continue.
+    """
+
+    exit_code = EXIT_RUNTIME
+
+
+class StoreWriteError(RuntimeFailure, StoreError):
+    """A stage or record could not be written (disk full, read-only, gone); nothing half-written remains."""
+
+
+class TrackingFailure(RuntimeFailure, TrackingError):
+    """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""

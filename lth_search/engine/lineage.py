@@ -32,6 +32,7 @@ from lth_search.engine.objective import Matching, matching
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
+    check_layer_groups,
     layer_sparsity,
     masked_state,
     ones_mask,
@@ -124,6 +125,7 @@ class Lineage:
         self.store: StageSource = store if store is not None else MemoryStages()
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, cfg.seed).to(self.device)
         self.groups = dict(self.model.prunable)
+        check_layer_groups(self.groups, cfg.prune.layer_ratios)  # before the dense stage trains, not after
         self.entries: list[StageEntry] = []
         """The stages of the last `run()`: dense first, then one per round."""
         self.recipe = resolved_recipe(cfg.train, self.data.steps_per_epoch(cfg.train.batch_size))
