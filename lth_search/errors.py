@@ -44,8 +44,8 @@ class RuntimeFailure(LthError):
     exit_code = EXIT_RUNTIME
 
 
-class StoreWriteError(RuntimeFailure, StoreError):
-    """A stage or record could not be written (disk full, read-only, gone); nothing half-written remains."""
+class StoreFailure(RuntimeFailure, StoreError):
+    """The store could not be read or written (disk full, gone, no permission); nothing half-written remains."""
 
 
 class TrackingFailure(RuntimeFailure, TrackingError):

@@ -51,7 +51,9 @@ STAGE_FORMAT = 1
 
 
 class StageSource(Protocol):
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]: ...
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Callable[[StageEntry], str | None] | None = None
+    ) -> tuple[StageEntry, bool]: ...
 
 
 class MemoryStages:
@@ -60,7 +62,9 @@ class MemoryStages:
     def __init__(self) -> None:
         self._entries: dict[str, StageEntry] = {}
 
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Callable[[StageEntry], str | None] | None = None
+    ) -> tuple[StageEntry, bool]:
         if key in self._entries:
             return self._entries[key], True
         self._entries[key] = compute()
@@ -108,6 +112,22 @@ class LineageResult:
             "matching_round": best.round,
             "matching_val_accuracy": best.val_accuracy,
         }
+
+
+_DENSE_METRICS = ("val_accuracy", "test_accuracy", "train_loss", "train_steps_per_s", "steps")
+_ROUND_METRICS = (*_DENSE_METRICS, "sparsity", "layer_sparsity")
+
+
+def _needs(weights: list[str], masks: list[str], metrics: tuple[str, ...]) -> Callable[[StageEntry], str | None]:
+    """A store check: what a stored stage lacks of what this lineage reads from it (None: nothing)."""
+
+    def check(entry: StageEntry) -> str | None:
+        missing = [f"weights {w}" for w in weights if w not in entry.weights]
+        missing += [f"mask {m}" for m in masks if m not in entry.masks]
+        missing += [f"metric {m}" for m in metrics if m not in entry.metrics]
+        return f"lacks {', '.join(missing)}" if missing else None
+
+    return check
 
 
 RoundCallback = Callable[[RoundResult, LineageResult], None]
@@ -239,12 +259,15 @@ class Lineage:
     def dense_stage(self) -> tuple[StageEntry, bool]:
         inputs = self.dense_inputs()
         key = content_key(inputs)
-        return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs))
+        weights = ["end", *(f"rewind_{k}" for k in self.cfg.prune.rewind_steps)]
+        check = _needs(weights, [], _DENSE_METRICS)
+        return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs), check)
 
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         inputs = self.round_inputs(parent.key, round_index)
         key = content_key(inputs)
-        return self.store.get_or_compute(key, lambda: self._compute_round(key, inputs, dense, parent, round_index))
+        compute = lambda: self._compute_round(key, inputs, dense, parent, round_index)  # noqa: E731
+        return self.store.get_or_compute(key, compute, _needs(["end"], ["mask"], _ROUND_METRICS))
 
     def control_stage(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> tuple[StageEntry, bool]:
         """Train a control of an IMP round with the same per-layer counts and the same recipe.
@@ -264,7 +287,7 @@ class Lineage:
             fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, control_seed)
             return self._train_masked(key, inputs, dense, ticket.masks["mask"], round_index, fresh.state_dict())
 
-        return self.store.get_or_compute(key, compute)
+        return self.store.get_or_compute(key, compute, _needs(["end"], ["mask"], _ROUND_METRICS))
 
     # The walk -------------------------------------------------------------------------------
     def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
