@@ -14,6 +14,9 @@ best val accuracy at or above a sparsity.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from torch import nn
 
 from lth_search.store.codec import Mask, decode_mask, decode_weights, encode_mask, encode_weights
 from lth_search.config import ExperimentConfig, validate_config
-from lth_search.errors import TrackingError
+from lth_search.config.names import check_location
+from lth_search.errors import RuntimeFailure, TrackingError
 from lth_search.tracking.client import first_line, metric_history, read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.engine.pruning import layer_sparsity, masked_state, rewind_weights
@@ -114,15 +118,36 @@ class Ticket:
 
     # Files ------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write mask.parquet, rewind.safetensors (θk before masking), config.json, ticket.json."""
-        folder = Path(directory).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "mask.parquet").write_bytes(encode_mask(self.mask))
-        (folder / "rewind.safetensors").write_bytes(encode_weights(self.rewind_weights))
-        (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
+        """Write mask.parquet, rewind.safetensors (θk before masking), config.json, ticket.json.
+
+        All four files are written into a staging folder beside `directory` and moved in
+        together, so a failure (no permission, disk full) leaves no partial ticket; an
+        existing ticket folder is replaced, anything else already there is refused.
+        """
+        folder = Path(check_location(str(directory), "ticket folder", TrackingError)).expanduser()
+        if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "ticket.json").is_file())):
+            raise TrackingError(f"{folder}: exists and is not a ticket folder; give a new or empty folder to --out")
         about = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
                  "num_classes": self.num_classes, "rescale": self.rescale}
-        (folder / "ticket.json").write_text(json.dumps(about, indent=2))
+        files = {
+            "mask.parquet": encode_mask(self.mask),
+            "rewind.safetensors": encode_weights(self.rewind_weights),
+            "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
+            "ticket.json": json.dumps(about, indent=2).encode(),
+        }
+        staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except OSError as error:
+            raise RuntimeFailure(f"{folder}: cannot write the ticket ({error.strerror or error})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
 
     @classmethod

@@ -6,6 +6,7 @@ MLflow parent run id and the status; `optuna.journal` beside it holds the study.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lth_search.config import ExperimentConfig, validate_config
+from lth_search.config.names import check_name
 from lth_search.errors import ConfigError
 from lth_search.store.uri import PYARROW_SCHEMES
 
@@ -34,7 +36,8 @@ class SearchState:
 
     @staticmethod
     def folder(output_dir: str | Path, name: str) -> Path:
-        return Path(output_dir).expanduser().resolve() / "searches" / name
+        """`<output_dir>/searches/<name>`; `name` is checked (names.py), so it never leaves that folder."""
+        return Path(output_dir).expanduser().resolve() / "searches" / check_name(name, "search name")
 
     def save(self) -> None:
         path = self.folder(self.config["output_dir"], self.name) / "search.json"
@@ -54,7 +57,22 @@ class SearchState:
             ) from None
         except ValueError:
             raise ConfigError(f"{folder / 'search.json'}: not valid JSON; the search cannot be resumed") from None
-        return cls(**data)
+        except OSError as error:
+            raise ConfigError(f"{folder / 'search.json'}: cannot read ({error.strerror or error})") from None
+        return cls.from_json(data, folder / "search.json")
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> "SearchState":
+        """The state a `search.json` holds, or ConfigError naming the file and what is wrong with it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {"name", "search_id", "config", "results_path", "journal"}
+        if not isinstance(data, dict) or not required <= set(data):
+            raise ConfigError(f"{path}: not a search state (needs {', '.join(sorted(required))}); the search cannot be resumed")
+        kinds = {"config": dict, "name": str, "search_id": str, "results_path": str, "journal": str, "status": str}
+        wrong = sorted(k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind))
+        if wrong or not isinstance(data["config"].get("output_dir", ""), str):
+            raise ConfigError(f"{path}: damaged search state (field(s) {', '.join(wrong) or 'config'}); cannot resume")
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
     def cfg(self) -> ExperimentConfig:
         return validate_config(self.config, source=f"search {self.name}")

@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, LthError
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.store.records import records_namespace
 from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
@@ -39,7 +39,7 @@ from lth_search.runs.summary import emit, summarize, summary_lines
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 
 Progress = Callable[[str], None]
-_session: dict[str, Any] = {"progress": print, "store": None, "namespace": ""}
+_session: dict[str, Any] = {"progress": print, "store": None, "namespace": "", "pending": {}}
 """What the driver's Tune callback needs (see `_TrialEvents`)."""
 FINAL = ("finished", "stopped", "error", "abandoned")
 
@@ -99,9 +99,10 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
     available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
     for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
         if need > available[key]:
+            fits = available[key] if key == "CPU" else 0  # resources.cpu must stay > 0; gpu=0 trains on CPU
             raise ConfigError(
                 f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
-                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}=0) or pass --address"
+                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}={fits:g}) or pass --address"
             )
 
 
@@ -171,12 +172,21 @@ class _TrialEvents(tune.Callback):
         _session["progress"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
 
 
-def _set_status(trial_id: str, status: str) -> None:
+def _set_status(trial_id: str, status: str) -> bool:
+    """Write a trial's final status into its record; a failed write (disk full) is kept pending, never raised:
+    an exception in a Tune callback would kill the driver mid-search."""
     store, namespace = _session["store"], _session["namespace"]
-    record = store.record(namespace, trial_id) if store is not None else None
-    if record is not None and record.get("status") != status:
-        record["status"] = status
-        store.put_record(namespace, trial_id, record)
+    _session["pending"][trial_id] = status
+    try:
+        record = store.record(namespace, trial_id) if store is not None else None
+        if record is not None and record.get("status") != status:
+            record["status"] = status
+            store.put_record(namespace, trial_id, record)
+    except (LthError, OSError) as error:
+        _session["progress"](f"trial {trial_id}: cannot record status {status} yet ({error}); retried at the end")
+        return False
+    del _session["pending"][trial_id]
+    return True
 
 
 def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
@@ -273,16 +283,23 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
 def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
     store = StageStore.from_config(cfg)
-    _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name))
+    _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name), pending={})
     # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
     # Ray warns about that frequency by default.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:  # a crash must leave a resumable state, not "running"
+        state.status = "interrupted"
+        _save_quietly(state)
+        raise
+    pending = {t: s for t, s in dict(_session["pending"]).items() if not _set_status(t, s)}
     records = {k: v for k, v in store.records(records_namespace(cfg.name)).items() if v.get("search_id") == state.search_id}
     trials = grid._experiment_analysis.trials  # ResultGrid has no public per-trial status
     complete = len(trials) >= cfg.search.num_trials and all(
-        records.get(t.trial_id, {}).get("status") in FINAL or t.status == "ERROR" for t in trials
+        (pending.get(t.trial_id) or records.get(t.trial_id, {}).get("status")) in FINAL or t.status == "ERROR"
+        for t in trials
     )
     if complete:
         _abandon_orphans(store, cfg.name, records, {t.trial_id for t in trials})
@@ -298,6 +315,13 @@ def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: 
     if not complete:
         progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
     return summary
+
+
+def _save_quietly(state: SearchState) -> None:
+    try:
+        state.save()
+    except OSError:
+        pass  # the disk that failed the search; its last saved status stands
 
 
 def _abandon_orphans(store: StageStore, name: str, records: dict[str, dict], known: set[str]) -> None:

@@ -23,6 +23,7 @@ INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
 PARENT = "mlflow.parentRunId"
+LINEAGE_KEY = "lth.lineage_key"   # an `lth-search lineage` run: the key of its last stage (a rerun finds the run)
 
 # Artifacts
 CONFIG = "config.json"

@@ -46,6 +46,7 @@ from lth_search.store.stages import StageEntry
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
+    LINEAGE_KEY,
     LINEAGE_PLOT,
     NUM_CLASSES,
     PARENT,
@@ -202,8 +203,10 @@ class TrialTracker:
     """The child run of one trial (or the run of one `lth-search lineage`)."""
 
     def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
-                 io: MlflowIO | None = None, role: str = "trial") -> None:
+                 io: MlflowIO | None = None, role: str = "trial", identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
+        self.identity = dict(identity or {})
+        """Tags that find this run again without a parent (a rerun of `lth-search lineage` repairs its run)."""
         self.choices = flatten(choices) if choices else {}
         """The choices as MLflow params (text that json.loads turns back into the value)."""
         self.io = io
@@ -243,8 +246,10 @@ class TrialTracker:
     def _find_or_create(self) -> Any:
         io = self.io
         experiment = io.experiment_id(self.cfg.experiment_name())
-        if self.parent_run_id is not None:
-            run = io.find_run(experiment, {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id})
+        found = {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id} if self.parent_run_id is not None else None
+        found = found or ({ROLE: self.role, **self.identity} if self.identity else None)
+        if found is not None:
+            run = io.find_run(experiment, found)
             if run is not None:
                 self._read_state(run)
                 return run
@@ -252,7 +257,7 @@ class TrialTracker:
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
             TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
-            INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes),
+            INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes), **self.identity,
         }
         if self.parent_run_id is not None:
             tags[PARENT] = self.parent_run_id
@@ -371,13 +376,20 @@ def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, prog
     if not cfg.tracking.enabled:
         return
     io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
+    last_key = result.rounds[-1].key if result.rounds else result.dense["key"]
+    tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage",
+                           identity={LINEAGE_KEY: last_key})
     tracker.log_dense(result, lineage.entries[0])
     for round_result, entry in zip(result.rounds, lineage.entries[1:], strict=True):
         tracker.log_round(round_result, entry)
-    tracker.finish(result)
+    if not io.missed:  # a run missing rounds stays RUNNING: a rerun finds it by its key and completes it
+        tracker.finish(result)
     if tracker.run_id is None or io.missed:
-        progress(f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store")
+        progress(
+            f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s), first: {io.missed[0] if io.missed else '?'}); "
+            "the stages are in the store: run the same `lth-search lineage` command again once MLflow answers "
+            "(it reuses every stage and completes the run)"
+        )
         return
     experiment = experiment_id(cfg)
     progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")

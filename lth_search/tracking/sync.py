@@ -13,13 +13,13 @@ runs it later, once the server answers again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig, validate_config
-from lth_search.errors import TrackingError
+from lth_search.errors import TrackingFailure
+from lth_search.runs.state import SearchState
 from lth_search.engine.lineage import LineageResult, RoundResult
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageEntry, StageStore
@@ -105,14 +105,15 @@ def _needs_finish(tracker: TrialTracker, result: LineageResult, status: str) -> 
 
 
 def read_search_json(name: str, output_dir: str | Path) -> dict[str, Any]:
-    """The driver's `<output_dir>/searches/<name>/search.json` (search.py's SearchState)."""
-    path = Path(output_dir).expanduser().resolve() / "searches" / name / "search.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrackingError(f"no search named {name} under {path.parent.parent} (no {path.name}); check --output-dir") from None
-    except ValueError:
-        raise TrackingError(f"{path}: not valid JSON") from None
+    """The driver's `<output_dir>/searches/<name>/search.json`, checked (runs/state.py's SearchState)."""
+    return dataclasses.asdict(SearchState.load(name, output_dir))
+
+
+def _save_parent_run_id(name: str, output_dir: str | Path, parent_run_id: str) -> None:
+    """Remember the parent run a sync created or found, so the next sync continues it."""
+    state = SearchState.load(name, output_dir)
+    state.parent_run_id = parent_run_id
+    state.save()
 
 
 def sync_search(name: str, output_dir: str | Path = "./lth_runs", tracking_uri: str | None = None,
@@ -129,16 +130,25 @@ def sync_search(name: str, output_dir: str | Path = "./lth_runs", tracking_uri: 
         cfg.tracking.uri = tracking_uri
     store = StageStore.from_config(cfg)
     search_id = meta.get("search_id")
-    records = [r for r in store.records(records_namespace(name)).values() if search_id is None or r.get("search_id") == search_id]
+    unreadable: list[str] = []
+    stored = store.records(records_namespace(name), unreadable)
+    records = [r for r in stored.values() if search_id is None or r.get("search_id") == search_id]
     progress(f"sync {name}: {len(records)} trial record(s) in {cfg.store_uri()} -> MLflow at {cfg.tracking_uri()}")
     search = SearchTracker.start(cfg, meta.get("results_path") or meta.get("ray_results_path"), meta.get("parent_run_id"))
     if search.parent_run_id is None:
-        raise TrackingError(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
+        raise TrackingFailure(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
+    if search.parent_run_id != meta.get("parent_run_id"):
+        _save_parent_run_id(name, output_dir, search.parent_run_id)
     counts = search.refresh(records)
     if meta.get("status") == "finished":
         search.io.call("end the search run", lambda: search.io.client.set_terminated(search.parent_run_id, "FINISHED"))
+    if unreadable:
+        raise TrackingFailure(
+            f"sync {name}: {len(unreadable)} trial record(s) in {cfg.store_uri()} cannot be read "
+            f"({', '.join(sorted(unreadable)[:5])}); the other {len(records)} were synced"
+        )
     if search.missed:
-        raise TrackingError(
+        raise TrackingFailure(
             f"sync {name}: {len(search.missed)} MLflow call(s) failed (first: {search.missed[0]}); run it again"
         )
     progress(
