@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from lth_search.config.names import check_store_uri
 from lth_search.errors import StoreError
 
 
@@ -19,6 +20,7 @@ def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[st
     """(normalised uri, filesystem, root path within it) of a store location."""
     if not isinstance(uri, str) or not uri.strip():
         raise StoreError("store.uri must be a path or a URI such as s3://bucket/prefix")
+    check_store_uri(uri, "store.uri", StoreError)
     if filesystem is not None:
         return uri, filesystem, uri.rstrip("/") or "/"
     if "://" not in uri:
