@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_config": "lth_search.config",
     "ExperimentConfig": "lth_search.config",
-    "run_lineage": "lth_search.api",
+    "run_lineage": "lth_search.engine.lineage",
     "run_search": "lth_search.api",
     "resume_search": "lth_search.api",
     "sync_search": "lth_search.api",
-    "best_ticket": "lth_search.tickets",
+    "best_ticket": "lth_search.api",
     "Ticket": "lth_search.tickets",
     "LthError": "lth_search.errors",
 }

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from lth_search.config.names import check_location, check_name
+from lth_search.config.schema import default_output_dir
 from lth_search.errors import EXIT_RUNTIME, EXIT_USAGE, LthError
 
 EXIT_USER_ERROR = EXIT_USAGE
@@ -39,7 +40,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="MLflow experiment (default: the only / latest search)")
     parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db)"
+        "--tracking-uri",
+        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default_output_dir()}/mlflow.db)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue an interrupted search")
     resume.add_argument("name", help="the search's config name")
-    resume.add_argument("--output-dir", default="./lth_runs", help="output_dir of the search (default ./lth_runs)")
+    resume.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
     resume.add_argument("--address", help="join a Ray cluster instead of starting a local one")
 
     lineage = commands.add_parser("lineage", help="run one IMP lineage without Ray")
@@ -77,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser("sync", help="log to MLflow what the store has and MLflow lacks")
     sync.add_argument("name", help="the search's config name")
-    sync.add_argument("--output-dir", default="./lth_runs")
-    sync.add_argument("--tracking-uri")
+    sync.add_argument("--output-dir", help=f"output_dir of the search (default {default_output_dir()})")
+    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search config's)")
     return parser
 
 
@@ -86,12 +88,12 @@ def _print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _round_line(round_result: Any, total: int) -> str:
-    tag = "  (reused)" if round_result.reused else ""
+def _round_line(metrics: dict[str, Any], total: int) -> str:
+    tag = "  (reused)" if metrics["reused"] else ""
     return (
-        f"round {round_result.round}/{total}  sparsity {100 * round_result.sparsity:6.2f}%  "
-        f"val {100 * round_result.val_accuracy:5.2f}%  test {100 * round_result.test_accuracy:5.2f}%  "
-        f"loss {round_result.train_loss:.3f}  {round_result.train_steps_per_s:7.0f} steps/s{tag}"
+        f"round {metrics['round']}/{total}  sparsity {100 * metrics['sparsity']:6.2f}%  "
+        f"val {100 * metrics['val_accuracy']:5.2f}%  test {100 * metrics['test_accuracy']:5.2f}%  "
+        f"loss {metrics['train_loss']:.3f}  {metrics['train_steps_per_s']:7.0f} steps/s{tag}"
     )
 
 
@@ -108,7 +110,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         best = result.best
         print(
             f"matching sparsity {100 * best.sparsity:.2f}% (round {best.round}, val {100 * best.val_accuracy:.2f}% "
-            f"vs dense {100 * result.dense['val_accuracy']:.2f}%); steps executed {result.steps_executed}, "
+            f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
             f"reused {result.steps_reused}"
         )
     return 0
@@ -140,7 +142,8 @@ def _search_exit(summary: dict[str, Any]) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from lth_search.tickets import best_ticket, describe_ticket
+    from lth_search.api import best_ticket
+    from lth_search.tickets import describe_ticket
 
     if args.out is not None:
         check_location(args.out, "--out")
@@ -156,7 +159,8 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:
-    from lth_search.tickets import format_tickets, list_tickets
+    from lth_search.api import list_tickets
+    from lth_search.tickets import format_tickets
 
     table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri)
     print(json.dumps(table) if args.json else format_tickets(table))

@@ -31,7 +31,7 @@ from lth_search.errors import RuntimeFailure, TrackingError
 from lth_search.tracking.client import first_line, metric_history, read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.engine.pruning import layer_sparsity, masked_state, rewind_weights
-from lth_search.tracking.ticket_table import SearchRef, read_rows
+from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -186,14 +186,22 @@ def criterion_text(max_accuracy_drop: float | None = None, min_sparsity: float |
 
 
 def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = None,
-                  min_sparsity: float | None = None) -> dict[str, Any]:
-    """The chosen ticket row (see the module docstring); TrackingError when none qualifies."""
+                  min_sparsity: float | None = None, confirmed_trial: str | None = None) -> dict[str, Any]:
+    """The chosen ticket row (see the module docstring); TrackingError when none qualifies.
+
+    Without a criterion, a search's confirmed recipe decides: the ticket is the matching
+    round of `confirmed_trial` (the search trial of the recipe confirmed on fresh seeds),
+    not the luckiest round of any trial.
+    """
     if max_accuracy_drop is not None and min_sparsity is not None:
         raise TrackingError("give max_accuracy_drop or min_sparsity, not both")
     _check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     _check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     if not rows:
         raise TrackingError("the search has no tickets in MLflow yet (no completed round)")
+    if confirmed_trial is not None and max_accuracy_drop is None and min_sparsity is None:
+        confirmed = [r for r in rows if r["trial_id"] == confirmed_trial]
+        rows = confirmed or rows
     if min_sparsity is not None:
         pool = [r for r in rows if r["sparsity"] >= min_sparsity - 1e-12]
         if not pool:
@@ -264,16 +272,20 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
 
     `experiment` None: the most recently created experiment holding an lth-search
     search; `search_run_id` picks one search of an experiment (default: the latest).
-    Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else ./lth_runs/mlflow.db.
+    Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else mlflow.db in the default output_dir.
     """
     _check_fraction(max_accuracy_drop, "max_accuracy_drop", "0.01 = 1 pp")
     _check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     ref, rows, client = read_rows(experiment, search_run_id, tracking_uri)
+    confirmation = read_confirmation(client, ref)
+    confirmed_trial = confirmation.get("trial_id") if confirmation else None
     try:
-        row = select_ticket(rows, max_accuracy_drop, min_sparsity)
+        row = select_ticket(rows, max_accuracy_drop, min_sparsity, confirmed_trial)
     except TrackingError as error:
         raise TrackingError(f"experiment {ref.experiment_name}: {error}") from None
     ticket = load_ticket(client, ref, row, criterion_text(max_accuracy_drop, min_sparsity))
+    if confirmation:
+        ticket.extra["confirmation"] = confirmation
     from lth_search.tracking.registry import registered_uri
 
     model_uri = registered_uri(client, ticket)

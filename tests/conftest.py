@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,35 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "a condition", poll: float = 0.02):
+    """Wait until `predicate()` returns something truthy, and return it.
+
+    The one place tests wait: on a condition (a file, a record, a process state), polled
+    every `poll` seconds, with a generous deadline that is never an assertion on speed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
 LTH_SEARCH = str(Path(sys.executable).with_name("lth-search"))
 """The installed console script of the venv running the tests."""
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small ops: one intra-op thread is as fast alone and 5-10x faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

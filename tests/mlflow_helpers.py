@@ -14,17 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from conftest import wait_for
+
 from lth_search.config import ExperimentConfig
-from lth_search.engine.lineage import Lineage, LineageResult, RoundResult
-from lth_search.engine.objective import matching
+from lth_search.engine.results import LineageResult
+from lth_search.runs.record import TrialRecord
+from lth_search.runs.state import new_state
+from lth_search.runs.trial import run_trial
 from lth_search.store.stages import StageStore
 from lth_search.tracking.runs import TrialTracker
 
@@ -69,20 +71,22 @@ class MlflowServer:
         return self
 
     def _wait_healthy(self, deadline_s: float) -> None:
-        """Poll /health (a generous start-up deadline, not a timing assertion)."""
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
+        """Wait for /health (a generous start-up deadline, not a timing assertion)."""
+
+        def healthy() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited ({self.process.returncode}):\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer /health within {deadline_s} s:\n{self.log_tail()}")
+                return False
+
+        try:
+            wait_for(healthy, deadline_s, "mlflow server /health", poll=0.5)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"mlflow server did not answer /health within {deadline_s} s:\n{self.log_tail()}") from None
 
     def log_tail(self) -> str:
         path = self.root / "server.log"
@@ -158,48 +162,27 @@ def search_layout(url: str, experiment: str, children: int) -> tuple[dict, list[
     return parent, kids
 
 
-# Tracked lineages --------------------------------------------------------------------------------
+# Tracked trials ---------------------------------------------------------------------------------
 def tracked_trial(
     cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any], store: StageStore,
-    dataset: Any, after_round: Callable[[RoundResult], None] | None = None,
-) -> tuple[TrialTracker, Lineage, LineageResult]:
-    """One trial as search trials run it (trial.py), minus Ray: a lineage with the tracker's callbacks."""
+    dataset: Any, search_id: str | None = None, after_round: Callable[[int], None] | None = None,
+) -> tuple[TrialTracker, TrialRecord, LineageResult]:
+    """One search trial as the Ray trainable runs it (runs/trial.py with the MLflow observer), minus Ray."""
     trial_cfg = cfg.with_choices(choices)
     tracker = TrialTracker.start(trial_cfg, parent_run_id, trial_id, choices)
-    lineage = Lineage(trial_cfg, store, dataset)
+    record = TrialRecord.open(store, cfg.name, trial_id, search_id, None, choices, trial_cfg.model_dump(mode="json"))
 
-    def on_round(round_result: RoundResult, _: LineageResult) -> None:
-        tracker.log_round(round_result, lineage.entries[-1])
+    def report(round_index: int, _: str, __: dict[str, Any]) -> None:
         if after_round is not None:
-            after_round(round_result)
+            after_round(round_index)
 
-    result = lineage.run(on_round=on_round, on_dense=lambda r: tracker.log_dense(r, lineage.entries[0]))
-    tracker.finish(result)
-    return tracker, lineage, result
-
-
-def trial_record(search_id: str, trial_id: str, choices: dict, cfg: ExperimentConfig, result: LineageResult,
-                 status: str = "finished") -> dict[str, Any]:
-    """The record trial.py's TrialRecord writes to the store (the fields tracking.py documents)."""
-    best = matching(result.dense["val_accuracy"], result.rounds, result.tolerance)
-    return {
-        "search": cfg.name, "search_id": search_id, "trial_id": trial_id, "optuna_trial": None,
-        "choices": choices, "config": cfg.with_choices(choices).model_dump(mode="json"), "status": status,
-        "dense": result.dense, "dense_key": result.dense["key"], "round_keys": [r.key for r in result.rounds],
-        "rounds": [{**asdict(r), "attempt": 1} for r in result.rounds],
-        "matching": {"sparsity": best.sparsity, "round": best.round, "val_accuracy": best.val_accuracy},
-        "steps_executed": result.steps_executed, "steps_reused": result.steps_reused,
-    }
+    result = run_trial(trial_cfg, store, report, record, tracker, dataset=dataset)
+    return tracker, record, result
 
 
-def write_search_json(cfg: ExperimentConfig, search_id: str, results_path: str, parent_run_id: str | None,
-                      status: str = "finished") -> Path:
-    """`<output_dir>/searches/<name>/search.json` as search.py's SearchState writes it."""
-    path = cfg.output_path() / "searches" / cfg.name / "search.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "name": cfg.name, "search_id": search_id, "config": cfg.model_dump(mode="json"), "results_path": results_path,
-        "journal": str(path.parent / "optuna.journal"), "parent_run_id": parent_run_id, "status": status,
-        "started_at": 0.0, "finished_at": None,
-    }, indent=2))
-    return path
+def save_search_state(cfg: ExperimentConfig, search_id: str, parent_run_id: str | None, status: str = "finished") -> None:
+    """The search.json the driver saves, for a search run here without Ray."""
+    state = new_state(cfg)
+    state.search_id, state.results_path = search_id, f"{cfg.output_path()}/ray/{search_id}"
+    state.parent_run_id, state.status = parent_run_id, status
+    state.save()

@@ -31,7 +31,7 @@ def test_rounds_follow_the_pruning_ladder(walked) -> None:
         assert r.sparsity == pytest.approx(1 - 0.8**r.round, abs=0.005)
         assert r.steps == 200 - 20  # retrain from the rewind step to T
     assert result.steps_executed == 200 + 3 * 180 and result.steps_reused == 0
-    assert 0.2 < result.dense["val_accuracy"] <= 1 and 0.2 < result.dense["test_accuracy"] <= 1
+    assert 0.2 < result.dense.val_accuracy <= 1 and 0.2 < result.dense.test_accuracy <= 1
 
 
 def test_end_weights_are_exactly_zero_where_pruned(walked) -> None:
@@ -71,7 +71,7 @@ def test_memory_stages_reuse_within_a_process(data_root: Path, tmp_path: Path) -
     second = Lineage(cfg, stages).run()
     assert first.steps_executed == 400 and second.steps_executed == 0 and second.steps_reused == 400
     assert [r.val_accuracy for r in first.rounds] == [r.val_accuracy for r in second.rounds]
-    assert second.rounds[0].reused == 1 and second.dense["reused"] == 1
+    assert second.rounds[0].reused == 1 and second.dense.reused == 1
 
 
 def test_controls_keep_per_layer_counts(walked) -> None:

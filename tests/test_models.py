@@ -15,13 +15,7 @@ from lth_search.engine.models import GROUPS, build_model, prunable_groups
 CIFAR = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is as fast alone and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name: str, shape: tuple[int, ...] = CIFAR, seed: int = 0, **fields) -> nn.Module:

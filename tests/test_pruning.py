@@ -26,13 +26,7 @@ from lth_search.engine.pruning import (
 HIDDEN = ("hidden.0.weight", "hidden.1.weight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is as fast alone and 5-10x faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

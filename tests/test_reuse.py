@@ -34,9 +34,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from conftest import LTH_SEARCH, tiny_config, tiny_overrides
+from conftest import LTH_SEARCH, tiny_config, tiny_overrides, wait_for
 from lth_search.store.leases import FileLeaseService, check_key
-from lth_search.engine.lineage import Lineage, LineageResult
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.results import LineageResult
 from lth_search.store.stages import StageStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -225,18 +226,17 @@ def wait_until_idle(processes: list[subprocess.Popen], quiet_s: float = 1.0, tim
 
     Only decides when the test lets the race begin; no assertion depends on its timing.
     """
-    deadline = time.monotonic() + timeout_s
-    last = {p.pid: cpu_ticks(p.pid) for p in processes}
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    seen = {"ticks": {p.pid: cpu_ticks(p.pid) for p in processes}, "since": time.monotonic()}
+
+    def idle() -> bool:
         for process in processes:
             assert process.poll() is None, process.communicate()[1]
         now = {p.pid: cpu_ticks(p.pid) for p in processes}
-        if any(now[pid] - last[pid] > 2 for pid in now):
-            last, quiet_since = now, time.monotonic()
-        elif time.monotonic() - quiet_since >= quiet_s:
-            return
+        if any(now[pid] - seen["ticks"][pid] > 2 for pid in now):
+            seen.update(ticks=now, since=time.monotonic())
+        return time.monotonic() - seen["since"] >= quiet_s
+
+    wait_for(idle, timeout_s, "both processes to wait for the gated stage", poll=0.1)
 
 
 @pytest.mark.parametrize("store", sorted(STORES))
@@ -348,11 +348,11 @@ def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
     process = subprocess.Popen(lineage_command(config_file, data_root, output_dir, **settings),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     lease = root / "leases" / f"{keys[2]}.lease"
-    deadline = time.monotonic() + 300
-    while not (published(root) >= set(keys[:2]) and lease.exists()):  # dense and round 1 stored, round 2 begun
+    def round_2_begun() -> bool:  # dense and round 1 stored, round 2's lease taken
         assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "round 2 never started"
-        time.sleep(0.01)
+        return published(root) >= set(keys[:2]) and lease.exists()
+
+    wait_for(round_2_begun, 300, "round 2 to begin")
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL

@@ -41,7 +41,7 @@ def test_imp_beats_random_pruning_at_90_percent(data_root: Path, tmp_path: Path)
         final = result.rounds[-1]
         assert final.sparsity == pytest.approx(1 - 0.8**11, abs=0.005)
         margins.append(final.val_accuracy - shuffled.metrics["val_accuracy"])
-        rows.append((seed, final.sparsity, result.dense["val_accuracy"], final.val_accuracy, final.test_accuracy,
+        rows.append((seed, final.sparsity, result.dense.val_accuracy, final.val_accuracy, final.test_accuracy,
                      shuffled.metrics["val_accuracy"], shuffled.metrics["test_accuracy"],
                      reinit.metrics["val_accuracy"], reinit.metrics["test_accuracy"]))
     print("\nseed sparsity dense_val imp_val imp_test random_prune_val/test random_reinit_val/test")

@@ -11,7 +11,7 @@ import pytest
 from search_helpers import expected_matching, load_study, manifests, search_config, trial_records, trial_results
 
 from lth_search.errors import ConfigError
-from lth_search.search.driver import resume_search, run_search
+from lth_search.api import resume_search, run_search
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import LTH_SEARCH
+from conftest import LTH_SEARCH, wait_for
 from search_helpers import manifests, search_config, search_overrides, trial_records, trial_results
 
-from lth_search.search.driver import run_search
+from lth_search.api import run_search
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -44,14 +43,16 @@ def test_two_node_cluster_shares_the_store_and_trains_dense_once(data_root, tmp_
     assert len(report["dense_stages"]) == 1 and len(report["dense_trainers"]) == 1
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+def _alive(group: int) -> bool:
+    """Whether a live (not zombie) process of process group `group` is still there (from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone while we looked
+        if fields[0] != "Z" and int(fields[2]) == group:
+            return True
+    return False
 
 
 def _stage_keys(store: Path) -> set[str]:
@@ -67,7 +68,8 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
         command += ["--set", item]
     store = tmp_path / "store"
     with open(tmp_path / "run.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
+                                  start_new_session=True)
         try:
             def mid_search():
                 assert driver.poll() is None, "the search ended before it could be killed mid-way"
@@ -76,13 +78,14 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
                 midway = [r for r in records.values() if r["status"] == "running" and 1 <= len(r["rounds"]) < 3]
                 return records if finished and midway else None
 
-            _wait_for(mid_search, 300, "a finished and a half-way trial")
-            driver.send_signal(signal.SIGKILL)
+            wait_for(mid_search, 300, "a finished and a half-way trial")
+            # The driver and the local Ray it started (its session) die together, as on a crash.
+            os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=30)
         finally:
             if driver.poll() is None:
                 driver.kill()
-    time.sleep(2)  # let the workers of the dead driver's Ray go (they share its fate)
+    wait_for(lambda: not _alive(driver.pid), 60, "the dead driver's Ray processes to exit")
     at_kill = trial_records(store, "killme")
     stored_at_kill = _stage_keys(store)
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
@@ -144,7 +147,7 @@ def test_ctrl_c_ends_the_search_resumably_with_exit_130(data_root, tmp_path):
             records = trial_records(store, "stopme") if (store / "records").exists() else {}
             return any(r["rounds"] for r in records.values())
 
-        _wait_for(first_round, 300, "a first round")
+        wait_for(first_round, 300, "a first round")
         driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
         output, _ = driver.communicate(timeout=120)
     finally:
@@ -171,9 +174,9 @@ def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_roo
             records = trial_records(store, cfg.name) if (store / "records").exists() else {}
             return next((r for r in records.values() if len(r["rounds"]) == 1), None)
 
-        record = _wait_for(after_round_one, 300, "round 1")
-        _wait_for(lambda: list(tmp_path.glob("ray/*/*/checkpoint_000000")), 60, "round 1's checkpoint")
-        time.sleep(0.3)  # round 2 (3000 steps, more than a second) is now training
+        record = wait_for(after_round_one, 300, "round 1")
+        wait_for(lambda: list(tmp_path.glob("ray/*/*/checkpoint_000000")), 60, "round 1's checkpoint")
+        # round 2 (3000 steps, more than a second) is training now: its stage is not stored yet
         killed["pid"] = record["attempts"][-1]["pid"]
         killed["stored"] = len(manifests(store))
         os.kill(killed["pid"], signal.SIGKILL)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import optuna
 import pytest
@@ -11,6 +10,8 @@ from lth_search.config import load_config
 from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.runs.state import results_root
 from lth_search.search.space import OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives
+from lth_search.engine.results import DenseResult
+from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
 from lth_search.runs.summary import summarize, summary_lines
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
@@ -56,8 +57,7 @@ def test_ray_lease_actor_is_exclusive_expires_and_belongs_to_the_trial(ray_local
     two.release(KEY_A, "w2")  # not the holder: no effect
     assert one.held() == {KEY_A: "w1"}
     one.release(KEY_A, "w1")
-    assert two.acquire(KEY_A, "w2", 0.3)
-    time.sleep(0.5)  # w2 died without releasing: its lease expires
+    assert two.acquire(KEY_A, "w2", 0.0)  # w2 dies without releasing: a lease of no time has expired
     assert one.acquire(KEY_A, "w1", 30)
     # a retried trial (new process, new holder id) continues its own claim at once
     first = RayLeaseService("parts-test", owner="trial:x")
@@ -67,13 +67,13 @@ def test_ray_lease_actor_is_exclusive_expires_and_belongs_to_the_trial(ray_local
     del actor
 
 
-def _record(trial_id: str, sparsity: float, val: float, status: str, executed: int, reused: int) -> dict:
-    return {
-        "trial_id": trial_id, "status": status, "choices": {"rate": 0.2},
-        "dense": {"val_accuracy": 0.65, "test_accuracy": 0.64},
-        "matching": {"sparsity": sparsity, "round": 3, "val_accuracy": val, "test_accuracy": 0.6},
-        "steps_executed": executed, "steps_reused": reused,
-    }
+def _record(trial_id: str, sparsity: float, val: float, status: str, executed: int, reused: int) -> TrialRecord:
+    return TrialRecord(
+        search="s", trial_id=trial_id, status=TrialStatus(status), choices={"rate": 0.2},
+        dense=DenseResult(0.65, 0.64, 0.1, 1000.0, 0, 200, "k"),
+        matching=MatchingRecord(sparsity=sparsity, round=3, val_accuracy=val, test_accuracy=0.6),
+        steps_executed=executed, steps_reused=reused,
+    )
 
 
 def test_summary_picks_the_sparsest_match_and_counts_compute():
@@ -94,7 +94,7 @@ def test_summary_picks_the_sparsest_match_and_counts_compute():
 @pytest.mark.parametrize("records", [[], [_record("t1", 0.0, 0.65, "finished", 1, 0)]])
 def test_summary_says_when_nothing_matched(records):
     for record in records:
-        record["matching"]["round"] = 0
+        record.matching.round = 0
     line = summary_lines(summarize(records, "s", rounds=3))[0]
     assert line.startswith("best ticket: none")
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 import io
 import subprocess
 import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import LTH_SEARCH
+from conftest import LTH_SEARCH, wait_for
 from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, MlflowUi, rest, run_tags, search_layout
 from search_helpers import search_config, trial_records, trial_results
 
 from lth_search.store.codec import decode_mask
 from lth_search.tracking.client import read_artifact
-from lth_search.search.driver import run_search
+from lth_search.api import run_search
 from lth_search.store.stages import StageStore
 
 pytestmark = pytest.mark.slow
@@ -95,14 +94,13 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
         killed: dict[str, int] = {}
 
         def kill_after_the_first_round() -> None:
-            deadline = time.time() + 300
-            while time.time() < deadline:
+            def records_with_a_round() -> dict:
                 records = trial_records(store_root, "serverdown") if (store_root / "records").exists() else {}
-                if any(r.get("rounds") for r in records.values()):
-                    killed["rounds"] = sum(len(r["rounds"]) for r in records.values())
-                    server.kill()
-                    return
-                time.sleep(0.1)
+                return records if any(r.get("rounds") for r in records.values()) else {}
+
+            records = wait_for(records_with_a_round, 300, "a first round")
+            killed["rounds"] = sum(len(r["rounds"]) for r in records.values())
+            server.kill()
 
         killer = threading.Thread(target=kill_after_the_first_round, daemon=True)
         killer.start()

@@ -26,31 +26,30 @@ from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
 from lth_search.store.stages import StageStore
 from lth_search.tracking.sync import sync_search
-from lth_search.tracking.runs import SearchTracker
-from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record, write_search_json
+from lth_search.tracking.observers import MlflowTracking
+from mlflow_helpers import MlflowServer, save_search_state, search_layout, tracked_trial
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20}}
 TIMINGS = {"train_steps_per_s", "dense_train_steps_per_s"}
 
 
 def run_search(cfg, dataset, search_id: str, kill_after_round_1=None):
-    """The driver/trial flow of search.py without Ray; returns (tracker, records, store)."""
+    """A search's trials and finish without Ray (production runner and observers); returns
+    (search tracker, records, store)."""
     store = StageStore.from_config(cfg)
-    search = SearchTracker.start(cfg, ray_results_path=f"{cfg.output_path()}/ray/{search_id}")
+    search = MlflowTracking().start(cfg, f"{cfg.output_path()}/ray/{search_id}", None)
     records = []
     for trial_id, choices in TRIALS.items():
         after = None
         if kill_after_round_1 is not None and trial_id == "t0":
-            def after(round_result):
-                if round_result.round == 1:
+            def after(round_index):
+                if round_index == 1:
                     kill_after_round_1()
-        _, _, result = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset, after_round=after)
-        record = trial_record(search_id, trial_id, choices, cfg, result)
-        store.put_record(f"search-{cfg.name}", trial_id, record)
+        _, record, _ = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset, search_id, after)
         records.append(record)
     search.finish(records)
-    write_search_json(cfg, search_id, f"{cfg.output_path()}/ray/{search_id}", search.parent_run_id)
-    return search, records, store
+    save_search_state(cfg, search_id, search.parent_run_id)
+    return search.tracker, records, store
 
 
 def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -78,8 +77,8 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
         with caplog.at_level(logging.WARNING, logger="lth_search"):
             search, records, store = run_search(cfg, dataset, "interrupted-1", kill_after_round_1=server.kill)
         # The lineages completed and the store holds everything MLflow missed.
-        assert [len(r["round_keys"]) for r in records] == [3, 3]
-        assert all(store.get(key) is not None for r in records for key in [r["dense_key"], *r["round_keys"]])
+        assert [len(r.round_keys) for r in records] == [3, 3]
+        assert all(store.get(key) is not None for r in records for key in [r.dense_key, *r.round_keys])
         assert search.missed and any("lth-search sync interrupted" in m for m in caplog.messages)
 
         server.start()  # same port, backend and artifacts
@@ -103,13 +102,13 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
                     assert [s for s, _ in got[key]] == [s for s, _ in expected[key]]
                 else:
                     assert got[key] == expected[key], key
-            record = next(r for r in records if r["trial_id"] == trial_id)
+            record = next(r for r in records if r.trial_id == trial_id)
             speeds = dict(got["train_steps_per_s"])
-            for item in record["rounds"]:
-                assert speeds[item["round"]] == store.get(item["key"]).metrics["train_steps_per_s"]
-                mask_file = f"masks/round_{item['round']:02d}.parquet"
+            for item in record.rounds:
+                assert speeds[item.round] == store.get(item.key).metrics["train_steps_per_s"]
+                mask_file = f"masks/round_{item.round:02d}.parquet"
                 logged = decode_mask(read_artifact(client, runs[trial_id].info.run_id, mask_file))
-                stored = store.get(item["key"]).masks["mask"]
+                stored = store.get(item.key).masks["mask"]
                 assert all(torch.equal(logged[n], stored[n]) for n in stored)
             assert runs[trial_id].data.params == ref_runs[trial_id].data.params
             assert runs[trial_id].info.status == "FINISHED"

@@ -20,13 +20,14 @@ from conftest import LTH_SEARCH, tiny_config
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import TrackingError
-from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
 from lth_search.store.stages import StageEntry, StageStore
 from lth_search.tickets import Ticket, best_ticket, format_tickets, list_tickets
-from lth_search.tracking.runs import SearchTracker, TrialTracker
+from lth_search.tracking.runs import TrialTracker
 from lth_search.engine.train import evaluate, train
+from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import tracked_trial
 
 DENSE_VAL = 0.60
@@ -51,10 +52,10 @@ def fake_trial(cfg: ExperimentConfig, parent: str, trial_id: str, choices: dict,
     tracker = TrialTracker.start(trial_cfg, parent, trial_id, choices)
     model = build_model(trial_cfg.model, (40,), 10, seed)
     state = model.state_dict()
-    dense = {"val_accuracy": DENSE_VAL, "test_accuracy": 0.59, "train_loss": 1.0, "train_steps_per_s": 900.0,
-             "reused": 0, "steps": 200, "key": f"dense-{trial_id}"}
+    dense = DenseResult(val_accuracy=DENSE_VAL, test_accuracy=0.59, train_loss=1.0, train_steps_per_s=900.0,
+                        reused=0, steps=200, key=f"dense-{trial_id}")
     result = LineageResult(dense, [], 200, 0, trial_cfg.search.tolerance)
-    tracker.log_dense(result, StageEntry(key=dense["key"], kind="dense", inputs={}, metrics={},
+    tracker.log_dense(result, StageEntry(key=dense.key, kind="dense", inputs={}, metrics={},
                                          weights={f"rewind_{trial_cfg.prune.rewind_step}": state}))
     generator = torch.Generator().manual_seed(seed)
     masks = {}
@@ -71,7 +72,7 @@ def fake_trial(cfg: ExperimentConfig, parent: str, trial_id: str, choices: dict,
 
 
 def fake_search(cfg: ExperimentConfig, trials: dict, tmp: Path, tag: str) -> tuple[str, dict]:
-    search = SearchTracker.start(cfg, ray_results_path=str(tmp / tag))
+    search = MlflowTracking().start(cfg, str(tmp / tag), None)
     logged = {t: fake_trial(cfg, search.parent_run_id, t, c, r, seed=i) for i, (t, (c, r)) in enumerate(trials.items())}
     search.finish([])
     return search.parent_run_id, logged
@@ -157,7 +158,7 @@ def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(data_root, tmp_path / "out", name="retrain", tracking__enabled="true", tracking__uri=uri)
     dataset = load_dataset(cfg.data, cfg.seed)
-    search = SearchTracker.start(cfg, ray_results_path=str(tmp_path / "ray"))
+    search = MlflowTracking().start(cfg, str(tmp_path / "ray"), None)
     choices = {"rate": 0.5, "rewind_step": 20, "init_scale": init_scale}
     _, _, result = tracked_trial(cfg, search.parent_run_id, "t0", choices, StageStore.from_config(cfg), dataset)
     search.finish([])

@@ -1,7 +1,7 @@
 """MLflow tracking of a search, against sqlite and against a real `mlflow server` (no mocks).
 
-The driver/trial flow runs in-process without Ray: SearchTracker.start, tiny lineages
-whose callbacks drive TrialTrackers (as trial.py does), SearchTracker.finish. Every
+The driver/trial flow runs in-process without Ray: the MLflow observers, tiny lineages
+run by the production trial runner with TrialTrackers, the search observer's finish. Every
 check reads MLflow back: run structure, metric histories, mask artifacts against the
 store's masks, the tickets table, the registered best ticket.
 """
@@ -25,8 +25,8 @@ from lth_search.tracking.client import read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.store.stages import StageStore
 from lth_search.tickets import best_ticket
-from lth_search.tracking.runs import SearchTracker
-from mlflow_helpers import MlflowServer, search_layout, tracked_trial, trial_record
+from lth_search.tracking.observers import MlflowTracking
+from mlflow_helpers import MlflowServer, search_layout, tracked_trial
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}}
 
@@ -64,7 +64,7 @@ def check_child(client: MlflowClient, child, result, choices: dict, store: Stage
     last = result.rounds[-1]
     assert child.data.metrics["sparsity"] == last.sparsity
     assert child.data.metrics["layer_sparsity/hidden.0.weight"] == last.layer_sparsity["hidden.0.weight"]
-    assert child.data.metrics["dense_val_accuracy"] == result.dense["val_accuracy"]
+    assert child.data.metrics["dense_val_accuracy"] == result.dense.val_accuracy
     assert child.data.metrics["matching_sparsity"] == result.best.sparsity
     for round_result in result.rounds:
         logged = decode_mask(read_artifact(client, run_id, f"masks/round_{round_result.round:02d}.parquet"))
@@ -72,7 +72,7 @@ def check_child(client: MlflowClient, child, result, choices: dict, store: Stage
         assert list(logged) == list(stored)
         assert all(torch.equal(logged[name], stored[name]) for name in stored)
     rewind = decode_weights(read_artifact(client, run_id, f"weights/rewind_{rewind_step}.safetensors"))
-    dense = store.get(result.dense["key"]).weights[f"rewind_{rewind_step}"]
+    dense = store.get(result.dense.key).weights[f"rewind_{rewind_step}"]
     assert all(torch.equal(rewind[name], dense[name]) for name in dense)
     assert read_artifact(client, run_id, "plots/accuracy_vs_sparsity.png")[:4] == b"\x89PNG"
 
@@ -85,18 +85,20 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     cfg = tiny_config(data_root, tmp_path / "out", name=name, tracking__enabled="true", tracking__uri=uri,
                       search__tolerance=0.02)
     store = StageStore.from_config(cfg)
-    search = SearchTracker.start(cfg, ray_results_path=str(tmp_path / "ray" / f"{name}-1"))
+    observer = MlflowTracking().start(cfg, str(tmp_path / "ray" / f"{name}-1"), None)
+    search = observer.tracker
     assert search.parent_run_id is not None
 
-    results, trackers = {}, {}
+    results, trackers, records = {}, {}, {}
     for trial_id, choices in TRIALS.items():
-        trackers[trial_id], _, results[trial_id] = tracked_trial(cfg, search.parent_run_id, trial_id, choices, store, dataset)
+        trackers[trial_id], records[trial_id], results[trial_id] = tracked_trial(
+            cfg, search.parent_run_id, trial_id, choices, store, dataset, f"{name}-1")
     # A Ray retry of t0 walks its lineage again (all from the store): same run, nothing logged twice.
-    again, _, rerun = tracked_trial(cfg, search.parent_run_id, "t0", TRIALS["t0"], store, dataset)
+    again, _, rerun = tracked_trial(cfg, search.parent_run_id, "t0", TRIALS["t0"], store, dataset, f"{name}-1")
     assert all(r.reused for r in rerun.rounds)
     assert again.run_id == trackers["t0"].run_id and again.logged == []
 
-    search.finish([trial_record(f"{name}-1", t, TRIALS[t], cfg, results[t]) for t in TRIALS])
+    observer.finish(list(records.values()))
     assert search.missed == [] and all(not t.io.missed for t in trackers.values())
 
     client = MlflowClient(uri)
@@ -121,7 +123,7 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
         assert row["run_id"] == trackers[row["trial_id"]].run_id
     matching = [
         (r.sparsity, r.val_accuracy) for result in results.values() for r in result.rounds
-        if is_matching(r.val_accuracy, result.dense["val_accuracy"], 0.02)
+        if is_matching(r.val_accuracy, result.dense.val_accuracy, 0.02)
     ]
     assert parent.data.metrics["best_matching_sparsity"] == (max(matching)[0] if matching else 0.0)
     assert read_artifact(client, parent.info.run_id, "plots/search_summary.png")[:4] == b"\x89PNG"

@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_helpers import manifests, search_config, trial_records, trial_results  # noqa: E402
 
-from lth_search.search.driver import run_search  # noqa: E402
+from lth_search.api import run_search  # noqa: E402
 
 
 def main(data_root: Path, output_dir: Path) -> None:

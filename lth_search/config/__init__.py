@@ -10,11 +10,12 @@ from lth_search.config.schema import (
     PruneConfig,
     SearchConfig,
     TrainConfig,
+    default_output_dir,
     resolve_steps,
     validate_config,
 )
 
 __all__ = [
     "DATA_SETS", "MODELS", "DataConfig", "ExperimentConfig", "ModelConfig", "PruneConfig", "SearchConfig",
-    "TrainConfig", "apply_override", "load_config", "resolve_steps", "validate_config",
+    "TrainConfig", "apply_override", "default_output_dir", "load_config", "resolve_steps", "validate_config",
 ]

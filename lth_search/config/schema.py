@@ -166,7 +166,8 @@ RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
 
 
-def _check_init_scale(value: Any) -> InitScale:
+def check_init_scale(value: Any) -> InitScale:
+    """The one rule for a rescale mode: an exponent alpha in [0, 2], 'measured' or 'calibrated'."""
     if value in RESCALE_MODES:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -203,7 +204,7 @@ class PruneConfig(_Section):
     @field_validator("init_scale", mode="before")
     @classmethod
     def _init_scale(cls, value: Any) -> InitScale:
-        return _check_init_scale(value)
+        return check_init_scale(value)
 
     @field_validator("layer_ratios")
     @classmethod
@@ -236,8 +237,20 @@ class PruneConfig(_Section):
 
 
 class AshaConfig(_Section):
+    """Early stopping that is fair across pruning rates.
+
+    ASHA compares lineages at equal *sparsity*, not at equal round: its clock is the
+    sparsity level (how many 20 % prunes the remaining weights amount to, so 48.8 % is
+    level 3 whatever the rate), and its yardstick is the val accuracy margin over dense
+    there. A slow pruner is never cut for being slow, only for being worse at the
+    sparsity both reached. A stopped lineage is told to Optuna as pruned.
+    """
+
     enabled: bool = True
-    grace_period: int = Field(2, ge=1, le=200, description="rounds every lineage runs before it can be stopped")
+    grace_period: int = Field(
+        3, ge=1, le=200,
+        description="sparsity level (20 %-prunes: 3 = 48.8 %) every lineage reaches before it can be stopped",
+    )
     reduction_factor: float = Field(2.0, gt=1, le=100)
 
 
@@ -257,7 +270,7 @@ class SearchSpace(_Section):
             return None
         if not isinstance(values, list) or not 0 < len(values) <= MAX_LIST:
             raise ValueError(f"must be a non-empty list (at most {MAX_LIST}) of exponents, 'measured' or 'calibrated'")
-        return [_check_init_scale(v) for v in values]
+        return [check_init_scale(v) for v in values]
 
     @field_validator("rate")
     @classmethod
@@ -286,14 +299,27 @@ class SearchSpace(_Section):
 class SearchConfig(_Section):
     num_trials: int = Field(12, ge=1, le=100_000)
     max_concurrent: int = Field(2, ge=1, le=10_000)
-    sampler: Literal["tpe", "nsga2", "random"] = Field(
-        "tpe", description="tpe (seeded) for one objective; nsga2 for (matching sparsity, accuracy at it)"
+    sampler: Literal["auto", "exhaustive", "tpe", "nsga2", "random"] = Field(
+        "auto",
+        description="auto: exhaustive (every recipe once) when num_trials covers the space, else TPE with its "
+        "random start-up sized to the budget; nsga2 for two objectives; all seeded",
     )
     objectives: int = Field(1, ge=1, le=2, description="1: matching sparsity; 2: plus val accuracy at it")
     tolerance: float = Field(
         0.01, ge=0, lt=1, description="a round matches when its val accuracy >= dense val accuracy - tolerance"
     )
     max_failures: int = Field(2, ge=0, le=100, description="Ray retries of a failed trial")
+    confirm_seeds: int = Field(
+        3, ge=0, le=20,
+        description="after the search, the top recipes and the default recipe are re-run on this many seeds the "
+        "search never used; the best ticket is the recipe with the best confirmed score (0: no confirmation)",
+    )
+    confirm_top_k: int = Field(3, ge=1, le=20, description="how many of the search's best recipes are confirmed")
+    confirm_margin: float = Field(
+        1.1, ge=1.0, le=10.0,
+        description="a searched recipe replaces the default only when its confirmed geometric-mean compression "
+        "is at least this many times the default's (selection noise must not pick a recipe)",
+    )
     asha: AshaConfig = AshaConfig()
     space: SearchSpace = SearchSpace()
 
@@ -388,7 +414,41 @@ class ExperimentConfig(_Section):
             late = [s for s in self.prune.rewind_steps if s >= self.train.steps]
             if late:
                 raise ValueError(f"prune.rewind_steps: {late} must be < train.steps ({self.train.steps})")
+        for key, value in self.default_recipe().items():
+            candidates = self.searched_values()[key]
+            if value not in candidates:
+                raise ValueError(
+                    f"search.space.{key.replace('/', '.')}: {candidates} must include the default recipe's "
+                    f"{value!r} (prune.{key.split('/')[0]}): the default recipe is a trial of every search"
+                )
         return self
+
+    # The search space --------------------------------------------------------------------
+    def searched_values(self) -> dict[str, list[Any]]:
+        """Each searched choice name ("rate", "layer_ratios/output", ...) with its candidates."""
+        space = self.search.space
+        values: dict[str, list[Any]] = {}
+        for key in ("rewind_step", "rate", "scope", "init_scale"):
+            candidates = getattr(space, key)
+            if candidates is not None:
+                values[key] = list(candidates)
+        for group, candidates in (space.layer_ratios or {}).items():
+            values[f"layer_ratios/{group}"] = list(candidates)
+        return values
+
+    def default_recipe(self) -> dict[str, Any]:
+        """The config's own prune values for every searched choice: plain IMP as configured.
+
+        It is enqueued as a trial of every search and confirmed beside the search's best,
+        so a summary can say what searching gained over not searching.
+        """
+        recipe: dict[str, Any] = {}
+        for key in self.searched_values():
+            if key.startswith("layer_ratios/"):
+                recipe[key] = self.prune.layer_ratios.get(key.split("/", 1)[1], 1.0)
+            else:
+                recipe[key] = getattr(self.prune, key)
+        return recipe
 
     # Paths -------------------------------------------------------------------------------
     def output_path(self) -> Path:
@@ -448,3 +508,8 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_error(error, source)) from None
+
+
+def default_output_dir() -> str:
+    """The schema's `output_dir` default, for commands that name a search instead of a config."""
+    return ExperimentConfig.model_fields["output_dir"].default

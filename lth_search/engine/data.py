@@ -25,7 +25,7 @@ import torch
 
 from lth_search.config import DataConfig
 from lth_search.errors import ConfigError, DataError
-from lth_search.engine.formats import read_cifar_batch, read_idx
+from lth_search.engine.data_files import read_cifar_batch, read_idx
 
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test; x (n, *shape)
 
@@ -270,6 +270,12 @@ _REGISTRY = {
     "fashion_mnist": _Spec(partial(_read_idx_set, name="fashion_mnist"), (1, 28, 28), 10),
     "cifar10": _Spec(_read_cifar10, (3, 32, 32), 10),
 }
+
+
+def data_signature(name: str) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of a data set, known without reading it (loading takes seconds)."""
+    spec = _REGISTRY[name]
+    return tuple(spec.input_shape), int(spec.num_classes)
 
 
 def _check_labels(name: str, spec: _Spec, labels: np.ndarray) -> None:

@@ -18,7 +18,6 @@ stage. Without a store, stages live in memory for the run.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -28,7 +27,7 @@ from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.objective import Matching, matching
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -69,49 +68,6 @@ class MemoryStages:
             return self._entries[key], True
         self._entries[key] = compute()
         return self._entries[key], False
-
-
-@dataclass
-class RoundResult:
-    """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
-
-    round: int
-    sparsity: float
-    val_accuracy: float
-    test_accuracy: float
-    train_loss: float
-    train_steps_per_s: float
-    reused: int
-    steps: int
-    key: str
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    rescale: dict[str, float] = field(default_factory=dict)
-    """Per-layer factor the survivors were multiplied by at rewind."""
-
-
-@dataclass
-class LineageResult:
-    dense: dict[str, Any]
-    rounds: list[RoundResult]
-    steps_executed: int
-    steps_reused: int
-    tolerance: float
-
-    @property
-    def best(self) -> Matching:
-        return matching(self.dense["val_accuracy"], self.rounds, self.tolerance)
-
-    def to_json(self) -> dict[str, Any]:
-        best = self.best
-        return {
-            "dense": self.dense,
-            "rounds": [asdict(r) for r in self.rounds],
-            "steps_executed": self.steps_executed,
-            "steps_reused": self.steps_reused,
-            "matching_sparsity": best.sparsity,
-            "matching_round": best.round,
-            "matching_val_accuracy": best.val_accuracy,
-        }
 
 
 _DENSE_METRICS = ("val_accuracy", "test_accuracy", "train_loss", "train_steps_per_s", "steps")
@@ -300,15 +256,7 @@ class Lineage:
         self.entries = [dense]
         dm = dense.metrics
         result = LineageResult(
-            dense={
-                "val_accuracy": dm["val_accuracy"],
-                "test_accuracy": dm["test_accuracy"],
-                "train_loss": dm["train_loss"],
-                "train_steps_per_s": dm["train_steps_per_s"],
-                "reused": int(reused),
-                "steps": dm["steps"],
-                "key": dense.key,
-            },
+            dense=DenseResult.from_stage(dm, dense.key, reused),
             rounds=[],
             steps_executed=0 if reused else dm["steps"],
             steps_reused=dm["steps"] if reused else 0,
@@ -320,20 +268,7 @@ class Lineage:
         for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
             self.entries.append(parent)
-            metrics = parent.metrics
-            round_result = RoundResult(
-                round=round_index,
-                sparsity=metrics["sparsity"],
-                val_accuracy=metrics["val_accuracy"],
-                test_accuracy=metrics["test_accuracy"],
-                train_loss=metrics["train_loss"],
-                train_steps_per_s=metrics["train_steps_per_s"],
-                reused=int(reused),
-                steps=metrics["steps"],
-                key=parent.key,
-                layer_sparsity=metrics["layer_sparsity"],
-                rescale=metrics.get("rescale", {}),
-            )
+            round_result = RoundResult.from_stage({**parent.metrics, "round": round_index}, parent.key, reused)
             result.rounds.append(round_result)
             if reused:
                 result.steps_reused += round_result.steps

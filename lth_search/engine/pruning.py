@@ -21,10 +21,9 @@ import math
 import torch
 from torch import nn
 
+from lth_search.config.schema import check_init_scale
 from lth_search.errors import ConfigError
-
-Mask = dict[str, torch.Tensor]
-"""Prunable parameter name -> bool tensor of the parameter's shape (True = kept)."""
+from lth_search.store.codec import Mask
 
 SCOPES = ("global", "layerwise")
 
@@ -219,13 +218,14 @@ def random_mask_like(mask: Mask, seed: int) -> Mask:
 
 
 # Rewinding ----------------------------------------------------------------------------------
-def _check_init_scale(init_scale: float | str) -> None:
-    if init_scale == "measured":
-        return
+def _check_init_scale(init_scale: float | str) -> float | str:
+    """The schema's rule (config/schema.py), for callers that bypass the config."""
     if init_scale == "calibrated":
         raise ValueError("init_scale 'calibrated' needs a data batch: use calibrated_factors")
-    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
-        raise ConfigError(f"prune.init_scale: must be an exponent alpha or 'measured', got {init_scale!r}")
+    try:
+        return check_init_scale(init_scale)
+    except ValueError as error:
+        raise ConfigError(f"prune.init_scale: {error}") from None
 
 
 def rescale_factors(rewind_weights: dict[str, torch.Tensor], mask: Mask, init_scale: float | str) -> dict[str, float]:
@@ -240,7 +240,7 @@ def rescale_factors(rewind_weights: dict[str, torch.Tensor], mask: Mask, init_sc
     ones closely; for deep IMP masks see `calibrated_factors`. A layer with nothing kept
     gets 1.0.
     """
-    _check_init_scale(init_scale)
+    init_scale = _check_init_scale(init_scale)
     factors = {}
     for name, kept in mask.items():
         count = int(kept.sum())

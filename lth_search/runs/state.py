@@ -11,13 +11,23 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lth_search.config import ExperimentConfig, validate_config
+from lth_search.config import ExperimentConfig, default_output_dir, validate_config
 from lth_search.config.names import check_name
 from lth_search.errors import ConfigError
 from lth_search.store.uri import PYARROW_SCHEMES
+
+
+class SearchStatus(str, Enum):
+    """Where a search is (the words stored in search.json)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    """Stopped before its end (Ctrl-C, a killed driver): `lth-search resume` continues it."""
 
 
 @dataclass
@@ -30,9 +40,14 @@ class SearchState:
     results_path: str
     journal: str
     parent_run_id: str | None = None
-    status: str = "running"
+    status: SearchStatus = SearchStatus.RUNNING
     started_at: float = 0.0
     finished_at: float | None = None
+    confirmation: dict[str, Any] | None = None
+    """The confirmation's scores and chosen trial (runs/confirmation.py), once it ran."""
+
+    def __post_init__(self) -> None:
+        self.status = SearchStatus(self.status)
 
     @staticmethod
     def folder(output_dir: str | Path, name: str) -> Path:
@@ -47,8 +62,9 @@ class SearchState:
         os.replace(staging, path)
 
     @classmethod
-    def load(cls, name: str, output_dir: str | Path) -> "SearchState":
-        folder = cls.folder(output_dir, name)
+    def load(cls, name: str, output_dir: str | Path | None = None) -> "SearchState":
+        """The state of search `name` under `output_dir` (default: the schema's)."""
+        folder = cls.folder(output_dir or default_output_dir(), name)
         try:
             data = json.loads((folder / "search.json").read_text())
         except FileNotFoundError:
@@ -70,6 +86,10 @@ class SearchState:
             raise ConfigError(f"{path}: not a search state (needs {', '.join(sorted(required))}); the search cannot be resumed")
         kinds = {"config": dict, "name": str, "search_id": str, "results_path": str, "journal": str, "status": str}
         wrong = sorted(k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind))
+        if "status" not in wrong and data.get("status", "running") not in {s.value for s in SearchStatus}:
+            wrong.append("status")
+        if not isinstance(data.get("confirmation") or {}, dict):
+            wrong.append("confirmation")
         if wrong or not isinstance(data["config"].get("output_dir", ""), str):
             raise ConfigError(f"{path}: damaged search state (field(s) {', '.join(wrong) or 'config'}); cannot resume")
         return cls(**{k: v for k, v in data.items() if k in fields})

@@ -8,47 +8,62 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lth_search.runs.confirmation import Confirmation, confirmation_lines
+from lth_search.runs.record import TrialRecord, TrialStatus
 
-def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+
+def best_record(records: list[TrialRecord]) -> TrialRecord | None:
     """The trial with the highest matching sparsity (ties: higher val accuracy at it)."""
-    scored = [r for r in records if r.get("matching")]
+    scored = [r for r in records if r.matching is not None]
     if not scored:
         return None
-    return max(scored, key=lambda r: (r["matching"]["sparsity"], r["matching"]["val_accuracy"]))
+    return max(scored, key=lambda r: (r.matching.sparsity, r.matching.val_accuracy))
+
+
+def chosen_record(records: list[TrialRecord], confirmation: Confirmation | None) -> TrialRecord | None:
+    """The search trial that holds the best ticket: the best trial of the confirmed recipe
+    (without confirmation, the best trial)."""
+    if confirmation is not None:
+        recipe = confirmation.chosen.recipe
+        same = [r for r in records if r.choices == recipe]
+        if same:
+            return best_record(same)
+    return best_record(records)
 
 
 def summarize(
-    records: list[dict[str, Any]], search_id: str, rounds: int, extra: dict[str, Any] | None = None
+    records: list[TrialRecord], search_id: str, rounds: int, extra: dict[str, Any] | None = None,
+    confirmation: Confirmation | None = None,
 ) -> dict[str, Any]:
-    """The summary dict `run_search` returns (best ticket, counts, steps)."""
-    statuses = [r.get("status", "running") for r in records]
-    counted = [r for r in records if r.get("status") != "abandoned"]
-    best = best_record(records)
+    """The summary `run_search` returns (best ticket, counts, steps, confirmation) as JSON-ready values."""
+    statuses = [r.status for r in records]
+    best = chosen_record(records, confirmation)
     summary: dict[str, Any] = {
         "search_id": search_id,
-        "trials": len(counted),
-        "finished": statuses.count("finished"),
-        "stopped_by_asha": statuses.count("stopped"),
-        "errored": statuses.count("error"),
-        "abandoned": statuses.count("abandoned"),
-        "unfinished": sum(s not in ("finished", "stopped", "error", "abandoned") for s in statuses),
+        "trials": sum(s is not TrialStatus.ABANDONED for s in statuses),
+        "finished": statuses.count(TrialStatus.FINISHED),
+        "stopped_by_asha": statuses.count(TrialStatus.STOPPED),
+        "errored": statuses.count(TrialStatus.ERROR),
+        "abandoned": statuses.count(TrialStatus.ABANDONED),
+        "unfinished": statuses.count(TrialStatus.RUNNING),
         "rounds": rounds,
-        "steps_executed": sum(int(r.get("steps_executed", 0)) for r in records),
-        "steps_reused": sum(int(r.get("steps_reused", 0)) for r in records),
+        "steps_executed": sum(r.steps_executed for r in records),
+        "steps_reused": sum(r.steps_reused for r in records),
         "best": None,
     }
-    if best is not None:
-        match = best["matching"]
+    if best is not None and best.matching is not None and best.dense is not None:
+        match = best.matching
         summary["best"] = {
-            "trial_id": best["trial_id"],
-            "choices": best.get("choices", {}),
-            "matching_sparsity": match["sparsity"],
-            "round": match["round"],
-            "val_accuracy": match["val_accuracy"],
-            "test_accuracy": match["test_accuracy"],
-            "dense_val_accuracy": best["dense"]["val_accuracy"],
-            "dense_test_accuracy": best["dense"]["test_accuracy"],
+            "trial_id": best.trial_id,
+            "choices": best.choices,
+            "matching_sparsity": match.sparsity,
+            "round": match.round,
+            "val_accuracy": match.val_accuracy,
+            "test_accuracy": match.test_accuracy,
+            "dense_val_accuracy": best.dense.val_accuracy,
+            "dense_test_accuracy": best.dense.test_accuracy,
         }
+    summary["confirmation"] = confirmation.to_json() if confirmation is not None else None
     summary.update(extra or {})
     return summary
 
@@ -79,6 +94,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"(dense val {_pct(best['dense_val_accuracy'])} / test {_pct(best['dense_test_accuracy'])})"
         )
         lines.append(f"  choices: {_choices(best['choices'])}")
+    if summary.get("confirmation"):
+        lines.extend(confirmation_lines(summary["confirmation"]))
     lines.append(
         f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped_by_asha']} stopped by ASHA, "
         f"{summary['errored']} errored" + (f", {summary['unfinished']} unfinished" if summary["unfinished"] else "") + ")"

@@ -15,6 +15,7 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,24 +25,33 @@ from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError, LthError
+from lth_search.runs.observers import SearchObserver, SearchTracking
+from lth_search.runs.record import TrialRecord, TrialStatus
+from lth_search.runs.state import SearchState, SearchStatus, new_state
+from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.ray_leases import start_lease_actor
-from lth_search.store.records import records_namespace
-from lth_search.search.space import PRIMARY_METRIC, DefineByRunSpace, close_orphans, journal_storage, make_sampler, objectives
-from lth_search.runs.state import SearchState, new_state
-from lth_search.store.stages import StageStore
-from lth_search.runs.summary import emit, summarize, summary_lines
+from lth_search.search.confirm import run_confirmation
+from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
+from lth_search.search.space import (
+    PRIMARY_METRIC,
+    DefineByRunSpace,
+    close_orphans,
+    journal_storage,
+    make_sampler,
+    objectives,
+    sampler_name,
+    space_size,
+    trial_budget,
+)
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
+from lth_search.store.stages import StageStore
 
 Progress = Callable[[str], None]
-_session: dict[str, Any] = {"progress": print, "store": None, "namespace": "", "pending": {}}
-"""What the driver's Tune callback needs (see `_TrialEvents`)."""
-FINAL = ("finished", "stopped", "error", "abandoned")
 
 
 # Ray session ---------------------------------------------------------------------------------
@@ -107,96 +117,113 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
 
 
 # Tune pieces ---------------------------------------------------------------------------------
-def _trainable(cfg: ExperimentConfig, state: SearchState) -> Any:
+def _trainable(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> Any:
     """The lineage trial with the data set (via the object store) and the search context bound."""
     dataset = load_dataset(cfg.data, cfg.seed, "cpu")
     context = {"search_id": state.search_id, "parent_run_id": state.parent_run_id}
-    bound = tune.with_parameters(lineage_trial, base=state.config, dataset=dataset, context=context)
+    observer_factory = tracking.trial_observer if tracking is not None else None
+    bound = tune.with_parameters(
+        lineage_trial, base=state.config, dataset=dataset, context=context, observer_factory=observer_factory
+    )
     trainable = tune.with_resources(bound, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     trainable._progress_metrics = PROGRESS_METRICS  # read by Ray's console reporter
     return trainable
 
 
-def _scheduler(cfg: ExperimentConfig) -> Any:
-    asha = cfg.search.asha
-    if not asha.enabled or cfg.prune.rounds < 2:
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=PRIMARY_METRIC,
-        mode="max",
-        max_t=cfg.prune.rounds,
-        grace_period=min(asha.grace_period, cfg.prune.rounds),
-        reduction_factor=asha.reduction_factor,
-    )
-
-
 def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
+    """Optuna over the space, the default recipe enqueued first (the baseline is always in the race)."""
     metric, mode = objectives(cfg)
     Path(state.journal).parent.mkdir(parents=True, exist_ok=True)
-    return OptunaSearch(
+    default = cfg.default_recipe()
+    return PruningAwareOptunaSearch(
         space=DefineByRunSpace(cfg),
         metric=metric,
         mode=mode,
         sampler=make_sampler(cfg),
         study_name=state.search_id,
         storage=journal_storage(state.journal),
+        points_to_evaluate=[default] if default else None,
+        cfg=cfg,
     )
 
 
-class _TrialEvents(tune.Callback):
+class TrialEvents(tune.Callback):
     """Final trial statuses into the trial records, and one readable line per lineage.
 
-    Only the driver knows why a trial ended: a trial ASHA stops and one cut short by an
-    interrupted search both end inside `tune.report`, but only the first gets
-    `on_trial_complete`. State lives in the module (`_session`): Ray pickles callbacks
-    into the experiment and restores copies of them on resume.
+    Only the driver knows why a trial ended: a trial the scheduler stops and one cut short
+    by an interrupted search both end inside `tune.report`, but only the first gets
+    `on_trial_complete`. Ray pickles callbacks into its experiment state and restores
+    copies of them on resume, so all state is the config (the store is reopened lazily).
     """
 
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
+    def __init__(self, cfg: ExperimentConfig, progress: Progress) -> None:
+        self.cfg, self.progress = cfg, progress
+        self._store: StageStore | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> StageStore:
+        if self._store is None:
+            self._store = StageStore.from_config(self.cfg)
+        return self._store
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         done = result.get("round", 0)
-        status = "finished" if done >= self.rounds else "stopped"
-        _set_status(trial.trial_id, status)
-        how = "finished" if status == "finished" else f"stopped by ASHA after round {done}"
-        _session["progress"](
+        record = TrialRecord.load(self.store, self.cfg.name, trial.trial_id)
+        ended = record is not None and record.status is TrialStatus.FINISHED
+        status = TrialStatus.FINISHED if ended else TrialStatus.STOPPED
+        self._set_status(trial.trial_id, status)
+        how = "finished" if ended else f"stopped by ASHA after round {done}"
+        self.progress(
             f"trial {trial.trial_id} {how}: matching sparsity {100 * result.get(PRIMARY_METRIC, 0.0):.2f}% "
             f"(round {result.get('matching_round', 0)}, val {100 * result.get('matching_val_accuracy', 0.0):.2f}%)"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _set_status(trial.trial_id, "error")
-        _session["progress"](f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        self._set_status(trial.trial_id, TrialStatus.ERROR)
+        self.progress(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+
+    def _set_status(self, trial_id: str, status: TrialStatus) -> None:
+        try:
+            _save_status(self.store, self.cfg.name, trial_id, status)
+        except (LthError, OSError, ValueError) as error:  # raised in a Tune callback, it would kill the driver
+            self.progress(f"trial {trial_id}: cannot record status {status.value} now ({error}); "
+                          "settled from Ray's state at the end of the search or on resume")
 
 
-def _set_status(trial_id: str, status: str) -> bool:
-    """Write a trial's final status into its record; a failed write (disk full) is kept pending, never raised:
-    an exception in a Tune callback would kill the driver mid-search."""
-    store, namespace = _session["store"], _session["namespace"]
-    _session["pending"][trial_id] = status
-    try:
-        record = store.record(namespace, trial_id) if store is not None else None
-        if record is not None and record.get("status") != status:
-            record["status"] = status
-            store.put_record(namespace, trial_id, record)
-    except (LthError, OSError) as error:
-        _session["progress"](f"trial {trial_id}: cannot record status {status} yet ({error}); retried at the end")
-        return False
-    del _session["pending"][trial_id]
-    return True
+def _save_status(store: StageStore, search: str, trial_id: str, status: TrialStatus) -> None:
+    record = TrialRecord.load(store, search, trial_id)
+    if record is not None and record.status is not status:
+        record.status = status
+        record.save(store)
 
 
-def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
+def _settle(store: StageStore, cfg: ExperimentConfig, records: dict[str, TrialRecord], ended: set[str]) -> None:
+    """Final statuses for trials Ray saw end (result `done`) whose record does not say so.
+
+    The callback's write may have failed (disk full) or its driver been killed before it
+    ran; Ray's saved state still knows the trial ended. The trial writes FINISHED itself
+    when its lineage ends, so an ended trial still marked running was stopped by the
+    scheduler. Interrupted trials are never `done` (Ray snapshots before it stops them).
+    """
+    for trial_id in sorted(ended):
+        record = records.get(trial_id)
+        if record is not None and not record.status.final:
+            _save_status(store, cfg.name, trial_id, TrialStatus.STOPPED)
+            record.status = TrialStatus.STOPPED
+
+
+def _tuner(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
     return tune.Tuner(
-        _trainable(cfg, state),
+        _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(cfg, state),
-            scheduler=_scheduler(cfg),
-            num_samples=cfg.search.num_trials,
+            scheduler=make_scheduler(cfg),
+            num_samples=trial_budget(cfg),
             max_concurrent_trials=cfg.search.max_concurrent,
             reuse_actors=True,  # a new lineage starts in a warm process (torch imported, data fetched)
         ),
@@ -205,37 +232,71 @@ def _tuner(cfg: ExperimentConfig, state: SearchState) -> tune.Tuner:
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[_TrialEvents(cfg.prune.rounds)],
+            callbacks=[TrialEvents(cfg, progress)],
             verbose=1,
         ),
     )
 
 
+def _ray_trials(grid: tune.ResultGrid) -> dict[str, bool]:
+    """Every trial Ray knows at the end, by id, with whether it errored.
+
+    A trial that never reported has no `trial_id` metric; its folder name carries the id.
+    """
+    trials: dict[str, bool] = {}
+    for result in grid:
+        trial_id = result.metrics.get("trial_id")
+        if trial_id is None:
+            found = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", Path(result.path).name)
+            trial_id = found.group(1) if found else Path(result.path).name
+        trials[trial_id] = result.error is not None
+    return trials
+
+
+def _ended_trials(grid: tune.ResultGrid) -> dict[str, bool]:
+    """Trial id -> whether Ray saw it end (`done`: finished or stopped by the scheduler, not interrupted)."""
+    return {r.metrics["trial_id"]: bool(r.metrics.get("done")) for r in grid if "trial_id" in r.metrics}
+
+
+def _save_quietly(state: SearchState) -> None:
+    try:
+        state.save()
+    except OSError:
+        pass  # the disk that failed the search: its last saved status stands
+
+
 # Driver --------------------------------------------------------------------------------------
-def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Run a new search on a local Ray (no address) or a cluster; returns its summary."""
+def run_search(
+    cfg: ExperimentConfig, address: str | None = None, progress: Progress = print,
+    tracking: SearchTracking | None = None,
+) -> dict[str, Any]:
+    """Run a new search on a local Ray (no address) or a cluster; returns its summary.
+
+    `tracking` (from api: MLflow, or None) opens the search's run and the trials' runs.
+    """
     cfg = cfg.absolute()
     state = new_state(cfg)
     _check_resources(cfg, address)
     with ThreadPoolExecutor(1) as pool:
-        # MLflow's setup (seconds for a new database) overlaps the start of a local Ray;
-        # joining a cluster comes first, so a wrong --address leaves no MLflow run behind.
+        # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
+        # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not address and not ray.is_initialized()
-        early = pool.submit(_start_tracking, cfg, state) if local else None
+        early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
         with ray_session(address):
-            tracker = early.result() if early is not None else _start_tracking(cfg, state)
+            observer = early.result() if early is not None else _start_tracking(cfg, state, tracking)
             state.save()
             _announce(cfg, state, progress)
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-            summary = _fit(cfg, state, _tuner(cfg, state), tracker, progress)
+            summary = _fit(cfg, state, _tuner(cfg, state, tracking, progress), observer, progress)
             del leases
             return summary
 
 
 def resume_search(
-    name: str, output_dir: str = "./lth_runs", address: str | None = None, progress: Progress = print
+    name: str, output_dir: str | None = None, address: str | None = None, progress: Progress = print,
+    tracking: SearchTracking | None = None,
 ) -> dict[str, Any]:
-    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same MLflow parent."""
+    """Continue an interrupted search by name: Tuner.restore, same Optuna study, same tracking run."""
     state = SearchState.load(name, output_dir)
     cfg = state.cfg().absolute()
     if not tune.Tuner.can_restore(state.results_path):
@@ -244,114 +305,99 @@ def resume_search(
         )
     _check_resources(cfg, address)
     with ray_session(address):
-        tracker = _start_tracking(cfg, state)
-        state.status = "running"
+        observer = _start_tracking(cfg, state, tracking)
+        state.status = SearchStatus.RUNNING
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
         leases = start_lease_actor(cfg.name)
         tuner = tune.Tuner.restore(
-            state.results_path, trainable=_trainable(cfg, state), resume_unfinished=True, resume_errored=True
+            state.results_path, trainable=_trainable(cfg, state, tracking), resume_unfinished=True,
+            resume_errored=True,
         )
-        summary = _fit(cfg, state, tuner, tracker, progress)
+        summary = _fit(cfg, state, tuner, observer, progress)
         del leases
         return summary
 
 
-def _start_tracking(cfg: ExperimentConfig, state: SearchState) -> Any:
-    """The MLflow parent run (created, or the saved one on resume); trials log under it."""
-    if not cfg.tracking.enabled:
+def _start_tracking(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> SearchObserver | None:
+    """The search's tracking run (created, or the saved one on resume); trials log under it."""
+    if tracking is None:
         return None
-    from lth_search.tracking.runs import SearchTracker
-
-    tracker = SearchTracker.start(cfg, ray_results_path=state.results_path, parent_run_id=state.parent_run_id)
-    state.parent_run_id = getattr(tracker, "parent_run_id", None)
-    return tracker
+    observer = tracking.start(cfg, state.results_path, state.parent_run_id)
+    state.parent_run_id = observer.parent_run_id
+    return observer
 
 
 def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> None:
     resources = ray.cluster_resources()
     space = DefineByRunSpace(cfg).categorical
     progress(
-        f"search {state.search_id}: {cfg.search.num_trials} lineages of up to {cfg.prune.rounds} rounds, "
+        f"search {state.search_id}: {trial_budget(cfg)} lineages of up to {cfg.prune.rounds} rounds, "
         f"{cfg.search.max_concurrent} at a time, on Ray with {resources.get('CPU', 0):g} CPUs / "
         f"{resources.get('GPU', 0):g} GPUs"
     )
-    progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}")
+    progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}: "
+             f"{space_size(cfg)} recipes, {sampler_name(cfg)} sampler, the default recipe first")
     progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
 
 
-def _fit(cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, tracker: Any, progress: Progress) -> dict[str, Any]:
+def _fit(
+    cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, observer: SearchObserver | None,
+    progress: Progress,
+) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
-    store = StageStore.from_config(cfg)
-    _session.update(progress=progress, store=store, namespace=records_namespace(cfg.name), pending={})
     # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
     # Ray warns about that frequency by default.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
     try:
         grid = tuner.fit()
-    except BaseException:  # a crash must leave a resumable state, not "running"
-        state.status = "interrupted"
+    except BaseException:  # a crash leaves a resumable state, not "running"
+        state.status = SearchStatus.INTERRUPTED
         _save_quietly(state)
         raise
-    pending = {t: s for t, s in dict(_session["pending"]).items() if not _set_status(t, s)}
-    records = {k: v for k, v in store.records(records_namespace(cfg.name)).items() if v.get("search_id") == state.search_id}
-    trials = grid._experiment_analysis.trials  # ResultGrid has no public per-trial status
-    complete = len(trials) >= cfg.search.num_trials and all(
-        (pending.get(t.trial_id) or records.get(t.trial_id, {}).get("status")) in FINAL or t.status == "ERROR"
-        for t in trials
+    trials = _ray_trials(grid)
+    store = StageStore.from_config(cfg)
+    damaged: list[str] = []
+    records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id, unreadable=damaged)}
+    if damaged:
+        progress(f"trial record(s) {', '.join(sorted(damaged)[:5])} in {cfg.store_uri()} cannot be read; left out")
+    _settle(store, cfg, records, {t for t, done in _ended_trials(grid).items() if done and not trials.get(t)})
+    complete = len(trials) >= trial_budget(cfg) and all(
+        errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
     if complete:
-        _abandon_orphans(store, cfg.name, records, {t.trial_id for t in trials})
+        _abandon_orphans(store, records, set(trials))
         close_orphans(state.journal, state.search_id)
-    state.status = "finished" if complete else "interrupted"
+    state.status = SearchStatus.FINISHED if complete else SearchStatus.INTERRUPTED
     state.finished_at = time.time() if complete else None
     state.save()
-    if tracker is not None and complete:
-        tracker.finish(list(records.values()))
-    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, _links(cfg, state, began))
-    summary["status"] = state.status
+    confirmation = None
+    if complete:
+        confirmation = run_confirmation(cfg, state.search_id, state.results_path, list(records.values()), progress)
+        if confirmation is not None:
+            chosen = chosen_record(list(records.values()), confirmation)
+            state.confirmation = {**confirmation.to_json(), "trial_id": chosen.trial_id if chosen else None}
+            state.save()
+    if observer is not None and complete:
+        observer.finish(list(records.values()), state.confirmation)
+    links = {"wall_s": time.time() - began, "results_path": state.results_path}
+    links.update(observer.links() if observer is not None else {})
+    summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links, confirmation)
+    summary["status"] = state.status.value
     emit(summary_lines(summary), progress)
     if not complete:
         progress(f"search interrupted: continue it with `lth-search resume {cfg.name} --output-dir {cfg.output_dir}`")
     return summary
 
 
-def _save_quietly(state: SearchState) -> None:
-    try:
-        state.save()
-    except OSError:
-        pass  # the disk that failed the search; its last saved status stands
-
-
-def _abandon_orphans(store: StageStore, name: str, records: dict[str, dict], known: set[str]) -> None:
+def _abandon_orphans(store: StageStore, records: dict[str, TrialRecord], known: set[str]) -> None:
     """Mark trials Ray does not know: started by a killed driver after Ray's last snapshot.
 
     Ray's restored state never had them, so the search ran replacements; their stages
     stay in the store (and were reused), their records say what happened.
     """
     for trial_id, record in records.items():
-        if trial_id not in known and record.get("status") not in FINAL:
-            record["status"] = "abandoned"
-            store.put_record(records_namespace(name), trial_id, record)
-
-
-def _links(cfg: ExperimentConfig, state: SearchState, began: float) -> dict[str, Any]:
-    extra: dict[str, Any] = {"wall_s": time.time() - began, "results_path": state.results_path}
-    if not cfg.tracking.enabled:
-        return extra
-    uri = cfg.tracking_uri()
-    extra["tracking_uri"] = uri
-    extra["parent_run_id"] = state.parent_run_id
-    if uri.startswith(("http://", "https://")):
-        extra["mlflow_command"] = f"open {uri} (the MLflow server of this search)"
-        base = uri.rstrip("/")
-    else:
-        extra["mlflow_command"] = f"mlflow ui --backend-store-uri {uri} --port 5000"
-        base = "http://127.0.0.1:5000"
-    from lth_search.tracking.runs import experiment_id as mlflow_experiment_id
-
-    experiment_id = mlflow_experiment_id(cfg)
-    if experiment_id is not None:
-        extra["mlflow_link"] = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    return extra
+        if trial_id not in known and not record.status.final:
+            record.status = TrialStatus.ABANDONED
+            record.save(store)

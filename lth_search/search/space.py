@@ -11,6 +11,7 @@ the space) with `pickle` for `Tuner.restore`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -38,15 +39,7 @@ class DefineByRunSpace:
 
 def searched_values(cfg: ExperimentConfig) -> dict[str, list[Any]]:
     """Each searched choice name with its candidate values (in config order)."""
-    space = cfg.search.space
-    values: dict[str, list[Any]] = {}
-    for key in ("rewind_step", "rate", "scope", "init_scale"):
-        candidates = getattr(space, key)
-        if candidates is not None:
-            values[key] = list(candidates)
-    for group, candidates in (space.layer_ratios or {}).items():
-        values[f"layer_ratios/{group}"] = list(candidates)
-    return values
+    return cfg.searched_values()
 
 
 def choices_of(trial_config: dict[str, Any]) -> dict[str, Any]:
@@ -73,14 +66,43 @@ def objectives(cfg: ExperimentConfig) -> tuple[str | list[str], str | list[str]]
     return PRIMARY_METRIC, "max"
 
 
+def space_size(cfg: ExperimentConfig) -> int:
+    """How many distinct recipes the space holds (1 when nothing is searched)."""
+    return math.prod(len(values) for values in cfg.searched_values().values())
+
+
+def startup_trials(budget: int) -> int:
+    """TPE's random start-up for a budget: Optuna's 10 would leave a 12-trial search random."""
+    return max(2, min(10, budget // 3))
+
+
+def sampler_name(cfg: ExperimentConfig) -> str:
+    """The sampler `auto` resolves to: exhaustive when the budget covers the space, else TPE."""
+    name = cfg.search.sampler
+    if cfg.search.objectives == 2 and name in ("auto", "tpe"):
+        return "nsga2"
+    if name == "auto":
+        return "exhaustive" if cfg.search.num_trials >= space_size(cfg) else "tpe"
+    return name
+
+
+def trial_budget(cfg: ExperimentConfig) -> int:
+    """Trials the search runs: an exhaustive search stops when every recipe ran once."""
+    if sampler_name(cfg) == "exhaustive":
+        return min(cfg.search.num_trials, space_size(cfg))
+    return cfg.search.num_trials
+
+
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
-    """TPE by default, NSGA-II for two objectives (or when asked), random when asked; all seeded."""
-    sampler = cfg.search.sampler
-    if sampler == "random":
+    """The sampler `sampler_name` names, seeded by the config's seed."""
+    name = sampler_name(cfg)
+    if name == "exhaustive":
+        return optuna.samplers.BruteForceSampler(seed=cfg.seed)
+    if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
-    if sampler == "nsga2" or cfg.search.objectives == 2:
+    if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed)
+    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
 
 
 def journal_storage(path: str) -> optuna.storages.BaseStorage:

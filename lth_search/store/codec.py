@@ -46,7 +46,8 @@ import torch
 from lth_search.store.keys import canonical_json
 
 Mask = dict[str, torch.Tensor]
-"""Layer name -> bool tensor (True = kept); the same shape as lth_search.engine.pruning.Mask."""
+"""Prunable parameter name -> bool tensor of the parameter's shape (True = kept): the one
+mask type of the engine, the store and tickets."""
 
 MASK_SCHEMA = pa.schema(
     [

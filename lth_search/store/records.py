@@ -23,9 +23,10 @@ def check_record_name(name: object, what: str) -> str:
     return check_name(name, f"record {what}", StoreError)
 
 
-def records_namespace(search_name: str) -> str:
-    """Where a search's trial records live in the store (trial.py writes, search.py and sync.py read)."""
-    return f"search-{search_name}"
+def records_namespace(search_name: str, role: str = "search") -> str:
+    """Where a search's trial records live in the store: `search-<name>` for its trials,
+    `confirm-<name>` for its confirmation runs."""
+    return f"{role}-{search_name}"
 
 
 def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:

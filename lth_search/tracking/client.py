@@ -103,6 +103,14 @@ def param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def new_client(uri: str) -> Any:
+    """The MlflowClient of a tracking URI (the registry at the same place), quiet downloads."""
+    from mlflow import MlflowClient
+
+    quiet_downloads()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 class MlflowIO:
     """An MlflowClient whose calls retry, warn once and are remembered when they fail.
 
@@ -122,9 +130,7 @@ class MlflowIO:
         """The MlflowClient, created on first use, inside `call`: creating it opens the store
         (a sqlite schema, a bad scheme), which can fail like any other call."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self._client = new_client(self.uri)
         return self._client
 
     # The one door ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lth_search.engine.lineage import LineageResult, RoundResult
+    from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 
 # Tags
 ROLE = "lth.role"                 # search | trial | lineage
@@ -23,11 +23,14 @@ INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
 PARENT = "mlflow.parentRunId"
-LINEAGE_KEY = "lth.lineage_key"   # an `lth-search lineage` run: the key of its last stage (a rerun finds the run)
+LINEAGE_KEY = "lth.lineage_key"   # an `lth-search lineage` run: hash of what its stages depend on (a rerun finds the run)
 
 # Artifacts
 CONFIG = "config.json"
 TICKETS = "tickets.parquet"
+CONFIRMATION = "confirmation.json"
+"""The parent run's confirmation table (runs/confirmation.py `Confirmation.to_json()` plus
+`trial_id`, the search trial of the chosen recipe)."""
 LINEAGE_PLOT = "plots/accuracy_vs_sparsity.png"
 SEARCH_PLOT = "plots/search_summary.png"
 MODEL_DIR = "best_ticket"
@@ -72,25 +75,24 @@ def rescale_metric(layer: str) -> str:
     return f"rescale/{metric_name(layer)}"
 
 
-def dense_metrics(dense: dict[str, Any]) -> dict[str, float]:
+def dense_metrics(dense: "DenseResult") -> dict[str, float]:
     return {
-        "dense_val_accuracy": dense["val_accuracy"],
-        "dense_test_accuracy": dense["test_accuracy"],
-        "dense_train_loss": dense["train_loss"],
-        "dense_train_steps_per_s": dense["train_steps_per_s"],
-        "dense_reused": float(dense["reused"]),
+        "dense_val_accuracy": dense.val_accuracy,
+        "dense_test_accuracy": dense.test_accuracy,
+        "dense_train_loss": dense.train_loss,
+        "dense_train_steps_per_s": dense.train_steps_per_s,
+        "dense_reused": float(dense.reused),
     }
 
 
 def summary_metrics(result: "LineageResult") -> dict[str, float]:
     """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
     best = result.best
-    test_at = {r.round: r.test_accuracy for r in result.rounds}
     metrics = {
         "matching_sparsity": best.sparsity,
         "matching_round": float(best.round),
         "matching_val_accuracy": best.val_accuracy,
-        "matching_test_accuracy": test_at.get(best.round, result.dense["test_accuracy"]),
+        "matching_test_accuracy": result.matching_test_accuracy,
         "rounds_completed": float(len(result.rounds)),
     }
     if result.rounds:

@@ -8,17 +8,17 @@ gap is reported with the command that fills it.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lth_search.errors import TrackingError
 from lth_search.tracking.plots import search_plot
 from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
 from lth_search.tickets import criterion_text, load_ticket, select_ticket
-from lth_search.tracking.layout import SEARCH_PLOT, TICKETS
+from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS
+from lth_search.tracking.runs import SearchTracker
 
-if TYPE_CHECKING:
-    from lth_search.tracking.runs import SearchTracker
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +41,42 @@ def search_metrics(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> d
     return metrics
 
 
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _best(rows: list[dict[str, Any]], confirmed_trial: str | None) -> dict[str, Any] | None:
     try:
-        return select_ticket(rows)
+        return select_ticket(rows, confirmed_trial=confirmed_trial)
     except TrackingError:
         return None
 
 
-def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -> None:
-    """Rewrite the parent's tickets.parquet, summary plot, metrics and registered model."""
+def log_confirmation(search: SearchTracker, confirmation: dict[str, Any]) -> None:
+    """The confirmation table (confirmation.json) and its numbers as metrics to sort by."""
+    io, parent = search.io, search.parent_run_id
+    io.call("upload confirmation.json", lambda: io.log_bytes(parent, json.dumps(confirmation, indent=1).encode(), CONFIRMATION))
+    chosen, default = confirmation["chosen"], confirmation["default"]
+    metrics = {
+        "confirmed_compression": chosen["compression"], "confirmed_test_drop": chosen["mean_test_drop"],
+        "default_confirmed_compression": default["compression"], "default_confirmed_test_drop": default["mean_test_drop"],
+        "confirmed_gain": confirmation["gain"],
+    }
+    io.call("log the confirmation", lambda: io.log_values(parent, metrics, step=0))
+    io.call("tag the confirmed trial", lambda: io.client.set_tag(parent, "lth.confirmed_trial_id", confirmation["trial_id"]))
+
+
+def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_trial: str | None = None) -> None:
+    """Rewrite the parent's tickets.parquet, summary plot, metrics and registered model.
+
+    `expected_tickets` is how many trial-rounds the store holds: fewer in MLflow is a gap
+    that `lth-search sync` fills, and is said so.
+    """
     io, parent = search.io, search.parent_run_id
     ref = SearchRef(search.cfg.experiment_name(), search.experiment, parent)
     ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
     if not ok:
         return
-    expected = sum(len(r.get("round_keys") or []) for r in records)
-    if len(rows) < expected:
+    if len(rows) < expected_tickets:
         log.warning("MLflow holds %d of the %d tickets in the store; run `lth-search sync %s`",
-                    len(rows), expected, search.cfg.name)
-    best = _best(rows)
+                    len(rows), expected_tickets, search.cfg.name)
+    best = _best(rows, confirmed_trial)
     io.call("upload tickets.parquet", lambda: io.log_bytes(parent, rows_parquet(rows), TICKETS))
     title = f"{search.cfg.name}: {len({r['trial_id'] for r in rows})} lineages, {len(rows)} tickets"
     io.call("upload the search plot", lambda: io.log_bytes(parent, search_plot(rows, title, best), SEARCH_PLOT))
@@ -68,7 +85,7 @@ def log_search_summary(search: "SearchTracker", records: list[dict[str, Any]]) -
         io.call("register the best ticket", lambda: _register(search, ref, best))
 
 
-def _log_summary(search: "SearchTracker", rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+def _log_summary(search: SearchTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     client, parent = search.io.client, search.parent_run_id
     current = client.get_run(parent).data.metrics
     changed = {k: v for k, v in search_metrics(rows, best).items() if current.get(k) != v}
@@ -78,7 +95,7 @@ def _log_summary(search: "SearchTracker", rows: list[dict[str, Any]], best: dict
             client.set_tag(parent, f"lth.best_{key}", str(best[key]))
 
 
-def _register(search: "SearchTracker", ref: SearchRef, best: dict[str, Any]) -> None:
+def _register(search: SearchTracker, ref: SearchRef, best: dict[str, Any]) -> None:
     from lth_search.tracking.registry import register_ticket
 
     ticket = load_ticket(search.io.client, ref, best, criterion_text())

@@ -37,12 +37,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.config import ExperimentConfig
-from lth_search.engine.lineage import LineageResult, RoundResult
+from lth_search.engine.data import data_signature
+from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.runs.record import TrialStatus
+from lth_search.store.codec import encode_mask, encode_weights
+from lth_search.store.keys import content_key
+from lth_search.store.stages import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.plots import lineage_plot
-from lth_search.store.stages import StageEntry
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -66,16 +69,10 @@ from lth_search.tracking.layout import (
 
 log = logging.getLogger(__name__)
 
-TERMINAL = {"finished": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "failed": "FAILED"}
+TERMINAL = {
+    TrialStatus.FINISHED: "FINISHED", TrialStatus.STOPPED: "FINISHED", TrialStatus.ERROR: "FAILED",
+}
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
-
-
-def data_signature(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
-    """(input shape, classes) of the config's data set, known without reading the data."""
-    from lth_search.engine.data import _REGISTRY  # the registry's shapes; loading the data would take seconds
-
-    spec = _REGISTRY[cfg.data.name]
-    return tuple(spec.input_shape), int(spec.num_classes)
 
 
 def sync_hint(cfg: ExperimentConfig) -> str:
@@ -92,12 +89,23 @@ def experiment_id(cfg: ExperimentConfig) -> str | None:
     return value if ok else None
 
 
-def ui_hint(tracking_uri: str, experiment: str | None) -> str:
-    """How to look: the runs table opens directly at the link (MLflow 3 opens its GenAI view otherwise)."""
+def ui_links(tracking_uri: str, experiment: str | None) -> dict[str, str]:
+    """How to look: the command that serves the UI and the runs-table link (MLflow 3 opens
+    its GenAI view otherwise)."""
     served = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
-    link = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" if experiment else base
-    return f"open {link}" if served else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open {link}"
+    links = {"mlflow_command": f"open {base} (the MLflow server of this search)" if served
+             else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000"}
+    if experiment is not None:
+        links["mlflow_link"] = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    return links
+
+
+def ui_hint(tracking_uri: str, experiment: str | None) -> str:
+    """`ui_links` as one line."""
+    links = ui_links(tracking_uri, experiment)
+    link = links.get("mlflow_link", tracking_uri)
+    return f"open {link}" if tracking_uri.startswith(("http://", "https://")) else f"{links['mlflow_command']}, then open {link}"
 
 
 # Search -----------------------------------------------------------------------------------
@@ -119,14 +127,14 @@ class SearchTracker:
             return cls(cfg)
         io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
         tracker = cls(cfg, io, None, parent_run_id, ray_results_path)
-        tracker._open()
+        tracker.open()
         return tracker
 
     @property
     def missed(self) -> list[str]:
         return self.io.missed if self.io is not None else []
 
-    def _open(self) -> bool:
+    def open(self) -> bool:
         """Whether experiment and parent run are known; creates (or finds) what is missing."""
         io = self.io
         if io is None:
@@ -153,35 +161,22 @@ class SearchTracker:
         }
         return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
 
-    def _ensure_config(self) -> None:
-        if CONFIG not in self.io.artifact_names(self.parent_run_id):
-            self._log_config()
-
     def _log_config(self) -> None:
         self.io.log_values(self.parent_run_id, params=flatten(self.cfg.model_dump(mode="json")))
         config = json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode()
         self.io.log_bytes(self.parent_run_id, config, CONFIG)
 
-    def finish(self, records: list[dict[str, Any]], status: str = "FINISHED") -> None:
-        """Fill in what trials could not log, then the tickets table, plot, summary, model; end the run."""
-        self.refresh(records)
+    def end(self, status: str = "FINISHED") -> None:
         if self.io is not None and self.parent_run_id is not None:
             self.io.call("end the search run", lambda: self.io.client.set_terminated(self.parent_run_id, status))
 
-    def refresh(self, records: list[dict[str, Any]]) -> dict[str, int]:
-        """Reconcile every trial record with MLflow and rewrite the parent's artifacts.
+    def ensure_config(self) -> None:
+        """Log the search config if the parent run lacks it (a run created by an outage-era sync)."""
+        def log_if_missing() -> None:
+            if CONFIG not in self.io.artifact_names(self.parent_run_id):
+                self._log_config()
 
-        Returns counts of what was logged now (see sync.reconcile); nothing raises.
-        """
-        if not self._open():
-            return {}
-        from lth_search.tracking.parent import log_search_summary
-        from lth_search.tracking.sync import reconcile
-
-        self.io.call("log the search config", self._ensure_config)
-        counts = reconcile(self, records)
-        log_search_summary(self, records)
-        return counts
+        self.io.call("log the search config", log_if_missing)
 
 
 # Trials -----------------------------------------------------------------------------------
@@ -206,7 +201,7 @@ class TrialTracker:
                  io: MlflowIO | None = None, role: str = "trial", identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
         self.identity = dict(identity or {})
-        """Tags that find this run again without a parent (a rerun of `lth-search lineage` repairs its run)."""
+        """Tags that find this run again without a parent: a rerun of `lth-search lineage` completes its run."""
         self.choices = flatten(choices) if choices else {}
         """The choices as MLflow params (text that json.loads turns back into the value)."""
         self.io = io
@@ -253,7 +248,7 @@ class TrialTracker:
             if run is not None:
                 self._read_state(run)
                 return run
-        shape, classes = data_signature(self.cfg)
+        shape, classes = data_signature(self.cfg.data.name)
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
             TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
@@ -327,7 +322,7 @@ class TrialTracker:
             if ok:
                 self.state.masks.add(index)
 
-    def finish(self, result: LineageResult, status: str = "finished") -> None:
+    def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
         """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""
         if not self.ensure_run():
             return
@@ -340,8 +335,10 @@ class TrialTracker:
                 self.logged.append("summary")
         if summary or self.state.status == "RUNNING":
             self._plot(result)
+        if self.identity and self.io.missed:
+            return  # left RUNNING, not FINISHED with rounds missing: a rerun finds it by its identity and completes it
         run_status = TERMINAL.get(status, "FINISHED")
-        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status, run_status))
+        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
             self.state.status = run_status
 
@@ -353,7 +350,7 @@ class TrialTracker:
         rounds = [vars(r) for r in result.rounds]
         title = f"{self.cfg.name} · {self.trial_id}  " + " ".join(f"{k}={v}" for k, v in self.choices.items())
         try:
-            png = lineage_plot(rounds, result.dense["val_accuracy"], result.dense["test_accuracy"],
+            png = lineage_plot(rounds, result.dense.val_accuracy, result.dense.test_accuracy,
                                result.tolerance, title[:110], result.best.round)
         except Exception as error:  # noqa: BLE001 - a plot never costs a lineage
             log.warning("trial %s: plotting failed: %s", self.trial_id, error)
@@ -371,33 +368,28 @@ def lineage_choices(cfg: ExperimentConfig) -> dict[str, Any]:
     return choices
 
 
-def log_lineage(cfg: ExperimentConfig, lineage: Any, result: LineageResult, progress: Callable[[str], None] = print) -> None:
-    """Log a finished `lth-search lineage` as one run (no parent) with a trial's layout."""
-    if not cfg.tracking.enabled:
-        return
+def lineage_tracker(cfg: ExperimentConfig) -> TrialTracker:
+    """The run of one `lth-search lineage` (no parent), logged as it goes with a trial's layout."""
     io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    last_key = result.rounds[-1].key if result.rounds else result.dense["key"]
-    tracker = TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage",
-                           identity={LINEAGE_KEY: last_key})
-    tracker.log_dense(result, lineage.entries[0])
-    for round_result, entry in zip(result.rounds, lineage.entries[1:], strict=True):
-        tracker.log_round(round_result, entry)
-    if not io.missed:  # a run missing rounds stays RUNNING: a rerun finds it by its key and completes it
-        tracker.finish(result)
+    identity = {LINEAGE_KEY: lineage_identity(cfg)}
+    return TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage", identity=identity)
+
+
+def lineage_identity(cfg: ExperimentConfig) -> str:
+    """A hash of everything a lineage's stages depend on (not where outputs go): equal for a rerun."""
+    return content_key({
+        "data": cfg.data.identity(), "model": cfg.model.model_dump(), "train": cfg.train.recipe(),
+        "prune": cfg.prune.model_dump(), "seed": cfg.seed,
+    })
+
+
+def lineage_run_line(tracker: TrialTracker) -> str:
+    """What to tell the user about a finished lineage's run: where to look, or that logging failed."""
+    io, cfg = tracker.io, tracker.cfg
     if tracker.run_id is None or io.missed:
-        progress(
+        return (
             f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s), first: {io.missed[0] if io.missed else '?'}); "
             "the stages are in the store: run the same `lth-search lineage` command again once MLflow answers "
             "(it reuses every stage and completes the run)"
         )
-        return
-    experiment = experiment_id(cfg)
-    progress(f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment)}")
-
-
-def sync_search(name: str, output_dir: str = "./lth_runs", tracking_uri: str | None = None,
-                progress: Callable[[str], None] = print) -> dict[str, int]:
-    """`lth-search sync NAME`: log to MLflow what the store holds and MLflow lacks (see sync.py)."""
-    from lth_search.tracking.sync import sync_search as _sync
-
-    return _sync(name, output_dir=output_dir, tracking_uri=tracking_uri, progress=progress)
+    return f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment_id(cfg))}"

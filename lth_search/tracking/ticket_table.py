@@ -19,13 +19,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lth_search.config import ExperimentConfig
 from lth_search.errors import TrackingError
-from lth_search.tracking.client import first_line, metric_history, quiet_downloads
+from lth_search.tracking.client import first_line, metric_history, new_client, read_artifact
 from lth_search.engine.objective import is_matching
-from lth_search.tracking.layout import DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
-
-DEFAULT_DB = Path("lth_runs") / "mlflow.db"
-
+from lth_search.tracking.layout import CONFIRMATION, DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
 
 @dataclass(frozen=True)
 class SearchRef:
@@ -38,7 +36,7 @@ class SearchRef:
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else the default sqlite database (absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ExperimentConfig().tracking_uri()
     if uri.startswith("sqlite:///"):  # reading must not create an empty database (and wait for its schema)
         database = Path(uri[len("sqlite:///"):])
         if not database.exists():
@@ -46,13 +44,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
                 f"no MLflow database at {database}: run a search first, or pass --tracking-uri / set MLFLOW_TRACKING_URI"
             )
     return uri
-
-
-def client_for(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    quiet_downloads()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def parse_param(text: str) -> Any:
@@ -177,12 +168,21 @@ def read_rows(
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = client_for(uri)
+    client = new_client(uri)
     try:
         ref = find_search(client, experiment, search_run_id)
         return ref, ticket_rows(client, ref), client
     except MlflowException as error:
         raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None
+
+
+def read_confirmation(client: Any, ref: SearchRef) -> dict[str, Any] | None:
+    """The search's confirmation (chosen recipe, confirmed scores), None when it has none."""
+    if ref.search_run_id is None:
+        return None
+    if CONFIRMATION not in {item.path for item in client.list_artifacts(ref.search_run_id)}:
+        return None
+    return json.loads(read_artifact(client, ref.search_run_id, CONFIRMATION))
 
 
 # tickets.parquet ---------------------------------------------------------------------------

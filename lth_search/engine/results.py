@@ -1,0 +1,109 @@
+"""What a lineage reports: typed results of the dense stage, of each round, of the lineage.
+
+These are the one shape a round's numbers take from the engine to the console, the
+trial record in the store, Ray Tune and MLflow: every reader goes through the fields
+here (or `to_json`/`from_json`), never through string keys of an ad-hoc dict. The JSON
+keys are those of `lth-search lineage --json` (ARCHITECTURE.md), so records written
+before these types existed still read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lth_search.engine.objective import Matching, matching
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of dataclass `cls` (records may carry more)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+class _JsonRecord:
+    """to/from JSON for a flat dataclass; `from_json` ignores keys it does not know."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):  # noqa: ANN206 - returns cls
+        return cls(**_known_fields(cls, data))
+
+    @classmethod
+    def from_stage(cls, metrics: dict[str, Any], key: str, reused: bool):  # noqa: ANN206
+        """The result of a stage, from the metrics it stored and whether it was reused now."""
+        return cls.from_json({**metrics, "key": key, "reused": int(reused)})
+
+
+@dataclass
+class DenseResult(_JsonRecord):
+    """The dense stage: accuracies of the unpruned network at the end of training."""
+
+    val_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    train_steps_per_s: float
+    reused: int
+    steps: int
+    key: str
+
+
+@dataclass
+class RoundResult(_JsonRecord):
+    """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
+
+    round: int
+    sparsity: float
+    val_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    train_steps_per_s: float
+    reused: int
+    steps: int
+    key: str
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    rescale: dict[str, float] = field(default_factory=dict)
+    """Per-layer factor the survivors were multiplied by at rewind."""
+
+
+@dataclass
+class LineageResult:
+    """A lineage so far: its dense stage, the rounds it walked, and the compute they took."""
+
+    dense: DenseResult
+    rounds: list[RoundResult]
+    steps_executed: int
+    steps_reused: int
+    tolerance: float
+
+    @property
+    def best(self) -> Matching:
+        """The lineage's score so far: its matching round (round 0 = the dense network)."""
+        return matching(self.dense.val_accuracy, self.rounds, self.tolerance)
+
+    @property
+    def matching_test_accuracy(self) -> float:
+        """Test accuracy at the matching round: reported, never selected on."""
+        best = self.best
+        return next((r.test_accuracy for r in self.rounds if r.round == best.round), self.dense.test_accuracy)
+
+    @property
+    def executed_keys(self) -> list[str]:
+        """Stage keys this run trained (not taken from the store)."""
+        keys = [] if self.dense.reused else [self.dense.key]
+        return keys + [r.key for r in self.rounds if not r.reused]
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best
+        return {
+            "dense": self.dense.to_json(),
+            "rounds": [r.to_json() for r in self.rounds],
+            "steps_executed": self.steps_executed,
+            "steps_reused": self.steps_reused,
+            "matching_sparsity": best.sparsity,
+            "matching_round": best.round,
+            "matching_val_accuracy": best.val_accuracy,
+        }

@@ -1,0 +1,168 @@
+"""One search trial = one IMP lineage, run without Ray.
+
+`run_trial` walks the trial's lineage through the stage store and, after every stage,
+updates the trial record in the store, lets an observer (the MLflow child run, when
+tracking is on) log it, and hands the round's report to `report`. In a search,
+`report` is Ray Tune's (search/trainable.py: `tune.report` plus a tiny checkpoint); in
+`lth-search lineage` and in tests it is a plain function. So the trainable, the CLI and
+the tests run the same code, and no test re-implements production wiring.
+
+A retried or resumed trial walks the lineage again: every finished stage comes from the
+store, and rounds it reported before (`done`) are not reported twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from lth_search.config import ExperimentConfig
+from lth_search.engine.data import Dataset
+from lth_search.engine.lineage import Lineage, StageSource
+from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.runs.observers import TrialObserver
+from lth_search.runs.record import TrialRecord, TrialStatus
+
+SPARSITY_LEVEL = "sparsity_level"
+"""Reported with every round: floor(log(1 - sparsity) / log(0.8)), the scheduler's clock."""
+VAL_MARGIN = "val_margin"
+"""Reported with every round: val accuracy minus dense val accuracy, the scheduler's yardstick."""
+LEVEL_RATE = 0.2
+
+Report = Callable[[int, str, dict[str, Any]], None]
+"""(round, stage key, metrics): one report per round (round 0 when a lineage has no rounds)."""
+
+
+def limit_resources(cfg: ExperimentConfig) -> None:
+    """Threads to the trial's CPUs; a fractional GPU also caps this process's CUDA memory.
+
+    CPU float results depend on the thread count, so a lineage run from the CLI computes
+    exactly what a search trial computes. Ray's fractional GPUs are only bookkeeping:
+    without the cap, trials sharing a GPU could take each other's memory.
+    """
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    gpu = cfg.resources.gpu
+    fraction = cfg.resources.gpu_memory_fraction or (gpu if 0 < gpu < 1 else None)
+    if fraction is not None and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
+
+
+def sparsity_level(sparsity: float) -> int:
+    """How many 20 % prunes leave as few weights as `sparsity` does (48.8 % -> 3).
+
+    Schedulers compare lineages at equal level, i.e. at equal sparsity, whatever their
+    pruning rate (search/scheduler.py).
+    """
+    if sparsity >= 1.0:
+        return 10_000
+    return int(math.floor(math.log(1.0 - sparsity) / math.log(1.0 - LEVEL_RATE) + 1e-9))
+
+
+def round_report(result: LineageResult, round_result: RoundResult | None, attempt: int) -> dict[str, Any]:
+    """What a trial reports after a round (the dense stage when `round_result` is None).
+
+    The score (`matching_sparsity`) only looks at completed rounds, so it is fair at any
+    round: a scheduler compares it at equal compute, a stopped lineage earned it.
+    """
+    if round_result is None:
+        dense = result.dense
+        metrics: dict[str, Any] = {
+            "round": 0, "sparsity": 0.0, "val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy,
+            "train_loss": dense.train_loss, "train_steps_per_s": dense.train_steps_per_s, "reused": dense.reused,
+        }
+    else:
+        metrics = {
+            "round": round_result.round, "sparsity": round_result.sparsity,
+            "val_accuracy": round_result.val_accuracy, "test_accuracy": round_result.test_accuracy,
+            "train_loss": round_result.train_loss, "train_steps_per_s": round_result.train_steps_per_s,
+            "reused": round_result.reused,
+        }
+    best = result.best
+    metrics[SPARSITY_LEVEL] = sparsity_level(metrics["sparsity"])
+    metrics[VAL_MARGIN] = metrics["val_accuracy"] - result.dense.val_accuracy
+    metrics.update(
+        steps_executed=result.steps_executed,
+        steps_reused=result.steps_reused,
+        dense_val_accuracy=result.dense.val_accuracy,
+        dense_test_accuracy=result.dense.test_accuracy,
+        matching_sparsity=best.sparsity,
+        matching_val_accuracy=best.val_accuracy,
+        matching_round=best.round,
+        attempt=attempt,
+    )
+    return metrics
+
+
+class TrialRun:
+    """The lineage callbacks of one trial: record to the store, log, report."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, lineage: Lineage, store: StageSource, record: TrialRecord | None,
+        observer: TrialObserver | None, report: Report, done: int, extra: dict[str, Any],
+        on_dense: Callable[[LineageResult], None] | None = None,
+    ) -> None:
+        self.cfg, self.lineage, self.store, self.record = cfg, lineage, store, record
+        self.observer, self.report, self.done, self.extra = observer, report, done, extra
+        self.dense_hook = on_dense
+
+    @property
+    def attempt(self) -> int:
+        return self.record.attempt if self.record is not None else 1
+
+    def save(self, result: LineageResult) -> None:
+        if self.record is not None:
+            self.record.update(result)
+            self.record.save(self.store)
+
+    def on_dense(self, result: LineageResult) -> None:
+        self.save(result)
+        if self.observer is not None:
+            self.observer.log_dense(result, self.lineage.entries[0])
+        if self.dense_hook is not None:
+            self.dense_hook(result)
+        if self.cfg.prune.rounds == 0 and self.done < 0:
+            self.report(0, result.dense.key, {**round_report(result, None, self.attempt), **self.extra})
+
+    def on_round(self, round_result: RoundResult, result: LineageResult) -> None:
+        self.save(result)
+        if self.observer is not None:
+            self.observer.log_round(round_result, self.lineage.entries[-1])
+        if round_result.round > self.done:  # else reported before a restart: Tune and Optuna have it
+            metrics = {**round_report(result, round_result, self.attempt), **self.extra}
+            self.report(round_result.round, round_result.key, metrics)
+
+
+def run_trial(
+    cfg: ExperimentConfig,
+    store: StageSource,
+    report: Report,
+    record: TrialRecord | None = None,
+    observer: TrialObserver | None = None,
+    done: int = -1,
+    dataset: Dataset | None = None,
+    node_id: str | None = None,
+    on_dense: Callable[[LineageResult], None] | None = None,
+) -> LineageResult:
+    """Walk the trial's lineage: record, log and report after every stage; finish the record.
+
+    `record` (a search trial's, saved in the store after every stage; None for a lone
+    `lth-search lineage`), `observer` (tracking, or None), `done` the last round this
+    trial reported before a restart (-1: none). A trial a scheduler stops ends inside
+    `report` (Ray raises there), after its record was written; the driver sets the
+    record's final status then.
+    """
+    limit_resources(cfg)
+    if record is not None:
+        record.begin_attempt(node_id, done)
+    lineage = Lineage(cfg, store, dataset)
+    extra = {"node_id": node_id} if node_id is not None else {}
+    run = TrialRun(cfg, lineage, store, record, observer, report, done, extra, on_dense)
+    result = lineage.run(on_round=run.on_round, on_dense=run.on_dense)
+    if record is not None:
+        record.status = TrialStatus.FINISHED
+    run.save(result)
+    if observer is not None:
+        observer.finish(result, TrialStatus.FINISHED)
+    return result
