@@ -152,7 +152,7 @@ class _Payload:
 
 
 def malicious_cifar_batch(data: Path, tmp: Path) -> str | None:
-    from lth_search.engine.formats import read_cifar_batch
+    from lth_search.engine.data_files import read_cifar_batch
 
     path = tmp / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _Payload(), b"labels": []}, protocol=2))

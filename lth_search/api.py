@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
-from lth_search.engine.lineage import MemoryStages
+from lth_search.engine.lineage import MemoryStages, preflight
 from lth_search.engine.results import LineageResult
 from lth_search.runs.trial import run_trial
 
@@ -48,6 +48,7 @@ def run_lineage_command(
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
     total = cfg.prune.rounds
+    preflight(cfg)
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
     if track and cfg.tracking.enabled:
@@ -85,6 +86,7 @@ def run_search(cfg: ExperimentConfig, address: str | None = None, progress: Prog
     """Run a search on a local Ray (address None) or a Ray cluster; returns its summary."""
     from lth_search.search.driver import run_search as _run
 
+    preflight(cfg)  # before Ray starts: a model that cannot take the data fails here, not in every trial
     return _run(cfg, address=address, progress=progress, tracking=_tracking(cfg))
 
 

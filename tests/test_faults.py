@@ -167,7 +167,7 @@ def test_record_names_refuse_a_trailing_newline() -> None:
 # Data files ---------------------------------------------------------------------------------
 def test_idx_header_whose_size_overflows(tmp_path: Path) -> None:
     """10: four 32-bit dims overflowed numpy's product; the message states the real size."""
-    from lth_search.engine.formats import read_idx
+    from lth_search.engine.data_files import read_idx
 
     path = tmp_path / "huge-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 8, 3]) + (2**32 - 1).to_bytes(4, "big") * 3 + b"\0" * 10)
@@ -180,7 +180,7 @@ def test_cifar_label_out_of_range_and_dtype_refusal_name_the_file(tmp_path: Path
     """10: a label of 2**70 overflowed int64 (traceback); a refused dtype did not say which file."""
     import pickle
 
-    from lth_search.engine.formats import read_cifar_batch
+    from lth_search.engine.data_files import read_cifar_batch
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [2**70]}, protocol=2))
@@ -364,16 +364,18 @@ def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Pat
     from mlflow import MlflowClient
 
     from lth_search.engine.data import load_dataset
-    from lth_search.engine.lineage import Lineage
-    from mlflow_helpers import trial_record, write_search_json
+    from lth_search.runs.record import TrialRecord
+    from lth_search.runs.trial import run_trial
+    from mlflow_helpers import save_search_state
 
     out = tmp_path / "it's here"  # a quote in output_dir: in the parent run's tags
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(data_root, out, name="syncme", tracking__enabled="true", tracking__uri=uri, prune__rounds=1)
     store = StageStore.from_config(cfg)
-    result = Lineage(cfg, store, load_dataset(cfg.data, cfg.seed)).run()
-    store.put_record("search-syncme", "t0", trial_record("syncme-1", "t0", {}, cfg, result))
-    state = write_search_json(cfg, "syncme-1", f"{out}/ray/syncme-1", None)
+    record = TrialRecord.open(store, cfg.name, "t0", "syncme-1", None, {}, cfg.model_dump(mode="json"))
+    run_trial(cfg, store, lambda *_: None, record, dataset=load_dataset(cfg.data, cfg.seed))  # MLflow down meanwhile
+    save_search_state(cfg, "syncme-1", None)
+    state = out / "searches" / "syncme" / "search.json"
 
     code, out_text, err = run_cli(["sync", "syncme", "--output-dir", str(out)])
     assert code == 0, err
@@ -392,19 +394,21 @@ def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Pat
 # Driver ------------------------------------------------------------------------------------------
 def test_driver_status_write_on_a_full_disk_does_not_crash(tmp_path: Path) -> None:
     """2: a write failure in the driver's Tune callback (disk full in put_record) crashed the driver."""
-    from lth_search.search import driver
+    from lth_search.runs.record import TrialRecord, TrialStatus
+    from lth_search.search.driver import TrialEvents
 
     try:
         with tmpfs(tmp_path / "disk", 128) as disk:
-            store = StageStore(str(disk / "store"))
-            store.put_record("search-x", "t0", {"trial_id": "t0", "status": "running", "pad": "x" * 2000})
+            cfg = tiny_config(Path("/unused"), tmp_path, name="x", store__uri=str(disk / "store"))
+            events = TrialEvents(cfg, progress=(lines := []).append)
+            TrialRecord(search="x", trial_id="t0", choices={"pad": "x" * 2000}).save(events.store)
             ballast = fill(disk, leave_kb=0)
-            lines: list[str] = []
-            driver._session.update(progress=lines.append, store=store, namespace="search-x", pending={})
-            assert driver._set_status("t0", "finished") is False  # kept pending, not raised
-            assert driver._session["pending"] == {"t0": "finished"} and "cannot record status" in lines[0]
+            events._set_status("t0", TrialStatus.STOPPED)  # ENOSPC inside a Tune callback: reported, not raised
+            assert "cannot record status stopped now" in lines[0] and "No space left" in lines[0]
+            assert TrialRecord.load(events.store, "x", "t0").status is TrialStatus.RUNNING
             ballast.unlink()
-            assert driver._set_status("t0", "finished") and store.record("search-x", "t0")["status"] == "finished"
+            events._set_status("t0", TrialStatus.STOPPED)
+            assert TrialRecord.load(events.store, "x", "t0").status is TrialStatus.STOPPED
     except MountRefused as refused:
         pytest.skip(str(refused))
 

@@ -24,7 +24,7 @@ import torch
 
 from lth_search.config import ExperimentConfig
 from lth_search.store.keys import content_key
-from lth_search.engine.data import Dataset, load_dataset, resolve_device
+from lth_search.engine.data import Dataset, data_signature, load_dataset, resolve_device
 from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
 from lth_search.engine.results import DenseResult, LineageResult, RoundResult
@@ -84,6 +84,16 @@ def _needs(weights: list[str], masks: list[str], metrics: tuple[str, ...]) -> Ca
         return f"lacks {', '.join(missing)}" if missing else None
 
     return check
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Check what the config alone cannot: the model fits the data set and has the layer
+    groups `prune.layer_ratios` names. Cheap (no data read, weights on the meta device), so
+    callers run it before they open a store or a tracking run: bad input writes nothing."""
+    shape, classes = data_signature(cfg.data.name)
+    with torch.device("meta"):
+        model = build_model(cfg.model, shape, classes, cfg.seed)
+    check_layer_groups(dict(model.prunable), cfg.prune.layer_ratios)
 
 
 RoundCallback = Callable[[RoundResult, LineageResult], None]
