@@ -50,3 +50,9 @@ class StoreFailure(RuntimeFailure, StoreError):
 
 class TrackingFailure(RuntimeFailure, TrackingError):
     """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""
+
+
+def os_reason(error: BaseException) -> str:
+    """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages."""
+    lines = str(error).strip().splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)

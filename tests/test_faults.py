@@ -302,8 +302,9 @@ def test_lineage_result_survives_a_broken_tracking_database(data_root: Path, tmp
     assert "logging failed" in err and "run the same `lth-search lineage` command again" in err
 
 
-def test_first_use_of_a_sqlite_database_by_two_processes_at_once(tmp_path: Path) -> None:
-    """1: two first runs racing to create the sqlite schema ("table ... already exists") crashed one of them."""
+def test_sqlite_first_use_race_and_quotes_in_tag_values(tmp_path: Path) -> None:
+    """1: two first runs racing to create the sqlite schema ("table ... already exists") crashed one of them;
+    5: a quote in output_dir broke the MLflow filter string (values were not escaped)."""
     from lth_search.tracking.client import MlflowIO
 
     uri = f"sqlite:///{tmp_path / 'race.db'}"
@@ -320,13 +321,8 @@ def test_first_use_of_a_sqlite_database_by_two_processes_at_once(tmp_path: Path)
     [t.join() for t in threads]
     assert [ok for ok, _ in results] == [True, True] and results[0][1] == results[1][1]
 
-
-def test_find_run_with_quotes_in_tag_values(tmp_path: Path) -> None:
-    """5: a quote in output_dir broke the MLflow filter string (values were not escaped)."""
-    from lth_search.tracking.client import MlflowIO
-
-    io = MlflowIO(f"sqlite:///{tmp_path / 'q.db'}", "q")
-    experiment = io.experiment_id("quotes")
+    io = MlflowIO(uri, "q")
+    experiment = results[0][1]
     for value in ("it's", 'say "hi"', "both ' and \""):
         run = io.client.create_run(experiment, tags={"lth.path": value, "lth.role": "search"})
         found = io.find_run(experiment, {"lth.path": value, "lth.role": "search"})

@@ -15,7 +15,7 @@ import uuid
 import pyarrow.fs as pafs
 
 from lth_search.config.names import check_name
-from lth_search.errors import StoreError, StoreFailure
+from lth_search.errors import StoreError, StoreFailure, os_reason
 
 
 def check_record_name(name: object, what: str) -> str:
@@ -46,7 +46,7 @@ def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: s
         filesystem.move(staging, path)
     except (OSError, NotImplementedError) as error:
         _discard(filesystem, staging)
-        raise StoreFailure(f"cannot write record {namespace}/{name} in {root} ({_reason(error)})") from None
+        raise StoreFailure(f"cannot write record {namespace}/{name} in {root} ({os_reason(error)})") from None
 
 
 def _discard(filesystem: pafs.FileSystem, path: str) -> None:
@@ -55,11 +55,6 @@ def _discard(filesystem: pafs.FileSystem, path: str) -> None:
     except (OSError, NotImplementedError):
         pass
 
-
-def _reason(error: BaseException) -> str:
-    """Why a write failed, in a few words ("No space left on device")."""
-    lines = str(error).strip().splitlines()
-    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
 
 
 def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:

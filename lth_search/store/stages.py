@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import torch
 
 from lth_search.store.codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
-from lth_search.errors import StoreError, StoreFailure
+from lth_search.errors import StoreError, StoreFailure, os_reason
 from lth_search.store.records import read_record, read_records, write_record
 from lth_search.store.uri import resolve_uri
 from lth_search.store.leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
@@ -132,7 +132,7 @@ class StageStore:
         except NotImplementedError:
             raise StoreError(f"store {self.uri!r}: this filesystem is read-only; a store must be writable") from None
         except OSError as error:
-            raise StoreFailure(f"store {self.uri!r}: cannot create its folders ({_reason(error)})") from None
+            raise StoreFailure(f"store {self.uri!r}: cannot create its folders ({os_reason(error)})") from None
 
     @classmethod
     def from_config(cls, cfg: "ExperimentConfig", lease_service: LeaseService | None = None) -> "StageStore":
@@ -209,7 +209,7 @@ class StageStore:
         except OSError as error:
             if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
                 return None
-            raise StoreFailure(f"store {self.uri!r}: cannot read {path} ({_reason(error)})") from None
+            raise StoreFailure(f"store {self.uri!r}: cannot read {path} ({os_reason(error)})") from None
 
     def _load(self, key: str, manifest_bytes: bytes) -> StageEntry:
         manifest = _parse_manifest(key, manifest_bytes)
@@ -257,7 +257,7 @@ class StageStore:
             return self._publish_remote(entry, files)
         except (OSError, NotImplementedError) as error:  # disk full, read-only, permissions: nothing was published
             raise StoreFailure(
-                f"store {self.uri!r}: cannot publish stage {entry.key[:12]} ({_reason(error)}); "
+                f"store {self.uri!r}: cannot publish stage {entry.key[:12]} ({os_reason(error)}); "
                 "stages stored before stay stored: free space and run the command again"
             ) from None
 
@@ -454,11 +454,6 @@ def _parse_manifest(key: str, data: bytes) -> dict[str, Any]:
             raise _Corrupt(f"{MANIFEST}: no sha256 and size for {filename}")
     return manifest
 
-
-def _reason(error: BaseException) -> str:
-    """Why a filesystem call failed, in a few words ("No space left on device")."""
-    lines = str(error).strip().splitlines()
-    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
 
 
 def _verify_file(filename: str, data: bytes | None, expected: dict[str, Any]) -> None:
