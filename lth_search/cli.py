@@ -125,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check_search_args(args: argparse.Namespace) -> None:
     check_name(args.name, "search name")
-    check_location(args.output_dir, "--output-dir")
+    if args.output_dir is not None:
+        check_location(args.output_dir, "--output-dir")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -88,12 +88,10 @@ def _needs(weights: list[str], masks: list[str], metrics: tuple[str, ...]) -> Ca
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Check what the config alone cannot: the model fits the data set and has the layer
-    groups `prune.layer_ratios` names. Cheap (no data read, weights on the meta device), so
+    groups `prune.layer_ratios` names. Cheap (no data read; the model is bounded by the schema), so
     callers run it before they open a store or a tracking run: bad input writes nothing."""
     shape, classes = data_signature(cfg.data.name)
-    with torch.device("meta"):
-        model = build_model(cfg.model, shape, classes, cfg.seed)
-    check_layer_groups(dict(model.prunable), cfg.prune.layer_ratios)
+    check_layer_groups(dict(build_model(cfg.model, shape, classes, cfg.seed).prunable), cfg.prune.layer_ratios)
 
 
 RoundCallback = Callable[[RoundResult, LineageResult], None]
