@@ -49,6 +49,9 @@ def run_lineage_command(
     cfg = cfg.absolute()
     total = cfg.prune.rounds
     preflight(cfg)
+    from lth_search.engine.data import load_dataset, resolve_device
+
+    dataset = load_dataset(cfg.data, cfg.seed, resolve_device(cfg.train.device))  # data files and device, checked
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
     if track and cfg.tracking.enabled:
@@ -68,7 +71,7 @@ def run_lineage_command(
         )
 
     progress(f"lineage {cfg.name}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
-    result = run_trial(cfg, store, report, observer=tracker, on_dense=on_dense)
+    result = run_trial(cfg, store, report, observer=tracker, on_dense=on_dense, dataset=dataset)
     if tracker is not None:
         from lth_search.tracking.runs import lineage_run_line
 
