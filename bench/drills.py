@@ -207,7 +207,7 @@ def main() -> int:
                 print(f"skip  {name}: {skip}", flush=True)
                 continue
             except BaseException as error:  # noqa: BLE001 - a drill that raised did not hold
-                problem = "".join(traceback.format_exception_only(error)).strip()[:300]
+                problem = "".join(traceback.format_exception_only(error)).strip()[:1500]
             tried += 1
             held += problem is None
             print(f"{'held' if problem is None else 'FAIL'}  {name}" + (f": {problem}" if problem else ""), flush=True)

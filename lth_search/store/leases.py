@@ -113,7 +113,8 @@ def _parse(data: bytes) -> dict | None:
 class FileLeaseService:
     """Leases as files `<root>/leases/<key>.lease` on a local or NFS directory.
 
-    A free lease is created with O_CREAT|O_EXCL, so exactly one creator wins. An expired
+    A free lease is created whole by a hard link (exclusive, like O_EXCL), so exactly one
+    creator wins and a lease file always names its holder. An expired
     one is deleted by one taker at a time (under an O_EXCL guard file), and only if it is
     still the record judged stale; then taking it is an ordinary exclusive create.
     """
@@ -165,13 +166,21 @@ class FileLeaseService:
 
     @staticmethod
     def _create(path: Path, holder: str, ttl_s: float) -> bool:
+        """Create the lease file with its whole record, or False if it exists.
+
+        The record is written aside and hard-linked into place (link fails if the name
+        exists, like O_EXCL): a holder killed while creating never leaves an empty lease
+        that nobody could attribute to a dead process and that would block for the time-out.
+        """
+        staging = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            staging.write_bytes(_record(holder, ttl_s))
+            os.link(staging, path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as file:
-            file.write(_record(holder, ttl_s))
-        return True
+        finally:
+            staging.unlink(missing_ok=True)
 
     @staticmethod
     def _read(path: Path) -> tuple[dict | None, float | None]:
