@@ -24,14 +24,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lth_search.store.codec import Mask, decode_mask, decode_weights, encode_mask, encode_weights
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.config.names import check_location
-from lth_search.errors import RuntimeFailure, TrackingError
-from lth_search.tracking.client import first_line, metric_history, read_artifact
 from lth_search.engine.objective import is_matching
 from lth_search.engine.pruning import layer_sparsity, masked_state, rewind_weights
-from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
+from lth_search.errors import RuntimeFailure, TrackingError
+from lth_search.store.codec import (
+    Mask,
+    decode_mask,
+    decode_weights,
+    encode_mask,
+    encode_weights,
+)
+from lth_search.tracking.client import first_line, metric_history, read_artifact
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -41,6 +46,7 @@ from lth_search.tracking.layout import (
     rescale_metric,
     rewind_artifact,
 )
+from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
 
 SUMMARY_KEYS = ("run_id", "round", "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "params")
 

@@ -64,6 +64,11 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
         "train.steps": 200,
         "prune.rounds": 3,
         "prune.rewind_steps": "[0, 20]",
+        # One dense network and no early stop: these lineages test stages, reuse and the
+        # search machinery, which a lineage that stops after two misses would cut short.
+        # The verdict and stopping rule have their own tests (test_objective.py).
+        "prune.dense_replicates": 1,
+        "prune.patience": 99,
         "output_dir": str(output_dir),
         "tracking.enabled": "false",
     }

@@ -22,8 +22,10 @@ def search_config(data_root: Path, output_dir: Path, settings: dict[str, Any]) -
 
 
 def search_overrides(data_root: Path, output_dir: Path, settings: dict[str, Any]) -> list[str]:
-    """`--set` overrides of a tiny search: 4 lineages of 3 rounds, 2 at a time, rewind 0 or 20."""
-    base = {"search.max_concurrent": 2, "search.num_trials": 4, "search.space.rewind_step": "[0, 20]"}
+    """`--set` overrides of a tiny search: 4 lineages of 3 rounds, 2 at a time, rewind 0 or 20 and
+    rate 0.2 or 0.5 (4 recipes: the exhaustive sampler tries each once), no confirmation."""
+    base = {"search.max_concurrent": 2, "search.num_trials": 4, "search.space.rewind_step": "[0, 20]",
+            "search.space.rate": "[0.2, 0.5]", "search.confirm_seeds": 0}
     base.update(settings)
     return tiny_overrides(data_root, output_dir) + [f"{k}={v}" for k, v in base.items()]
 

@@ -1,13 +1,11 @@
-"""Issue 3's acceptance at lineage level: stages are reused across runs and processes.
+"""Stages are reused across runs and processes of `lth-search lineage` (real subprocesses).
 
-Criteria about the command line run the installed `lth-search lineage ... --json` in real
-subprocesses against a real local store; the non-local filesystem criteria run
-`Lineage` in this process against an fsspec memory filesystem wrapped as a pyarrow
-filesystem (memory is per process, so concurrency there is two threads). Nothing the
-product uses is replaced: damage is done to the stored bytes, kills are real SIGKILLs,
-races are real races. The mask-size criterion (7) is tests/test_codec.py
-`test_size_of_a_million_weight_mask`; bad keys and names at store level are in
-tests/test_store.py.
+The installed `lth-search lineage ... --json` runs in real subprocesses against a real
+local store (and the same folder through fsspec's `local://`, the non-local code path).
+Nothing the product uses is replaced: damage is done to the stored bytes, kills are real
+SIGKILLs, races are real races. The in-process checks on a memory filesystem are in
+test_reuse_in_process.py; the mask-size figure is tests/test_codec.py
+`test_size_of_a_million_weight_mask`.
 
 Every subprocess runs with one intra-op thread (OMP_NUM_THREADS=1): two lineage
 processes then fit two cores, and a recomputed stage reproduces its earlier numbers
@@ -16,142 +14,28 @@ bit for bit (CPU float reductions depend on the thread count, not on the load).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shutil
 import signal
 import subprocess
-import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import fsspec
-import pyarrow.fs as pafs
 import pytest
-import torch
+from conftest import tiny_config, wait_for
+from reuse_helpers import (
+    BASE, ENV, RECOMPUTED, T, assert_same_masks, clone, entry_dir, file_digests, flip_bytes, keys_of, lineage_command,
+    masks_of, outcome, parse, published, reused_flags, run_lineage, stage_steps, store_root, truncate,
+)
 
-from conftest import LTH_SEARCH, tiny_config, tiny_overrides, wait_for
-from lth_search.store.leases import FileLeaseService, check_key
 from lth_search.engine.lineage import Lineage
-from lth_search.engine.results import LineageResult
+from lth_search.store.leases import FileLeaseService, check_key
 from lth_search.store.stages import StageStore
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-T = 200
-"""train.steps of the tiny config; it keeps rewind steps 0 and 20."""
-BASE = {"prune__rewind_step": 20}
-"""The baseline lineage: dense (200 steps) + 3 rounds of 180 steps = 740 steps."""
-
-
-# Helpers -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "reuse.yaml"
     path.write_text("name: reuse\n")
     return path
-
-
-def lineage_command(config_file: Path, data_root: Path, output_dir: Path, **extra: object) -> list[str]:
-    command = [LTH_SEARCH, "lineage", str(config_file), "--json"]
-    for assignment in tiny_overrides(data_root, output_dir, **extra):
-        command += ["--set", assignment]
-    return command
-
-
-def run_lineage(config_file: Path, data_root: Path, output_dir: Path, **extra: object) -> tuple[dict, str]:
-    """(the --json report, stderr) of one `lth-search lineage` process."""
-    done = subprocess.run(
-        lineage_command(config_file, data_root, output_dir, **extra), check=False, capture_output=True, text=True,
-        env=ENV, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout), done.stderr
-
-
-def parse(process: subprocess.Popen) -> tuple[dict, str]:
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr
-    return json.loads(stdout), stderr
-
-
-def stage_steps(report: dict) -> list[int]:
-    """Steps of the dense stage and of each round, in order."""
-    return [report["dense"]["steps"]] + [r["steps"] for r in report["rounds"]]
-
-
-def reused_flags(report: dict) -> list[int]:
-    return [report["dense"]["reused"]] + [r["reused"] for r in report["rounds"]]
-
-
-def keys_of(report: dict) -> list[str]:
-    return [report["dense"]["key"]] + [r["key"] for r in report["rounds"]]
-
-
-def outcome(report: dict, also_drop: tuple[str, ...] = ()) -> dict:
-    """What a lineage found, without how it got there (`reused`, and `also_drop`)."""
-    drop = ("reused",) + also_drop
-    return {
-        "dense": {k: v for k, v in report["dense"].items() if k not in drop},
-        "rounds": [{k: v for k, v in r.items() if k not in drop} for r in report["rounds"]],
-        "matching": [report["matching_sparsity"], report["matching_round"], report["matching_val_accuracy"]],
-    }
-
-
-RECOMPUTED = ("train_steps_per_s",)
-"""The one metric a recomputed stage may not reproduce (it is a wall-clock speed)."""
-
-
-def store_root(output_dir: Path) -> Path:
-    return output_dir / "store"
-
-
-def entry_dir(root: Path, key: str) -> Path:
-    return root / "stages" / key[:2] / key
-
-
-def published(root: Path) -> set[str]:
-    """Keys of the entries with a manifest (what makes an entry exist)."""
-    return {path.parent.name for path in (root / "stages").glob("*/*/manifest.json")}
-
-
-def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "stages").rglob("*")) if p.is_file()}
-
-
-def masks_of(store: StageStore, keys: list[str]) -> list[dict[str, torch.Tensor]]:
-    masks = []
-    for key in keys:
-        entry = store.get(key)
-        assert entry is not None, key
-        masks.append(entry.masks["mask"])
-    return masks
-
-
-def assert_same_masks(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
-    assert len(a) == len(b)
-    for left, right in zip(a, b):
-        assert left.keys() == right.keys()
-        for name in left:
-            assert left[name].dtype == torch.bool and torch.equal(left[name], right[name]), name
-
-
-def flip_bytes(data: bytes) -> bytes:
-    middle = len(data) // 2
-    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4]) + data[middle + 4 :]
-
-
-def truncate(data: bytes) -> bytes:
-    return data[: len(data) - 7]
-
-
-def clone(output_dir: Path, destination: Path) -> Path:
-    shutil.copytree(output_dir, destination)
-    return destination
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +46,7 @@ def baseline(config_file: Path, data_root: Path, tmp_path_factory: pytest.TempPa
     return report, output_dir
 
 
-# 1. The same command twice -----------------------------------------------------------------
+# The same command twice -----------------------------------------------------------------
 def test_baseline_lineage_writes_only_its_stages_under_the_store_root(baseline) -> None:
     report, output_dir = baseline
     assert reused_flags(report) == [0, 0, 0, 0]
@@ -209,7 +93,7 @@ def test_second_run_executes_nothing_and_finds_identical_results(
         assert 1 - kept / total == pytest.approx(round_report["sparsity"])
 
 
-# 2. Two processes at once ------------------------------------------------------------------
+# Two processes at once ------------------------------------------------------------------
 STORES = {
     "local": lambda root: {},
     # the same folder through fsspec, wrapped as pyarrow.fs.PyFileSystem: the non-local code
@@ -272,7 +156,7 @@ def test_two_processes_started_together_compute_each_stage_once(
     assert published(store_root(output_dir)) == set(keys_of(a))
 
 
-# 3. Search choices reuse the dense stage ---------------------------------------------------
+# Search choices reuse the dense stage ---------------------------------------------------
 @pytest.mark.parametrize("change", [{"prune__rate": 0.4}, {"prune__rewind_step": 0}], ids=["rate", "rewind_step"])
 def test_changing_a_search_choice_reuses_the_dense_stage(
     baseline, config_file: Path, data_root: Path, tmp_path: Path, change: dict
@@ -294,7 +178,7 @@ def test_changing_a_search_choice_reuses_the_dense_stage(
         assert report["rounds"][0]["sparsity"] == pytest.approx(0.4, abs=0.005)
 
 
-# 4. Corrupt entries are detected and recomputed ---------------------------------------------
+# Corrupt entries are detected and recomputed ---------------------------------------------
 @pytest.mark.parametrize(
     "stage, filename, damage",
     [
@@ -333,7 +217,7 @@ def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
     assert published(root) == set(keys_of(first))
 
 
-# 5. SIGKILL mid-round, then rerun ---------------------------------------------------------
+# SIGKILL mid-round, then rerun ---------------------------------------------------------
 @pytest.mark.parametrize("store", sorted(STORES))
 def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
     config_file: Path, data_root: Path, tmp_path: Path, store: str
@@ -368,115 +252,3 @@ def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
     assert report["steps_reused"] == 2000 + 2000
     assert published(root) == set(keys)
     assert not lease.exists()
-
-
-# 6. The same on a non-local pyarrow filesystem (in-process) ---------------------------------
-@pytest.fixture
-def one_thread():
-    """Like the subprocesses: one intra-op thread (two threads below share two cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def memory_store(one_thread) -> StageStore:
-    memory = fsspec.filesystem("memory")
-    root = f"/lth-reuse-{uuid.uuid4().hex}"  # the memory filesystem is process-wide
-    store = StageStore(root, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
-    assert not store.local
-    yield store
-    memory.rm(root, recursive=True)
-
-
-def as_report(result: LineageResult) -> dict:
-    return json.loads(json.dumps(result.to_json()))
-
-
-def memory_files(store: StageStore, key: str) -> set[str]:
-    infos = store.filesystem.get_file_info(pafs.FileSelector(f"{store.root}/stages/{key[:2]}/{key}",
-                                                             allow_not_found=True))
-    return {Path(info.path).name for info in infos}
-
-
-def test_memory_filesystem_second_run_executes_nothing(memory_store: StageStore, data_root: Path,
-                                                       tmp_path: Path) -> None:
-    cfg = tiny_config(data_root, tmp_path, **BASE)
-    first_lineage = Lineage(cfg, memory_store)
-    first = as_report(first_lineage.run())
-    assert first["steps_executed"] == T + 3 * (T - 20)
-    for key in keys_of(first):
-        assert "manifest.json" in memory_files(memory_store, key)
-    assert not (tmp_path / "store").exists()  # nothing went to the local disk
-
-    second = as_report(Lineage(cfg, memory_store).run())
-    assert second["steps_executed"] == 0 and second["steps_reused"] == first["steps_executed"]
-    assert reused_flags(second) == [1, 1, 1, 1]
-    assert outcome(second) == outcome(first)
-    assert_same_masks(masks_of(memory_store, keys_of(second)[1:]),
-                      [entry.masks["mask"] for entry in first_lineage.entries[1:]])
-
-    changed = as_report(Lineage(tiny_config(data_root, tmp_path, prune__rate=0.4, **BASE), memory_store).run())
-    assert changed["dense"]["reused"] == 1 and changed["steps_reused"] == T
-    assert changed["steps_executed"] == 3 * (T - 20)
-
-
-def test_memory_filesystem_two_threads_compute_each_stage_once(memory_store: StageStore, data_root: Path,
-                                                               tmp_path: Path) -> None:
-    cfg = tiny_config(data_root, tmp_path, **BASE)
-    lineages = [Lineage(cfg, memory_store) for _ in range(2)]
-    barrier = threading.Barrier(2)
-    reports: dict[int, Any] = {}
-
-    def work(index: int) -> None:
-        barrier.wait()
-        try:
-            reports[index] = as_report(lineages[index].run())
-        except Exception as error:  # noqa: BLE001 - reported below, not lost in the thread
-            reports[index] = error
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    a, b = reports[0], reports[1]
-    assert isinstance(a, dict) and isinstance(b, dict), (a, b)
-    assert a["steps_executed"] + b["steps_executed"] == T + 3 * (T - 20)
-    for flag_a, flag_b in zip(reused_flags(a), reused_flags(b)):
-        assert {flag_a, flag_b} == {0, 1}
-    assert outcome(a) == outcome(b)
-    assert_same_masks([e.masks["mask"] for e in lineages[0].entries[1:]],
-                      [e.masks["mask"] for e in lineages[1].entries[1:]])
-
-
-@pytest.mark.parametrize(
-    "stage, filename, damage",
-    [(0, "weights_end.safetensors", flip_bytes), (2, "mask_mask.parquet", truncate)],
-    ids=["dense-weights-flipped", "round2-mask-truncated"],
-)
-def test_memory_filesystem_corrupt_stage_is_recomputed(
-    memory_store: StageStore, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    stage: int, filename: str, damage: Callable,
-) -> None:
-    cfg = tiny_config(data_root, tmp_path, **BASE)
-    first = as_report(Lineage(cfg, memory_store).run())
-    key = keys_of(first)[stage]
-    path = f"{memory_store.root}/stages/{key[:2]}/{key}/{filename}"
-    with memory_store.filesystem.open_input_stream(path) as stream:
-        good = stream.read()
-    with memory_store.filesystem.open_output_stream(path) as stream:
-        stream.write(damage(good))
-
-    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
-        again = as_report(Lineage(cfg, memory_store).run())
-
-    warnings = [r.getMessage() for r in caplog.records if key in r.getMessage()]
-    assert warnings and "corrupt" in warnings[0] and filename in warnings[0]
-    assert again["steps_executed"] == stage_steps(first)[stage]
-    assert reused_flags(again) == [int(i != stage) for i in range(4)]
-    assert outcome(again, RECOMPUTED) == outcome(first, RECOMPUTED)
-    with memory_store.filesystem.open_input_stream(path) as stream:
-        assert stream.read() == good  # republished, bit for bit
-    assert memory_store.get(key) is not None

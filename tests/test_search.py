@@ -11,7 +11,7 @@ import pytest
 from search_helpers import expected_matching, load_study, manifests, search_config, trial_records, trial_results
 
 from lth_search.errors import ConfigError
-from lth_search.api import resume_search, run_search
+from lth_search.api import best_ticket, resume_search, run_search
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +66,18 @@ def test_small_search_reports_each_round_and_trains_dense_once(ray_local, data_r
     )
 
 
-def test_asha_stops_a_lagging_lineage_and_optuna_gets_its_last_value(ray_local, data_root, tmp_path):
-    # With tolerance 0.99 every round matches, so the objective is the sparsity reached:
-    # a rate-0.1 lineage always lags a rate-0.8 one. The seeded random sampler proposes
-    # 0.8, 0.8, 0.1, 0.1, ... (seed 7), so the third trial reaches rung 1 after two 0.8
-    # lineages recorded theirs and ASHA must stop it.
+def test_asha_stops_a_lineage_worse_at_equal_sparsity_and_optuna_is_told_pruned(ray_local, data_root, tmp_path):
+    # ASHA's clock is the sparsity level (20 %-prunes). The default rate-0.2 lineage (enqueued
+    # first; one trial at a time) records its val margin at rungs 1, 2 and 4 (59 % sparsity);
+    # a rate-0.8 lineage jumps to level 7 (80 %) in its first round and is compared at rung 4,
+    # far worse there: stopped. A repeat of a recipe walks it again from the store.
     cfg = search_config(data_root, tmp_path, {
         "seed": 7,
+        "prune.rounds": 7,
         "search.num_trials": 6,
+        "search.max_concurrent": 1,
         "search.sampler": "random",
-        "search.tolerance": 0.99,
-        "search.space.rate": "[0.1, 0.8]",
+        "search.space.rate": "[0.2, 0.8]",
         "search.space.rewind_step": "null",
         "search.asha.grace_period": 1,
         "search.asha.reduction_factor": 2,
@@ -85,18 +86,18 @@ def test_asha_stops_a_lagging_lineage_and_optuna_gets_its_last_value(ray_local, 
 
     histories = trial_results(summary["results_path"])
     records = trial_records(tmp_path / "store", cfg.name)
-    stopped = {t: rows for t, rows in histories.items() if rows[-1]["training_iteration"] < 3}
+    stopped = {t: rows for t, rows in histories.items() if records[t]["status"] == "stopped"}
     assert stopped, "ASHA stopped no lineage"
     assert summary["stopped_by_asha"] == len(stopped)
-    assert {records[t]["status"] for t in stopped} == {"stopped"}
+    assert all(len(rows) < 7 for rows in stopped.values())
 
     study = load_study(tmp_path, cfg.name, summary["search_id"])
     by_number = {t.number: t for t in study.trials}
-    for trial_id, rows in stopped.items():
+    assert by_number[0].params["rate"] == 0.2 and by_number[0].state.name == "COMPLETE"  # the default, first
+    for trial_id in stopped:
         optuna_trial = by_number[records[trial_id]["optuna_trial"]]
-        assert optuna_trial.state.name == "COMPLETE"
-        assert optuna_trial.value == pytest.approx(rows[-1]["matching_sparsity"])
-        assert optuna_trial.params["rate"] == 0.1
+        assert optuna_trial.state.name == "PRUNED"
+        assert optuna_trial.params["rate"] == 0.8
 
 
 def test_two_objectives_tell_optuna_both_values(ray_local, data_root, tmp_path):
@@ -126,3 +127,32 @@ def test_resume_of_an_unknown_search_is_a_one_line_error(tmp_path):
         resume_search("nope", output_dir=str(tmp_path))
     message = str(error.value)
     assert "\n" not in message and "no search named nope" in message and "lth-search run" in message
+
+
+def test_confirmation_reruns_the_default_and_the_best_on_fresh_seeds(ray_local, data_root, tmp_path):
+    # A margin no recipe can meet: the default recipe is chosen, and said so beside the best
+    # searched recipe; best_ticket() returns the default's ticket with the confirmed scores.
+    cfg = search_config(data_root, tmp_path, {
+        "search.confirm_seeds": 2, "search.confirm_top_k": 1, "search.confirm_margin": 10,
+        "search.num_trials": 2, "search.space.rewind_step": "null", "tracking.enabled": "true",
+    })
+    lines: list[str] = []
+    summary = run_search(cfg, progress=lines.append)
+    confirmation = summary["confirmation"]
+    assert len(confirmation["seeds"]) == 2 and cfg.seed not in confirmation["seeds"]
+    recipes = [s["recipe"] for s in confirmation["scores"]]
+    assert recipes[0] == cfg.default_recipe() == {"rate": 0.2} and len(recipes) == 2
+    assert all(s["seeds"] == confirmation["seeds"] for s in confirmation["scores"])  # paired: same seeds
+    assert confirmation["chosen"]["is_default"] and confirmation["gain"] == 1.0
+    assert summary["best"]["choices"] == {"rate": 0.2}
+    assert any("chosen recipe: the default" in line for line in lines)
+    assert any("not 10x the default's" in line for line in lines)
+
+    # the confirmation runs are lineages of their own (fresh seeds: their own dense stages)
+    dense_seeds = {m["inputs"]["seed"] for m in manifests(tmp_path / "store") if m["kind"] == "dense"}
+    assert dense_seeds == {cfg.seed, *confirmation["seeds"]}
+
+    ticket = best_ticket(experiment=cfg.name, tracking_uri=cfg.tracking_uri())
+    assert ticket.params == {"rate": 0.2} and ticket.trial_id == summary["best"]["trial_id"]
+    assert ticket.summary()["confirmation"]["chosen"]["compression"] == pytest.approx(
+        confirmation["chosen"]["compression"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from lth_search.config.names import check_location, quote
 from lth_search.config.schema import ExperimentConfig, validate_config
 from lth_search.errors import ConfigError

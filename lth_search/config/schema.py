@@ -14,7 +14,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lth_search.config.names import check_location, check_name, check_store_uri, check_tracking_uri, quote
 from lth_search.errors import ConfigError
@@ -89,6 +96,15 @@ class DataConfig(_Section):
         "it, reporting uses test. Its size sets the noise of a 'matching' verdict: the standard "
         "error of an accuracy p is sqrt(p(1-p)/val_size), ~1.5 pp at 1000 examples and 65%.",
     )
+    mnist1d_samples: int = Field(
+        5000,
+        ge=100,
+        le=10**7,
+        multiple_of=10,
+        description="MNIST-1D only: examples the offline generator makes, split 80/20 into the training pool "
+        "(val_size of it become the validation split) and test, as mnist1d does; 5000 is the published data "
+        "set. More examples let the validation split grow without shrinking the training set.",
+    )
     normalize: bool = Field(True, description="standardise inputs with the training split's mean and std")
 
     @field_validator("root")
@@ -97,8 +113,10 @@ class DataConfig(_Section):
         return check_location(root, "data.root", ValueError)
 
     def identity(self) -> dict[str, Any]:
-        """What determines the split's content (the folder is where, not what)."""
-        return self.model_dump(exclude={"root"})
+        """What determines the split's content (the folder is where, not what; the MNIST-1D
+        generator's size only matters for MNIST-1D)."""
+        exclude = {"root"} if self.name == "mnist1d" else {"root", "mnist1d_samples"}
+        return self.model_dump(exclude=exclude)
 
 
 class ModelConfig(_Section):
@@ -180,7 +198,23 @@ def check_init_scale(value: Any) -> InitScale:
 class PruneConfig(_Section):
     """Iterative magnitude pruning: what each round removes and where survivors rewind to."""
 
-    rounds: int = Field(5, ge=0, le=200, description="pruning rounds after the dense stage")
+    rounds: int = Field(
+        20, ge=0, le=200, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier "
+        "when its matching run ends, see patience, or when it reaches target_sparsity)"
+    )
+    patience: int = Field(
+        2, ge=1, le=200, description="consecutive rounds a lineage may fail to match dense before it stops: a pass "
+        "after fewer misses continues its unbroken matching run, after this many it does not count. 1 = stop at the "
+        "first miss"
+    )
+    target_sparsity: float | None = Field(
+        None, gt=0, lt=1, description="stop once a round reaches this sparsity (null: prune until the run ends or the cap)"
+    )
+    dense_replicates: int = Field(
+        3, ge=1, le=64, description="dense networks (the lineage's own seed, then seed+1, ...) trained on the same "
+        "split; a round matches when its val accuracy, example by example, is within search.tolerance of their mean. "
+        "Each is a normal dense stage, stored and shared through the store"
+    )
     rate: float = Field(0.2, gt=0, lt=1, description="fraction of the remaining weights pruned per round")
     scope: Literal["global", "layerwise"] = "global"
     layer_ratios: dict[str, float] = Field(
@@ -306,7 +340,9 @@ class SearchConfig(_Section):
     )
     objectives: int = Field(1, ge=1, le=2, description="1: matching sparsity; 2: plus val accuracy at it")
     tolerance: float = Field(
-        0.01, ge=0, lt=1, description="a round matches when its val accuracy >= dense val accuracy - tolerance"
+        0.01, ge=0, lt=1, description="a round matches when its val accuracy >= the dense replicates' mean val "
+        "accuracy on the same examples - tolerance; keep it >= twice the standard error of that paired difference "
+        "(reported per round as margin_se)"
     )
     max_failures: int = Field(2, ge=0, le=100, description="Ray retries of a failed trial")
     confirm_seeds: int = Field(

@@ -5,11 +5,18 @@ its output, its parent's key included (ARCHITECTURE.md, "Stages and reuse"):
 
 - dense: data content, model, resolved recipe, seed, the rewind steps to keep. Output:
   theta_k for every kept rewind step k ("rewind_<k>", k = 0 is the initialisation),
-  theta_T ("end"), dense val/test accuracy.
+  theta_T ("end"), dense val/test accuracy. The replicated dense baseline is more dense
+  stages of the same inputs with seeds seed+1, seed+2, ... (on the lineage's own split).
 - round r: the parent's key (dense or round r-1) and the round's pruning choices
   (rate, scope, ratios, rewind step, init scale). It prunes the parent's end weights by
   magnitude, rewinds the survivors to theta_k (rescaled), retrains from step k to T, and
   outputs the mask ("mask"), the end weights ("end") and the metrics.
+
+Every stage's metrics keep which val examples it classified right (`val_correct`,
+packed bits), so a round is judged paired against the dense replicates (objective.py).
+The walk stops when the unbroken matching run ends (`prune.patience` misses in a row),
+at `prune.target_sparsity`, or at the cap `prune.rounds`; the stages and their keys do
+not depend on where a lineage stops, so a longer lineage reuses a shorter one's rounds.
 
 Before computing a stage the lineage asks the store, so any stage any lineage computed
 is reused (`reused=1`), and a lineage killed mid-round resumes after its last stored
@@ -18,16 +25,17 @@ stage. Without a store, stages live in memory for the run.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import statistics
 from typing import Any, Callable, Protocol
 
 import torch
 
 from lth_search.config import ExperimentConfig
-from lth_search.store.keys import content_key
 from lth_search.engine.data import Dataset, data_signature, load_dataset, resolve_device
-from lth_search.errors import ConfigError
 from lth_search.engine.models import build_model
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+from lth_search.engine.objective import Verdict, pack_correct, paired_verdict, unpack_correct
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
@@ -40,13 +48,19 @@ from lth_search.engine.pruning import (
     rescale_factors,
     sparsity,
 )
+from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+from lth_search.engine.train import TrainResult, evaluate, predict, resolved_recipe, train
+from lth_search.errors import ConfigError
+from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
-from lth_search.engine.train import evaluate, resolved_recipe, train
+
+log = logging.getLogger(__name__)
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
-STAGE_FORMAT = 1
-"""Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching."""
+STAGE_FORMAT = 2
+"""Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching.
+2: stages keep per-example val correctness (`val_correct`) for the paired verdict."""
 
 
 class StageSource(Protocol):
@@ -112,6 +126,8 @@ class Lineage:
         check_layer_groups(self.groups, cfg.prune.layer_ratios)  # before the dense stage trains, not after
         self.entries: list[StageEntry] = []
         """The stages of the last `run()`: dense first, then one per round."""
+        self.replicates: list[StageEntry] = []
+        """The dense baseline of the last `run()`: the lineage's own dense stage, then seed+1, ..."""
         self.recipe = resolved_recipe(cfg.train, self.data.steps_per_epoch(cfg.train.batch_size))
         self.total_steps = self.recipe["steps"]
         late = [k for k in cfg.prune.rewind_steps if k >= self.total_steps]
@@ -119,7 +135,8 @@ class Lineage:
             raise ConfigError(f"prune.rewind_steps: {late} must be < train.steps ({self.total_steps} iterations)")
 
     # Keys ---------------------------------------------------------------------------------
-    def dense_inputs(self) -> dict[str, Any]:
+    def dense_inputs(self, seed: int | None = None) -> dict[str, Any]:
+        """Inputs of the dense stage trained with `seed` (default the lineage's: replicate 0)."""
         cfg = self.cfg
         return {
             "stage": "dense",
@@ -128,7 +145,7 @@ class Lineage:
             "data_fingerprint": self.data.fingerprint,
             "model": cfg.model.model_dump(),
             "recipe": self.recipe,
-            "seed": cfg.seed,
+            "seed": cfg.seed if seed is None else seed,
             "rewind_steps": cfg.prune.rewind_steps,
         }
 
@@ -152,18 +169,27 @@ class Lineage:
     def _load(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
 
-    def _accuracies(self) -> dict[str, float]:
+    def _accuracies(self) -> dict[str, Any]:
         batch = self.cfg.train.eval_batch_size
+        correct = (predict(self.model, self.data.val, batch) == self.data.val.y).cpu().numpy()
         return {
-            "val_accuracy": evaluate(self.model, self.data.val, batch),
+            "val_accuracy": float(correct.mean()) if correct.size else 0.0,
             "test_accuracy": evaluate(self.model, self.data.test, batch),
+            "val_correct": {"n": int(correct.size), "bits": pack_correct(correct)},
         }
 
     def _compute_dense(self, key: str, inputs: dict[str, Any]) -> StageEntry:
-        fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, self.cfg.seed)
+        seed = inputs["seed"]
+        fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed)
         self._load(fresh.state_dict())
         kept = self.cfg.prune.rewind_steps
-        result = train(self.model, self.data, self.cfg.train, self.cfg.seed, 0, self.total_steps, snapshot_steps=kept)
+        result = train(self.model, self.data, self.cfg.train, seed, 0, self.total_steps, snapshot_steps=kept)
+        return self.dense_entry(key, inputs, result)
+
+    def dense_entry(self, key: str, inputs: dict[str, Any], result: TrainResult) -> StageEntry:
+        """The dense stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
+        kept = self.cfg.prune.rewind_steps
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -178,13 +204,16 @@ class Lineage:
     def _compute_round(
         self, key: str, inputs: dict[str, Any], dense: StageEntry, parent: StageEntry, round_index: int
     ) -> StageEntry:
+        return self._train_masked(key, inputs, dense, self.next_mask(parent), round_index)
+
+    def next_mask(self, parent: StageEntry) -> Mask:
+        """The mask of the round after `parent` (dense or a round): prune its end weights."""
         prune = self.cfg.prune
         parent_mask = parent.masks.get("mask") or ones_mask(self.model)
-        mask = prune_round(
+        return prune_round(
             parent.weights["end"], parent_mask, self.groups, prune.rate, prune.scope, prune.layer_ratios,
             prune.output_ratio,
         )
-        return self._train_masked(key, inputs, dense, mask, round_index)
 
     def _rescale(self, rewind: dict[str, torch.Tensor], mask: Mask) -> dict[str, float]:
         """Per-layer factors for the survivors at rewind (kept in the stage's metrics, so a
@@ -198,14 +227,30 @@ class Lineage:
         self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
         start_weights: dict[str, torch.Tensor] | None = None,
     ) -> StageEntry:
-        prune = self.cfg.prune
-        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{prune.rewind_step}"]
-        factors = self._rescale(rewind, mask)
-        self._load(masked_state(rewind, mask, factors))
+        start, factors = self.round_start(dense, mask, start_weights)
+        self._load(start)
         device_mask = {name: m.to(self.device) for name, m in mask.items()}
         result = train(
-            self.model, self.data, self.cfg.train, self.cfg.seed, prune.rewind_step, self.total_steps, mask=device_mask
+            self.model, self.data, self.cfg.train, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
+            mask=device_mask,
         )
+        return self.round_entry(key, inputs, mask, factors, result, round_index)
+
+    def round_start(
+        self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """(weights a masked stage trains from, the rescale factors): the rewind weights
+        (or `start_weights`) masked and rescaled."""
+        rewind = start_weights if start_weights is not None else dense.weights[f"rewind_{self.cfg.prune.rewind_step}"]
+        factors = self._rescale(rewind, mask)
+        return masked_state(rewind, mask, factors), factors
+
+    def round_entry(
+        self, key: str, inputs: dict[str, Any], mask: Mask, factors: dict[str, float], result: TrainResult,
+        round_index: int,
+    ) -> StageEntry:
+        """A masked stage from its finished training (evaluates the end weights)."""
+        self._load(result.state)
         metrics = {
             **self._accuracies(),
             "train_loss": result.train_loss,
@@ -220,12 +265,16 @@ class Lineage:
         return StageEntry(key=key, kind="round", inputs=inputs, metrics=metrics, weights={"end": result.state},
                           masks={"mask": cpu_mask})
 
-    def dense_stage(self) -> tuple[StageEntry, bool]:
-        inputs = self.dense_inputs()
+    def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
+        inputs = self.dense_inputs(seed)
         key = content_key(inputs)
         weights = ["end", *(f"rewind_{k}" for k in self.cfg.prune.rewind_steps)]
         check = _needs(weights, [], _DENSE_METRICS)
         return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs), check)
+
+    def judge(self, entry: StageEntry) -> Verdict:
+        """The paired verdict of a stage against the dense replicates (`run()` trains them first)."""
+        return paired_verdict(_correct(entry), [_correct(d) for d in self.replicates], self.cfg.search.tolerance)
 
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         inputs = self.round_inputs(parent.key, round_index)
@@ -254,37 +303,101 @@ class Lineage:
         return self.store.get_or_compute(key, compute, _needs(["end"], ["mask"], _ROUND_METRICS))
 
     # The walk -------------------------------------------------------------------------------
+    def start(self, dense: StageEntry, reused: bool) -> LineageResult:
+        """The result of a walk whose dense stage is `dense` (no rounds yet)."""
+        self.entries = [dense]
+        self.replicates = [dense]
+        steps = dense.metrics["steps"]
+        return LineageResult(
+            dense=DenseResult.from_stage(dense.metrics, dense.key, reused),
+            rounds=[],
+            steps_executed=0 if reused else steps,
+            steps_reused=steps if reused else 0,
+            tolerance=self.cfg.search.tolerance,
+            patience=self.cfg.prune.patience,
+            target_sparsity=self.cfg.prune.target_sparsity,
+        )
+
+    def replicate_seeds(self) -> list[int]:
+        """Seeds of the dense replicates beyond the lineage's own dense stage."""
+        return [self.cfg.seed + offset for offset in range(1, self.cfg.prune.dense_replicates)]
+
+    def add_replicate(self, result: LineageResult, entry: StageEntry, reused: bool) -> None:
+        """Count one more dense replicate into the baseline."""
+        self.replicates.append(entry)
+        _count_steps(result, entry.metrics["steps"], reused)
+        result.dense = dataclasses.replace(result.dense, **_baseline(self.replicates))
+
+    def add_round(self, result: LineageResult, entry: StageEntry, reused: bool, round_index: int) -> RoundResult:
+        """Judge a finished round against the baseline, append it, and set `result.stop_reason`."""
+        self.entries.append(entry)
+        verdict = self.judge(entry)
+        round_result = RoundResult.from_stage(
+            {**entry.metrics, "round": round_index, "matches": verdict.matches, "margin": verdict.margin,
+             "margin_se": verdict.se},
+            entry.key, reused,
+        )
+        result.rounds.append(round_result)
+        _count_steps(result, round_result.steps, reused)
+        if round_index == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
+            log.warning(
+                "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
+                "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
+                self.cfg.search.tolerance, verdict.se,
+            )
+        result.stop_reason = result.should_stop() or ("cap" if round_index >= self.cfg.prune.rounds else "")
+        return round_result
+
     def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
-        """Run (or fetch) the dense stage and every round, calling back after each stage.
+        """Run (or fetch) the dense stages and the rounds until the lineage stops, calling back
+        after the dense baseline and after each round.
 
         `self.entries[-1]` is the stage just finished when a callback runs (its mask and
-        weights are there for whoever logs them).
+        weights are there for whoever logs them); `self.replicates` holds the dense
+        baseline (the lineage's own dense stage first).
         """
         dense, reused = self.dense_stage()
-        self.entries = [dense]
-        dm = dense.metrics
-        result = LineageResult(
-            dense=DenseResult.from_stage(dm, dense.key, reused),
-            rounds=[],
-            steps_executed=0 if reused else dm["steps"],
-            steps_reused=dm["steps"] if reused else 0,
-            tolerance=self.cfg.search.tolerance,
-        )
+        result = self.start(dense, reused)
+        for seed in self.replicate_seeds():
+            self.add_replicate(result, *self.dense_stage(seed))
         if on_dense is not None:
             on_dense(result)
         parent = dense
         for round_index in range(1, self.cfg.prune.rounds + 1):
             parent, reused = self.round_stage(dense, parent, round_index)
-            self.entries.append(parent)
-            round_result = RoundResult.from_stage({**parent.metrics, "round": round_index}, parent.key, reused)
-            result.rounds.append(round_result)
-            if reused:
-                result.steps_reused += round_result.steps
-            else:
-                result.steps_executed += round_result.steps
+            round_result = self.add_round(result, parent, reused, round_index)
             if on_round is not None:
                 on_round(round_result, result)
+            if result.stop_reason:
+                break
+        result.stop_reason = result.stop_reason or "cap"
         return result
+
+
+def _correct(entry: StageEntry) -> Any:
+    """A stage's per-example val correctness (a bool vector)."""
+    packed = entry.metrics["val_correct"]
+    return unpack_correct(packed["bits"], packed["n"])
+
+
+def _baseline(replicates: list[StageEntry]) -> dict[str, Any]:
+    """What the result says about the replicated dense baseline (beside the own dense's metrics)."""
+    vals = [r.metrics["val_accuracy"] for r in replicates]
+    return {
+        "replicates": len(replicates),
+        "replicate_keys": [r.key for r in replicates],
+        "replicate_val_accuracies": vals,
+        "baseline_val_accuracy": sum(vals) / len(vals),
+        "baseline_test_accuracy": sum(r.metrics["test_accuracy"] for r in replicates) / len(replicates),
+        "baseline_val_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+    }
+
+
+def _count_steps(result: LineageResult, steps: int, reused: bool) -> None:
+    if reused:
+        result.steps_reused += steps
+    else:
+        result.steps_executed += steps
 
 
 def run_lineage(

@@ -16,6 +16,7 @@ gives a bit-identical state dict on any machine.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 

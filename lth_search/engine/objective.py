@@ -1,17 +1,35 @@
 """The search objective: matching sparsity, selected on the validation split.
 
-A round "matches" when its validation accuracy is within `tolerance` of the dense
-network's. A lineage's score is the highest sparsity among its matching rounds so far
-(ties: higher val accuracy), 0.0 when none matches (the dense network trivially does).
-Because the score only ever looks at completed rounds, it is fair at any round: ASHA
-can compare lineages stopped at equal compute, and a lineage stopped early is told to
-Optuna with a value it really earned.
+Two parts, both pure (no Ray, no MLflow):
+
+- The verdict: does one round's ticket match the dense network? It is decided example
+  by example on the validation split (paired), against the mean of several dense
+  networks trained with different seeds on the same split (a replicated baseline), so
+  neither the luck of one validation sample nor the luck of one dense run sets the bar.
+  The margin is the ticket's accuracy minus the dense replicates' mean accuracy; its
+  standard error comes from the per-example differences (ticket correct minus the mean
+  of the replicates' correctness), which is what makes the comparison paired: the
+  examples both get right or both get wrong cancel. What pairing cannot remove is the
+  seed noise of training itself (the ticket's and the replicates'); the spread of the
+  replicates' accuracies on the same split measures it, and the verdict's `se` adds it.
+- The score: the sparsity of the last round of the lineage's unbroken matching run.
+  A lineage may miss `patience - 1` rounds in a row and continue its run with a later
+  pass; `patience` misses in a row end the run, and no pass after that counts. The
+  score only looks at completed rounds, so it is fair at any round: a lineage stopped
+  early has a score it really earned, and the run's end is known as soon as it happens.
 """
 
 from __future__ import annotations
 
+import base64
+import math
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+_EPS = 1e-12
+"""Absorbs float noise in accuracies that are ratios of the same split size."""
 
 
 class _RoundLike(Protocol):
@@ -22,24 +40,120 @@ class _RoundLike(Protocol):
 
 @dataclass(frozen=True)
 class Matching:
-    """The best matching round so far (round 0 stands for the dense network)."""
+    """The last round of the unbroken matching run (round 0 stands for the dense network)."""
 
     sparsity: float
     val_accuracy: float
     round: int
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One round judged against the replicated dense baseline on the same val examples."""
+
+    matches: bool
+    margin: float
+    """Ticket val accuracy minus the dense replicates' mean val accuracy (negative: worse)."""
+    se: float
+    """Standard error of `margin` as an estimate of the ticket's true gap to dense:
+    sqrt(se_paired^2 + seed_sd^2 (1 + 1/k)) for k replicates (seed noise of the ticket
+    and of the replicates' mean). Keep the tolerance at least twice this."""
+    se_paired: float
+    """The val-sampling part: from the paired per-example differences."""
+    seed_sd: float
+    """Standard deviation of the replicates' val accuracies (training-seed noise; 0 with one)."""
+    dense_val_accuracy: float
+    """The replicates' mean val accuracy: the bar the margin is measured from."""
+
+
+# Per-example correctness, packed for the stage metrics (JSON, no pickles) -----------------
+def pack_correct(correct: np.ndarray) -> str:
+    """A bool vector as base64 of its packed bits (1 bit per example, ~840 chars per 5000)."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    """The bool vector `pack_correct` packed, given its length."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))
+    if bits.size < n or bits[n:].any():
+        raise ValueError(f"packed correctness holds {bits.size} bits, expected {n}")
+    return bits[:n].astype(bool)
+
+
+# The verdict ------------------------------------------------------------------------------
 def is_matching(val_accuracy: float, dense_val_accuracy: float, tolerance: float) -> bool:
-    # The epsilon absorbs float noise in accuracies that are ratios of the same split size.
-    return val_accuracy >= dense_val_accuracy - tolerance - 1e-12
+    """The unpaired rule (one accuracy against one dense accuracy), for rows without predictions."""
+    return val_accuracy >= dense_val_accuracy - tolerance - _EPS
 
 
-def matching(dense_val_accuracy: float, rounds: Iterable[_RoundLike], tolerance: float) -> Matching:
-    """The sparsest round whose val accuracy is within `tolerance` of dense (ties: better val)."""
-    best = Matching(0.0, dense_val_accuracy, 0)
+def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: float) -> Verdict:
+    """Judge a ticket against dense replicates from per-example correctness on the same val split.
+
+    Matches when the margin (ticket minus the replicates' mean accuracy) is at least
+    `-tolerance`. Size the tolerance to at least twice `se` (bench/verdict_noise.py
+    measures it): then a ticket as good as dense fails by noise alone in ~2 % of rounds,
+    and the round where a lineage stops matching moves by about one round between draws.
+    """
+    if not dense:
+        raise ValueError("paired_verdict needs at least one dense replicate")
+    t = np.asarray(ticket, dtype=np.float64)
+    d = np.stack([np.asarray(x, dtype=np.float64) for x in dense])
+    if d.shape[1:] != t.shape or t.ndim != 1 or t.size == 0:
+        raise ValueError(f"correctness vectors must have one shared length, got {t.shape} and {d.shape[1:]}")
+    bar = d.mean(axis=0)
+    diff = t - bar
+    margin = float(diff.mean())
+    se_paired = float(diff.std(ddof=1) / math.sqrt(t.size)) if t.size > 1 else float("inf")
+    k = d.shape[0]
+    seed_sd = float(d.mean(axis=1).std(ddof=1)) if k > 1 else 0.0
+    se = math.sqrt(se_paired**2 + seed_sd**2 * (1 + 1 / k))
+    return Verdict(margin >= -tolerance - _EPS, margin, se, se_paired, seed_sd, float(bar.mean()))
+
+
+# The score --------------------------------------------------------------------------------
+def verdicts(dense_val_accuracy: float, rounds: Iterable[_RoundLike], tolerance: float) -> list[bool]:
+    """Each round's verdict: its own paired `matches` when it has one, else the unpaired rule."""
+    out = []
     for item in rounds:
-        if not is_matching(item.val_accuracy, dense_val_accuracy, tolerance):
+        judged = getattr(item, "matches", None)
+        out.append(bool(judged) if judged is not None else is_matching(item.val_accuracy, dense_val_accuracy, tolerance))
+    return out
+
+
+def run_ended(passes: Sequence[bool], patience: int) -> bool:
+    """Whether `patience` rounds in a row have failed (anywhere): the unbroken run is over."""
+    misses = 0
+    for passed in passes:
+        misses = 0 if passed else misses + 1
+        if misses >= patience:
+            return True
+    return False
+
+
+def unbroken_run(passes: Sequence[bool], patience: int) -> int:
+    """Index (1-based round) of the last pass of the unbroken matching run; 0 if none.
+
+    A pass after fewer than `patience` consecutive misses continues the run; after
+    `patience` misses in a row the run is over and later passes do not count.
+    """
+    last, misses = 0, 0
+    for index, passed in enumerate(passes, start=1):
+        if passed:
+            last, misses = index, 0
             continue
-        if (item.sparsity, item.val_accuracy) > (best.sparsity, best.val_accuracy):
-            best = Matching(item.sparsity, item.val_accuracy, item.round)
-    return best
+        misses += 1
+        if misses >= patience:
+            break
+    return last
+
+
+def matching(
+    dense_val_accuracy: float, rounds: Iterable[_RoundLike], tolerance: float, patience: int = 1
+) -> Matching:
+    """The score: the last round of the unbroken matching run (the dense network if none)."""
+    rounds = list(rounds)
+    last = unbroken_run(verdicts(dense_val_accuracy, rounds, tolerance), patience)
+    if last == 0:
+        return Matching(0.0, dense_val_accuracy, 0)
+    item = rounds[last - 1]
+    return Matching(item.sparsity, item.val_accuracy, item.round)

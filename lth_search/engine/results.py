@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lth_search.engine.objective import Matching, matching
+from lth_search.engine.objective import Matching, matching, run_ended, verdicts
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +49,15 @@ class DenseResult(_JsonRecord):
     reused: int
     steps: int
     key: str
+    replicates: int = 1
+    """Dense networks in the baseline a round is judged against: this one, then seeds +1, +2, ..."""
+    replicate_keys: list[str] = field(default_factory=list)
+    replicate_val_accuracies: list[float] = field(default_factory=list)
+    baseline_val_accuracy: float | None = None
+    """The replicates' mean val accuracy: the bar of the paired verdict (None: one dense, this one)."""
+    baseline_test_accuracy: float | None = None
+    baseline_val_sd: float = 0.0
+    """Standard deviation of the replicates' val accuracies: training-seed noise on this split."""
 
 
 @dataclass
@@ -67,6 +76,12 @@ class RoundResult(_JsonRecord):
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factor the survivors were multiplied by at rewind."""
+    matches: bool | None = None
+    """The paired verdict against the dense replicates (None: not judged, e.g. an old record)."""
+    margin: float | None = None
+    """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
+    margin_se: float | None = None
+    """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
 
 
 @dataclass
@@ -78,11 +93,34 @@ class LineageResult:
     steps_executed: int
     steps_reused: int
     tolerance: float
+    patience: int = 1
+    """Misses in a row that end the unbroken matching run (prune.patience)."""
+    target_sparsity: float | None = None
+    stop_reason: str = ""
+    """Why the walk ended: "run_ended", "target_sparsity" or "cap" ("" while it runs)."""
 
     @property
     def best(self) -> Matching:
-        """The lineage's score so far: its matching round (round 0 = the dense network)."""
-        return matching(self.dense.val_accuracy, self.rounds, self.tolerance)
+        """The lineage's score so far: the last round of its unbroken matching run (round 0 =
+        the dense network). Fair at any round: it only looks at completed rounds."""
+        return self.score()
+
+    def score(self, upto: int | None = None) -> Matching:
+        """The score counting rounds 1..`upto` only (all completed rounds by default)."""
+        rounds = self.rounds if upto is None else [r for r in self.rounds if r.round <= upto]
+        return matching(self.dense.val_accuracy, rounds, self.tolerance, self.patience)
+
+    def verdicts(self) -> list[bool]:
+        """Each completed round's verdict (paired when judged, else the unpaired rule)."""
+        return verdicts(self.dense.val_accuracy, self.rounds, self.tolerance)
+
+    def should_stop(self) -> str:
+        """Why the lineage stops after its last completed round ("" to go on; the cap aside)."""
+        if run_ended(self.verdicts(), self.patience):
+            return "run_ended"
+        if self.target_sparsity is not None and self.rounds and self.rounds[-1].sparsity >= self.target_sparsity:
+            return "target_sparsity"
+        return ""
 
     @property
     def matching_test_accuracy(self) -> float:
@@ -106,4 +144,6 @@ class LineageResult:
             "matching_sparsity": best.sparsity,
             "matching_round": best.round,
             "matching_val_accuracy": best.val_accuracy,
+            "patience": self.patience,
+            "stop_reason": self.stop_reason,
         }

@@ -22,8 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lth_search.engine.augment import augment
 from lth_search.config import TrainConfig, resolve_steps
+from lth_search.engine.augment import augment
 from lth_search.engine.data import BatchOrder, Dataset, Split
 
 LOSS_WINDOW = 100
@@ -179,13 +179,15 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
-    """Top-1 accuracy of `model` on a split (eval mode; restores the previous mode)."""
+def predict(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Tensor:
+    """Top-1 class per example of a split (eval mode; restores the previous mode)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
-    for begin in range(0, len(split), batch_size):
-        logits = model(split.x[begin : begin + batch_size])
-        correct += (logits.argmax(dim=1) == split.y[begin : begin + batch_size]).sum()
+    parts = [model(split.x[begin : begin + batch_size]).argmax(dim=1) for begin in range(0, len(split), batch_size)]
     model.train(was_training)
-    return float(correct) / max(len(split), 1)
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=split.x.device)
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
+    """Top-1 accuracy of `model` on a split."""
+    return float((predict(model, split, batch_size) == split.y).sum()) / max(len(split), 1)

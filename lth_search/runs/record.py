@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult, _known_fields
+from lth_search.engine.results import (
+    DenseResult,
+    LineageResult,
+    RoundResult,
+    _known_fields,
+)
 from lth_search.store.records import records_namespace
 from lth_search.store.stages import StageStore
 
@@ -103,7 +108,7 @@ class TrialRecord:
         """The number of the current (latest) attempt."""
         return self.attempts[-1].attempt if self.attempts else 0
 
-    def result(self, tolerance: float) -> LineageResult | None:
+    def result(self, tolerance: float, patience: int = 1) -> LineageResult | None:
         """The LineageResult the trial had when it wrote this record (None before its dense stage)."""
         if self.dense is None:
             return None
@@ -112,7 +117,7 @@ class TrialRecord:
             RoundResult.from_json(asdict(r)) for r in sorted(self.rounds, key=lambda r: r.round)
             if not keys or r.key in keys
         ]
-        return LineageResult(self.dense, rounds, self.steps_executed, self.steps_reused, tolerance)
+        return LineageResult(self.dense, rounds, self.steps_executed, self.steps_reused, tolerance, patience)
 
     # Writing (the trial) ----------------------------------------------------------------------
     def begin_attempt(self, node_id: str | None, restored_round: int) -> None:
@@ -136,7 +141,7 @@ class TrialRecord:
         self.round_keys = [r.key for r in result.rounds]
         best = result.best
         self.matching = MatchingRecord(best.sparsity, best.round, best.val_accuracy, result.matching_test_accuracy)
-        total = result.dense.steps + sum(r.steps for r in result.rounds)
+        total = result.dense.steps * result.dense.replicates + sum(r.steps for r in result.rounds)
         self.steps_executed = sum(a.steps_executed for a in self.attempts)
         self.steps_reused = max(0, total - self.steps_executed)
         self.updated_at = time.time()

@@ -81,7 +81,10 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
         }
     best = result.best
     metrics[SPARSITY_LEVEL] = sparsity_level(metrics["sparsity"])
-    metrics[VAL_MARGIN] = metrics["val_accuracy"] - result.dense.val_accuracy
+    margin = round_result.margin if round_result is not None else None
+    # the verdict's paired margin against the dense replicates' mean (the plain difference
+    # from this lineage's dense network where a round has none, e.g. the dense report)
+    metrics[VAL_MARGIN] = margin if margin is not None else metrics["val_accuracy"] - result.dense.val_accuracy
     metrics.update(
         steps_executed=result.steps_executed,
         steps_reused=result.steps_reused,

@@ -16,7 +16,13 @@ import ray
 from ray import tune
 
 from lth_search.config import ExperimentConfig, validate_config
-from lth_search.runs.confirmation import Confirmation, candidates, confirm_seeds, confirmation_of, recipe_text
+from lth_search.runs.confirmation import (
+    Confirmation,
+    candidates,
+    confirm_seeds,
+    confirmation_of,
+    recipe_text,
+)
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import run_trial
 from lth_search.search.ray_leases import RayLeaseService

@@ -34,8 +34,8 @@ from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
-from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.confirm import run_confirmation
+from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import (
     PRIMARY_METRIC,

@@ -26,6 +26,7 @@ from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
 from lth_search.store.stages import StageStore
 
+
 def max_level(cfg: ExperimentConfig) -> int:
     """The highest level any lineage of the search can reach (its round cap at its fastest rate)."""
     rates = cfg.searched_values().get("rate", [cfg.prune.rate])

@@ -19,8 +19,8 @@ from ray import tune
 
 from lth_search.config import validate_config
 from lth_search.engine.data import Dataset
-from lth_search.runs.record import TrialRecord
 from lth_search.runs.observers import TrialObserverFactory
+from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import run_trial
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of

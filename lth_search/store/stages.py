@@ -43,11 +43,26 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow.fs as pafs
 import torch
 
-from lth_search.store.codec import Mask, decode_manifest, decode_mask, decode_weights, encode_manifest, encode_mask, encode_weights
 from lth_search.errors import StoreError, StoreFailure, os_reason
+from lth_search.store.codec import (
+    Mask,
+    decode_manifest,
+    decode_mask,
+    decode_weights,
+    encode_manifest,
+    encode_mask,
+    encode_weights,
+)
+from lth_search.store.leases import (
+    FileLeaseService,
+    FilesystemLeaseService,
+    Heartbeat,
+    LeaseService,
+    check_key,
+    new_holder,
+)
 from lth_search.store.records import read_record, read_records, write_record
 from lth_search.store.uri import resolve_uri
-from lth_search.store.leases import FileLeaseService, FilesystemLeaseService, Heartbeat, LeaseService, check_key, new_holder
 
 if TYPE_CHECKING:
     from lth_search.config import ExperimentConfig

@@ -7,7 +7,7 @@ back with nothing but MLflow, so a name changed here changes both sides at once.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lth_search.engine.results import DenseResult, LineageResult, RoundResult

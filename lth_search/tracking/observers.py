@@ -11,7 +11,12 @@ from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
-from lth_search.tracking.runs import SearchTracker, TrialTracker, experiment_id, ui_links
+from lth_search.tracking.runs import (
+    SearchTracker,
+    TrialTracker,
+    experiment_id,
+    ui_links,
+)
 from lth_search.tracking.sync import refresh
 
 

@@ -13,12 +13,11 @@ import logging
 from typing import Any
 
 from lth_search.errors import TrackingError
-from lth_search.tracking.plots import search_plot
-from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
 from lth_search.tickets import criterion_text, load_ticket, select_ticket
 from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS
+from lth_search.tracking.plots import search_plot
 from lth_search.tracking.runs import SearchTracker
-
+from lth_search.tracking.ticket_table import SearchRef, rows_parquet, ticket_rows
 
 log = logging.getLogger(__name__)
 

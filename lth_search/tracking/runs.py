@@ -35,7 +35,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
@@ -45,7 +45,6 @@ from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
-from lth_search.tracking.plots import lineage_plot
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -66,6 +65,7 @@ from lth_search.tracking.layout import (
     round_metrics,
     summary_metrics,
 )
+from lth_search.tracking.plots import lineage_plot
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
-from lth_search.errors import TrackingError
-from lth_search.tracking.client import first_line, metric_history, new_client, read_artifact
 from lth_search.engine.objective import is_matching
-from lth_search.tracking.layout import CONFIRMATION, DENSE_TEST, DENSE_VAL, PARENT, ROLE, ROUND_METRICS, TOLERANCE, TRIAL_ID
+from lth_search.errors import TrackingError
+from lth_search.tracking.client import (
+    first_line,
+    metric_history,
+    new_client,
+    read_artifact,
+)
+from lth_search.tracking.layout import (
+    CONFIRMATION,
+    DENSE_TEST,
+    DENSE_VAL,
+    PARENT,
+    ROLE,
+    ROUND_METRICS,
+    TOLERANCE,
+    TRIAL_ID,
+)
+
 
 @dataclass(frozen=True)
 class SearchRef:

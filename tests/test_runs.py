@@ -1,0 +1,84 @@
+"""The typed trial record and the Ray-free trial runner: JSON compatibility, attempts, reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import tiny_config
+
+from lth_search.engine.results import RoundResult
+from lth_search.runs.confirmation import RecipeScore, candidates
+from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
+from lth_search.runs.trial import run_trial
+from lth_search.store.stages import StageStore
+
+OLD_RECORD = {  # as the search wrote records before the typed record existed
+    "search": "q", "search_id": "q-1", "trial_id": "t1", "optuna_trial": 3, "choices": {"rate": 0.3},
+    "config": {"name": "q"}, "status": "stopped",
+    "dense": {"val_accuracy": 0.6, "test_accuracy": 0.59, "train_loss": 0.1, "train_steps_per_s": 900.0,
+              "reused": 0, "steps": 200, "key": "d" * 64},
+    "dense_key": "d" * 64, "round_keys": ["r" * 64],
+    "rounds": [{"round": 1, "sparsity": 0.3, "val_accuracy": 0.61, "test_accuracy": 0.6, "train_loss": 0.2,
+                "train_steps_per_s": 800.0, "reused": 1, "steps": 180, "key": "r" * 64,
+                "layer_sparsity": {"a": 0.3}, "attempt": 2}],
+    "matching": {"sparsity": 0.3, "round": 1, "val_accuracy": 0.61, "test_accuracy": 0.6},
+    "attempts": [{"attempt": 1, "pid": 5, "node_id": "n", "started_at": 1.0, "restored_round": -1,
+                  "executed_keys": [], "steps_executed": 200}],
+    "steps_executed": 200, "steps_reused": 180, "updated_at": 2.0,
+}
+
+
+def test_an_old_record_reads_and_writes_back_the_same_json():
+    record = TrialRecord.from_json(OLD_RECORD)
+    assert record.status is TrialStatus.STOPPED and record.rounds[0].attempt == 2
+    assert record.dense_key == "d" * 64 and record.matching == MatchingRecord(0.3, 1, 0.61, 0.6)
+    again = record.to_json()
+    new_round = {"rescale": {}, "matches": None, "margin": None, "margin_se": None}  # fields added since
+    new_dense = {"replicates": 1, "replicate_keys": [], "replicate_val_accuracies": [], "baseline_val_accuracy": None,
+                 "baseline_test_accuracy": None, "baseline_val_sd": 0.0}
+    assert {k: again[k] for k in OLD_RECORD} == {**OLD_RECORD, "rounds": [{**OLD_RECORD["rounds"][0], **new_round}],
+                                                 "dense": {**OLD_RECORD["dense"], **new_dense}}
+    result = record.result(tolerance=0.02)
+    assert result.rounds == [RoundResult.from_json(OLD_RECORD["rounds"][0])] and result.best.round == 1
+
+
+def test_a_broken_record_is_one_error_naming_the_trial():
+    broken = {**OLD_RECORD, "dense": {"val_accuracy": 0.6}}
+    try:
+        TrialRecord.from_json(broken)
+    except ValueError as error:
+        assert "trial record 't1'" in str(error)
+    else:
+        raise AssertionError("a record without its dense fields was accepted")
+
+
+def test_the_runner_records_reports_and_counts_attempts(data_root: Path, tmp_path: Path):
+    cfg = tiny_config(data_root, tmp_path)
+    store = StageStore.from_config(cfg)
+    reports: list[tuple[int, dict]] = []
+    record = TrialRecord.open(store, cfg.name, "t0", "s-1", 0, {}, cfg.model_dump(mode="json"))
+    result = run_trial(cfg, store, lambda r, key, metrics: reports.append((r, metrics)), record)
+    assert [r for r, _ in reports] == [1, 2, 3]
+    assert all(m["matching_sparsity"] == result.best.sparsity or r < 3 for r, m in reports)
+    saved = TrialRecord.load(store, cfg.name, "t0")
+    assert saved.status is TrialStatus.FINISHED and saved.round_keys == [r.key for r in result.rounds]
+    assert saved.attempts[0].executed_keys == result.executed_keys and saved.steps_reused == 0
+
+    # a retry after round 2 was reported: nothing retrained, only round 3 reported again
+    again: list[int] = []
+    retry = TrialRecord.open(store, cfg.name, "t0", "s-1", 0, {}, cfg.model_dump(mode="json"))
+    run_trial(cfg, store, lambda r, key, metrics: again.append(r), retry, done=2)
+    saved = TrialRecord.load(store, cfg.name, "t0")
+    assert again == [3] and [a.attempt for a in saved.attempts] == [1, 2]
+    assert saved.attempts[1].executed_keys == [] and saved.attempts[1].restored_round == 2
+
+
+def test_candidates_are_the_default_then_the_best_distinct_recipes():
+    def record(trial_id: str, rate: float, sparsity: float) -> TrialRecord:
+        return TrialRecord(search="q", trial_id=trial_id, choices={"rate": rate},
+                           matching=MatchingRecord(sparsity, 1, 0.6, 0.6))
+
+    records = [record("a", 0.2, 0.5), record("b", 0.4, 0.8), record("c", 0.4, 0.7), record("d", 0.3, 0.6)]
+    assert candidates(records, {"rate": 0.2}, top_k=2) == [{"rate": 0.2}, {"rate": 0.4}, {"rate": 0.3}]
+    score = RecipeScore({"rate": 0.2}, True, [1, 2], [0.5, 0.8], [0.0, 0.01])
+    assert abs(score.compression - (2.0 * 5.0) ** 0.5) < 1e-9  # geometric mean of 1/(1-s)

@@ -1,0 +1,105 @@
+"""Early stopping is fair across pruning rates; a stopped lineage is told to Optuna as pruned.
+
+Synthetic accuracy curves through a real Ray Tune run with the search's own scheduler
+and searcher: a slow pruner (rate 0.2) that is better at every sparsity both reach
+must not be stopped before a fast, worse one (rate 0.4). Round-clocked ASHA on the
+matching sparsity, what the search used before, stops exactly that slow pruner: the
+contrast shows the test can fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import ray.cloudpickle
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from conftest import tiny_config
+from lth_search.runs.record import TrialRecord, TrialStatus
+from lth_search.runs.trial import SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
+from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
+from lth_search.search.space import journal_storage
+from lth_search.store.stages import StageStore
+
+DENSE_VAL = 0.65
+CURVES = {
+    # name: (rate, val accuracy drop below dense at every round); both match within 2 pp
+    "slow_good": (0.2, 0.002),
+    "fast_bad": (0.4, 0.015),
+}
+ROUNDS = 8
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import a test module
+
+
+def synthetic_lineage(config: dict, store_uri: str, search: str) -> None:
+    """Reports what a lineage trial reports, from a known curve; ends like the runner does."""
+    rate, drop = CURVES[config["curve"]]
+    trial_id = tune.get_context().get_trial_id()
+    for round_index in range(1, ROUNDS + 1):
+        sparsity = 1 - (1 - rate) ** round_index
+        tune.report({
+            "round": round_index, "sparsity": sparsity, "val_accuracy": DENSE_VAL - drop,
+            SPARSITY_LEVEL: sparsity_level(sparsity), VAL_MARGIN: -drop, "matching_sparsity": sparsity,
+        })
+    record = TrialRecord(search=search, trial_id=trial_id, status=TrialStatus.FINISHED)
+    record.save(StageStore(store_uri))
+
+
+def run(scheduler, searcher, store_uri: str, search: str, tmp_path: Path) -> dict[str, int]:
+    """curve -> the last round it reported."""
+    trainable = tune.with_parameters(synthetic_lineage, store_uri=store_uri, search=search)
+    grid = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(CURVES),
+                                    max_concurrent_trials=1),
+        run_config=tune.RunConfig(name=search, storage_path=str(tmp_path / "ray"), verbose=0),
+    ).fit()
+    return {r.config["curve"]: r.metrics["round"] for r in grid}
+
+
+def curve_space(trial: optuna.Trial) -> None:
+    trial.suggest_categorical("curve", list(CURVES))
+
+
+def searcher(cfg, tmp_path: Path, study: str, first: str) -> PruningAwareOptunaSearch:
+    """The search's searcher over the two curves, `first` tried first (one trial at a time)."""
+    order = [first, *(name for name in CURVES if name != first)]
+    return PruningAwareOptunaSearch(
+        space=curve_space, metric="matching_sparsity", mode="max", sampler=optuna.samplers.BruteForceSampler(seed=0),
+        study_name=study, storage=journal_storage(str(tmp_path / f"{study}.journal")),
+        points_to_evaluate=[{"curve": name} for name in order], cfg=cfg,
+    )
+
+
+@pytest.mark.parametrize("first", ["fast_bad", "slow_good"])
+def test_a_slow_better_pruner_is_never_stopped_and_stopped_trials_are_pruned(ray_local, data_root, tmp_path, first):
+    cfg = tiny_config(data_root, tmp_path, name="fair", prune__rounds=ROUNDS, search__asha__grace_period=3,
+                      **{"search.space.rate": "[0.2, 0.4]"})
+    last = run(make_scheduler(cfg), searcher(cfg, tmp_path, "fair", first), cfg.store_uri(), "fair", tmp_path)
+    assert last["slow_good"] == ROUNDS  # never cut, though it is slower, whichever ran first
+    study = optuna.load_study(study_name="fair", storage=journal_storage(str(tmp_path / "fair.journal")))
+    states = {t.params["curve"]: t.state for t in study.trials}
+    assert states["slow_good"] == optuna.trial.TrialState.COMPLETE
+    if first == "slow_good":  # the worse one arrives at a rung second: cut there, and told as pruned
+        assert last["fast_bad"] < ROUNDS
+        assert states["fast_bad"] == optuna.trial.TrialState.PRUNED
+
+
+def test_round_clocked_asha_would_cut_the_slow_pruner(ray_local, data_root, tmp_path):
+    """The contrast: ASHA on rounds and matching sparsity stops the better, slower pruner."""
+    cfg = tiny_config(data_root, tmp_path, name="unfair", prune__rounds=ROUNDS,
+                      **{"search.space.rate": "[0.2, 0.4]"})
+    unfair = ASHAScheduler(time_attr="training_iteration", metric="matching_sparsity", mode="max",
+                           max_t=ROUNDS, grace_period=3, reduction_factor=2)
+    last = run(unfair, searcher(cfg, tmp_path, "unfair", "fast_bad"), cfg.store_uri(), "unfair", tmp_path)
+    assert last["slow_good"] < ROUNDS
+
+
+@pytest.mark.parametrize(("sparsity", "level"), [(0.0, 0), (0.2, 1), (0.36, 2), (0.488, 3), (0.4, 2), (0.64, 4)])
+def test_sparsity_level_counts_twenty_percent_prunes(sparsity, level):
+    assert sparsity_level(sparsity) == level
