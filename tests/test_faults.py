@@ -86,9 +86,9 @@ FILE_CASES = [
 ]
 # (case, command line with {out}, the text its one error line must hold, the exit code)
 COMMAND_CASES = [
-    ("7: resume ../../evil", ["resume", "../../evil", "--output-dir", "{out}"], "search name", 2),
-    ("7: sync ../../evil", ["sync", "../../evil", "--output-dir", "{out}"], "search name", 2),
-    ("7: resume a/b", ["resume", "a/b", "--output-dir", "{out}"], "search name", 2),
+    ("7: resume ../../evil", ["resume", "../../evil", "--output-dir", "{out}"], "is invalid", 2),
+    ("7: sync ../../evil", ["sync", "../../evil", "--output-dir", "{out}"], "is invalid", 2),
+    ("7: resume a/b", ["resume", "a/b", "--output-dir", "{out}"], "is invalid", 2),
     ("7: resume, search.json a list", ["resume", "list", "--output-dir", "{out}"], "search.json", 2),
     ("7: resume, search.json without config", ["resume", "noconfig", "--output-dir", "{out}"], "search.json", 2),
     ("7: resume, config not a mapping", ["resume", "badconfig", "--output-dir", "{out}"], "search.json", 2),
