@@ -1,11 +1,13 @@
 """The `lth-search` command line: parse, call the API, print.
 
-Errors a user can cause (`LthError`) print as one line on stderr, without a traceback;
-the exit code follows the error's class: 2 for usage and config errors (argparse's own
-code), 1 for a `RuntimeFailure` (the command was right but could not be carried out),
-130 for an interrupt. Human text goes to stderr, `--json` results alone to stdout. Ray
-and MLflow are imported only by the commands that need them, so `lineage` starts fast
-and `best`/`tickets` need neither Ray nor the store. Defaults come from the schema.
+`main` is the one place where any failure becomes one line on stderr and an exit code,
+never a traceback: 2 for input the user can correct (`LthError`, argparse usage), 1 for
+a runtime failure (a full or read-only disk, a server away, a bug: `RuntimeFailure`,
+`OSError`, anything else), 130 for an interrupt, where SIGTERM counts as SIGINT (a
+batch system's kill is a Ctrl-C). `LTH_SEARCH_DEBUG=1` shows the traceback of an
+unexpected error instead. Ray and MLflow are imported only by the commands that need
+them, so `lineage` starts fast and `best`/`tickets` need neither Ray nor the store.
+Human text goes to stderr, `--json` results alone to stdout. Defaults come from the schema.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Sequence
 
+from lth_search.config.names import check_location, check_name
 from lth_search.config.schema import KINDS, default_output_dir
-from lth_search.errors import ConfigError, LthError, RuntimeFailure
+from lth_search.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, LthError
 
-EXIT_RUNTIME_FAILURE = 1
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = EXIT_USAGE
 EXIT_INTERRUPTED = 130
+MESSAGE_MAX = 2000
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -211,9 +218,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _search_exit(summary, args.json)
 
 
+def _check_search_args(args: argparse.Namespace) -> None:
+    check_name(args.name, "search name")
+    if args.output_dir is not None:
+        check_location(args.output_dir, "--output-dir")
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from lth_search.api import resume_search
 
+    _check_search_args(args)
     with _human_text_on_stderr():
         summary = resume_search(
             args.name, output_dir=args.output_dir, store_uri=args.store_uri, address=args.address,
@@ -233,6 +247,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     from lth_search.api import best_ticket
     from lth_search.tickets import FILES, describe_ticket
 
+    if args.out is not None:
+        check_location(args.out, "--out")
     ticket = best_ticket(
         experiment=args.experiment, search_run_id=args.search_run_id, max_accuracy_drop=args.max_drop,
         min_sparsity=args.min_sparsity, tracking_uri=args.tracking_uri,
@@ -256,6 +272,7 @@ def cmd_tickets(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from lth_search.api import sync_search
 
+    _check_search_args(args)
     counts = sync_search(args.name, output_dir=args.output_dir, store_uri=args.store_uri,
                          tracking_uri=args.tracking_uri, progress=_print_progress)
     if args.json:
@@ -269,16 +286,62 @@ COMMANDS = {
 }
 
 
+def one_line(text: str, limit: int = MESSAGE_MAX) -> str:
+    """`text` as one line of at most `limit` characters (messages may quote user input)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def failure_message(error: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) of any exception that reached the command line."""
+    if isinstance(error, LthError):
+        return str(error), error.exit_code
+    if isinstance(error, MemoryError):
+        return "out of memory (a model or batch too large for this machine? lower model.widths / train.batch_size)", EXIT_RUNTIME
+    if isinstance(error, OSError):
+        where = f": {error.filename}" if error.filename else ""
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"{reason}{where}; what was stored before stays stored, rerun the command once this is fixed", EXIT_RUNTIME
+    text = str(error).strip().splitlines()
+    detail = f"{type(error).__name__}: {text[0] if text else ''}"
+    return f"internal error ({detail}); rerun with LTH_SEARCH_DEBUG=1 for the traceback and report it", EXIT_RUNTIME
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)  # e.g. Ray Tune's: stop the trials, save, return
+        return
+    raise KeyboardInterrupt  # also when SIGINT is ignored (a background job): SIGTERM must still stop us
+
+
+@contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM runs whatever SIGINT runs (KeyboardInterrupt, or Ray Tune's graceful stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except LthError as error:
-        print(f"lth-search: error: {error}", file=sys.stderr)
-        return EXIT_RUNTIME_FAILURE if isinstance(error, RuntimeFailure) else EXIT_USER_ERROR
+        with _sigterm_as_sigint():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("lth-search: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the one place any failure becomes one line
+        if os.environ.get("LTH_SEARCH_DEBUG") and not isinstance(error, LthError):
+            raise
+        message, code = failure_message(error)
+        print(f"lth-search: error: {one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
-"""Errors a user can cause and fix.
+"""Errors a user can cause and fix, and failures of the machine underneath.
 
-Every error a researcher can trigger with bad input derives from `LthError`. The CLI
-prints such an error as one line (no traceback), so messages must name the config key or
-file at fault and say what would be valid. The class decides the exit code, as scripts
-expect of a command line: 2 for usage and configuration errors (fix the command), 1 for
-a `RuntimeFailure` (the command was right, the world did not answer: no ticket matches,
-MLflow is down).
+Every error lth-search raises on purpose derives from `LthError`. The CLI prints such an
+error as one line (no traceback) and exits with its `exit_code`, as scripts expect of a
+command line: 2 for input a user can correct (a config key, a file, a name: fix the
+command), 1 for a `RuntimeFailure` (the command was right, the world did not answer: a
+full disk, a store or tracking server away, no ticket that matches). Messages name the
+config key or file at fault and say what would be valid.
 """
 
 from __future__ import annotations
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
 
 
 class LthError(Exception):
     """Base class for user-facing errors: the message is the whole explanation."""
 
+    exit_code = EXIT_USAGE
+
 
 class RuntimeFailure(LthError):
-    """The command was valid but could not be carried out (exit 1, not 2)."""
+    """The command was valid but could not be carried out. Exit code 1.
+
+    Whatever was stored before the failure stays stored; the message says how to continue.
+    """
+
+    exit_code = EXIT_RUNTIME
 
 
 class ConfigError(LthError):
@@ -33,3 +43,17 @@ class StoreError(LthError):
 
 class TrackingError(RuntimeFailure):
     """MLflow holds nothing that answers the request (no experiment, no ticket)."""
+
+
+class StoreFailure(RuntimeFailure, StoreError):
+    """The store could not be read or written (disk full, gone, no permission); nothing half-written remains."""
+
+
+class TrackingFailure(TrackingError):
+    """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""
+
+
+def os_reason(error: BaseException) -> str:
+    """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages."""
+    lines = str(error).strip().splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)

@@ -22,6 +22,9 @@ above a sparsity.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,10 @@ import torch
 from torch import nn
 
 from lth_search.config import ExperimentConfig, validate_config
+from lth_search.config.names import check_location
 from lth_search.engine.objective import is_matching
 from lth_search.engine.pruning import masked_state, rewind_weights
-from lth_search.errors import ConfigError, TrackingError
+from lth_search.errors import ConfigError, RuntimeFailure, TrackingError
 from lth_search.store.codec import Mask
 
 MASK_SUFFIX = "_mask"
@@ -143,19 +147,40 @@ class Ticket:
 
     # Files ------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the standard files (`FILES`): safetensors a PyTorch user loads directly, JSON card."""
-        folder = Path(directory).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the standard files (`FILES`): safetensors a PyTorch user loads directly, JSON card.
+
+        All files are written into a staging folder beside `directory` and moved in
+        together, so a failure (no permission, disk full) leaves no partial ticket; an
+        existing ticket folder is replaced, anything else already there is refused.
+        """
+        folder = Path(check_location(str(directory), "ticket folder", TrackingError)).expanduser()
+        if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "ticket.json").is_file())):
+            raise TrackingError(f"{folder}: exists and is not a ticket folder; give a new or empty folder to --out")
         rewound = self.rewound_state()
-        safetensors.torch.save_file(mask_tensors(self.mask, rewound), str(folder / "mask.safetensors"))
-        safetensors.torch.save_file(_contiguous(rewound), str(folder / "rewind.safetensors"))
+        files = {
+            "mask.safetensors": safetensors.torch.save(mask_tensors(self.mask, rewound)),
+            "rewind.safetensors": safetensors.torch.save(_contiguous(rewound)),
+            "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
+        }
         if self.trained_weights is not None:
-            safetensors.torch.save_file(_contiguous(self.trained_weights), str(folder / "trained.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-        files = {name: about for name, about in FILES.items() if (folder / name).exists() or name == "ticket.json"}
+            files["trained.safetensors"] = safetensors.torch.save(_contiguous(self.trained_weights))
         card = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes, "rescale_applied": self.rescale, "files": files}
-        (folder / "ticket.json").write_text(json.dumps(card, indent=2))
+                "num_classes": self.num_classes, "rescale_applied": self.rescale,
+                "files": {name: about for name, about in FILES.items() if name in files or name == "ticket.json"}}
+        files["ticket.json"] = json.dumps(card, indent=2).encode()
+        staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except OSError as error:
+            raise RuntimeFailure(f"{folder}: cannot write the ticket ({error.strerror or error})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
 
     @classmethod

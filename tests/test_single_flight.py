@@ -6,6 +6,7 @@ Real threads, real OS processes and real lease files (no mocks).
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def test_two_processes_compute_once(tmp_path: Path) -> None:
     }
 
 
-def test_killed_holder_is_taken_over_after_the_lease_times_out(tmp_path: Path) -> None:
+def test_killed_holder_on_this_host_is_taken_over_at_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     key = key_of("killed")
     root = tmp_path / "store"
     holder, _ = start_worker(tmp_path, "holder", root, key, 60.0, 2.0)
@@ -163,15 +164,23 @@ def test_killed_holder_is_taken_over_after_the_lease_times_out(tmp_path: Path) -
     holder.wait(timeout=10)
     assert lease.exists()  # the dead holder's lease is still there
 
-    store = StageStore(str(root), lease_timeout_s=2.0, heartbeat_s=0.5)
-    started = time.monotonic()
-    entry, reused = store.get_or_compute(key, lambda: StageEntry(key, "dense", {"x": 1}, {"by": "taker"}))
-    waited = time.monotonic() - started
-    assert not reused and entry.metrics == {"by": "taker"}
-    assert 0.3 < waited < 10, waited  # waited for the expiry, then took over
+    store = StageStore(str(root), lease_timeout_s=60.0, heartbeat_s=0.5)
+    with caplog.at_level(logging.WARNING):
+        entry, reused = store.get_or_compute(key, lambda: StageEntry(key, "dense", {"x": 1}, {"by": "taker"}))
+    assert not reused and entry.metrics == {"by": "taker"}  # without waiting out the 60 s time-out
+    assert f"pid {holder.pid} on this host) is dead; taking it over" in caplog.text
     assert store.get(key).metrics == {"by": "taker"}
     assert not lease.exists()
     assert len(counter.read_text().splitlines()) == 1  # the killed holder never published
+
+
+def test_holder_on_another_host_is_taken_over_after_the_lease_times_out(tmp_path: Path) -> None:
+    key = key_of("elsewhere")
+    store = StageStore(str(tmp_path / "store"), lease_timeout_s=1.0, heartbeat_s=0.2)
+    assert store.leases.acquire(key, "some-other-host:1:abc", 1.0)  # pid 1 elsewhere: judged by its time-out
+    started = time.monotonic()
+    entry, reused = store.get_or_compute(key, lambda: StageEntry(key, "dense", {"x": 1}, {"by": "taker"}))
+    assert not reused and time.monotonic() - started > 0.5
 
 
 # Lease services ---------------------------------------------------------------------------

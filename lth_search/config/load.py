@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lth_search.config.names import check_location, quote
 from lth_search.config.schema import ExperimentConfig, validate_config
 from lth_search.errors import ConfigError
 
@@ -19,15 +20,15 @@ from lth_search.errors import ConfigError
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `key.path=yaml-value` override to a nested dict in place."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. prune.rate=0.2")
+        raise ConfigError(f"--set {quote(assignment)}: expected KEY=VALUE, e.g. prune.rate=0.2")
     key, raw = assignment.split("=", 1)
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
-        raise ConfigError(f"--set {key!r}: not a dotted config key such as prune.rate")
+        raise ConfigError(f"--set {quote(key)}: not a dotted config key such as prune.rate")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+        raise ConfigError(f"--set {key}: value {quote(raw)} is not valid YAML") from None
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -42,12 +43,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = Path(check_location(str(path), "config file"))
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: cannot read config file ({type(error).__name__})") from None
         try:
             loaded = yaml.safe_load(text)
@@ -55,6 +56,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} YAML syntax error ({getattr(error, 'problem', error)})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a YAML mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

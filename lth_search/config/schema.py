@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from lth_search.config.names import check_location, check_name, check_store_uri, check_tracking_uri, quote
 from lth_search.errors import ConfigError
 
 _NAME_RE = re.compile(r"^([A-Za-z_][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
@@ -39,22 +40,38 @@ def _check_name(value: str) -> str:
 Steps = Union[int, str]
 """A training length: an iteration count (int or "500it") or epochs ("2ep")."""
 
-_STEPS_RE = re.compile(r"^\s*(\d+)\s*(it|ep)\s*$")
+_STEPS_RE = re.compile(r"\s*(\d{1,12})\s*(it|ep)\s*")
+MAX_STEPS = 10**8
+"""Upper bound of any iteration count (~3 years at 1000 steps/s): larger is a typo, not a plan."""
+MAX_EPOCHS = 10**5
+MAX_SEED = 2**32 - 1
+MAX_WIDTH = 16384
+MAX_HIDDEN_WEIGHTS = 10**8
+"""Hidden-to-hidden weights of an `mlp` (400 MB in float32); more is a MemoryError, not a model."""
+MAX_LIST = 64
+"""Longest list of widths, milestones, rewind steps or search values."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    """Every section: unknown keys refused, NaN and infinities refused in every float field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 def _check_steps(value: Steps, field: str) -> Steps:
     if isinstance(value, bool):
         raise ValueError(f"{field} must be an iteration count or a string like '500it' or '2ep'")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{field} must be >= 0")
+        if not 0 <= value <= MAX_STEPS:
+            raise ValueError(f"{field} must be an iteration count in [0, {MAX_STEPS}], got {value}")
         return value
-    if not _STEPS_RE.match(value):
-        raise ValueError(f"{field} must be an iteration count or a string like '500it' or '2ep', got {value!r}")
+    match = _STEPS_RE.fullmatch(value)
+    if not match:
+        raise ValueError(f"{field} must be an iteration count or a string like '500it' or '2ep', got {quote(value)}")
+    count, unit = int(match.group(1)), match.group(2)
+    limit = MAX_STEPS if unit == "it" else MAX_EPOCHS
+    if count > limit:
+        raise ValueError(f"{field} must be at most {limit}{unit}, got {quote(value)}")
     return value
 
 
@@ -65,7 +82,7 @@ def resolve_steps(value: Steps, steps_per_epoch: int) -> int:
     """
     if isinstance(value, int):
         return value
-    match = _STEPS_RE.match(value)
+    match = _STEPS_RE.fullmatch(value)
     assert match, value
     count, unit = int(match.group(1)), match.group(2)
     return count if unit == "it" else count * steps_per_epoch
@@ -87,6 +104,7 @@ class DataConfig(_Section):
     val_size: int = Field(
         1000,
         ge=1,
+        le=10**7,
         description="training examples held out (seeded) as the validation split; selection uses "
         "it, reporting uses test. Its size sets the noise of a 'matching' verdict: the standard "
         "error of an accuracy p is sqrt(p(1-p)/val_size), ~1.5 pp at 1000 examples and 65%.",
@@ -94,6 +112,7 @@ class DataConfig(_Section):
     mnist1d_samples: int = Field(
         5000,
         ge=100,
+        le=10**7,
         multiple_of=10,
         description="MNIST-1D only: examples the offline generator makes, split 80/20 into the training pool "
         "(val_size of it become the validation split) and test, as mnist1d does; 5000 is the published data "
@@ -105,6 +124,11 @@ class DataConfig(_Section):
     @classmethod
     def _name(cls, value: str) -> str:
         return _check_name(value)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, root: str) -> str:
+        return check_location(root, "data.root", ValueError)
 
     def identity(self) -> dict[str, Any]:
         """What determines the split's content (the folder is where, not what; the MNIST-1D
@@ -121,8 +145,8 @@ class ModelConfig(_Section):
         description="model: built in (mlp, lenet_300_100, conv2/4/6, resnet20, vgg16; see engine/models.py), an "
         "entry point of group lth_search.models, or package.module:factory(input_shape, num_classes) -> nn.Module",
     )
-    widths: list[int] = Field([100, 100], description="hidden widths of `mlp`")
-    width: int = Field(16, ge=1, description="base width of resnet20 (16 = the paper's)")
+    widths: list[int] = Field([100, 100], max_length=MAX_LIST, description="hidden widths of `mlp`")
+    width: int = Field(16, ge=1, le=1024, description="base width of resnet20 (16 = the paper's)")
     batch_norm: bool = Field(True, description="batch norm in vgg16")
 
     @field_validator("name")
@@ -133,8 +157,11 @@ class ModelConfig(_Section):
     @field_validator("widths")
     @classmethod
     def _positive_widths(cls, widths: list[int]) -> list[int]:
-        if any(w < 1 for w in widths):
-            raise ValueError("every width must be >= 1")
+        if any(not 1 <= w <= MAX_WIDTH for w in widths):
+            raise ValueError(f"every width must be in [1, {MAX_WIDTH}], got {quote(widths)}")
+        hidden = sum(a * b for a, b in zip(widths, widths[1:]))
+        if hidden > MAX_HIDDEN_WEIGHTS:
+            raise ValueError(f"{hidden} hidden weights; at most {MAX_HIDDEN_WEIGHTS} (use narrower layers)")
         return widths
 
 
@@ -142,21 +169,21 @@ class TrainConfig(_Section):
     """The training recipe, used for the dense stage and for every round's retraining."""
 
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-2, gt=0)
+    lr: float = Field(1e-2, gt=0, le=100)
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(100, ge=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(100, ge=1, le=2**20)
     steps: Steps = Field(1500, description="training length T per stage: iterations or 'Nep'")
     schedule: Literal["constant", "step", "cosine"] = "constant"
-    milestones: list[Steps] = Field([], description="step schedule: lr x gamma at each of these steps")
-    gamma: float = Field(0.1, gt=0)
+    milestones: list[Steps] = Field([], max_length=MAX_LIST, description="step schedule: lr x gamma at each of these steps")
+    gamma: float = Field(0.1, gt=0, le=100)
     warmup_steps: Steps = Field(0, description="linear lr warmup length")
     augment: Literal["none", "crop_flip"] = Field(
         "none", description="training augmentation: crop_flip = random 4-pixel-padded crops + horizontal flips (CIFAR)"
     )
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N")
-    eval_batch_size: int = Field(2000, ge=1)
+    eval_batch_size: int = Field(2000, ge=1, le=2**20)
 
     @field_validator("steps", "warmup_steps")
     @classmethod
@@ -172,7 +199,7 @@ class TrainConfig(_Section):
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {quote(value)}")
         return value
 
     def recipe(self) -> dict[str, Any]:
@@ -191,7 +218,7 @@ def check_init_scale(value: Any) -> InitScale:
     if value in RESCALE_MODES:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"must be a number (the rescale exponent alpha), 'measured' or 'calibrated', got {value!r}")
+        raise ValueError(f"must be a number (the rescale exponent alpha), 'measured' or 'calibrated', got {quote(value)}")
     if not 0 <= value <= 2:
         raise ValueError(f"must lie in [0, 2] (0 plain rewind, 1 full 1/sqrt(density)), got {value}")
     return float(value)
@@ -209,30 +236,34 @@ class PruneConfig(_Section):
         "imp and the iterative lr_rewind / finetune is trained at the IMP lineage's sparsities",
     )
     rounds: int = Field(
-        20, ge=0, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier when "
-        "its matching run ends, see patience, or when it reaches target_sparsity)"
+        20, ge=0, le=200, description="the most pruning rounds after the dense stage (a cap: a lineage stops earlier "
+        "when its matching run ends, see patience, or when it reaches target_sparsity)"
     )
     patience: int = Field(
-        2, ge=1, description="consecutive rounds a lineage may fail to match dense before it stops: a pass after "
-        "fewer misses continues its unbroken matching run, after this many it does not count. 1 = stop at the first miss"
+        2, ge=1, le=200, description="consecutive rounds a lineage may fail to match dense before it stops: a pass "
+        "after fewer misses continues its unbroken matching run, after this many it does not count. 1 = stop at the "
+        "first miss"
     )
     target_sparsity: float | None = Field(
         None, gt=0, lt=1, description="stop once a round reaches this sparsity (null: prune until the run ends or the cap)"
     )
     dense_replicates: int = Field(
-        3, ge=1, description="dense networks (the lineage's own seed, then seed+1, ...) trained on the same split; "
-        "a round matches when its val accuracy, example by example, is within search.tolerance of their mean. "
+        3, ge=1, le=64, description="dense networks (the lineage's own seed, then seed+1, ...) trained on the same "
+        "split; a round matches when its val accuracy, example by example, is within search.tolerance of their mean. "
         "Each is a normal dense stage, stored and shared through the store"
     )
     rate: float = Field(0.2, gt=0, lt=1, description="fraction of the remaining weights pruned per round")
     scope: Literal["global", "layerwise"] = "global"
     layer_ratios: dict[str, float] = Field(
-        {}, description="rate multiplier per layer group (conv, fc, output, shortcut, ...)"
+        {}, max_length=MAX_LIST, description="rate multiplier per layer group (conv, fc, output, shortcut, ...)"
     )
-    output_ratio: float = Field(1.0, gt=0, description="rate multiplier of the output layer (0.5 in Frankle & Carbin)")
-    rewind_step: int = Field(0, ge=0, description="iteration k the survivors rewind to")
+    output_ratio: float = Field(
+        1.0, gt=0, le=100, description="rate multiplier of the output layer (0.5 in Frankle & Carbin)"
+    )
+    rewind_step: int = Field(0, ge=0, le=MAX_STEPS, description="iteration k the survivors rewind to")
     rewind_steps: list[int] = Field(
-        [0], description="rewind steps the dense stage keeps (theta_k for each); the search picks among them"
+        [0], max_length=MAX_LIST,
+        description="rewind steps the dense stage keeps (theta_k for each); the search picks among them",
     )
     init_scale: InitScale = Field(
         0.0,
@@ -250,15 +281,16 @@ class PruneConfig(_Section):
     @classmethod
     def _ratios(cls, ratios: dict[str, float]) -> dict[str, float]:
         for group, ratio in ratios.items():
-            if not ratio > 0:
-                raise ValueError(f"ratio of group {group!r} must be > 0, got {ratio}")
+            check_name(group, "layer group", ValueError, max_len=32)
+            if not 0 < ratio <= 100:
+                raise ValueError(f"ratio of group {group!r} must be in (0, 100], got {ratio}")
         return ratios
 
     @field_validator("rewind_steps")
     @classmethod
     def _rewind_steps(cls, steps: list[int]) -> list[int]:
-        if not steps or any(s < 0 for s in steps):
-            raise ValueError("must be a non-empty list of iterations >= 0")
+        if not steps or any(not 0 <= s <= MAX_STEPS for s in steps):
+            raise ValueError(f"must be a non-empty list of iterations in [0, {MAX_STEPS}]")
         return sorted(set(steps))
 
     @model_validator(mode="after")
@@ -312,20 +344,23 @@ class AshaConfig(_Section):
     """
 
     enabled: bool = True
-    grace_period: int = Field(3, ge=1, description="sparsity level (20 %-prunes: 3 = 48.8 %) every lineage reaches before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1)
+    grace_period: int = Field(
+        3, ge=1, le=200,
+        description="sparsity level (20 %-prunes: 3 = 48.8 %) every lineage reaches before it can be stopped",
+    )
+    reduction_factor: float = Field(2.0, gt=1, le=100)
 
 
 class SearchSpace(_Section):
     """Values the search may pick; a key left out (null) is fixed at its `prune` value."""
 
     kind: list[Literal[KINDS]] | None = Field(
-        None, description="lineage kinds to choose among (prune.kind), e.g. [imp, lr_rewind]"
+        None, max_length=MAX_LIST, description="lineage kinds to choose among (prune.kind), e.g. [imp, lr_rewind]"
     )
-    rewind_step: list[int] | None = None
-    rate: list[float] | None = None
+    rewind_step: list[int] | None = Field(None, max_length=MAX_LIST)
+    rate: list[float] | None = Field(None, max_length=MAX_LIST)
     scope: list[Literal["global", "layerwise"]] | None = None
-    layer_ratios: dict[str, list[float]] | None = None
+    layer_ratios: dict[str, list[float]] | None = Field(None, max_length=MAX_LIST)
     init_scale: list[InitScale] | None = None
 
     @field_validator("init_scale", mode="before")
@@ -333,8 +368,8 @@ class SearchSpace(_Section):
     def _scales(cls, values: Any) -> Any:
         if values is None:
             return None
-        if not isinstance(values, list) or not values:
-            raise ValueError("must be a non-empty list of exponents, 'measured' or 'calibrated'")
+        if not isinstance(values, list) or not 0 < len(values) <= MAX_LIST:
+            raise ValueError(f"must be a non-empty list (at most {MAX_LIST}) of exponents, 'measured' or 'calibrated'")
         return [check_init_scale(v) for v in values]
 
     @field_validator("rate")
@@ -355,14 +390,15 @@ class SearchSpace(_Section):
     @classmethod
     def _layer_ratios(cls, ratios: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
         for group, values in (ratios or {}).items():
-            if not values or any(not v > 0 for v in values):
-                raise ValueError(f"group {group!r} needs a non-empty list of multipliers > 0")
+            check_name(group, "layer group", ValueError, max_len=32)
+            if not 0 < len(values) <= MAX_LIST or any(not 0 < v <= 100 for v in values):
+                raise ValueError(f"group {group!r} needs a non-empty list of multipliers in (0, 100]")
         return ratios
 
 
 class SearchConfig(_Section):
-    num_trials: int = Field(12, ge=1)
-    max_concurrent: int = Field(2, ge=1)
+    num_trials: int = Field(12, ge=1, le=100_000)
+    max_concurrent: int = Field(2, ge=1, le=10_000)
     sampler: Literal["auto", "exhaustive", "tpe", "nsga2", "random"] = Field(
         "auto",
         description="auto: exhaustive (every recipe once) when num_trials covers the space, else TPE with its "
@@ -374,7 +410,7 @@ class SearchConfig(_Section):
         "accuracy on the same examples - tolerance; keep it >= twice the standard error of that paired difference "
         "(reported per round as margin_se)"
     )
-    max_failures: int = Field(2, ge=0, description="Ray retries of a failed trial")
+    max_failures: int = Field(2, ge=0, le=100, description="Ray retries of a failed trial")
     confirm_seeds: int = Field(
         3, ge=0, le=20,
         description="after the search, the top recipes and the default recipe are re-run on this many seeds the "
@@ -391,8 +427,8 @@ class SearchConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    cpu: float = Field(1.0, gt=0, description="CPUs per trial")
-    gpu: float = Field(0.0, ge=0, description="GPUs per trial: 0 (CPU), a fraction such as 0.25, or 1")
+    cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial")
+    gpu: float = Field(0.0, ge=0, le=64, description="GPUs per trial: 0 (CPU), a fraction such as 0.25, or 1")
     gpu_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="per-process CUDA memory cap; defaults to `gpu` when it is fractional"
     )
@@ -404,8 +440,24 @@ class StoreConfig(_Section):
         description="stage store root: a path, a pyarrow URI (s3://, gs://, hdfs://, abfs://) or any "
         "other fsspec protocol (sftp://, ...); default <output_dir>/store",
     )
-    lease_timeout_s: float = Field(120.0, gt=0, description="a lease not renewed for this long is taken over")
-    heartbeat_s: float = Field(5.0, gt=0)
+    lease_timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="a lease not renewed for this long is taken over"
+    )
+    heartbeat_s: float = Field(5.0, gt=0, le=3600)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_store_uri(uri, "store.uri", ValueError)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> "StoreConfig":
+        if self.heartbeat_s >= self.lease_timeout_s:
+            raise ValueError(
+                f"store.heartbeat_s ({self.heartbeat_s:g}) must be smaller than store.lease_timeout_s "
+                f"({self.lease_timeout_s:g})"
+            )
+        return self
 
 
 class TrackingConfig(_Section):
@@ -417,12 +469,23 @@ class TrackingConfig(_Section):
     )
     enabled: bool = True
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri, "tracking.uri", ValueError)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, experiment: str | None) -> str | None:
+        # joined into the artifact folder beside the database: a name, never a path
+        return None if experiment is None else check_name(experiment, "tracking.experiment", ValueError, max_len=100)
+
 
 class ExperimentConfig(_Section):
     """A whole experiment: what `lth-search run`, `lineage` and the store agree on."""
 
     name: str = Field("quickstart", description="search name: MLflow experiment and resume handle")
-    seed: int = Field(0, ge=0, description="seeds data split, batch order, model init and the sampler")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds data split, batch order, model init and the sampler")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -437,9 +500,12 @@ class ExperimentConfig(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-            raise ValueError("must be 1-100 letters, digits, '_', '.', '-' starting with a letter or digit")
-        return name
+        return check_name(name, "name", ValueError, max_len=100)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, output_dir: str) -> str:
+        return check_location(output_dir, "output_dir", ValueError)
 
     @model_validator(mode="after")
     def _space_within_kept(self) -> "ExperimentConfig":
@@ -557,12 +623,14 @@ def _format_error(error: ValidationError, source: str) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif item["type"] == "literal_error" or "got" in message or isinstance(item.get("input", {}), dict):
+        elif item["type"] in ("literal_error", "value_error") or "got" in message or isinstance(item.get("input", {}), dict):
             pass
         else:
-            message += f" (got {item['input']!r})"
+            message += f" (got {quote(item['input'])})"
+        key = key if len(key) <= 100 else key[:100] + "..."
         parts.append(f"{key}: {message}" if key and not message.startswith(key) else message)
-    return f"{source}: " + "; ".join(parts)
+    more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
+    return f"{source}: " + "; ".join(parts[:5]) + more
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:

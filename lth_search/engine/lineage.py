@@ -39,6 +39,7 @@ from lth_search.engine.objective import Verdict, pack_correct, paired_verdict, u
 from lth_search.engine.pruning import (
     Mask,
     calibrated_factors,
+    check_layer_groups,
     layer_sparsity,
     masked_state,
     ones_mask,
@@ -66,7 +67,9 @@ STAGE_FORMAT = 2
 
 
 class StageSource(Protocol):
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]: ...
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Callable[[StageEntry], str | None] | None = None
+    ) -> tuple[StageEntry, bool]: ...
 
 
 class MemoryStages:
@@ -75,11 +78,29 @@ class MemoryStages:
     def __init__(self) -> None:
         self._entries: dict[str, StageEntry] = {}
 
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Callable[[StageEntry], str | None] | None = None
+    ) -> tuple[StageEntry, bool]:
         if key in self._entries:
             return self._entries[key], True
         self._entries[key] = compute()
         return self._entries[key], False
+
+
+_DENSE_METRICS = ("val_accuracy", "test_accuracy", "train_loss", "train_steps_per_s", "steps")
+_ROUND_METRICS = (*_DENSE_METRICS, "sparsity", "layer_sparsity")
+
+
+def _needs(weights: list[str], masks: list[str], metrics: tuple[str, ...]) -> Callable[[StageEntry], str | None]:
+    """A store check: what a stored stage lacks of what this lineage reads from it (None: nothing)."""
+
+    def check(entry: StageEntry) -> str | None:
+        missing = [f"weights {w}" for w in weights if w not in entry.weights]
+        missing += [f"mask {m}" for m in masks if m not in entry.masks]
+        missing += [f"metric {m}" for m in metrics if m not in entry.metrics]
+        return f"lacks {', '.join(missing)}" if missing else None
+
+    return check
 
 
 RoundCallback = Callable[[RoundResult, LineageResult], None]
@@ -97,6 +118,7 @@ class Lineage:
         self.store: StageSource = store if store is not None else MemoryStages()
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, cfg.seed).to(self.device)
         self.groups = dict(self.model.prunable)
+        check_layer_groups(self.groups, cfg.prune.layer_ratios)  # before the dense stage trains, not after
         self.entries: list[StageEntry] = []
         """The stages of the last `run()`: dense first, then one per round."""
         self.replicates: list[StageEntry] = []
@@ -267,7 +289,9 @@ class Lineage:
     def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
         inputs = self.dense_inputs(seed)
         key = content_key(inputs)
-        return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs))
+        weights = ["end", *(f"rewind_{k}" for k in self.cfg.prune.rewind_steps)]
+        check = _needs(weights, [], _DENSE_METRICS)
+        return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs), check)
 
     def judge(self, entry: StageEntry) -> Verdict:
         """The paired verdict of a stage against the dense replicates (`run()` trains them first)."""
@@ -276,7 +300,8 @@ class Lineage:
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         inputs = self.round_inputs(parent.key, round_index)
         key = content_key(inputs)
-        return self.store.get_or_compute(key, lambda: self._compute_round(key, inputs, dense, parent, round_index))
+        compute = lambda: self._compute_round(key, inputs, dense, parent, round_index)  # noqa: E731
+        return self.store.get_or_compute(key, compute, _needs(["end"], ["mask"], _ROUND_METRICS))
 
     def control_stage(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> tuple[StageEntry, bool]:
         """Train a control of an IMP round with the same per-layer counts and the same recipe.
@@ -296,7 +321,7 @@ class Lineage:
             fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, control_seed)
             return self._train_masked(key, inputs, dense, ticket.masks["mask"], round_index, fresh.state_dict())
 
-        return self.store.get_or_compute(key, compute)
+        return self.store.get_or_compute(key, compute, _needs(["end"], ["mask"], _ROUND_METRICS))
 
     # The walk -------------------------------------------------------------------------------
     def start(self, dense: StageEntry, reused: bool) -> LineageResult:

@@ -117,14 +117,18 @@ def check_parts(cfg: ExperimentConfig, data: "Dataset | None" = None) -> None:
     """Fail now, before anything is written, when the device, model or data set cannot be had.
 
     Names are the registries' business (built in, plug-in or import target), so a
-    config validates without them; this resolves both and builds the model for the
-    data's shape (`data` when loaded already, else the registry's or a plug-in's shape).
+    config validates without them; this resolves both, builds the model for the data's
+    shape (`data` when loaded already, else the registry's or a plug-in's shape) and
+    checks it has the layer groups `prune.layer_ratios` names. Callers run it before they
+    open a store, Ray or a tracking run: bad input writes nothing.
     """
     from lth_search.engine.data import data_signature, resolve_device
+    from lth_search.engine.pruning import check_layer_groups
 
     resolve_device(cfg.train.device)
     shape, classes = (data.input_shape, data.num_classes) if data is not None else data_signature(cfg.data)
-    build_model(cfg.model, shape, classes, cfg.seed)
+    model = build_model(cfg.model, shape, classes, cfg.seed)
+    check_layer_groups(dict(model.prunable), cfg.prune.layer_ratios)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:

@@ -40,13 +40,23 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def check_layer_groups(groups: dict[str, str], layer_ratios: dict[str, float], names: list[str] | None = None) -> None:
+    """ConfigError unless every group of `layer_ratios` is a group of the model's prunable layers.
+
+    The lineage calls it as soon as the model is built, before the dense stage trains.
+    """
+    present = {groups[n] for n in (groups if names is None else names)}
+    unknown = sorted(set(layer_ratios) - present)
+    if unknown:
+        raise ConfigError(
+            f"prune.layer_ratios: group(s) {', '.join(unknown)} not in this model (its groups: {', '.join(sorted(present))})"
+        )
+
+
 def _effective_rates(
     groups: dict[str, str], names: list[str], rate: float, layer_ratios: dict[str, float], output_ratio: float
 ) -> dict[str, float]:
-    unknown = sorted(set(layer_ratios) - {groups[n] for n in names})
-    if unknown:
-        present = ", ".join(sorted({groups[n] for n in names}))
-        raise ConfigError(f"prune.layer_ratios: group(s) {', '.join(unknown)} not in this model (its groups: {present})")
+    check_layer_groups(groups, layer_ratios, names)
     return {name: min(rate * _multiplier(groups[name], layer_ratios, output_ratio), 1.0) for name in names}
 
 

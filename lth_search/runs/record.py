@@ -188,10 +188,22 @@ class TrialRecord:
 
     @classmethod
     def load_all(
-        cls, store: StageStore, search: str, search_id: str | None = None, role: str = "search"
+        cls, store: StageStore, search: str, search_id: str | None = None, role: str = "search",
+        unreadable: list[str] | None = None,
     ) -> list["TrialRecord"]:
-        """Every trial record of a search name (of one search id when given), sorted by trial id."""
-        records = [cls.from_json(data) for data in store.records(records_namespace(search, role)).values()]
+        """Every trial record of a search name (of one search id when given), sorted by trial id.
+
+        Damaged records (unreadable JSON, or JSON that is not a trial record) are left out
+        and named in `unreadable` when given; without it, the first one raises ValueError.
+        """
+        records = []
+        for name, data in store.records(records_namespace(search, role), unreadable).items():
+            try:
+                records.append(cls.from_json(data))
+            except ValueError:
+                if unreadable is None:
+                    raise
+                unreadable.append(name)
         return sorted(
             (r for r in records if search_id is None or r.search_id == search_id), key=lambda r: r.trial_id
         )

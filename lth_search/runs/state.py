@@ -11,6 +11,7 @@ works after `ray down`, from a laptop or another head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lth_search.config import ExperimentConfig, default_output_dir, validate_config
+from lth_search.config.names import check_name
 from lth_search.errors import ConfigError, StoreError
 from lth_search.store.uri import beside, read_file, write_file
 
@@ -53,8 +55,9 @@ class SearchState:
 
     @staticmethod
     def folder(store_uri: str, name: str) -> str:
-        """Where search `name` keeps search.json and its journal (a path or URI beside the store)."""
-        return f"{beside(store_uri, 'searches')}/{name}"
+        """Where search `name` keeps search.json and its journal (a path or URI beside the store);
+        `name` is checked (names.py), so it never leaves that folder."""
+        return f"{beside(store_uri, 'searches')}/{check_name(name, 'search name')}"
 
     def save(self) -> None:
         path = f"{self.folder(self.cfg().store_uri(), self.name)}/search.json"
@@ -75,9 +78,27 @@ class SearchState:
                 "first, or pass the search's --store-uri / --output-dir"
             )
         try:
-            return cls(**json.loads(data))
-        except (ValueError, TypeError):
-            raise ConfigError(f"{path}: not a valid search.json; the search cannot be resumed") from None
+            parsed = json.loads(data)
+        except ValueError:
+            raise ConfigError(f"{path}: not valid JSON; the search cannot be resumed") from None
+        return cls.from_json(parsed, path)
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> "SearchState":
+        """The state a `search.json` holds, or ConfigError naming the file and what is wrong with it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {"name", "search_id", "config", "results_path", "journal"}
+        if not isinstance(data, dict) or not required <= set(data):
+            raise ConfigError(f"{path}: not a search state (needs {', '.join(sorted(required))}); the search cannot be resumed")
+        kinds = {"config": dict, "name": str, "search_id": str, "results_path": str, "journal": str, "status": str}
+        wrong = sorted(k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind))
+        if "status" not in wrong and data.get("status", "running") not in {s.value for s in SearchStatus}:
+            wrong.append("status")
+        if not isinstance(data.get("confirmation") or {}, dict):
+            wrong.append("confirmation")
+        if wrong or not isinstance(data["config"].get("output_dir", ""), str):
+            raise ConfigError(f"{path}: damaged search state (field(s) {', '.join(wrong) or 'config'}); cannot resume")
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
     def cfg(self) -> ExperimentConfig:
         return validate_config(self.config, source=f"search {self.name}")

@@ -35,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, LthError
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus, new_state
@@ -132,9 +132,10 @@ def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
     available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
     for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
         if need > available[key]:
+            fits = available[key] if key == "CPU" else 0  # resources.cpu must stay > 0; gpu=0 trains on CPU
             raise ConfigError(
                 f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
-                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}=0) or pass --address"
+                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}={fits:g}) or pass --address"
             )
 
 
@@ -203,10 +204,33 @@ class TrialEvents(tune.Callback):
         self.console.failed(trial)
 
     def _set_status(self, trial_id: str, status: TrialStatus) -> None:
-        record = TrialRecord.load(self.store, self.cfg.name, trial_id)
-        if record is not None and record.status is not status:
-            record.status = status
-            record.save(self.store)
+        try:
+            _save_status(self.store, self.cfg.name, trial_id, status)
+        except (LthError, OSError, ValueError) as error:  # raised in a Tune callback, it would kill the driver
+            self.progress(f"trial {trial_id}: cannot record status {status.value} now ({error}); "
+                          "settled from Ray's state at the end of the search or on resume")
+
+
+def _save_status(store: StageStore, search: str, trial_id: str, status: TrialStatus) -> None:
+    record = TrialRecord.load(store, search, trial_id)
+    if record is not None and record.status is not status:
+        record.status = status
+        record.save(store)
+
+
+def _settle(store: StageStore, cfg: ExperimentConfig, records: dict[str, TrialRecord], ended: set[str]) -> None:
+    """Final statuses for trials Ray saw end (result `done`) whose record does not say so.
+
+    The callback's write may have failed (disk full) or its driver been killed before it
+    ran; Ray's saved state still knows the trial ended. The trial writes FINISHED itself
+    when its lineage ends, so an ended trial still marked running was stopped by the
+    scheduler. Interrupted trials are never `done` (Ray snapshots before it stops them).
+    """
+    for trial_id in sorted(ended):
+        record = records.get(trial_id)
+        if record is not None and not record.status.final:
+            _save_status(store, cfg.name, trial_id, TrialStatus.STOPPED)
+            record.status = TrialStatus.STOPPED
 
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
@@ -254,6 +278,18 @@ def _ray_trials(grid: tune.ResultGrid) -> dict[str, bool]:
             trial_id = found.group(1) if found else Path(result.path).name
         trials[trial_id] = result.error is not None
     return trials
+
+
+def _ended_trials(grid: tune.ResultGrid) -> dict[str, bool]:
+    """Trial id -> whether Ray saw it end (`done`: finished or stopped by the scheduler, not interrupted)."""
+    return {r.metrics["trial_id"]: bool(r.metrics.get("done")) for r in grid if "trial_id" in r.metrics}
+
+
+def _save_quietly(state: SearchState) -> None:
+    try:
+        state.save()
+    except OSError:
+        pass  # the disk that failed the search: its last saved status stands
 
 
 # Driver --------------------------------------------------------------------------------------
@@ -353,9 +389,19 @@ def _fit(
     # Ray warns about that frequency by default.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
-    trials = _ray_trials(tuner.fit())
+    try:
+        grid = tuner.fit()
+    except BaseException:  # a crash leaves a resumable state, not "running"
+        state.status = SearchStatus.INTERRUPTED
+        _save_quietly(state)
+        raise
+    trials = _ray_trials(grid)
     store = StageStore.from_config(cfg)
-    records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id)}
+    damaged: list[str] = []
+    records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id, unreadable=damaged)}
+    if damaged:
+        progress(f"trial record(s) {', '.join(sorted(damaged)[:5])} in {cfg.store_uri()} cannot be read; left out")
+    _settle(store, cfg, records, {t for t, done in _ended_trials(grid).items() if done and not trials.get(t)})
     complete = len(trials) >= trial_budget(cfg) and all(
         errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )

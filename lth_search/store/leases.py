@@ -62,6 +62,42 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+def dead_here(holder: str) -> int | None:
+    """The pid of `holder` if it is a process of this host that no longer runs, else None.
+
+    A holder killed outright (SIGKILL, OOM) never releases its lease; waiting out the
+    time-out would cost minutes. On the holder's own host that is knowable at once. (A
+    holder on another host is judged by its time-out only.)
+    """
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except PermissionError:
+        return None  # runs, as another user
+    try:  # a killed child its parent has not reaped yet is a zombie: dead, though kill(0) works
+        return pid if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X") else None
+    except (OSError, IndexError):
+        return None
+
+
+def _takeover_reason(record: dict | None, mtime: float | None, ttl_s: float) -> str | None:
+    """Why a lease may be taken over now ("expired", "its holder pid N is dead"), or None."""
+    if record is not None:
+        pid = dead_here(record["holder"])
+        if pid is not None:
+            return f"its holder (pid {pid} on this host) is dead"
+        return "it expired" if record["expires"] < time.time() else None
+    return "it expired" if mtime is not None and mtime + ttl_s < time.time() else None
+
+
 def _record(holder: str, ttl_s: float) -> bytes:
     return json.dumps({"holder": holder, "expires": time.time() + ttl_s, "nonce": uuid.uuid4().hex}).encode()
 
@@ -77,7 +113,8 @@ def _parse(data: bytes) -> dict | None:
 class FileLeaseService:
     """Leases as files `<root>/leases/<key>.lease` on a local or NFS directory.
 
-    A free lease is created with O_CREAT|O_EXCL, so exactly one creator wins. An expired
+    A free lease is created whole by a hard link (exclusive, like O_EXCL), so exactly one
+    creator wins and a lease file always names its holder. An expired
     one is deleted by one taker at a time (under an O_EXCL guard file), and only if it is
     still the record judged stale; then taking it is an ordinary exclusive create.
     """
@@ -87,6 +124,7 @@ class FileLeaseService:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)  # someone may have deleted leases/ mid-run
         return self.dir / f"{check_key(key)}.lease"
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
@@ -99,12 +137,12 @@ class FileLeaseService:
                 continue  # released meanwhile: try to create again
             if record is not None and record["holder"] == holder:
                 return self.renew(key, holder, ttl_s)
-            expired = record["expires"] < time.time() if record else mtime + ttl_s < time.time()
-            if not expired:
+            reason = _takeover_reason(record, mtime, ttl_s)
+            if reason is None:
                 return False
             if not self._take_stale(path, (record, mtime), ttl_s):
                 return False
-            log.info("lease %s of %s expired; taking over", key[:12], record["holder"] if record else "?")
+            log.warning("lease on stage %s: %s; taking it over", key[:12], reason)
         return False
 
     def renew(self, key: str, holder: str, ttl_s: float) -> bool:
@@ -113,8 +151,11 @@ class FileLeaseService:
         if record is None or record["holder"] != holder:
             return False
         staging = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
-        staging.write_bytes(_record(holder, ttl_s))
-        os.replace(staging, path)  # readers see the old or the new record, never half of one
+        try:
+            staging.write_bytes(_record(holder, ttl_s))
+            os.replace(staging, path)  # readers see the old or the new record, never half of one
+        finally:
+            staging.unlink(missing_ok=True)
         return True
 
     def release(self, key: str, holder: str) -> None:
@@ -125,13 +166,21 @@ class FileLeaseService:
 
     @staticmethod
     def _create(path: Path, holder: str, ttl_s: float) -> bool:
+        """Create the lease file with its whole record, or False if it exists.
+
+        The record is written aside and hard-linked into place (link fails if the name
+        exists, like O_EXCL): a holder killed while creating never leaves an empty lease
+        that nobody could attribute to a dead process and that would block for the time-out.
+        """
+        staging = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            staging.write_bytes(_record(holder, ttl_s))
+            os.link(staging, path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as file:
-            file.write(_record(holder, ttl_s))
-        return True
+        finally:
+            staging.unlink(missing_ok=True)
 
     @staticmethod
     def _read(path: Path) -> tuple[dict | None, float | None]:
@@ -193,14 +242,18 @@ class FilesystemLeaseService:
             return None
 
     def _write(self, path: str, holder: str, ttl_s: float) -> None:
+        self.fs.create_dir(self.dir, recursive=True)  # someone may have deleted leases/ mid-run
         with self.fs.open_output_stream(path) as stream:
             stream.write(_record(holder, ttl_s))
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         path = self._path(key)
         record = self._read(path)
-        if record is not None and record["holder"] != holder and record["expires"] >= time.time():
-            return False
+        if record is not None and record["holder"] != holder:
+            reason = _takeover_reason(record, None, ttl_s)
+            if reason is None:
+                return False
+            log.warning("lease on stage %s: %s; taking it over", key[:12], reason)
         self._write(path, holder, ttl_s)
         time.sleep(self.settle_s)
         record = self._read(path)

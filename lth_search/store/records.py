@@ -10,21 +10,16 @@ an object copy on object stores). They are JSON, never pickles.
 from __future__ import annotations
 
 import json
-import re
-
 import pyarrow.fs as pafs
 
+from lth_search.config.names import check_name
 from lth_search.errors import StoreError
 from lth_search.store.uri import replace_file
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
 
 def check_record_name(name: object, what: str) -> str:
-    """A namespace or record name that cannot leave its folder (no '/', no leading '.')."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise StoreError(f"record {what} {name!r} is invalid: use 1-128 letters, digits, '_', '.', '-'")
-    return name
+    """A namespace or record name that cannot leave its folder (names.py: no '/', no leading '.')."""
+    return check_name(name, f"record {what}", StoreError)
 
 
 def records_namespace(search_name: str, role: str = "search") -> str:
@@ -34,8 +29,13 @@ def records_namespace(search_name: str, role: str = "search") -> str:
 
 
 def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str, payload: dict) -> None:
-    """Replace the record `namespace/name` with `payload` (JSON) atomically."""
-    replace_file(filesystem, _record_path(root, namespace, name), json.dumps(payload, sort_keys=True).encode())
+    """Replace the record `namespace/name` with `payload` (JSON) atomically.
+
+    A failed write (disk full, read-only) leaves the old record and no staging file, and
+    raises StoreFailure.
+    """
+    data = json.dumps(payload, sort_keys=True, allow_nan=False).encode()
+    replace_file(filesystem, _record_path(root, namespace, name), data, f"record {namespace}/{name} in {root}")
 
 
 def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: str) -> dict | None:
@@ -43,9 +43,10 @@ def read_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: st
     path = _record_path(root, namespace, name)
     try:
         with filesystem.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except (OSError, ValueError):  # absent (FileNotFoundError is an OSError) or being replaced
+            record = json.loads(stream.read())
+    except (OSError, ValueError):  # absent (FileNotFoundError is an OSError) or damaged
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _folder(root: str, namespace: str) -> str:
@@ -56,17 +57,35 @@ def _record_path(root: str, namespace: str, name: str) -> str:
     return f"{_folder(root, namespace)}/{check_record_name(name, 'name')}.json"
 
 
-def read_records(filesystem: pafs.FileSystem, root: str, namespace: str) -> dict[str, dict]:
-    """Every record of a namespace by name ({} when there is none); unreadable ones are skipped."""
+def read_records(
+    filesystem: pafs.FileSystem, root: str, namespace: str, unreadable: list[str] | None = None
+) -> dict[str, dict]:
+    """Every record of a namespace by name ({} when there is none).
+
+    A record that cannot be read (or is not a JSON object) is left out and its name is
+    appended to `unreadable`, so a caller that must see every record (`sync`) can say so
+    instead of reporting "up to date". Records are replaced by a move, so a reader never
+    sees half of one; a record that fails twice is damaged, not busy.
+    """
     folder = _folder(root, namespace)
     infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     records: dict[str, dict] = {}
     for info in infos:
         if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
             continue
-        try:
-            with filesystem.open_input_stream(info.path) as stream:
-                records[info.base_name[: -len(".json")]] = json.loads(stream.read())
-        except (OSError, ValueError):
-            continue  # a record being replaced right now; the next read sees it
+        name = info.base_name[: -len(".json")]
+        for attempt in range(2):
+            try:
+                with filesystem.open_input_stream(info.path) as stream:
+                    record = json.loads(stream.read())
+                if isinstance(record, dict):
+                    records[name] = record
+                    break
+            except FileNotFoundError:
+                break  # deleted meanwhile
+            except (OSError, ValueError):
+                pass
+        else:
+            if unreadable is not None:
+                unreadable.append(name)
     return records

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import random
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow.fs as pafs
 import torch
 
-from lth_search.errors import StoreError
+from lth_search.errors import StoreError, StoreFailure, os_reason
 from lth_search.store.codec import (
     Mask,
     decode_manifest,
@@ -93,6 +92,10 @@ class StageEntry:
     code_version: str = ""
 
 
+Check = Callable[[StageEntry], "str | None"]
+"""What a caller needs of an entry: None if it has it, else what is missing (see `StageStore.get`)."""
+
+
 class _Corrupt(Exception):
     """An entry failed verification; the message names the file."""
 
@@ -139,10 +142,12 @@ class StageStore:
             for sub in ("stages", "tmp"):
                 self.filesystem.create_dir(self._path(sub), recursive=True)
             self.leases: LeaseService = lease_service or self._default_leases()
+            if self.local:
+                self._sweep_tmp()
+        except NotImplementedError:
+            raise StoreError(f"store {self.uri!r}: this filesystem is read-only; a store must be writable") from None
         except OSError as error:
-            raise StoreError(f"store {self.uri!r}: cannot create its folders ({error})") from None
-        if self.local:
-            self._sweep_tmp()
+            raise StoreFailure(f"store {self.uri!r}: cannot create its folders ({os_reason(error)})") from None
 
     @classmethod
     def from_config(cls, cfg: "ExperimentConfig", lease_service: LeaseService | None = None) -> "StageStore":
@@ -171,9 +176,9 @@ class StageStore:
         """The JSON record `namespace/name`, or None."""
         return read_record(self.filesystem, self.root, namespace, name)
 
-    def records(self, namespace: str) -> dict[str, dict]:
-        """Every JSON record of `namespace`, by name."""
-        return read_records(self.filesystem, self.root, namespace)
+    def records(self, namespace: str, unreadable: list[str] | None = None) -> dict[str, dict]:
+        """Every JSON record of `namespace`, by name; names of damaged ones go to `unreadable`."""
+        return read_records(self.filesystem, self.root, namespace, unreadable)
 
     # Paths --------------------------------------------------------------------------------
     def _path(self, relative: str) -> str:
@@ -189,13 +194,22 @@ class StageStore:
         info = self.filesystem.get_file_info(f"{self._entry_dir(key)}/{MANIFEST}")
         return info.type == pafs.FileType.File
 
-    def get(self, key: str) -> StageEntry | None:
-        """The verified entry, or None if absent; a corrupt entry is logged, removed and None."""
+    def get(self, key: str, check: Check | None = None) -> StageEntry | None:
+        """The verified entry, or None if absent; a corrupt entry is logged, removed and None.
+
+        `check(entry)` names what a caller needs and the entry lacks (None: nothing); an
+        entry whose checksums hold but which fails it (a manifest re-signed without some
+        of its files) is corrupt too.
+        """
         manifest = self._read(f"{self._entry_dir(key)}/{MANIFEST}")
         if manifest is None:
             return None
         try:
-            return self._load(key, manifest)
+            entry = self._load(key, manifest)
+            problem = check(entry) if check is not None else None
+            if problem:
+                raise _Corrupt(problem)
+            return entry
         except _Corrupt as problem:
             log.warning("stage %s is corrupt (%s); removing it so that it is recomputed", key, problem)
             self._remove(key, manifest)
@@ -210,7 +224,7 @@ class StageStore:
         except OSError as error:
             if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
                 return None
-            raise StoreError(f"store {self.uri!r}: cannot read {path} ({error})") from None
+            raise StoreFailure(f"store {self.uri!r}: cannot read {path} ({os_reason(error)})") from None
 
     def _load(self, key: str, manifest_bytes: bytes) -> StageEntry:
         manifest = _parse_manifest(key, manifest_bytes)
@@ -252,9 +266,15 @@ class StageStore:
         entry.created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         entry.code_version = _code_version()
         files[MANIFEST] = encode_manifest(_manifest_body(entry, files))
-        if self.local:
-            return self._publish_local(entry, files)
-        return self._publish_remote(entry, files)
+        try:
+            if self.local:
+                return self._publish_local(entry, files)
+            return self._publish_remote(entry, files)
+        except (OSError, NotImplementedError) as error:  # disk full, read-only, permissions: nothing was published
+            raise StoreFailure(
+                f"store {self.uri!r}: cannot publish stage {entry.key[:12]} ({os_reason(error)}); "
+                "stages stored before stay stored: free space and run the command again"
+            ) from None
 
     def _write(self, path: str, data: bytes) -> None:
         with self.filesystem.open_output_stream(path) as stream:
@@ -262,11 +282,17 @@ class StageStore:
 
     def _publish_local(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
         staging = Path(self._path(f"tmp/{entry.key}.{uuid.uuid4().hex}"))
-        staging.mkdir(parents=True)
-        for filename, data in files.items():
-            self._write(str(staging / filename), data)
-        destination = Path(self._entry_dir(entry.key))
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.mkdir(parents=True)
+            for filename, data in files.items():
+                self._write(str(staging / filename), data)
+            destination = Path(self._entry_dir(entry.key))
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            return self._move_into_place(entry, staging, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a rename; a failed write leaves nothing
+
+    def _move_into_place(self, entry: StageEntry, staging: Path, destination: Path) -> StageEntry:
         for _ in range(3):
             try:
                 os.rename(staging, destination)
@@ -276,11 +302,9 @@ class StageStore:
                     raise
             existing = self.get(entry.key)
             if existing is not None:
-                shutil.rmtree(staging, ignore_errors=True)
                 return existing
             if destination.exists() and not (destination / MANIFEST).exists():
                 self._discard_local(destination)  # leftovers without a manifest are never an entry
-        shutil.rmtree(staging, ignore_errors=True)
         raise StoreError(f"store {self.uri!r}: could not publish stage {entry.key} (destination keeps changing)")
 
     def _publish_remote(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
@@ -296,8 +320,15 @@ class StageStore:
         # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
         # store's copy) never shows a reader half a manifest, as a plain write may.
         staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
-        self._write(staging, files[MANIFEST])
-        self.filesystem.move(staging, f"{directory}/{MANIFEST}")
+        try:
+            self._write(staging, files[MANIFEST])
+            self.filesystem.move(staging, f"{directory}/{MANIFEST}")
+        except (OSError, NotImplementedError):
+            try:
+                self.filesystem.delete_file(staging)
+            except (OSError, NotImplementedError):
+                pass
+            raise
         return entry
 
     def _remove(self, key: str, judged_manifest: bytes) -> None:
@@ -333,33 +364,42 @@ class StageStore:
                 pass
 
     # Single flight ------------------------------------------------------------------------
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Check | None = None
+    ) -> tuple[StageEntry, bool]:
         """(entry, reused): the stored entry, or compute it once however many workers ask.
 
         The first worker to take the lease computes (renewing the lease from a heartbeat
         thread); the others poll until the entry appears, or take over once the lease
-        expires because its holder died.
+        expires or its holder is known dead (a process of this host that no longer runs).
+        A waiter says so on the console (a warning), so a wait is never silent.
         """
-        entry = self.get(key)
+        entry = self.get(key, check)
         if entry is not None:
             return entry, True
         holder = new_holder()
         waiting = False
         while True:
             if self.leases.acquire(key, holder, self.lease_timeout_s):
-                return self._compute_holding(key, compute, holder)
+                return self._compute_holding(key, compute, holder, check)
             if not waiting:
                 waiting = True
-                log.info("stage %s is being computed by another worker; waiting for it", key[:12])
+                log.warning(
+                    "stage %s is being computed by another process; waiting for it (taken over if that "
+                    "process dies, or after store.lease_timeout_s = %gs without a heartbeat)", key[:12],
+                    self.lease_timeout_s,
+                )
             time.sleep(self.poll_s * random.uniform(0.8, 1.2))
             if self.contains(key):
-                entry = self.get(key)
+                entry = self.get(key, check)
                 if entry is not None:
                     return entry, True
 
-    def _compute_holding(self, key: str, compute: Callable[[], StageEntry], holder: str) -> tuple[StageEntry, bool]:
+    def _compute_holding(
+        self, key: str, compute: Callable[[], StageEntry], holder: str, check: Check | None
+    ) -> tuple[StageEntry, bool]:
         try:
-            entry = self.get(key)  # published while we were acquiring?
+            entry = self.get(key, check)  # published while we were acquiring?
             if entry is not None:
                 return entry, True
             with Heartbeat(self.leases, key, holder, self.lease_timeout_s, self.heartbeat_s):
@@ -397,28 +437,38 @@ def _manifest_body(entry: StageEntry, files: dict[str, bytes]) -> dict[str, Any]
     }
 
 
+_MANIFEST_FIELDS = {"format": int, "key": str, "kind": str, "inputs": dict, "metrics": dict, "created_at": str,
+                    "code_version": str, "files": dict}
+
+
 def _parse_manifest(key: str, data: bytes) -> dict[str, Any]:
-    """The manifest, verified against its own checksum and the key it is stored under."""
-    fmt = _peek_format(data)
-    if isinstance(fmt, int) and fmt > FORMAT:  # before the checksum: a newer format may sign differently
-        raise StoreError(f"stage {key} was written by a newer lth-search (format {fmt}); upgrade lth-search")
+    """The manifest, verified against its own checksum, then its format, fields and key.
+
+    The checksum comes first: every format signs the same way (sha256 of the canonical
+    JSON of the other fields), so a flipped bit in `format` is corruption to recompute,
+    not a permanent "upgrade lth-search". A manifest whose checksum holds but whose fields
+    do not (re-signed by hand or by a bug) is corrupt too, never a KeyError.
+    """
     try:
         manifest = decode_manifest(data)
     except ValueError as error:
         raise _Corrupt(f"{MANIFEST}: {error}") from None
-    if manifest.get("key") != key:
-        raise _Corrupt(f"{MANIFEST}: names key {manifest.get('key')!r}")
-    for filename in manifest["files"]:
+    fmt = manifest.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+        raise StoreError(f"stage {key} was written by a newer lth-search (format {fmt}); upgrade lth-search")
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            raise _Corrupt(f"{MANIFEST}: field {name!r} missing or not a {kind.__name__}")
+    if manifest["key"] != key:
+        raise _Corrupt(f"{MANIFEST}: names key {manifest['key'][:80]!r}")
+    for filename, expected in manifest["files"].items():
         if not _FILE_RE.fullmatch(filename):
-            raise _Corrupt(f"{MANIFEST}: unexpected file name {filename!r}")
+            raise _Corrupt(f"{MANIFEST}: unexpected file name {filename[:80]!r}")
+        if not (isinstance(expected, dict) and isinstance(expected.get("sha256"), str)
+                and isinstance(expected.get("bytes"), int)):
+            raise _Corrupt(f"{MANIFEST}: no sha256 and size for {filename}")
     return manifest
 
-
-def _peek_format(data: bytes) -> Any:
-    try:
-        return json.loads(data).get("format")
-    except (ValueError, AttributeError):
-        return None
 
 
 def _verify_file(filename: str, data: bytes | None, expected: dict[str, Any]) -> None:

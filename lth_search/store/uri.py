@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from lth_search.errors import StoreError
+from lth_search.config.names import check_store_uri
+from lth_search.errors import StoreError, StoreFailure, os_reason
 
 
 def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[str, pafs.FileSystem, str]:
     """(normalised uri, filesystem, root path within it) of a store location."""
     if not isinstance(uri, str) or not uri.strip():
         raise StoreError("store.uri must be a path or a URI such as s3://bucket/prefix")
+    check_store_uri(uri, "store.uri", StoreError)
     if filesystem is not None:
         return uri, filesystem, uri.rstrip("/") or "/"
     if "://" not in uri:
@@ -101,10 +103,21 @@ def write_file(uri: str, data: bytes) -> None:
     replace_file(filesystem, path, data)
 
 
-def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write aside, then move into place (a rename, or an object copy): readers never see half."""
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str | None = None) -> None:
+    """Write aside, then move into place (a rename, or an object copy): readers never see half.
+
+    A failed write (disk full, read-only) leaves the old file and no staging file, and
+    raises StoreFailure naming `what` (default: the path).
+    """
     staging = f"{path}.{uuid.uuid4().hex}.tmp"
-    with filesystem.open_output_stream(staging) as stream:
-        stream.write(data)
-    filesystem.move(staging, path)
+    try:
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(staging) as stream:
+            stream.write(data)
+        filesystem.move(staging, path)
+    except (OSError, NotImplementedError) as error:
+        try:
+            filesystem.delete_file(staging)
+        except (OSError, NotImplementedError):
+            pass
+        raise StoreFailure(f"cannot write {what or path} ({os_reason(error)})") from None

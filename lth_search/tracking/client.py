@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lth_search.config.names import check_name
+from lth_search.errors import TrackingError
+
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 4
@@ -60,10 +63,16 @@ def is_permanent(error: BaseException) -> bool:
 
 
 def is_transient(error: BaseException) -> bool:
-    """A failure worth retrying: MLflow or the network, not a bad request or a bug of ours."""
+    """A failure worth retrying: MLflow, the network or the database, not a bad request or a bug of ours.
+
+    SQLAlchemy errors count: two processes creating a new sqlite database at once race
+    on its schema ("table ... already exists"), and a locked database frees up.
+    """
     from mlflow.exceptions import MlflowException
 
-    return isinstance(error, (MlflowException, OSError)) and not is_permanent(error)
+    if is_permanent(error):
+        return False
+    return isinstance(error, (MlflowException, OSError)) or type(error).__module__.startswith("sqlalchemy")
 
 
 def first_line(error: BaseException) -> str:
@@ -79,7 +88,8 @@ def artifact_root_for(uri: str, experiment: str) -> str | None:
     """
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///"):])
-        return (database.parent / "mlartifacts" / experiment).as_uri()
+        folder = check_name(experiment, "MLflow experiment", TrackingError, max_len=100)  # never a path
+        return (database.parent / "mlartifacts" / folder).as_uri()
     return None
 
 
@@ -115,10 +125,18 @@ class MlflowIO:
     def __init__(self, uri: str, label: str, attempts: int = ATTEMPTS, base_delay_s: float = BASE_DELAY_S) -> None:
         limit_http_retries()
         self.uri, self.label = uri, label
-        self.client = new_client(uri)
+        self._client: Any = None
         self.attempts, self.base_delay_s = attempts, base_delay_s
         self.offline = False
         self.missed: list[str] = []
+
+    @property
+    def client(self) -> Any:
+        """The MlflowClient, created on first use, inside `call`: creating it opens the store
+        (a sqlite schema, a bad scheme), which can fail like any other call."""
+        if self._client is None:
+            self._client = new_client(self.uri)
+        return self._client
 
     # The one door ---------------------------------------------------------------------------
     def call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
@@ -144,8 +162,9 @@ class MlflowIO:
         if not is_transient(error):
             from lth_search.errors import LthError
 
-            expected = is_permanent(error) or isinstance(error, LthError)
-            log.warning("MLflow: %s failed: %s", what, first_line(error), exc_info=not expected)
+            log.warning("MLflow: %s failed: %s", what, first_line(error))
+            if not (is_permanent(error) or isinstance(error, LthError)):  # a bug: its traceback, for who asks
+                log.debug("MLflow: %s failed", what, exc_info=error)
             return
         if not self.offline:
             log.warning(
@@ -177,12 +196,19 @@ class MlflowIO:
         return experiment.experiment_id
 
     def find_run(self, experiment_id: str, tags: dict[str, str]) -> Any:
-        """The newest run carrying all `tags`, or None. Raises; call it through `call`."""
-        clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        """The newest run carrying all `tags`, or None. Raises; call it through `call`.
+
+        MLflow's filter strings have no escape for quotes, so a value holding both kinds
+        (an output_dir with a quote in a tag) is matched here instead of in the filter.
+        """
+        clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
+        exact = len(clauses) == len(tags)
         runs = self.client.search_runs(
-            [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+            [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"],
+            max_results=1 if exact else 1000,
         )
-        return runs[0] if runs else None
+        matching = [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
+        return matching[0] if matching else None
 
     # Writing --------------------------------------------------------------------------------
     def log_values(
@@ -214,6 +240,16 @@ class MlflowIO:
     def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
         """Paths of the files directly in `folder` of a run's artifacts. Raises."""
         return {item.path for item in self.client.list_artifacts(run_id, folder) if not item.is_dir}
+
+
+def _tag_clause(key: str, value: str) -> str | None:
+    """`tags.`key` = 'value'` with whichever quote the value lacks; None if it holds both (or a backtick key)."""
+    if "`" in key:
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"tags.`{key}` = {quote}{value}{quote}"
+    return None
 
 
 def read_artifact(client: Any, run_id: str, artifact_file: str) -> bytes:

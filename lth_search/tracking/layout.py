@@ -25,6 +25,7 @@ STATUS = "lth.status"             # the trial record's status when the run was e
 SEARCH_ID = "lth.search_id"       # the search (Optuna study) a trial belongs to
 OPTUNA_TRIAL = "lth.optuna_trial" # the trial's number in that Optuna study
 PARENT = "mlflow.parentRunId"
+LINEAGE_KEY = "lth.lineage_key"   # an `lth-search lineage` run: hash of what its stages depend on (a rerun finds the run)
 
 # Artifacts
 CONFIG = "config.json"

@@ -45,11 +45,13 @@ from lth_search.engine.data import data_signature
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
+from lth_search.store.keys import content_key
 from lth_search.store.stages import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
+    LINEAGE_KEY,
     LINEAGE_PLOT,
     NUM_CLASSES,
     MASK_RE,
@@ -208,10 +210,13 @@ class TrialTracker:
     """The child run of one trial (or the run of one `lth-search lineage`)."""
 
     def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
-                 io: MlflowIO | None = None, role: str = "trial", tags: dict[str, str] | None = None) -> None:
+                 io: MlflowIO | None = None, role: str = "trial", tags: dict[str, str] | None = None,
+                 identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
         self.tags = dict(tags or {})
         """Extra tags of a new run (the search id and Optuna trial number, see `search_tags`)."""
+        self.identity = dict(identity or {})
+        """Tags that find this run again without a parent: a rerun of `lth-search lineage` completes its run."""
         self.choices = flatten(choices) if choices else {}
         """The choices as MLflow params (text that json.loads turns back into the value)."""
         self.io = io
@@ -253,8 +258,10 @@ class TrialTracker:
     def _find_or_create(self) -> Any:
         io = self.io
         experiment = io.experiment_id(self.cfg.experiment_name())
-        if self.parent_run_id is not None:
-            run = io.find_run(experiment, {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id})
+        found = {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id} if self.parent_run_id is not None else None
+        found = found or ({ROLE: self.role, **self.identity} if self.identity else None)
+        if found is not None:
+            run = io.find_run(experiment, found)
             if run is not None:
                 self._read_state(run)
                 return run
@@ -262,7 +269,7 @@ class TrialTracker:
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
             TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
-            INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes),
+            INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes), **self.identity,
             **source_tags(), **self.tags, "mlflow.note.content": run_description(self.cfg, self.role, self.choices),
         }
         if self.parent_run_id is not None:
@@ -381,6 +388,8 @@ class TrialTracker:
                 self.logged.append("summary")
         if summary or self.state.status == "RUNNING":
             self._plot(result)
+        if self.identity and self.io.missed:
+            return  # left RUNNING, not FINISHED with rounds missing: a rerun finds it by its identity and completes it
         run_status = TERMINAL.get(status, "FINISHED")
         ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
@@ -415,12 +424,25 @@ def lineage_choices(cfg: ExperimentConfig) -> dict[str, Any]:
 def lineage_tracker(cfg: ExperimentConfig) -> TrialTracker:
     """The run of one `lth-search lineage` (no parent), logged as it goes with a trial's layout."""
     io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    return TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage")
+    identity = {LINEAGE_KEY: lineage_identity(cfg)}
+    return TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage", identity=identity)
+
+
+def lineage_identity(cfg: ExperimentConfig) -> str:
+    """A hash of everything a lineage's stages depend on (not where outputs go): equal for a rerun."""
+    return content_key({
+        "data": cfg.data.identity(), "model": cfg.model.model_dump(), "train": cfg.train.recipe(),
+        "prune": cfg.prune.model_dump(), "seed": cfg.seed,
+    })
 
 
 def lineage_run_line(tracker: TrialTracker) -> str:
     """What to tell the user about a finished lineage's run: where to look, or that logging failed."""
     io, cfg = tracker.io, tracker.cfg
     if tracker.run_id is None or io.missed:
-        return f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s)); the stages are in the store"
+        return (
+            f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s), first: {io.missed[0] if io.missed else '?'}); "
+            "the stages are in the store: run the same `lth-search lineage` command again once MLflow answers "
+            "(it reuses every stage and completes the run)"
+        )
     return f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment_id(cfg))}"

@@ -16,7 +16,7 @@ import logging
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig, validate_config
-from lth_search.errors import TrackingError
+from lth_search.errors import TrackingFailure
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.store.stages import StageEntry, StageStore
@@ -108,23 +108,32 @@ def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | No
     """Log to MLflow every trial-round the store holds for search `name` and MLflow lacks.
 
     Then the parent's tickets table, plot and summary are rewritten, and a finished
-    search's run is ended. Raises TrackingError when MLflow still does not answer.
+    search's run is ended. Raises TrackingFailure (exit 1) when MLflow still does not answer or a record cannot be read.
     """
     state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
     cfg.tracking.enabled = True
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
-    records = TrialRecord.load_all(StageStore.from_config(cfg), name, state.search_id)
+    unreadable: list[str] = []
+    records = TrialRecord.load_all(StageStore.from_config(cfg), name, state.search_id, unreadable=unreadable)
     progress(f"sync {name}: {len(records)} trial record(s) in {cfg.store_uri()} -> MLflow at {cfg.tracking_uri()}")
     search = SearchTracker.start(cfg, state.results_path, state.parent_run_id)
     if search.parent_run_id is None:
-        raise TrackingError(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
+        raise TrackingFailure(f"MLflow at {cfg.tracking_uri()} does not answer; nothing was synced, try again later")
+    if search.parent_run_id != state.parent_run_id:  # remembered: the next sync continues this run
+        state.parent_run_id = search.parent_run_id
+        state.save()
     counts = refresh(search, records, state.confirmation)
     if state.status is SearchStatus.FINISHED:
         search.end()
+    if unreadable:
+        raise TrackingFailure(
+            f"sync {name}: {len(unreadable)} trial record(s) in {cfg.store_uri()} cannot be read "
+            f"({', '.join(sorted(unreadable)[:5])}); the other {len(records)} were synced"
+        )
     if search.missed:
-        raise TrackingError(
+        raise TrackingFailure(
             f"sync {name}: {len(search.missed)} MLflow call(s) failed (first: {search.missed[0]}); run it again"
         )
     progress(

@@ -1,0 +1,75 @@
+"""Real faults for the drills: a small tmpfs that fills up, the CLI run in-process, one-line checks.
+
+A tmpfs is a real filesystem with a real size limit: writing past it raises ENOSPC from
+the kernel, exactly as a full disk does. Mounting needs root (or CAP_SYS_ADMIN); where
+that is not allowed the drills that need it are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from lth_search import cli
+
+
+class MountRefused(Exception):
+    """This machine does not let the tests mount a tmpfs (the reason is the message)."""
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_kb: int) -> Iterator[Path]:
+    """A tmpfs of `size_kb` KiB mounted at `path` for the block; unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MountRefused(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(folder: Path, leave_kb: int) -> Path:
+    """Fill the filesystem of `folder` until about `leave_kb` KiB are free; returns the ballast file."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    ballast = folder / "ballast"
+    ballast.write_bytes(b"\0" * max(0, free - leave_kb * 1024))
+    return ballast
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lth-search ARGS` run in this process through `cli.main`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = int(exit_.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, stderr: str, expected_code: int, needle: str) -> str | None:
+    """None if `stderr` is one `lth-search: error:` line holding `needle` and the code is right; else why not."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if code != expected_code:
+        return f"exit code {code}, expected {expected_code}: {stderr[-300:]}"
+    if "Traceback" in stderr:
+        return f"traceback: {stderr[-300:]}"
+    if len(lines) != 1 or not lines[0].startswith("lth-search: error:"):
+        return f"not one error line: {stderr[:300]!r}"
+    if needle not in lines[0]:
+        return f"{needle!r} not in {lines[0][:300]!r}"
+    if len(lines[0]) > 1000:
+        return f"error line of {len(lines[0])} characters"
+    return None
+
+
+def snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}

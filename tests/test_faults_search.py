@@ -1,0 +1,51 @@
+"""Issue 12, acceptance 2: the disk fills up during a search; once space is freed,
+`lth-search resume` finishes it and no stored stage is trained again.
+
+The store lives on a real tmpfs of a few hundred KiB, filled with ballast until only the
+dense stage and the trial records fit: the first round of every trial hits ENOSPC from
+the kernel. The search's own files (Ray results, search.json, the study) are on the
+ordinary disk, as a store on a separate volume would be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fault_helpers import MountRefused, fill, run_cli, snapshot, tmpfs
+from search_helpers import search_overrides, trial_records
+from test_faults import QUICKSTART
+
+
+def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_path: Path) -> None:
+    out, disk = tmp_path / "out", tmp_path / "disk"
+    settings = {
+        "name": "diskfull", "search.num_trials": 2, "prune.rounds": 2, "search.max_failures": 0,
+        "search.asha.enabled": "false", "search.space.rate": "[0.2, 0.4]", "search.space.rewind_step": "null",
+        "search.space.scope": "null", "search.space.init_scale": "null", "store.uri": str(disk / "store"),
+    }
+    args = ["run", QUICKSTART] + [a for s in search_overrides(data_root, out, settings) for a in ("--set", s)]
+    try:
+        with tmpfs(disk, 512):
+            (disk / "store").mkdir()
+            ballast = fill(disk, leave_kb=48)  # the dense stage (~32 KiB) and two records fit; a round does not
+            code, _, err = run_cli(args)
+            assert "Traceback" not in err
+            stored = {p.name for p in (disk / "store" / "stages").glob("*/*")}
+            assert len(stored) == 1  # the dense stage, and nothing else
+            assert list((disk / "store" / "tmp").iterdir()) == []  # no staging left behind
+            records = trial_records(disk / "store", "diskfull")
+            assert len(records) == 2 and all(not r.get("round_keys") for r in records.values())
+
+            ballast.unlink()  # space freed
+            code, _, err = run_cli(["resume", "diskfull", "--output-dir", str(out)])
+            assert code == 0, err[-2000:]
+            records = trial_records(disk / "store", "diskfull")
+            assert sorted(r["status"] for r in records.values()) == ["finished", "finished"]
+            assert all(len(r["round_keys"]) == 2 for r in records.values())
+            retrained = {k for r in records.values() for a in r["attempts"][1:] for k in a["executed_keys"]} & stored
+            assert retrained == set()  # the resumed attempts reused the stored dense stage
+            assert not any(name.endswith(".tmp") for name in snapshot(disk / "store"))
+    except MountRefused as refused:
+        pytest.skip(str(refused))
