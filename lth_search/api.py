@@ -49,8 +49,8 @@ def run_lineage_command(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     cfg = cfg.absolute()
-    dataset = load_dataset(cfg.data, cfg.seed)  # bad names, files, model or device fail here, nothing written
-    check_parts(cfg, dataset)
+    check_parts(cfg)  # names, model/data fit, device: before any file (the data cache included) is written
+    dataset = load_dataset(cfg.data, cfg.seed)  # bad or missing data files fail here, nothing written
     total = cfg.prune.rounds
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None

@@ -202,8 +202,10 @@ class _CountingStages:
     def __init__(self, inner: StageSource) -> None:
         self.inner, self.executed, self.reused = inner, 0, 0
 
-    def get_or_compute(self, key: str, compute: Callable[[], StageEntry]) -> tuple[StageEntry, bool]:
-        entry, reused = self.inner.get_or_compute(key, compute)
+    def get_or_compute(
+        self, key: str, compute: Callable[[], StageEntry], check: Callable[[StageEntry], str | None] | None = None
+    ) -> tuple[StageEntry, bool]:
+        entry, reused = self.inner.get_or_compute(key, compute, check)
         steps = int(entry.metrics.get("steps", 0))
         if reused:
             self.reused += steps

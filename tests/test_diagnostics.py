@@ -16,7 +16,7 @@ from lth_search.engine.diagnostics import (
     sign_preservation,
     trajectory_alignment,
 )
-from lth_search.engine.models import MLP
+from lth_search.portable.architectures import MLP
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -286,7 +286,7 @@ def test_best_out_to_a_file_or_an_unwritable_place(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="cannot write the ticket"):
         ticket.save("/proc/lth-ticket")
     saved = ticket.save(tmp_path / "ticket")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "mask.parquet", "rewind.safetensors", "ticket.json"]
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "mask.safetensors", "rewind.safetensors", "ticket.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ticket"]  # no staging left
 
 
@@ -391,12 +391,13 @@ def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Pat
 def test_driver_status_write_on_a_full_disk_does_not_crash(tmp_path: Path) -> None:
     """2: a write failure in the driver's Tune callback (disk full in put_record) crashed the driver."""
     from lth_search.runs.record import TrialRecord, TrialStatus
+    from lth_search.search.console import SearchConsole
     from lth_search.search.driver import TrialEvents
 
     try:
         with tmpfs(tmp_path / "disk", 128) as disk:
             cfg = tiny_config(Path("/unused"), tmp_path, name="x", store__uri=str(disk / "store"))
-            events = TrialEvents(cfg, progress=(lines := []).append)
+            events = TrialEvents(cfg, SearchConsole(1, (lines := []).append))
             TrialRecord(search="x", trial_id="t0", choices={"pad": "x" * 2000}).save(events.store)
             ballast = fill(disk, leave_kb=0)
             events._set_status("t0", TrialStatus.STOPPED)  # ENOSPC inside a Tune callback: reported, not raised

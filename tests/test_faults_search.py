@@ -24,12 +24,14 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
         "name": "diskfull", "search.num_trials": 2, "prune.rounds": 2, "search.max_failures": 0,
         "search.asha.enabled": "false", "search.space.rate": "[0.2, 0.4]", "search.space.rewind_step": "null",
         "search.space.scope": "null", "search.space.init_scale": "null", "store.uri": str(disk / "store"),
+        "data.val_size": 1000, "data.mnist1d_samples": 5000,  # the published data: a dense stage of ~32 KiB
     }
     args = ["run", QUICKSTART] + [a for s in search_overrides(data_root, out, settings) for a in ("--set", s)]
     try:
-        with tmpfs(disk, 512):
-            (disk / "store").mkdir()
-            ballast = fill(disk, leave_kb=48)  # the dense stage (~32 KiB) and two records fit; a round does not
+        # only the store is on the small disk: Ray's results and the search state live beside it
+        (disk / "store").mkdir(parents=True)
+        with tmpfs(disk / "store", 512):
+            ballast = fill(disk / "store", leave_kb=36)  # the dense stage (~24 KiB) and two records fit; a round does not
             code, _, err = run_cli(args)
             assert "Traceback" not in err
             stored = {p.name for p in (disk / "store" / "stages").glob("*/*")}
@@ -39,7 +41,7 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
             assert len(records) == 2 and all(not r.get("round_keys") for r in records.values())
 
             ballast.unlink()  # space freed
-            code, _, err = run_cli(["resume", "diskfull", "--output-dir", str(out)])
+            code, _, err = run_cli(["resume", "diskfull", "--store-uri", str(disk / "store")])
             assert code == 0, err[-2000:]
             records = trial_records(disk / "store", "diskfull")
             assert sorted(r["status"] for r in records.values()) == ["finished", "finished"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lth_search.engine.models import MLP
+from lth_search.portable.architectures import MLP
 from lth_search.engine.pruning import prune_lowest_scores
 from lth_search.engine.prune_at_init import grasp_scores, prune_at_init, snip_scores, synflow_scores
 

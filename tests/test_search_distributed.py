@@ -43,14 +43,18 @@ def test_two_node_cluster_shares_the_store_and_trains_dense_once(data_root, tmp_
     assert len(report["dense_stages"]) == 1 and len(report["dense_trainers"]) == 1
 
 
-def _alive(group: int) -> bool:
-    """Whether a live (not zombie) process of process group `group` is still there (from /proc)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _alive(marker: str) -> bool:
+    """Whether a live (not zombie) process carries `marker` in its environment: the driver
+    and every Ray process it started (they inherit the driver's environment)."""
+    needle = marker.encode()
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if needle not in (proc / "environ").read_bytes():
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
-            continue  # gone while we looked
-        if fields[0] != "Z" and int(fields[2]) == group:
+            continue  # gone while we looked, or not ours to read
+        if state != "Z":
             return True
     return False
 
@@ -68,8 +72,9 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
         command += ["--set", item]
     store = tmp_path / "store"
     with open(tmp_path / "run.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
-                                  start_new_session=True)
+        marker = f"LTH_TEST_DRIVER={tmp_path}"
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                  env={**_env(), "LTH_TEST_DRIVER": str(tmp_path)})
         try:
             def mid_search():
                 assert driver.poll() is None, "the search ended before it could be killed mid-way"
@@ -85,7 +90,8 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
         finally:
             if driver.poll() is None:
                 driver.kill()
-    wait_for(lambda: not _alive(driver.pid), 60, "the dead driver's Ray processes to exit")
+    # the stages stored at the kill are counted once no process of the dead driver's Ray is left
+    wait_for(lambda: not _alive(marker), 120, "the dead driver's Ray processes to exit")
     at_kill = trial_records(store, "killme")
     stored_at_kill = _stage_keys(store)
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())

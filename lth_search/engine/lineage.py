@@ -361,7 +361,9 @@ class Lineage:
         result.rounds.append(round_result)
         _count_steps(result, round_result.steps, reused)
         if round_index == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
-            log.warning(
+            # in the log and in every round's margin_se, not on a search's console: with several
+            # lineages (confirmation seeds) it would repeat once per lineage after the summary
+            log.info(
                 "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
                 "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
                 self.cfg.search.tolerance, verdict.se,

@@ -53,7 +53,7 @@ from torch import nn
 from lth_search.config import TrainConfig
 from lth_search.engine.augment import augment
 from lth_search.engine.data import BatchOrder, Dataset
-from lth_search.engine.models import MLP
+from lth_search.portable.architectures import MLP
 from lth_search.engine.train import LOSS_WINDOW, Schedule, TrainResult, train
 
 Mode = Literal["auto", "bmm", "vmap", "sequential"]

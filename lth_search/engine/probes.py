@@ -103,8 +103,10 @@ class RoundProbes:
             collapsed_layers=[row.name for row in rows if row.collapsed],
             warnings=health_warnings(rows),
         )
-        for line in result.warnings:  # on stderr for `lth-search lineage`, in the worker log in a search
-            log.warning("round %s (%s): %s", entry.metrics.get("round", "?"), stage_kind(entry), line)
+        for line in result.warnings:  # a collapse on stderr; a layer off the global target (global
+            # pruning spreads sparsity unevenly by design) only in the log and the round's diagnostics
+            level = logging.WARNING if " collapsed:" in line else logging.INFO
+            log.log(level, "round %s (%s): %s", entry.metrics.get("round", "?"), stage_kind(entry), line)
         if self.settings.stability and stage_kind(entry) in REWINDING_KINDS:
             result.barrier = float(self.stability(dense, entry).metrics["barrier"])
         if self.settings.perturbation is not None and stage_kind(entry) in REWINDING_KINDS:

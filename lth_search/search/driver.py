@@ -207,7 +207,7 @@ class TrialEvents(tune.Callback):
         try:
             _save_status(self.store, self.cfg.name, trial_id, status)
         except (LthError, OSError, ValueError) as error:  # raised in a Tune callback, it would kill the driver
-            self.progress(f"trial {trial_id}: cannot record status {status.value} now ({error}); "
+            self.console.line(f"trial {trial_id}: cannot record status {status.value} now ({error}); "
                           "settled from Ray's state at the end of the search or on resume")
 
 
