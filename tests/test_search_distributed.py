@@ -74,7 +74,7 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     with open(tmp_path / "run.log", "w") as log:
         marker = f"LTH_TEST_DRIVER={tmp_path}"
         driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                                  env={**_env(), "LTH_TEST_DRIVER": str(tmp_path)})
+                                  env={**_env(), "LTH_TEST_DRIVER": str(tmp_path)})  # marks its Ray too
         try:
             def mid_search():
                 assert driver.poll() is None, "the search ended before it could be killed mid-way"
@@ -84,8 +84,7 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
                 return records if finished and midway else None
 
             wait_for(mid_search, 300, "a finished and a half-way trial")
-            # The driver and the local Ray it started (its session) die together, as on a crash.
-            os.killpg(driver.pid, signal.SIGKILL)
+            driver.send_signal(signal.SIGKILL)  # the driver dies; the Ray it started follows it
             driver.wait(timeout=30)
         finally:
             if driver.poll() is None:
