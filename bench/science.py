@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from lth_search.api import run_lineage_command, run_search  # noqa: E402
 from lth_search.config import ExperimentConfig, load_config, validate_config  # noqa: E402
-from lth_search.runs.confirmation import recipe_text  # noqa: E402
+from lth_search.runs.confirmation import confirm_seeds, recipe_text  # noqa: E402
 
 
 def heldout_lineage(base: dict[str, Any], recipe: dict[str, Any], seed: int) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir or tempfile.mkdtemp(prefix="lth-science-"))
     cfg = load_config(args.config, [*args.overrides, f"seed={args.search_seed}", f"output_dir={output}",
                                     "tracking.enabled=false"]).absolute()
-    confirm = set(range(1_000_003 + 1_000 * cfg.seed, 1_000_003 + 1_000 * cfg.seed + cfg.search.confirm_seeds))
+    confirm = set(confirm_seeds(cfg))
     clash = sorted(set(heldout) & (confirm | {cfg.seed}))
     if clash:
         print(f"science: --heldout {clash} are seeds the search uses; choose others", file=sys.stderr)

@@ -20,13 +20,18 @@ from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
 
 CONFIRM_SEED_BASE = 1_000_003
-"""Confirmation seeds start far from any seed a user types, and differ per search seed."""
+"""Confirmation seeds: a fixed panel far from any seed a user types (search seeds stay below it)."""
 
 
 def confirm_seeds(cfg: ExperimentConfig) -> list[int]:
-    """The fresh seeds of a search's confirmation (never the search's own seed)."""
-    start = CONFIRM_SEED_BASE + 1_000 * cfg.seed
-    return [start + i for i in range(cfg.search.confirm_seeds)]
+    """The fresh seeds of a search's confirmation (never the search's own seed).
+
+    The same panel for every search: confirmed scores of two searches (other seeds,
+    other spaces) are then measured on the same lineages' seeds, a paired comparison,
+    like a fixed test set; a search seed inside the panel is skipped.
+    """
+    seeds = [s for s in range(CONFIRM_SEED_BASE, CONFIRM_SEED_BASE + cfg.search.confirm_seeds + 1) if s != cfg.seed]
+    return seeds[: cfg.search.confirm_seeds]
 
 
 def recipe_text(recipe: dict[str, Any]) -> str:
