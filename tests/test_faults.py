@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LTH_SEARCH, REPO, tiny_config
+from conftest import LTH_SEARCH, REPO, tiny_config, wait_for
 from fault_helpers import MountRefused, fill, one_line_error, run_cli, snapshot, tmpfs
 from lth_search.config import load_config
 from lth_search.errors import DataError, RuntimeFailure, StoreError, StoreFailure, TrackingError
@@ -417,10 +417,11 @@ def test_sigkilled_lineage_lease_is_taken_over_at_once_and_sigterm_is_an_interru
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     first = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     leases = tmp_path / "out" / "store" / "leases"
-    deadline = time.monotonic() + 60
-    while not (leases.exists() and any(leases.glob("*.lease"))):
-        assert time.monotonic() < deadline and first.poll() is None, "the first lineage never took its lease"
-        time.sleep(0.05)
+    def lease_taken() -> bool:
+        assert first.poll() is None, "the first lineage ended before it took its lease"
+        return leases.exists() and any(leases.glob("*.lease"))
+
+    wait_for(lease_taken, 60, "the first lineage's lease")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     first.stderr.close()
