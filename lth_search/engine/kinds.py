@@ -9,7 +9,9 @@ alike.
 - lr_rewind (Renda et al., 2020): iterative; each round prunes the parent's end weights
   and retrains *them* (not theta_k) over steps k..T with the learning-rate schedule
   rewound to k.
-- finetune: iterative; like lr_rewind but at the schedule's final learning rate.
+- finetune: iterative; like lr_rewind but at the schedule's final learning rate. Under a
+  constant schedule that is the same computation as lr_rewind, so it has lr_rewind's
+  stage keys and the store trains it once.
 - oneshot: the dense end weights magnitude-pruned once to each IMP round's sparsity,
   rewound to theta_k and trained.
 - random_prune / random_reinit: the controls of each IMP round (Lineage.control_stage):
@@ -73,12 +75,20 @@ class KindLineage:
         return self.lineage.cfg
 
     @property
+    def same_as_lr_rewind(self) -> bool:
+        """Fine-tuning at the final rate of a constant schedule *is* learning-rate rewinding."""
+        return self.kind == "finetune" and Schedule.from_recipe(self.cfg.train, 1).constant
+
+    @property
     def entries(self) -> list[StageEntry]:
         """The stages of the walk so far (the IMP lineage's own, live, for kind imp): callbacks
         read the stage just finished here while the walk runs."""
         return self.lineage.entries if self.kind == "imp" else self._entries
 
-    def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None) -> LineageResult:
+    def run(self, on_round: RoundCallback | None = None, on_dense: DenseCallback | None = None,
+            rounds: int | None = None) -> LineageResult:
+        """Walk the kind's rounds. `rounds` caps an iterative kind (default `prune.rounds`):
+        `compare` passes the IMP lineage's length so every kind stops at its sparsities."""
         lineage = self.lineage
         if self.kind == "imp":
             return lineage.run(on_round, on_dense)
@@ -97,7 +107,8 @@ class KindLineage:
         if on_dense is not None:
             on_dense(result)
         parent = dense
-        for round_index in range(1, len(imp_entries) if imp_entries else self.cfg.prune.rounds + 1):
+        last_round = len(imp_entries) - 1 if imp_entries else (rounds if rounds is not None else self.cfg.prune.rounds)
+        for round_index in range(1, last_round + 1):
             if self.kind in ITERATIVE:
                 entry, stage_reused = self._iterative_stage(dense, parent, round_index)
             else:
@@ -125,12 +136,12 @@ class KindLineage:
 
     def _iterative_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         lineage = self.lineage
-        inputs = {**lineage.round_inputs(parent.key, round_index), "kind": self.kind}
+        inputs = {**lineage.round_inputs(parent.key, round_index), "kind": "lr_rewind"}
         fixed_lr = None
-        if self.kind == "finetune":
+        if self.kind == "finetune" and not self.same_as_lr_rewind:
             schedule = Schedule.from_recipe(self.cfg.train, lineage.data.steps_per_epoch(self.cfg.train.batch_size))
             fixed_lr = schedule.lr_at(lineage.total_steps - 1)
-            inputs["fixed_lr"] = fixed_lr
+            inputs.update(kind="finetune", fixed_lr=fixed_lr)
 
         def compute(key: str) -> StageEntry:
             return lineage.train_stage(key, inputs, dense, lineage.next_mask(parent), round_index,
