@@ -162,13 +162,13 @@ def run_compare(
     counting = _CountingStages(store if store is not None else MemoryStages())
     for seed in seeds:
         lineage = Lineage(seed_config(cfg, seed), counting)
-        imp_rounds = len(lineage.run().rounds)  # every kind stops at the IMP lineage's sparsities
+        imp = lineage.run()  # first: every kind stops at the IMP lineage's sparsities
         for kind in kinds:
             runner = KindLineage(lineage, kind)
             if runner.same_as_lr_rewind and seed == seeds[0]:
                 progress("finetune: the learning-rate schedule is constant, so fine-tuning is learning-rate "
                          "rewinding (the same stages, trained once)")
-            lineage_result = runner.run(rounds=imp_rounds)
+            lineage_result = imp if kind == "imp" else runner.run(rounds=len(imp.rounds))
             dense = lineage_result.dense
             result.dense[seed] = {"val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy}
             executed = sum(r.steps for r in lineage_result.rounds if not r.reused)
