@@ -392,7 +392,7 @@ def test_driver_status_write_on_a_full_disk_does_not_crash(tmp_path: Path) -> No
     """2: a write failure in the driver's Tune callback (disk full in put_record) crashed the driver."""
     from lth_search.runs.record import TrialRecord, TrialStatus
     from lth_search.search.console import SearchConsole
-    from lth_search.search.driver import TrialEvents
+    from lth_search.search.trial_status import TrialEvents
 
     try:
         with tmpfs(tmp_path / "disk", 128) as disk:

@@ -8,9 +8,8 @@ beside the store, on the same storage (runs/state.py): `searches/<name>/search.j
 Ray's results, so `resume_search(name)` restores the Tuner after a killed driver, from
 any machine that reaches the store, and Optuna continues the same study.
 
-Ray: `--address` wins; else `RAY_ADDRESS` (what `ray job submit` sets for its
-entrypoint) joins that cluster, as Ray's own default does; else a local Ray starts on
-loopback. What a person sees of the search is search/console.py.
+Which Ray it runs on is search/ray_session.py; the trial records' final statuses
+search/trial_status.py; what a person sees of the search search/console.py.
 
 Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
 folder and Optuna study are its own, while stages come from the shared store, so
@@ -19,15 +18,10 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -35,9 +29,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
-from lth_search.errors import ConfigError, LthError
+from lth_search.errors import ConfigError
 from lth_search.runs.observers import SearchObserver, SearchTracking
-from lth_search.runs.record import TrialRecord, TrialStatus
+from lth_search.runs.record import TrialRecord
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
@@ -54,89 +48,13 @@ from lth_search.search.space import (
     space_size,
     trial_budget,
 )
+from lth_search.search.ray_session import check_resources, cluster_address, ray_session
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
+from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stages import StageStore
 from lth_search.store.uri import pyarrow_location
 
 Progress = Callable[[str], None]
-
-
-# Ray session ---------------------------------------------------------------------------------
-def cluster_address(address: str | None) -> str | None:
-    """The cluster to join: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else None (local)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
-@contextmanager
-def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
-    """Reuse an initialised Ray, join `address` or $RAY_ADDRESS, or start a local Ray on loopback.
-
-    Ray started or joined here is shut down on exit; a Ray already up is left alone.
-    Workers of a cluster do not share the driver's environment: the MLflow variables
-    the driver sees (credentials, timeouts) go to them through the job's runtime env,
-    unless this driver is itself a `ray job submit` entrypoint, whose runtime env
-    (`--runtime-env-json`) already reaches every worker and may not be given twice.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING}
-    joined = cluster_address(address)
-    if joined:
-        what = "--address" if address else "RAY_ADDRESS"
-        unreachable = _unreachable(joined)
-        if unreachable:
-            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({unreachable})")
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
-        mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-        try:
-            ray.init(address=joined, runtime_env={"env_vars": mlflow_env} if mlflow_env else None, **quiet)
-        except ConnectionError as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({reason})") from None
-    else:
-        ray.init(
-            address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
-    """Why HOST:PORT takes no TCP connection, or None if it does.
-
-    Ray itself retries an address that does not answer for minutes before it gives up;
-    a wrong --address should fail in seconds. `auto` and other forms are left to Ray.
-    """
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as error:
-        return f"nothing answers at {host}:{port}: {error.strerror or type(error).__name__}"
-    return None
-
-
-def _check_resources(cfg: ExperimentConfig, address: str | None) -> None:
-    """Fail in one line, before anything starts, when a local Ray could never fit one trial.
-
-    Only for the local Ray this process would start: a cluster may scale up to fit.
-    """
-    if cluster_address(address) or ray.is_initialized():
-        return
-    import torch
-
-    available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
-        if need > available[key]:
-            fits = available[key] if key == "CPU" else 0  # resources.cpu must stay > 0; gpu=0 trains on CPU
-            raise ConfigError(
-                f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
-                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}={fits:g}) or pass --address"
-            )
 
 
 # Tune pieces ---------------------------------------------------------------------------------
@@ -167,70 +85,6 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
         points_to_evaluate=[default] if default else None,
         cfg=cfg,
     )
-
-
-class TrialEvents(tune.Callback):
-    """Final trial statuses into the trial records (the lines a person reads: console.py).
-
-    Only the driver knows why a trial ended: a trial the scheduler stops and one cut short
-    by an interrupted search both end inside `tune.report`, but only the first gets
-    `on_trial_complete`. Ray pickles callbacks into its experiment state and restores
-    copies of them on resume, so all state is the config and the console (the store is
-    reopened lazily).
-    """
-
-    def __init__(self, cfg: ExperimentConfig, console: SearchConsole) -> None:
-        self.cfg, self.console = cfg, console
-        self._store: StageStore | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None}
-
-    @property
-    def store(self) -> StageStore:
-        if self._store is None:
-            self._store = StageStore.from_config(self.cfg)
-        return self._store
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        record = TrialRecord.load(self.store, self.cfg.name, trial.trial_id)
-        ended = record is not None and record.status is TrialStatus.FINISHED
-        status = TrialStatus.FINISHED if ended else TrialStatus.STOPPED
-        self._set_status(trial.trial_id, status)
-        self.console.ended(trial, status)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._set_status(trial.trial_id, TrialStatus.ERROR)
-        self.console.failed(trial)
-
-    def _set_status(self, trial_id: str, status: TrialStatus) -> None:
-        try:
-            _save_status(self.store, self.cfg.name, trial_id, status)
-        except (LthError, OSError, ValueError) as error:  # raised in a Tune callback, it would kill the driver
-            self.console.line(f"trial {trial_id}: cannot record status {status.value} now ({error}); "
-                          "settled from Ray's state at the end of the search or on resume")
-
-
-def _save_status(store: StageStore, search: str, trial_id: str, status: TrialStatus) -> None:
-    record = TrialRecord.load(store, search, trial_id)
-    if record is not None and record.status is not status:
-        record.status = status
-        record.save(store)
-
-
-def _settle(store: StageStore, cfg: ExperimentConfig, records: dict[str, TrialRecord], ended: set[str]) -> None:
-    """Final statuses for trials Ray saw end (result `done`) whose record does not say so.
-
-    The callback's write may have failed (disk full) or its driver been killed before it
-    ran; Ray's saved state still knows the trial ended. The trial writes FINISHED itself
-    when its lineage ends, so an ended trial still marked running was stopped by the
-    scheduler. Interrupted trials are never `done` (Ray snapshots before it stops them).
-    """
-    for trial_id in sorted(ended):
-        record = records.get(trial_id)
-        if record is not None and not record.status.final:
-            _save_status(store, cfg.name, trial_id, TrialStatus.STOPPED)
-            record.status = TrialStatus.STOPPED
 
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
@@ -265,26 +119,6 @@ def _tuner(
     )
 
 
-def _ray_trials(grid: tune.ResultGrid) -> dict[str, bool]:
-    """Every trial Ray knows at the end, by id, with whether it errored.
-
-    A trial that never reported has no `trial_id` metric; its folder name carries the id.
-    """
-    trials: dict[str, bool] = {}
-    for result in grid:
-        trial_id = result.metrics.get("trial_id")
-        if trial_id is None:
-            found = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", Path(result.path).name)
-            trial_id = found.group(1) if found else Path(result.path).name
-        trials[trial_id] = result.error is not None
-    return trials
-
-
-def _ended_trials(grid: tune.ResultGrid) -> dict[str, bool]:
-    """Trial id -> whether Ray saw it end (`done`: finished or stopped by the scheduler, not interrupted)."""
-    return {r.metrics["trial_id"]: bool(r.metrics.get("done")) for r in grid if "trial_id" in r.metrics}
-
-
 def _save_quietly(state: SearchState) -> None:
     try:
         state.save()
@@ -305,7 +139,7 @@ def run_search(
     progress = use_console(verbosity, progress)
     cfg = cfg.absolute()
     state = new_state(cfg)
-    _check_resources(cfg, address)
+    check_resources(cfg, address)
     with ThreadPoolExecutor(1) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
@@ -338,7 +172,7 @@ def resume_search(
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
-    _check_resources(cfg, address)
+    check_resources(cfg, address)
     with ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
         state.status = SearchStatus.RUNNING
@@ -395,18 +229,18 @@ def _fit(
         state.status = SearchStatus.INTERRUPTED
         _save_quietly(state)
         raise
-    trials = _ray_trials(grid)
+    trials = ray_trials(grid)
     store = StageStore.from_config(cfg)
     damaged: list[str] = []
     records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id, unreadable=damaged)}
     if damaged:
         progress(f"trial record(s) {', '.join(sorted(damaged)[:5])} in {cfg.store_uri()} cannot be read; left out")
-    _settle(store, cfg, records, {t for t, done in _ended_trials(grid).items() if done and not trials.get(t)})
+    settle(store, cfg, records, {t for t, done in ended_trials(grid).items() if done and not trials.get(t)})
     complete = len(trials) >= trial_budget(cfg) and all(
         errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
     if complete:
-        _abandon_orphans(store, records, set(trials))
+        abandon_orphans(store, records, set(trials))
         close_orphans(state.journal, state.search_id)
     state.status = SearchStatus.FINISHED if complete else SearchStatus.INTERRUPTED
     state.finished_at = time.time() if complete else None
@@ -434,15 +268,3 @@ def _resume_command(cfg: ExperimentConfig, address: str | None) -> str:
     """The command that continues this search, wherever it was started from."""
     where = f"--store-uri {cfg.store.uri}" if cfg.store.uri else f"--output-dir {cfg.output_dir}"
     return f"lth-search resume {cfg.name} {where}" + (f" --address {address}" if address else "")
-
-
-def _abandon_orphans(store: StageStore, records: dict[str, TrialRecord], known: set[str]) -> None:
-    """Mark trials Ray does not know: started by a killed driver after Ray's last snapshot.
-
-    Ray's restored state never had them, so the search ran replacements; their stages
-    stay in the store (and were reused), their records say what happened.
-    """
-    for trial_id, record in records.items():
-        if trial_id not in known and not record.status.final:
-            record.status = TrialStatus.ABANDONED
-            record.save(store)

@@ -1,0 +1,96 @@
+"""The Ray a search runs on: join a cluster, or start a local Ray on loopback, and stop it.
+
+`--address` wins; else `RAY_ADDRESS` (what `ray job submit` sets for its entrypoint)
+joins that cluster, as Ray's own default does; else a local Ray starts on loopback. A
+wrong address or a trial that could never fit fails in one line before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+
+from lth_search.config import ExperimentConfig
+from lth_search.errors import ConfigError
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else None (local)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextmanager
+def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
+    """Reuse an initialised Ray, join `address` or $RAY_ADDRESS, or start a local Ray on loopback.
+
+    Ray started or joined here is shut down on exit; a Ray already up is left alone.
+    Workers of a cluster do not share the driver's environment: the MLflow variables
+    the driver sees (credentials, timeouts) go to them through the job's runtime env,
+    unless this driver is itself a `ray job submit` entrypoint, whose runtime env
+    (`--runtime-env-json`) already reaches every worker and may not be given twice.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING}
+    joined = cluster_address(address)
+    if joined:
+        what = "--address" if address else "RAY_ADDRESS"
+        why = unreachable(joined)
+        if why:
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({why})")
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
+        mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+        try:
+            ray.init(address=joined, runtime_env={"env_vars": mlflow_env} if mlflow_env else None, **quiet)
+        except ConnectionError as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({reason})") from None
+    else:
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why HOST:PORT takes no TCP connection, or None if it does.
+
+    Ray itself retries an address that does not answer for minutes before it gives up;
+    a wrong --address should fail in seconds. `auto` and other forms are left to Ray.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        return f"nothing answers at {host}:{port}: {error.strerror or type(error).__name__}"
+    return None
+
+
+def check_resources(cfg: ExperimentConfig, address: str | None) -> None:
+    """Fail in one line, before anything starts, when a local Ray could never fit one trial.
+
+    Only for the local Ray this process would start: a cluster may scale up to fit.
+    """
+    if cluster_address(address) or ray.is_initialized():
+        return
+    import torch
+
+    available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
+        if need > available[key]:
+            fits = available[key] if key == "CPU" else 0  # resources.cpu must stay > 0; gpu=0 trains on CPU
+            raise ConfigError(
+                f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
+                f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}={fits:g}) or pass --address"
+            )
