@@ -62,7 +62,10 @@ def fake_trial(cfg: ExperimentConfig, parent: str, trial_id: str, choices: dict,
     masks = {}
     for index, (sparsity, val, test) in enumerate(rounds, start=1):
         mask = {name: torch.rand(state[name].shape, generator=generator) >= sparsity for name in model.prunable}
-        round_result = RoundResult(index, sparsity, val, test, 0.5, 1000.0, 0, 200, f"{trial_id}-{index}", layer_sparsity(mask))
+        round_result = RoundResult(
+            round=index, sparsity=sparsity, val_accuracy=val, test_accuracy=test, train_loss=0.5,
+            train_steps_per_s=1000.0, reused=0, steps=200, key=f"{trial_id}-{index}", layer_sparsity=layer_sparsity(mask),
+        )
         result.rounds.append(round_result)
         trained = {name: value * mask[name] if name in mask else value for name, value in state.items()}
         tracker.log_round(round_result, StageEntry(key=round_result.key, kind="round", inputs={}, metrics={},
