@@ -23,7 +23,8 @@ from lth_search.errors import ConfigError, TrackingError
 from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 from lth_search.tickets import Ticket, format_tickets
 from lth_search.tracking.tickets import best_ticket, list_tickets
 from lth_search.tracking.runs import TrialTracker

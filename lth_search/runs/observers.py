@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 from lth_search.config import ExperimentConfig
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 
 class TrialObserver(Protocol):

@@ -46,7 +46,7 @@ from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.layout import (
     CONFIG,
