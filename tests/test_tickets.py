@@ -27,7 +27,7 @@ from lth_search.store.entry import StageEntry
 from lth_search.store.stages import StageStore
 from lth_search.tickets import Ticket, format_tickets
 from lth_search.tracking.tickets import best_ticket, list_tickets
-from lth_search.tracking.runs import TrialTracker
+from lth_search.tracking.trial_run import TrialTracker
 from lth_search.engine.train import evaluate, train
 from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import tracked_trial

@@ -16,7 +16,7 @@ from lth_search.store.entry import StageEntry
 
 
 class TrialObserver(Protocol):
-    """Logs a trial as it runs (tracking/runs.py `TrialTracker` is the MLflow one).
+    """Logs a trial as it runs (tracking/trial_run.py `TrialTracker` is the MLflow one).
 
     Every method is idempotent and never raises into the lineage: a retry fills in what
     a dead attempt missed, and what could not be logged is synced from the store later.

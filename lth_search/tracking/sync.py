@@ -24,7 +24,8 @@ from lth_search.store.stages import StageStore
 from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
-from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
+from lth_search.tracking.search_run import SearchTracker
+from lth_search.tracking.trial_run import TERMINAL, TrialTracker
 
 log = logging.getLogger(__name__)
 
