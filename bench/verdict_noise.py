@@ -95,7 +95,8 @@ def run_seed(seed: int, out: str, replicates: int, recipes: list[str], old: bool
 
     torch.set_num_threads(1)
     from lth_search.config import load_config
-    from lth_search.engine.lineage import Lineage, MemoryStages
+    from lth_search.engine.lineage import Lineage
+    from lth_search.engine.stage_source import MemoryStages
 
     store = MemoryStages()  # the dense replicates are trained once for all recipes of this seed
     record: dict[str, Any] = {"seed": seed, "old": old, "recipes": {}}

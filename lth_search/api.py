@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
-from lth_search.engine.lineage import MemoryStages
+from lth_search.engine.stage_source import MemoryStages
 from lth_search.engine.data import load_dataset
 from lth_search.engine.models import check_parts
 from lth_search.engine.results import LineageResult

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 from lth_search.config import ExperimentConfig
 from lth_search.config.schema import validate_config
 from lth_search.engine.kinds import KindLineage, check_kinds
-from lth_search.engine.lineage import Lineage, MemoryStages, StageSource
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import MemoryStages, StageSource
 from lth_search.engine.probes import RoundProbes
 from lth_search.store.stages import StageEntry
 

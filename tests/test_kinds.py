@@ -12,7 +12,8 @@ import torch
 from conftest import LTH_SEARCH, REPO, tiny_config, tiny_overrides
 from lth_search.config import KINDS
 from lth_search.engine.kinds import AT_IMP_SPARSITIES, KindLineage
-from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import MemoryStages
 from lth_search.store.keys import content_key
 
 

@@ -11,7 +11,8 @@ import torch
 
 from conftest import LTH_SEARCH, REPO, tiny_config
 from lth_search.store.keys import content_key
-from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import MemoryStages
 from lth_search.engine.pruning import layer_sparsity
 
 

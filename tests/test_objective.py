@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import MemoryStages
 from lth_search.engine.results import DenseResult, LineageResult
 from lth_search.engine.objective import (
     matching,

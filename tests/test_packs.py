@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lth_search.engine.data import Dataset, load_dataset
-from lth_search.engine.lineage import Lineage, MemoryStages
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import MemoryStages
 from lth_search.engine.models import build_model
 from lth_search.engine.pack_lineage import LineagePack, run_lineage_pack
 from lth_search.engine.packs import PackMember, train_pack

@@ -19,6 +19,11 @@ class ResourcesConfig(Section):
     gpu_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="per-process CUDA memory cap; defaults to `gpu` when it is fractional"
     )
+    pack: int = Field(
+        8, ge=1, le=256,
+        description="most lineages (or dense replicates) one worker trains together as one batched pack "
+        "(engine/packs.py): a lineage's dense replicates, the confirmation runs; 1 trains them one by one",
+    )
 
 
 class StoreConfig(Section):

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from lth_search.config import KINDS
-from lth_search.engine.lineage import STAGE_FORMAT, DenseCallback, RoundCallback
+from lth_search.engine.lineage import DenseCallback, RoundCallback
+from lth_search.engine.lineage_stages import STAGE_FORMAT
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.engine.probes import RoundProbes
 from lth_search.engine.prune_at_init import METHODS as PRUNE_AT_INIT

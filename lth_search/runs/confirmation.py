@@ -34,6 +34,19 @@ def confirm_seeds(cfg: ExperimentConfig) -> list[int]:
     return seeds[: cfg.search.confirm_seeds]
 
 
+def pack_runs(runs: list[tuple[int, int]], slots: int, size: int) -> list[list[tuple[int, int]]]:
+    """The confirmation runs (recipe index, seed) dealt into packs of at most `size`.
+
+    At least `slots` packs (the concurrent workers), so no worker idles while another
+    trains a big pack; the runs are dealt round-robin, so every pack mixes recipes and
+    seeds and the packs shrink alike as lineages stop. `size` 1: one run per pack.
+    """
+    if not runs:
+        return []
+    count = max(min(slots, len(runs)), math.ceil(len(runs) / size))
+    return [runs[j::count] for j in range(count)]
+
+
 def recipe_text(recipe: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(recipe.items())) or "(the config's prune values)"
 

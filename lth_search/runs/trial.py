@@ -21,7 +21,8 @@ import torch
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset
 from lth_search.engine.kinds import KindLineage
-from lth_search.engine.lineage import Lineage, StageSource
+from lth_search.engine.lineage import Lineage
+from lth_search.engine.stage_source import StageSource
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.observers import TrialObserver
 from lth_search.runs.record import TrialRecord, TrialStatus

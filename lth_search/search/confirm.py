@@ -1,8 +1,10 @@
 """Confirmation runs on Ray: the candidates x fresh seeds, as a second Tune run.
 
 Each run is a whole lineage of a candidate recipe with the search config's seed replaced
-by a fresh one (new data split, init and batch order), walked by the same Ray-free trial
-runner as search trials, its stages through the same store. Its record goes to the
+by a fresh one (new data split, init and batch order), its stages through the same store.
+The runs are dealt into packs (runs/confirmation.py `pack_runs`: at least one per
+concurrent worker, at most `resources.pack` lineages each); a Ray trial walks one pack
+with the Ray-free `run_trial_pack`, as one batched network per step. Its record goes to the
 search's `confirm-<name>` records, not MLflow's child runs: the parent run shows the
 confirmation table (runs/confirmation.py scores it). A driver killed during
 confirmation reruns it on resume, and every stored stage is reused.
@@ -21,10 +23,11 @@ from lth_search.runs.confirmation import (
     candidates,
     confirm_seeds,
     confirmation_of,
+    pack_runs,
     recipe_text,
 )
 from lth_search.runs.record import TrialRecord
-from lth_search.runs.trial import run_trial
+from lth_search.runs.trial_pack import run_trial_pack
 from lth_search.search.console import result_files
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.store.stages import StageStore
@@ -41,24 +44,29 @@ def confirm_config(base: dict[str, Any], recipe: dict[str, Any], seed: int) -> E
     return validate_config(data, source="confirmation config")
 
 
-def confirm_trial(config: dict[str, Any], base: dict[str, Any], recipes: list[dict[str, Any]], search_id: str) -> None:
-    """The function trainable of one confirmation run: (recipe index, seed) -> a lineage."""
-    index, seed = int(config["recipe"]), int(config["seed"])
-    cfg = confirm_config(base, recipes[index], seed)
+def confirm_trial(
+    config: dict[str, Any], base: dict[str, Any], recipes: list[dict[str, Any]], packs: list[list[list[int]]],
+    search_id: str,
+) -> None:
+    """The function trainable of one pack of confirmation runs: [(recipe index, seed), ...] -> lineages."""
+    runs = [(int(index), int(seed)) for index, seed in packs[int(config["pack"])]]
+    cfgs = [confirm_config(base, recipes[index], seed) for index, seed in runs]
     trial_id = tune.get_context().get_trial_id()
     store = StageStore(
-        cfg.store_uri(), lease_timeout_s=cfg.store.lease_timeout_s, heartbeat_s=cfg.store.heartbeat_s,
-        lease_service=RayLeaseService(cfg.name, owner=f"confirm:{trial_id}"),
+        cfgs[0].store_uri(), lease_timeout_s=cfgs[0].store.lease_timeout_s, heartbeat_s=cfgs[0].store.heartbeat_s,
+        lease_service=RayLeaseService(cfgs[0].name, owner=f"confirm:{trial_id}"),
     )
-    record = TrialRecord.open(
-        store, cfg.name, f"{search_id}-r{index}-s{seed}", search_id, None, recipes[index],
-        cfg.model_dump(mode="json"), role=ROLE,
-    )
+    records = [
+        TrialRecord.open(store, cfg.name, f"{search_id}-r{index}-s{seed}", search_id, None, recipes[index],
+                         cfg.model_dump(mode="json"), role=ROLE)
+        for cfg, (index, seed) in zip(cfgs, runs)
+    ]
 
-    def report(round_index: int, _: str, metrics: dict[str, Any]) -> None:
+    def report(member: int, round_index: int, _: str, metrics: dict[str, Any]) -> None:
+        index, seed = runs[member]
         tune.report({"recipe": index, "seed": seed, **metrics})
 
-    run_trial(cfg, store, report, record, node_id=ray.get_runtime_context().get_node_id())
+    run_trial_pack(cfgs, store, report, records, node_id=ray.get_runtime_context().get_node_id())
 
 
 def run_confirmation(
@@ -70,18 +78,22 @@ def run_confirmation(
     if not seeds:
         return None
     recipes = candidates(records, cfg.default_recipe(), cfg.search.confirm_top_k)
-    progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh seeds {seeds}:")
+    runs = [(index, seed) for index in range(len(recipes)) for seed in seeds]
+    packs = pack_runs(runs, cfg.search.max_concurrent, cfg.resources.pack)
+    progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh seeds {seeds} "
+             f"({len(runs)} lineages in {len(packs)} pack(s)):")
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
     storage, name = results_path.rsplit("/", 1)
     storage_path, filesystem = pyarrow_location(storage)
     trainable = tune.with_resources(
-        tune.with_parameters(confirm_trial, base=cfg.model_dump(mode="json"), recipes=recipes, search_id=search_id),
+        tune.with_parameters(confirm_trial, base=cfg.model_dump(mode="json"), recipes=recipes,
+                             packs=[[list(run) for run in pack] for pack in packs], search_id=search_id),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
     tuner = tune.Tuner(
         trainable,
-        param_space={"recipe": tune.grid_search(list(range(len(recipes)))), "seed": tune.grid_search(seeds)},
+        param_space={"pack": tune.grid_search(list(range(len(packs))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{name}-confirm", storage_path=storage_path, storage_filesystem=filesystem,
