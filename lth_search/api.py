@@ -55,7 +55,7 @@ def run_lineage_command(
     store = open_store(cfg) if use_store else MemoryStages()
     tracker = None
     if track and cfg.tracking.enabled:
-        from lth_search.tracking.runs import lineage_tracker
+        from lth_search.tracking.lineage_run import lineage_tracker
 
         tracker = lineage_tracker(cfg)
 
@@ -74,7 +74,7 @@ def run_lineage_command(
     progress(f"lineage {cfg.name}{kind}: {total} rounds, stages in {cfg.store_uri() if use_store else 'memory'}")
     result = run_trial(cfg, store, report, observer=tracker, dataset=dataset, on_dense=on_dense)
     if tracker is not None:
-        from lth_search.tracking.runs import lineage_run_line
+        from lth_search.tracking.lineage_run import lineage_run_line
 
         progress(lineage_run_line(tracker))
     return result

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Sequence
 
+from lth_search.config import KINDS, default_output_dir
 from lth_search.config.names import check_location, check_name
-from lth_search.config.schema import KINDS, default_output_dir
 from lth_search.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, LthError
 
 EXIT_USER_ERROR = EXIT_USAGE

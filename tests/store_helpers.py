@@ -11,7 +11,8 @@ import pyarrow.fs as pafs
 import torch
 
 from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 
 KINDS = ["local", "file_uri", "memory"]
 

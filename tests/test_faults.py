@@ -29,7 +29,8 @@ from lth_search.store.codec import decode_manifest, encode_manifest
 from lth_search.store.keys import content_key
 from lth_search.store.leases import FileLeaseService
 from lth_search.store.records import check_record_name
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 

@@ -15,7 +15,8 @@ from store_helpers import KINDS, assert_same, entry_file, key_of, make_entry, ma
 from lth_search.config import load_config
 from lth_search.errors import StoreError
 from lth_search.store.codec import encode_manifest
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 
 
 @pytest.fixture(params=KINDS)

@@ -23,10 +23,11 @@ from lth_search.errors import ConfigError, TrackingError
 from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 from lth_search.tickets import Ticket, format_tickets
 from lth_search.tracking.tickets import best_ticket, list_tickets
-from lth_search.tracking.runs import TrialTracker
+from lth_search.tracking.trial_run import TrialTracker
 from lth_search.engine.train import evaluate, train
 from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import tracked_trial
@@ -62,7 +63,10 @@ def fake_trial(cfg: ExperimentConfig, parent: str, trial_id: str, choices: dict,
     masks = {}
     for index, (sparsity, val, test) in enumerate(rounds, start=1):
         mask = {name: torch.rand(state[name].shape, generator=generator) >= sparsity for name in model.prunable}
-        round_result = RoundResult(index, sparsity, val, test, 0.5, 1000.0, 0, 200, f"{trial_id}-{index}", layer_sparsity(mask))
+        round_result = RoundResult(
+            round=index, sparsity=sparsity, val_accuracy=val, test_accuracy=test, train_loss=0.5,
+            train_steps_per_s=1000.0, reused=0, steps=200, key=f"{trial_id}-{index}", layer_sparsity=layer_sparsity(mask),
+        )
         result.rounds.append(round_result)
         trained = {name: value * mask[name] if name in mask else value for name, value in state.items()}
         tracker.log_round(round_result, StageEntry(key=round_result.key, kind="round", inputs={}, metrics={},

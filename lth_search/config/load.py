@@ -1,7 +1,8 @@
 """Loading a config: YAML file, `--set KEY=VALUE` overrides, one-line errors naming the key.
 
-The schema (schema.py) holds every default; this module only turns text into a
-validated `ExperimentConfig` and pydantic's errors into one line a user can act on.
+The schema (schema.py and its section modules) holds every default; this module only
+turns text into a validated `ExperimentConfig` and pydantic's errors into one line a
+user can act on.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ the store; `check_name` keeps it from leaving its folder (no '/', no '..', no le
 store.uri, tracking.uri, `best --out`) may be any path or URI, but not one that the OS
 refuses or mangles (NUL bytes, newlines) or that is absurdly long; `check_location`
 says so in one line before anything is written.
+
+A *registered name* (data.name, model.name) never becomes a path: it names a data set
+or model in a registry, or an import target; `check_registered_name` is its one rule.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from lth_search.errors import ConfigError
 
 NAME_MAX = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_REGISTERED_RE = re.compile(r"^([A-Za-z_][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 LOCATION_MAX = 4096
 QUOTE_MAX = 60
 """At most this many characters of a user's input are quoted back in a message."""
@@ -49,6 +53,17 @@ def check_name(value: object, what: str, error: type[Exception] = ConfigError, m
         f"{what} {quote(value)} is invalid: use 1-{max_len} letters, digits, '_', '.' or '-', "
         "starting with a letter or digit"
     )
+
+
+def check_registered_name(value: str) -> str:
+    """`value` if it can name a data set or model: a registered name (built in or an entry point)
+    or an import target package.module:factory; else ValueError (pydantic names the field).
+
+    Which names exist is the registries' business (engine/data.py, engine/models.py).
+    """
+    if not _REGISTERED_RE.match(value):
+        raise ValueError(f"must be a registered name or an import target package.module:factory, got {value!r}")
+    return value
 
 
 def check_location(value: object, what: str, error: type[Exception] = ConfigError) -> str:
@@ -88,4 +103,6 @@ def check_tracking_uri(value: str, what: str = "tracking.uri", error: type[Excep
     return value
 
 
-__all__ = ["check_location", "check_name", "check_store_uri", "check_tracking_uri", "quote", "scheme_of"]
+__all__ = [
+    "check_location", "check_name", "check_registered_name", "check_store_uri", "check_tracking_uri", "quote", "scheme_of",
+]

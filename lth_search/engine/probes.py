@@ -38,7 +38,7 @@ from lth_search.engine.results import RoundDiagnostics
 from lth_search.engine.train import train
 from lth_search.errors import ConfigError
 from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 if TYPE_CHECKING:
     from lth_search.engine.lineage import Lineage

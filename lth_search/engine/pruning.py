@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from lth_search.config.schema import check_init_scale
+from lth_search.config.prune import check_init_scale
 from lth_search.errors import ConfigError
 from lth_search.store.codec import Mask
 
@@ -245,7 +245,7 @@ def random_mask_like(mask: Mask, seed: int) -> Mask:
 
 # Rewinding ----------------------------------------------------------------------------------
 def _check_init_scale(init_scale: float | str) -> float | str:
-    """The schema's rule (config/schema.py), for callers that bypass the config."""
+    """The schema's rule (config/prune.py), for callers that bypass the config."""
     if init_scale == "calibrated":
         raise ValueError("init_scale 'calibrated' needs a data batch: use calibrated_factors")
     try:

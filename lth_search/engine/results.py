@@ -22,11 +22,24 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
-class _JsonRecord:
-    """to/from JSON for a flat dataclass; `from_json` ignores keys it does not know."""
+@dataclass
+class StageResult:
+    """What every stage reports, dense or round: one list of names for both, so that each
+    reader (console, MLflow layout, trial record) reads a round as it reads the dense stage.
+
+    To and from JSON; `from_json` ignores keys it does not know (records may carry more).
+    """
+
+    val_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    train_steps_per_s: float
+    reused: int
+    steps: int
+    key: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]):  # noqa: ANN206 - returns cls
@@ -39,16 +52,9 @@ class _JsonRecord:
 
 
 @dataclass
-class DenseResult(_JsonRecord):
+class DenseResult(StageResult):
     """The dense stage: accuracies of the unpruned network at the end of training."""
 
-    val_accuracy: float
-    test_accuracy: float
-    train_loss: float
-    train_steps_per_s: float
-    reused: int
-    steps: int
-    key: str
     replicates: int = 1
     """Dense networks in the baseline a round is judged against: this one, then seeds +1, +2, ..."""
     replicate_keys: list[str] = field(default_factory=list)
@@ -88,18 +94,11 @@ class RoundDiagnostics:
 
 
 @dataclass
-class RoundResult(_JsonRecord):
+class RoundResult(StageResult):
     """What one round reports (ARCHITECTURE.md, `lineage --json` and MLflow metrics)."""
 
     round: int
     sparsity: float
-    val_accuracy: float
-    test_accuracy: float
-    train_loss: float
-    train_steps_per_s: float
-    reused: int
-    steps: int
-    key: str
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factor the survivors were multiplied by at rewind."""
@@ -115,6 +114,10 @@ class RoundResult(_JsonRecord):
     def __post_init__(self) -> None:
         if isinstance(self.diagnostics, dict):  # read back from JSON (a trial record, sync)
             self.diagnostics = RoundDiagnostics(**self.diagnostics)
+
+    def to_json(self) -> dict[str, Any]:
+        """As StageResult's, with `round` and `sparsity` first, where `lineage --json` has them."""
+        return {"round": self.round, "sparsity": self.sparsity, **asdict(self)}
 
 
 @dataclass

@@ -12,11 +12,11 @@ from typing import Any, Callable, Protocol
 from lth_search.config import ExperimentConfig
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 
 class TrialObserver(Protocol):
-    """Logs a trial as it runs (tracking/runs.py `TrialTracker` is the MLflow one).
+    """Logs a trial as it runs (tracking/trial_run.py `TrialTracker` is the MLflow one).
 
     Every method is idempotent and never raises into the lineage: a retry fills in what
     a dead attempt missed, and what could not be logged is synced from the store later.

@@ -12,10 +12,9 @@ explicitly. Layout under the root::
     leases/<key>.lease                              single-flight claims (leases.py)
     tmp/                                            staging of local publishes
 
-The manifest (JSON) holds format, key, kind, inputs, metrics, created_at, code_version,
-``files: {filename: {sha256, bytes}}`` and a ``checksum`` (sha256 of the canonical JSON
-of all other fields), so every byte of an entry is verified when read. A corrupt entry is
-logged and removed, which makes it look absent: the caller recomputes and republishes.
+What an entry is and how its bytes are signed and verified is entry.py. Here, a
+corrupt entry is logged and removed, which makes it look absent: the caller recomputes
+and republishes.
 
 Publishing is atomic. Locally, the entry is written under ``tmp/`` and the directory
 renamed into place. Object stores have no directory rename, so data files go first
@@ -26,33 +25,19 @@ without a manifest is absent.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import pyarrow.fs as pafs
-import torch
 
 from lth_search.errors import StoreError, StoreFailure, os_reason
-from lth_search.store.codec import (
-    Mask,
-    decode_manifest,
-    decode_mask,
-    decode_weights,
-    encode_manifest,
-    encode_mask,
-    encode_weights,
-)
+from lth_search.store.entry import MANIFEST, Check, Corrupt, StageEntry, decode_entry, encode_entry
 from lth_search.store.leases import (
     FileLeaseService,
     FilesystemLeaseService,
@@ -69,52 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-"""Manifest format version; a reader refuses entries from a newer format."""
-MANIFEST = "manifest.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_KIND_RE = re.compile(r"^[a-z_]{1,32}$")
-_FILE_RE = re.compile(r"^(?:weights_([A-Za-z0-9_.-]{1,64})\.safetensors|mask_([A-Za-z0-9_.-]{1,64})\.parquet)$")
 _TMP_MAX_AGE_S = 24 * 3600
 
-
-@dataclass
-class StageEntry:
-    """One stage's output: metrics, named weight sets and named masks."""
-
-    key: str
-    kind: str
-    inputs: dict
-    metrics: dict
-    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    masks: dict[str, Mask] = field(default_factory=dict)
-    created_at: str = ""
-    code_version: str = ""
-
-
-Check = Callable[[StageEntry], "str | None"]
-"""What a caller needs of an entry: None if it has it, else what is missing (see `StageStore.get`)."""
-
-
-class _Corrupt(Exception):
-    """An entry failed verification; the message names the file."""
-
-
-def _check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise StoreError(f"invalid {what} name {name!r}: expected 1-64 letters, digits, '_', '.' or '-'")
-    return name
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _code_version() -> str:
-    try:
-        return metadata.version("lth-search")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+__all__ = ["Check", "StageEntry", "StageStore"]  # StageEntry and Check live in entry.py; importable here too
 
 
 class StageStore:
@@ -201,16 +143,17 @@ class StageStore:
         entry whose checksums hold but which fails it (a manifest re-signed without some
         of its files) is corrupt too.
         """
-        manifest = self._read(f"{self._entry_dir(key)}/{MANIFEST}")
+        directory = self._entry_dir(key)
+        manifest = self._read(f"{directory}/{MANIFEST}")
         if manifest is None:
             return None
         try:
-            entry = self._load(key, manifest)
+            entry = decode_entry(key, manifest, lambda filename: self._read(f"{directory}/{filename}"))
             problem = check(entry) if check is not None else None
             if problem:
-                raise _Corrupt(problem)
+                raise Corrupt(problem)
             return entry
-        except _Corrupt as problem:
+        except Corrupt as problem:
             log.warning("stage %s is corrupt (%s); removing it so that it is recomputed", key, problem)
             self._remove(key, manifest)
             return None
@@ -226,32 +169,6 @@ class StageStore:
                 return None
             raise StoreFailure(f"store {self.uri!r}: cannot read {path} ({os_reason(error)})") from None
 
-    def _load(self, key: str, manifest_bytes: bytes) -> StageEntry:
-        manifest = _parse_manifest(key, manifest_bytes)
-        weights: dict[str, dict[str, torch.Tensor]] = {}
-        masks: dict[str, Mask] = {}
-        for filename, expected in manifest["files"].items():
-            data = self._read(f"{self._entry_dir(key)}/{filename}")
-            _verify_file(filename, data, expected)
-            weights_name, mask_name = _FILE_RE.fullmatch(filename).groups()  # type: ignore[union-attr]
-            try:
-                if weights_name is not None:
-                    weights[weights_name] = decode_weights(data)  # type: ignore[arg-type]
-                else:
-                    masks[mask_name] = decode_mask(data)  # type: ignore[arg-type]
-            except ValueError as error:
-                raise _Corrupt(f"{filename}: {error}") from None
-        return StageEntry(
-            key=key,
-            kind=manifest["kind"],
-            inputs=manifest["inputs"],
-            metrics=manifest["metrics"],
-            weights=weights,
-            masks=masks,
-            created_at=manifest["created_at"],
-            code_version=manifest["code_version"],
-        )
-
     # Writing ------------------------------------------------------------------------------
     def put(self, entry: StageEntry) -> None:
         """Publish atomically; if the entry exists already (a racing writer), keep that one.
@@ -262,10 +179,7 @@ class StageStore:
 
     def _publish(self, entry: StageEntry) -> StageEntry:
         """Publish and return the entry now stored: `entry`, or an existing valid one."""
-        files = _encode_files(entry)
-        entry.created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        entry.code_version = _code_version()
-        files[MANIFEST] = encode_manifest(_manifest_body(entry, files))
+        files = encode_entry(entry)
         try:
             if self.local:
                 return self._publish_local(entry, files)
@@ -412,67 +326,3 @@ class StageStore:
                 self.leases.release(key, holder)
             except OSError as error:  # it expires on its own; never mask the real outcome
                 log.warning("releasing the lease on stage %s failed: %s", key, error)
-
-
-# Manifest ---------------------------------------------------------------------------------
-def _encode_files(entry: StageEntry) -> dict[str, bytes]:
-    check_key(entry.key)
-    if not isinstance(entry.kind, str) or not _KIND_RE.fullmatch(entry.kind):
-        raise StoreError(f"invalid stage kind {entry.kind!r}: expected 1-32 lowercase letters or '_'")
-    files = {f"weights_{_check_name(n, 'weight set')}.safetensors": encode_weights(s) for n, s in entry.weights.items()}
-    files.update({f"mask_{_check_name(n, 'mask')}.parquet": encode_mask(m) for n, m in entry.masks.items()})
-    return files
-
-
-def _manifest_body(entry: StageEntry, files: dict[str, bytes]) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "key": entry.key,
-        "kind": entry.kind,
-        "inputs": entry.inputs,
-        "metrics": entry.metrics,
-        "created_at": entry.created_at,
-        "code_version": entry.code_version,
-        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
-    }
-
-
-_MANIFEST_FIELDS = {"format": int, "key": str, "kind": str, "inputs": dict, "metrics": dict, "created_at": str,
-                    "code_version": str, "files": dict}
-
-
-def _parse_manifest(key: str, data: bytes) -> dict[str, Any]:
-    """The manifest, verified against its own checksum, then its format, fields and key.
-
-    The checksum comes first: every format signs the same way (sha256 of the canonical
-    JSON of the other fields), so a flipped bit in `format` is corruption to recompute,
-    not a permanent "upgrade lth-search". A manifest whose checksum holds but whose fields
-    do not (re-signed by hand or by a bug) is corrupt too, never a KeyError.
-    """
-    try:
-        manifest = decode_manifest(data)
-    except ValueError as error:
-        raise _Corrupt(f"{MANIFEST}: {error}") from None
-    fmt = manifest.get("format")
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
-        raise StoreError(f"stage {key} was written by a newer lth-search (format {fmt}); upgrade lth-search")
-    for name, kind in _MANIFEST_FIELDS.items():
-        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
-            raise _Corrupt(f"{MANIFEST}: field {name!r} missing or not a {kind.__name__}")
-    if manifest["key"] != key:
-        raise _Corrupt(f"{MANIFEST}: names key {manifest['key'][:80]!r}")
-    for filename, expected in manifest["files"].items():
-        if not _FILE_RE.fullmatch(filename):
-            raise _Corrupt(f"{MANIFEST}: unexpected file name {filename[:80]!r}")
-        if not (isinstance(expected, dict) and isinstance(expected.get("sha256"), str)
-                and isinstance(expected.get("bytes"), int)):
-            raise _Corrupt(f"{MANIFEST}: no sha256 and size for {filename}")
-    return manifest
-
-
-
-def _verify_file(filename: str, data: bytes | None, expected: dict[str, Any]) -> None:
-    if data is None:
-        raise _Corrupt(f"{filename}: missing")
-    if len(data) != expected["bytes"] or _sha256(data) != expected["sha256"]:
-        raise _Corrupt(f"{filename}: sha256 mismatch ({len(data)} bytes, {expected['bytes']} expected)")

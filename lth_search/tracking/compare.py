@@ -14,7 +14,7 @@ from typing import Any, Callable
 from lth_search.config import ExperimentConfig
 from lth_search.tracking.client import MlflowIO
 from lth_search.tracking.layout import ROLE, SEARCH_NAME, metric_name
-from lth_search.tracking.runs import experiment_id, sync_hint, ui_hint
+from lth_search.tracking.links import experiment_id, sync_hint, ui_hint
 
 COMPARE_PLOT = "plots/compare_accuracy_vs_sparsity.png"
 

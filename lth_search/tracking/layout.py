@@ -1,6 +1,6 @@
 """Names of things in MLflow: tags, artifact paths, metrics (writers and readers share them).
 
-tracking.py writes runs with these names; ticket_table.py and tickets.py read them
+search_run.py and trial_run.py write runs with these names; ticket_table.py and tickets.py read them
 back with nothing but MLflow, so a name changed here changes both sides at once.
 """
 

@@ -11,13 +11,10 @@ from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
-from lth_search.tracking.runs import (
-    SearchTracker,
-    TrialTracker,
-    experiment_id,
-    ui_links,
-)
+from lth_search.tracking.links import experiment_id, ui_links
+from lth_search.tracking.search_run import SearchTracker
 from lth_search.tracking.sync import refresh
+from lth_search.tracking.trial_run import TrialTracker
 
 
 class MlflowSearch:

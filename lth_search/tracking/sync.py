@@ -19,11 +19,13 @@ from lth_search.config import ExperimentConfig, validate_config
 from lth_search.errors import TrackingFailure
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus
-from lth_search.store.stages import StageEntry, StageStore
+from lth_search.store.entry import StageEntry
+from lth_search.store.stages import StageStore
 from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
-from lth_search.tracking.runs import TERMINAL, SearchTracker, TrialTracker
+from lth_search.tracking.search_run import SearchTracker
+from lth_search.tracking.trial_run import TERMINAL, TrialTracker
 
 log = logging.getLogger(__name__)
 

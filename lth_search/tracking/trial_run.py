@@ -1,36 +1,23 @@
-"""MLflow tracking: one parent run per search, one child run per trial (ARCHITECTURE.md).
+"""The child run of one trial (also the run of one `lth-search lineage`), logged as it goes.
 
-Layout in the experiment `cfg.experiment_name()`:
-
-- parent run (tag ``lth.role=search``): the config as params (dotted keys), tags
-  ``lth.search_name``, ``lth.store_uri``, ``lth.ray_results_path``; artifacts
-  ``config.json``, ``tickets.parquet`` (one row per trial-round, see ticket_table.py),
-  ``plots/search_summary.png``; summary metrics ``best_matching_sparsity``, ...;
-  the best ticket as a pyfunc model ``best_ticket/``, registered as ``models:/NAME@best``.
-- child run per trial (tag ``mlflow.parentRunId``, ``lth.role=trial``, ``lth.trial_id``):
-  the trial's choices as params; tags ``lth.tolerance``, ``lth.rewind_step``,
-  ``lth.input_shape``, ``lth.num_classes`` (so a ticket is rebuilt without loading
-  data); metrics ``dense_val_accuracy`` ... at step 0; per round (step = round)
-  ``val_accuracy``, ``test_accuracy``, ``sparsity``, ``layer_sparsity/<layer>``,
-  ``train_loss``, ``train_steps_per_s``, ``reused``; artifacts ``config.json``,
-  ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
-  (codec.encode_mask), ``weights/trained_round_NN.safetensors`` (the round's trained
-  end weights), ``plots/accuracy_vs_sparsity.png``; ``by_sparsity/val_accuracy`` and
-  ``by_sparsity/test_accuracy`` at step = sparsity in permille (dense at 0), the series
-  the UI charts as accuracy against sparsity; the data set as a run input (digest = its
-  fingerprint); tags ``lth.search_id``, ``lth.optuna_trial``, source and git; at the end summary metrics
-  ``matching_sparsity``, ``matching_round``, ``best_val_accuracy``, ...
-- ``lth-search lineage`` logs one run with the child's layout, ``lth.role=lineage``.
+Tags ``mlflow.parentRunId``, ``lth.role=trial``, ``lth.trial_id``, ``lth.tolerance``,
+``lth.rewind_step``, ``lth.input_shape``, ``lth.num_classes`` (so a ticket is rebuilt
+without loading data), ``lth.search_id``, ``lth.optuna_trial``, source and git; the
+trial's choices as params; metrics ``dense_val_accuracy`` ... at step 0; per round
+(step = round) ``val_accuracy``, ``test_accuracy``, ``sparsity``,
+``layer_sparsity/<layer>``, ``train_loss``, ``train_steps_per_s``, ``reused``; artifacts
+``config.json``, ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
+(codec.encode_mask), ``weights/trained_round_NN.safetensors`` (the round's trained end
+weights), ``plots/accuracy_vs_sparsity.png``; ``by_sparsity/val_accuracy`` and
+``by_sparsity/test_accuracy`` at step = sparsity in permille (dense at 0), the series
+the UI charts as accuracy against sparsity; the data set as a run input (digest = its
+fingerprint); at the end summary metrics ``matching_sparsity``, ``matching_round``,
+``best_val_accuracy``, ... (names: layout.py).
 
 Nothing here raises into a lineage: every call goes through `MlflowIO` (retries, then
-a warning). What MLflow missed is filled in from the store by `sync.reconcile`, which
-`SearchTracker.finish` runs for every trial and `lth-search sync NAME` runs later.
-Its input is the trial record that trial.py writes to the store (``search-<name>``
-namespace): ``trial_id``, ``search_id``, ``choices``, ``config`` (the trial config),
-``status``, ``dense`` (LineageResult.dense), ``dense_key``, ``round_keys`` and
-``rounds`` (RoundResult fields per completed round, ``reused`` included).
-Logging is idempotent: a retried trial, a resumed search or a second sync continue the
-same child run (found by its ``lth.trial_id`` tag) and log only what it lacks.
+a warning). Logging is idempotent: a retried trial, a resumed search or a sync continue
+the same run (found by its ``lth.trial_id`` tag) and log only what `RunState` says it
+lacks, which is how sync.py fills in from the store what MLflow missed.
 """
 
 from __future__ import annotations
@@ -45,18 +32,16 @@ from lth_search.engine.data import data_signature
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
-from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
+from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
-    LINEAGE_KEY,
     LINEAGE_PLOT,
-    NUM_CLASSES,
     MASK_RE,
+    NUM_CLASSES,
     PARENT,
-    RAY_RESULTS,
     REWIND_STEP,
     ROLE,
     SEARCH_NAME,
@@ -73,7 +58,7 @@ from lth_search.tracking.layout import (
     summary_metrics,
     trained_artifact,
 )
-from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
+from lth_search.tracking.links import sync_hint
 from lth_search.tracking.plots import lineage_plot
 
 log = logging.getLogger(__name__)
@@ -84,112 +69,6 @@ TERMINAL = {
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
 
 
-def sync_hint(cfg: ExperimentConfig) -> str:
-    """The arguments of the `lth-search sync` that fills in what MLflow missed."""
-    return f"{cfg.name} --output-dir {cfg.output_path()}"
-
-
-def experiment_id(cfg: ExperimentConfig) -> str | None:
-    """The id of the config's MLflow experiment (for links), or None when MLflow does not answer."""
-    if not cfg.tracking.enabled:
-        return None
-    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    ok, value = io.call("look up the experiment", lambda: io.experiment_id(cfg.experiment_name()))
-    return value if ok else None
-
-
-def ui_links(tracking_uri: str, experiment: str | None) -> dict[str, str]:
-    """How to look: the command that serves the UI and the runs-table link (MLflow 3 opens
-    its GenAI view otherwise)."""
-    served = tracking_uri.startswith(("http://", "https://"))
-    base = tracking_uri.rstrip("/") if served else "http://127.0.0.1:5000"
-    links = {"mlflow_command": f"open {base} (the MLflow server of this search)" if served
-             else f"mlflow ui --backend-store-uri {tracking_uri} --port 5000"}
-    if experiment is not None:
-        links["mlflow_link"] = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
-    return links
-
-
-def ui_hint(tracking_uri: str, experiment: str | None) -> str:
-    """`ui_links` as one line."""
-    links = ui_links(tracking_uri, experiment)
-    link = links.get("mlflow_link", tracking_uri)
-    return f"open {link}" if tracking_uri.startswith(("http://", "https://")) else f"{links['mlflow_command']}, then open {link}"
-
-
-# Search -----------------------------------------------------------------------------------
-class SearchTracker:
-    """The parent run of a search, opened by the driver before any trial starts."""
-
-    def __init__(self, cfg: ExperimentConfig, io: MlflowIO | None = None, experiment: str | None = None,
-                 parent_run_id: str | None = None, ray_results_path: str | None = None) -> None:
-        self.cfg, self.io, self.experiment = cfg, io, experiment
-        self.parent_run_id = parent_run_id
-        self.ray_results_path = ray_results_path
-
-    @classmethod
-    def start(
-        cls, cfg: ExperimentConfig, ray_results_path: str | None = None, parent_run_id: str | None = None
-    ) -> "SearchTracker":
-        """Create the experiment (once, here: sqlite schema races otherwise) and the parent run."""
-        if not cfg.tracking.enabled:
-            return cls(cfg)
-        io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-        tracker = cls(cfg, io, None, parent_run_id, ray_results_path)
-        tracker.open()
-        return tracker
-
-    @property
-    def missed(self) -> list[str]:
-        return self.io.missed if self.io is not None else []
-
-    def open(self) -> bool:
-        """Whether experiment and parent run are known; creates (or finds) what is missing."""
-        io = self.io
-        if io is None:
-            return False
-        if self.experiment is None:
-            ok, self.experiment = io.call("create the experiment", lambda: io.experiment_id(self.cfg.experiment_name()))
-            if not ok:
-                return False
-        if self.parent_run_id is None and self.ray_results_path:  # created by an earlier start or sync
-            ok, run = io.call("find the search run", lambda: io.find_run(self.experiment, {RAY_RESULTS: self.ray_results_path}))
-            self.parent_run_id = run.info.run_id if ok and run is not None else None
-        if self.parent_run_id is None:
-            ok, run = io.call("create the search run", self._create)
-            if not ok:
-                return False
-            self.parent_run_id = run.info.run_id
-            io.call("log the search config", self._log_config)
-        return True
-
-    def _create(self) -> Any:
-        tags = {
-            ROLE: "search", SEARCH_NAME: self.cfg.name, "lth.store_uri": self.cfg.store_uri(),
-            "lth.output_dir": str(self.cfg.output_path()), RAY_RESULTS: self.ray_results_path or "",
-            **source_tags(), "mlflow.note.content": run_description(self.cfg, "search"),
-        }
-        return self.io.client.create_run(self.experiment, tags=tags, run_name=f"{self.cfg.name} search")
-
-    def _log_config(self) -> None:
-        self.io.log_values(self.parent_run_id, params=flatten(self.cfg.model_dump(mode="json")))
-        config = json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode()
-        self.io.log_bytes(self.parent_run_id, config, CONFIG)
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.io is not None and self.parent_run_id is not None:
-            self.io.call("end the search run", lambda: self.io.client.set_terminated(self.parent_run_id, status))
-
-    def ensure_config(self) -> None:
-        """Log the search config if the parent run lacks it (a run created by an outage-era sync)."""
-        def log_if_missing() -> None:
-            if CONFIG not in self.io.artifact_names(self.parent_run_id):
-                self._log_config()
-
-        self.io.call("log the search config", log_if_missing)
-
-
-# Trials -----------------------------------------------------------------------------------
 @dataclass
 class RunState:
     """What a run already holds, so that logging again adds nothing twice."""
@@ -410,39 +289,3 @@ class TrialTracker:
             return
         self.io.call(f"upload the plot of trial {self.trial_id}",
                      lambda: self.io.log_bytes(self.run_id, png, LINEAGE_PLOT))
-
-
-# `lth-search lineage` ------------------------------------------------------------------------
-def lineage_choices(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The pruning choices of a config, named as the search names them (layer_ratios/<group>)."""
-    choices = cfg.prune.choices()
-    ratios = choices.pop("layer_ratios")
-    choices.update({f"layer_ratios/{group}": ratio for group, ratio in sorted(ratios.items())})
-    return choices
-
-
-def lineage_tracker(cfg: ExperimentConfig) -> TrialTracker:
-    """The run of one `lth-search lineage` (no parent), logged as it goes with a trial's layout."""
-    io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg))
-    identity = {LINEAGE_KEY: lineage_identity(cfg)}
-    return TrialTracker(cfg, None, "lineage", lineage_choices(cfg), io, role="lineage", identity=identity)
-
-
-def lineage_identity(cfg: ExperimentConfig) -> str:
-    """A hash of everything a lineage's stages depend on (not where outputs go): equal for a rerun."""
-    return content_key({
-        "data": cfg.data.identity(), "model": cfg.model.model_dump(), "train": cfg.train.recipe(),
-        "prune": cfg.prune.model_dump(), "seed": cfg.seed,
-    })
-
-
-def lineage_run_line(tracker: TrialTracker) -> str:
-    """What to tell the user about a finished lineage's run: where to look, or that logging failed."""
-    io, cfg = tracker.io, tracker.cfg
-    if tracker.run_id is None or io.missed:
-        return (
-            f"MLflow at {io.uri}: logging failed ({len(io.missed)} call(s), first: {io.missed[0] if io.missed else '?'}); "
-            "the stages are in the store: run the same `lth-search lineage` command again once MLflow answers "
-            "(it reuses every stage and completes the run)"
-        )
-    return f"MLflow run {tracker.run_id} in experiment {cfg.experiment_name()}: {ui_hint(io.uri, experiment_id(cfg))}"

@@ -1,0 +1,73 @@
+"""Where an experiment runs and writes: `resources` per trial, the stage `store`, MLflow `tracking`.
+
+None of these enter a stage key: the same stages are found whatever machine computes
+them and wherever they are tracked. A location is checked here (config/names.py) so
+that a bad one fails at validation, before anything is written.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from lth_search.config.names import check_name, check_store_uri, check_tracking_uri
+from lth_search.config.section import Section
+
+
+class ResourcesConfig(Section):
+    cpu: float = Field(1.0, gt=0, le=1024, description="CPUs per trial")
+    gpu: float = Field(0.0, ge=0, le=64, description="GPUs per trial: 0 (CPU), a fraction such as 0.25, or 1")
+    gpu_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="per-process CUDA memory cap; defaults to `gpu` when it is fractional"
+    )
+    pack: int = Field(
+        8, ge=1, le=256,
+        description="most lineages (or dense replicates) one worker trains together as one batched pack "
+        "(engine/packs.py): a lineage's dense replicates, the confirmation runs; 1 trains them one by one",
+    )
+
+
+class StoreConfig(Section):
+    uri: str | None = Field(
+        None,
+        description="stage store root: a path, a pyarrow URI (s3://, gs://, hdfs://, abfs://) or any "
+        "other fsspec protocol (sftp://, ...); default <output_dir>/store",
+    )
+    lease_timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="a lease not renewed for this long is taken over"
+    )
+    heartbeat_s: float = Field(5.0, gt=0, le=3600)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_store_uri(uri, "store.uri", ValueError)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> "StoreConfig":
+        if self.heartbeat_s >= self.lease_timeout_s:
+            raise ValueError(
+                f"store.heartbeat_s ({self.heartbeat_s:g}) must be smaller than store.lease_timeout_s "
+                f"({self.lease_timeout_s:g})"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db"
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default $MLFLOW_EXPERIMENT_NAME, else the config name"
+    )
+    enabled: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri, "tracking.uri", ValueError)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, experiment: str | None) -> str | None:
+        # joined into the artifact folder beside the database: a name, never a path
+        return None if experiment is None else check_name(experiment, "tracking.experiment", ValueError, max_len=100)
