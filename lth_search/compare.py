@@ -23,7 +23,7 @@ from lth_search.engine.kinds import KindLineage, check_kinds
 from lth_search.engine.lineage import Lineage
 from lth_search.engine.stage_source import MemoryStages, StageSource
 from lth_search.engine.probes import RoundProbes
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 Progress = Callable[[str], None]
 DEFAULT_KINDS = ("imp", "lr_rewind", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")

@@ -37,7 +37,7 @@ from lth_search.engine.prune_at_init import prune_at_init
 from lth_search.engine.pruning import prune_to_sparsity
 from lth_search.engine.train import Schedule
 from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 if TYPE_CHECKING:
     from lth_search.engine.lineage import Lineage

@@ -27,7 +27,7 @@ from lth_search.engine.objective import Verdict, paired_verdict, unpack_correct
 from lth_search.engine.pack_step import run_pack_step
 from lth_search.engine.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.stage_source import StageSource
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from lth_search.engine.stage_source import DENSE_METRICS, ROUND_METRICS, MemoryS
 from lth_search.engine.train import TrainResult, evaluate, predict, resolved_recipe, train
 from lth_search.errors import ConfigError
 from lth_search.store.keys import content_key
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""

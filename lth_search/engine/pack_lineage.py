@@ -26,7 +26,7 @@ from lth_search.engine.stage_source import MemoryStages, StageSource
 from lth_search.engine.pack_step import PackJob, run_pack_step
 from lth_search.engine.packs import Mode
 from lth_search.engine.results import LineageResult, RoundResult
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 PackRoundCallback = Callable[[int, RoundResult, LineageResult], None]
 """(member index, the round just finished, that member's result so far)."""

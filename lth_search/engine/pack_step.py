@@ -24,7 +24,7 @@ from lth_search.config import TrainConfig
 from lth_search.engine.packs import Mode, PackMember, train_pack
 from lth_search.engine.train import TrainResult
 from lth_search.engine.stage_source import Check, StageSource
-from lth_search.store.stages import StageEntry
+from lth_search.store.entry import StageEntry
 
 
 @dataclass

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from lth_search.store.stages import StageEntry
-
-Check = Callable[[StageEntry], "str | None"]
-"""A store check: what a stored stage lacks of what the caller reads from it (None: nothing)."""
+from lth_search.store.entry import Check, StageEntry
 
 
 class StageSource(Protocol):

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _TMP_MAX_AGE_S = 24 * 3600
 
-__all__ = ["Check", "StageEntry", "StageStore"]  # StageEntry and Check live in entry.py; importable here too
+__all__ = ["StageStore"]
 
 
 class StageStore:
