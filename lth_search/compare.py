@@ -163,7 +163,7 @@ def run_compare(
     counting = _CountingStages(store if store is not None else MemoryStages())
     for seed in seeds:
         lineage = Lineage(seed_config(cfg, seed), counting)
-        imp = lineage.run()  # first: every kind stops at the IMP lineage's sparsities
+        imp = KindLineage(lineage, "imp").run()  # first: every kind stops at its sparsities (with diagnostics)
         for kind in kinds:
             runner = KindLineage(lineage, kind)
             if runner.same_as_lr_rewind and seed == seeds[0]:

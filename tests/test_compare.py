@@ -31,6 +31,7 @@ def test_compare_writes_table_plot_rows_and_an_mlflow_run(data_root: Path, tmp_p
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "compare.csv").open()))
     assert len(rows) == 3 * 2 * 2 and {r["seed"] for r in rows} == {"0", "1"}
+    assert all(0 < float(r["sign_preservation"]) <= 1 for r in rows), rows  # every kind's rho, IMP's included
     report = json.loads((out / "compare.json").read_text())
     assert report["steps_executed"] > 0 and len(report["summary"]) == 6
     assert set(report["dense_barriers"]) == {"0", "1"}
