@@ -14,10 +14,13 @@ alike.
   stage keys and the store trains it once.
 - oneshot: the dense end weights magnitude-pruned once to each IMP round's sparsity,
   rewound to theta_k and trained.
-- random_prune / random_reinit: the controls of each IMP round (Lineage.control_stage):
+- random_prune / random_reinit: the controls of each IMP round (LineageStages.control_job):
   the same per-layer counts at random positions, or the IMP mask on a fresh init.
 - snip / grasp / synflow: pruning at theta_k (the initialisation when k = 0) to each
   IMP round's sparsity, then training from theta_k (prune_at_init.py).
+
+The rounds of these six depend only on the IMP lineage, not on each other, so they are
+trained as packs (engine/pack_step.py, `resources.pack` at a time).
 
 The last six are trained at the sparsities the IMP lineage reaches, so they run (or
 reuse) the IMP lineage first: a comparison is then point by point at equal sparsity.
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from lth_search.config import KINDS
 from lth_search.engine.lineage import DenseCallback, RoundCallback
 from lth_search.engine.lineage_stages import STAGE_FORMAT
+from lth_search.engine.pack_step import PackJob, run_pack_step
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.engine.probes import RoundProbes
 from lth_search.engine.prune_at_init import METHODS as PRUNE_AT_INIT
@@ -109,11 +113,12 @@ class KindLineage:
             on_dense(result)
         parent = dense
         last_round = len(imp_entries) - 1 if imp_entries else (rounds if rounds is not None else self.cfg.prune.rounds)
+        at_sparsity = self._at_sparsity_stages(dense, imp_entries[1:]) if imp_entries else []
         for round_index in range(1, last_round + 1):
             if self.kind in ITERATIVE:
                 entry, stage_reused = self._iterative_stage(dense, parent, round_index)
             else:
-                entry, stage_reused = self._at_sparsity_stage(dense, imp_entries[round_index], round_index)
+                entry, stage_reused = at_sparsity[round_index - 1]
             round_result = RoundResult.from_json(
                 {**entry.metrics, "round": round_index, "key": entry.key, "reused": int(stage_reused)}
             )
@@ -150,10 +155,21 @@ class KindLineage:
 
         return self._stored(inputs, compute)
 
-    def _at_sparsity_stage(self, dense: StageEntry, ticket: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
+    def _at_sparsity_stages(self, dense: StageEntry, tickets: list[StageEntry]) -> list[tuple[StageEntry, bool]]:
+        """(stage, reused) at each IMP round's sparsity. The rounds do not depend on each other,
+        so they train as packs of `resources.pack` (engine/pack_step.py)."""
+        lineage = self.lineage
+        jobs = [self._at_sparsity_job(dense, ticket, index) for index, ticket in enumerate(tickets, start=1)]
+        size = self.cfg.resources.pack
+        stages: list[tuple[StageEntry, bool]] = []
+        for start in range(0, len(jobs), size):
+            stages += run_pack_step(jobs[start:start + size], lineage.model, self.cfg.train)
+        return stages
+
+    def _at_sparsity_job(self, dense: StageEntry, ticket: StageEntry, round_index: int) -> PackJob:
         lineage = self.lineage
         if self.kind in CONTROLS:
-            return lineage.control_stage(dense, ticket, self.kind, self.cfg.seed + CONTROL_SEED)
+            return lineage.control_job(dense, ticket, self.kind, self.cfg.seed + CONTROL_SEED)
         sparsity = float(ticket.metrics["sparsity"])
         inputs: dict[str, Any] = {
             "stage": "kind", "format": STAGE_FORMAT, "kind": self.kind, "dense": dense.key, "round": round_index,
@@ -161,11 +177,7 @@ class KindLineage:
         }
         if self.kind in ("snip", "grasp"):
             inputs["probe_size"] = self.cfg.diagnostics.probe_size
-
-        def compute(key: str) -> StageEntry:
-            return lineage.train_stage(key, inputs, dense, self._mask(dense, sparsity), round_index)
-
-        return self._stored(inputs, compute)
+        return lineage.masked_job(content_key(inputs), inputs, dense, lambda: self._mask(dense, sparsity), round_index)
 
     def _mask(self, dense: StageEntry, sparsity: float) -> dict:
         lineage, prune = self.lineage, self.cfg.prune

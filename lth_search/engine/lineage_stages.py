@@ -22,7 +22,7 @@ computed is reused; `dense_job`/`round_job` give the same stages as pack members
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +30,7 @@ from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.engine.models import build_model
 from lth_search.engine.objective import pack_correct
-from lth_search.engine.pack_step import PackJob
+from lth_search.engine.pack_step import PackJob, run_pack_step
 from lth_search.engine.packs import PackMember
 from lth_search.engine.pruning import (
     Mask,
@@ -245,17 +245,21 @@ class LineageStages:
         return PackJob(key, self.store, member, lambda result: self.dense_entry(key, inputs, result),
                        needs(weights, [], DENSE_METRICS))
 
-    def round_job(self, dense: StageEntry, parent: StageEntry, round_index: int) -> PackJob:
-        """Round `round_index` after `parent`, as a pack member."""
-        inputs = self.round_inputs(parent.key, round_index)
-        key = content_key(inputs)
+    def masked_job(
+        self, key: str, inputs: dict[str, Any], dense: StageEntry, make_mask: Callable[[], Mask], round_index: int,
+        start_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> PackJob:
+        """A masked stage as a pack member: `make_mask()` trained from theta_k of `dense` (or
+        `start_weights()`), rescaled per prune.init_scale, over steps k..T. The mask and the
+        start weights are built only if the stage has to be trained."""
         prepared: dict[str, Any] = {}
 
         def member() -> PackMember:
-            prepared["mask"] = mask = self.next_mask(parent)
-            start, prepared["factors"] = self.round_start(dense, mask)
+            prepared["mask"] = mask = make_mask()
+            start = start_weights() if start_weights is not None else None
+            state, prepared["factors"] = self.round_start(dense, mask, start)
             device_mask = {name: m.to(self.device) for name, m in mask.items()}
-            return PackMember(start, self.data, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
+            return PackMember(state, self.data, self.cfg.seed, self.cfg.prune.rewind_step, self.total_steps,
                               device_mask)
 
         def finish(result: TrainResult) -> StageEntry:
@@ -263,14 +267,19 @@ class LineageStages:
 
         return PackJob(key, self.store, member, finish, needs(["end"], ["mask"], ROUND_METRICS))
 
+    def round_job(self, dense: StageEntry, parent: StageEntry, round_index: int) -> PackJob:
+        """Round `round_index` after `parent`, as a pack member."""
+        inputs = self.round_inputs(parent.key, round_index)
+        return self.masked_job(content_key(inputs), inputs, dense, lambda: self.next_mask(parent), round_index)
+
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
         inputs = self.round_inputs(parent.key, round_index)
         key = content_key(inputs)
         compute = lambda: self._compute_round(key, inputs, dense, parent, round_index)  # noqa: E731
         return self.store.get_or_compute(key, compute, needs(["end"], ["mask"], ROUND_METRICS))
 
-    def control_stage(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> tuple[StageEntry, bool]:
-        """Train a control of an IMP round with the same per-layer counts and the same recipe.
+    def control_job(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> PackJob:
+        """A control of an IMP round with the same per-layer counts and the same recipe.
 
         `random_prune`: random positions, the same rewind weights; `random_reinit`: the IMP
         mask on a fresh initialisation (seeded by `control_seed`). Stored like any stage.
@@ -280,12 +289,14 @@ class LineageStages:
         inputs = {"stage": "control", "format": STAGE_FORMAT, "parent": ticket.key, "kind": kind, "seed": control_seed}
         key = content_key(inputs)
         round_index = int(ticket.metrics.get("round", 0))
+        if kind == "random_prune":
+            return self.masked_job(key, inputs, dense, lambda: random_mask_like(ticket.masks["mask"], control_seed),
+                                   round_index)
+        fresh = lambda: build_model(  # noqa: E731
+            self.cfg.model, self.data.input_shape, self.data.num_classes, control_seed).state_dict()
+        return self.masked_job(key, inputs, dense, lambda: ticket.masks["mask"], round_index, fresh)
 
-        def compute() -> StageEntry:
-            if kind == "random_prune":
-                return self._train_masked(key, inputs, dense, random_mask_like(ticket.masks["mask"], control_seed), round_index)
-            fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, control_seed)
-            return self._train_masked(key, inputs, dense, ticket.masks["mask"], round_index, fresh.state_dict())
-
-        return self.store.get_or_compute(key, compute, needs(["end"], ["mask"], ROUND_METRICS))
-
+    def control_stage(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> tuple[StageEntry, bool]:
+        """(stage, reused) of `control_job`: fetched from the store, or trained alone."""
+        [stage] = run_pack_step([self.control_job(dense, ticket, kind, control_seed)], self.model, self.cfg.train)
+        return stage
