@@ -122,14 +122,6 @@ class LineageStages:
             "val_correct": {"n": int(correct.size), "bits": pack_correct(correct)},
         }
 
-    def _compute_dense(self, key: str, inputs: dict[str, Any]) -> StageEntry:
-        seed = inputs["seed"]
-        fresh = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed)
-        self._load(fresh.state_dict())
-        kept = self.cfg.prune.rewind_steps
-        result = train(self.model, self.data, self.cfg.train, seed, 0, self.total_steps, snapshot_steps=kept)
-        return self.dense_entry(key, inputs, result)
-
     def dense_entry(self, key: str, inputs: dict[str, Any], result: TrainResult) -> StageEntry:
         """The dense stage from its finished training (evaluates the end weights)."""
         self._load(result.state)
@@ -144,11 +136,6 @@ class LineageStages:
         weights = {f"rewind_{k}": result.snapshots[k] for k in kept}
         weights["end"] = result.state
         return StageEntry(key=key, kind="dense", inputs=inputs, metrics=metrics, weights=weights)
-
-    def _compute_round(
-        self, key: str, inputs: dict[str, Any], dense: StageEntry, parent: StageEntry, round_index: int
-    ) -> StageEntry:
-        return self._train_masked(key, inputs, dense, self.next_mask(parent), round_index)
 
     def next_mask(self, parent: StageEntry) -> Mask:
         """The mask of the round after `parent` (dense or a round): prune its end weights."""
@@ -166,21 +153,6 @@ class LineageStages:
             probe = self.data.train.x[:PROBE_SIZE]
             return calibrated_factors(self.model, rewind, mask, probe)
         return rescale_factors(rewind, mask, self.cfg.prune.init_scale)
-
-    def _train_masked(
-        self, key: str, inputs: dict[str, Any], dense: StageEntry, mask: Mask, round_index: int,
-        start_weights: dict[str, torch.Tensor] | None = None, fixed_lr: float | None = None, rescale: bool = True,
-        data_seed: int | None = None,
-    ) -> StageEntry:
-        start, factors = self.round_start(dense, mask, start_weights, rescale)
-        self._load(start)
-        device_mask = {name: m.to(self.device) for name, m in mask.items()}
-        seed = self.cfg.seed if data_seed is None else data_seed
-        result = train(
-            self.model, self.data, self.cfg.train, seed, self.cfg.prune.rewind_step, self.total_steps,
-            mask=device_mask, fixed_lr=fixed_lr,
-        )
-        return self.round_entry(key, inputs, mask, factors, result, round_index)
 
     def round_start(
         self, dense: StageEntry, mask: Mask, start_weights: dict[str, torch.Tensor] | None = None,
@@ -221,14 +193,20 @@ class LineageStages:
         prune.init_scale unless `rescale` is False) over steps k..T; the stage is not
         stored here (pass it to the store's get_or_compute). `fixed_lr` replaces the
         schedule, `data_seed` the batch order's seed (a second copy for stability)."""
-        return self._train_masked(key, inputs, dense, mask, round_index, start_weights, fixed_lr, rescale, data_seed)
+        start, factors = self.round_start(dense, mask, start_weights, rescale)
+        self._load(start)
+        device_mask = {name: m.to(self.device) for name, m in mask.items()}
+        seed = self.cfg.seed if data_seed is None else data_seed
+        result = train(
+            self.model, self.data, self.cfg.train, seed, self.cfg.prune.rewind_step, self.total_steps,
+            mask=device_mask, fixed_lr=fixed_lr,
+        )
+        return self.round_entry(key, inputs, mask, factors, result, round_index)
 
     def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
-        inputs = self.dense_inputs(seed)
-        key = content_key(inputs)
-        weights = ["end", *(f"rewind_{k}" for k in self.cfg.prune.rewind_steps)]
-        check = needs(weights, [], DENSE_METRICS)
-        return self.store.get_or_compute(key, lambda: self._compute_dense(key, inputs), check)
+        """(stage, reused) of `dense_job`: fetched from the store, or trained alone."""
+        [stage] = run_pack_step([self.dense_job(seed)], self.model, self.cfg.train)
+        return stage
 
     def dense_job(self, seed: int | None = None) -> PackJob:
         """The dense stage trained with `seed` (default the lineage's own), as a pack member."""
@@ -273,10 +251,9 @@ class LineageStages:
         return self.masked_job(content_key(inputs), inputs, dense, lambda: self.next_mask(parent), round_index)
 
     def round_stage(self, dense: StageEntry, parent: StageEntry, round_index: int) -> tuple[StageEntry, bool]:
-        inputs = self.round_inputs(parent.key, round_index)
-        key = content_key(inputs)
-        compute = lambda: self._compute_round(key, inputs, dense, parent, round_index)  # noqa: E731
-        return self.store.get_or_compute(key, compute, needs(["end"], ["mask"], ROUND_METRICS))
+        """(stage, reused) of `round_job`: fetched from the store, or trained alone."""
+        [stage] = run_pack_step([self.round_job(dense, parent, round_index)], self.model, self.cfg.train)
+        return stage
 
     def control_job(self, dense: StageEntry, ticket: StageEntry, kind: str, control_seed: int) -> PackJob:
         """A control of an IMP round with the same per-layer counts and the same recipe.
