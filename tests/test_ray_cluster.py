@@ -1,9 +1,11 @@
-"""The Ray conventions on a real cluster: `ray job submit`, RAY_ADDRESS, the console, resume elsewhere.
+"""The Ray conventions on a real cluster: `ray job submit`, RAY_ADDRESS, the console, resume
+elsewhere, two nodes sharing one store.
 
-One `ray start --head` cluster (with its dashboard, as `ray job submit` needs) serves the
-module; each search is a tiny one (2-3 lineages of 2 rounds, a 32-unit MLP) and is
-judged by what it left behind: Ray's result files (which node ran each round), the
-store's manifests and trial records, search.json, and what it printed where.
+One two-node cluster serves the module: `ray start --head` (with its dashboard, as `ray job
+submit` needs) and a second node joined with `ray start --address`, one CPU each, so two
+lineages at a time run on both nodes. Each search is a tiny one (2 lineages of 2 rounds, a
+32-unit MLP) and is judged by what it left behind: Ray's result files (which node ran each
+round), the store's manifests and trial records, search.json, and what it printed where.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def head():
-    cluster = start_head()
+    cluster = start_head(num_cpus=1, worker_nodes=1)
     try:
         yield cluster
     finally:
@@ -54,8 +56,8 @@ def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"search_id"')))
     assert summary["finished"] == 2 and summary["status"] == "finished"
-    # every round ran on the cluster's node: the entrypoint joined it (RAY_ADDRESS), no local Ray of its own
-    assert _nodes_of(summary["results_path"]) == head.node_ids()
+    # every round ran on the cluster's nodes: the entrypoint joined it (RAY_ADDRESS), no local Ray of its own
+    assert _nodes_of(summary["results_path"]) <= head.node_ids() and _nodes_of(summary["results_path"])
     state = json.loads((tmp_path / "searches" / "jobsearch" / "search.json").read_text())
     assert state["status"] == "finished"
     # -v brings Ray's own tables back (the job's log holds the entrypoint's stdout and stderr)
@@ -63,7 +65,9 @@ def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root
 
 
 def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true") + ["--json"]
+    # 400 steps a stage: long enough that both lineages train at once, one on each node
+    command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true",
+                      train__steps=400) + ["--json"]
     database = tmp_path / "elsewhere" / "mlflow.db"  # MLflow's own variable, honoured by `run` (no tracking.uri)
     database.parent.mkdir()
     env = {**head.env, "RAY_ADDRESS": head.gcs_address, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
@@ -73,7 +77,14 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert done.stdout.endswith("\n") and done.stdout.count("\n") == 1
     summary = json.loads(done.stdout)
     assert summary["finished"] == 2
-    assert _nodes_of(summary["results_path"]) == head.node_ids()
+    # two nodes, one store: the lineages ran on both nodes, and the dense stage they share was
+    # trained once, by one of them (the other waited for its lease and read it from the store)
+    assert len(head.node_ids()) == 2 and _nodes_of(summary["results_path"]) == head.node_ids()
+    histories = trial_results(summary["results_path"])
+    assert len(histories) == 2 and all([r["round"] for r in rows] == [1, 2] for rows in histories.values())
+    dense = [m["key"] for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
+    records = trial_records(tmp_path / "store", "envsearch")
+    assert len(dense) == 1 and sum(dense[0] in r["attempts"][0]["executed_keys"] for r in records.values()) == 1
     # stderr: header, a start and an end line per lineage, status lines, the summary; nothing of Ray's or MLflow's
     lines = done.stderr.splitlines()
     assert len(lines) <= 60, done.stderr
