@@ -69,7 +69,8 @@ class RayHead:
 
         def joined() -> bool:
             if process.poll() is not None:
-                raise RuntimeError(f"ray start --address exited: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
+                log_text = (Path(temp_dir) / "ray-start.log").read_text()
+                raise RuntimeError(f"ray start --address exited: {log_text[-2000:]}")
             return len(self.node_ids()) == 1 + len(self.workers)  # the head and every worker node
 
         wait_for(joined, timeout_s, "the new node to be alive in the cluster", poll=0.5)

@@ -2,7 +2,8 @@
 
 The installed `lth-search lineage ... --json` runs in real subprocesses against a real
 local store (and the same folder through fsspec's `local://`, the non-local code path);
-a changed search choice is run in this process (cli.main) against a store another process wrote.
+a changed search choice, and the rerun after a SIGKILL, run the same command in this process
+(cli.main) against a store another process wrote.
 Nothing the product uses is replaced: damage is done to the stored bytes, kills are real
 SIGKILLs, races are real races. The in-process checks on a memory filesystem are in
 test_reuse_in_process.py; the mask-size figure is tests/test_codec.py
@@ -15,7 +16,6 @@ bit for bit (CPU float reductions depend on the thread count, not on the load).
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -24,10 +24,10 @@ from typing import Callable
 
 import pytest
 from conftest import tiny_config, wait_for
-from fault_helpers import run_cli
 from reuse_helpers import (
     BASE, ENV, RECOMPUTED, T, assert_same_masks, clone, entry_dir, file_digests, flip_bytes, keys_of, lineage_command,
-    masks_of, outcome, parse, published, reused_flags, run_lineage, stage_steps, store_root, truncate,
+    masks_of, outcome, parse, published, reused_flags, run_lineage, run_lineage_here, stage_steps, store_root,
+    truncate,
 )
 
 from lth_search.engine.lineage import Lineage
@@ -167,9 +167,7 @@ def test_changing_a_search_choice_reuses_the_dense_stage(
     """The second command runs in this process (cli.main): another process already wrote the store."""
     first, base_dir = baseline
     output_dir = clone(base_dir, tmp_path / "out")
-    code, stdout, stderr = run_cli(lineage_command(config_file, data_root, output_dir, **{**BASE, **change})[1:])
-    assert code == 0, stderr
-    report = json.loads(stdout)
+    report, stderr = run_lineage_here(config_file, data_root, output_dir, **{**BASE, **change})
 
     rewind = change.get("prune__rewind_step", 20)
     assert report["dense"]["reused"] == 1 and report["dense"]["key"] == first["dense"]["key"]
@@ -231,7 +229,7 @@ def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
 # SIGKILL mid-round, then rerun ---------------------------------------------------------
 @pytest.mark.parametrize("store", sorted(STORES))
 def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
-    config_file: Path, data_root: Path, tmp_path: Path, store: str
+    config_file: Path, data_root: Path, tmp_path: Path, store: str, one_torch_thread
 ) -> None:
     # 1000 steps per stage, so that a round lasts long enough (over a second) to be killed in;
     # a short lease so that the rerun takes over the dead process's lease quickly.
@@ -256,7 +254,7 @@ def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
     stored = published(root)
     assert stored == set(keys[:2]), "round 2 finished before the kill; nothing was tested"
     assert lease.exists()  # the dead process's lease is left behind
-    report, _ = run_lineage(config_file, data_root, output_dir, **settings)
+    report, _ = run_lineage_here(config_file, data_root, output_dir, **settings)  # the rerun: this process
 
     assert keys_of(report) == keys
     assert reused_flags(report) == [int(k in stored) for k in keys] == [1, 1, 0]

@@ -4,20 +4,21 @@ test_tracking.py checks the layout in detail with the trackers driven in-process
 the whole product runs (run_search on the session's real Ray, trials in Ray workers; the
 first test reads the session's shared tracked search, conftest.py) and MLflow is read back
 the way a user reaches it: through the `mlflow ui` command the search printed (REST API),
-and after a tracking server died mid-search, through `lth-search sync`. The truth to compare with is what the trials reported to Ray Tune
-(each trial's result.json) and what the store holds.
+and after a tracking server died mid-search, through `lth-search sync` (cli.main, in this
+process). The truth to compare with is what the trials reported to Ray Tune (each trial's
+result.json) and what the store holds.
 """
 
 from __future__ import annotations
 
 import io
-import subprocess
 import threading
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import LTH_SEARCH, wait_for
+from conftest import wait_for
+from fault_helpers import run_cli
 from mlflow import MlflowClient
 from mlflow_helpers import MlflowUi, rest, run_tags, search_layout
 from search_helpers import search_config, trial_records, trial_results
@@ -80,7 +81,8 @@ def test_mlflow_ui_on_the_default_uri_shows_the_search(tracked_search, tmp_path)
         (t, r["round"]) for t, rows in histories.items() for r in rows)
 
 
-def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_path, mlflow_server):
+def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_path, mlflow_server,
+                                                     quick_mlflow_retries):
     with mlflow_server.restarted() as server:  # the session's server (conftest.py)
         cfg = search_config(data_root, tmp_path, {
             "name": "serverdown", "search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 500,
@@ -113,10 +115,9 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
         assert all(store.get(k) is not None for r in records.values() for k in [r["dense_key"], *r["round_keys"]])
 
         server.start()  # same port, database and artifacts
-        synced = subprocess.run([LTH_SEARCH, "sync", "serverdown", "--output-dir", str(tmp_path)],
-                                capture_output=True, text=True, timeout=300)
-        assert synced.returncode == 0, synced.stderr[-3000:]
-        assert "MLflow is up to date" in synced.stderr + synced.stdout
+        code, out, err = run_cli(["sync", "serverdown", "--output-dir", str(tmp_path)])  # `lth-search sync`, in-process
+        assert code == 0, err[-3000:]
+        assert "MLflow is up to date" in err + out
 
         parent, children = search_layout(server.url, "serverdown", children=4)
         assert parent["info"]["status"] == "FINISHED"

@@ -1,9 +1,10 @@
-"""MLflow tracking of a search, against sqlite and against a real `mlflow server` (the session's, conftest.py; no mocks).
+"""MLflow tracking of a search, against sqlite and against a real `mlflow server` (no mocks).
 
 The driver/trial flow runs in-process without Ray: the MLflow observers, tiny lineages
-run by the production trial runner with TrialTrackers, the search observer's finish. Every
-check reads MLflow back: run structure, metric histories, mask artifacts against the
-store's masks, the tickets table, the registered best ticket.
+run by the production trial runner with TrialTrackers, the search observer's finish; the
+server is the session's (conftest.mlflow_server). Every check reads MLflow back: run
+structure, metric histories, mask artifacts against the store's masks, the tickets table,
+the registered best ticket.
 """
 
 from __future__ import annotations
