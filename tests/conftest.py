@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,6 +47,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quick_mlflow_retries(monkeypatch):
+    """MLflow calls that fail are retried as in production (MlflowIO: 4 attempts, doubling
+    backoff) but from 20 ms instead of 0.5 s: a test of what failed calls leave behind need
+    not wait 3.5 s for each. Only this process's calls (not a subprocess's or a Ray worker's)."""
+    from lth_search.tracking.client import ATTEMPTS, MlflowIO
+
+    monkeypatch.setattr(MlflowIO.__init__, "__defaults__", (ATTEMPTS, 0.02))
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +110,43 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracked_search(ray_local, data_root, tmp_path_factory) -> SimpleNamespace:
+    """One finished tiny search, tracked in MLflow at its default place, read by several modules.
+
+    4 lineages of 3 rounds (rate 0.2 or 0.4, rewind 0 or 20: each recipe once), 2 at a time
+    on the session's Ray, no ASHA, tolerance 0.02, no confirmation; MLflow on the default
+    sqlite database beside the outputs, the best ticket registered as models:/tracked@best.
+    test_search.py judges its reports and reuse, test_search_tracking.py what `mlflow ui`
+    shows of it, test_served.py the tickets a user takes from it. Nobody writes to it.
+    """
+    from search_helpers import search_config
+
+    from lth_search.api import run_search
+
+    tmp = tmp_path_factory.mktemp("tracked_search")
+    cfg = search_config(data_root, tmp, {
+        "name": "tracked", "search.space.rate": "[0.2, 0.4]", "search.asha.enabled": "false",
+        "search.tolerance": 0.02, "tracking.enabled": "true",
+    })
+    lines: list[str] = []
+    summary = run_search(cfg, progress=lines.append)
+    return SimpleNamespace(cfg=cfg, summary=summary, lines=lines, tmp=tmp)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` for the session (sqlite backend, proxied artifacts; see mlflow_helpers).
+
+    Each test keeps to experiments of its own. A test that kills the server starts it again
+    (same port, database and artifacts) before it ends: `restarted` does that even on failure.
+    """
+    from mlflow_helpers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

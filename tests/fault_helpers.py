@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -45,13 +46,26 @@ def fill(folder: Path, leave_kb: int) -> Path:
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lth-search ARGS` run in this process through `cli.main`."""
+    """(exit code, stdout, stderr) of `lth-search ARGS` run in this process through `cli.main`.
+
+    stderr is what the console script would print there: what is written to sys.stderr, and
+    the log records of WARNING and above, one message a line (the console script configures
+    no logging, so Python's last-resort handler prints exactly those; under pytest its
+    logging plugin would take them instead).
+    """
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(args)
-        except SystemExit as exit_:  # argparse's usage errors
-            code = int(exit_.code or 0)
+    last_resort = logging.StreamHandler(err)
+    last_resort.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(last_resort)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(args)
+            except SystemExit as exit_:  # argparse's usage errors
+                code = int(exit_.code or 0)
+    finally:
+        root.removeHandler(last_resort)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -17,8 +17,9 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from conftest import wait_for
 
@@ -99,6 +100,19 @@ class MlflowServer:
             os.killpg(self.process.pid, sig)  # the server and its workers: the session we started
         except ProcessLookupError:
             return
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @contextmanager
+    def restarted(self) -> Iterator["MlflowServer"]:
+        """The block may kill the server; it is running again (same port and backend) after it."""
+        try:
+            yield self
+        finally:
+            if not self.running:
+                self.start()
 
     def kill(self) -> None:
         """SIGKILL: the server dies as in a crash; wait until it is gone."""

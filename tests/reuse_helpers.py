@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from conftest import LTH_SEARCH, tiny_overrides
+from fault_helpers import run_cli
 
 from lth_search.store.stages import StageStore
 
@@ -36,6 +37,13 @@ def run_lineage(config_file: Path, data_root: Path, output_dir: Path, **extra: o
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout), done.stderr
+
+
+def run_lineage_here(config_file: Path, data_root: Path, output_dir: Path, **extra: object) -> tuple[dict, str]:
+    """(the --json report, stderr) of the same `lth-search lineage` command run in this process (cli.main)."""
+    code, stdout, stderr = run_cli(lineage_command(config_file, data_root, output_dir, **extra)[1:])
+    assert code == 0, stderr
+    return json.loads(stdout), stderr
 
 
 def parse(process: subprocess.Popen) -> tuple[dict, str]:

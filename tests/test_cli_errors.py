@@ -1,4 +1,10 @@
-"""Bad input: one line naming the key or file, a non-zero exit, no traceback, nothing written."""
+"""Bad input: one line naming the key or file, a non-zero exit, no traceback, nothing written.
+
+Most cases run `lth-search` in this process through `cli.main` (fault_helpers.run_cli: its
+stdout, stderr and the warnings the console script would print); the console script itself
+runs in a subprocess where the process matters: a CUDA device hidden by CUDA_VISIBLE_DEVICES,
+and `run` finding a Ray cluster or a GPU (this process may hold the session's Ray).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LTH_SEARCH, REPO
+from fault_helpers import run_cli
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
@@ -42,9 +49,23 @@ def _snapshot(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def _run(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
+         in_process: pytest.MonkeyPatch | None = None) -> subprocess.CompletedProcess:
+    """`lth-search ARGS` in `cwd`: the console script in a subprocess, or `cli.main` in this
+    process when given a MonkeyPatch (which sets the directory and `extra_env` for the call)."""
+    if in_process is not None:
+        in_process.chdir(cwd)
+        for key, value in (extra_env or {}).items():
+            in_process.setenv(key, value)
+        code, out, err = run_cli(args)
+        return subprocess.CompletedProcess(["lth-search", *args], code, out, err)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     return subprocess.run([LTH_SEARCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+SUBPROCESS = {"cuda without cuda", "run: a GPU this machine lacks", "run: nobody at --address",
+              "run: nobody at RAY_ADDRESS"}
+"""Cases run through the console script in a subprocess (see the module docstring)."""
 
 
 def _assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
@@ -67,27 +88,29 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("case", "overrides", "needle"), CASES, ids=[c[0] for c in CASES])
-def test_bad_lineage_input(case: str, overrides: list[str], needle: str, workdir: Path, data_root: Path) -> None:
+def test_bad_lineage_input(case: str, overrides: list[str], needle: str, workdir: Path, data_root: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
     sets = [f"data.root={data_root}", f"output_dir={workdir / 'runs'}", "prune.rewind_steps=[0, 100]",
             "search.space.rewind_step=null"]
     sets += [o.format(empty=workdir / "empty", cifar=workdir / "cifar") for o in overrides]
     before_work, before_data = _snapshot(workdir), _snapshot(data_root)
-    done = _run(["lineage", QUICKSTART] + [arg for s in sets for arg in ("--set", s)], workdir)
+    done = _run(["lineage", QUICKSTART] + [arg for s in sets for arg in ("--set", s)], workdir,
+                in_process=None if case in SUBPROCESS else monkeypatch)
     _assert_one_line_error(done, needle)
     assert _snapshot(workdir) == before_work and _snapshot(data_root) == before_data  # nothing written
 
 
 @pytest.mark.parametrize(("case", "text", "needle"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
-def test_bad_config_file(case: str, text: str, needle: str, workdir: Path) -> None:
+def test_bad_config_file(case: str, text: str, needle: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (workdir / "bad.yaml").write_text(text)
     before = _snapshot(workdir)
-    done = _run(["lineage", "bad.yaml"], workdir)
+    done = _run(["lineage", "bad.yaml"], workdir, in_process=monkeypatch)
     _assert_one_line_error(done, needle)
     assert _snapshot(workdir) == before
 
 
-def test_missing_config_file(workdir: Path) -> None:
-    done = _run(["lineage", "nowhere.yaml"], workdir)
+def test_missing_config_file(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    done = _run(["lineage", "nowhere.yaml"], workdir, in_process=monkeypatch)
     _assert_one_line_error(done, "nowhere.yaml")
     assert not (workdir / "lth_runs").exists()
 
@@ -118,11 +141,13 @@ COMMAND_CASES = [
 
 
 @pytest.mark.parametrize(("case", "args", "needle", "code"), COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
-def test_bad_command_input(case: str, args: list[str], needle: str, code: int, workdir: Path) -> None:
+def test_bad_command_input(case: str, args: list[str], needle: str, code: int, workdir: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
     before = _snapshot(workdir)
     port = _closed_port()
     env = dict(a[len("env:"):].format(port=port).split("=", 1) for a in args if a.startswith("env:"))
-    done = _run([a.format(port=port) for a in args if not a.startswith("env:")], workdir, env)
+    done = _run([a.format(port=port) for a in args if not a.startswith("env:")], workdir, env,
+                in_process=None if case in SUBPROCESS else monkeypatch)
     _assert_one_line_error(done, needle)
     assert done.returncode == code, done.stderr
     assert _snapshot(workdir) == before

@@ -292,7 +292,8 @@ def test_best_out_to_a_file_or_an_unwritable_place(tmp_path: Path) -> None:
 
 
 # Tracking ----------------------------------------------------------------------------------------
-def test_lineage_result_survives_a_broken_tracking_database(data_root: Path, tmp_path: Path) -> None:
+def test_lineage_result_survives_a_broken_tracking_database(data_root: Path, tmp_path: Path,
+                                                             quick_mlflow_retries) -> None:
     """1: a non-database sqlite file crashed `lineage` after all its training; the result was printed nowhere."""
     (tmp_path / "not.db").write_text("this is not a database")
     sets = ["tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'not.db'}"]
@@ -330,7 +331,8 @@ def test_sqlite_first_use_race_and_quotes_in_tag_values(tmp_path: Path) -> None:
         assert found is not None and found.info.run_id == run.info.run_id
 
 
-def test_lineage_run_left_incomplete_is_repaired_by_a_rerun(data_root: Path, tmp_path: Path) -> None:
+def test_lineage_run_left_incomplete_is_repaired_by_a_rerun(data_root: Path, tmp_path: Path,
+                                                            quick_mlflow_retries) -> None:
     """3: a lineage whose MLflow logging failed was still FINISHED, and a rerun made a second run."""
     from mlflow import MlflowClient
 
@@ -356,7 +358,8 @@ def test_lineage_run_left_incomplete_is_repaired_by_a_rerun(data_root: Path, tmp
     assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/round_01.parquet"]
 
 
-def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Path, tmp_path: Path) -> None:
+def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Path, tmp_path: Path,
+                                                                  quick_mlflow_retries) -> None:
     """4: sync skipped unreadable records and said "up to date"; 5: it never saved the parent run id."""
     from mlflow import MlflowClient
 

@@ -2,7 +2,7 @@
 
 The model and the data set live in tests/custom_parts.py (a module on the path of the
 test session and so of its Ray workers). Layer groups are found automatically (conv,
-fc, output); a 3-trial search on the session's Ray runs through them, and the best
+fc, output); a 2-trial search on the session's Ray runs through them, and the best
 ticket comes back from MLflow with its trained network.
 """
 
@@ -39,12 +39,12 @@ def test_plugin_model_gets_layer_groups_and_a_seeded_init(data_root, tmp_path):
 @pytest.mark.slow
 def test_search_through_plugin_targets_fetches_its_best_ticket(ray_local, data_root, tmp_path):
     cfg = search_config(data_root, tmp_path, {
-        "name": "plugins", "model.name": MODEL, "data.name": DATA, "data.val_size": 100, "search.num_trials": 3,
+        "name": "plugins", "model.name": MODEL, "data.name": DATA, "data.val_size": 100, "search.num_trials": 2,
         "search.asha.enabled": "false", "tracking.enabled": "true", "prune.rounds": 2, "search.tolerance": 0.1,
         "search.space.layer_ratios": "{conv: [0.5, 1.0]}",
     })
     summary = run_search(cfg, progress=lambda _: None)
-    assert summary["finished"] == 3
+    assert summary["finished"] == 2
     ticket = best_ticket(experiment="plugins", tracking_uri=cfg.tracking_uri())
     assert ticket.config.model.name == MODEL and set(ticket.mask) == {"features.0.weight", "hidden.weight", "head.weight"}
     assert ticket.sparsity > 0 and ticket.extra["model_uri"] == "models:/plugins@best"

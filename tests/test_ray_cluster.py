@@ -1,14 +1,17 @@
-"""The Ray conventions on a real cluster: `ray job submit`, RAY_ADDRESS, the console, resume elsewhere.
+"""The Ray conventions on a real cluster: RAY_ADDRESS, the console, two nodes sharing one store,
+Ctrl-C, and `ray job submit` resuming the search from elsewhere.
 
-One `ray start --head` cluster (with its dashboard, as `ray job submit` needs) serves the
-module; each search is a tiny one (2-3 lineages of 2 rounds, a 32-unit MLP) and is
-judged by what it left behind: Ray's result files (which node ran each round), the
-store's manifests and trial records, search.json, and what it printed where.
+One two-node cluster serves the module: `ray start --head` (with its dashboard, as `ray job
+submit` needs) and a second node joined with `ray start --address`, one CPU each, so two
+lineages at a time run on both nodes. Each search is a tiny one (2 lineages of 2 rounds, a
+32-unit MLP) and is judged by what it left behind: Ray's result files (which node ran each
+round), the store's manifests and trial records, search.json, and what it printed where.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def head():
-    cluster = start_head()
+    cluster = start_head(num_cpus=1, worker_nodes=1)
     try:
         yield cluster
     finally:
@@ -45,25 +48,10 @@ def _nodes_of(results_path: str) -> set[str]:
     return {row["node_id"] for rows in trial_results(results_path).values() for row in rows}
 
 
-def test_ray_job_submit_runs_the_search_on_that_cluster(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    command = _search(tmp_path, "jobsearch", data_root, str(tmp_path)) + ["--json", "-v"]
-    done = subprocess.run(
-        [RAY, "job", "submit", "--address", head.dashboard_url, "--", *command],
-        env=head.env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"search_id"')))
-    assert summary["finished"] == 2 and summary["status"] == "finished"
-    # every round ran on the cluster's node: the entrypoint joined it (RAY_ADDRESS), no local Ray of its own
-    assert _nodes_of(summary["results_path"]) == head.node_ids()
-    state = json.loads((tmp_path / "searches" / "jobsearch" / "search.json").read_text())
-    assert state["status"] == "finished"
-    # -v brings Ray's own tables back (the job's log holds the entrypoint's stdout and stderr)
-    assert "Configuration for experiment" in done.stdout and "Trial status" in done.stdout
-
-
 def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true") + ["--json"]
+    # 400 steps a stage: long enough that both lineages train at once, one on each node
+    command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true",
+                      train__steps=400) + ["--json"]
     database = tmp_path / "elsewhere" / "mlflow.db"  # MLflow's own variable, honoured by `run` (no tracking.uri)
     database.parent.mkdir()
     env = {**head.env, "RAY_ADDRESS": head.gcs_address, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
@@ -73,7 +61,14 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert done.stdout.endswith("\n") and done.stdout.count("\n") == 1
     summary = json.loads(done.stdout)
     assert summary["finished"] == 2
-    assert _nodes_of(summary["results_path"]) == head.node_ids()
+    # two nodes, one store: the lineages ran on both nodes, and the dense stage they share was
+    # trained once, by one of them (the other waited for its lease and read it from the store)
+    assert len(head.node_ids()) == 2 and _nodes_of(summary["results_path"]) == head.node_ids()
+    histories = trial_results(summary["results_path"])
+    assert len(histories) == 2 and all([r["round"] for r in rows] == [1, 2] for rows in histories.values())
+    dense = [m["key"] for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
+    records = trial_records(tmp_path / "store", "envsearch")
+    assert len(dense) == 1 and sum(dense[0] in r["attempts"][0]["executed_keys"] for r in records.values()) == 1
     # stderr: header, a start and an end line per lineage, status lines, the summary; nothing of Ray's or MLflow's
     lines = done.stderr.splitlines()
     assert len(lines) <= 60, done.stderr
@@ -88,13 +83,16 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert all(not line.startswith("trial ") for line in lines[summary_at:])
 
 
-def test_resume_from_another_folder_through_the_store_uri(head: RayHead, data_root: Path, tmp_path: Path) -> None:
+def test_interrupted_search_resumes_from_another_folder_as_a_ray_job(head: RayHead, data_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """Ctrl-C ends a search (joined through RAY_ADDRESS) resumably; `ray job submit` then resumes it
+    on the cluster, from another folder, through the store URI alone."""
     shared = tmp_path / "shared"
     store_uri = f"local://{shared / 'store'}"  # an fsspec store: the search state goes through the store's filesystem
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
     command = _search(tmp_path, "moved", data_root, "lth_runs", store__uri=store_uri, search__num_trials=2,
-                      search__max_concurrent=1, train__steps=800)
+                      search__max_concurrent=1, train__steps=400)
     env = {**head.env, "RAY_ADDRESS": head.gcs_address}
     driver = subprocess.Popen(command, env=env, cwd=first, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -109,22 +107,36 @@ def test_resume_from_another_folder_through_the_store_uri(head: RayHead, data_ro
             return any(r["rounds"] for r in records.values())
 
         wait_for(first_round, 300, "a first round in the trial records", poll=0.2)
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
         output = line + driver.communicate(timeout=120)[0]
     finally:
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 130, output[-3000:]
+    # no traceback from lth-search (a Ray worker stopped mid-step may print one of its own,
+    # forwarded with its "(lineage_trial pid=N)" prefix)
+    assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-3000:]
     assert f"continue it with `lth-search resume moved --store-uri {store_uri}`" in output
     assert not (first / "lth_runs" / "searches").exists()  # the state lives beside the store, not in the folder
+    state = json.loads((shared / "searches" / "moved" / "search.json").read_text())
+    assert state["status"] == "interrupted"
     at_interrupt = trial_records(shared / "store", "moved")
     stored = {m["key"] for m in manifests(shared / "store")}
 
-    resumed = subprocess.run([LTH_SEARCH, "resume", "moved", "--store-uri", store_uri, "--json"],
-                             env=env, cwd=second, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads(resumed.stdout)
+    # The resume is a Ray job (its entrypoint changes to the second folder first), verbose
+    resume = [LTH_SEARCH, "resume", "moved", "--store-uri", store_uri, "--json", "-v"]
+    entrypoint = ["sh", "-c", f"cd {shlex.quote(str(second))} && exec {shlex.join(resume)}"]
+    done = subprocess.run([RAY, "job", "submit", "--address", head.dashboard_url, "--", *entrypoint],
+                          env=head.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith('{"search_id"')]
+    assert len(summaries) == 1, done.stdout[-3000:]
+    summary = json.loads(summaries[0])
     assert summary["status"] == "finished" and summary["finished"] == 2
+    # every round ran on the cluster's nodes: the entrypoint joined it (RAY_ADDRESS), no local Ray of its own
+    assert _nodes_of(summary["results_path"]) and _nodes_of(summary["results_path"]) <= head.node_ids()
+    # -v brings Ray's own tables back (the job's log holds the entrypoint's stdout and stderr)
+    assert "Configuration for experiment" in done.stdout and "Trial status" in done.stdout
     state = json.loads((shared / "searches" / "moved" / "search.json").read_text())
     assert state["status"] == "finished" and state["results_path"].startswith(f"local://{shared / 'ray'}")
     after = trial_records(shared / "store", "moved")

@@ -1,7 +1,9 @@
 """Stages are reused across runs and processes of `lth-search lineage` (real subprocesses).
 
 The installed `lth-search lineage ... --json` runs in real subprocesses against a real
-local store (and the same folder through fsspec's `local://`, the non-local code path).
+local store (and the same folder through fsspec's `local://`, the non-local code path);
+a changed search choice, and the rerun after a SIGKILL, run the same command in this process
+(cli.main) against a store another process wrote.
 Nothing the product uses is replaced: damage is done to the stored bytes, kills are real
 SIGKILLs, races are real races. The in-process checks on a memory filesystem are in
 test_reuse_in_process.py; the mask-size figure is tests/test_codec.py
@@ -24,7 +26,8 @@ import pytest
 from conftest import tiny_config, wait_for
 from reuse_helpers import (
     BASE, ENV, RECOMPUTED, T, assert_same_masks, clone, entry_dir, file_digests, flip_bytes, keys_of, lineage_command,
-    masks_of, outcome, parse, published, reused_flags, run_lineage, stage_steps, store_root, truncate,
+    masks_of, outcome, parse, published, reused_flags, run_lineage, run_lineage_here, stage_steps, store_root,
+    truncate,
 )
 
 from lth_search.engine.lineage import Lineage
@@ -159,11 +162,12 @@ def test_two_processes_started_together_compute_each_stage_once(
 # Search choices reuse the dense stage ---------------------------------------------------
 @pytest.mark.parametrize("change", [{"prune__rate": 0.4}, {"prune__rewind_step": 0}], ids=["rate", "rewind_step"])
 def test_changing_a_search_choice_reuses_the_dense_stage(
-    baseline, config_file: Path, data_root: Path, tmp_path: Path, change: dict
+    baseline, config_file: Path, data_root: Path, tmp_path: Path, change: dict, one_torch_thread
 ) -> None:
+    """The second command runs in this process (cli.main): another process already wrote the store."""
     first, base_dir = baseline
     output_dir = clone(base_dir, tmp_path / "out")
-    report, stderr = run_lineage(config_file, data_root, output_dir, **{**BASE, **change})
+    report, stderr = run_lineage_here(config_file, data_root, output_dir, **{**BASE, **change})
 
     rewind = change.get("prune__rewind_step", 20)
     assert report["dense"]["reused"] == 1 and report["dense"]["key"] == first["dense"]["key"]
@@ -179,38 +183,43 @@ def test_changing_a_search_choice_reuses_the_dense_stage(
 
 
 # Corrupt entries are detected and recomputed ---------------------------------------------
+# Two stages damaged per run, never neighbours in the chain's order of work, so each run
+# shows both a damaged stage recomputed and the undamaged ones around it reused.
 @pytest.mark.parametrize(
-    "stage, filename, damage",
+    "damages",
     [
-        (0, "weights_rewind_20.safetensors", truncate),
-        (1, "weights_end.safetensors", flip_bytes),
-        (2, "mask_mask.parquet", truncate),
-        (3, "mask_mask.parquet", flip_bytes),
+        [(0, "weights_rewind_20.safetensors", truncate), (2, "mask_mask.parquet", truncate)],
+        [(1, "weights_end.safetensors", flip_bytes), (3, "mask_mask.parquet", flip_bytes)],
     ],
-    ids=["dense-weights-truncated", "round1-weights-flipped", "round2-mask-truncated", "round3-mask-flipped"],
+    ids=["dense-weights-truncated+round2-mask-truncated", "round1-weights-flipped+round3-mask-flipped"],
 )
 def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
-    baseline, config_file: Path, data_root: Path, tmp_path: Path, stage: int, filename: str, damage: Callable
+    baseline, config_file: Path, data_root: Path, tmp_path: Path, damages: list[tuple[int, str, Callable]]
 ) -> None:
     first, base_dir = baseline
     output_dir = clone(base_dir, tmp_path / "out")
     root = store_root(output_dir)
-    key = keys_of(first)[stage]
-    path = entry_dir(root, key) / filename
-    good = path.read_bytes()
-    path.write_bytes(damage(good))
+    good = {}
+    for stage, filename, damage in damages:
+        path = entry_dir(root, keys_of(first)[stage]) / filename
+        good[path] = path.read_bytes()
+        path.write_bytes(damage(good[path]))
 
     report, stderr = run_lineage(config_file, data_root, output_dir, **BASE)
 
-    warning = [line for line in stderr.splitlines() if key in line]
-    assert warning and "corrupt" in warning[0] and filename in warning[0], stderr
     expected_flags = [1, 1, 1, 1]
-    expected_flags[stage] = 0
+    for stage, filename, _ in damages:
+        key = keys_of(first)[stage]
+        warning = [line for line in stderr.splitlines() if key in line]
+        assert warning and "corrupt" in warning[0] and filename in warning[0], stderr
+        expected_flags[stage] = 0
     assert reused_flags(report) == expected_flags
-    assert report["steps_executed"] == stage_steps(first)[stage]
-    assert report["steps_reused"] == sum(stage_steps(first)) - stage_steps(first)[stage]
+    recomputed = sum(stage_steps(first)[stage] for stage, _, _ in damages)
+    assert report["steps_executed"] == recomputed
+    assert report["steps_reused"] == sum(stage_steps(first)) - recomputed
     assert outcome(report, RECOMPUTED) == outcome(first, RECOMPUTED)  # finishes correctly
-    assert path.read_bytes() == good  # recomputed bit for bit and republished
+    for path, data in good.items():
+        assert path.read_bytes() == data  # recomputed bit for bit and republished
     store = StageStore(str(root))
     assert_same_masks(masks_of(store, keys_of(report)[1:]), masks_of(StageStore(str(store_root(base_dir))),
                                                                      keys_of(first)[1:]))
@@ -220,13 +229,14 @@ def test_a_corrupt_stage_is_reported_recomputed_and_replaced(
 # SIGKILL mid-round, then rerun ---------------------------------------------------------
 @pytest.mark.parametrize("store", sorted(STORES))
 def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
-    config_file: Path, data_root: Path, tmp_path: Path, store: str
+    config_file: Path, data_root: Path, tmp_path: Path, store: str, one_torch_thread
 ) -> None:
-    # 2000 steps per stage, so that a round lasts long enough to be killed in;
+    # 1000 steps per stage, so that a round lasts long enough (over a second) to be killed in;
     # a short lease so that the rerun takes over the dead process's lease quickly.
+    steps = 1000
     output_dir = tmp_path / "out"
     root = store_root(output_dir)
-    settings = {"train__steps": 2000, "prune__rounds": 2, "store__lease_timeout_s": 3, "store__heartbeat_s": 0.5,
+    settings = {"train__steps": steps, "prune__rounds": 2, "store__lease_timeout_s": 3, "store__heartbeat_s": 0.5,
                 **STORES[store](root)}
     keys = Lineage(tiny_config(data_root, output_dir, **settings)).stage_keys()
     process = subprocess.Popen(lineage_command(config_file, data_root, output_dir, **settings),
@@ -244,11 +254,11 @@ def test_a_lineage_killed_mid_round_resumes_after_its_last_stored_stage(
     stored = published(root)
     assert stored == set(keys[:2]), "round 2 finished before the kill; nothing was tested"
     assert lease.exists()  # the dead process's lease is left behind
-    report, _ = run_lineage(config_file, data_root, output_dir, **settings)
+    report, _ = run_lineage_here(config_file, data_root, output_dir, **settings)  # the rerun: this process
 
     assert keys_of(report) == keys
     assert reused_flags(report) == [int(k in stored) for k in keys] == [1, 1, 0]
-    assert report["steps_executed"] == sum(s for s, k in zip(stage_steps(report), keys) if k not in stored) == 2000
-    assert report["steps_reused"] == 2000 + 2000
+    assert report["steps_executed"] == sum(s for s, k in zip(stage_steps(report), keys) if k not in stored) == steps
+    assert report["steps_reused"] == steps + steps
     assert published(root) == set(keys)
     assert not lease.exists()

@@ -55,8 +55,9 @@ def run(scheduler, searcher, store_uri: str, search: str, tmp_path: Path) -> dic
     trainable = tune.with_parameters(synthetic_lineage, store_uri=store_uri, search=search)
     grid = tune.Tuner(
         trainable,
+        # one actor runs both trials in turn (a second would only repeat the first's start-up)
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(CURVES),
-                                    max_concurrent_trials=1),
+                                    max_concurrent_trials=1, reuse_actors=True),
         run_config=tune.RunConfig(name=search, storage_path=str(tmp_path / "ray"), verbose=0),
     ).fit()
     return {r.config["curve"]: r.metrics["round"] for r in grid}

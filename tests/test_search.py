@@ -1,8 +1,9 @@
 """Searches on a real local Ray with real Optuna: reports, reuse, the objective, ASHA.
 
 Each test runs a tiny search (MLP [32], 200 steps per stage, 3 rounds) on the session's
-Ray and judges it by what it left on disk: Ray's result files, the store's manifests and
-trial records, and the Optuna journal.
+Ray, or reads the session's shared tracked search (conftest.py), and judges it by what it
+left on disk: Ray's result files, the store's manifests and trial records, and the Optuna
+journal.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ from lth_search.api import best_ticket, resume_search, run_search
 pytestmark = pytest.mark.slow
 
 
-def test_small_search_reports_each_round_and_trains_dense_once(ray_local, data_root, tmp_path):
-    cfg = search_config(data_root, tmp_path, {
-        "search.space.rate": "[0.2, 0.4]",
-        "search.asha.enabled": "false",
-        "search.tolerance": 0.02,
-        "tracking.enabled": "true",
-    })
-    lines: list[str] = []
-    summary = run_search(cfg, progress=lines.append)
+def test_small_search_reports_each_round_and_trains_dense_once(tracked_search):
+    # the session's shared tracked search (conftest.py): 4 recipes, no ASHA, tolerance 0.02
+    cfg, summary, lines, out = tracked_search.cfg, tracked_search.summary, tracked_search.lines, tracked_search.tmp
+    assert cfg.search.tolerance == 0.02 and not cfg.search.asha.enabled
 
     histories = trial_results(summary["results_path"])
     assert len(histories) == 4 and summary["trials"] == 4 and summary["finished"] == 4
@@ -40,9 +36,9 @@ def test_small_search_reports_each_round_and_trains_dense_once(ray_local, data_r
         assert all(r["dense_val_accuracy"] == dense_val for r in rows)
 
     # the dense stage exists once and exactly one trial trained it; every other trial reused it
-    dense = [m for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
+    dense = [m for m in manifests(out / "store") if m["kind"] == "dense"]
     assert len(dense) == 1
-    records = trial_records(tmp_path / "store", cfg.name)
+    records = trial_records(out / "store", cfg.name)
     assert len(records) == 4
     trained_dense = [r for r in records.values() if dense[0]["key"] in r["attempts"][0]["executed_keys"]]
     assert len(trained_dense) == 1
@@ -51,7 +47,7 @@ def test_small_search_reports_each_round_and_trains_dense_once(ray_local, data_r
             assert rows[0]["steps_reused"] >= 200  # the dense stage's steps came from the store
 
     # Optuna was told each trial's final objective
-    study = load_study(tmp_path, cfg.name, summary["search_id"])
+    study = load_study(out, cfg.name, summary["search_id"])
     told = {t.number: t.value for t in study.trials}
     for trial_id, rows in histories.items():
         assert told[records[trial_id]["optuna_trial"]] == pytest.approx(rows[-1]["matching_sparsity"])

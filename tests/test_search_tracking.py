@@ -1,25 +1,26 @@
 """MLflow as a real search leaves it: Ray trials log to MLflow, a user looks with `mlflow ui`.
 
 test_tracking.py checks the layout in detail with the trackers driven in-process; here
-the whole product runs (run_search on the session's real Ray, trials in Ray workers)
-and MLflow is read back the way a user reaches it: through the `mlflow ui` command the
-search printed (REST API), and after a tracking server died mid-search, through
-`lth-search sync`. The truth to compare with is what the trials reported to Ray Tune
-(each trial's result.json) and what the store holds.
+the whole product runs (run_search on the session's real Ray, trials in Ray workers; the
+first test reads the session's shared tracked search, conftest.py) and MLflow is read back
+the way a user reaches it: through the `mlflow ui` command the search printed (REST API),
+and after a tracking server died mid-search, through `lth-search sync` (cli.main, in this
+process). The truth to compare with is what the trials reported to Ray Tune (each trial's
+result.json) and what the store holds.
 """
 
 from __future__ import annotations
 
 import io
-import subprocess
 import threading
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import LTH_SEARCH, wait_for
+from conftest import wait_for
+from fault_helpers import run_cli
 from mlflow import MlflowClient
-from mlflow_helpers import MlflowServer, MlflowUi, rest, run_tags, search_layout
+from mlflow_helpers import MlflowUi, rest, run_tags, search_layout
 from search_helpers import search_config, trial_records, trial_results
 
 from lth_search.store.codec import decode_mask
@@ -48,18 +49,15 @@ def _assert_logged_masks_are_stored(client: MlflowClient, run_id: str, record: d
         assert list(logged) == list(stored) and all(torch.equal(logged[n], stored[n]) for n in stored)
 
 
-def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp_path):
-    cfg = search_config(data_root, tmp_path, {
-        "name": "uiview", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
-    })
-    assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default: beside the outputs
-    summary = run_search(cfg, progress=lambda _: None)
+def test_mlflow_ui_on_the_default_uri_shows_the_search(tracked_search, tmp_path):
+    cfg, summary, out = tracked_search.cfg, tracked_search.summary, tracked_search.tmp  # conftest.py
+    assert cfg.tracking_uri() == f"sqlite:///{out / 'mlflow.db'}"  # the default: beside the outputs
     histories = trial_results(summary["results_path"])
-    assert summary["finished"] == 3 and len(histories) == 3
+    assert summary["finished"] == 4 and len(histories) == 4
 
     ui = MlflowUi(tmp_path / "ui", summary["mlflow_command"]).start()
     try:
-        parent, children = search_layout(ui.url, "uiview", children=3)
+        parent, children = search_layout(ui.url, "tracked", children=4)
         assert parent["info"]["run_id"] == summary["parent_run_id"]
         assert parent["info"]["status"] == "FINISHED"
         experiment_id = parent["info"]["experiment_id"]
@@ -75,7 +73,7 @@ def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp
 
     client = MlflowClient(cfg.tracking_uri())
     store = StageStore.from_config(cfg)
-    records = trial_records(tmp_path / "store", "uiview")
+    records = trial_records(out / "store", "tracked")
     for trial_id, child in by_trial.items():
         _assert_logged_masks_are_stored(client, child["info"]["run_id"], records[trial_id], store)
     table = pq.read_table(io.BytesIO(read_artifact(client, summary["parent_run_id"], "tickets.parquet")))
@@ -83,11 +81,11 @@ def test_mlflow_ui_on_the_default_uri_shows_the_search(ray_local, data_root, tmp
         (t, r["round"]) for t, rows in histories.items() for r in rows)
 
 
-def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_path):
-    server = MlflowServer(tmp_path / "server").start()
-    try:
+def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_path, mlflow_server,
+                                                     quick_mlflow_retries):
+    with mlflow_server.restarted() as server:  # the session's server (conftest.py)
         cfg = search_config(data_root, tmp_path, {
-            "name": "serverdown", "search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 1500,
+            "name": "serverdown", "search.num_trials": 4, "search.asha.enabled": "false", "train.steps": 500,
             "tracking.enabled": "true", "tracking.uri": server.url,
         })
         store_root = tmp_path / "store"
@@ -117,10 +115,9 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
         assert all(store.get(k) is not None for r in records.values() for k in [r["dense_key"], *r["round_keys"]])
 
         server.start()  # same port, database and artifacts
-        synced = subprocess.run([LTH_SEARCH, "sync", "serverdown", "--output-dir", str(tmp_path)],
-                                capture_output=True, text=True, timeout=300)
-        assert synced.returncode == 0, synced.stderr[-3000:]
-        assert "MLflow is up to date" in synced.stderr + synced.stdout
+        code, out, err = run_cli(["sync", "serverdown", "--output-dir", str(tmp_path)])  # `lth-search sync`, in-process
+        assert code == 0, err[-3000:]
+        assert "MLflow is up to date" in err + out
 
         parent, children = search_layout(server.url, "serverdown", children=4)
         assert parent["info"]["status"] == "FINISHED"
@@ -134,5 +131,3 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
             _assert_logged_masks_are_stored(client, run_id, records[trial_id], store)
         table = pq.read_table(io.BytesIO(read_artifact(client, parent["info"]["run_id"], "tickets.parquet")))
         assert table.num_rows == 12
-    finally:
-        server.stop()

@@ -1,7 +1,7 @@
 """Tickets a user can use, after a real search: the served model, its fresh-venv load, the exports, MLflow's view.
 
-One tiny search (3 lineages on the session's Ray, real MLflow on sqlite, real Optuna)
-is shared by the tests here. The truth to compare with is what the search reported
+One tiny search (4 lineages on the session's Ray, real MLflow on sqlite, real Optuna:
+conftest.tracked_search) is shared by the tests here. The truth to compare with is what the search reported
 (the best ticket's test accuracy, its mask) and the data set's own files.
 """
 
@@ -23,12 +23,10 @@ import safetensors.torch
 import torch
 from conftest import LTH_SEARCH
 from mlflow import MlflowClient
-from search_helpers import search_config
 from torch.nn.utils import prune
 
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.engine.models import build_model
-from lth_search.api import run_search
 from lth_search.tracking.client import read_artifact
 from lth_search.tracking.tickets import best_ticket
 
@@ -37,25 +35,21 @@ VENV_CACHE = Path(os.environ.get("LTH_TEST_VENV_CACHE", Path.home() / ".cache" /
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, data_root, tmp_path_factory):
-    """A finished 3-lineage search whose best ticket is registered as models:/served@best."""
-    tmp = tmp_path_factory.mktemp("served")
-    cfg = search_config(data_root, tmp, {
-        "name": "served", "search.num_trials": 3, "search.asha.enabled": "false", "tracking.enabled": "true",
-        "search.tolerance": 0.1,
-    })
-    summary = run_search(cfg, progress=lambda _: None)
-    assert summary["finished"] == 3
-    ticket = best_ticket(experiment="served", tracking_uri=cfg.tracking_uri())
+def served(tracked_search):
+    """The session's shared tracked search (conftest.py): 4 lineages, the best ticket registered as
+    models:/tracked@best; with the ticket best_ticket finds and the data set's raw test split."""
+    cfg, summary = tracked_search.cfg, tracked_search.summary
+    assert summary["finished"] == 4
+    ticket = best_ticket(experiment="tracked", tracking_uri=cfg.tracking_uri())
     (x_test, y_test) = read_raw(cfg.data)[0][2:]
-    return {"cfg": cfg, "summary": summary, "ticket": ticket, "x_test": x_test, "y_test": y_test, "tmp": tmp}
+    return {"cfg": cfg, "summary": summary, "ticket": ticket, "x_test": x_test, "y_test": y_test}
 
 
 def test_registered_model_predicts_raw_inputs_with_the_reported_accuracy(served, monkeypatch):
     cfg, ticket = served["cfg"], served["ticket"]
-    assert ticket.extra["model_uri"] == "models:/served@best"
+    assert ticket.extra["model_uri"] == "models:/tracked@best"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri())
-    model = mlflow.pyfunc.load_model("models:/served@best")
+    model = mlflow.pyfunc.load_model("models:/tracked@best")
     predicted = model.predict(served["x_test"])  # raw MNIST-1D inputs: the model normalises them
     accuracy = float((predicted == served["y_test"]).mean())
     assert abs(accuracy - ticket.test_accuracy) <= 0.001, (accuracy, ticket.test_accuracy)
@@ -100,7 +94,7 @@ import importlib.util, sys
 import numpy as np
 import mlflow
 assert importlib.util.find_spec("lth_search") is None, "lth_search is importable here"
-model = mlflow.pyfunc.load_model("models:/served@best")
+model = mlflow.pyfunc.load_model("models:/tracked@best")
 np.save(sys.argv[2], model.predict(np.load(sys.argv[1], allow_pickle=False)))
 print(sorted(m for m in sys.modules if m.startswith("lth")))
 """
@@ -118,14 +112,14 @@ def test_registered_model_loads_where_lth_search_is_not_installed(served, tmp_pa
                                                   "'lth_portable.ticket_model']"  # the bundled code, nothing else
     there = np.load(tmp_path / "y.npy", allow_pickle=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served["cfg"].tracking_uri())
-    here = mlflow.pyfunc.load_model("models:/served@best").predict(served["x_test"])
+    here = mlflow.pyfunc.load_model("models:/tracked@best").predict(served["x_test"])
     assert np.array_equal(there, here)
     assert abs(float((there == served["y_test"]).mean()) - served["ticket"].test_accuracy) <= 0.001
 
 
 def test_exported_mask_keeps_pruned_weights_zero_while_training(served, tmp_path):
     cfg = served["cfg"]
-    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "served",
+    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "tracked",
                            "--out", str(tmp_path / "ticket")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "ticket"
@@ -164,11 +158,11 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
     parent = client.get_run(summary["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     fingerprint = load_dataset(cfg.data, cfg.seed).fingerprint
-    registered = client.get_model_version_by_alias("served", "best")
+    registered = client.get_model_version_by_alias("tracked", "best")
     logged = [output.model_id for output in parent.outputs.model_outputs]  # the Models column
     assert registered.source == f"models:/{logged[-1]}"
-    assert parent.data.tags["mlflow.note.content"].startswith("lth-search search `served`")
-    assert sorted(int(c.data.tags["lth.optuna_trial"]) for c in children) == [0, 1, 2]
+    assert parent.data.tags["mlflow.note.content"].startswith("lth-search search `tracked`")
+    assert sorted(int(c.data.tags["lth.optuna_trial"]) for c in children) == [0, 1, 2, 3]
     for child in children:
         tags = child.data.tags
         (data_input,) = child.inputs.dataset_inputs  # Dataset column
@@ -183,4 +177,4 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
         expected.update({round(1000 * rounds[r]): vals[r] for r in rounds})
         assert series == expected and len(series) == 4
     table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.csv")))
-    assert table.num_rows == 9 and ticket.run_id in table.column("run_id").to_pylist()
+    assert table.num_rows == 12 and ticket.run_id in table.column("run_id").to_pylist()

@@ -1,7 +1,7 @@
 """A tracking server that dies mid-search costs no result; `lth-search sync` fills MLflow in.
 
-A real `mlflow server` is killed (SIGKILL to its process group) between two rounds of
-the first lineage. The lineages finish, with every stage and trial record in the
+A real `mlflow server` (the session's, conftest.py) is killed (SIGKILL to its process
+group) between two rounds of the first lineage. The lineages finish, with every stage and trial record in the
 store; MLflow calls fail, are retried and reported, and never raise. After the server
 restarts on the same backend, `sync_search` (what `lth-search sync NAME` runs) must
 leave MLflow exactly as an uninterrupted search on the same server left its own
@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,7 +21,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import LTH_SEARCH, tiny_config
+from conftest import tiny_config
+from fault_helpers import run_cli
 from lth_search.store.codec import decode_mask
 from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
@@ -67,9 +67,9 @@ def trial_runs(client: MlflowClient, experiment: str) -> tuple[object, dict[str,
     return parents[0], {r.data.tags["lth.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
 
 
-def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    server = MlflowServer(tmp_path / "server").start()
-    try:
+def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                          mlflow_server: MlflowServer, quick_mlflow_retries) -> None:
+    with mlflow_server.restarted() as server:  # the session's server (conftest.py)
         dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
         common = dict(tracking__enabled="true", tracking__uri=server.url, search__tolerance=0.02)
         reference = tiny_config(data_root, tmp_path / "ref", name="uninterrupted", **common)
@@ -119,17 +119,14 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
         assert parent.data.metrics["best_matching_sparsity"] == ref_parent.data.metrics["best_matching_sparsity"]
         search_layout(server.url, "interrupted", children=2)
 
-        # A second sync (the command, --json: one object on stdout) finds nothing missing.
-        done = subprocess.run([LTH_SEARCH, "sync", "interrupted", "--output-dir", cfg.output_dir, "--json"],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and done.stdout.count("\n") == 1, done.stdout + done.stderr[-2000:]
-        again = json.loads(done.stdout)
+        # A second sync (the command in this process, --json: one object on stdout) finds nothing missing.
+        code, out, err = run_cli(["sync", "interrupted", "--output-dir", cfg.output_dir, "--json"])
+        assert code == 0 and out.count("\n") == 1, out + err[-2000:]
+        again = json.loads(out)
         assert again["rounds"] == 0 and again["dense"] == 0 and again["summaries"] == 0
-    finally:
-        server.stop()
 
 
 def test_sync_command_errors_are_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([LTH_SEARCH, "sync", "nosuch", "--output-dir", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "no search named nosuch" in done.stderr
+    code, _, err = run_cli(["sync", "nosuch", "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "no search named nosuch" in err

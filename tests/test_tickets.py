@@ -9,14 +9,14 @@ reproduces the accuracy the search reported.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import LTH_SEARCH, tiny_config
+from conftest import tiny_config
+from fault_helpers import run_cli
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError, TrackingError
@@ -134,11 +134,12 @@ def test_best_ticket_errors_and_defaults(known: dict, monkeypatch: pytest.Monkey
 
 
 def test_best_and_tickets_commands(known: dict, tmp_path: Path) -> None:
+    """The commands run in this process (cli.main; the console script itself: test_served.py)."""
     uri = known["uri"]
-    done = subprocess.run([LTH_SEARCH, "best", "--json", "--tracking-uri", uri, "--experiment", "known",
-                           "--out", str(tmp_path / "ticket")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    code, out, err = run_cli(["best", "--json", "--tracking-uri", uri, "--experiment", "known",
+                              "--out", str(tmp_path / "ticket")])
+    assert code == 0, err
+    summary = json.loads(out)
     for key in ("run_id", "round", "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "params"):
         assert key in summary
     assert (summary["run_id"], summary["round"], summary["test_accuracy"]) == (known["trials"]["C"]["run_id"], 2, 0.585)
@@ -149,27 +150,33 @@ def test_best_and_tickets_commands(known: dict, tmp_path: Path) -> None:
     assert files == ["config.json", "mask.safetensors", "rewind.safetensors", "ticket.json", "trained.safetensors"]
     assert all(torch.equal(saved.mask[n], m) for n, m in known["trials"]["C"]["masks"][2].items())
 
-    done = subprocess.run([LTH_SEARCH, "tickets", "--tracking-uri", uri, "--experiment", "known"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert len(done.stdout.strip().splitlines()) == 9 and "layerwise" in done.stdout
+    code, out, err = run_cli(["tickets", "--tracking-uri", uri, "--experiment", "known"])
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 9 and "layerwise" in out
 
-    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", uri, "--experiment", "known", "--min-sparsity", "0.99"],
-                          capture_output=True, text=True)
-    assert done.returncode == 1 and done.stdout == ""  # a valid command that found nothing: runtime failure
-    assert done.stderr.count("\n") == 1 and "no ticket at sparsity >= 99.00%" in done.stderr
+    code, out, err = run_cli(["best", "--tracking-uri", uri, "--experiment", "known", "--min-sparsity", "0.99"])
+    assert code == 1 and out == ""  # a valid command that found nothing: runtime failure
+    assert err.count("\n") == 1 and "no ticket at sparsity >= 99.00%" in err
+
+
+@pytest.fixture(scope="module")
+def retrain_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow database for the retraining tests (an experiment each)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('retrain') / 'mlflow.db'}"
 
 
 @pytest.mark.parametrize("init_scale", ["measured", "calibrated"])
-def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path: Path, init_scale: str) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(data_root, tmp_path / "out", name="retrain", tracking__enabled="true", tracking__uri=uri)
+def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path: Path, init_scale: str,
+                                                       retrain_uri: str) -> None:
+    uri, experiment = retrain_uri, f"retrain-{init_scale}"
+    cfg = tiny_config(data_root, tmp_path / "out", name=experiment, tracking__enabled="true", tracking__uri=uri)
     dataset = load_dataset(cfg.data, cfg.seed)
     search = MlflowTracking().start(cfg, str(tmp_path / "ray"), None)
     choices = {"rate": 0.5, "rewind_step": 20, "init_scale": init_scale}
     _, _, result = tracked_trial(cfg, search.parent_run_id, "t0", choices, StageStore.from_config(cfg), dataset)
     search.finish([])
 
-    ticket = best_ticket(experiment="retrain", min_sparsity=0.7, tracking_uri=uri)
+    ticket = best_ticket(experiment=experiment, min_sparsity=0.7, tracking_uri=uri)
     assert (ticket.round, ticket.rewind_step, ticket.config.prune.init_scale) == (2, 20, init_scale)
     assert ticket.rescale == result.rounds[1].rescale  # the factors the trial used, from MLflow alone
     model = ticket.rewound_model()
@@ -187,4 +194,4 @@ def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path
     assert ticket.test_accuracy == reported
     assert abs(accuracy - reported) <= 0.005
     assert accuracy == reported  # exact on CPU: same weights, mask, batches and seed
-    assert MlflowClient(uri).get_model_version_by_alias("retrain", "best").tags["lth.run_id"] == ticket.run_id
+    assert MlflowClient(uri).get_model_version_by_alias(experiment, "best").tags["lth.run_id"] == ticket.run_id

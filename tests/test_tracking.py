@@ -1,9 +1,10 @@
 """MLflow tracking of a search, against sqlite and against a real `mlflow server` (no mocks).
 
 The driver/trial flow runs in-process without Ray: the MLflow observers, tiny lineages
-run by the production trial runner with TrialTrackers, the search observer's finish. Every
-check reads MLflow back: run structure, metric histories, mask artifacts against the
-store's masks, the tickets table, the registered best ticket.
+run by the production trial runner with TrialTrackers, the search observer's finish; the
+server is the session's (conftest.mlflow_server). Every check reads MLflow back: run
+structure, metric histories, mask artifacts against the store's masks, the tickets table,
+the registered best ticket.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lth_search.engine.objective import is_matching
 from lth_search.store.stages import StageStore
 from lth_search.tracking.tickets import best_ticket
 from lth_search.tracking.observers import MlflowTracking
-from mlflow_helpers import MlflowServer, search_layout, tracked_trial
+from mlflow_helpers import search_layout, tracked_trial
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}}
 
@@ -39,15 +40,6 @@ def dataset(data_root: Path):
 @pytest.fixture(scope="module")
 def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def children_of(client: MlflowClient, parent) -> list:
@@ -80,7 +72,7 @@ def check_child(client: MlflowClient, child, result, choices: dict, store: Stage
 @pytest.mark.parametrize("backend", ["sqlite", "server"])
 def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: Path, tmp_path: Path, dataset,
                        monkeypatch: pytest.MonkeyPatch) -> None:
-    uri = request.getfixturevalue("sqlite_uri") if backend == "sqlite" else request.getfixturevalue("server").url
+    uri = request.getfixturevalue("sqlite_uri") if backend == "sqlite" else request.getfixturevalue("mlflow_server").url
     name = f"layout-{backend}"
     cfg = tiny_config(data_root, tmp_path / "out", name=name, tracking__enabled="true", tracking__uri=uri,
                       search__tolerance=0.02)
