@@ -4,7 +4,7 @@ a hang or a lost result.
 Bad input runs in-process through `cli.main` as a table: one line naming the key, file
 or name, exit 2, nothing written. Machine faults are real: a tmpfs that fills up
 (ENOSPC from the kernel), a sqlite file that is not a database, a SIGKILLed process
-holding a lease, damaged records and manifests. bench/drills.py runs the same tables.
+holding a lease, damaged records (the store's own drills: test_faults_store.py). bench/drills.py runs the same tables.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ import torch
 from conftest import LTH_SEARCH, REPO, tiny_config, wait_for
 from fault_helpers import MountRefused, fill, one_line_error, run_cli, snapshot, tmpfs
 from lth_search.config import load_config
-from lth_search.errors import DataError, RuntimeFailure, StoreError, StoreFailure, TrackingError
-from lth_search.store.codec import decode_manifest, encode_manifest
-from lth_search.store.keys import content_key
-from lth_search.store.leases import FileLeaseService
+from lth_search.errors import DataError, RuntimeFailure, StoreError, TrackingError
 from lth_search.store.records import check_record_name
-from lth_search.store.entry import StageEntry
 from lth_search.store.stages import StageStore
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -192,85 +188,6 @@ def test_cifar_label_out_of_range_and_dtype_refusal_name_the_file(tmp_path: Path
     with pytest.raises(DataError, match="refusing") as error:
         read_cifar_batch(path)
     assert str(path) in str(error.value)
-
-
-# Store ----------------------------------------------------------------------------------------
-def _entry(key: str, size: int = 64) -> StageEntry:
-    return StageEntry(key, "dense", {"x": 1}, {"val_accuracy": 0.5}, weights={"end": {"w": torch.ones(size)}})
-
-
-def test_disk_full_while_publishing_leaves_nothing(tmp_path: Path) -> None:
-    """3: ENOSPC while publishing was a raw OSError traceback with staging left in tmp/ for 24 h."""
-    try:
-        with tmpfs(tmp_path / "disk", 256) as disk:
-            store = StageStore(str(disk / "store"))
-            small = content_key({"small": 1})
-            store.put(_entry(small))
-            ballast = fill(disk, leave_kb=16)
-            key = content_key({"big": 1})
-            with pytest.raises(StoreFailure, match="No space left on device"):
-                store.put(_entry(key, size=30_000))  # 120 kB of weights
-            assert list((disk / "store" / "tmp").iterdir()) == [] and not store.contains(key)
-            ballast.unlink()
-            store.put(_entry(key, size=30_000))  # space freed: the same publish succeeds
-            assert store.get(key) is not None and store.get(small) is not None
-    except MountRefused as refused:
-        pytest.skip(str(refused))
-
-
-def test_read_only_http_store_is_one_line() -> None:
-    """10: an http:// store (read-only fsspec) raised NotImplementedError."""
-    with pytest.raises(StoreError, match="read-only"):
-        StageStore("http://127.0.0.1:1/store")
-
-
-def test_leases_folder_deleted_mid_run(tmp_path: Path) -> None:
-    """10: deleting leases/ made the next acquire or renew raise FileNotFoundError."""
-    import shutil
-
-    service = FileLeaseService(tmp_path)
-    key = content_key({"lease": 1})
-    assert service.acquire(key, "me", 30)
-    shutil.rmtree(tmp_path / "leases")
-    assert not service.renew(key, "me", 30)  # the lease is gone: lost, not a crash
-    assert service.acquire(key, "me", 30) and service.renew(key, "me", 30)
-
-
-def _rewrite_manifest(store: StageStore, key: str, change) -> None:
-    path = Path(store._entry_dir(key)) / "manifest.json"
-    path.write_bytes(change(path.read_bytes()))
-
-
-def test_resigned_manifest_without_its_files_is_recomputed(tmp_path: Path) -> None:
-    """10: a validly signed manifest that lacks files or fields gave a KeyError; now it is corrupt, recomputed."""
-    store = StageStore(str(tmp_path / "store"))
-    for change in ({"drop": "files"}, {"drop": "kind"}, {"empty_files": True}):
-        key = content_key({"resigned": str(change)})
-        store.put(_entry(key))
-
-        def resign(data: bytes) -> bytes:
-            body = decode_manifest(data)
-            if "drop" in change:
-                body.pop(change["drop"])
-            else:
-                body["files"] = {}
-            return encode_manifest(body)
-
-        _rewrite_manifest(store, key, resign)
-        needs_end = lambda entry: None if "end" in entry.weights else "lacks weights end"  # noqa: E731
-        entry, reused = store.get_or_compute(key, lambda: _entry(key), check=needs_end)
-        assert not reused and "end" in entry.weights
-
-
-def test_flipped_format_bit_is_corruption_not_upgrade(tmp_path: Path) -> None:
-    """12: a one-bit flip of `format` was a permanent "upgrade lth-search" error."""
-    store = StageStore(str(tmp_path / "store"))
-    key = content_key({"flip": 1})
-    store.put(_entry(key))
-    _rewrite_manifest(store, key, lambda data: json.dumps({**json.loads(data), "format": 3}).encode())
-    assert store.get(key) is None  # corrupt: removed, so it is recomputed
-    entry, reused = store.get_or_compute(key, lambda: _entry(key))
-    assert not reused
 
 
 def test_best_out_to_a_file_or_an_unwritable_place(tmp_path: Path) -> None:
