@@ -4,7 +4,8 @@ a hang or a lost result.
 Bad input runs in-process through `cli.main` as a table: one line naming the key, file
 or name, exit 2, nothing written. Machine faults are real: a tmpfs that fills up
 (ENOSPC from the kernel), a sqlite file that is not a database, a SIGKILLed process
-holding a lease, damaged records (the store's own drills: test_faults_store.py). bench/drills.py runs the same tables.
+holding a lease, damaged records; the store's own drills are test_faults_store.py.
+bench/drills.py runs the same tables.
 """
 
 from __future__ import annotations
