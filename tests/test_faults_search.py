@@ -51,3 +51,14 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
             assert not any(name.endswith(".tmp") for name in snapshot(disk / "store"))
     except MountRefused as refused:
         pytest.skip(str(refused))
+
+
+def test_a_trial_too_big_for_the_ray_already_running_fails_in_one_line(ray_local, tmp_path: Path) -> None:
+    """A notebook's `ray.init()` (here the session's 2-CPU Ray): a trial asking for more
+    CPUs than it has fails before the search starts, naming what would fit, instead of
+    waiting for ever for resources that cannot come."""
+    code, _, err = run_cli(["run", QUICKSTART, "--set", "resources.cpu=3", "--set", f"output_dir={tmp_path}"])
+    assert code == 2 and "Traceback" not in err, err
+    assert "resources.cpu: a trial needs 3 CPUs but the Ray running in this process has 2" in err
+    assert "--set resources.cpu=2" in err
+    assert not (tmp_path / "searches").exists()  # nothing started, nothing half-written

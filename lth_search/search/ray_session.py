@@ -80,17 +80,29 @@ def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
 def check_resources(cfg: ExperimentConfig, address: str | None) -> None:
     """Fail in one line, before anything starts, when a local Ray could never fit one trial.
 
-    Only for the local Ray this process would start: a cluster may scale up to fit.
+    Only for a local Ray: the one this process would start, or one already initialised in
+    it whose only node is this process's own (a notebook's `ray.init()`), whose resources
+    are what Ray reports. A cluster may scale up to fit, so it is left to Ray (as is any
+    Ray joined with --address).
     """
-    if cluster_address(address) or ray.is_initialized():
+    if cluster_address(address):
         return
-    import torch
+    if ray.is_initialized():
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        if nodes != [ray.get_runtime_context().get_node_id()]:
+            return
+        totals = ray.cluster_resources()
+        available = {"CPU": totals.get("CPU", 0.0), "GPU": totals.get("GPU", 0.0)}
+        where = "the Ray running in this process has"
+    else:
+        import torch
 
-    available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+        available = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+        where = "this machine has"
     for key, need in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
         if need > available[key]:
             fits = available[key] if key == "CPU" else 0  # resources.cpu must stay > 0; gpu=0 trains on CPU
             raise ConfigError(
-                f"resources.{key.lower()}: a trial needs {need:g} {key}s but this machine has "
+                f"resources.{key.lower()}: a trial needs {need:g} {key}s but {where} "
                 f"{available[key]:g}; lower it (e.g. --set resources.{key.lower()}={fits:g}) or pass --address"
             )
