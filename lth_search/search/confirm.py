@@ -30,8 +30,8 @@ from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial_pack import run_trial_pack
 from lth_search.search.console import result_files
 from lth_search.search.ray_leases import RayLeaseService
+from lth_search.search.ray_storage import ray_storage
 from lth_search.store.stages import StageStore
-from lth_search.store.uri import pyarrow_location
 
 ROLE = "confirm"
 
@@ -85,7 +85,7 @@ def run_confirmation(
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
     storage, name = results_path.rsplit("/", 1)
-    storage_path, filesystem = pyarrow_location(storage)
+    storage_path, filesystem = ray_storage(storage)
     trainable = tune.with_resources(
         tune.with_parameters(confirm_trial, base=cfg.model_dump(mode="json"), recipes=recipes,
                              packs=[[list(run) for run in pack] for pack in packs], search_id=search_id),

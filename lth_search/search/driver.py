@@ -38,7 +38,7 @@ from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
-from lth_search.search.ray_state import StateKeeper, repair
+from lth_search.search.ray_storage import ray_storage
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import (
     DefineByRunSpace,
@@ -53,7 +53,6 @@ from lth_search.search.ray_session import check_resources, cluster_address, ray_
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stages import StageStore
-from lth_search.store.uri import pyarrow_location
 
 Progress = Callable[[str], None]
 
@@ -88,18 +87,17 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     )
 
 
-def _callbacks(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> list[tune.Callback]:
-    """Trial statuses with their console lines, the console's own events, Tune's result.json,
-    and a whole copy of Ray's own state (search/ray_state.py)."""
+def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
+    """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
     console = SearchConsole(trial_budget(cfg), progress)
-    return [TrialEvents(cfg, console), console, *result_files(), StateKeeper(state.results_path)]
+    return [TrialEvents(cfg, console), console, *result_files()]
 
 
 def _tuner(
     cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress, verbosity: int
 ) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
-    storage_path, filesystem = pyarrow_location(storage)
+    storage_path, filesystem = ray_storage(storage)
     return tune.Tuner(
         _trainable(cfg, state, tracking),
         tune_config=tune.TuneConfig(
@@ -115,7 +113,7 @@ def _tuner(
             storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=_callbacks(cfg, state, progress),
+            callbacks=_callbacks(cfg, progress),
             verbose=ray_verbose(verbosity),
         ),
     )
@@ -169,8 +167,7 @@ def resume_search(
     progress = use_console(verbosity, progress)
     state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
-    repair(state.results_path, progress)
-    results, filesystem = pyarrow_location(state.results_path)
+    results, filesystem = ray_storage(state.results_path)
     if not tune.Tuner.can_restore(results, storage_filesystem=filesystem):
         raise ConfigError(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
@@ -189,7 +186,7 @@ def resume_search(
         # Tuner.restore brings back the first run's pickled RunConfig and has no public way to
         # change it; this run's console (its printer, -v/-q) replaces the pickled one.
         run_config = tuner._local_tuner.get_run_config()
-        run_config.callbacks, run_config.verbose = _callbacks(cfg, state, progress), ray_verbose(verbosity)
+        run_config.callbacks, run_config.verbose = _callbacks(cfg, progress), ray_verbose(verbosity)
         summary = _fit(cfg, state, tuner, observer, progress, address)
         del leases
         return summary

@@ -1,0 +1,91 @@
+"""Where Ray Tune writes a search's results: a filesystem whose files are replaced whole.
+
+Tune rewrites its search state (`experiment_state-*.json`, the searcher's state, each
+trial's `result.json`) by copying its staging folder over the results folder, and the
+copy overwrites each file in place. A driver killed during that copy leaves an empty or
+cut file; `Tuner.restore` then logs "Failed to restore the run state" and quietly starts
+the experiment over, losing every trial it knew (CI saw exactly this). Ray has no option
+for atomic writes, so the results folder is handed to Ray through this filesystem: every
+file is written to `<name>.lth-partial` and moved over `<name>` when complete, so a
+reader, and a resume after a kill, sees the old file or the new one, never half of one.
+
+Object stores (s3://, gs://, ...) publish an object only when its upload completes, so
+pyarrow's own filesystem is already atomic there and is used as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from lth_search.store.uri import pyarrow_location
+
+PARTIAL_SUFFIX = ".lth-partial"
+"""A file being written; Ray's file patterns (`*.json`, `*.pkl`, `checkpoint_*`) never match it."""
+
+
+class ReplaceOnClose:
+    """A binary file that writes `<path>.lth-partial` and moves it over `path` when closed."""
+
+    def __init__(self, filesystem: Any, path: str) -> None:
+        self.filesystem, self.path, self.partial = filesystem, path, path + PARTIAL_SUFFIX
+        self._file = filesystem.open(self.partial, mode="wb")
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            self.filesystem.mv(self.partial, self.path)
+
+
+class ReplacingHandler(pafs.FSSpecHandler):
+    """fsspec's pyarrow handler, with output streams that replace their file whole."""
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return pa.PythonFile(ReplaceOnClose(self.fs, path), mode="w")
+
+
+def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) for Tune's `storage_path`/`storage_filesystem` and `Tuner.restore`.
+
+    Local paths and fsspec URIs (`local://`, `sftp://`, ...) get the replacing filesystem;
+    pyarrow's object stores are returned as they are (filesystem None).
+    """
+    import fsspec
+
+    path, filesystem = pyarrow_location(uri)
+    if path.lower().startswith("file://"):
+        path = path[len("file://"):]
+    if filesystem is None and "://" in path:
+        return path, None  # s3://, gs://, ...: writes are already all or nothing
+    if filesystem is None:
+        inner = fsspec.filesystem("file")
+    else:
+        handler = getattr(filesystem, "handler", None)
+        inner = getattr(handler, "fs", None)
+        if inner is None:
+            return path, filesystem
+    return path, pafs.PyFileSystem(ReplacingHandler(inner))

@@ -1,0 +1,62 @@
+"""Ray writes a search's results through a filesystem that replaces files whole (search/ray_storage.py).
+
+CI once saw `lth-search resume` fail because the driver had been killed while Ray copied
+its experiment state over the old one: the file was empty and Tune started the search
+over. Here a real process is killed mid-write, and Ray's own copy routine writes into the
+filesystem; the killed-driver drill in test_search_distributed.py resumes a real search.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from lth_search.search.ray_storage import PARTIAL_SUFFIX, ray_storage
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from lth_search.search.ray_storage import ray_storage
+path, fs = ray_storage(sys.argv[1])
+stream = fs.open_output_stream(path + "/experiment_state-x.json")
+stream.write(b'{"trial_data": [1, 2, ')
+stream.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    state = tmp_path / "experiment_state-x.json"
+    state.write_text('{"trial_data": [1]}')
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    assert state.read_text() == '{"trial_data": [1]}'
+    assert (tmp_path / ("experiment_state-x.json" + PARTIAL_SUFFIX)).exists()  # the write it was in
+
+
+@pytest.mark.parametrize("form", ["path", "file", "local"])
+def test_rays_copy_routine_replaces_each_file_whole(tmp_path: Path, form: str) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "experiment_state-x.json").write_text("old")
+    uri = {"path": str(results), "file": f"file://{results}", "local": f"local://{results}"}[form]
+    path, fs = ray_storage(uri)
+    assert isinstance(fs, pafs.PyFileSystem)
+    staging = tmp_path / "staging"
+    (staging / "trial_1").mkdir(parents=True)
+    (staging / "experiment_state-x.json").write_text('{"trial_data": [1, 2]}')
+    (staging / "trial_1" / "result.json").write_text('{"round": 1}\n')
+    pafs.copy_files(str(staging), path, destination_filesystem=fs)  # what Ray's sync_up calls
+    assert (results / "experiment_state-x.json").read_text() == '{"trial_data": [1, 2]}'
+    assert (results / "trial_1" / "result.json").read_text() == '{"round": 1}\n'
+    assert not list(results.rglob("*" + PARTIAL_SUFFIX))
+    # Ray pickles the filesystem into its trials' storage context: a worker gets the same kind
+    assert isinstance(pickle.loads(pickle.dumps(fs)), pafs.PyFileSystem)
+
+
+def test_object_stores_keep_pyarrows_own_filesystem() -> None:
+    assert ray_storage("s3://bucket/lth/ray") == ("s3://bucket/lth/ray", None)
