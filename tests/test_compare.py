@@ -59,3 +59,15 @@ def test_compare_rejects_an_unknown_kind(data_root: Path, tmp_path: Path) -> Non
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("lth-search: error: kinds: unknown lottery (valid: imp,")
     assert not (tmp_path / "runs").exists()
+
+
+def test_kinds_with_identical_rows_share_one_line_in_the_plot() -> None:
+    """Fine-tuning under a constant schedule is learning-rate rewinding: one line, named for both."""
+    from lth_search.tracking.plots import compare_lines
+
+    def row(kind: str, sparsity: float, val: float) -> dict:
+        return {"kind": kind, "sparsity": sparsity, "val_mean": val, "test_mean": val - 0.01}
+
+    rows = [row("imp", 0.2, 0.6), row("imp", 0.36, 0.61), row("lr_rewind", 0.2, 0.58), row("lr_rewind", 0.36, 0.57),
+            row("finetune", 0.36, 0.57), row("finetune", 0.2, 0.58), row("one_shot", 0.2, 0.58), row("one_shot", 0.36, 0.5)]
+    assert compare_lines(rows) == [("imp", "imp"), ("lr_rewind = finetune", "lr_rewind"), ("one_shot", "one_shot")]

@@ -111,6 +111,20 @@ def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any]
     return _png(figure)
 
 
+def compare_lines(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(legend label, kind drawn) per line: kinds with identical rows share one line.
+
+    Under a constant learning-rate schedule fine-tuning is learning-rate rewinding (the
+    same stages), and a second line drawn exactly over the first would hide it; its
+    legend entry reads `lr_rewind = finetune` instead.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        values = sorted((r["sparsity"], r["val_mean"], r["test_mean"]) for r in rows if r["kind"] == kind)
+        groups.setdefault(tuple(values), []).append(kind)
+    return [(" = ".join(kinds), kinds[0]) for kinds in groups.values()]
+
+
 def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title: str) -> bytes:
     """PNG: val and test accuracy vs remaining weights (log scale) for each lineage kind.
 
@@ -118,14 +132,14 @@ def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title:
     band around each line spans the seeds' min to max, the dashed line is dense.
     """
     figure = Figure(figsize=(11, 4.4))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    lines = compare_lines(rows)
     for index, split in enumerate(("val", "test")):
         axes = figure.add_subplot(1, 2, index + 1)
-        for number, kind in enumerate(kinds):
+        for number, (label, kind) in enumerate(lines):
             items = sorted((r for r in rows if r["kind"] == kind), key=lambda r: -r["sparsity"])
             remaining = [100 * (1 - r["sparsity"]) for r in items]
             color = f"C{number % 10}"
-            axes.plot(remaining, _pct(r[f"{split}_mean"] for r in items), "o-", ms=3, color=color, label=kind)
+            axes.plot(remaining, _pct(r[f"{split}_mean"] for r in items), "o-", ms=3, color=color, label=label)
             axes.fill_between(remaining, _pct(r[f"{split}_min"] for r in items), _pct(r[f"{split}_max"] for r in items),
                               color=color, alpha=0.15, lw=0)
         axes.axhline(100 * dense[f"{split}_accuracy"], color="black", lw=1, ls="--", label="dense")
