@@ -49,9 +49,10 @@ def _nodes_of(results_path: str) -> set[str]:
 
 
 def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_root: Path, tmp_path: Path) -> None:
-    # 400 steps a stage: long enough that both lineages train at once, one on each node
+    # 1500 steps a stage: long enough that both lineages train at once, one on each node, even
+    # when a loaded machine is slow to launch the second (with 400, the first was done by then)
     command = _search(tmp_path, "envsearch", data_root, str(tmp_path), tracking__enabled="true",
-                      train__steps=400) + ["--json"]
+                      train__steps=1500) + ["--json"]
     database = tmp_path / "elsewhere" / "mlflow.db"  # MLflow's own variable, honoured by `run` (no tracking.uri)
     database.parent.mkdir()
     env = {**head.env, "RAY_ADDRESS": head.gcs_address, "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
