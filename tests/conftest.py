@@ -92,17 +92,6 @@ def tiny_config(data_root: Path, output_dir: Path, **extra: object) -> Experimen
     return load_config(None, tiny_overrides(data_root, output_dir, **extra)).absolute()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with slow tests run first, each file's tests in their own order.
-
-    With two workers taking a file at a time (scripts/test.sh), the long files start
-    early and the many short ones fill in at the end, instead of one long file running
-    alone after everything else.
-    """
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session, on loopback (ray.init takes 10-20 s here).

@@ -7,11 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from conftest import LTH_SEARCH, REPO, tiny_overrides
-
-pytestmark = pytest.mark.slow
 
 
 def _command(data_root: Path, tmp_path: Path, *extra: str, **overrides: object) -> list[str]:

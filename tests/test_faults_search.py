@@ -17,8 +17,6 @@ from fault_helpers import MountRefused, fill, run_cli, snapshot, tmpfs
 from search_helpers import search_overrides, trial_records
 from test_faults import QUICKSTART
 
-pytestmark = pytest.mark.slow
-
 
 def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_path: Path) -> None:
     out, disk = tmp_path / "out", tmp_path / "disk"

@@ -34,8 +34,6 @@ from lth_search.engine.lineage import Lineage
 from lth_search.store.leases import FileLeaseService, check_key
 from lth_search.store.stages import StageStore
 
-pytestmark = pytest.mark.slow
-
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "reuse.yaml"

@@ -31,8 +31,6 @@ from lth_search.tracking.sync import sync_search
 from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import MlflowServer, save_search_state, search_layout, tracked_trial
 
-pytestmark = pytest.mark.slow
-
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20}}
 TIMINGS = {"train_steps_per_s", "dense_train_steps_per_s"}
 
