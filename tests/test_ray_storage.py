@@ -60,3 +60,16 @@ def test_rays_copy_routine_replaces_each_file_whole(tmp_path: Path, form: str) -
 
 def test_object_stores_keep_pyarrows_own_filesystem() -> None:
     assert ray_storage("s3://bucket/lth/ray") == ("s3://bucket/lth/ray", None)
+
+
+def test_trial_checkpoints_outlive_rays_delete(tmp_path: Path) -> None:
+    """Ray deletes round r-1's checkpoint before the state naming round r is saved: a driver
+    killed in between left a state naming a deleted checkpoint. They are kept (a few bytes)."""
+    trial = tmp_path / "lineage_trial_t1_1"
+    for name in ("checkpoint_000000", "checkpoint_000001", "scratch"):
+        (trial / name).mkdir(parents=True)
+        (trial / name / "lineage.json").write_text("{}")
+    _, fs = ray_storage(str(tmp_path))
+    fs.delete_dir(str(trial / "checkpoint_000000"))  # what Ray's checkpoint manager calls
+    fs.delete_dir(str(trial / "scratch"))
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000000", "checkpoint_000001"]

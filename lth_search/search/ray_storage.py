@@ -9,12 +9,21 @@ for atomic writes, so the results folder is handed to Ray through this filesyste
 file is written to `<name>.lth-partial` and moved over `<name>` when complete, so a
 reader, and a resume after a kill, sees the old file or the new one, never half of one.
 
+The same filesystem keeps the trials' checkpoints that Ray deletes. With `num_to_keep=1`
+Ray deletes round r-1's checkpoint as it registers round r's, a moment before the saved
+state that names round r reaches storage; a driver killed in between left a state naming
+a deleted checkpoint, and that trial failed on resume ("Could not recover from
+checkpoint as it does not exist on storage anymore", seen in 1 of ~10 suite runs). Our
+checkpoints are a few bytes each (search/trainable.py), so none is deleted.
+
 Object stores (s3://, gs://, ...) publish an object only when its upload completes, so
-pyarrow's own filesystem is already atomic there and is used as it is.
+pyarrow's own filesystem is already atomic there and is used as it is (the checkpoint race
+above remains there).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +31,8 @@ import pyarrow.fs as pafs
 
 from lth_search.store.uri import pyarrow_location
 
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}")
+"""Ray's name for a trial checkpoint's folder."""
 PARTIAL_SUFFIX = ".lth-partial"
 """A file being written; Ray's file patterns (`*.json`, `*.pkl`, `checkpoint_*`) never match it."""
 
@@ -62,10 +73,16 @@ class ReplaceOnClose:
 
 
 class ReplacingHandler(pafs.FSSpecHandler):
-    """fsspec's pyarrow handler, with output streams that replace their file whole."""
+    """fsspec's pyarrow handler, with output streams that replace their file whole and
+    trial checkpoints that are never deleted (see the module's docstring)."""
 
     def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
         return pa.PythonFile(ReplaceOnClose(self.fs, path), mode="w")
+
+    def delete_dir(self, path: str) -> None:
+        if CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):
+            return
+        super().delete_dir(path)
 
 
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
