@@ -2,7 +2,7 @@
 # The test suite: set up (with the test extra), then pytest. Real Ray, MLflow, Optuna,
 # pyarrow; no GPU needed. Fails if pytest collects nothing.
 # Two pytest workers (LTH_TEST_WORKERS), one test file each at a time: much of the suite
-# waits on Ray and MLflow starting, so two files share 2 cores well (7.4 min against
+# waits on Ray and MLflow starting, so two files share 2 cores well (7 to 9 min against
 # 11.3 min in one process, measured on 2 cores). LTH_TEST_WORKERS=0 runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
