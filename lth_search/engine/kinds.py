@@ -35,7 +35,7 @@ from lth_search.engine.lineage import DenseCallback, RoundCallback
 from lth_search.engine.lineage_stages import STAGE_FORMAT
 from lth_search.engine.pack_step import PackJob, run_pack_step
 from lth_search.engine.results import LineageResult, RoundResult
-from lth_search.engine.probes import RoundProbes
+from lth_search.engine.probes import attach_probes
 from lth_search.engine.prune_at_init import METHODS as PRUNE_AT_INIT
 from lth_search.engine.prune_at_init import prune_at_init
 from lth_search.engine.pruning import prune_to_sparsity
@@ -69,8 +69,7 @@ class KindLineage:
     def __init__(self, lineage: "Lineage", kind: str | None = None) -> None:
         self.lineage = lineage
         self.kind = check_kinds([kind or lineage.cfg.prune.kind])[0]
-        if lineage.diagnose is None and lineage.cfg.diagnostics.enabled:
-            lineage.diagnose = RoundProbes(lineage)
+        attach_probes(lineage)
         self._entries: list[StageEntry] = []
         self.imp: LineageResult | None = None
         """The IMP lineage the non-iterative kinds were trained against."""

@@ -48,8 +48,8 @@ class Lineage(LineageStages):
         self.replicates: list[StageEntry] = []
         """The dense baseline of the last `run()`: the lineage's own dense stage, then seed+1, ..."""
         self.diagnose: Callable[[StageEntry, StageEntry], "RoundDiagnostics"] | None = None
-        """Called with (dense, round stage) for each round's diagnostics; set by KindLineage
-        (engine/kinds.py) to engine/probes.py's RoundProbes when `diagnostics.enabled`."""
+        """Called with (dense, round stage) for each round's diagnostics; set to
+        engine/probes.py's RoundProbes by `attach_probes` when `diagnostics.enabled`."""
 
     def start_result(self, dense: StageEntry, reused: bool) -> LineageResult:
         """A result holding the dense stage (reused or not) and no round yet."""

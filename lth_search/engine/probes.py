@@ -57,6 +57,16 @@ def stage_kind(entry: StageEntry) -> str:
     return str(entry.inputs.get("kind", "imp"))
 
 
+def attach_probes(lineage: "Lineage") -> None:
+    """Give `lineage` its round diagnostics when `diagnostics.enabled` and it has none yet.
+
+    A search trial, a trial pack's members and `compare`'s kinds all diagnose their rounds
+    this way; a bare `Lineage(cfg).run()` (the science test, benches) stays without them.
+    """
+    if lineage.diagnose is None and lineage.cfg.diagnostics.enabled:
+        lineage.diagnose = RoundProbes(lineage)
+
+
 class RoundProbes:
     """`lineage.diagnose`: the diagnostics of one round stage of `lineage`."""
 

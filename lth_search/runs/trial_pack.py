@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.pack_lineage import pack_lineages, run_packed
-from lth_search.engine.probes import RoundProbes
+from lth_search.engine.probes import attach_probes
 from lth_search.engine.results import LineageResult, RoundResult
 from lth_search.engine.stage_source import StageSource
 from lth_search.runs.record import TrialRecord, TrialStatus
@@ -42,8 +42,7 @@ def run_trial_pack(
     packed = [i for i in range(len(cfgs)) if i not in lone]
     lineages = pack_lineages([cfgs[i] for i in packed], store)
     for lineage in lineages:
-        if lineage.cfg.diagnostics.enabled:  # as KindLineage sets it for a lone trial
-            lineage.diagnose = RoundProbes(lineage)
+        attach_probes(lineage)  # as KindLineage does for a lone trial
     for i in packed:
         records[i].begin_attempt(node_id, -1)
     extra = {"node_id": node_id} if node_id is not None else {}
