@@ -30,10 +30,10 @@ import torch
 
 from lth_search.config import load_config
 from lth_search.engine.data import load_dataset
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.models import build_model
-from lth_search.engine.pack_lineage import LineagePack
+from lth_search.engine.lineage.walk import LineagePack
 from lth_search.engine.packs import choose_mode
 
 from pack_timing import lineage_steps_per_s

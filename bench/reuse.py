@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lth_search.config import load_config
-from lth_search.engine.lineage import Lineage
+from lth_search.engine.lineage.walk import Lineage
 
 CONCURRENCY = 2
 

@@ -95,8 +95,8 @@ def run_seed(seed: int, out: str, replicates: int, recipes: list[str], old: bool
 
     torch.set_num_threads(1)
     from lth_search.config import load_config
-    from lth_search.engine.lineage import Lineage
-    from lth_search.engine.stage_source import MemoryStages
+    from lth_search.engine.lineage.walk import Lineage
+    from lth_search.engine.lineage.stages import MemoryStages
 
     store = MemoryStages()  # the dense replicates are trained once for all recipes of this seed
     record: dict[str, Any] = {"seed": seed, "old": old, "recipes": {}}
@@ -129,7 +129,7 @@ def run_seed(seed: int, out: str, replicates: int, recipes: list[str], old: bool
 
 # Analysis --------------------------------------------------------------------------------
 def _unpack(bits: str, n: int) -> np.ndarray:
-    from lth_search.engine.objective import unpack_correct
+    from lth_search.engine.lineage.objective import unpack_correct
 
     return unpack_correct(bits, n)
 
@@ -147,7 +147,7 @@ def score(rounds: list[dict[str, Any]], dense: list[np.ndarray], idx: np.ndarray
 
     Returns (score, standard errors of the margins).
     """
-    from lth_search.engine.objective import paired_verdict, unbroken_run
+    from lth_search.engine.lineage.objective import paired_verdict, unbroken_run
 
     n = len(dense[0])
     base = [d[idx] for d in dense]

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
-from lth_search.engine.stage_source import MemoryStages
+from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.data import load_dataset
 from lth_search.engine.models import check_parts
-from lth_search.engine.results import LineageResult
+from lth_search.engine.lineage.results import LineageResult
 from lth_search.runs.trial import run_trial
 
 Progress = Callable[[str], None]
@@ -97,7 +97,7 @@ def compare(
     and logs one MLflow run. Returns the compare.CompareResult.
     """
     from lth_search.compare import run_compare, write_outputs
-    from lth_search.engine.kinds import check_kinds
+    from lth_search.engine.lineage.kinds import check_kinds
     from lth_search.runs.trial import limit_resources
     from lth_search.tracking.plots import compare_plot
 

@@ -1,7 +1,7 @@
 """`lth-search compare`: lineage kinds side by side at the IMP lineage's sparsities, no Ray.
 
-For each seed, one Lineage (its dense stage shared by every kind) runs each kind of
-`--kinds` through the stage store (engine/kinds.py): a rerun, or a comparison that adds
+Every kind of `--kinds` for every seed is a lineage walked through the stage store
+(engine/lineage/walk.py; the dense stages are shared by every kind of a seed): a rerun, or a comparison that adds
 a kind, trains only what is missing. The result is one row per (kind, seed, round) and
 a summary per (kind, round) over seeds (mean, min, max), which api.compare turns into
 the table, the plot (tracking/plots.py) and the MLflow run (tracking/compare.py).
@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig
 from lth_search.config.schema import validate_config
-from lth_search.engine.kinds import KindLineage, check_kinds
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages, StageSource
-from lth_search.engine.probes import RoundProbes
+from lth_search.engine.lineage.kinds import check_kinds, finetune_rate
+from lth_search.engine.lineage.probes import RoundProbes, attach_probes
+from lth_search.engine.lineage.results import LineageResult
+from lth_search.engine.lineage.stages import MemoryStages, StageSource
+from lth_search.engine.lineage.walk import Lineage, lineages_for, walk
 from lth_search.store.entry import StageEntry
 
 Progress = Callable[[str], None]
-DEFAULT_KINDS = ("imp", "lr_rewind", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")
 
 
 @dataclass
@@ -157,38 +157,58 @@ def run_compare(
     cfg: ExperimentConfig, kinds: Sequence[str], seeds: Sequence[int], store: StageSource | None = None,
     progress: Progress = lambda _: None,
 ) -> CompareResult:
-    """Run every kind for every seed (stages through `store`) and collect the rows."""
+    """Run every kind for every seed (stages through `store`) and collect the rows.
+
+    Two walks (engine/lineage/walk.py): the IMP lineage of every seed, each stopping where
+    its matching run ends; then every other kind of every seed, walked to its seed's IMP
+    length whatever its own verdict, so each kind has a row at each of IMP's sparsities.
+    Seeds and kinds train as packs where the model batches."""
     kinds = check_kinds(list(dict.fromkeys(kinds)))
     result = CompareResult(cfg.name, kinds, list(seeds))
     counting = _CountingStages(store if store is not None else MemoryStages())
-    for seed in seeds:
-        lineage = Lineage(seed_config(cfg, seed), counting)
-        imp = KindLineage(lineage, "imp").run()  # first: every kind stops at its sparsities (with diagnostics)
+    configs = [seed_config(cfg, seed) for seed in seeds]
+    imp = lineages_for(configs, counting, ["imp"] * len(configs))
+    for lineage in imp:
+        attach_probes(lineage)
+    imp_results = walk(imp)
+    others = [kind for kind in kinds if kind != "imp"]
+    if "finetune" in others and finetune_rate(imp[0]) is None:
+        progress("finetune: the learning-rate schedule is constant, so fine-tuning is learning-rate "
+                 "rewinding (the same stages, trained once)")
+    plan = [(index, kind) for index in range(len(configs)) for kind in others]
+    rest = lineages_for([configs[i] for i, _ in plan], counting, [kind for _, kind in plan])
+    for lineage, (index, _) in zip(rest, plan):
+        lineage.rounds, lineage.stop_at_run_end = len(imp_results[index].rounds), False
+        attach_probes(lineage)
+    rest_results = dict(zip(plan, walk(rest)))
+    for index, seed in enumerate(seeds):
         for kind in kinds:
-            runner = KindLineage(lineage, kind)
-            if runner.same_as_lr_rewind and seed == seeds[0]:
-                progress("finetune: the learning-rate schedule is constant, so fine-tuning is learning-rate "
-                         "rewinding (the same stages, trained once)")
-            lineage_result = imp if kind == "imp" else runner.run(rounds=len(imp.rounds))
-            dense = lineage_result.dense
-            result.dense[seed] = {"val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy}
-            executed = sum(r.steps for r in lineage_result.rounds if not r.reused)
-            for r in lineage_result.rounds:
-                d = r.diagnostics
-                result.rows.append(CompareRow(
-                    kind, seed, r.round, r.sparsity, r.val_accuracy, r.test_accuracy, r.reused, r.key,
-                    d.sign_ticket if d else None, d.sign_dense if d else None, d.alignment if d else None,
-                    d.barrier if d else None,
-                ))
-            last = lineage_result.rounds[-1] if lineage_result.rounds else None
-            if last is not None:
-                progress(f"seed {seed} {kind:<14} {len(lineage_result.rounds)} rounds to {100 * last.sparsity:.2f}% "
-                         f"sparsity: val {100 * last.val_accuracy:5.2f}%  test {100 * last.test_accuracy:5.2f}%  "
-                         f"({executed} steps trained)")
+            lineage_result = imp_results[index] if kind == "imp" else rest_results[(index, kind)]
+            _add_rows(result, kind, seed, lineage_result, progress)
         if cfg.diagnostics.stability_steps:
-            result.dense_barriers[seed] = dense_barriers(lineage, cfg.diagnostics.stability_steps, progress)
+            result.dense_barriers[seed] = dense_barriers(imp[index], cfg.diagnostics.stability_steps, progress)
     result.steps_executed, result.steps_reused = counting.executed, counting.reused
     return result
+
+
+def _add_rows(result: CompareResult, kind: str, seed: int, lineage_result: LineageResult, progress: Progress) -> None:
+    dense = lineage_result.dense
+    result.dense[seed] = {"val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy}
+    executed = sum(r.steps for r in lineage_result.rounds if not r.reused)
+    for r in lineage_result.rounds:
+        d = r.diagnostics
+        result.rows.append(CompareRow(
+            kind, seed, r.round, r.sparsity, r.val_accuracy, r.test_accuracy, r.reused, r.key,
+            d.sign_ticket if d else None, d.sign_dense if d else None, d.alignment if d else None,
+            d.barrier if d else None,
+        ))
+    last = lineage_result.rounds[-1] if lineage_result.rounds else None
+    if last is not None:
+        progress(f"seed {seed} {kind:<14} {len(lineage_result.rounds)} rounds to {100 * last.sparsity:.2f}% "
+                 f"sparsity: val {100 * last.val_accuracy:5.2f}%  test {100 * last.test_accuracy:5.2f}%  "
+                 f"({executed} steps trained)")
+    elif lineage_result.failed:
+        progress(f"seed {seed} {kind:<14} no rounds: {lineage_result.failed}")
 
 
 def dense_barriers(lineage: Lineage, steps: Sequence[int], progress: Progress) -> dict[int, float]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.config.names import check_location
-from lth_search.engine.objective import is_matching
+from lth_search.engine.lineage.objective import is_matching
 from lth_search.engine.pruning import masked_state, rewind_weights
 from lth_search.errors import ConfigError, RuntimeFailure, TrackingError
 from lth_search.store.codec import Mask

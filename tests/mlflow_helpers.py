@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from conftest import wait_for
 
 from lth_search.config import ExperimentConfig
-from lth_search.engine.results import LineageResult
+from lth_search.engine.lineage.results import LineageResult
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.state import new_state
 from lth_search.runs.trial import run_trial

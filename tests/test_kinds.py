@@ -11,9 +11,10 @@ import torch
 
 from conftest import LTH_SEARCH, REPO, tiny_config, tiny_overrides
 from lth_search.config import KINDS
-from lth_search.engine.kinds import AT_IMP_SPARSITIES, KindLineage
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages
+from lth_search.engine.lineage.kinds import KINDS as REGISTRY
+from lth_search.engine.lineage.probes import attach_probes
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.store.keys import content_key
 
 
@@ -25,12 +26,12 @@ def every_kind(one_torch_thread, data_root: Path, tmp_path_factory: pytest.TempP
     cfg = tiny_config(data_root, tmp_path_factory.mktemp("kinds"), prune__rounds=2, prune__rewind_step=20,
                       train__schedule="step", train__milestones="[100]")
     stages = MemoryStages()
-    lineage = Lineage(cfg, stages)
     runs = {}
     for kind in KINDS:
-        runner = KindLineage(lineage, kind)
+        runner = Lineage(cfg, stages, kind=kind)
+        attach_probes(runner)
         runs[kind] = (runner, runner.run())
-    return cfg, stages, lineage, runs
+    return cfg, stages, runs["imp"][0], runs
 
 
 def test_every_kind_reaches_the_imp_sparsities_with_its_own_keys(every_kind) -> None:
@@ -50,9 +51,8 @@ def test_every_kind_reaches_the_imp_sparsities_with_its_own_keys(every_kind) -> 
 
 def test_a_second_run_reuses_every_stage(every_kind) -> None:
     cfg, stages, _, runs = every_kind
-    again = Lineage(cfg, stages)
     for kind in ("lr_rewind", "synflow", "random_reinit"):
-        result = KindLineage(again, kind).run()
+        result = Lineage(cfg, stages, kind=kind).run()
         assert result.steps_executed == 0 and all(r.reused for r in result.rounds), kind
         assert [r.val_accuracy for r in result.rounds] == [r.val_accuracy for r in runs[kind][1].rounds]
 
@@ -60,7 +60,7 @@ def test_a_second_run_reuses_every_stage(every_kind) -> None:
 def test_baselines_differ_where_their_definitions_differ(every_kind) -> None:
     _, _, _, runs = every_kind
     imp_masks = [e.masks["mask"] for e in runs["imp"][0].entries[1:]]
-    for kind in AT_IMP_SPARSITIES:
+    for kind in [name for name, kind in REGISTRY.items() if kind.at_imp_sparsities]:
         for round_index, (imp_mask, entry) in enumerate(zip(imp_masks, runs[kind][0].entries[1:]), start=1):
             counts = {n: int(m.sum()) for n, m in entry.masks["mask"].items()}
             same_mask = all(torch.equal(entry.masks["mask"][n], imp_mask[n]) for n in imp_mask)
@@ -90,15 +90,31 @@ def test_diagnostics_per_round(every_kind) -> None:
 def test_stability_and_perturbation_are_stages(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny_config(data_root, tmp_path, prune__rounds=1, diagnostics__stability="true",
                       diagnostics__perturbation=0.5, diagnostics__stability_points=3)
-    stages = MemoryStages()
-    first = KindLineage(Lineage(cfg, stages)).run()
-    d = first.rounds[0].diagnostics
+    stages = _Computed()
+    first = Lineage(cfg, stages)
+    attach_probes(first)
+    d = first.run().rounds[0].diagnostics
     assert d.barrier is not None and d.barrier >= 0 and 0 < d.perturbed_val_accuracy <= 1
+    assert {"stability", "perturbation"} <= set(stages.computed.values())
+    stages.computed.clear()
     second = Lineage(cfg, stages)
-    calls = []
-    second.train_stage = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
-    again = KindLineage(second).run()
-    assert calls == [] and again.rounds[0].diagnostics.barrier == d.barrier
+    attach_probes(second)
+    again = second.run()
+    assert stages.computed == {} and again.rounds[0].diagnostics.barrier == d.barrier
+
+
+class _Computed(MemoryStages):
+    """Memory stages that remember which stages they computed (key -> the stage's `stage` input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed: dict[str, str] = {}
+
+    def get_or_compute(self, key, compute, check=None):
+        entry, reused = super().get_or_compute(key, compute, check)
+        if not reused:
+            self.computed[key] = entry.inputs["stage"]
+        return entry, reused
 
 
 def test_lineage_command_of_a_kind_prints_diagnostics(data_root: Path, tmp_path: Path) -> None:

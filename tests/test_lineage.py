@@ -11,8 +11,9 @@ import torch
 
 from conftest import LTH_SEARCH, REPO, tiny_config
 from lth_search.store.keys import content_key
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages
+from lth_search.engine.lineage.kinds import KINDS
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.pruning import layer_sparsity
 
 
@@ -78,12 +79,13 @@ def test_memory_stages_reuse_within_a_process(data_root: Path, tmp_path: Path) -
 def test_controls_keep_per_layer_counts(walked) -> None:
     _, lineage, _, _ = walked
     dense, ticket = lineage.entries[0], lineage.entries[-1]
-    shuffled, reused = lineage.control_stage(dense, ticket, "random_prune", 7)
+    round_index = len(lineage.entries) - 1
+    shuffled, reused = lineage.stage(KINDS["random_prune"].round_job(lineage, dense, ticket, round_index))
     assert not reused
     imp, rnd = ticket.masks["mask"], shuffled.masks["mask"]
     assert {n: int(m.sum()) for n, m in imp.items()} == {n: int(m.sum()) for n, m in rnd.items()}
     assert any(not torch.equal(imp[n], rnd[n]) for n in imp)
-    reinit, _ = lineage.control_stage(dense, ticket, "random_reinit", 7)
+    reinit, _ = lineage.stage(KINDS["random_reinit"].round_job(lineage, dense, ticket, round_index))
     assert all(torch.equal(reinit.masks["mask"][n], imp[n]) for n in imp)
     assert reinit.key != shuffled.key and shuffled.key == content_key(shuffled.inputs)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages
-from lth_search.engine.results import DenseResult, LineageResult
-from lth_search.engine.objective import (
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import MemoryStages
+from lth_search.engine.lineage.results import DenseResult, LineageResult
+from lth_search.engine.lineage.objective import (
     matching,
     pack_correct,
     paired_verdict,
@@ -189,13 +189,13 @@ def test_target_sparsity_stops_the_walk(data_root: Path, tmp_path: Path) -> None
 
 def test_a_pack_walks_like_a_lone_lineage(data_root: Path, tmp_path: Path) -> None:
     """Packs train the same dense replicates, judge rounds the same way and stop members alike."""
-    from lth_search.engine.pack_lineage import LineagePack
+    from lth_search.engine.lineage.walk import walk
 
     settings = dict(prune__rate=0.2, prune__rounds=20, prune__patience=2, prune__dense_replicates=2,
                     search__tolerance=0.115, train__device="cpu")
     alone = Lineage(tiny_config(data_root, tmp_path, **settings), MemoryStages()).run()
-    packed = LineagePack([Lineage(tiny_config(data_root, tmp_path, **settings), MemoryStages()),
-                          Lineage(tiny_config(data_root, tmp_path, **{**settings, "prune__rounds": 3}), MemoryStages())]).run()
+    packed = walk([Lineage(tiny_config(data_root, tmp_path, **settings), MemoryStages()),
+                   Lineage(tiny_config(data_root, tmp_path, **{**settings, "prune__rounds": 3}), MemoryStages())])
     assert packed[0].dense.replicate_keys == alone.dense.replicate_keys
     assert [r.matches for r in packed[0].rounds] == [r.matches for r in alone.rounds]
     assert packed[0].stop_reason == alone.stop_reason == "run_ended" and packed[0].best.round == alone.best.round

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.pack_step import PackJob, run_pack_step
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import StageJob
 from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.runs.trial import run_trial
-from lth_search.runs.trial_pack import run_trial_pack
+from lth_search.runs.trial import run_trial, run_trials
 from lth_search.store.stages import StageStore
 
 from conftest import tiny_config
@@ -21,7 +20,7 @@ from conftest import tiny_config
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _counted(job: PackJob, counts: Counter, lock: threading.Lock) -> PackJob:
+def _counted(job: StageJob, counts: Counter, lock: threading.Lock) -> StageJob:
     """The job, counting how often its stage is finished (trained and evaluated)."""
     finish = job.finish
 
@@ -30,7 +29,7 @@ def _counted(job: PackJob, counts: Counter, lock: threading.Lock) -> PackJob:
             counts[job.key] += 1
         return finish(result)
 
-    return PackJob(job.key, job.store, job.member, counting, job.check)
+    return StageJob(job.key, job.store, job.member, counting, job.check)
 
 
 def test_overlapping_pack_steps_in_two_workers_train_every_stage_once(data_root: Path, tmp_path: Path) -> None:
@@ -48,7 +47,7 @@ def test_overlapping_pack_steps_in_two_workers_train_every_stage_once(data_root:
             lineage = Lineage(tiny_config(data_root, tmp_path, train__device="cpu"), store)
             jobs = [_counted(lineage.dense_job(seed), counts, lock) for seed in seeds]
             start.wait()
-            got[number] = run_pack_step(jobs, lineage.model, lineage.cfg.train)
+            got[number] = lineage.fetch_or_train(jobs)
         except BaseException as error:  # surfaced below: a thread's assertion would be lost
             errors.append(error)
 
@@ -73,8 +72,7 @@ def test_a_pack_step_fetches_stored_stages_and_shares_repeated_keys(data_root: P
     counts: Counter = Counter()
     lock = threading.Lock()
     jobs = [_counted(lineage.dense_job(seed), counts, lock) for seed in (0, 1, 0)]
-    (first, first_reused), (one, one_reused), (again, again_reused) = run_pack_step(jobs, lineage.model,
-                                                                                    lineage.cfg.train)
+    (first, first_reused), (one, one_reused), (again, again_reused) = lineage.fetch_or_train(jobs)
     assert (first_reused, one_reused, again_reused) == (False, True, True)
     assert one.key == stored.key and again.key == first.key
     assert counts == Counter({first.key: 1})
@@ -93,7 +91,7 @@ def test_confirmation_runs_are_dealt_into_packs_that_fill_every_worker() -> None
 
 
 def test_a_packed_trial_records_and_reports_like_lone_trials(data_root: Path, tmp_path: Path) -> None:
-    """run_trial_pack finishes every member's record and reports every round; a lone trial of
+    """run_trials finishes every member's record and reports every round; a lone trial of
     the same config afterwards trains nothing (same stage keys)."""
     store = StageStore(str(tmp_path / "store"))
     cfgs = [tiny_config(data_root, tmp_path, seed=seed, train__device="cpu", prune__dense_replicates=2)
@@ -101,7 +99,8 @@ def test_a_packed_trial_records_and_reports_like_lone_trials(data_root: Path, tm
     records = [TrialRecord.open(store, "packed", f"t{i}", "s1", None, {}, cfg.model_dump(mode="json"), role="confirm")
                for i, cfg in enumerate(cfgs)]
     reports: list[tuple[int, int]] = []
-    results = run_trial_pack(cfgs, store, lambda member, r, key, metrics: reports.append((member, r)), records)
+    results = run_trials(cfgs, store, [lambda r, key, metrics, i=i: reports.append((i, r)) for i in range(len(cfgs))],
+                         records)
     for i, (cfg, result) in enumerate(zip(cfgs, results)):
         loaded = TrialRecord.load(store, "packed", f"t{i}", role="confirm")
         assert loaded.status == TrialStatus.FINISHED

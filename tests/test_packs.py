@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lth_search.engine.data import Dataset, load_dataset
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import MemoryStages
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.models import build_model
-from lth_search.engine.pack_lineage import LineagePack, run_lineage_pack
+from lth_search.engine.lineage.walk import lineages_for, walk
 from lth_search.engine.packs import PackMember, train_pack
 from lth_search.engine.pruning import ones_mask, prune_round, random_mask_like
 from lth_search.engine.train import train
@@ -55,7 +55,7 @@ def test_float64_pack_members_have_the_lone_lineages_masks_at_every_round(data_r
     lone = _lineages(data_root, tmp_path, torch.float64)
     lone_results = [lineage.run() for lineage in lone]
     packed = _lineages(data_root, tmp_path, torch.float64, store=MemoryStages())
-    pack_results = LineagePack(packed).run()
+    pack_results = walk(packed)
     for alone, member, alone_result, pack_result in zip(lone, packed, lone_results, pack_results):
         assert [e.key for e in member.entries] == [e.key for e in alone.entries]
         assert len(member.entries) == 4
@@ -69,15 +69,39 @@ def test_float64_pack_members_have_the_lone_lineages_masks_at_every_round(data_r
     assert pack_results[2].steps_reused == pack_results[0].dense.steps
 
 
-def test_float32_pack_val_accuracy_within_half_a_point_per_round(data_root: Path, tmp_path: Path) -> None:
-    lone_results = [lineage.run() for lineage in _lineages(data_root, tmp_path, torch.float32)]
-    pack_results = LineagePack(_lineages(data_root, tmp_path, torch.float32, store=MemoryStages())).run()
-    for alone, packed in zip(lone_results, pack_results):
-        assert abs(packed.dense.val_accuracy - alone.dense.val_accuracy) <= 0.005
-        assert len(packed.rounds) == len(alone.rounds) == 3
-        for a, p in zip(alone.rounds, packed.rounds):
-            assert abs(p.val_accuracy - a.val_accuracy) <= 0.005, (a.round, a.val_accuracy, p.val_accuracy)
-            assert p.sparsity == pytest.approx(a.sparsity, abs=0.002)
+def _stage_files(store_root: Path) -> dict[str, bytes]:
+    """Every weight and mask file of a store, by '<key>/<file>'."""
+    return {f"{path.parent.name}/{path.name}": path.read_bytes()
+            for path in sorted((store_root / "stages").glob("*/*/*"))
+            if path.suffix in (".safetensors", ".parquet")}
+
+
+def test_a_stage_key_stores_the_same_bytes_alone_or_in_any_pack(data_root: Path, tmp_path: Path) -> None:
+    """One key, one result (float32, CPU): 8 mixed recipes walked as one pack store, under every
+    key, the bytes each stores walked alone, whatever their pack position and pack-mates; and a
+    lineage with 3 dense replicates stores the same bytes with resources.pack 1 and 8."""
+    recipes = [
+        {"seed": 0}, {"seed": 1, "prune__rate": 0.3}, {"seed": 0, "prune__rewind_step": 20},
+        {"seed": 2, "prune__scope": "layerwise", "prune__init_scale": "measured"},
+        {"seed": 1, "prune__output_ratio": 0.5, "prune__rewind_step": 20},
+        {"seed": 3, "train__schedule": "step", "train__milestones": "[100]"}, {"seed": 0, "prune__init_scale": 1.0},
+        {"seed": 4, "prune__dense_replicates": 2},
+    ]
+    cfgs = [tiny_config(data_root, tmp_path, train__device="cpu", **recipe) for recipe in recipes]
+    alone_store, pack_store = tmp_path / "alone", tmp_path / "pack"
+    for cfg in cfgs:
+        Lineage(cfg, StageStore(str(alone_store))).run()
+    walk(lineages_for(cfgs, StageStore(str(pack_store))))
+    alone, packed = _stage_files(alone_store), _stage_files(pack_store)
+    assert len(alone) >= 8 * 3 and set(alone) == set(packed)
+    assert [name for name in alone if alone[name] != packed[name]] == []
+
+    replicated = {"prune__dense_replicates": 3, "prune__rounds": 2}
+    for pack in (1, 8):
+        cfg = tiny_config(data_root, tmp_path, train__device="cpu", resources__pack=pack, **replicated)
+        Lineage(cfg, StageStore(str(tmp_path / f"replicates{pack}"))).run()
+    one, eight = _stage_files(tmp_path / "replicates1"), _stage_files(tmp_path / "replicates8")
+    assert len(one) == 3 * 3 + 2 * 2 and one == eight  # 3 dense x (end, rewind 0, 20); 2 rounds x (end, mask)
 
 
 def test_pack_stages_go_through_the_store_and_stored_members_are_skipped(data_root: Path, tmp_path: Path) -> None:
@@ -85,7 +109,7 @@ def test_pack_stages_go_through_the_store_and_stored_members_are_skipped(data_ro
     first = tiny_config(data_root, tmp_path, train__device="cpu")
     second = tiny_config(data_root, tmp_path, train__device="cpu", seed=1)
     Lineage(first, store).run()
-    results = run_lineage_pack([first, second], store)
+    results = walk(lineages_for([first, second], store))
     assert results[0].dense.reused == 1 and all(r.reused == 1 for r in results[0].rounds)
     assert results[0].steps_executed == 0
     assert results[1].dense.reused == 0 and all(r.reused == 0 for r in results[1].rounds)

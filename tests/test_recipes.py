@@ -15,7 +15,7 @@ import torch
 from conftest import REPO
 from datafiles import write_cifar, write_mnist
 from lth_search.config import load_config
-from lth_search.engine.lineage import Lineage
+from lth_search.engine.lineage.walk import Lineage
 
 TINY = ["train.steps=4", "train.batch_size=8", "prune.rounds=2", "prune.rewind_steps=[0, 2]", "prune.rewind_step=2",
         "data.val_size=10", "train.milestones=[3]", "tracking.enabled=false", "search.space.rewind_step=null"]

@@ -30,7 +30,7 @@ from reuse_helpers import (
     truncate,
 )
 
-from lth_search.engine.lineage import Lineage
+from lth_search.engine.lineage.walk import Lineage
 from lth_search.store.leases import FileLeaseService, check_key
 from lth_search.store.stages import StageStore
 

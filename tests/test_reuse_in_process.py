@@ -18,8 +18,8 @@ from reuse_helpers import (
     BASE, RECOMPUTED, T, assert_same_masks, flip_bytes, keys_of, masks_of, outcome, reused_flags, stage_steps, truncate,
 )
 
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.results import LineageResult
+from lth_search.engine.lineage.walk import Lineage
+from lth_search.engine.lineage.results import LineageResult
 from lth_search.store.stages import StageStore
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import tiny_config
 
-from lth_search.engine.results import RoundResult
+from lth_search.engine.lineage.results import RoundResult
 from lth_search.runs.confirmation import RecipeScore, candidates
 from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
 from lth_search.runs.trial import run_trial

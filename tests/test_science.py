@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from lth_search.config import load_config
-from lth_search.engine.lineage import Lineage
+from lth_search.engine.lineage.kinds import KINDS
+from lth_search.engine.lineage.walk import Lineage
 
 from conftest import REPO
 
@@ -42,8 +43,8 @@ def imp_and_controls(seed: int, data_root: Path, output_dir: Path) -> tuple:
     lineage = Lineage(cfg)
     result = lineage.run()
     dense, ticket = lineage.entries[0], lineage.entries[-1]
-    shuffled, _ = lineage.control_stage(dense, ticket, "random_prune", 1000 + seed)
-    reinit, _ = lineage.control_stage(dense, ticket, "random_reinit", 2000 + seed)
+    shuffled, _ = lineage.stage(KINDS["random_prune"].round_job(lineage, dense, ticket, len(result.rounds)))
+    reinit, _ = lineage.stage(KINDS["random_reinit"].round_job(lineage, dense, ticket, len(result.rounds)))
     final = result.rounds[-1]
     return (seed, final.sparsity, result.dense.val_accuracy, final.val_accuracy, final.test_accuracy,
             shuffled.metrics["val_accuracy"], shuffled.metrics["test_accuracy"],

@@ -12,7 +12,7 @@ from lth_search.runs.state import results_root
 from lth_search.search.space import (
     OPTUNA_TRIAL_KEY, DefineByRunSpace, choices_of, make_sampler, objectives, space_size, startup_trials, trial_budget,
 )
-from lth_search.engine.results import DenseResult
+from lth_search.engine.lineage.results import DenseResult
 from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
 from lth_search.runs.summary import summarize, summary_lines
 

@@ -20,7 +20,7 @@ from fault_helpers import run_cli
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError, TrackingError
-from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
 from lth_search.store.entry import StageEntry

@@ -23,7 +23,7 @@ from lth_search.api import run_lineage_command
 from lth_search.store.codec import decode_mask, decode_weights
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.tracking.client import read_artifact
-from lth_search.engine.objective import is_matching
+from lth_search.engine.lineage.objective import is_matching
 from lth_search.store.stages import StageStore
 from lth_search.tracking.tickets import best_ticket
 from lth_search.tracking.observers import MlflowTracking

@@ -35,9 +35,16 @@ How a model is batched (`choose_mode`, measured by bench/packs.py, one CPU threa
   on the CPU: there a conv step is compute-bound, and the vmap pack of conv2 ran at
   0.9-1.1x the sequential trainer for R = 2..16, so batching does not pay there.
 
-Equality with `train` is to rounding: a batched matmul sums in another order than a
-single one, so float64 packs give the same masks as lone lineages and float32 packs the
-same accuracies within noise (tests/test_packs.py).
+One key, one result. A stage's bytes must not depend on who trained it: alone or in a
+pack, in which position, with which pack-mates. So a lone stage is trained by the same
+arithmetic as a pack member: `train_pack` runs a pack of one through `_Pack` whenever the
+model's mode batches (bmm, vmap), and through `train` only in "sequential" mode, where a
+pack is itself members trained one by one. Per member, `_Pack` computes the same values
+whatever the pack: each batched kernel works slice by slice (tests/engine/test_packs.py
+checks the bytes at pack sizes 1, 4, 8 and every position, float32 on the CPU), and the
+learning rate is a per-member tensor whenever the schedule is not constant, lone or not
+(a scalar step size rounds differently from a tensor one). Against `train` itself a pack
+differs by rounding only (float64 packs give the same masks as `train`).
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ class PackMember:
     end_step: int | None = None
     mask: dict[str, torch.Tensor] | None = None
     snapshot_steps: Iterable[int] = ()
+    fixed_lr: float | None = None
+    """One constant rate in place of the schedule (fine-tuning at the final rate); only for a
+    schedule that is not constant (under a constant one it *is* the schedule)."""
 
 
 def choose_mode(model: nn.Module, device: torch.device | str) -> str:
@@ -99,7 +109,7 @@ def train_pack(
     mode = choose_mode(model, device) if mode == "auto" else mode
     if mode == "bmm" and not isinstance(model, MLP):
         raise ValueError(f"pack mode 'bmm' batches only the MLP, not {type(model).__name__}")
-    if mode == "sequential" or len(members) == 1:
+    if mode == "sequential":  # a lone member of a batching mode still goes through _Pack: one arithmetic
         return [_train_alone(model, member, recipe) for member in members]
     return _Pack(model, members, recipe, mode).run()
 
@@ -107,7 +117,7 @@ def train_pack(
 def _train_alone(model: nn.Module, member: PackMember, recipe: TrainConfig) -> TrainResult:
     model.load_state_dict(member.state)
     return train(model, member.data, recipe, member.seed, member.start_step, member.end_step, member.mask,
-                 member.snapshot_steps)
+                 member.snapshot_steps, member.fixed_lr)
 
 
 # The optimizer over the stacks -------------------------------------------------------------
@@ -223,6 +233,8 @@ class _Pack:
         if len(per_epoch) > 1:
             raise ValueError("pack members must have train splits of the same length (the recipe's epochs differ)")
         schedule = Schedule.from_recipe(recipe, per_epoch.pop())
+        if schedule.constant and any(m.fixed_lr is not None for m in members):
+            raise ValueError("fixed_lr replaces a schedule that is not constant (under a constant one it is the schedule)")
         ends = [schedule.total_steps if m.end_step is None else m.end_step for m in members]
         lengths = [max(end - m.start_step, 0) for m, end in zip(members, ends)]
         self.order = sorted(range(len(members)), key=lambda i: -lengths[i])  # stable: ties keep input order
@@ -281,11 +293,13 @@ class _Pack:
         self.offsets = torch.tensor(offsets, device=self.device).repeat_interleave(self.batch) if len(xs) > 1 else None
 
     def _lr(self, t: int, k: int) -> Lr:
+        """The step's learning rate: one number under a constant schedule, else a tensor of one
+        rate per member, even when they are equal or there is one member, so that a member's
+        arithmetic never depends on its pack-mates."""
         if self.schedule.constant:
             return self.recipe.lr
-        rates = [self.schedule.lr_at(self.members[j].start_step + t) for j in range(k)]
-        if all(r == rates[0] for r in rates):
-            return rates[0]
+        rates = [m.fixed_lr if m.fixed_lr is not None else self.schedule.lr_at(m.start_step + t)
+                 for m in self.members[:k]]
         return torch.tensor(rates, dtype=self.params[self.param_names[0]].dtype, device=self.device)
 
     def _inputs(self, t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

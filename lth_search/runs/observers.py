@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from lth_search.config import ExperimentConfig
-from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.store.entry import StageEntry
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from lth_search.engine.results import (
+from lth_search.engine.lineage.results import (
     DenseResult,
     LineageResult,
     RoundResult,

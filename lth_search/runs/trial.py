@@ -1,6 +1,7 @@
 """One search trial = one IMP lineage, run without Ray.
 
-`run_trial` walks the trial's lineage through the stage store and, after every stage,
+`run_trials` walks the trials' lineages (one, or a pack: the confirmation's runs) through
+the stage store and, after every stage,
 updates the trial record in the store, lets an observer (the MLflow child run, when
 tracking is on) log it, and hands the round's report to `report`. In a search,
 `report` is Ray Tune's (search/trainable.py: `tune.report` plus a tiny checkpoint); in
@@ -20,10 +21,10 @@ import torch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset
-from lth_search.engine.kinds import KindLineage
-from lth_search.engine.lineage import Lineage
-from lth_search.engine.stage_source import StageSource
-from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.engine.lineage.probes import attach_probes
+from lth_search.engine.lineage.results import LineageResult, RoundResult
+from lth_search.engine.lineage.stages import StageSource
+from lth_search.engine.lineage.walk import Lineage, lineages_for, walk
 from lth_search.runs.observers import TrialObserver
 from lth_search.runs.record import TrialRecord, TrialStatus
 
@@ -101,13 +102,11 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
 
 
 class TrialRun:
-    """The lineage callbacks of one trial: record to the store, log, report."""
+    """The walk's callbacks for one trial: record to the store, log, report."""
 
-    def __init__(
-        self, cfg: ExperimentConfig, lineage: Lineage | KindLineage, store: StageSource, record: TrialRecord | None,
-        observer: TrialObserver | None, report: Report, done: int, extra: dict[str, Any],
-        on_dense: Callable[[LineageResult], None] | None = None,
-    ) -> None:
+    def __init__(self, cfg: ExperimentConfig, lineage: Lineage, store: StageSource, record: TrialRecord | None,
+                 observer: TrialObserver | None, report: Report, done: int, extra: dict[str, Any],
+                 on_dense: Callable[[LineageResult], None] | None = None) -> None:
         self.cfg, self.lineage, self.store, self.record = cfg, lineage, store, record
         self.observer, self.report, self.done, self.extra = observer, report, done, extra
         self.dense_hook = on_dense
@@ -127,7 +126,7 @@ class TrialRun:
             self.observer.log_dense(result, self.lineage.entries[0])
         if self.dense_hook is not None:
             self.dense_hook(result)
-        if self.cfg.prune.rounds == 0 and self.done < 0:
+        if (self.cfg.prune.rounds == 0 or result.failed) and self.done < 0:
             self.report(0, result.dense.key, {**round_report(result, None, self.attempt), **self.extra})
 
     def on_round(self, round_result: RoundResult, result: LineageResult) -> None:
@@ -137,6 +136,54 @@ class TrialRun:
         if round_result.round > self.done:  # else reported before a restart: Tune and Optuna have it
             metrics = {**round_report(result, round_result, self.attempt), **self.extra}
             self.report(round_result.round, round_result.key, metrics)
+
+    def finish(self, result: LineageResult) -> None:
+        if self.record is not None:
+            self.record.status = TrialStatus.FINISHED
+        self.save(result)
+        if self.observer is not None:
+            self.observer.finish(result, TrialStatus.FINISHED)
+
+
+def run_trials(
+    cfgs: list[ExperimentConfig],
+    store: StageSource,
+    reports: list[Report],
+    records: list[TrialRecord | None] | None = None,
+    observers: list[TrialObserver | None] | None = None,
+    done: list[int] | None = None,
+    node_id: str | None = None,
+    dataset: Dataset | None = None,
+    on_dense: Callable[[LineageResult], None] | None = None,
+) -> list[LineageResult]:
+    """Walk the trials' lineages together (engine/lineage/walk.py: packs where they share an
+    architecture): record, log and report after every stage; finish each record.
+
+    `records` (a search trial's, saved in the store after every stage; None for a lone
+    `lth-search lineage`), `observers` (tracking, or None), `done` the last round each trial
+    reported before a restart (-1: none). A trial a scheduler stops ends inside its
+    `report` (Ray raises there), after its record was written; the driver sets the
+    record's final status then.
+    """
+    count = len(cfgs)
+    records = records or [None] * count
+    observers = observers or [None] * count
+    done = done or [-1] * count
+    limit_resources(cfgs[0])
+    for record, restored in zip(records, done):
+        if record is not None:
+            record.begin_attempt(node_id, restored)
+    lineages = [Lineage(cfgs[0], store, dataset)] if count == 1 and dataset is not None else lineages_for(cfgs, store)
+    for lineage in lineages:
+        attach_probes(lineage)
+    extra = {"node_id": node_id} if node_id is not None else {}
+    runs = [TrialRun(cfg, lineage, store, record, observer, report, restored, extra, on_dense)
+            for cfg, lineage, record, observer, report, restored in zip(cfgs, lineages, records, observers, reports, done)]
+    results = walk(lineages, on_dense=lambda i, result: runs[i].on_dense(result),
+                   on_round=lambda i, round_result, result: runs[i].on_round(round_result, result))
+    for run, result in zip(runs, results):
+        run.finish(result)
+    return results
 
 
 def run_trial(
@@ -150,24 +197,6 @@ def run_trial(
     node_id: str | None = None,
     on_dense: Callable[[LineageResult], None] | None = None,
 ) -> LineageResult:
-    """Walk the trial's lineage: record, log and report after every stage; finish the record.
-
-    `record` (a search trial's, saved in the store after every stage; None for a lone
-    `lth-search lineage`), `observer` (tracking, or None), `done` the last round this
-    trial reported before a restart (-1: none). A trial a scheduler stops ends inside
-    `report` (Ray raises there), after its record was written; the driver sets the
-    record's final status then.
-    """
-    limit_resources(cfg)
-    if record is not None:
-        record.begin_attempt(node_id, done)
-    lineage = KindLineage(Lineage(cfg, store, dataset))  # prune.kind; imp runs Lineage.run itself
-    extra = {"node_id": node_id} if node_id is not None else {}
-    run = TrialRun(cfg, lineage, store, record, observer, report, done, extra, on_dense)
-    result = lineage.run(on_round=run.on_round, on_dense=run.on_dense)
-    if record is not None:
-        record.status = TrialStatus.FINISHED
-    run.save(result)
-    if observer is not None:
-        observer.finish(result, TrialStatus.FINISHED)
+    """One trial: `run_trials` with one lineage."""
+    [result] = run_trials([cfg], store, [report], [record], [observer], [done], node_id, dataset, on_dense)
     return result

@@ -4,7 +4,7 @@ Each run is a whole lineage of a candidate recipe with the search config's seed 
 by a fresh one (new data split, init and batch order), its stages through the same store.
 The runs are dealt into packs (runs/confirmation.py `pack_runs`: at least one per
 concurrent worker, at most `resources.pack` lineages each); a Ray trial walks one pack
-with the Ray-free `run_trial_pack`, as one batched network per step. Its record goes to the
+with the Ray-free `run_trials`, as one batched network per step. Its record goes to the
 search's `confirm-<name>` records, not MLflow's child runs: the parent run shows the
 confirmation table (runs/confirmation.py scores it). A driver killed during
 confirmation reruns it on resume, and every stored stage is reused.
@@ -27,7 +27,7 @@ from lth_search.runs.confirmation import (
     recipe_text,
 )
 from lth_search.runs.record import TrialRecord
-from lth_search.runs.trial_pack import run_trial_pack
+from lth_search.runs.trial import run_trials
 from lth_search.search.console import result_files
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.ray_storage import ray_storage
@@ -62,11 +62,11 @@ def confirm_trial(
         for cfg, (index, seed) in zip(cfgs, runs)
     ]
 
-    def report(member: int, round_index: int, _: str, metrics: dict[str, Any]) -> None:
-        index, seed = runs[member]
-        tune.report({"recipe": index, "seed": seed, **metrics})
+    def reporter(index: int, seed: int) -> Callable[[int, str, dict[str, Any]], None]:
+        return lambda _round, _key, metrics: tune.report({"recipe": index, "seed": seed, **metrics})
 
-    run_trial_pack(cfgs, store, report, records, node_id=ray.get_runtime_context().get_node_id())
+    run_trials(cfgs, store, [reporter(index, seed) for index, seed in runs], records,
+               node_id=ray.get_runtime_context().get_node_id())
 
 
 def run_confirmation(

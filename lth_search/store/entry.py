@@ -3,6 +3,7 @@
 A stage's output (`StageEntry`: metrics, named weight sets, named masks) is stored as
 safetensors and Parquet files (codec.py) plus ``manifest.json``, which makes the entry
 exist. The manifest holds format, key, kind, inputs, metrics, created_at, code_version,
+provenance (torch version, device type, dtype),
 ``files: {filename: {sha256, bytes}}`` and a ``checksum`` (sha256 of the canonical JSON
 of all other fields), so every byte of an entry is verified when read. Anything that
 fails verification raises `Corrupt`, which the store (stages.py) treats as absent.
@@ -54,6 +55,9 @@ class StageEntry:
     masks: dict[str, Mask] = field(default_factory=dict)
     created_at: str = ""
     code_version: str = ""
+    provenance: dict[str, str] = field(default_factory=dict)
+    """How the stage was computed: torch version, device type, dtype (engine/lineage/keys.py
+    `provenance`); one key stores one result per (device type, dtype)."""
 
 
 Check = Callable[[StageEntry], "str | None"]
@@ -96,6 +100,7 @@ def _manifest_body(entry: StageEntry, files: dict[str, bytes]) -> dict[str, Any]
         "metrics": entry.metrics,
         "created_at": entry.created_at,
         "code_version": entry.code_version,
+        "provenance": entry.provenance,
         "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
     }
 
@@ -144,6 +149,8 @@ def decode_entry(key: str, manifest_bytes: bytes, read: Callable[[str], bytes | 
         masks=masks,
         created_at=manifest["created_at"],
         code_version=manifest["code_version"],
+        provenance={str(k): str(v) for k, v in manifest.get("provenance", {}).items()}
+        if isinstance(manifest.get("provenance"), dict) else {},
     )
 
 

@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lth_search.engine.results import DenseResult, LineageResult, RoundResult
+    from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
 
 # Tags
 ROLE = "lth.role"                 # search | trial | lineage

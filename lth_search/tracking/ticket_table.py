@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
-from lth_search.engine.objective import is_matching
+from lth_search.engine.lineage.objective import is_matching
 from lth_search.errors import TrackingError
 from lth_search.tracking.client import (
     first_line,

@@ -29,7 +29,7 @@ from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
-from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.entry import StageEntry

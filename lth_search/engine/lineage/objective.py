@@ -12,6 +12,10 @@ Two parts, both pure (no Ray, no MLflow):
   examples both get right or both get wrong cancel. What pairing cannot remove is the
   seed noise of training itself (the ticket's and the replicates'); the spread of the
   replicates' accuracies on the same split measures it, and the verdict's `se` adds it.
+- Failure: a stage whose training loss is not finite, or whose val accuracy is no better
+  than always answering the most common class, did not train. Such a round never
+  matches (it would otherwise "match" a dense network that failed too), and a dense
+  network that failed stops its lineage: there is nothing to be a ticket of.
 - The score: the sparsity of the last round of the lineage's unbroken matching run.
   A lineage may miss `patience - 1` rounds in a row and continue its run with a later
   pass; `patience` misses in a row end the run, and no pass after that counts. The
@@ -108,6 +112,26 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
     seed_sd = float(d.mean(axis=1).std(ddof=1)) if k > 1 else 0.0
     se = math.sqrt(se_paired**2 + seed_sd**2 * (1 + 1 / k))
     return Verdict(margin >= -tolerance - _EPS, margin, se, se_paired, seed_sd, float(bar.mean()))
+
+
+# Failed training ---------------------------------------------------------------------------
+def chance_level(labels: np.ndarray) -> float:
+    """The val accuracy of always answering the most common class (0 for an empty split)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return 0.0
+    return float(np.bincount(labels.astype(np.int64).ravel()).max() / labels.size)
+
+
+def training_failure(train_loss: float, val_accuracy: float, chance: float, n: int) -> str | None:
+    """Why a stage did not train (None if it did): a non-finite loss, or val accuracy no better
+    than chance, i.e. not two standard errors of a chance-level classifier above it."""
+    if not math.isfinite(train_loss):
+        return f"training loss is {train_loss}"
+    bar = chance + 2 * math.sqrt(max(chance * (1 - chance), 0.0) / max(n, 1))
+    if not math.isfinite(val_accuracy) or val_accuracy <= bar:
+        return f"val accuracy {100 * val_accuracy:.2f}% is no better than chance ({100 * chance:.2f}%, the most common class)"
+    return None
 
 
 # The score --------------------------------------------------------------------------------

@@ -33,28 +33,31 @@ from lth_search.engine.diagnostics import (
     sign_preservation,
     trajectory_alignment,
 )
-from lth_search.engine.models import build_model
-from lth_search.engine.results import RoundDiagnostics
-from lth_search.engine.train import train
+from lth_search.engine.lineage import keys
+from lth_search.engine.lineage.kinds import kind_of, reinit_state
+from lth_search.engine.lineage.results import RoundDiagnostics
+from lth_search.engine.packs import PackMember, train_pack
 from lth_search.errors import ConfigError
-from lth_search.store.keys import content_key
 from lth_search.store.entry import StageEntry
 
 if TYPE_CHECKING:
-    from lth_search.engine.lineage import Lineage
+    from lth_search.engine.lineage.walk import Lineage
 
 log = logging.getLogger(__name__)
 
 STABILITY_SEED = 7919
 """Added to the experiment seed for the second copy's data order."""
 PERTURBATION_SEED = 104729
-REWINDING_KINDS = ("imp", "oneshot", "random_prune", "snip", "grasp", "synflow")
-"""Kinds whose rounds train from theta_k with their mask (stability is defined for them)."""
 
 
 def stage_kind(entry: StageEntry) -> str:
     """The lineage kind a stage belongs to (IMP rounds carry none in their inputs)."""
     return str(entry.inputs.get("kind", "imp"))
+
+
+def rewinds(entry: StageEntry) -> bool:
+    """Whether `entry`'s round trained from theta_k with its mask (stability is defined then)."""
+    return kind_of(stage_kind(entry)).rewinds
 
 
 def attach_probes(lineage: "Lineage") -> None:
@@ -82,10 +85,7 @@ class RoundProbes:
     def reference_state(self, dense: StageEntry, entry: StageEntry) -> dict[str, torch.Tensor]:
         """The initial weights of `entry`'s kind (theta_k, or a random re-initialisation's own)."""
         if stage_kind(entry) == "random_reinit":
-            lineage = self.lineage
-            fresh = build_model(lineage.cfg.model, lineage.data.input_shape, lineage.data.num_classes,
-                                int(entry.inputs["seed"]))
-            return fresh.state_dict()
+            return reinit_state(self.lineage, int(entry.inputs["seed"]))
         return self.rewind_state(dense)
 
     def gradient(self, dense: StageEntry) -> dict[str, torch.Tensor]:
@@ -117,9 +117,9 @@ class RoundProbes:
             # pruning spreads sparsity unevenly by design) only in the log and the round's diagnostics
             level = logging.WARNING if " collapsed:" in line else logging.INFO
             log.log(level, "round %s (%s): %s", entry.metrics.get("round", "?"), stage_kind(entry), line)
-        if self.settings.stability and stage_kind(entry) in REWINDING_KINDS:
+        if self.settings.stability and rewinds(entry):
             result.barrier = float(self.stability(dense, entry).metrics["barrier"])
-        if self.settings.perturbation is not None and stage_kind(entry) in REWINDING_KINDS:
+        if self.settings.perturbation is not None and rewinds(entry):
             result.perturbed_val_accuracy = float(self.perturbation(dense, entry).metrics["val_accuracy"])
         return result
 
@@ -129,13 +129,14 @@ class RoundProbes:
         error barrier on the val split between its end weights and the round's."""
         lineage = self.lineage
         points = interpolation_points(self.settings.stability_points)
-        inputs = {"stage": "stability", "format": 1, "parent": entry.key, "points": len(points),
-                  "data_seed": lineage.cfg.seed + STABILITY_SEED}
+        inputs = keys.stability_inputs(entry.key, len(points), lineage.cfg.seed + STABILITY_SEED)
 
-        def compute(key: str) -> StageEntry:
-            copy = lineage.train_stage(key, inputs, dense, entry.masks["mask"], int(entry.metrics.get("round", 0)),
-                                       start_weights=self.reference_state(dense, entry), data_seed=inputs["data_seed"])
-            return self._barrier_entry(key, inputs, entry.weights["end"], copy.weights["end"], points)
+        def compute() -> StageEntry:
+            job = lineage.masked_job(inputs, dense, lambda: entry.masks["mask"], int(entry.metrics.get("round", 0)),
+                                     start_weights=lambda: self.reference_state(dense, entry),
+                                     data_seed=inputs["data_seed"])
+            copy = job.finish(train_pack(lineage.model, [job.member()], lineage.cfg.train, lineage.mode)[0])
+            return self._barrier_entry(inputs, entry.weights["end"], copy.weights["end"], points)
 
         return self._stage(inputs, compute)
 
@@ -146,17 +147,14 @@ class RoundProbes:
             raise ConfigError(f"diagnostics.stability_steps: {step} is not a kept rewind step "
                               f"(prune.rewind_steps = {lineage.cfg.prune.rewind_steps})")
         points = interpolation_points(self.settings.stability_points)
-        inputs = {"stage": "dense_stability", "format": 1, "parent": dense.key, "step": step,
-                  "points": len(points), "data_seed": lineage.cfg.seed + STABILITY_SEED}
+        inputs = keys.dense_stability_inputs(dense.key, step, len(points), lineage.cfg.seed + STABILITY_SEED)
 
-        def compute(key: str) -> StageEntry:
+        def compute() -> StageEntry:
             start = dense.weights[f"rewind_{step}"]
-            ends = []
-            for seed in (lineage.cfg.seed, inputs["data_seed"]):
-                lineage.model.load_state_dict(start)
-                trained = train(lineage.model, lineage.data, lineage.cfg.train, seed, step, lineage.total_steps)
-                ends.append(trained.state)
-            return self._barrier_entry(key, inputs, ends[0], ends[1], points)
+            members = [PackMember(start, lineage.data, seed, step, lineage.total_steps)
+                       for seed in (lineage.cfg.seed, inputs["data_seed"])]
+            ends = [result.state for result in train_pack(lineage.model, members, lineage.cfg.train, lineage.mode)]
+            return self._barrier_entry(inputs, ends[0], ends[1], points)
 
         return self._stage(inputs, compute)
 
@@ -164,26 +162,26 @@ class RoundProbes:
         """`entry`'s round retrained from theta_k plus relative Gaussian noise on the kept weights."""
         lineage = self.lineage
         epsilon = float(self.settings.perturbation)
-        inputs = {"stage": "perturbation", "format": 1, "parent": entry.key, "epsilon": epsilon,
-                  "seed": lineage.cfg.seed + PERTURBATION_SEED}
+        inputs = keys.perturbation_inputs(entry.key, epsilon, lineage.cfg.seed + PERTURBATION_SEED)
 
-        def compute(key: str) -> StageEntry:
+        def compute() -> StageEntry:
             mask = entry.masks["mask"]
             start = perturbed_start(self.reference_state(dense, entry), mask, epsilon, inputs["seed"])
-            trained = lineage.train_stage(key, inputs, dense, mask, int(entry.metrics.get("round", 0)),
-                                          start_weights=start)
-            return StageEntry(key=key, kind="perturbation", inputs=inputs,
-                              metrics={k: trained.metrics[k] for k in ("val_accuracy", "test_accuracy", "steps")})
+            job = lineage.masked_job(inputs, dense, lambda: mask, int(entry.metrics.get("round", 0)),
+                                     start_weights=lambda: start)
+            trained = job.finish(train_pack(lineage.model, [job.member()], lineage.cfg.train, lineage.mode)[0])
+            return StageEntry(key=job.key, kind="perturbation", inputs=inputs,
+                              metrics={k: trained.metrics[k] for k in ("val_accuracy", "test_accuracy", "steps")},
+                              provenance=lineage.provenance)
 
         return self._stage(inputs, compute)
 
     # Helpers --------------------------------------------------------------------------------
     def _stage(self, inputs: dict[str, Any], compute: Any) -> StageEntry:
-        key = content_key(inputs)
-        entry, _ = self.lineage.store.get_or_compute(key, lambda: compute(key))
+        entry, _ = self.lineage.store.get_or_compute(keys.stage_key(inputs), compute)
         return entry
 
-    def _barrier_entry(self, key: str, inputs: dict[str, Any], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+    def _barrier_entry(self, inputs: dict[str, Any], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                        points: list[float]) -> StageEntry:
         lineage = self.lineage
         device = lineage.device
@@ -191,5 +189,6 @@ class RoundProbes:
         b = {n: t.to(device) for n, t in b.items()}
         val = lineage.data.val
         errors = interpolation_errors(lineage.model, a, b, val.x, val.y, points)
-        return StageEntry(key=key, kind="stability", inputs=inputs,
-                          metrics={"barrier": error_barrier(points, errors), "errors": errors, "points": points})
+        return StageEntry(key=keys.stage_key(inputs), kind="stability", inputs=inputs,
+                          metrics={"barrier": error_barrier(points, errors), "errors": errors, "points": points},
+                          provenance=lineage.provenance)

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lth_search.engine.objective import Matching, matching, run_ended, verdicts
+from lth_search.engine.lineage.objective import Matching, matching, run_ended, verdicts
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +64,8 @@ class DenseResult(StageResult):
     baseline_test_accuracy: float | None = None
     baseline_val_sd: float = 0.0
     """Standard deviation of the replicates' val accuracies: training-seed noise on this split."""
+    failed: str | None = None
+    """Why the dense network (or a replicate) did not train (None: it did); the lineage then stops."""
 
 
 @dataclass
@@ -110,6 +112,8 @@ class RoundResult(StageResult):
     """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
     diagnostics: RoundDiagnostics | None = None
     """Sign preservation, trajectory alignment, layer health, optional probes (diagnostics.*)."""
+    failed: str | None = None
+    """Why the round did not train (a non-finite loss, chance-level accuracy); it never matches."""
 
     def __post_init__(self) -> None:
         if isinstance(self.diagnostics, dict):  # read back from JSON (a trial record, sync)
@@ -133,9 +137,21 @@ class LineageResult:
     """Misses in a row that end the unbroken matching run (prune.patience)."""
     target_sparsity: float | None = None
     stop_reason: str = ""
-    """Why the walk ended: "run_ended", "target_sparsity" or "cap" ("" while it runs)."""
+    """Why the walk ended: "run_ended", "target_sparsity", "dense_failed" or "cap" ("" while it runs)."""
     kind: str = "imp"
-    """The lineage kind (prune.kind, engine/kinds.py)."""
+    """The lineage kind (prune.kind, engine/lineage/kinds.py)."""
+
+    @property
+    def failed(self) -> str | None:
+        """Why the lineage has no ticket at all: its dense network did not train (None: it did)."""
+        return self.dense.failed
+
+    def count(self, steps: int, reused: bool) -> None:
+        """Count a stage's training steps as executed here or taken from the store."""
+        if reused:
+            self.steps_reused += steps
+        else:
+            self.steps_executed += steps
 
     @property
     def best(self) -> Matching:
@@ -185,4 +201,5 @@ class LineageResult:
             "matching_val_accuracy": best.val_accuracy,
             "patience": self.patience,
             "stop_reason": self.stop_reason,
+            "failed": self.failed,
         }
