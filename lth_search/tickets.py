@@ -9,10 +9,11 @@ A ticket is one (trial, round), and it has two halves that must not be confused:
   for inference (`Ticket.trained_model()`, `trained.safetensors`, `models:/NAME@best`).
 
 Selection uses validation accuracy and reporting uses test, as in the search. Default
-criterion: the sparsest ticket whose val accuracy is within the trial config's
-`search.tolerance` of its dense network (ties: higher val); `max_accuracy_drop`
-replaces the tolerance; `min_sparsity` asks instead for the best val accuracy at or
-above a sparsity.
+criterion: the search's best ticket (runs/best.py, the one definition the console, the
+parent run and the registered model share): the round that ends the unbroken matching
+run of the best trial of the confirmed recipe. `max_accuracy_drop` asks another question,
+and says so: the sparsest round within that val drop of dense; `min_sparsity` the best
+val accuracy at or above a sparsity.
 
     t = lth_search.best_ticket(experiment="quickstart", max_accuracy_drop=0.01)
     net = t.trained_model()     # inference: the trained sparse network
@@ -38,6 +39,7 @@ from lth_search.config.names import check_location
 from lth_search.engine.lineage.objective import is_matching
 from lth_search.engine.pruning import masked_state, rewind_weights
 from lth_search.errors import ConfigError, RuntimeFailure, TrackingError
+from lth_search.runs.best import TrialTicket, best_trial_ticket
 from lth_search.store.codec import Mask
 
 MASK_SUFFIX = "_mask"
@@ -225,10 +227,11 @@ def check_fraction(value: float | None, what: str, example: str) -> None:
 
 def criterion_text(max_accuracy_drop: float | None = None, min_sparsity: float | None = None) -> str:
     if min_sparsity is not None:
-        return f"best val accuracy at sparsity >= {100 * min_sparsity:.2f}%"
+        return f"not the search's best ticket: the best val accuracy at sparsity >= {100 * min_sparsity:.2f}%"
     if max_accuracy_drop is not None:
-        return f"sparsest ticket within {100 * max_accuracy_drop:.2f} pp of dense val accuracy"
-    return "sparsest ticket within the search tolerance of dense val accuracy"
+        return (f"not the search's best ticket: the sparsest round within {100 * max_accuracy_drop:.2f} pp of "
+                "dense val accuracy")
+    return "the search's best ticket: the end of the unbroken matching run of its best (confirmed) trial"
 
 
 def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = None,
@@ -245,9 +248,12 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
     check_fraction(min_sparsity, "min_sparsity", "0.9 = 90%")
     if not rows:
         raise TrackingError("the search has no tickets in MLflow yet (no completed round)")
-    if confirmed_trial is not None and max_accuracy_drop is None and min_sparsity is None:
-        confirmed = [r for r in rows if r["trial_id"] == confirmed_trial]
-        rows = confirmed or rows
+    trained = [r for r in rows if not r.get("failed")]
+    if not trained:
+        raise TrackingError(f"no ticket: every round of the {len(rows)} failed to train (see the runs' lth.failed tag)")
+    rows = trained
+    if max_accuracy_drop is None and min_sparsity is None and all(r.get("matching_round", -1) >= 0 for r in rows):
+        return _search_best(rows, confirmed_trial)
     if min_sparsity is not None:
         pool = [r for r in rows if r["sparsity"] >= min_sparsity - 1e-12]
         if not pool:
@@ -270,6 +276,24 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
             f" (the closest drops {100 * (closest['dense_val_accuracy'] - closest['val_accuracy']):.2f} pp)")
         raise TrackingError(f"no ticket matches: none of {len(rows)} is the {criterion_text(max_accuracy_drop)}{hint}")
     return max(pool, key=lambda r: (r["sparsity"], r["val_accuracy"]))
+
+
+def _search_best(rows: list[dict[str, Any]], confirmed_trial: str | None) -> dict[str, Any]:
+    """The row of the search's best ticket (runs/best.py): the round that ends the unbroken
+    matching run of the best trial (of the confirmed trial, when the search confirmed one)."""
+    ends = {(str(r["trial_id"]), r["round"]): r for r in rows}
+    tickets = {}
+    for r in rows:  # every trial's ticket; round 0 (the dense network) when none of its rounds matched
+        trial, end = str(r["trial_id"]), int(r["matching_round"])
+        tickets[trial] = (TrialTicket(trial, end, r["sparsity"], r["val_accuracy"]) if r["round"] == end else
+                          tickets.get(trial, TrialTicket(trial, 0, 0.0, r["dense_val_accuracy"] or 0.0)))
+    best = best_trial_ticket(tickets.values(), trial_id=confirmed_trial)
+    if best is None or best.round == 0:
+        closest = max(rows, key=lambda r: r.get("margin") if r.get("margin") is not None else -1.0)
+        margin = closest.get("margin")
+        hint = "" if margin is None else f" (the closest margin is {100 * margin:+.2f} pp)"
+        raise TrackingError(f"no ticket matches: no round of the {len(rows)} matched its dense network{hint}")
+    return ends[(best.trial_id, best.round)]  # type: ignore[union-attr]
 
 
 # Text ----------------------------------------------------------------------------------------

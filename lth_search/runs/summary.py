@@ -8,27 +8,26 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lth_search.runs.best import TrialTicket, best_trial_ticket
 from lth_search.runs.confirmation import Confirmation, confirmation_lines
 from lth_search.runs.record import TrialRecord, TrialStatus
 
 
-def best_record(records: list[TrialRecord]) -> TrialRecord | None:
-    """The trial with the highest matching sparsity (ties: higher val accuracy at it)."""
-    scored = [r for r in records if r.matching is not None]
-    if not scored:
+def trial_ticket(record: TrialRecord) -> TrialTicket | None:
+    """A trial record's ticket (None before its dense stage)."""
+    if record.matching is None:
         return None
-    return max(scored, key=lambda r: (r.matching.sparsity, r.matching.val_accuracy))
+    failed = record.dense is not None and record.dense.failed is not None
+    return TrialTicket(record.trial_id, record.matching.round, record.matching.sparsity,
+                       record.matching.val_accuracy, record.choices, failed)
 
 
 def chosen_record(records: list[TrialRecord], confirmation: Confirmation | None) -> TrialRecord | None:
-    """The search trial that holds the best ticket: the best trial of the confirmed recipe
-    (without confirmation, the best trial)."""
-    if confirmation is not None:
-        recipe = confirmation.chosen.recipe
-        same = [r for r in records if r.choices == recipe]
-        if same:
-            return best_record(same)
-    return best_record(records)
+    """The search trial that holds the best ticket (runs/best.py): the best trial of the
+    confirmed recipe (without confirmation, the best trial)."""
+    tickets = [t for t in map(trial_ticket, records) if t is not None]
+    best = best_trial_ticket(tickets, recipe=confirmation.chosen.recipe if confirmation is not None else None)
+    return next((r for r in records if best is not None and r.trial_id == best.trial_id), None)
 
 
 def summarize(
@@ -49,6 +48,7 @@ def summarize(
         "rounds": rounds,
         "steps_executed": sum(r.steps_executed for r in records),
         "steps_reused": sum(r.steps_reused for r in records),
+        "failed": sum(r.dense is not None and r.dense.failed is not None for r in records),
         "best": None,
     }
     if best is not None and best.matching is not None and best.dense is not None:
@@ -81,7 +81,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     best = summary.get("best")
     if best is None:
-        lines.append("best ticket: none (no trial reported a round)")
+        failed = summary.get("failed", 0)
+        lines.append("best ticket: none (" + (f"every lineage failed to train: {failed} of {summary['trials']}; see the "
+                     "warnings above" if failed else "no trial reported a round") + ")")
     elif best["round"] == 0:
         lines.append(
             f"best ticket: none matched dense within tolerance; dense val {_pct(best['dense_val_accuracy'])}, "

@@ -97,6 +97,7 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
         matching_val_accuracy=best.val_accuracy,
         matching_round=best.round,
         attempt=attempt,
+        lineage_failed=result.failed or "",
     )
     return metrics
 

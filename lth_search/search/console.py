@@ -113,6 +113,10 @@ class SearchConsole(tune.Callback):
 
     def ended(self, trial: Any, status: TrialStatus) -> None:
         result = trial.last_result or {}
+        if result.get("lineage_failed"):
+            self.line(f"trial {trial.trial_id} has no ticket: its {result['lineage_failed']}; try a lower train.lr "
+                      "(or a warmup), and check the data for NaN or inf")
+            return
         how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {result.get('round', 0)}"
         self.line(
             f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
@@ -136,7 +140,8 @@ class SearchConsole(tune.Callback):
         """'3/12 done, 2 running; best so far 87.0% sparsity (trial X, val 61.2%)'."""
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
-        scored = [t.last_result for t in trials if (t.last_result or {}).get(PRIMARY_METRIC) is not None]
+        scored = [t.last_result for t in trials
+                  if (t.last_result or {}).get(PRIMARY_METRIC) is not None and not t.last_result.get("lineage_failed")]
         text = f"{done}/{self.num_trials} done, {running} running"
         if scored:
             best = max(scored, key=lambda r: (r[PRIMARY_METRIC], r.get("matching_val_accuracy", 0.0)))

@@ -22,6 +22,7 @@ REWIND_STEP = "lth.rewind_step"
 INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
+FAILED = "lth.failed"             # why the lineage's dense network did not train (a failed run has no ticket)
 SEARCH_ID = "lth.search_id"       # the search (Optuna study) a trial belongs to
 OPTUNA_TRIAL = "lth.optuna_trial" # the trial's number in that Optuna study
 PARENT = "mlflow.parentRunId"
@@ -58,7 +59,8 @@ MASK_RE = re.compile(r"round_(\d+)\.parquet$")
 
 
 # Metrics
-ROUND_METRICS = ("val_accuracy", "test_accuracy", "sparsity", "reused", "train_loss", "train_steps_per_s")
+ROUND_METRICS = ("val_accuracy", "test_accuracy", "sparsity", "reused", "train_loss", "train_steps_per_s", "matches",
+                 "margin", "failed")
 """Logged at step = round for every round."""
 DENSE_VAL, DENSE_TEST = "dense_val_accuracy", "dense_test_accuracy"
 
@@ -76,7 +78,10 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
         "train_loss": round_result.train_loss,
         "train_steps_per_s": round_result.train_steps_per_s,
         "reused": float(round_result.reused),
+        "failed": float(round_result.failed is not None),
     }
+    if round_result.matches is not None:  # the paired verdict against the dense replicates
+        metrics.update(matches=float(round_result.matches), margin=float(round_result.margin))
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
     metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
     if round_result.diagnostics is not None:
@@ -123,6 +128,7 @@ def summary_metrics(result: "LineageResult") -> dict[str, float]:
         "matching_val_accuracy": best.val_accuracy,
         "matching_test_accuracy": result.matching_test_accuracy,
         "rounds_completed": float(len(result.rounds)),
+        "lineage_failed": float(result.failed is not None),
     }
     if result.rounds:
         top = max(result.rounds, key=lambda r: (r.val_accuracy, r.sparsity))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lth_search.config import ExperimentConfig
-from lth_search.store.keys import content_key
+from lth_search.engine.lineage.keys import lineage_identity as stages_identity
 from lth_search.tracking.client import MlflowIO
 from lth_search.tracking.layout import LINEAGE_KEY
 from lth_search.tracking.links import experiment_id, sync_hint, ui_hint
@@ -34,10 +34,8 @@ def lineage_tracker(cfg: ExperimentConfig) -> TrialTracker:
 
 def lineage_identity(cfg: ExperimentConfig) -> str:
     """A hash of everything a lineage's stages depend on (not where outputs go): equal for a rerun."""
-    return content_key({
-        "data": cfg.data.identity(), "model": cfg.model.model_dump(), "train": cfg.train.recipe(),
-        "prune": cfg.prune.model_dump(), "seed": cfg.seed,
-    })
+    return stages_identity(cfg.data.identity(), cfg.model.model_dump(), cfg.train.recipe(), cfg.prune.model_dump(),
+                           cfg.seed)
 
 
 def lineage_run_line(tracker: TrialTracker) -> str:

@@ -33,6 +33,7 @@ from lth_search.tracking.layout import (
     CONFIRMATION,
     DENSE_TEST,
     DENSE_VAL,
+    FAILED,
     PARENT,
     ROLE,
     ROUND_METRICS,
@@ -148,10 +149,13 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
     rounds = sorted(set(history["val_accuracy"]) & set(history["test_accuracy"]) & set(history["sparsity"]))
+    matching_round = int(metrics.get("matching_round", -1))
+    lineage_failed = bool(metrics.get("lineage_failed", 0.0)) or FAILED in tags
     rows = []
     for step in rounds:
         val = history["val_accuracy"][step]
         judged = dense_val is not None and tolerance is not None
+        paired = history["matches"].get(step)  # the verdict the lineage used; the unpaired rule for older runs
         rows.append({
             "trial_id": tags.get(TRIAL_ID, run.info.run_name),
             "run_id": run.info.run_id,
@@ -165,7 +169,10 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
             "train_loss": history["train_loss"].get(step),
             "train_steps_per_s": history["train_steps_per_s"].get(step),
             "tolerance": tolerance,
-            "matching": is_matching(val, dense_val, tolerance) if judged else None,
+            "matching": bool(paired) if paired is not None else (is_matching(val, dense_val, tolerance) if judged else None),
+            "margin": history["margin"].get(step),
+            "failed": bool(history["failed"].get(step, 0.0)) or lineage_failed,
+            "matching_round": matching_round,
             "params": params,
         })
     return rows
@@ -206,7 +213,7 @@ def read_confirmation(client: Any, ref: SearchRef) -> dict[str, Any] | None:
 FIXED_COLUMNS = ("trial_id", "run_id", "round")
 METRIC_COLUMNS = (
     "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "dense_test_accuracy", "reused",
-    "train_loss", "train_steps_per_s", "tolerance", "matching",
+    "train_loss", "train_steps_per_s", "tolerance", "matching", "margin", "failed", "matching_round",
 )
 
 

@@ -45,6 +45,7 @@ from lth_search.tracking.layout import (
     REWIND_STEP,
     ROLE,
     SEARCH_NAME,
+    FAILED,
     STATUS,
     TOLERANCE,
     TRAINED_RE,
@@ -269,7 +270,10 @@ class TrialTracker:
             self._plot(result)
         if self.identity and self.io.missed:
             return  # left RUNNING, not FINISHED with rounds missing: a rerun finds it by its identity and completes it
-        run_status = TERMINAL.get(status, "FINISHED")
+        run_status = "FAILED" if result.failed else TERMINAL.get(status, "FINISHED")
+        if result.failed:
+            self.io.call(f"tag the failure of trial {self.trial_id}",
+                         lambda: self.io.client.set_tag(self.run_id, FAILED, result.failed[:500]))
         ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
             self.state.status = run_status
