@@ -153,7 +153,7 @@ def score(rounds: list[dict[str, Any]], dense: list[np.ndarray], idx: np.ndarray
     base = [d[idx] for d in dense]
     passes, ses = [], []
     for r in rounds:
-        verdict = paired_verdict(_unpack(r["bits"], n)[idx], base, tol)
+        verdict = paired_verdict(_unpack(r["bits"], n)[idx], base, tol, 0.5)  # the point-estimate verdict it measured
         passes.append(verdict.matches)
         ses.append(verdict.se)
     if patience is None:

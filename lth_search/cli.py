@@ -167,6 +167,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.to_json()))
+    elif result.failed:
+        print(f"no ticket: the {result.failed}")
     else:
         best = result.best
         print(
@@ -174,7 +176,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
             f"reused {result.steps_reused}"
         )
-    return 0
+    return 1 if result.failed else 0
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

@@ -43,3 +43,11 @@ def wave_data(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
         return x[:, None, :].astype(np.float32), y
 
     return (*draw(600), *draw(200))
+
+
+def nan_wave_data(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`wave_data` with a NaN in every 50th training example (some land in the training split
+    whatever the validation carve): every lineage's loss turns NaN."""
+    x, y, x_test, y_test = wave_data(root)
+    x[::50, 0, 0] = np.nan
+    return x, y, x_test, y_test

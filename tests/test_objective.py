@@ -111,11 +111,11 @@ def test_paired_verdict_on_constructed_predictions() -> None:
     dense_b[40:680] = True                     # 64.0 %: the replicates' mean is 62.0 %
     ticket = np.zeros(n, bool)
     ticket[:610] = True                        # 61.0 %
-    verdict = paired_verdict(ticket, [dense_a, dense_b], tolerance=0.01)
+    verdict = paired_verdict(ticket, [dense_a, dense_b], tolerance=0.01, confidence=0.5)
     assert verdict.margin == pytest.approx(-0.01) and verdict.dense_val_accuracy == pytest.approx(0.62)
     assert verdict.matches                     # exactly at the tolerance
-    assert not paired_verdict(ticket, [dense_a, dense_b], tolerance=0.0099).matches
-    assert not paired_verdict(ticket, [dense_b], tolerance=0.02).matches  # one lucky dense run sets a higher bar
+    assert not paired_verdict(ticket, [dense_a, dense_b], tolerance=0.0099, confidence=0.5).matches
+    assert not paired_verdict(ticket, [dense_b], tolerance=0.02, confidence=0.5).matches  # one lucky dense run sets a higher bar
     diff = ticket.astype(float) - (dense_a.astype(float) + dense_b) / 2
     assert verdict.se_paired == pytest.approx(diff.std(ddof=1) / math.sqrt(n))
     # the replicates disagree by 4 pp: seed noise that pairing cannot remove, added to the error
@@ -133,16 +133,16 @@ def test_pairing_cancels_what_ticket_and_dense_share() -> None:
     similar[np.flatnonzero(dense)[:40]] = False          # 40 examples lost: -1 pp
     unrelated = np.zeros(n, bool)
     unrelated[rng.permutation(n)[: int(similar.sum())]] = True
-    paired, unpaired = paired_verdict(similar, [dense], 0.02), paired_verdict(unrelated, [dense], 0.02)
+    paired, unpaired = paired_verdict(similar, [dense], 0.02, 0.9), paired_verdict(unrelated, [dense], 0.02, 0.9)
     assert paired.margin == pytest.approx(unpaired.margin)
     assert paired.se_paired < unpaired.se_paired / 5 and paired.seed_sd == 0.0
 
 
 def test_paired_verdict_rejects_mismatched_vectors() -> None:
     with pytest.raises(ValueError, match="one shared length"):
-        paired_verdict(np.ones(10, bool), [np.ones(11, bool)], 0.01)
+        paired_verdict(np.ones(10, bool), [np.ones(11, bool)], 0.01, 0.9)
     with pytest.raises(ValueError, match="at least one"):
-        paired_verdict(np.ones(10, bool), [], 0.01)
+        paired_verdict(np.ones(10, bool), [], 0.01, 0.9)
 
 
 # Real lineages ------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def test_rate_02_lineage_matches_past_8_rounds_then_stops_within_patience(data_r
     """
     patience, tolerance = 2, 0.115
     cfg = tiny_config(data_root, tmp_path, prune__rate=0.2, prune__rounds=20, prune__patience=patience,
-                      prune__dense_replicates=2, search__tolerance=tolerance)
-    lineage = Lineage(cfg, MemoryStages())
+                      prune__dense_replicates=2, search__tolerance=tolerance, search__confidence=0.5)
+    lineage = Lineage(cfg, MemoryStages())  # confidence 0.5: the point estimate these margins were measured with
     reported: list[int] = []
     result = lineage.run(on_round=lambda r, res: reported.append(res.score(r.round).round))
     passes = [r.matches for r in result.rounds]

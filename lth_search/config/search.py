@@ -90,9 +90,13 @@ class SearchConfig(Section):
     )
     objectives: int = Field(1, ge=1, le=2, description="1: matching sparsity; 2: plus val accuracy at it")
     tolerance: float = Field(
-        0.01, ge=0, lt=1, description="a round matches when its val accuracy >= the dense replicates' mean val "
-        "accuracy on the same examples - tolerance; keep it >= twice the standard error of that paired difference "
-        "(reported per round as margin_se)"
+        0.01, ge=0, lt=1, description="a round matches when the lower confidence bound of its margin (val accuracy "
+        "minus the dense replicates' mean on the same examples) is >= -tolerance; see confidence"
+    )
+    confidence: float = Field(
+        0.9, ge=0.5, lt=1, description="confidence of the verdict's one-sided lower bound: a round truly worse than "
+        "dense by more than the tolerance is called matching with probability at most 1 - confidence "
+        "(0.5: the point estimate alone, no allowance for noise); bench/verdict_calibration.py measures it"
     )
     max_failures: int = Field(2, ge=0, le=100, description="Ray retries of a failed trial")
     confirm_seeds: int = Field(

@@ -32,9 +32,10 @@ def write_record(filesystem: pafs.FileSystem, root: str, namespace: str, name: s
     """Replace the record `namespace/name` with `payload` (JSON) atomically.
 
     A failed write (disk full, read-only) leaves the old record and no staging file, and
-    raises StoreFailure.
+    raises StoreFailure. NaN and infinity are kept (Python's JSON reads them back): a
+    diverged lineage's loss is what its record must say, as its stages' manifests do.
     """
-    data = json.dumps(payload, sort_keys=True, allow_nan=False).encode()
+    data = json.dumps(payload, sort_keys=True, allow_nan=True).encode()
     replace_file(filesystem, _record_path(root, namespace, name), data, f"record {namespace}/{name} in {root}")
 
 

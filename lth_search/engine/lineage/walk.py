@@ -99,7 +99,8 @@ class Lineage(Stages):
 
     def judge(self, entry: StageEntry) -> Verdict:
         """The paired verdict of a stage against the dense replicates."""
-        return paired_verdict(_correct(entry), [_correct(d) for d in self.replicates], self.cfg.search.tolerance)
+        search = self.cfg.search
+        return paired_verdict(_correct(entry), [_correct(d) for d in self.replicates], search.tolerance, search.confidence)
 
     def failure(self, entry: StageEntry) -> str | None:
         """Why `entry` did not train, if it did not (objective.py `training_failure`)."""
