@@ -83,3 +83,29 @@ def test_candidates_are_the_default_then_the_best_distinct_recipes():
     assert candidates(records, {"rate": 0.2}, top_k=2) == [{"rate": 0.2}, {"rate": 0.4}, {"rate": 0.3}]
     score = RecipeScore({"rate": 0.2}, True, [1, 2], [0.5, 0.8], [0.0, 0.01])
     assert abs(score.compression - (2.0 * 5.0) ** 0.5) < 1e-9  # geometric mean of 1/(1-s)
+
+
+def _score(recipe: dict, is_default: bool, sparsities: list[float], seeds=(11, 12, 13)) -> "RecipeScore":
+    return RecipeScore(recipe, is_default, list(seeds), sparsities, [0.0] * len(sparsities))
+
+
+def test_the_default_stays_without_evidence_and_the_gain_is_measured_out_of_sample() -> None:
+    from lth_search.runs.confirmation import Confirmation, confirmation_lines
+
+    default = _score({"rate": 0.2}, True, [0.8, 0.8, 0.8])            # 5x on every selection seed
+    lucky = _score({"rate": 0.1}, False, [0.95, 0.7, 0.8])           # 20x, 3.3x, 5x: geo-mean 7.4x, one lucky seed
+    kept = Confirmation([11, 12, 13], [default, lucky], margin=1.1, confidence=0.8, report_seeds=[21, 22, 23])
+    assert kept.selection.gain > 1.1 and kept.selection.low < 1.0   # a big point gain, no evidence
+    assert kept.chosen is default and kept.gain == 1.0 and kept.reported is None
+    assert any("nothing better than plain IMP" in line for line in confirmation_lines(kept.to_json()))
+
+    steady = _score({"rate": 0.1}, False, [0.9, 0.88, 0.9])          # 10x, 8.3x, 10x: better on every seed
+    won = Confirmation([11, 12, 13], [default, steady], margin=1.1, confidence=0.8, report_seeds=[21, 22, 23])
+    assert won.chosen is steady and won.selection.low > 1.0
+    assert won.gain == 1.0  # nothing claimed before the reporting seeds ran
+    won.report = [_score({"rate": 0.2}, True, [0.8, 0.75, 0.85], (21, 22, 23)),
+                  _score({"rate": 0.1}, False, [0.85, 0.85, 0.8], (21, 22, 23))]
+    reported = won.reported
+    assert reported.seeds == 3 and reported.wins == 2 and reported.low < reported.gain < reported.high
+    assert won.gain == reported.gain != won.selection.gain  # the printed gain is the out-of-sample one
+    assert won.to_json()["gain_ci"] == [reported.low, reported.high]

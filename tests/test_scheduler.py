@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from conftest import tiny_config
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.runs.trial import SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
+from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import journal_storage
 from lth_search.store.stages import StageStore
@@ -36,7 +36,7 @@ ROUNDS = 8
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import a test module
 
 
-def synthetic_lineage(config: dict, store_uri: str, search: str) -> None:
+def synthetic_lineage(config: dict, store_uri: str, search: str, default_curve: str | None = None) -> None:
     """Reports what a lineage trial reports, from a known curve; ends like the runner does."""
     rate, drop = CURVES[config["curve"]]
     trial_id = tune.get_context().get_trial_id()
@@ -45,14 +45,16 @@ def synthetic_lineage(config: dict, store_uri: str, search: str) -> None:
         tune.report({
             "round": round_index, "sparsity": sparsity, "val_accuracy": DENSE_VAL - drop,
             SPARSITY_LEVEL: sparsity_level(sparsity), VAL_MARGIN: -drop, "matching_sparsity": sparsity,
+            DEFAULT_RECIPE: int(config["curve"] == default_curve),
         })
     record = TrialRecord(search=search, trial_id=trial_id, status=TrialStatus.FINISHED)
     record.save(StageStore(store_uri))
 
 
-def run(scheduler, searcher, store_uri: str, search: str, tmp_path: Path) -> dict[str, int]:
-    """curve -> the last round it reported."""
-    trainable = tune.with_parameters(synthetic_lineage, store_uri=store_uri, search=search)
+def run(scheduler, searcher, store_uri: str, search: str, tmp_path: Path, default_curve: str | None = None
+        ) -> dict[str, int]:
+    """curve -> the last round it reported (`default_curve` reports itself as the default recipe)."""
+    trainable = tune.with_parameters(synthetic_lineage, store_uri=store_uri, search=search, default_curve=default_curve)
     grid = tune.Tuner(
         trainable,
         # one actor runs both trials in turn (a second would only repeat the first's start-up)
@@ -89,6 +91,15 @@ def test_a_slow_better_pruner_is_never_stopped_and_stopped_trials_are_pruned(ray
     if first == "slow_good":  # the worse one arrives at a rung second: cut there, and told as pruned
         assert last["fast_bad"] < ROUNDS
         assert states["fast_bad"] == optuna.trial.TrialState.PRUNED
+
+
+def test_the_default_recipe_is_judged_to_the_end(ray_local, data_root, tmp_path):
+    """The worse pruner, arriving second at a rung, is cut above; as the default recipe it never is."""
+    cfg = tiny_config(data_root, tmp_path, name="default", prune__rounds=ROUNDS, search__asha__grace_period=3,
+                      **{"search.space.rate": "[0.2, 0.4]"})
+    last = run(make_scheduler(cfg), searcher(cfg, tmp_path, "default", "slow_good"), cfg.store_uri(), "default",
+               tmp_path, default_curve="fast_bad")
+    assert last == {"slow_good": ROUNDS, "fast_bad": ROUNDS}
 
 
 def test_round_clocked_asha_would_cut_the_slow_pruner(ray_local, data_root, tmp_path):

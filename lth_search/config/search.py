@@ -102,7 +102,19 @@ class SearchConfig(Section):
     confirm_seeds: int = Field(
         3, ge=0, le=20,
         description="after the search, the top recipes and the default recipe are re-run on this many seeds the "
-        "search never used; the best ticket is the recipe with the best confirmed score (0: no confirmation)",
+        "search never used (the selection seeds), and the best replaces the default only when the evidence says so "
+        "(confirm_margin, confirm_confidence); 0: no confirmation",
+    )
+    report_seeds: int = Field(
+        3, ge=0, le=20,
+        description="when a searched recipe replaces the default, it and the default are re-run on this many more "
+        "fresh seeds, which took no part in any choice: the gain printed is measured there, with a 95 % interval "
+        "(0: no out-of-sample gain is claimed)",
+    )
+    confirm_confidence: float = Field(
+        0.8, ge=0.5, lt=1,
+        description="a searched recipe replaces the default only when the one-sided lower bound of its paired "
+        "compression ratio on the selection seeds, at this confidence, is above 1",
     )
     confirm_top_k: int = Field(3, ge=1, le=20, description="how many of the search's best recipes are confirmed")
     confirm_margin: float = Field(

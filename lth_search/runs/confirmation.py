@@ -1,13 +1,21 @@
-"""Confirmation on fresh seeds: which recipes to re-run, how to score them, which one wins.
+"""Confirmation on fresh seeds: which recipes to re-run, which one wins, and the gain it brings.
 
-A search picks its best recipe on one seed, and one seed of IMP is a lottery (the same
-recipe's matching sparsity moved 49-89 % across three seeds on the quickstart). So
-after the search, its top recipes and the default recipe are re-run on seeds the search
-never used, and scored by their geometric-mean compression 1/(1 - sparsity) over those
-seeds (a ratio scale: 80 % -> 90 % sparsity is the same step as 90 % -> 95 %). All
-recipes run on the same seeds, so the comparison is paired. A searched recipe replaces
-the default only when it beats it by `search.confirm_margin`: a small win on a few
-seeds is selection noise, and noise must not choose a recipe. Pure: no Ray, no MLflow.
+A search picks its best recipe on one seed, and one seed of IMP is a lottery. So after
+the search, two panels of fresh seeds, neither used by the search:
+
+1. selection: the search's top recipes and the default recipe are re-run on the
+   selection seeds and scored by geometric-mean compression 1/(1 - sparsity) (a ratio
+   scale: 80 % -> 90 % is the same step as 90 % -> 95 %). All run on the same seeds, so
+   the comparison is paired. The best searched recipe replaces the default only when the
+   evidence says so: its paired ratio to the default is at least `search.confirm_margin`
+   and the one-sided lower bound of that ratio at `search.confirm_confidence` is above 1.
+2. reporting: the chosen recipe and the default are re-run on the reporting seeds, which
+   took no part in any choice, and the gain printed to the user is their paired ratio
+   there, with a 95 % interval (t on per-seed log ratios). The best of several
+   challengers on the seeds that chose it is a maximum, biased upward; this is not.
+
+When the default is kept, there is nothing to report: the gain is 1.00x by construction,
+and the console says the search found nothing better than plain IMP. Pure: no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -19,19 +27,30 @@ from typing import Any
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
 
-CONFIRM_SEED_BASE = 1_000_003
-"""Confirmation seeds: a fixed panel far from any seed a user types (search seeds stay below it)."""
+SELECTION_SEED_BASE = 1_100_000
+REPORT_SEED_BASE = 1_200_000
+SEEDS_PER_SEARCH = 100
+"""Panels of a search with seed s: selection seeds 1_100_000 + 100 s + i, reporting seeds
+1_200_000 + 100 s + i. Each search seed gets its own panels (a fixed panel shared by every
+search becomes a development set once people look at it), far from seeds users type."""
+
+
+def _panel(cfg: ExperimentConfig, base: int, count: int) -> list[int]:
+    own = set(range(cfg.seed, cfg.seed + cfg.prune.dense_replicates))  # the search's seed and its replicates
+    seeds = [s for s in range(base + SEEDS_PER_SEARCH * cfg.seed, base + SEEDS_PER_SEARCH * (cfg.seed + 1))
+             if s not in own]
+    return seeds[:count]
 
 
 def confirm_seeds(cfg: ExperimentConfig) -> list[int]:
-    """The fresh seeds of a search's confirmation (never the search's own seed).
+    """The selection seeds: where the top recipes and the default are compared (never the search's own)."""
+    return _panel(cfg, SELECTION_SEED_BASE, cfg.search.confirm_seeds)
 
-    The same panel for every search: confirmed scores of two searches (other seeds,
-    other spaces) are then measured on the same lineages' seeds, a paired comparison,
-    like a fixed test set; a search seed inside the panel is skipped.
-    """
-    seeds = [s for s in range(CONFIRM_SEED_BASE, CONFIRM_SEED_BASE + cfg.search.confirm_seeds + 1) if s != cfg.seed]
-    return seeds[: cfg.search.confirm_seeds]
+
+def report_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The reporting seeds: where the chosen recipe's gain over the default is measured; they
+    take part in no choice of the search."""
+    return _panel(cfg, REPORT_SEED_BASE, cfg.search.report_seeds if cfg.search.confirm_seeds else 0)
 
 
 def pack_runs(runs: list[tuple[int, int]], slots: int, size: int) -> list[list[tuple[int, int]]]:
@@ -112,71 +131,159 @@ class RecipeScore:
         }
 
 
+@dataclass(frozen=True)
+class PairedRatio:
+    """Recipe a over recipe b on the seeds both finished: geometric-mean compression ratio and
+    an interval from the t distribution of the per-seed log ratios."""
+
+    gain: float
+    low: float
+    high: float
+    wins: int
+    seeds: int
+    confidence: float
+    two_sided: bool
+
+    @classmethod
+    def of(cls, a: RecipeScore, b: RecipeScore, confidence: float, two_sided: bool = True) -> "PairedRatio":
+        from scipy.stats import t
+
+        paired = {seed: ca for seed, ca in zip(a.seeds, a.compressions)}
+        logs = [math.log(paired[seed] / cb) for seed, cb in zip(b.seeds, b.compressions) if seed in paired]
+        n = len(logs)
+        if n == 0:
+            return cls(1.0, 0.0, math.inf, 0, 0, confidence, two_sided)
+        mean = sum(logs) / n
+        if n == 1:
+            return cls(math.exp(mean), 0.0, math.inf, int(logs[0] > 0), 1, confidence, two_sided)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+        quantile = t.ppf(1 - (1 - confidence) / (2 if two_sided else 1), n - 1) * sd / math.sqrt(n)
+        high = math.exp(mean + quantile) if two_sided else math.inf
+        return cls(math.exp(mean), math.exp(mean - quantile), high, sum(x > 0 for x in logs), n, confidence, two_sided)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gain": self.gain, "low": self.low, "high": None if math.isinf(self.high) else self.high,
+                "wins": self.wins, "seeds": self.seeds, "confidence": self.confidence, "two_sided": self.two_sided}
+
+
+REPORT_CONFIDENCE = 0.95
+"""The reported gain's interval: two-sided 95 %."""
+
+
 @dataclass
 class Confirmation:
-    """The confirmed scores of the candidates and the verdict."""
+    """Selection scores (default first), the choice, and the out-of-sample report."""
 
     seeds: list[int]
     scores: list[RecipeScore]
     margin: float
+    confidence: float = 0.8
+    report_seeds: list[int] = field(default_factory=list)
+    report: list[RecipeScore] = field(default_factory=list)
+    """[default, chosen] on the reporting seeds (empty when the default is kept or not yet run)."""
 
     @property
     def default(self) -> RecipeScore:
         return next(s for s in self.scores if s.is_default)
 
     @property
-    def chosen(self) -> RecipeScore:
-        """The best searched recipe if it beats the default by the margin, else the default."""
-        default = self.default
+    def best_challenger(self) -> RecipeScore | None:
         challengers = [s for s in self.scores if not s.is_default and s.seeds]
-        if not challengers:
-            return default
-        best = max(challengers, key=lambda s: (s.compression, -s.mean_test_drop))
-        return best if best.compression >= self.margin * default.compression else default
+        return max(challengers, key=lambda s: (s.compression, -s.mean_test_drop)) if challengers else None
+
+    @property
+    def selection(self) -> PairedRatio | None:
+        """The best challenger over the default on the selection seeds (one-sided bound)."""
+        best = self.best_challenger
+        return None if best is None else PairedRatio.of(best, self.default, self.confidence, two_sided=False)
+
+    @property
+    def chosen(self) -> RecipeScore:
+        """The best searched recipe if the selection evidence says it beats the default, else the default."""
+        ratio = self.selection
+        if ratio is not None and ratio.gain >= self.margin and ratio.low > 1.0:
+            return self.best_challenger  # type: ignore[return-value]
+        return self.default
+
+    @property
+    def reported(self) -> PairedRatio | None:
+        """The chosen recipe over the default on the reporting seeds (None: default kept, or no report)."""
+        if len(self.report) != 2 or not self.report[0].seeds:
+            return None
+        default, chosen = self.report
+        return PairedRatio.of(chosen, default, REPORT_CONFIDENCE)
 
     @property
     def gain(self) -> float:
-        """Chosen over default confirmed compression (1.0 when the default is chosen)."""
-        default = self.default.compression
-        return self.chosen.compression / default if default else 1.0
+        """The gain printed to the user: out of sample (1.0 when the default is kept)."""
+        reported = self.reported
+        return reported.gain if reported is not None else 1.0
 
     def to_json(self) -> dict[str, Any]:
+        reported, selection = self.reported, self.selection
         return {
-            "seeds": self.seeds, "margin": self.margin, "chosen": self.chosen.to_json(),
-            "default": self.default.to_json(), "gain": self.gain, "scores": [s.to_json() for s in self.scores],
+            "seeds": self.seeds, "margin": self.margin, "confidence": self.confidence,
+            "chosen": self.chosen.to_json(), "default": self.default.to_json(),
+            "scores": [s.to_json() for s in self.scores],
+            "selection": selection.to_json() if selection is not None else None,
+            "report_seeds": self.report_seeds, "report": [s.to_json() for s in self.report],
+            "gain": self.gain, "gain_ci": [reported.low, reported.high] if reported is not None else [1.0, 1.0],
+            "reported": reported.to_json() if reported is not None else None,
         }
 
 
 def confirmation_of(
     cfg: ExperimentConfig, recipes: list[dict[str, Any]], runs: list[tuple[int, int, TrialRecord]]
 ) -> Confirmation:
-    """Score `recipes` (the default first) from confirmation runs (recipe index, seed, record)."""
+    """Score `recipes` (the default first) from selection runs (recipe index, seed, record)."""
     scores = [RecipeScore(recipe, is_default=(i == 0)) for i, recipe in enumerate(recipes)]
     for index, seed, record in sorted(runs, key=lambda run: (run[0], run[1])):
         scores[index].add(seed, record)
-    return Confirmation(confirm_seeds(cfg), scores, cfg.search.confirm_margin)
+    return Confirmation(confirm_seeds(cfg), scores, cfg.search.confirm_margin, cfg.search.confirm_confidence,
+                        report_seeds(cfg))
+
+
+def add_report(confirmation: Confirmation, runs: list[tuple[int, int, TrialRecord]]) -> None:
+    """Fill the report from reporting runs (0 = the default, 1 = the chosen recipe; seed; record)."""
+    chosen = confirmation.chosen
+    report = [RecipeScore(confirmation.default.recipe, True), RecipeScore(chosen.recipe, False)]
+    for index, seed, record in sorted(runs, key=lambda run: (run[0], run[1])):
+        report[index].add(seed, record)
+    confirmation.report = report
 
 
 def confirmation_lines(confirmation: dict[str, Any]) -> list[str]:
-    """Human lines from `Confirmation.to_json()`: the chosen recipe beside the default, both
-    with confirmed scores."""
+    """Human lines from `Confirmation.to_json()`: the choice on the selection seeds, then the gain
+    measured on the reporting seeds."""
 
     def score(s: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{100 * x:.1f}%" for x in s["sparsities"])
         return (f"{s['compression']:.2f}x compression ({per_seed} sparse), "
                 f"test drop {100 * s['mean_test_drop']:+.2f} pp")
 
-    chosen, default = confirmation["chosen"], confirmation["default"]
-    lines = [f"confirmed on {len(confirmation['seeds'])} fresh seeds {confirmation['seeds']}:"]
+    chosen, default, selection = confirmation["chosen"], confirmation["default"], confirmation.get("selection")
+    lines = [f"selection on {len(confirmation['seeds'])} fresh seeds {confirmation['seeds']}:",
+             f"  default recipe ({recipe_text(default['recipe'])}): {score(default)}"]
+    best = max((s for s in confirmation["scores"] if not s["is_default"] and s["seeds"]),
+               key=lambda s: s["compression"], default=None)
+    if best is not None and selection is not None:
+        verdict = ("chosen" if not chosen["is_default"] else
+                   f"not enough evidence (needs >= {confirmation['margin']:g}x and a lower bound above 1): the default stays")
+        lines.append(f"  best searched recipe ({recipe_text(best['recipe'])}): {score(best)}")
+        lines.append(f"  paired ratio {selection['gain']:.2f}x, {100 * selection['confidence']:.0f}% lower bound "
+                     f"{selection['low']:.2f}, better on {selection['wins']} of {selection['seeds']} seeds: {verdict}")
+    reported = confirmation.get("reported")
     if chosen["is_default"]:
-        lines.append(f"  chosen recipe: the default ({recipe_text(default['recipe'])}): {score(default)}")
-        others = [s for s in confirmation["scores"] if not s["is_default"] and s["seeds"]]
-        if others:
-            best = max(others, key=lambda s: s["compression"])
-            lines.append(f"  best searched recipe ({recipe_text(best['recipe'])}): {score(best)}; "
-                         f"not {confirmation['margin']:g}x the default's, so the default stays")
+        lines.append("the search found nothing better than plain IMP (the config's own recipe): gain 1.00x")
+    elif reported is not None:
+        default_r, chosen_r = confirmation["report"]
+        high = "inf" if reported["high"] is None else f"{reported['high']:.2f}"
+        lines.append(f"reported on {reported['seeds']} more fresh seeds {confirmation['report_seeds']}, which took no "
+                     f"part in any choice:")
+        lines.append(f"  chosen {recipe_text(chosen['recipe'])}: {score(chosen_r)}")
+        lines.append(f"  default: {score(default_r)}")
+        lines.append(f"  gain of the search over plain IMP: {reported['gain']:.2f}x compression "
+                     f"(95% CI {reported['low']:.2f}-{high}), better on {reported['wins']} of {reported['seeds']} seeds")
     else:
-        lines.append(f"  chosen recipe: {recipe_text(chosen['recipe'])}: {score(chosen)}")
-        lines.append(f"  default recipe: {recipe_text(default['recipe'])}: {score(default)}")
-    lines.append(f"  gain of the search over the default recipe: {confirmation['gain']:.2f}x compression")
+        lines.append("  (no reporting seeds: search.report_seeds is 0, so no out-of-sample gain is claimed)")
     return lines

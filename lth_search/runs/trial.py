@@ -33,6 +33,8 @@ SPARSITY_LEVEL = "sparsity_level"
 VAL_MARGIN = "val_margin"
 """Reported with every round: val accuracy minus dense val accuracy, the scheduler's yardstick."""
 LEVEL_RATE = 0.2
+DEFAULT_RECIPE = "default_recipe"
+"""Reported with every round: 1 for the search's default recipe, which early stopping never stops."""
 
 Report = Callable[[int, str, dict[str, Any]], None]
 """(round, stage key, metrics): one report per round (round 0 when a lineage has no rounds)."""

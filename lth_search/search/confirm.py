@@ -20,6 +20,7 @@ from ray import tune
 from lth_search.config import ExperimentConfig, validate_config
 from lth_search.runs.confirmation import (
     Confirmation,
+    add_report,
     candidates,
     confirm_seeds,
     confirmation_of,
@@ -73,17 +74,31 @@ def run_confirmation(
     cfg: ExperimentConfig, search_id: str, results_path: str, records: list[TrialRecord],
     progress: Callable[[str], None],
 ) -> Confirmation | None:
-    """Re-run the default and the top recipes on fresh seeds; None when confirmation is off."""
+    """Select on fresh seeds (the default and the top recipes), then, when a searched recipe
+    won, measure its gain on reporting seeds; None when confirmation is off."""
     seeds = confirm_seeds(cfg)
     if not seeds:
         return None
     recipes = candidates(records, cfg.default_recipe(), cfg.search.confirm_top_k)
-    runs = [(index, seed) for index in range(len(recipes)) for seed in seeds]
-    packs = pack_runs(runs, cfg.search.max_concurrent, cfg.resources.pack)
-    progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh seeds {seeds} "
-             f"({len(runs)} lineages in {len(packs)} pack(s)):")
+    progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh selection seeds {seeds}:")
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
+    confirmation = confirmation_of(cfg, recipes, _run_panel(cfg, search_id, results_path, recipes, seeds, "confirm"))
+    chosen = confirmation.chosen
+    if chosen.is_default or not confirmation.report_seeds:
+        return confirmation
+    pair = [confirmation.default.recipe, chosen.recipe]
+    progress(f"measuring the chosen recipe against the default on {len(confirmation.report_seeds)} reporting seeds "
+             f"{confirmation.report_seeds} (they take part in no choice)")
+    add_report(confirmation, _run_panel(cfg, search_id, results_path, pair, confirmation.report_seeds, "report"))
+    return confirmation
+
+
+def _run_panel(cfg: ExperimentConfig, search_id: str, results_path: str, recipes: list[dict[str, Any]],
+               seeds: list[int], phase: str) -> list[tuple[int, int, TrialRecord]]:
+    """Every recipe on every seed as one Tune run of packs; (recipe index, seed, final record) per run."""
+    runs = [(index, seed) for index in range(len(recipes)) for seed in seeds]
+    packs = pack_runs(runs, cfg.search.max_concurrent, cfg.resources.pack)
     storage, name = results_path.rsplit("/", 1)
     storage_path, filesystem = ray_storage(storage)
     trainable = tune.with_resources(
@@ -96,16 +111,17 @@ def run_confirmation(
         param_space={"pack": tune.grid_search(list(range(len(packs))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"{name}-confirm", storage_path=storage_path, storage_filesystem=filesystem,
+            name=f"{name}-{phase}", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0,
             callbacks=result_files(),
         ),
     )
     tuner.fit()
     store = StageStore.from_config(cfg)
-    runs = []
+    done = []
     for record in TrialRecord.load_all(store, cfg.name, search_id, role=ROLE):
         index = next((i for i, r in enumerate(recipes) if r == record.choices), None)
-        if index is not None and record.status.final:
-            runs.append((index, int(record.config["seed"]), record))
-    return confirmation_of(cfg, recipes, runs)
+        seed = int(record.config["seed"])
+        if index is not None and seed in seeds and record.status.final:
+            done.append((index, seed, record))
+    return done

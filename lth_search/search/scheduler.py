@@ -8,6 +8,10 @@ yardstick the val accuracy margin over the dense network there, so lineages are
 compared at equal sparsity. A fast pruner reaches a rung at a sparsity at or above the
 rung's, so the comparison can only favour the slow one.
 
+The default recipe (the config's own, the first trial of every search) is never stopped
+(`DefaultToTheEnd`): it is what every searched recipe is measured against, so it is judged
+to the end of its run; its results still set the rungs the others are cut at.
+
 Ray's OptunaSearch tells a trial the scheduler stopped as COMPLETE with its last value;
 a truncated score is not a result, so `PruningAwareOptunaSearch` tells it as PRUNED
 (TPE then ranks it by its intermediate values). Whether a lineage ended by itself is
@@ -18,12 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord, TrialStatus
-from lth_search.runs.trial import SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
+from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
 from lth_search.store.stages import StageStore
 
 
@@ -37,7 +41,7 @@ def make_scheduler(cfg: ExperimentConfig) -> Any:
     asha = cfg.search.asha
     if not asha.enabled or cfg.prune.rounds < 2:
         return FIFOScheduler()
-    return ASHAScheduler(
+    return DefaultToTheEnd(
         time_attr=SPARSITY_LEVEL,
         metric=VAL_MARGIN,
         mode="max",
@@ -45,6 +49,14 @@ def make_scheduler(cfg: ExperimentConfig) -> Any:
         grace_period=asha.grace_period,
         reduction_factor=asha.reduction_factor,
     )
+
+
+class DefaultToTheEnd(ASHAScheduler):
+    """ASHA at equal sparsity that never stops the default recipe (its results still count)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if result.get(DEFAULT_RECIPE) else decision
 
 
 class PruningAwareOptunaSearch(OptunaSearch):

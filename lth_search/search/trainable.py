@@ -21,7 +21,7 @@ from lth_search.config import validate_config
 from lth_search.engine.data import Dataset
 from lth_search.runs.observers import TrialObserverFactory
 from lth_search.runs.record import TrialRecord
-from lth_search.runs.trial import run_trial
+from lth_search.runs.trial import DEFAULT_RECIPE, run_trial
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of
 from lth_search.store.stages import StageStore
@@ -70,7 +70,12 @@ def lineage_trial(
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
     node_id = ray.get_runtime_context().get_node_id()
-    run_trial(trial_cfg, store, report, record, observer, done, dataset, node_id)
+    is_default = int(trial_cfg.prune == cfg.prune)  # the config's own recipe: judged to the end (scheduler.py)
+
+    def report_round(round_index: int, key: str, metrics: dict[str, Any]) -> None:
+        report(round_index, key, {**metrics, DEFAULT_RECIPE: is_default})
+
+    run_trial(trial_cfg, store, report_round, record, observer, done, dataset, node_id)
 
 
 def _checkpointed_round(checkpoint: tune.Checkpoint | None) -> int:
