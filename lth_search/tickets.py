@@ -325,12 +325,14 @@ def format_tickets(table: list[dict[str, Any]]) -> str:
     """Every ticket as a fixed-width table, by trial then round."""
     if not table:
         return "no tickets"
-    header = (f"{'trial':<22} {'round':>5} {'sparsity':>9} {'val':>7} {'test':>7} {'dense val':>9} {'Δval':>8} "
+    header = (f"{'trial':<22} {'round':>5} {'sparsity':>9} {'val':>7} {'test':>7} {'dense val':>9} {'margin':>8} "
               f"{'match':>5} {'reused':>6}  choices")
     lines = [header]
     for row in table:
-        dense = row.get("dense_val_accuracy")
-        delta = "" if dense is None else f"{100 * (row['val_accuracy'] - dense):+.2f}pp"
+        dense, margin = row.get("dense_val_accuracy"), row.get("margin")
+        if margin is None and dense is not None:  # runs logged before the paired verdict: against their own dense
+            margin = row["val_accuracy"] - dense
+        delta = "" if margin is None else f"{100 * margin:+.2f}pp"
         match = {True: "yes", False: "no", None: "?"}[row.get("matching")]
         lines.append(
             f"{str(row['trial_id'])[:22]:<22} {row['round']:>5} {100 * row['sparsity']:>8.2f}% "

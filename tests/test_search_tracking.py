@@ -131,3 +131,41 @@ def test_tracking_server_killed_mid_search_then_sync(ray_local, data_root, tmp_p
             _assert_logged_masks_are_stored(client, run_id, records[trial_id], store)
         table = pq.read_table(io.BytesIO(read_artifact(client, parent["info"]["run_id"], "tickets.parquet")))
         assert table.num_rows == 12
+
+
+def test_every_reader_names_the_same_best_ticket(tracked_search):
+    """One best ticket (runs/best.py): the console, `best --json`, best_ticket(), the @best model
+    version, the parent run's metrics and tags, and the tickets table's marks agree."""
+    import json
+
+    from lth_search.api import best_ticket, list_tickets
+
+    cfg, summary = tracked_search.cfg, tracked_search.summary
+    best = summary["best"]
+    assert best is not None and best["round"] > 0
+    console = [line for line in tracked_search.lines if line.startswith("best ticket:")]
+    assert console == [next(line for line in tracked_search.lines if line.startswith("best ticket:"))]
+    assert f"trial {best['trial_id']} round {best['round']}: sparsity {100 * best['matching_sparsity']:.2f}%" in console[0]
+
+    uri = cfg.tracking_uri()
+    ticket = best_ticket(experiment=cfg.name, tracking_uri=uri)
+    code, out, err = run_cli(["best", "--json", "--experiment", cfg.name, "--tracking-uri", uri])
+    assert code == 0, err
+    printed = json.loads(out)
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias(cfg.name, "best")
+    parent = client.get_run(ticket.search_run_id)
+    named = {
+        "console/search.json": (best["trial_id"], best["round"], round(best["matching_sparsity"], 4)),
+        "best_ticket()": (ticket.trial_id, ticket.round, round(ticket.sparsity, 4)),
+        "best --json": (printed["trial_id"], printed["round"], round(printed["sparsity"], 4)),
+        "@best model": (client.get_run(version.tags["lth.run_id"]).data.tags["lth.trial_id"],
+                        int(version.tags["lth.round"]), round(float(version.tags["lth.sparsity"]), 4)),
+        "parent run": (parent.data.tags["lth.best_trial_id"], int(parent.data.metrics["best_matching_round"]),
+                       round(parent.data.metrics["best_matching_sparsity"], 4)),
+    }
+    assert len(set(named.values())) == 1, named
+    # the tickets table marks each round with the verdict the lineage used, so the best ticket matches there
+    rows = {(r["trial_id"], r["round"]): r for r in list_tickets(experiment=cfg.name, tracking_uri=uri)}
+    assert rows[(best["trial_id"], best["round"])]["matching"] is True
+    assert rows[(best["trial_id"], best["round"])]["matching_round"] == best["round"]
