@@ -20,7 +20,7 @@ from reuse_helpers import (
 
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.results import LineageResult
-from lth_search.store.stages import StageStore
+from lth_search.store.stages import ObjectStageStore, StageStore
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def memory_store(one_torch_thread) -> StageStore:
     memory = fsspec.filesystem("memory")
     root = f"/lth-reuse-{uuid.uuid4().hex}"  # the memory filesystem is process-wide
     store = StageStore(root, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
-    assert not store.local
+    assert isinstance(store, ObjectStageStore)
     yield store
     memory.rm(root, recursive=True)
 

@@ -16,7 +16,7 @@ from lth_search.config import load_config
 from lth_search.errors import StoreError
 from lth_search.store.codec import encode_manifest
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import StageStore
+from lth_search.store.stages import LocalStageStore, ObjectStageStore, StageStore
 
 
 @pytest.fixture(params=KINDS)
@@ -206,7 +206,7 @@ def test_names_with_dots_stay_inside_the_entry(store: StageStore) -> None:
 def test_relative_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     store = StageStore("relative/store")
-    assert store.uri == str(tmp_path / "relative" / "store") and store.local
+    assert store.uri == str(tmp_path / "relative" / "store") and isinstance(store, LocalStageStore)
     assert (tmp_path / "relative" / "store" / "stages").is_dir()
 
 
@@ -233,13 +233,13 @@ def test_fsspec_protocols_open_through_pyfilesystem(tmp_path: Path) -> None:
     import pyarrow.fs as pafs
 
     on_disk = StageStore(f"local://{tmp_path}/s")
-    assert isinstance(on_disk.filesystem, pafs.PyFileSystem) and not on_disk.local
+    assert isinstance(on_disk.filesystem, pafs.PyFileSystem) and isinstance(on_disk, ObjectStageStore)
     entry = make_entry(key_of("fsspec"))
     on_disk.put(entry)
     assert (tmp_path / "s" / "stages" / entry.key[:2] / entry.key / "manifest.json").is_file()
     assert not list((tmp_path / "s" / "stages").rglob("*.tmp"))  # the manifest was moved into place
     assert StageStore(str(tmp_path / "s")).get(entry.key) is not None  # the same bytes as a local store's
-    assert StageStore(f"file://{tmp_path}/s").local  # file:// stays pyarrow's own local filesystem
+    assert isinstance(StageStore(f"file://{tmp_path}/s"), LocalStageStore)  # file:// stays pyarrow's own local filesystem
 
 
 def test_records_round_trip_and_stay_inside(tmp_path) -> None:

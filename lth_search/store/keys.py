@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
+
+from lth_search.errors import StoreError
+
+KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def canonical_json(value: Any, allow_nan: bool = False) -> str:
@@ -21,3 +26,11 @@ def canonical_json(value: Any, allow_nan: bool = False) -> str:
 def content_key(value: Any) -> str:
     """sha256 hex digest of the canonical JSON of `value`."""
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def check_key(key: object) -> str:
+    """A stage key (64 lowercase hex chars), or StoreError: keys become path names, so this one
+    check, beside the function that makes keys, is what keeps a key inside its root."""
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise StoreError(f"invalid stage key {key!r}: expected 64 lowercase hex characters (a sha256 digest)")
+    return key

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -30,18 +29,9 @@ from typing import Protocol
 
 import pyarrow.fs as pafs
 
-from lth_search.errors import StoreError
+from lth_search.store.keys import check_key
 
 log = logging.getLogger(__name__)
-
-KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_key(key: object) -> str:
-    """A stage key (64 lowercase hex chars), or StoreError: keys become path names."""
-    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
-        raise StoreError(f"invalid stage key {key!r}: expected 64 lowercase hex characters (a sha256 digest)")
-    return key
 
 
 class LeaseService(Protocol):

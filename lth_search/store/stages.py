@@ -16,10 +16,12 @@ What an entry is and how its bytes are signed and verified is entry.py. Here, a
 corrupt entry is logged and removed, which makes it look absent: the caller recomputes
 and republishes.
 
-Publishing is atomic. Locally, the entry is written under ``tmp/`` and the directory
-renamed into place. Object stores have no directory rename, so data files go first
-and the manifest last, written aside and moved into place whole: a stage directory
-without a manifest is absent.
+Publishing is atomic, and how depends on the backend, one class each: `LocalStageStore`
+writes the entry under ``tmp/`` and renames the directory into place;
+`ObjectStageStore` (object stores and any other pyarrow filesystem, which have no
+directory rename) writes the data files first and the manifest last, written aside and
+moved into place whole: a stage directory without a manifest is absent. `StageStore(uri)`
+gives the one the URI's filesystem needs.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ import pyarrow.fs as pafs
 
 from lth_search.errors import StoreError, StoreFailure, os_reason
 from lth_search.store.entry import MANIFEST, Check, Corrupt, StageEntry, decode_entry, encode_entry
+from lth_search.store.keys import check_key
 from lth_search.store.leases import (
     FileLeaseService,
     FilesystemLeaseService,
     Heartbeat,
     LeaseService,
-    check_key,
     new_holder,
 )
 from lth_search.store.records import read_record, read_records, write_record
@@ -56,11 +58,23 @@ log = logging.getLogger(__name__)
 
 _TMP_MAX_AGE_S = 24 * 3600
 
-__all__ = ["StageStore"]
+__all__ = ["LocalStageStore", "ObjectStageStore", "StageStore"]
 
 
 class StageStore:
-    """Stages on a pyarrow filesystem, published atomically, verified on read, computed once."""
+    """Stages on a pyarrow filesystem, published atomically, verified on read, computed once.
+
+    `StageStore(uri, ...)` makes a `LocalStageStore` for a local filesystem and an
+    `ObjectStageStore` for any other; the two differ only in how an entry is published
+    and removed, and which lease service they default to.
+    """
+
+    def __new__(cls, uri: str | None = None, filesystem: pafs.FileSystem | None = None, *args: object,
+                **kwargs: object) -> "StageStore":
+        if cls is StageStore and uri is not None:  # (uri None: unpickling, which knows its class)
+            local = isinstance(resolve_uri(uri, filesystem)[1], pafs.LocalFileSystem)
+            cls = LocalStageStore if local else ObjectStageStore
+        return super().__new__(cls)
 
     poll_s = 0.25
     """How often a waiter looks for a stage another worker is computing."""
@@ -78,14 +92,12 @@ class StageStore:
                 f"store.heartbeat_s ({heartbeat_s}) must be > 0 and smaller than store.lease_timeout_s ({lease_timeout_s})"
             )
         self.uri, self.filesystem, self.root = resolve_uri(uri, filesystem)
-        self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
         self.lease_timeout_s, self.heartbeat_s = lease_timeout_s, heartbeat_s
         try:
             for sub in ("stages", "tmp"):
                 self.filesystem.create_dir(self._path(sub), recursive=True)
             self.leases: LeaseService = lease_service or self._default_leases()
-            if self.local:
-                self._sweep_tmp()
+            self._opened()
         except NotImplementedError:
             raise StoreError(f"store {self.uri!r}: this filesystem is read-only; a store must be writable") from None
         except OSError as error:
@@ -101,10 +113,20 @@ class StageStore:
             lease_service=lease_service,
         )
 
+    # What a backend supplies ----------------------------------------------------------------
     def _default_leases(self) -> LeaseService:
-        if self.local:
-            return FileLeaseService(self.root)
-        return FilesystemLeaseService(self.filesystem, self.root)
+        raise NotImplementedError
+
+    def _opened(self) -> None:
+        """Housekeeping once the store's folders exist."""
+
+    def _publish_files(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
+        """Publish `files` atomically; return the entry now stored (`entry`, or a racer's)."""
+        raise NotImplementedError
+
+    def _remove_dir(self, directory: str) -> None:
+        """Remove an entry's directory so that readers see the whole entry or none."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"StageStore({self.uri!r})"
@@ -181,9 +203,7 @@ class StageStore:
         """Publish and return the entry now stored: `entry`, or an existing valid one."""
         files = encode_entry(entry)
         try:
-            if self.local:
-                return self._publish_local(entry, files)
-            return self._publish_remote(entry, files)
+            return self._publish_files(entry, files)
         except (OSError, NotImplementedError) as error:  # disk full, read-only, permissions: nothing was published
             raise StoreFailure(
                 f"store {self.uri!r}: cannot publish stage {entry.key[:12]} ({os_reason(error)}); "
@@ -194,88 +214,12 @@ class StageStore:
         with self.filesystem.open_output_stream(path) as stream:
             stream.write(data)
 
-    def _publish_local(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
-        staging = Path(self._path(f"tmp/{entry.key}.{uuid.uuid4().hex}"))
-        try:
-            staging.mkdir(parents=True)
-            for filename, data in files.items():
-                self._write(str(staging / filename), data)
-            destination = Path(self._entry_dir(entry.key))
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            return self._move_into_place(entry, staging, destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone after a rename; a failed write leaves nothing
-
-    def _move_into_place(self, entry: StageEntry, staging: Path, destination: Path) -> StageEntry:
-        for _ in range(3):
-            try:
-                os.rename(staging, destination)
-                return entry
-            except OSError as error:
-                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-            existing = self.get(entry.key)
-            if existing is not None:
-                return existing
-            if destination.exists() and not (destination / MANIFEST).exists():
-                self._discard_local(destination)  # leftovers without a manifest are never an entry
-        raise StoreError(f"store {self.uri!r}: could not publish stage {entry.key} (destination keeps changing)")
-
-    def _publish_remote(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
-        if self.contains(entry.key):
-            existing = self.get(entry.key)
-            if existing is not None:
-                return existing
-        directory = self._entry_dir(entry.key)
-        self.filesystem.create_dir(directory, recursive=True)
-        for filename, data in files.items():
-            if filename != MANIFEST:
-                self._write(f"{directory}/{filename}", data)
-        # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
-        # store's copy) never shows a reader half a manifest, as a plain write may.
-        staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
-        try:
-            self._write(staging, files[MANIFEST])
-            self.filesystem.move(staging, f"{directory}/{MANIFEST}")
-        except (OSError, NotImplementedError):
-            try:
-                self.filesystem.delete_file(staging)
-            except (OSError, NotImplementedError):
-                pass
-            raise
-        return entry
-
     def _remove(self, key: str, judged_manifest: bytes) -> None:
         """Remove a corrupt entry, unless a writer replaced it since it was judged."""
         directory = self._entry_dir(key)
         if self._read(f"{directory}/{MANIFEST}") != judged_manifest:
             return
-        if self.local:
-            self._discard_local(Path(directory))
-            return
-        try:
-            self.filesystem.delete_file(f"{directory}/{MANIFEST}")  # first: the entry is now absent
-            self.filesystem.delete_dir(directory)
-        except FileNotFoundError:
-            pass
-
-    def _discard_local(self, directory: Path) -> None:
-        trash = Path(self._path(f"tmp/{directory.name}.{uuid.uuid4().hex}.trash"))
-        try:
-            os.rename(directory, trash)  # atomic: readers see the whole entry or nothing
-        except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def _sweep_tmp(self) -> None:
-        """Delete staging folders that killed writers left behind (older than a day)."""
-        cutoff = time.time() - _TMP_MAX_AGE_S
-        for child in Path(self._path("tmp")).iterdir():
-            try:
-                if child.stat().st_mtime < cutoff:
-                    shutil.rmtree(child, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+        self._remove_dir(directory)
 
     # Single flight ------------------------------------------------------------------------
     def get_or_compute(
@@ -326,3 +270,99 @@ class StageStore:
                 self.leases.release(key, holder)
             except OSError as error:  # it expires on its own; never mask the real outcome
                 log.warning("releasing the lease on stage %s failed: %s", key, error)
+
+
+class LocalStageStore(StageStore):
+    """A store on a local (or mounted) filesystem: entries renamed into place whole."""
+
+    def _default_leases(self) -> LeaseService:
+        return FileLeaseService(self.root)
+
+    def _opened(self) -> None:
+        self._sweep_tmp()
+
+    def _publish_files(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
+        staging = Path(self._path(f"tmp/{entry.key}.{uuid.uuid4().hex}"))
+        try:
+            staging.mkdir(parents=True)
+            for filename, data in files.items():
+                self._write(str(staging / filename), data)
+            destination = Path(self._entry_dir(entry.key))
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            return self._move_into_place(entry, staging, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a rename; a failed write leaves nothing
+
+    def _move_into_place(self, entry: StageEntry, staging: Path, destination: Path) -> StageEntry:
+        for _ in range(3):
+            try:
+                os.rename(staging, destination)
+                return entry
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            existing = self.get(entry.key)
+            if existing is not None:
+                return existing
+            if destination.exists() and not (destination / MANIFEST).exists():
+                self._discard_local(destination)  # leftovers without a manifest are never an entry
+        raise StoreError(f"store {self.uri!r}: could not publish stage {entry.key} (destination keeps changing)")
+
+    def _remove_dir(self, directory: str) -> None:
+        self._discard_local(Path(directory))
+
+    def _discard_local(self, directory: Path) -> None:
+        trash = Path(self._path(f"tmp/{directory.name}.{uuid.uuid4().hex}.trash"))
+        try:
+            os.rename(directory, trash)  # atomic: readers see the whole entry or nothing
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _sweep_tmp(self) -> None:
+        """Delete staging folders that killed writers left behind (older than a day)."""
+        cutoff = time.time() - _TMP_MAX_AGE_S
+        for child in Path(self._path("tmp")).iterdir():
+            try:
+                if child.stat().st_mtime < cutoff:
+                    shutil.rmtree(child, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+
+class ObjectStageStore(StageStore):
+    """A store on an object store or any other pyarrow filesystem: the manifest is written last."""
+
+    def _default_leases(self) -> LeaseService:
+        return FilesystemLeaseService(self.filesystem, self.root)
+
+    def _publish_files(self, entry: StageEntry, files: dict[str, bytes]) -> StageEntry:
+        if self.contains(entry.key):
+            existing = self.get(entry.key)
+            if existing is not None:
+                return existing
+        directory = self._entry_dir(entry.key)
+        self.filesystem.create_dir(directory, recursive=True)
+        for filename, data in files.items():
+            if filename != MANIFEST:
+                self._write(f"{directory}/{filename}", data)
+        # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
+        # store's copy) never shows a reader half a manifest, as a plain write may.
+        staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        try:
+            self._write(staging, files[MANIFEST])
+            self.filesystem.move(staging, f"{directory}/{MANIFEST}")
+        except (OSError, NotImplementedError):
+            try:
+                self.filesystem.delete_file(staging)
+            except (OSError, NotImplementedError):
+                pass
+            raise
+        return entry
+
+    def _remove_dir(self, directory: str) -> None:
+        try:
+            self.filesystem.delete_file(f"{directory}/{MANIFEST}")  # first: the entry is now absent
+            self.filesystem.delete_dir(directory)
+        except FileNotFoundError:
+            pass
