@@ -28,7 +28,8 @@ from lth_search.store.stages import StageStore
 from lth_search.tickets import Ticket, format_tickets
 from lth_search.tracking.tickets import best_ticket, list_tickets
 from lth_search.tracking.trial_run import TrialTracker
-from lth_search.engine.train import evaluate, train
+from lth_search.engine.packs import PackMember, choose_mode, train_pack
+from lth_search.engine.train import evaluate
 from lth_search.tracking.observers import MlflowTracking
 from mlflow_helpers import tracked_trial
 
@@ -171,7 +172,8 @@ def retrain_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path: Path, init_scale: str,
                                                        retrain_uri: str) -> None:
     uri, experiment = retrain_uri, f"retrain-{init_scale}"
-    cfg = tiny_config(data_root, tmp_path / "out", name=experiment, tracking__enabled="true", tracking__uri=uri)
+    cfg = tiny_config(data_root, tmp_path / "out", name=experiment, tracking__enabled="true", tracking__uri=uri,
+                      search__tolerance=0.5)  # every round matches: the registered @best is a ticket of this trial
     dataset = load_dataset(cfg.data, cfg.seed)
     search = MlflowTracking().start(cfg, str(tmp_path / "ray"), None)
     choices = {"rate": 0.5, "rewind_step": 20, "init_scale": init_scale}
@@ -190,7 +192,9 @@ def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path
             assert torch.allclose(state[name][kept], expected)
     cfg_t = ticket.config
     data = load_dataset(cfg_t.data, cfg_t.seed)
-    train(model, data, cfg_t.train, cfg_t.seed, ticket.rewind_step, mask=ticket.mask)
+    # retrained by the arithmetic the stage was trained with (a pack of one, engine/packs.py)
+    member = PackMember(model.state_dict(), data, cfg_t.seed, ticket.rewind_step, mask=ticket.mask)
+    model.load_state_dict(train_pack(model, [member], cfg_t.train, choose_mode(model, "cpu"))[0].state)
     accuracy = evaluate(model, data.test, cfg_t.train.eval_batch_size)
     reported = result.rounds[1].test_accuracy
     assert ticket.test_accuracy == reported

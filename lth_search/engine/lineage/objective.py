@@ -131,11 +131,18 @@ def chance_level(labels: np.ndarray) -> float:
     return float(np.bincount(labels.astype(np.int64).ravel()).max() / labels.size)
 
 
+CHANCE_MIN_EXAMPLES = 100
+"""Below this many val examples, chance-level accuracy cannot be told from noise: not judged."""
+
+
 def training_failure(train_loss: float, val_accuracy: float, chance: float, n: int) -> str | None:
     """Why a stage did not train (None if it did): a non-finite loss, or val accuracy no better
-    than chance, i.e. not two standard errors of a chance-level classifier above it."""
+    than chance, i.e. not two standard errors of a chance-level classifier above it (judged on
+    val splits of at least `CHANCE_MIN_EXAMPLES`)."""
     if not math.isfinite(train_loss):
         return f"training loss is {train_loss}"
+    if n < CHANCE_MIN_EXAMPLES:
+        return None
     bar = chance + 2 * math.sqrt(max(chance * (1 - chance), 0.0) / max(n, 1))
     if not math.isfinite(val_accuracy) or val_accuracy <= bar:
         return f"val accuracy {100 * val_accuracy:.2f}% is no better than chance ({100 * chance:.2f}%, the most common class)"
