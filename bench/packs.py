@@ -15,7 +15,7 @@ Acceptance (issue 14): the MLP at R = 8 on one CPU thread >= 2.0x the sequential
 
 `--lineages S` instead times whole IMP lineages end to end (pruning, rewinding,
 evaluation, stages in memory), as a confirmation would run them: the quickstart's
-recipes at rewind steps 0 and 100 x S seeds, one `LineagePack` against `Lineage.run`
+recipes at rewind steps 0 and 100 x S seeds, one `walk` over all of them against `Lineage.run`
 one after another (`--rounds` rounds of `--steps` steps).
 """
 
@@ -33,7 +33,7 @@ from lth_search.engine.data import load_dataset
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.models import build_model
-from lth_search.engine.lineage.walk import LineagePack
+from lth_search.engine.lineage.walk import walk
 from lth_search.engine.packs import choose_mode
 
 from pack_timing import lineage_steps_per_s
@@ -76,7 +76,7 @@ def bench_lineages(seeds: int, rounds: int, steps: int) -> None:
     sequential = time.perf_counter() - began
     lineages = build()
     began = time.perf_counter()
-    packed = LineagePack(lineages).run()
+    packed = walk(lineages)
     pack = time.perf_counter() - began
     gap = max(abs(a.rounds[-1].val_accuracy - p.rounds[-1].val_accuracy) for a, p in zip(alone, packed))
     print(f"\n{len(cfgs)} quickstart lineages (rewind 0 and 100 x {seeds} seeds), {rounds} rounds of {steps} steps, "
