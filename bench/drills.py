@@ -46,8 +46,8 @@ from fault_helpers import one_line_error, run_cli, snapshot  # noqa: E402
 from lth_search.config import DataConfig  # noqa: E402
 from lth_search.engine.data import load_dataset  # noqa: E402
 from lth_search.errors import DataError  # noqa: E402
-from lth_search.store.keys import content_key  # noqa: E402
-from lth_search.store.stages import StageStore  # noqa: E402
+from lth_search.store.content_keys import content_key  # noqa: E402
+from lth_search.store.stage_store import StageStore  # noqa: E402
 
 Drill = Callable[[Path, Path], "str | None"]
 """(data root, a fresh folder) -> None if the case held, else what went wrong."""

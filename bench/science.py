@@ -46,7 +46,7 @@ def heldout_scores(cfg: ExperimentConfig, recipes: dict[str, dict[str, Any]], se
     import torch
 
     from lth_search.engine.lineage.walk import lineages_for, walk
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     torch.set_num_threads(1)
     plan = [(name, seed) for name in recipes for seed in seeds]

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from lth_search.config import load_config
     from lth_search.engine.lineage.objective import paired_verdict, unpack_correct
     from lth_search.engine.lineage.walk import lineages_for, walk
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     torch.set_num_threads(1)
     base = load_config(args.config, args.overrides)

@@ -27,7 +27,7 @@ def _quiet(_: str) -> None:
 
 def open_store(cfg: ExperimentConfig, lease_service: Any = None) -> Any:
     """The stage store of `cfg` (created on first use)."""
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     return StageStore.from_config(cfg, lease_service=lease_service)
 
@@ -115,14 +115,14 @@ def compare(
     folder = write_outputs(result, out or cfg.output_path() / "compare" / cfg.name, png)
     progress(f"table, plot, compare.json and compare.csv in {folder}")
     if track and cfg.tracking.enabled:
-        from lth_search.tracking.compare import log_compare
+        from lth_search.tracking.comparison_run import log_compare
 
         log_compare(cfg, result, png, progress=progress)
     return result
 
 
 def _tracking(cfg: ExperimentConfig) -> Any:
-    from lth_search.tracking.observers import search_tracking
+    from lth_search.tracking.mlflow_observers import search_tracking
 
     return search_tracking(cfg)
 
@@ -165,8 +165,8 @@ def sync_search(
 
 def best_ticket(experiment: str | None = None, search_run_id: str | None = None, max_accuracy_drop: float | None = None,
                 min_sparsity: float | None = None, tracking_uri: str | None = None) -> Any:
-    """The best ticket of a search, from MLflow alone: see `lth_search.tracking.tickets.best_ticket`."""
-    from lth_search.tracking.tickets import best_ticket as _best
+    """The best ticket of a search, from MLflow alone: see `lth_search.tracking.ticket_reader.best_ticket`."""
+    from lth_search.tracking.ticket_reader import best_ticket as _best
 
     return _best(experiment, search_run_id, max_accuracy_drop, min_sparsity, tracking_uri)
 
@@ -174,7 +174,7 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
 def list_tickets(experiment: str | None = None, tracking_uri: str | None = None,
                  search_run_id: str | None = None) -> list[dict[str, Any]]:
     """Every ticket (trial-round) of a search, from MLflow alone."""
-    from lth_search.tracking.tickets import list_tickets as _list
+    from lth_search.tracking.ticket_reader import list_tickets as _list
 
     return _list(experiment, tracking_uri, search_run_id)
 

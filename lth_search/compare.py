@@ -4,7 +4,7 @@ Every kind of `--kinds` for every seed is a lineage walked through the stage sto
 (engine/lineage/walk.py; the dense stages are shared by every kind of a seed): a rerun, or a comparison that adds
 a kind, trains only what is missing. The result is one row per (kind, seed, round) and
 a summary per (kind, round) over seeds (mean, min, max), which api.compare turns into
-the table, the plot (tracking/plots.py) and the MLflow run (tracking/compare.py).
+the table, the plot (tracking/plots.py) and the MLflow run (tracking/comparison_run.py).
 """
 
 from __future__ import annotations

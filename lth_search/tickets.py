@@ -1,4 +1,4 @@
-"""A lottery ticket and how to pick one: pure (MLflow access lives in tracking/tickets.py).
+"""A lottery ticket and how to pick one: pure (MLflow access lives in tracking/ticket_reader.py).
 
 A ticket is one (trial, round), and it has two halves that must not be confused:
 

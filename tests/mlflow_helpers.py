@@ -28,7 +28,7 @@ from lth_search.engine.lineage.results import LineageResult
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.state import new_state
 from lth_search.runs.trial import run_trial
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 from lth_search.tracking.trial_run import TrialTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))

@@ -13,7 +13,7 @@ import torch
 from conftest import LTH_SEARCH, tiny_overrides
 from fault_helpers import run_cli
 
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 T = 200

@@ -49,7 +49,7 @@ def manifests(store_root: Path) -> list[dict[str, Any]]:
 
 
 def trial_records(store_root: Path, search_name: str) -> dict[str, dict[str, Any]]:
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     return StageStore(str(store_root)).records(f"search-{search_name}")
 

@@ -10,9 +10,9 @@ import fsspec
 import pyarrow.fs as pafs
 import torch
 
-from lth_search.store.keys import content_key
+from lth_search.store.content_keys import content_key
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 KINDS = ["local", "file_uri", "memory"]
 

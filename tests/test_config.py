@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lth_search.config import ExperimentConfig, load_config, resolve_steps
-from lth_search.store.keys import canonical_json, content_key
+from lth_search.store.content_keys import canonical_json, content_key
 from lth_search.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from fault_helpers import run_cli
 from lth_search.api import run_search
 from lth_search.config import load_config
 from lth_search.errors import TrackingError
-from lth_search.tracking.tickets import best_ticket
+from lth_search.tracking.ticket_reader import best_ticket
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,7 +27,7 @@ from fault_helpers import MountRefused, fill, one_line_error, run_cli, snapshot,
 from lth_search.config import load_config
 from lth_search.errors import DataError, RuntimeFailure, StoreError, TrackingError
 from lth_search.store.records import check_record_name
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 

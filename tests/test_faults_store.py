@@ -16,9 +16,9 @@ from fault_helpers import MountRefused, fill, tmpfs
 from lth_search.errors import StoreError, StoreFailure
 from lth_search.store.codec import decode_manifest, encode_manifest
 from lth_search.store.entry import StageEntry
-from lth_search.store.keys import content_key
+from lth_search.store.content_keys import content_key
 from lth_search.store.leases import FileLeaseService
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 
 def _entry(key: str, size: int = 64) -> StageEntry:

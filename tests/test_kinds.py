@@ -15,7 +15,7 @@ from lth_search.engine.lineage.kinds import KINDS as REGISTRY
 from lth_search.engine.lineage.probes import attach_probes
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.stages import MemoryStages
-from lth_search.store.keys import content_key
+from lth_search.store.content_keys import content_key
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

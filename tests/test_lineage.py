@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import LTH_SEARCH, REPO, tiny_config
-from lth_search.store.keys import content_key
+from lth_search.store.content_keys import content_key
 from lth_search.engine.lineage.kinds import KINDS
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.stages import MemoryStages
@@ -108,7 +108,7 @@ def test_quickstart_lineage_command(data_root: Path, tmp_path: Path) -> None:
     assert replicates == len(report["dense"]["replicate_keys"]) >= 1
     assert report["steps_executed"] == (replicates + 5) * 1500 and report["steps_reused"] == 0
     assert len([l for l in done.stderr.splitlines() if l.startswith("round ")]) == 5
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     store = StageStore(str(tmp_path / "runs" / "store"))
     for r in report["rounds"]:

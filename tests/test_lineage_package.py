@@ -46,7 +46,7 @@ def test_stage_keys_are_built_only_in_engine_lineage_keys() -> None:
     """`content_key` (sha256 of canonical JSON) is defined by the store and called by keys.py alone."""
     users = sorted(str(path.relative_to(PACKAGE)) for path, tree in _modules().items()
                    if "content_key" in _names_used(tree))
-    assert users == ["engine/lineage/keys.py", "store/keys.py"]
+    assert users == ["engine/lineage/keys.py", "store/content_keys.py"]
     # and every stage's inputs carry the one STAGE_FORMAT, defined there
     definers = [path for path, tree in _modules().items()
                 if any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "STAGE_FORMAT" for t in node.targets)
@@ -86,3 +86,9 @@ def test_a_searched_kind_is_judged_like_imp(one_torch_thread, data_root: Path, t
     for round_result, metrics in zip(result.rounds, reports):
         assert round_result.matches is not None and round_result.margin_se > 0
         assert metrics[VAL_MARGIN] == round_result.margin
+
+
+def test_no_two_modules_share_a_file_name() -> None:
+    """A module's name says what it is, across the whole package (compare.py, tickets.py, ... once each)."""
+    names = [path.name for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"]
+    assert sorted({name for name in names if names.count(name) > 1}) == []

@@ -13,7 +13,7 @@ from lth_search.engine.lineage.stages import StageJob
 from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import run_trial, run_trials
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 from conftest import tiny_config
 

@@ -19,7 +19,7 @@ from lth_search.engine.lineage.walk import lineages_for, walk
 from lth_search.engine.packs import PackMember, train_pack
 from lth_search.engine.pruning import ones_mask, prune_round, random_mask_like
 from lth_search.engine.train import train
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 from conftest import REPO, tiny_config
 

@@ -17,7 +17,7 @@ from lth_search.engine.models import build_model
 from lth_search.engine.train import evaluate
 from lth_search.errors import ConfigError
 from lth_search.api import run_search
-from lth_search.tracking.tickets import best_ticket
+from lth_search.tracking.ticket_reader import best_ticket
 
 MODEL, DATA = "custom_parts:tiny_conv", "custom_parts:wave_data"
 

@@ -32,7 +32,7 @@ from reuse_helpers import (
 
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.store.leases import FileLeaseService, check_key
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -20,7 +20,7 @@ from reuse_helpers import (
 
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.results import LineageResult
-from lth_search.store.stages import ObjectStageStore, StageStore
+from lth_search.store.stage_store import ObjectStageStore, StageStore
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_memory_filesystem_corrupt_stage_is_recomputed(
     with memory_store.filesystem.open_output_stream(path) as stream:
         stream.write(damage(good))
 
-    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stage_store"):
         again = as_report(Lineage(cfg, memory_store).run())
 
     warnings = [r.getMessage() for r in caplog.records if key in r.getMessage()]

@@ -10,7 +10,7 @@ from lth_search.engine.lineage.results import RoundResult
 from lth_search.runs.confirmation import RecipeScore, candidates
 from lth_search.runs.record import MatchingRecord, TrialRecord, TrialStatus
 from lth_search.runs.trial import run_trial
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 OLD_RECORD = {  # as the search wrote records before the typed record existed
     "search": "q", "search_id": "q-1", "trial_id": "t1", "optuna_trial": 3, "choices": {"rate": 0.3},

@@ -23,7 +23,7 @@ from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import journal_storage
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 DENSE_VAL = 0.65
 CURVES = {

@@ -26,7 +26,7 @@ from search_helpers import search_config, trial_records, trial_results
 from lth_search.store.codec import decode_mask
 from lth_search.tracking.client import read_artifact
 from lth_search.api import run_search
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 pytestmark = pytest.mark.slow
 PER_ROUND = ("val_accuracy", "test_accuracy", "sparsity")

@@ -28,7 +28,7 @@ from torch.nn.utils import prune
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.engine.models import build_model
 from lth_search.tracking.client import read_artifact
-from lth_search.tracking.tickets import best_ticket
+from lth_search.tracking.ticket_reader import best_ticket
 
 pytestmark = pytest.mark.slow
 VENV_CACHE = Path(os.environ.get("LTH_TEST_VENV_CACHE", Path.home() / ".cache" / "lth_search" / "test-venvs"))

@@ -25,7 +25,7 @@ from store_helpers import KINDS, assert_same, key_of, make_entry, make_store
 from lth_search.errors import StoreError
 from lth_search.store.leases import FileLeaseService, FilesystemLeaseService
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 
 @pytest.fixture(params=KINDS)
@@ -105,7 +105,7 @@ WORKER = textwrap.dedent(
     import json, os, sys, time
     import torch
     from lth_search.store.entry import StageEntry
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     root, key, counter, out, sleep_s, timeout_s, go = sys.argv[1:]
     store = StageStore(root, lease_timeout_s=float(timeout_s), heartbeat_s=float(timeout_s) / 4)

@@ -16,7 +16,7 @@ from lth_search.config import load_config
 from lth_search.errors import StoreError
 from lth_search.store.codec import encode_manifest
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import LocalStageStore, ObjectStageStore, StageStore
+from lth_search.store.stage_store import LocalStageStore, ObjectStageStore, StageStore
 
 
 @pytest.fixture(params=KINDS)
@@ -94,7 +94,7 @@ def test_corrupt_entry_is_reported_removed_and_replaced(
     key = key_of("corrupt")
     store.put(make_entry(key))
     damage(store, entry_file(store, key, filename))
-    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stage_store"):
         assert store.get(key) is None
     assert key in caplog.text and filename in caplog.text
     assert not store.contains(key)
@@ -109,7 +109,7 @@ def test_missing_data_file_is_corrupt(store: StageStore, caplog: pytest.LogCaptu
     key = key_of("missing")
     store.put(make_entry(key))
     store.filesystem.delete_file(entry_file(store, key, "weights_end.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stage_store"):
         assert store.get(key) is None
     assert "weights_end.safetensors: missing" in caplog.text
 
@@ -141,7 +141,7 @@ def test_manifest_cannot_point_outside_the_entry(store: StageStore, caplog: pyte
     del body["checksum"]
     body["files"]["../../../../weights_x.safetensors"] = {"sha256": "0" * 64, "bytes": 1}
     write_file(store, path, encode_manifest(body))  # a validly signed but hostile manifest
-    with caplog.at_level(logging.WARNING, logger="lth_search.store.stages"):
+    with caplog.at_level(logging.WARNING, logger="lth_search.store.stage_store"):
         assert store.get(key) is None
     assert "unexpected file name" in caplog.text
 
@@ -246,7 +246,7 @@ def test_records_round_trip_and_stay_inside(tmp_path) -> None:
     import pyarrow.fs as pafs
 
     from lth_search.errors import StoreError
-    from lth_search.store.stages import StageStore
+    from lth_search.store.stage_store import StageStore
 
     memory = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
     for store in (StageStore(str(tmp_path / "s")), StageStore("/records-test", filesystem=memory)):

@@ -26,9 +26,9 @@ from fault_helpers import run_cli
 from lth_search.store.codec import decode_mask
 from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 from lth_search.tracking.sync import sync_search
-from lth_search.tracking.observers import MlflowTracking
+from lth_search.tracking.mlflow_observers import MlflowTracking
 from mlflow_helpers import MlflowServer, save_search_state, search_layout, tracked_trial
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20}}

@@ -24,13 +24,13 @@ from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundR
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 from lth_search.tickets import Ticket, format_tickets
-from lth_search.tracking.tickets import best_ticket, list_tickets
+from lth_search.tracking.ticket_reader import best_ticket, list_tickets
 from lth_search.tracking.trial_run import TrialTracker
 from lth_search.engine.packs import PackMember, choose_mode, train_pack
 from lth_search.engine.train import evaluate
-from lth_search.tracking.observers import MlflowTracking
+from lth_search.tracking.mlflow_observers import MlflowTracking
 from mlflow_helpers import tracked_trial
 
 DENSE_VAL = 0.60

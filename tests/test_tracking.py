@@ -23,9 +23,9 @@ from lth_search.api import run_lineage_command
 from lth_search.store.codec import decode_mask, decode_weights
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.tracking.client import read_artifact
-from lth_search.store.stages import StageStore
-from lth_search.tracking.tickets import best_ticket
-from lth_search.tracking.observers import MlflowTracking
+from lth_search.store.stage_store import StageStore
+from lth_search.tracking.ticket_reader import best_ticket
+from lth_search.tracking.mlflow_observers import MlflowTracking
 from mlflow_helpers import search_layout, tracked_trial
 
 TRIALS = {"t0": {"rate": 0.3}, "t1": {"rate": 0.5, "rewind_step": 20, "init_scale": "measured"}}

@@ -20,15 +20,15 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lth_search.config.data import DataConfig
-from lth_search.config.diagnostics import DiagnosticsConfig
+from lth_search.config.data_section import DataConfig
+from lth_search.config.diagnostics_section import DiagnosticsConfig
 from lth_search.config.model import ModelConfig
 from lth_search.config.names import check_location, check_name, quote
 from lth_search.config.prune import PruneConfig
 from lth_search.config.runtime import ResourcesConfig, StoreConfig, TrackingConfig
 from lth_search.config.search import SearchConfig
 from lth_search.config.section import Section
-from lth_search.config.train import TrainConfig
+from lth_search.config.train_section import TrainConfig
 from lth_search.errors import ConfigError
 
 MAX_SEED = 2**32 - 1

@@ -1,7 +1,7 @@
 """The seams between a search and whoever watches it (tracking), as protocols.
 
 The search package (Ray) and the tracking package (MLflow) never import each other:
-`api` builds the MLflow observers (tracking/observers.py) and hands them to the search
+`api` builds the MLflow observers (tracking/mlflow_observers.py) and hands them to the search
 driver, which only knows these protocols. With tracking off, they are None.
 """
 

@@ -24,7 +24,7 @@ from lth_search.engine.lineage.results import (
     _known_fields,
 )
 from lth_search.store.records import records_namespace
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 
 class TrialStatus(str, Enum):

@@ -32,7 +32,7 @@ from lth_search.runs.trial import run_trials
 from lth_search.search.console import result_files
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.ray_storage import ray_storage
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 ROLE = "confirm"
 

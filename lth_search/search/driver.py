@@ -52,7 +52,7 @@ from lth_search.search.space import (
 from lth_search.search.ray_session import check_resources, cluster_address, ray_session
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 Progress = Callable[[str], None]
 

@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from lth_search.store.keys import check_key
+from lth_search.store.content_keys import check_key
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

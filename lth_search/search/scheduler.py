@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 
 def max_level(cfg: ExperimentConfig) -> int:

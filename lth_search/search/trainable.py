@@ -24,7 +24,7 @@ from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import DEFAULT_RECIPE, run_trial
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 CHECKPOINT_FILE = "lineage.json"
 PROGRESS_METRICS = ["round", "sparsity", "val_accuracy", "test_accuracy", "matching_sparsity", "reused", "attempt"]

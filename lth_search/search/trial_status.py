@@ -18,7 +18,7 @@ from lth_search.config import ExperimentConfig
 from lth_search.errors import LthError
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.search.console import SearchConsole
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 
 
 class TrialEvents(tune.Callback):

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import safetensors.torch
 import torch
 
-from lth_search.store.keys import canonical_json
+from lth_search.store.content_keys import canonical_json
 
 Mask = dict[str, torch.Tensor]
 """Prunable parameter name -> bool tensor of the parameter's shape (True = kept): the one

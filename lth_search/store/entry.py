@@ -33,7 +33,7 @@ from lth_search.store.codec import (
     encode_mask,
     encode_weights,
 )
-from lth_search.store.keys import check_key
+from lth_search.store.content_keys import check_key
 
 FORMAT = 1
 """Manifest format version; a reader refuses entries from a newer format."""

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import pyarrow.fs as pafs
 
-from lth_search.store.keys import check_key
+from lth_search.store.content_keys import check_key
 
 log = logging.getLogger(__name__)
 

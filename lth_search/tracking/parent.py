@@ -16,7 +16,7 @@ from lth_search.errors import TrackingError
 from lth_search.tickets import criterion_text, select_ticket
 from lth_search.tracking.layout import CONFIRMATION, SEARCH_PLOT, TICKETS, TICKETS_CSV
 from lth_search.tracking.plots import search_plot
-from lth_search.tracking.tickets import load_ticket
+from lth_search.tracking.ticket_reader import load_ticket
 from lth_search.tracking.search_run import SearchTracker
 from lth_search.tracking.ticket_table import SearchRef, rows_csv, rows_parquet, ticket_rows
 

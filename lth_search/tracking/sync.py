@@ -20,7 +20,7 @@ from lth_search.errors import TrackingFailure
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.store.entry import StageEntry
-from lth_search.store.stages import StageStore
+from lth_search.store.stage_store import StageStore
 from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary

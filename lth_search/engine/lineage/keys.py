@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lth_search.store.keys import content_key
+from lth_search.store.content_keys import content_key
 
 STAGE_FORMAT = 3
 """Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching.

@@ -56,7 +56,7 @@ ROUND_METRICS = (*DENSE_METRICS, "sparsity", "layer_sparsity")
 
 # The store, as the engine sees it ---------------------------------------------------------
 class StageSource(Protocol):
-    """What the engine needs of a stage store (store/stages.py `StageStore`, or `MemoryStages`):
+    """What the engine needs of a stage store (store/stage_store.py `StageStore`, or `MemoryStages`):
     the engine never imports a backend, so it runs and is tested without a filesystem."""
 
     def get_or_compute(

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 
 from lth_search.errors import StoreError, StoreFailure, os_reason
 from lth_search.store.entry import MANIFEST, Check, Corrupt, StageEntry, decode_entry, encode_entry
-from lth_search.store.keys import check_key
+from lth_search.store.content_keys import check_key
 from lth_search.store.leases import (
     FileLeaseService,
     FilesystemLeaseService,
