@@ -45,7 +45,7 @@ from lth_search.engine.pruning import (
     sparsity,
 )
 from lth_search.engine.stage_source import DENSE_METRICS, ROUND_METRICS, MemoryStages, StageSource, needs
-from lth_search.engine.train import TrainResult, evaluate, predict, resolved_recipe, train
+from lth_search.engine.train import TrainResult, correct as correct_examples, evaluate, resolved_recipe, train
 from lth_search.errors import ConfigError
 from lth_search.store.keys import content_key
 from lth_search.store.entry import StageEntry
@@ -115,7 +115,7 @@ class LineageStages:
 
     def _accuracies(self) -> dict[str, Any]:
         batch = self.cfg.train.eval_batch_size
-        correct = (predict(self.model, self.data.val, batch) == self.data.val.y).cpu().numpy()
+        correct = correct_examples(self.model, self.data.val, batch).cpu().numpy()
         return {
             "val_accuracy": float(correct.mean()) if correct.size else 0.0,
             "test_accuracy": evaluate(self.model, self.data.test, batch),

@@ -25,6 +25,7 @@ from torch import nn
 from lth_search.config import TrainConfig, resolve_steps
 from lth_search.engine.augment import augment
 from lth_search.engine.data import BatchOrder, Dataset, Split
+from lth_search.engine.text_data import IGNORE
 
 LOSS_WINDOW = 100
 """Steps at the end of a stage whose mean loss is reported as `train_loss`."""
@@ -194,6 +195,16 @@ def predict(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Ten
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=split.x.device)
 
 
+def correct(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Tensor:
+    """Per example, whether `model` got it right: its class is the label, or (next-token
+    targets, y of shape (N, T)) every target token is the top-1 prediction given the true
+    prefix (teacher forcing); positions without a target (IGNORE, -100) do not count."""
+    predicted = predict(model, split, batch_size)
+    if split.y.dim() == 1:
+        return predicted == split.y
+    return ((predicted == split.y) | (split.y == IGNORE)).all(dim=1)
+
+
 def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
-    """Top-1 accuracy of `model` on a split."""
-    return float((predict(model, split, batch_size) == split.y).sum()) / max(len(split), 1)
+    """Top-1 accuracy of `model` on a split (per example, see `correct`)."""
+    return float(correct(model, split, batch_size).sum()) / max(len(split), 1)
