@@ -230,3 +230,13 @@ def test_any_attention_module_is_found_and_masks_apply_with_torch_prune():
     module, attribute = model.get_submodule("layer.self_attn"), name.rsplit(".", 1)[1]
     prune.custom_from_mask(module, attribute, mask)
     assert f"{name}_mask" in model.state_dict() and torch.equal(module.in_proj_weight == 0, ~mask | (module.in_proj_weight_orig == 0))
+
+
+def test_layer_ratios_prune_attention_and_mlp_at_their_own_rates():
+    from lth_search.engine.pruning import group_sparsity, ones_mask, prune_round
+
+    model = build("transformer", (40,), patch=4, prune_embeddings=True, **TINY_TRANSFORMER)
+    weights = dict(model.named_parameters())
+    mask = prune_round(weights, ones_mask(model), model.prunable, 0.4, "layerwise", {"attn": 0.5, "embed": 0.25})
+    by_group = group_sparsity(mask, model.prunable)
+    assert by_group == pytest.approx({"attn": 0.2, "embed": 0.1, "mlp": 0.4, "output": 0.4}, abs=0.01)
