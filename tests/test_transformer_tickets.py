@@ -55,5 +55,13 @@ def test_transformer_ticket_applies_with_custom_from_mask(ray_local, data_root, 
     with torch.no_grad():
         accuracy = int((model(val.x).argmax(dim=1) == val.y).sum()) / len(val)
     assert accuracy == pytest.approx(card["val_accuracy"], abs=1e-9)
+    import mlflow
+
+    runs = mlflow.MlflowClient(cfg.tracking_uri()).search_runs(
+        [mlflow.MlflowClient(cfg.tracking_uri()).get_experiment_by_name(cfg.name).experiment_id],
+        filter_string=f"tags.`lth.trial_id` = '{card['trial_id']}'")
+    logged = runs[0].data.metrics  # the latest round's per-group sparsity, as MLflow shows it
+    assert {"group_sparsity/attn", "group_sparsity/mlp", "group_sparsity/embed", "group_sparsity/output"} <= set(logged)
+    assert logged["group_sparsity/mlp"] > 0.3
     sparsity = 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert sparsity == pytest.approx(card["sparsity"]) and card["sparsity"] > 0.3

@@ -285,6 +285,17 @@ def _check_text_fit(cfg: ModelConfig, data: "Dataset") -> None:
                           "(with model.vocab_size) or an hf:PATH model")
 
 
+def layer_sizes(cfg: ExperimentConfig) -> dict[str, tuple[str, int]]:
+    """Prunable layer -> (group, weights) of `cfg`'s model, built with the data's shape and
+    seed (what tracking needs to sum per-layer sparsity into per-group sparsity)."""
+    from lth_search.engine.data import data_signature
+
+    shape, classes = data_signature(cfg.data)
+    model = build_model(cfg.model, shape, classes, cfg.seed)
+    parameters = dict(model.named_parameters())
+    return {name: (group, parameters[name].numel()) for name, group in model.prunable.items()}
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """Build `cfg.name` for inputs of `input_shape` (no batch axis), seeded by `seed`, on CPU.
 
