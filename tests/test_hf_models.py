@@ -17,6 +17,7 @@ from search_helpers import trial_results
 from lth_search.config import ModelConfig, load_config
 from lth_search.engine.data import load_dataset
 from lth_search.engine.models import build_model
+from lth_search.engine.packs import choose_mode
 from lth_search.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,6 +52,7 @@ def test_theta0_is_the_checkpoint_and_the_target_chooses_what_is_pruned(task):
     head = "base_model.model.score.modules_to_save.default.weight"
     assert all(torch.equal(state[k], again[k]) for k in state) and not torch.equal(state[head], other[head])
     assert base(torch.tensor([[5, 6, 7, 0, 0]])).shape == (1, 2)
+    assert choose_mode(base, "cuda") == "sequential"  # vmap cannot stack its non-persistent rotary buffers
 
 
 def test_a_hub_id_without_a_local_copy_names_the_command(tmp_path):

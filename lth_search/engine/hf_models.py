@@ -162,6 +162,9 @@ def build_pretrained(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes
         model.config.pad_token_id = pad
         if cfg.lora is not None:
             model = _lora(model, cfg)
+    # Packs stack members' state dicts under vmap; transformers' models keep buffers outside
+    # the state dict (rotary tables), so their lineages train one after another.
+    model.pack_sequential = True
     model.register_forward_pre_hook(_attention_mask(pad), with_kwargs=True)
     model.register_forward_hook(_logits_only(cfg.head == "causal_lm"), with_kwargs=True)
     return model.to("cpu")
