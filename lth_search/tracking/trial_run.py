@@ -234,6 +234,7 @@ class TrialTracker:
         metrics = round_metrics(round_result)
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
         self.io.log_values(self.run_id, metrics, step=round_result.round)
+        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
 
     def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
         """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
@@ -251,7 +252,6 @@ class TrialTracker:
                 pruned_and_size[0] += fraction * size
                 pruned_and_size[1] += size
         return {group: pruned / size for group, (pruned, size) in sorted(totals.items()) if size}
-        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         """The round's metrics at step = round, its mask and its trained weights, each once."""
