@@ -31,6 +31,7 @@ from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
 from lth_search.engine.models import layer_sizes
 from lth_search.engine.results import LineageResult, RoundResult
+from lth_search.errors import LthError
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.entry import StageEntry
@@ -243,7 +244,10 @@ class TrialTracker:
         built-in one); a pretrained hf: model is not loaded again for this: its per-layer
         sparsity is logged alone."""
         if self._layer_groups is None:
-            self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
+            try:
+                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
+            except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
+                self._layer_groups = {}
         totals: dict[str, list[float]] = {}
         for layer, fraction in round_result.layer_sparsity.items():
             if layer in self._layer_groups:
