@@ -1,4 +1,4 @@
-"""GPU throughput: steps/s of the MLP, conv6 and ResNet-20, alone and in packs of 4 and 16.
+"""GPU throughput: steps/s of the MLP, conv6, ResNet-20 and a ViT, alone and in packs of 4 and 16.
 
 Run it unchanged on one CUDA GPU (it takes a few minutes, well under 5): it needs no
 data files (inputs are random tensors of the real shapes, which is all a step's speed
@@ -11,7 +11,8 @@ depends on) and prints, per model,
   their gain over single.
 
 Recipes: MLP 40-100-100-10 batch 100 Adam 1e-2 (quickstart); conv6 batch 60 Adam 3e-4
-(Frankle & Carbin); ResNet-20 batch 128 SGD 0.1 momentum 0.9 wd 1e-4 (open_lth).
+(Frankle & Carbin); ResNet-20 batch 128 SGD 0.1 momentum 0.9 wd 1e-4 (open_lth); the ViT of
+configs/vit_cifar10.yaml (patch 4, d_model 192, 6 layers, 3 heads) batch 128 AdamW 1e-3.
 Without CUDA it stops at once with one line on stderr and exit status 2.
 
     python bench/gpu.py [--repeats 3] [--scale 1.0] [--device cuda]
@@ -33,6 +34,8 @@ CASES = [
     ("conv6", (3, 32, 32), ["train.optimizer=adam", "train.lr=0.0003", "train.batch_size=60"], 60),
     ("resnet20", (3, 32, 32), ["train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.0001",
                                "train.batch_size=128"], 30),
+    ("vit", (3, 32, 32), ["train.optimizer=adamw", "train.lr=0.001", "train.batch_size=128", "model.patch=4",
+                          "model.d_model=192", "model.heads=3", "model.layers=6", "model.ff_width=384"], 30),
 ]
 
 

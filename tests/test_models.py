@@ -165,3 +165,78 @@ def test_conv_model_on_flat_input_is_a_config_error(name):
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="model.name: unknown model 'nope'"):
         build_model(ModelConfig.model_construct(name="nope", widths=[4], width=16, batch_norm=True), (40,), 10, 0)
+
+
+# Transformers -------------------------------------------------------------------------------
+TINY_TRANSFORMER = {"d_model": 16, "heads": 2, "layers": 2, "ff_width": 24}
+
+
+def test_transformer_prunes_attention_mlp_and_opt_in_embeddings():
+    model = build("transformer", (40,), patch=4, **TINY_TRANSFORMER)
+    assert model(torch.randn(3, 40)).shape == (3, 10)
+    expected = {}
+    for layer in range(2):
+        expected |= {f"layers.{layer}.self_attn.in_proj_weight": "attn", f"layers.{layer}.self_attn.out_proj.weight": "attn",
+                     f"layers.{layer}.linear1.weight": "mlp", f"layers.{layer}.linear2.weight": "mlp"}
+    assert model.prunable == {**expected, "output.weight": "output"}
+    with_embed = build("transformer", (40,), patch=4, prune_embeddings=True, **TINY_TRANSFORMER)
+    assert with_embed.prunable == {"embed.weight": "embed", **expected, "output.weight": "output"}
+    norms_and_biases = [n for n, p in model.named_parameters() if p.dim() == 1 or "norm" in n]
+    assert norms_and_biases and not set(norms_and_biases) & set(with_embed.prunable)
+    assert set(model.prunable.values()) <= set(GROUPS)
+
+
+def test_transformer_init_is_seeded_truncated_normal():
+    a, b, c = (build("vit", (3, 8, 8), seed=s, patch=4, **TINY_TRANSFORMER) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.state_dict()["output.weight"], c.state_dict()["output.weight"])
+    weight = a.state_dict()["layers.0.self_attn.in_proj_weight"]
+    assert weight.abs().max() <= 0.04 and 0.012 < float(weight.std()) < 0.02
+    assert a.state_dict()["layers.0.norm1.weight"].eq(1).all() and a.state_dict()["layers.0.linear1.bias"].eq(0).all()
+    assert a(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_transformer_shapes_that_do_not_fit_are_config_errors():
+    with pytest.raises(ConfigError, match="model.patch: 3 must divide"):
+        build("transformer", (40,), patch=3, **TINY_TRANSFORMER)
+    with pytest.raises(ConfigError, match="needs image input"):
+        build("vit", (40,), **TINY_TRANSFORMER)
+    with pytest.raises(ConfigError, match="use vit for images"):
+        build("transformer", CIFAR, **TINY_TRANSFORMER)
+    with pytest.raises(ValueError, match="does not divide model.d_model"):
+        ModelConfig(name="transformer", d_model=10, heads=4)
+
+
+def test_any_attention_module_is_found_and_masks_apply_with_torch_prune():
+    """Plain torch layers (nn.MultiheadAttention with separate q/k/v weights, an encoder layer):
+    the groups come from the modules, and a mask named like the parameter applies with
+    torch.nn.utils.prune.custom_from_mask under the same name."""
+    from torch.nn.utils import prune
+
+    model = nn.ModuleDict({
+        "tok_embed": nn.Embedding(20, 8), "layer": nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+        "cross": nn.MultiheadAttention(8, 2, kdim=4, vdim=4), "head": nn.Linear(8, 3),
+    })
+    groups = prunable_groups(model, embeddings=True)
+    assert groups == {
+        "tok_embed.weight": "embed", "layer.self_attn.in_proj_weight": "attn", "layer.self_attn.out_proj.weight": "attn",
+        "layer.linear1.weight": "mlp", "layer.linear2.weight": "mlp", "cross.q_proj_weight": "attn",
+        "cross.k_proj_weight": "attn", "cross.v_proj_weight": "attn", "cross.out_proj.weight": "attn",
+        "head.weight": "output",
+    }
+    assert "tok_embed.weight" not in prunable_groups(model)
+    name = "layer.self_attn.in_proj_weight"
+    mask = torch.rand_like(dict(model.named_parameters())[name]) > 0.5
+    module, attribute = model.get_submodule("layer.self_attn"), name.rsplit(".", 1)[1]
+    prune.custom_from_mask(module, attribute, mask)
+    assert f"{name}_mask" in model.state_dict() and torch.equal(module.in_proj_weight == 0, ~mask | (module.in_proj_weight_orig == 0))
+
+
+def test_layer_ratios_prune_attention_and_mlp_at_their_own_rates():
+    from lth_search.engine.pruning import group_sparsity, ones_mask, prune_round
+
+    model = build("transformer", (40,), patch=4, prune_embeddings=True, **TINY_TRANSFORMER)
+    weights = dict(model.named_parameters())
+    mask = prune_round(weights, ones_mask(model), model.prunable, 0.4, "layerwise", {"attn": 0.5, "embed": 0.25})
+    by_group = group_sparsity(mask, model.prunable)
+    assert by_group == pytest.approx({"attn": 0.2, "embed": 0.1, "mlp": 0.4, "output": 0.4}, abs=0.01)

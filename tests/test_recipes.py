@@ -21,15 +21,16 @@ TINY = ["train.steps=4", "train.batch_size=8", "prune.rounds=2", "prune.rewind_s
         "data.val_size=10", "train.milestones=[3]", "tracking.enabled=false", "search.space.rewind_step=null"]
 
 
-@pytest.mark.parametrize("recipe", ["lenet300_mnist", "conv6_cifar10", "resnet20_cifar10", "vgg16_cifar10"])
+@pytest.mark.parametrize("recipe", ["lenet300_mnist", "conv6_cifar10", "resnet20_cifar10", "vgg16_cifar10", "vit_cifar10"])
 def test_paper_recipe_runs_on_tiny_standard_files(recipe: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     if recipe.endswith("mnist"):
         write_mnist(tmp_path / "mnist", gz=True, n_train=40, n_test=12)
     else:
         write_cifar(tmp_path, n=8)
+    shallower = ["model.layers=2"] if recipe == "vit_cifar10" else []  # the recipe's ViT, 2 of its 6 layers
     cfg = load_config(REPO / "configs" / f"{recipe}.yaml",
-                      TINY + [f"data.root={tmp_path}", f"output_dir={tmp_path / 'runs'}"]).absolute()
+                      TINY + shallower + [f"data.root={tmp_path}", f"output_dir={tmp_path / 'runs'}"]).absolute()
     lineage = Lineage(cfg)
     result = lineage.run()
     full = load_config(REPO / "configs" / f"{recipe}.yaml")

@@ -1,7 +1,8 @@
 """The `data` section: which data set, where its files are, how the validation split is carved.
 
-Only `identity()` enters stage keys: where the files are (`root`) does not change what
-a stage computes, so moving the data folder reuses every stored stage.
+Only `identity()` enters stage keys: where the files are (`root`, `tokenizer`) does not
+change what a stage computes, so moving the data folder reuses every stored stage (the
+data's fingerprint, over the token ids a text data set becomes, names the content).
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from pydantic import Field, field_validator
 from lth_search.config.names import check_location
 from lth_search.config.section import RegisteredName, Section
 
+TEXT_DATA = ("text", "text_lm")
+"""Built-in text data sets: `text` classifies, `text_lm` is causal language modelling."""
+TEXT_FIELDS = ("max_length", "text_column", "label_column", "test_size")
+
 
 class DataConfig(Section):
     """Which data set, where its files are, and how the validation split is carved."""
 
     name: RegisteredName = Field(
         "mnist1d",
-        description="data set: built in (mnist1d, digits, mnist, fashion_mnist, cifar10; see engine/data.py), an "
+        description="data set: built in (mnist1d, digits, mnist, fashion_mnist, cifar10; see engine/data.py; text "
+        "and text_lm, read from data.root and tokenized, see engine/text_data.py), an "
         "entry point of group lth_search.data, or package.module:factory returning (x_train, y_train, x_test, y_test)",
     )
     root: str = Field(
@@ -45,6 +51,25 @@ class DataConfig(Section):
         "set. More examples let the validation split grow without shrinking the training set.",
     )
     normalize: bool = Field(True, description="standardise inputs with the training split's mean and std")
+    tokenizer: str | None = Field(
+        None, description="text / text_lm: the tokenizer's local folder (tokenizer.json, or what transformers' "
+        "AutoTokenizer reads; for an hf: model usually the model's own folder). Nothing is downloaded"
+    )
+    max_length: int = Field(128, ge=2, le=1 << 17, description="text / text_lm: tokens per example (padded or truncated)")
+    text_column: str = Field("text", min_length=1, max_length=128, description="text: the column with the text")
+    label_column: str = Field(
+        "label", min_length=1, max_length=128,
+        description="text: the column with the class (integers 0..C-1, or strings: classes in sorted order)",
+    )
+    test_size: int = Field(
+        0, ge=0, le=10**7, description="text / text_lm whose files have no test split: examples carved off as test "
+        "(a fixed draw, the same for every seed); 0 = the files must hold a test split"
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, tokenizer: str | None) -> str | None:
+        return None if tokenizer is None else check_location(tokenizer, "data.tokenizer", ValueError)
 
     @field_validator("root")
     @classmethod
@@ -54,5 +79,9 @@ class DataConfig(Section):
     def identity(self) -> dict[str, Any]:
         """What determines the split's content (the folder is where, not what; the MNIST-1D
         generator's size only matters for MNIST-1D)."""
-        exclude = {"root"} if self.name == "mnist1d" else {"root", "mnist1d_samples"}
+        exclude = {"root", "tokenizer"}
+        if self.name != "mnist1d":
+            exclude.add("mnist1d_samples")
+        if self.name not in TEXT_DATA:
+            exclude |= set(TEXT_FIELDS)
         return self.model_dump(exclude=exclude)

@@ -17,7 +17,7 @@ from lth_search.config.names import check_name, quote
 from lth_search.config.section import MAX_LIST, MAX_STEPS, Section
 
 KINDS = ("imp", "lr_rewind", "finetune", "oneshot", "random_prune", "random_reinit", "snip", "grasp", "synflow")
-"""Lineage kinds (engine/kinds.py): IMP with weight rewinding and the baselines it is compared with."""
+"""Lineage kinds (engine/lineage/kinds.py): IMP with weight rewinding and the baselines it is compared with."""
 RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
 

@@ -1,5 +1,8 @@
 """Data set registry: standard files in, seeded float32/int64 device tensors out.
 
+Text data sets (`text`, `text_lm`: engine/text_data.py) come out as int64 token ids,
+never normalised; everything else as float32.
+
 Every data set is read from files a researcher already has (or, for MNIST-1D, built
 offline and cached), split into train / val / test with a seeded validation carve, and
 fingerprinted, so a stage key names the exact examples a model saw. Nothing here is
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 
 from lth_search.config import DataConfig
+from lth_search.config.data_section import TEXT_DATA
 from lth_search.engine.data_files import read_cifar_batch, read_idx
+from lth_search.engine.text_data import read_text
 from lth_search.errors import ConfigError, DataError
 from lth_search.engine.plugins import DATA_GROUP, resolve
 
@@ -57,6 +62,12 @@ class Dataset:
     normalization: tuple[np.ndarray, np.ndarray] | None = None
     """(mean, std) the raw inputs were standardised with (None: data.normalize is off); a
     served model applies them to raw inputs."""
+    task: str = "classification"
+    """"classification" (y: a class per example) or "causal_lm" (y: the next token per position,
+    text_data.IGNORE where there is none; `num_classes` is then the vocabulary)."""
+    vocab_size: int = 0
+    """Token-id inputs: the tokenizer's vocabulary (0: float inputs)."""
+    pad_id: int = 0
 
     def to(self, device: torch.device | str) -> "Dataset":
         """A copy on `device`; the fingerprint names content, so it is kept."""
@@ -319,7 +330,9 @@ def _normalizer(x_train: np.ndarray, image: bool) -> tuple[np.ndarray, np.ndarra
     return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> Split:
+def _tensors(x: np.ndarray, y: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None, tokens: bool = False) -> Split:
+    if tokens:  # token ids stay integers: an embedding looks them up
+        return Split(torch.from_numpy(np.array(x, dtype=np.int64)), torch.from_numpy(np.asarray(y, dtype=np.int64)))
     xf = np.array(x, dtype=np.float32)  # a fresh, writable copy
     if stats is not None:
         xf -= stats[0]
@@ -346,6 +359,9 @@ def _plugin_spec(name: str) -> _Spec:
 
 def read_raw(cfg: DataConfig) -> tuple[Raw, tuple[int, ...], int]:
     """The data set's raw arrays (before the val carve and normalisation), its input shape and classes."""
+    if cfg.name in TEXT_DATA:
+        text = read_text(cfg)
+        return text.raw, text.input_shape, text.num_classes
     spec = _REGISTRY.get(cfg.name) or _plugin_spec(cfg.name)
     root = Path(cfg.root).expanduser().resolve()
     raw = _read_mnist1d(root, cfg.mnist1d_samples) if cfg.name == "mnist1d" else spec.read(root)
@@ -371,21 +387,26 @@ def load_dataset(cfg: DataConfig, seed: int, device: torch.device | str = "cpu")
     examples; test is the data set's own test split and never changes.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    (x, y, x_test, y_test), input_shape, num_classes = read_raw(cfg)
+    text = read_text(cfg) if cfg.name in TEXT_DATA else None
+    (x, y, x_test, y_test), input_shape, num_classes = (
+        (text.raw, text.input_shape, text.num_classes) if text is not None else read_raw(cfg))
     for labels in (y, y_test):
-        _check_labels(cfg.name, num_classes, labels)
+        if text is None or text.task == "classification":
+            _check_labels(cfg.name, num_classes, labels)
     if cfg.val_size >= len(y):
         raise DataError(f"data.val_size: {cfg.val_size} must be < {len(y)} training examples of {cfg.name}")
     perm = _randperm(len(y), _derive_seed("val", seed)).numpy()
     val_idx, train_idx = np.sort(perm[: cfg.val_size]), np.sort(perm[cfg.val_size :])
     raw = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (x_test, y_test)}
-    stats = _normalizer(raw["train"][0], image=len(input_shape) == 3) if cfg.normalize else None
-    splits = {k: _tensors(xs, ys, stats).to(device) for k, (xs, ys) in raw.items()}
+    stats = _normalizer(raw["train"][0], image=len(input_shape) == 3) if cfg.normalize and text is None else None
+    splits = {k: _tensors(xs, ys, stats, tokens=text is not None).to(device) for k, (xs, ys) in raw.items()}
+    extra = {} if text is None else {"task": text.task, "vocab_size": text.vocab_size, "pad_id": text.pad_id}
     return Dataset(
         name=cfg.name,
         num_classes=num_classes,
         input_shape=input_shape,
-        fingerprint=_fingerprint(cfg.name, cfg.normalize, raw),
+        fingerprint=_fingerprint(cfg.name, cfg.normalize and text is None, raw),
         normalization=stats,
         **splits,
+        **extra,
     )

@@ -91,11 +91,14 @@ def probe_gradients(model: nn.Module, state: dict[str, torch.Tensor], x: torch.T
                     names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Gradient of the cross-entropy on (x, y) at `state` for the parameters `names`.
 
-    Runs on a copy in eval mode, so the caller's model, its mode and its grads are untouched.
+    Runs on a copy in eval mode, so the caller's model, its mode and its grads are untouched;
+    frozen weights (a pretrained base under LoRA) get their gradient too on that copy.
     """
     work = copy.deepcopy(model).eval()
     work.load_state_dict(state)
     params = dict(work.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
     loss = nn.functional.cross_entropy(work(x), y)
     grads = torch.autograd.grad(loss, [params[n] for n in names])
     return {name: g.detach() for name, g in zip(names, grads)}

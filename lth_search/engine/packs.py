@@ -88,6 +88,8 @@ def choose_mode(model: nn.Module, device: torch.device | str) -> str:
     """The fastest way to batch `model` on `device` (see the module docstring for the numbers)."""
     if isinstance(model, MLP):
         return "bmm"
+    if getattr(model, "pack_sequential", False):  # a model vmap cannot stack (engine/hf_models.py)
+        return "sequential"
     return "vmap" if torch.device(device).type == "cuda" else "sequential"
 
 

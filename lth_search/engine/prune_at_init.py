@@ -42,6 +42,8 @@ def _work_copy(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     work.load_state_dict(state)
     if dtype is not None:
         work = work.to(dtype)
+    for parameter in work.parameters():  # frozen weights (a pretrained base under LoRA) are scored too
+        parameter.requires_grad_(True)
     return work.eval()
 
 

@@ -376,3 +376,14 @@ def sparsity(mask: Mask) -> float:
 def layer_sparsity(mask: Mask) -> dict[str, float]:
     """Fraction pruned in each layer."""
     return {name: 1.0 - int(m.sum()) / m.numel() for name, m in mask.items()}
+
+
+def group_sparsity(mask: Mask, groups: dict[str, str]) -> dict[str, float]:
+    """Fraction pruned in each layer group (attn, mlp, embed, output, ...), over the group's weights."""
+    kept: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for name, m in mask.items():
+        group = groups[name]
+        kept[group] = kept.get(group, 0) + int(m.sum())
+        total[group] = total.get(group, 0) + m.numel()
+    return {group: 1.0 - kept[group] / total[group] for group in sorted(total)}

@@ -25,6 +25,7 @@ from torch import nn
 from lth_search.config import TrainConfig, resolve_steps
 from lth_search.engine.augment import augment
 from lth_search.engine.data import BatchOrder, Dataset, Split
+from lth_search.engine.text_data import IGNORE
 
 LOSS_WINDOW = 100
 """Steps at the end of a stage whose mean loss is reported as `train_loss`."""
@@ -194,6 +195,35 @@ def predict(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Ten
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=split.x.device)
 
 
+def correct(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Tensor:
+    """Per example, whether `model` got it right: its class is the label, or (next-token
+    targets, y of shape (N, T)) every target token is the top-1 prediction given the true
+    prefix (teacher forcing); positions without a target (IGNORE, -100) do not count."""
+    predicted = predict(model, split, batch_size)
+    if split.y.dim() == 1:
+        return predicted == split.y
+    return ((predicted == split.y) | (split.y == IGNORE)).all(dim=1)
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Tensor:
+    """Per example, the mean cross-entropy of its targets (a class, or every next token that
+    has one): the per-example values of a loss or perplexity verdict (lower is better;
+    perplexity = exp of the token-weighted mean). Eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for begin in range(0, len(split), batch_size):
+        logits, targets = model(split.x[begin : begin + batch_size]), split.y[begin : begin + batch_size]
+        losses = nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE)
+        if losses.dim() == 2:  # (N, T) next-token losses: the mean over the positions with a target
+            counted = (targets != IGNORE).sum(dim=1).clamp_min(1)
+            losses = losses.sum(dim=1) / counted
+        parts.append(losses)
+    model.train(was_training)
+    return torch.cat(parts) if parts else torch.empty(0, device=split.x.device)
+
+
 def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
-    """Top-1 accuracy of `model` on a split."""
-    return float((predict(model, split, batch_size) == split.y).sum()) / max(len(split), 1)
+    """Top-1 accuracy of `model` on a split (per example, see `correct`)."""
+    return float(correct(model, split, batch_size).sum()) / max(len(split), 1)

@@ -133,16 +133,85 @@ class VGG(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
+class TransformerClassifier(nn.Module):
+    """A pre-norm Transformer encoder over tokens, sequence points or image patches; mean pooling; a linear head.
+
+    The input decides what a token is: integer ids (`vocab_size` > 0) are looked up in an
+    `nn.Embedding`; a sequence (T,) or (T, F) is cut into runs of `patch` points, an image
+    (C, H, W) into `patch` x `patch` squares (a ViT), each projected by one `nn.Linear`.
+    A learned position embedding is added, then `layers` `nn.TransformerEncoderLayer`s
+    (pre-norm, GELU, no dropout: dropout would draw from the global RNG and break "the
+    batch at step t is a function of (seed, t)"), a final LayerNorm, the mean over tokens
+    and `output`. Padding tokens are ordinary tokens with a learned embedding: the model
+    needs no pad id, and every layer stays a plain function of its input (vmap-able).
+
+    Names follow torch's layers, so a ticket's masks are `layers.0.self_attn.in_proj_weight`
+    (Q, K, V in one tensor), `layers.0.self_attn.out_proj.weight`, `layers.0.linear1.weight`,
+    `embed.weight` and `output.weight`.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, d_model: int = 64, heads: int = 4,
+                 layers: int = 2, ff_width: int = 128, patch: int = 1, vocab_size: int = 0) -> None:
+        super().__init__()
+        self.input_shape, self.patch, self.tokens_in = tuple(input_shape), int(patch), vocab_size > 0
+        if self.tokens_in:
+            tokens, self.embed = input_shape[0], nn.Embedding(vocab_size, d_model)
+        elif len(input_shape) == 3:
+            channels, height, width = input_shape
+            tokens = (height // patch) * (width // patch)
+            self.embed = nn.Linear(channels * patch * patch, d_model)
+        else:
+            features = input_shape[1] if len(input_shape) == 2 else 1
+            tokens = input_shape[0] // patch
+            self.embed = nn.Linear(features * patch, d_model)
+        self.position = nn.Parameter(torch.zeros(1, tokens, d_model))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, ff_width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.output = nn.Linear(d_model, num_classes)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, tokens, d_model) before the position embedding."""
+        if self.tokens_in:
+            return self.embed(x.long())
+        p, n = self.patch, x.shape[0]
+        if len(self.input_shape) == 3:
+            c, h, w = self.input_shape
+            x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), -1)
+        else:
+            x = x.reshape(n, self.input_shape[0] // p, -1)
+        return self.embed(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x) + self.position
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h).mean(dim=1))
+
+
 # Dispatch -----------------------------------------------------------------------------------
-NAMES = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "vgg16")
+NAMES = ("mlp", "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "vgg16", "transformer", "vit")
 """The built-in models; any other `model.name` is a plug-in (see engine/plugins.py)."""
-IMAGE_MODELS = ("conv2", "conv4", "conv6", "resnet20", "vgg16")
+IMAGE_MODELS = ("conv2", "conv4", "conv6", "resnet20", "vgg16", "vit")
 """Models that need (C, H, W) inputs."""
+TRANSFORMER_OPTIONS = ("d_model", "heads", "layers", "ff_width", "patch", "vocab_size")
+"""The options of `transformer` and `vit` (the `model` section's fields of the same names)."""
 
 
 def build_architecture(name: str, input_shape: tuple[int, ...], num_classes: int, widths: list[int] = (100, 100),
-                       width: int = 16, batch_norm: bool = True) -> nn.Module:
-    """The built-in model `name` (uninitialised weights: load a state dict or initialise it)."""
+                       width: int = 16, batch_norm: bool = True, **transformer: int) -> nn.Module:
+    """The built-in model `name` (uninitialised weights: load a state dict or initialise it).
+
+    `transformer` holds TRANSFORMER_OPTIONS for `transformer` / `vit` (others ignore them).
+    """
+    if name in ("transformer", "vit"):
+        options = {k: int(v) for k, v in transformer.items() if k in TRANSFORMER_OPTIONS}
+        if name == "vit":
+            options["vocab_size"] = 0
+        return TransformerClassifier(tuple(input_shape), num_classes, **options)
     if name in ("mlp", "lenet_300_100"):
         sizes = [300, 100] if name == "lenet_300_100" else list(widths)
         return MLP(math.prod(input_shape), sizes, num_classes)

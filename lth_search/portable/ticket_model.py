@@ -82,6 +82,8 @@ class TicketModel:
 
     def standardise(self, model_input: Any) -> torch.Tensor:
         """Raw inputs as the network saw them in training: float32, minus mean, over std."""
+        if self.spec.get("options", {}).get("vocab_size"):  # token ids: looked up, never standardised
+            return torch.as_tensor(np.asarray(model_input, dtype=np.int64)).reshape(-1, *self.input_shape)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, *self.input_shape)
         if self.mean is not None:
             x = (x - self.mean) / self.std

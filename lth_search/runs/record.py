@@ -67,7 +67,7 @@ class RoundRecord(RoundResult):
 
 @dataclass
 class MatchingRecord:
-    """The trial's score at the time of writing (see engine/objective.py)."""
+    """The trial's score at the time of writing (see engine/lineage/objective.py)."""
 
     sparsity: float
     round: int

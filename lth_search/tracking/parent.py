@@ -99,6 +99,8 @@ def _log_summary(search: SearchTracker, rows: list[dict[str, Any]], best: dict[s
 def _register(search: SearchTracker, ref: SearchRef, best: dict[str, Any]) -> None:
     from lth_search.tracking.registry import register_ticket
 
+    if search.cfg.model.is_pretrained:
+        return  # the served model is lth-search's own network code; a pretrained one is served by transformers
     ticket = load_ticket(search.io.client, ref, best, criterion_text())
     uri = register_ticket(search.io.client, ticket, search.cfg.name, search.parent_run_id, search.io.uri)
     search.io.client.set_tag(search.parent_run_id, "lth.best_model_uri", uri)

@@ -30,6 +30,7 @@ import torch
 
 from lth_search.engine.data import load_dataset, read_raw
 from lth_search.engine.models import NAMES
+from lth_search.portable.architectures import TRANSFORMER_OPTIONS
 from lth_search.engine.plugins import MODEL_GROUP, factory_module, resolve
 from lth_search.tickets import Ticket
 
@@ -73,8 +74,9 @@ def model_spec(ticket: Ticket, normalization: tuple[np.ndarray, np.ndarray] | No
     spec: dict[str, Any] = {"input_shape": list(ticket.input_shape), "num_classes": ticket.num_classes}
     factory = _plugin_factory(ticket)
     if factory is None:
-        spec.update(architecture=model.name, options={"widths": list(model.widths), "width": model.width,
-                                                        "batch_norm": model.batch_norm})
+        options = {"widths": list(model.widths), "width": model.width, "batch_norm": model.batch_norm}
+        options.update({key: getattr(model, key) for key in TRANSFORMER_OPTIONS})
+        spec.update(architecture=model.name, options=options)
     else:
         spec["factory"] = f"{factory.__module__}:{factory.__qualname__}"
     if normalization is not None:

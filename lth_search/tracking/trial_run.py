@@ -30,6 +30,8 @@ from typing import Any
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.results import LineageResult, RoundResult
+from lth_search.engine.models import layer_sizes
+from lth_search.errors import LthError
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.entry import StageEntry
@@ -93,6 +95,7 @@ class TrialTracker:
                  io: MlflowIO | None = None, role: str = "trial", tags: dict[str, str] | None = None,
                  identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
+        self._layer_groups: dict[str, tuple[str, int]] | None = None
         self.tags = dict(tags or {})
         """Extra tags of a new run (the search id and Optuna trial number, see `search_tags`)."""
         self.identity = dict(identity or {})
@@ -230,8 +233,30 @@ class TrialTracker:
         self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
 
     def _log_round_metrics(self, round_result: RoundResult) -> None:
-        self.io.log_values(self.run_id, round_metrics(round_result), step=round_result.round)
+        metrics = round_metrics(round_result)
+        metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
+        self.io.log_values(self.run_id, metrics, step=round_result.round)
         self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
+
+    def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
+        """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
+
+        The groups and sizes come from the model, built once per trial (milliseconds for a
+        built-in one); a pretrained hf: model is not loaded again for this: its per-layer
+        sparsity is logged alone."""
+        if self._layer_groups is None:
+            try:
+                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
+            except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
+                self._layer_groups = {}
+        totals: dict[str, list[float]] = {}
+        for layer, fraction in round_result.layer_sparsity.items():
+            if layer in self._layer_groups:
+                group, size = self._layer_groups[layer]
+                pruned_and_size = totals.setdefault(group, [0.0, 0.0])
+                pruned_and_size[0] += fraction * size
+                pruned_and_size[1] += size
+        return {group: pruned / size for group, (pruned, size) in sorted(totals.items()) if size}
 
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         """The round's metrics at step = round, its mask and its trained weights, each once."""

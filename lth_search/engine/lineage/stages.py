@@ -44,7 +44,7 @@ from lth_search.engine.pruning import (
     rescale_factors,
     sparsity,
 )
-from lth_search.engine.train import TrainResult, evaluate, predict, resolved_recipe
+from lth_search.engine.train import TrainResult, correct as correct_examples, evaluate, resolved_recipe
 from lth_search.errors import ConfigError
 from lth_search.store.entry import Check, StageEntry
 
@@ -272,7 +272,7 @@ class Stages:
         """The metrics of a finished training: val (per example, for the paired verdict), test, loss."""
         self.model.load_state_dict(result.state)
         batch = self.cfg.train.eval_batch_size
-        correct = (predict(self.model, self.data.val, batch) == self.data.val.y).cpu().numpy()
+        correct = correct_examples(self.model, self.data.val, batch).cpu().numpy()
         return {
             "val_accuracy": float(correct.mean()) if correct.size else 0.0,
             "test_accuracy": evaluate(self.model, self.data.test, batch),
