@@ -11,6 +11,7 @@ round), the store's manifests and trial records, search.json, and what it printe
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -77,6 +78,9 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert sum(" started: " in line for line in lines) == 2
     assert sum(" finished: matching sparsity " in line for line in lines) == 2
     assert not [line for line in lines if "INFO" in line or "╭" in line or "tensorboard" in line.lower()], done.stderr
+    # no line of a Ray worker ("(lineage_trial pid=N) ..."), no colour codes: stderr here is a file, not a TTY
+    assert not [line for line in lines if re.search(r"\(\w+ pid=\d+", line)], done.stderr
+    assert "\x1b" not in done.stderr
     summary_at = next(i for i, line in enumerate(lines) if line.startswith("best ticket:"))
     assert lines[-1].startswith("  then open http://127.0.0.1:5000/#/experiments/")
     assert summary["tracking_uri"] == f"sqlite:///{database}" and database.exists()

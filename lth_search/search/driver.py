@@ -91,7 +91,7 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
-    console = SearchConsole(trial_budget(cfg), progress)
+    console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
     return [TrialEvents(cfg, console), console, *result_files()]
 
 
@@ -269,9 +269,16 @@ def _fit(
     links.update(observer.links() if observer is not None else {})
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links, confirmation)
     summary["status"] = state.status.value
+    if not complete:  # a trial writes its record after its first stage: count the ones Ray ran too
+        ended = ended_trials(grid)
+        cut = sum(1 for t, errored in trials.items() if not errored and not ended.get(t))
+        summary["unfinished"] = max(summary["unfinished"], cut)
+        summary["trials"] = max(summary["trials"], len(trials))
     emit(summary_lines(summary), progress)
     if not complete:
-        progress(f"search interrupted: continue it with `{_resume_command(cfg, address)}`")
+        done = summary["finished"] + summary["stopped_by_asha"] + summary["errored"]
+        progress(f"search interrupted with {done} of {trial_budget(cfg)} lineages done and {summary['unfinished']} "
+                 f"cut short (what they stored is kept): continue it with `{_resume_command(cfg, address)}`")
     return summary
 
 
