@@ -122,6 +122,9 @@ def test_interrupted_search_resumes_from_another_folder_as_a_ray_job(head: RayHe
     # forwarded with its "(lineage_trial pid=N)" prefix)
     assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-3000:]
     assert f"continue it with `lth-search resume moved --store-uri {store_uri}`" in output
+    # one resume hint (not Ray's Tuner.restore beside ours), with counts that include the running trial
+    assert output.count("continue it with") == 1 and "Tuner.restore(" not in output, output[-3000:]
+    assert re.search(r"search interrupted with \d of 2 lineages done and [12] cut short", output), output[-3000:]
     assert not (first / "lth_runs" / "searches").exists()  # the state lives beside the store, not in the folder
     state = json.loads((shared / "searches" / "moved" / "search.json").read_text())
     assert state["status"] == "interrupted"
@@ -171,7 +174,7 @@ def test_a_ray_job_refuses_results_in_its_own_folder_and_keeps_them_where_told(
     for folder in (job_folder, other, durable):
         folder.mkdir()
     command = _search(job_folder, "durable", data_root, "lth_runs", tracking__enabled="true", search__num_trials=2,
-                      search__max_concurrent=1)
+                      search__max_concurrent=1, prune__rounds=1)
     command[2] = "durable.yaml"  # the config as a user names it: relative to the job's working folder
 
     refused = _job(head, command, job_folder)
