@@ -79,6 +79,9 @@ class Ticket:
     rescale: dict[str, float] = field(default_factory=dict)
     """Per-layer factors the survivors were scaled by at rewind, as the trial logged them."""
     extra: dict[str, Any] = field(default_factory=dict)
+    normalization: dict[str, list[float]] | None = None
+    """The training split's per-feature `mean` and `std`: the trained network takes (x - mean) / std
+    of raw inputs, as the served model computes it; None when the data set is not standardised."""
 
     @property
     def val_accuracy(self) -> float:
@@ -168,6 +171,7 @@ class Ticket:
             files["trained.safetensors"] = safetensors.torch.save(_contiguous(self.trained_weights))
         card = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "rescale_applied": self.rescale,
+                "normalization": self.normalization,
                 "files": {name: about for name, about in FILES.items() if name in files or name == "ticket.json"}}
         files["ticket.json"] = json.dumps(card, indent=2).encode()
         staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -206,7 +210,7 @@ class Ticket:
             config=config, mask=mask, rewind_weights=rewound, trained_weights=trained, metrics=card["metrics"],
             input_shape=tuple(card["input_shape"]), num_classes=int(card["num_classes"]),
             rescale={name: 1.0 for name in mask},  # rewind.safetensors holds θk already rescaled
-            **{key: card[key] for key in known},
+            normalization=card.get("normalization"), **{key: card[key] for key in known},
         )
 
 

@@ -3,7 +3,9 @@
 No cloud here: aws-gpu.yaml is validated against the schema the Ray package ships
 (`ray/autoscaler/ray-schema.json`, what `ray up` validates against), the KubeRay
 manifests against the fields their CRDs and Kubernetes require, and the Dockerfile by
-the order of its instructions (`docker build` is not available on this machine).
+the order of its instructions (`docker build` is not available on this machine). The
+KubeRay MLflow server's flags are run: a real `mlflow server` on loopback with them must
+answer the Host header the pods send.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +24,7 @@ import pytest
 import ray
 import yaml
 from conftest import REPO
+from mlflow_helpers import MlflowServer
 
 from lth_search.cli import build_parser
 
@@ -65,6 +72,25 @@ def test_aws_syncs_the_source_only_and_installs_what_it_uses() -> None:
     assert any("torch==2.13.0" in c for c in commands[: commands.index(pip[0])])
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'^aws = \["boto3', pyproject, re.M)
+
+
+def test_aws_keeps_mlflow_where_ray_down_does_not_reach() -> None:
+    """`ray down` terminates the head and its root disk: MLflow's database lives on a kept EBS volume,
+    mounted before the server starts, and its artifacts on S3."""
+    config = _aws()
+    setup = " ".join(config["head_setup_commands"])
+    (mount,) = re.findall(r"cluster/aws-mlflow-volume\.sh VOLUME_ID (\S+)", setup)
+    (server,) = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    words = shlex.split(server.replace("(", " ").replace(")", " "))
+    database = words[words.index("--backend-store-uri") + 1]
+    assert database.startswith(f"sqlite:///{mount}/"), database
+    assert words[words.index("--artifacts-destination") + 1].startswith("s3://") and "--serve-artifacts" in words
+    assert config["provider"]["availability_zone"]  # one zone: the volume's
+    script = CLUSTER / "aws-mlflow-volume.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    readme = (CLUSTER / "README.md").read_text()
+    survives = readme[readme.index("## What survives"):]
+    assert "VOLUME_ID" in survives and "ray down" in survives and "PersistentVolumeClaim" in survives
 
 
 def _containers(pod: dict) -> list[dict]:
@@ -143,3 +169,53 @@ def test_help_offers_no_ray_client_address(command: str, capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])
     assert "ray://" not in capsys.readouterr().out
+
+
+class ManifestMlflow(MlflowServer):
+    """`mlflow server` with the KubeRay Deployment's own flags, its places moved to loopback and tmp:
+    the sqlite file under `root`, artifacts in a local folder instead of S3, 127.0.0.1 and a free port."""
+
+    def __init__(self, root: Path, manifest_command: list[str]) -> None:
+        super().__init__(root)
+        local = {"--backend-store-uri": f"sqlite:///{self.db}", "--artifacts-destination": str(self.artifacts),
+                 "--host": "127.0.0.1", "--port": str(self.port)}
+        words = list(manifest_command)
+        for flag, value in local.items():
+            words[words.index(flag) + 1] = value
+        assert words[:2] == ["mlflow", "server"]
+        self.words = [str(Path(sys.executable).with_name("mlflow")), *words[1:], "--workers", "1"]
+
+    def command(self) -> list[str]:
+        return self.words
+
+
+def _status(url: str, host: str) -> int:
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_kuberay_mlflow_answers_the_pods_by_its_service_name(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """The pods call MLflow at http://lth-search-mlflow:5000; MLflow 3 refuses a Host it does not allow."""
+    docs = _kube("kuberay-gpu.yaml")
+    (container,) = _containers(docs["Deployment/lth-search-mlflow"]["spec"]["template"])
+    service_host = f"{docs['Service/lth-search-mlflow']['metadata']['name']}:5000"
+    command = container["command"]
+    assert "--serve-artifacts" in command and command[command.index("--backend-store-uri") + 1] == "sqlite:////data/mlflow.db"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]  # the database on a kept volume
+    (volume,) = [v for v in docs["Deployment/lth-search-mlflow"]["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == mount["name"]]
+    assert f"PersistentVolumeClaim/{volume['persistentVolumeClaim']['claimName']}" in docs
+    # without the flag (the session's server: MLflow's defaults), the service's name is refused
+    assert _status(mlflow_server.url, service_host) == 403
+    server = ManifestMlflow(tmp_path, command).start()
+    try:
+        assert _status(server.url, service_host) == 200
+        assert _status(server.url, "lth-search-mlflow.default.svc.cluster.local:5000") == 200
+        assert _status(server.url, f"127.0.0.1:{server.port}") == 200  # kubectl port-forward, the UI
+        assert _status(server.url, "elsewhere.example:5000") == 403
+    finally:
+        server.stop()

@@ -273,7 +273,8 @@ def test_lineage_run_left_incomplete_is_repaired_by_a_rerun(data_root: Path, tmp
     assert code == 0 and "logging failed" not in err
     [again] = client.search_runs([experiment])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == ["masks/round_01.parquet"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "masks")] == [
+        "masks/round_01.parquet", "masks/round_01_layers.csv"]
 
 
 def test_sync_reports_unreadable_records_and_keeps_its_parent_run(data_root: Path, tmp_path: Path,

@@ -11,6 +11,7 @@ round), the store's manifests and trial records, search.json, and what it printe
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -77,6 +78,9 @@ def test_ray_address_alone_joins_and_the_console_is_short(head: RayHead, data_ro
     assert sum(" started: " in line for line in lines) == 2
     assert sum(" finished: matching sparsity " in line for line in lines) == 2
     assert not [line for line in lines if "INFO" in line or "╭" in line or "tensorboard" in line.lower()], done.stderr
+    # no line of a Ray worker ("(lineage_trial pid=N) ..."), no colour codes: stderr here is a file, not a TTY
+    assert not [line for line in lines if re.search(r"\(\w+ pid=\d+", line)], done.stderr
+    assert "\x1b" not in done.stderr
     summary_at = next(i for i, line in enumerate(lines) if line.startswith("best ticket:"))
     assert lines[-1].startswith("  then open http://127.0.0.1:5000/#/experiments/")
     assert summary["tracking_uri"] == f"sqlite:///{database}" and database.exists()
@@ -118,6 +122,9 @@ def test_interrupted_search_resumes_from_another_folder_as_a_ray_job(head: RayHe
     # forwarded with its "(lineage_trial pid=N)" prefix)
     assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-3000:]
     assert f"continue it with `lth-search resume moved --store-uri {store_uri}`" in output
+    # one resume hint (not Ray's Tuner.restore beside ours), with counts that include the running trial
+    assert output.count("continue it with") == 1 and "Tuner.restore(" not in output, output[-3000:]
+    assert re.search(r"search interrupted with \d of 2 lineages done and [12] cut short", output), output[-3000:]
     assert not (first / "lth_runs" / "searches").exists()  # the state lives beside the store, not in the folder
     state = json.loads((shared / "searches" / "moved" / "search.json").read_text())
     assert state["status"] == "interrupted"
@@ -146,3 +153,67 @@ def test_interrupted_search_resumes_from_another_folder_as_a_ray_job(head: RayHe
         trained = [key for attempt in record["attempts"][old:] for key in attempt["executed_keys"]]
         assert not set(trained) & stored, f"trial {trial_id} retrained a stored stage after the resume"
     assert not list(second.iterdir())  # the second folder only ran the command
+
+
+def _job(head: RayHead, entrypoint: list[str], working_dir: Path, env_vars: dict[str, str] | None = None,
+         wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir` of `entrypoint` (waits for its end unless `wait` is False)."""
+    command = [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", str(working_dir)]
+    if env_vars:
+        command += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    command += [] if wait else ["--no-wait"]
+    return subprocess.run([*command, "--", *entrypoint], env=head.env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_ray_job_refuses_results_in_its_own_folder_and_keeps_them_where_told(
+        head: RayHead, data_root: Path, tmp_path: Path) -> None:
+    """`ray job submit --working-dir`: with the default relative output_dir the search's results would land
+    in Ray's copy of the working folder; it refuses in one line (exit 2) before anything starts. Told where
+    (store.uri, MLFLOW_TRACKING_URI), its results land there, and a resume from another folder finishes."""
+    job_folder, other, durable = tmp_path / "job", tmp_path / "other", tmp_path / "durable"
+    for folder in (job_folder, other, durable):
+        folder.mkdir()
+    command = _search(job_folder, "durable", data_root, "lth_runs", tracking__enabled="true", search__num_trials=2,
+                      search__max_concurrent=1, prune__rounds=1)
+    command[2] = "durable.yaml"  # the config as a user names it: relative to the job's working folder
+
+    refused = _job(head, command, job_folder)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "failed with exit code 2" in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("lth-search: error:")]
+    assert len(set(errors)) == 1, output  # Ray repeats the job's log in its status message
+    assert errors[0].startswith("lth-search: error: output_dir: the search's stages would go to ")
+    assert "/runtime_resources/working_dir_files/" in errors[0] and "a Ray job's working folder" in errors[0]
+    assert "store.uri" in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
+    assert "Traceback" not in output and " started: " not in output
+    assert not list(Path(head.temp_dir).glob("**/lth_runs"))  # nothing written in Ray's copy of the folder
+
+    store, database = durable / "store", durable / "mlflow.db"
+    submitted = _job(head, command + ["--set", f"store.uri={store}"], job_folder,
+                     {"MLFLOW_TRACKING_URI": f"sqlite:///{database}"}, wait=False)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    job_id = next(word.strip("'") for line in (submitted.stdout + submitted.stderr).splitlines()
+                  if "submitted successfully" in line for word in line.split() if word.strip("'").startswith("raysubmit_"))
+    wait_for(lambda: (store / "records").exists() and any(r["rounds"] for r in trial_records(store, "durable").values()),
+             300, "a first round of the job's search in the durable store", poll=0.5)
+    stopped = subprocess.run([RAY, "job", "stop", "--address", head.dashboard_url, job_id], env=head.env,
+                             capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    logs = subprocess.run([RAY, "job", "logs", "--address", head.dashboard_url, job_id], env=head.env,
+                          capture_output=True, text=True, timeout=60).stdout
+    # the header says where every result goes: the places given, none in the job's folder
+    (places,) = [line for line in logs.splitlines() if line.startswith("  results: ")]
+    assert f"stages {store}; MLflow sqlite:///{database}; resume state {durable}/searches/durable;" in places, places
+    assert database.exists() and (durable / "searches" / "durable" / "search.json").exists()
+
+    # resumed from another folder (on the head, joined through RAY_ADDRESS), it finishes where it was told
+    resume = [LTH_SEARCH, "resume", "durable", "--store-uri", str(store), "--json"]
+    done = subprocess.run(resume, env={**head.env, "RAY_ADDRESS": head.gcs_address}, cwd=other,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "finished" and summary["finished"] == 2
+    assert summary["tracking_uri"] == f"sqlite:///{database}"
+    assert json.loads((durable / "searches" / "durable" / "search.json").read_text())["status"] == "finished"
+    assert {r["status"] for r in trial_records(store, "durable").values()} <= {"finished", "stopped"}
+    assert not list(other.iterdir())  # the other folder only ran the command

@@ -58,8 +58,21 @@ def test_rays_copy_routine_replaces_each_file_whole(tmp_path: Path, form: str) -
     assert isinstance(pickle.loads(pickle.dumps(fs)), pafs.PyFileSystem)
 
 
-def test_object_stores_keep_pyarrows_own_filesystem() -> None:
-    assert ray_storage("s3://bucket/lth/ray") == ("s3://bucket/lth/ray", None)
+def test_object_stores_keep_pyarrows_own_filesystem_and_the_checkpoints() -> None:
+    """An object store (pyarrow's in-memory `mock://` here; S3 on moto in test_s3_resume.py) is used through
+    its own filesystem, writes and all, except that Ray's deletion of a trial checkpoint is a no-op."""
+    path, fs = ray_storage("mock:///bucket/lth/ray")
+    assert path == "bucket/lth/ray" and fs.type_name == "py::lth-keep-checkpoints+mock"
+    trial = f"{path}/lineage_trial_t1_1"
+    for name in ("checkpoint_000000", "scratch"):
+        fs.create_dir(f"{trial}/{name}")
+        with fs.open_output_stream(f"{trial}/{name}/lineage.json") as out:
+            out.write(b"{}")
+    fs.delete_dir(f"{trial}/checkpoint_000000")  # what Ray's checkpoint manager calls
+    fs.delete_dir(f"{trial}/scratch")
+    with fs.open_input_stream(f"{trial}/checkpoint_000000/lineage.json") as kept:
+        assert kept.read() == b"{}"
+    assert fs.get_file_info(f"{trial}/scratch").type == pafs.FileType.NotFound
 
 
 def test_trial_checkpoints_outlive_rays_delete(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ journal.
 from __future__ import annotations
 
 import pytest
+from mlflow import MlflowClient
 from search_helpers import expected_matching, load_study, manifests, search_config, trial_records, trial_results
 
 from lth_search.errors import ConfigError
@@ -51,6 +52,16 @@ def test_small_search_reports_each_round_and_trains_dense_once(tracked_search):
     told = {t.number: t.value for t in study.trials}
     for trial_id, rows in histories.items():
         assert told[records[trial_id]["optuna_trial"]] == pytest.approx(rows[-1]["matching_sparsity"])
+    # ... under the objective's name, each trial linked to its Ray trial and its MLflow run
+    assert study.metric_names == ["matching_sparsity"]
+    client = MlflowClient(cfg.tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.experiment_name()).experiment_id
+    runs = {r.data.tags["lth.trial_id"]: r.info.run_id for r in client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")}
+    by_number = {t.number: t for t in study.trials}
+    for trial_id in histories:
+        attrs = by_number[records[trial_id]["optuna_trial"]].user_attrs
+        assert attrs["ray_trial_id"] == trial_id and attrs["mlflow_run_id"] == runs[trial_id]
 
     # the summary names the best lineage and prints the MLflow command
     best = max(rows[-1]["matching_sparsity"] for rows in histories.values())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
 from lth_search.config import load_config
+from lth_search.search.console import SearchConsole
 from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.runs.state import results_root
 from lth_search.search.space import (
@@ -73,6 +75,21 @@ def test_ray_lease_actor_is_exclusive_expires_and_belongs_to_the_trial(ray_local
     retry = RayLeaseService("parts-test", owner="trial:x")
     assert first.acquire(KEY_B, "pid-1", 30) and retry.acquire(KEY_B, "pid-2", 30)
     assert not two.acquire(KEY_B, "w2", 30)
+    del actor
+
+
+def test_the_status_line_counts_trials_waiting_for_a_stage(ray_local):
+    """Workers' lines are not forwarded (search/ray_session.py): the driver's status line says who waits."""
+    actor = start_lease_actor("waits-test")
+    holder, waiter = RayLeaseService("waits-test", owner="trial:a"), RayLeaseService("waits-test", owner="trial:b")
+    console = SearchConsole(4, [].append, search_name="waits-test")
+    running = [SimpleNamespace(status="RUNNING", last_result=None) for _ in range(2)]
+    assert holder.acquire(KEY_A, "p1", 30)
+    assert console.status(running) == "0/4 done, 2 running"
+    assert not waiter.acquire(KEY_A, "p2", 30) and not waiter.acquire(KEY_A, "p3", 30)  # it polls: one trial
+    assert console.status(running) == "0/4 done, 2 running (1 waiting for a stage another trial is computing)"
+    holder.release(KEY_A, "p1")  # published: nobody waits any more
+    assert console.status(running) == "0/4 done, 2 running"
     del actor
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -53,8 +54,13 @@ def test_registered_model_predicts_raw_inputs_with_the_reported_accuracy(served,
     predicted = model.predict(served["x_test"])  # raw MNIST-1D inputs: the model normalises them
     accuracy = float((predicted == served["y_test"]).mean())
     assert abs(accuracy - ticket.test_accuracy) <= 0.001, (accuracy, ticket.test_accuracy)
-    assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, *ticket.input_shape]
-    assert model.metadata.saved_input_example_info is not None
+    # what users pass: torch's float32, numpy's float64, a single 1-D row (no input schema refuses any)
+    x32, x64 = served["x_test"].astype(np.float32), served["x_test"].astype(np.float64)
+    assert np.array_equal(model.predict(x32), predicted) and np.array_equal(model.predict(x64), predicted)
+    assert model.predict(x32[0]).tolist() == [predicted[0]]
+    assert model.metadata.get_input_schema() is None and model.metadata.get_output_schema() is not None
+    assert model.metadata.metadata["lth_input"]["input_shape"] == [-1, *ticket.input_shape]
+    assert model.metadata.saved_input_example_info is not None  # (saved as JSON: it loads as float64)
     flavor = model.metadata.flavors["python_function"]
     assert flavor["loader_module"] == "lth_portable.ticket_model" and "python_model" not in flavor  # no cloudpickle
     # the trained half is what is served: pruned entries exactly zero, survivors trained away from theta_k
@@ -125,6 +131,10 @@ def test_exported_mask_keeps_pruned_weights_zero_while_training(served, tmp_path
     folder = tmp_path / "ticket"
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "mask.safetensors", "rewind.safetensors", "ticket.json", "trained.safetensors"]
+    # the card carries the normalisation the served model applies: (x - mean) / std of raw inputs
+    mean, std = load_dataset(cfg.data, cfg.seed).normalization
+    card = json.loads((folder / "ticket.json").read_text())
+    assert np.allclose(card["normalization"]["mean"], mean) and np.allclose(card["normalization"]["std"], std)
     masks = safetensors.torch.load_file(str(folder / "mask.safetensors"))
     ticket = served["ticket"]
     assert sorted(masks) == sorted(f"{name}_mask" for name in ticket.mask)
@@ -159,8 +169,12 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     fingerprint = load_dataset(cfg.data, cfg.seed).fingerprint
     registered = client.get_model_version_by_alias("tracked", "best")
-    logged = [output.model_id for output in parent.outputs.model_outputs]  # the Models column
+    logged = [output.model_id for output in parent.outputs.model_outputs]  # the search run's Models column
     assert registered.source == f"models:/{logged[-1]}"
+    # the model's source is the ticket's own lineage run, which lists it too
+    assert registered.run_id == ticket.run_id
+    assert client.get_logged_model(logged[-1]).source_run_id == ticket.run_id
+    assert logged[-1] in [o.model_id for o in client.get_run(ticket.run_id).outputs.model_outputs]
     assert parent.data.tags["mlflow.note.content"].startswith("lth-search search `tracked`")
     assert sorted(int(c.data.tags["lth.optuna_trial"]) for c in children) == [0, 1, 2, 3]
     for child in children:
@@ -178,3 +192,16 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
         assert series == expected and len(series) == 4
     table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.csv")))
     assert table.num_rows == 12 and ticket.run_id in table.column("run_id").to_pylist()
+    # trial ids stay text (Ray's 8 hex digits are often all decimal: `01092534` must not become 1092534)
+    trial_ids = {c.data.tags["lth.trial_id"] for c in children}
+    assert {t.removeprefix("trial ") for t in table.column("trial_id").to_pylist()} == trial_ids
+    assert all(t.startswith("trial ") for t in table.column("trial_id").to_pylist())
+    # beside each Parquet mask, its per-layer sparsity as CSV (the UI previews CSV, not Parquet)
+    layers = pyarrow.csv.read_csv(io.BytesIO(read_artifact(
+        client, ticket.run_id, f"masks/round_{ticket.round:02d}_layers.csv"))).to_pylist()
+    assert [row["layer"] for row in layers] == list(ticket.mask)
+    for row in layers:
+        kept = ticket.mask[row["layer"]]
+        assert (row["weights"], row["kept"]) == (kept.numel(), int(kept.sum()))
+    assert sum(r["weights"] - r["kept"] for r in layers) / sum(r["weights"] for r in layers) == \
+        pytest.approx(ticket.sparsity, abs=1e-6)

@@ -150,7 +150,7 @@ def test_lineage_command_logs_one_run(data_root: Path, tmp_path: Path, sqlite_ur
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert sorted(steps) == [1, 2, 3]
     masks = {item.path for item in client.list_artifacts(run.info.run_id, "masks")}
-    assert masks == {f"masks/round_0{r}.parquet" for r in (1, 2, 3)}
+    assert masks == {f"masks/round_0{r}{suffix}" for r in (1, 2, 3) for suffix in (".parquet", "_layers.csv")}
     assert any(run.info.run_id in line for line in lines)
     # An experiment of lineage runs only still answers best_ticket.
     ticket = best_ticket(experiment="lineage-run", min_sparsity=0.0, tracking_uri=sqlite_uri)

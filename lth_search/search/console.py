@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ray import tune
 
 from lth_search.runs.record import TrialStatus
+from lth_search.search.ray_leases import waiting_trials
 from lth_search.search.space import PRIMARY_METRIC, choices_of
 
 STATUS_EVERY_S = 10.0
@@ -48,6 +49,7 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("ray.tune.tune").addFilter(_NO_TUNE_HINT)  # added once: filters are a set
     # Ray's note that a new local cluster enabled token auth: lth-search's own Ray is on loopback
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
     import optuna
@@ -87,9 +89,20 @@ def _choices(trial: Any) -> str:
 
 
 def _elapsed(seconds: float) -> str:
+    """`0:10`, `12:05`, `1:02:03`: a clock (`[0m10s]` read as a stray colour code)."""
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _NoTuneRestoreHint(logging.Filter):
+    """Ray Tune's "Resume experiment with: Tuner.restore(...)": lth-search prints its own resume command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+_NO_TUNE_HINT = _NoTuneRestoreHint()
 
 
 class SearchConsole(tune.Callback):
@@ -99,8 +112,11 @@ class SearchConsole(tune.Callback):
     decide from the trial record; it tells the console through `ended` and `failed`.
     """
 
-    def __init__(self, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S) -> None:
+    def __init__(self, num_trials: int, line: Callable[[str], None], status_every_s: float = STATUS_EVERY_S,
+                 search_name: str | None = None) -> None:
         self.num_trials, self.line, self.status_every_s = num_trials, line, status_every_s
+        self.search_name = search_name
+        """Whose lease actor to ask how many trials wait for a stage (their workers print nothing)."""
         self.began = time.time()
         self.last_status_at = self.began
         self.last_status = ""
@@ -143,6 +159,9 @@ class SearchConsole(tune.Callback):
         scored = [t.last_result for t in trials
                   if (t.last_result or {}).get(PRIMARY_METRIC) is not None and not t.last_result.get("lineage_failed")]
         text = f"{done}/{self.num_trials} done, {running} running"
+        waiting = waiting_trials(self.search_name) if self.search_name and running else None
+        if waiting:
+            text += f" ({waiting} waiting for a stage another trial is computing)"
         if scored:
             best = max(scored, key=lambda r: (r[PRIMARY_METRIC], r.get("matching_val_accuracy", 0.0)))
             text += (

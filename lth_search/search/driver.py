@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable
 
 import ray
@@ -36,6 +37,7 @@ from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
+from lth_search.search.durable import check_durable, result_places
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.ray_storage import ray_storage
@@ -89,7 +91,7 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
-    console = SearchConsole(trial_budget(cfg), progress)
+    console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
     return [TrialEvents(cfg, console), console, *result_files()]
 
 
@@ -136,6 +138,7 @@ def run_search(
     `tracking` (from api: MLflow, or None) opens the search's run and the trials' runs.
     `verbosity`: -1 errors only, 0 lth-search's lines, 1 also Ray's tables and library INFO logs.
     """
+    check_durable(cfg)  # before anything is written: not into a folder Ray deletes
     progress = use_console(verbosity, progress)
     cfg = cfg.absolute()
     state = new_state(cfg)
@@ -167,6 +170,7 @@ def resume_search(
     progress = use_console(verbosity, progress)
     state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
+    check_durable(cfg)
     results, filesystem = ray_storage(state.results_path)
     if not tune.Tuner.can_restore(results, storage_filesystem=filesystem):
         raise ConfigError(
@@ -178,6 +182,7 @@ def resume_search(
         state.status = SearchStatus.RUNNING
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
+        progress(_places(cfg, state))
         leases = start_lease_actor(cfg.name)
         tuner = tune.Tuner.restore(
             results, trainable=_trainable(cfg, state, tracking), resume_unfinished=True, resume_errored=True,
@@ -211,7 +216,13 @@ def _announce(cfg: ExperimentConfig, state: SearchState, progress: Progress) -> 
     )
     progress(f"  searching {', '.join(f'{k} in {v}' for k, v in space.items()) or 'nothing (fixed choices)'}: "
              f"{space_size(cfg)} recipes, {sampler_name(cfg)} sampler, the default recipe first")
-    progress(f"  stages: {cfg.store_uri()}   Ray results: {state.results_path}")
+    progress(_places(cfg, state))
+
+
+def _places(cfg: ExperimentConfig, state: SearchState) -> str:
+    """The header's line of where this search's results go (search/durable.py)."""
+    folder = state.journal.rsplit("/", 1)[0]
+    return replace(result_places(cfg), state=folder, ray_results=state.results_path).line()
 
 
 def _fit(
@@ -258,9 +269,16 @@ def _fit(
     links.update(observer.links() if observer is not None else {})
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links, confirmation)
     summary["status"] = state.status.value
+    if not complete:  # a trial writes its record after its first stage: count the ones Ray ran too
+        ended = ended_trials(grid)
+        cut = sum(1 for t, errored in trials.items() if not errored and not ended.get(t))
+        summary["unfinished"] = max(summary["unfinished"], cut)
+        summary["trials"] = max(summary["trials"], len(trials))
     emit(summary_lines(summary), progress)
     if not complete:
-        progress(f"search interrupted: continue it with `{_resume_command(cfg, address)}`")
+        done = summary["finished"] + summary["stopped_by_asha"] + summary["errored"]
+        progress(f"search interrupted with {done} of {trial_budget(cfg)} lineages done and {summary['unfinished']} "
+                 f"cut short (what they stored is kept): continue it with `{_resume_command(cfg, address)}`")
     return summary
 
 

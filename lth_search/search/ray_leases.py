@@ -21,20 +21,41 @@ import ray
 from lth_search.store.content_keys import check_key
 
 
+WAITING_FRESH_S = 5.0
+"""A holder that asked for a held lease this recently still waits for that stage (waiters ask
+again every `StageStore.poll_s`, a quarter second)."""
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class _LeaseActor:
-    """key -> (holder, monotonic expiry). Serial: one call at a time, so no races."""
+    """key -> (holder, monotonic expiry). Serial: one call at a time, so no races.
+
+    It also remembers who asked for a lease someone else held (a trial waiting for a
+    stage another trial computes), so the driver's status line can say so instead of
+    each waiting worker printing it.
+    """
 
     def __init__(self) -> None:
         self._leases: dict[str, tuple[str, float]] = {}
+        self._waiters: dict[str, tuple[str, float]] = {}
+        """holder -> (key, monotonic time of its last refused acquire)"""
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         now = time.monotonic()
         current = self._leases.get(key)
         if current is not None and current[0] != holder and current[1] >= now:
+            self._waiters[holder] = (key, now)
             return False
+        self._waiters.pop(holder, None)
         self._leases[key] = (holder, now + ttl_s)
         return True
+
+    def waiting(self) -> dict[str, str]:
+        """Holders waiting for a stage another holder computes (holder -> key)."""
+        now = time.monotonic()
+        self._waiters = {h: (k, at) for h, (k, at) in self._waiters.items()
+                         if now - at <= WAITING_FRESH_S and k in self._leases}
+        return {holder: key for holder, (key, _) in self._waiters.items()}
 
     def renew(self, key: str, holder: str, ttl_s: float) -> bool:
         current = self._leases.get(key)
@@ -47,6 +68,7 @@ class _LeaseActor:
         current = self._leases.get(key)
         if current is not None and current[0] == holder:
             del self._leases[key]
+            self._waiters = {h: w for h, w in self._waiters.items() if w[0] != key}  # the stage is there
 
     def held(self) -> dict[str, str]:
         """Live leases (key -> holder), for inspection and tests."""
@@ -56,6 +78,15 @@ class _LeaseActor:
 
 def actor_name(search_name: str) -> str:
     return f"lth-leases-{search_name}"
+
+
+def waiting_trials(search_name: str, timeout_s: float = 2.0) -> int | None:
+    """How many trials of the search wait for a stage another trial computes (None: unknown)."""
+    try:
+        actor = ray.get_actor(actor_name(search_name))
+        return len({holder for holder in ray.get(actor.waiting.remote(), timeout=timeout_s)})
+    except Exception:  # noqa: BLE001 - a status line never fails a search
+        return None
 
 
 def start_lease_actor(search_name: str) -> ray.actor.ActorHandle:

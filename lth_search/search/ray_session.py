@@ -37,7 +37,10 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING}
+    # Workers' own lines (a stage wait, a library's warning) are not forwarded unless -v: the
+    # console's status line says what they would (search/console.py), and a failed trial's
+    # error is in its trial record and Ray's results.
+    quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING, "log_to_driver": verbosity > 0}
     joined = cluster_address(address)
     if joined:
         what = "--address" if address else "RAY_ADDRESS"

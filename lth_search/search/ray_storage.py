@@ -17,8 +17,8 @@ checkpoint as it does not exist on storage anymore", seen in 1 of ~10 suite runs
 checkpoints are a few bytes each (search/trainable.py), so none is deleted.
 
 Object stores (s3://, gs://, ...) publish an object only when its upload completes, so
-pyarrow's own filesystem is already atomic there and is used as it is (the checkpoint race
-above remains there).
+pyarrow's own filesystem is already atomic there; it is wrapped only so that the
+checkpoints are kept there too (`KeepCheckpoints`).
 """
 
 from __future__ import annotations
@@ -85,19 +85,81 @@ class ReplacingHandler(pafs.FSSpecHandler):
         super().delete_dir(path)
 
 
+class KeepCheckpoints(pafs.FileSystemHandler):
+    """A pyarrow filesystem (an object store's) as it is, except that trial checkpoints are never
+    deleted (see the module's docstring)."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeepCheckpoints) and self.fs.equals(other.fs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return f"lth-keep-checkpoints+{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        if CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):
+            return
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("lth-search never empties a filesystem's root")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """(path, filesystem) for Tune's `storage_path`/`storage_filesystem` and `Tuner.restore`.
 
     Local paths and fsspec URIs (`local://`, `sftp://`, ...) get the replacing filesystem;
-    pyarrow's object stores are returned as they are (filesystem None).
+    pyarrow's object stores their own filesystem, keeping checkpoints (`KeepCheckpoints`).
     """
     import fsspec
 
     path, filesystem = pyarrow_location(uri)
     if path.lower().startswith("file://"):
         path = path[len("file://"):]
-    if filesystem is None and "://" in path:
-        return path, None  # s3://, gs://, ...: writes are already all or nothing
+    if filesystem is None and "://" in path:  # s3://, gs://, ...: writes are already all or nothing
+        native, inner_path = pafs.FileSystem.from_uri(path)
+        return inner_path, pafs.PyFileSystem(KeepCheckpoints(native))
     if filesystem is None:
         inner = fsspec.filesystem("file")
     else:

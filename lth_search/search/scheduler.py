@@ -20,8 +20,10 @@ in its trial record: the runner marks it finished before the trial returns.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+from optuna.exceptions import ExperimentalWarning
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -29,6 +31,11 @@ from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
 from lth_search.store.stage_store import StageStore
+
+RAY_TRIAL_ATTR = "ray_trial_id"
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+"""User attributes of each Optuna trial: its Ray trial id, and its MLflow run id (which the trainable
+reports under the same key), so a study in optuna-dashboard leads to the run and the trial."""
 
 
 def max_level(cfg: ExperimentConfig) -> int:
@@ -69,6 +76,32 @@ class PruningAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, cfg: ExperimentConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lth_cfg = cfg.model_dump(mode="json")
+
+    def _setup_study(self, mode: str | list) -> None:
+        """The study, its objectives named (optuna-dashboard shows them instead of "Objective 0")."""
+        super()._setup_study(mode)
+        names = self._metric if isinstance(self._metric, list) else [self._metric]
+        if self._ot_study.metric_names != names:
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2: not the user's concern
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                self._ot_study.set_metric_names(names)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Optuna's proposal, its trial tagged with the Ray trial id (user attribute `ray_trial_id`)."""
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and RAY_TRIAL_ATTR not in ot_trial.user_attrs:
+            ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Also links the Optuna trial to the trial's MLflow run (user attribute `mlflow_run_id`)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        run_id = result.get(MLFLOW_RUN_ATTR)
+        if ot_trial is not None and run_id and trial_id not in self._completed_trials \
+                and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
+            ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+        super().on_trial_result(trial_id, result)
 
     def _ended_by_itself(self, trial_id: str) -> bool:
         cfg = ExperimentConfig.model_validate(self._lth_cfg)

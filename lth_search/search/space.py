@@ -12,6 +12,7 @@ the space) with `pickle` for `Tuner.restore`.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import optuna
@@ -94,6 +95,21 @@ def trial_budget(cfg: ExperimentConfig) -> int:
     return cfg.search.num_trials
 
 
+class PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """NSGA-II that Ray can pickle into its experiment state: Optuna 5.1's genetic samplers hold
+    a `threading.Lock` and define no `__getstate__` (Tuner failed with "cannot pickle
+    '_thread.lock' object" for every two-objective search). The lock is made anew on load."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     """The sampler `sampler_name` names, seeded by the config's seed."""
     name = sampler_name(cfg)
@@ -102,7 +118,7 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+        return PicklableNSGAII(seed=cfg.seed)
     return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
 
 

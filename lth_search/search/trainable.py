@@ -23,6 +23,7 @@ from lth_search.runs.observers import TrialObserverFactory
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import DEFAULT_RECIPE, run_trial
 from lth_search.search.ray_leases import RayLeaseService
+from lth_search.search.scheduler import MLFLOW_RUN_ATTR
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of
 from lth_search.store.stage_store import StageStore
 
@@ -67,7 +68,9 @@ def lineage_trial(
         with tempfile.TemporaryDirectory(prefix="lth-ckpt-") as directory:
             state = {"round": round_index, "key": key, "trial_id": trial_id}
             (Path(directory) / CHECKPOINT_FILE).write_text(json.dumps(state))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            run_id = getattr(observer, "run_id", None)  # the trial's MLflow run: the study links to it
+            tune.report({**metrics, MLFLOW_RUN_ATTR: run_id} if run_id else metrics,
+                        checkpoint=tune.Checkpoint.from_directory(directory))
 
     node_id = ray.get_runtime_context().get_node_id()
     is_default = int(trial_cfg.prune == cfg.prune)  # the config's own recipe: judged to the end (scheduler.py)

@@ -109,10 +109,17 @@ def param_text(value: Any) -> str:
 
 
 def new_client(uri: str) -> Any:
-    """The MlflowClient of a tracking URI (the registry at the same place), quiet output."""
+    """The MlflowClient of a tracking URI (the registry at the same place), quiet output.
+
+    A sqlite database that was moved (a copied or renamed `lth_runs/`) gets its artifact
+    locations pointed at its own folder first (tracking/relocate.py).
+    """
     from mlflow import MlflowClient
 
+    from lth_search.tracking.relocate import reroot_artifacts
+
     quiet_mlflow_output()
+    reroot_artifacts(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

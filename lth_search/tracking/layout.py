@@ -10,6 +10,8 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
 
 # Tags
@@ -42,6 +44,22 @@ MODEL_DIR = "best_ticket"
 
 def mask_artifact(round_index: int) -> str:
     return f"masks/round_{round_index:02d}.parquet"
+
+
+def mask_layers_artifact(round_index: int) -> str:
+    """Beside the round's Parquet mask, its per-layer sparsity as CSV: the MLflow UI previews CSV,
+    not Parquet, so the mask can be looked at where it is listed."""
+    return f"masks/round_{round_index:02d}_layers.csv"
+
+
+def mask_layers_csv(mask: "dict[str, torch.Tensor]") -> bytes:
+    """One line per pruned layer: name, shape, weights, kept, sparsity (the fraction pruned)."""
+    lines = ["layer,shape,weights,kept,sparsity"]
+    for name, kept in mask.items():
+        total, alive = kept.numel(), int(kept.sum())
+        shape = "x".join(str(d) for d in kept.shape)
+        lines.append(f"{name},{shape},{total},{alive},{1 - alive / total if total else 0.0:.6f}")
+    return ("\n".join(lines) + "\n").encode()
 
 
 def rewind_artifact(step: int) -> str:

@@ -10,7 +10,7 @@ signature and an input example, and `mlflow models serve` can build its environm
 (its requirements name only packages an index has).
 
     model = mlflow.pyfunc.load_model("models:/quickstart@best")
-    model.predict(x_raw)          # class ids, from raw inputs
+    model.predict(x_raw)          # class ids, from raw inputs: (n, *shape) or one row, float32 or float64
     model.get_raw_model()         # the torch nn.Module (it takes standardised inputs)
 """
 
@@ -68,7 +68,7 @@ def _plugin_factory(ticket: Ticket) -> Any:
     return None if name in NAMES else resolve("model.name", "model", name, MODEL_GROUP, NAMES)
 
 
-def model_spec(ticket: Ticket, normalization: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+def model_spec(ticket: Ticket, normalization: dict[str, list[float]] | None) -> dict[str, Any]:
     """`model.json` of the served model (see portable/ticket_model.py)."""
     model = ticket.config.model
     spec: dict[str, Any] = {"input_shape": list(ticket.input_shape), "num_classes": ticket.num_classes}
@@ -80,7 +80,7 @@ def model_spec(ticket: Ticket, normalization: tuple[np.ndarray, np.ndarray] | No
     else:
         spec["factory"] = f"{factory.__module__}:{factory.__qualname__}"
     if normalization is not None:
-        spec["normalization"] = {"mean": normalization[0].tolist(), "std": normalization[1].tolist()}
+        spec["normalization"] = normalization
     return spec
 
 
@@ -118,6 +118,15 @@ def _tracking(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
+def input_normalization(cfg: Any) -> dict[str, list[float]] | None:
+    """The training split's per-feature mean and std that the served model applies to raw inputs
+    (None when the data set is not standardised). Reads the data set (cached: seconds at most)."""
+    normalization = load_dataset(cfg.data, cfg.seed).normalization
+    if normalization is None:
+        return None
+    return {"mean": np.asarray(normalization[0]).tolist(), "std": np.asarray(normalization[1]).tolist()}
+
+
 def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
     """Log the ticket's trained sparse network as a LoggedModel of run `run_id`; returns its ModelInfo.
 
@@ -134,12 +143,16 @@ def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
     if ticket.trained_weights is None:
         raise TrackingError(f"run {ticket.run_id} round {ticket.round}: no trained weights logged; nothing to serve")
     cfg = ticket.config
-    normalization = load_dataset(cfg.data, cfg.seed).normalization
-    example = np.ascontiguousarray(read_raw(cfg.data)[0][2][:EXAMPLE_ROWS])  # raw test inputs, their own dtype
-    signature = ModelSignature(  # MLflow accepts exactly the dtype a signature names: the data files' own
-        inputs=Schema([TensorSpec(example.dtype, (-1, *ticket.input_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),  # class ids
-    )
+    normalization = input_normalization(cfg)
+    ticket.normalization = normalization  # ticket.json beside model.json says the same
+    # raw test inputs as torch holds them (float32); float64, other numbers and a single row work too
+    example = np.ascontiguousarray(read_raw(cfg.data)[0][2][:EXAMPLE_ROWS], dtype=np.float32)
+    # No input schema: MLflow enforces a tensor spec's dtype and rank exactly, so one would refuse
+    # either float64 or float32 batches and any single 1-D row; the model standardises any of them
+    # (portable/ticket_model.py). What it takes is in the model's metadata and its input example.
+    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))  # class ids
+    accepts = {"input_shape": [-1, *ticket.input_shape], "dtypes": ["float32", "float64"],
+               "single_row_shape": list(ticket.input_shape), "raw_inputs": True}
     # Created here, in the run's experiment: Model.log alone would put it in the fluent API's
     # active experiment (Default, artifacts under ./mlruns of the current folder).
     logged = client.create_logged_model(
@@ -154,7 +167,7 @@ def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
         return Model.log(
             artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
             loader_module=f"{BUNDLE}.ticket_model", data_path=str(files), code_paths=_code_paths(ticket, Path(tmp)),
-            signature=signature, input_example=example,
+            signature=signature, input_example=example, metadata={"lth_input": accepts},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"], model_id=logged.model_id,
         )
 
@@ -171,9 +184,14 @@ def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str, trackin
 
 
 def _register(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
+    """The model's source is the ticket's own lineage run (the child whose mask and weights it is);
+    the search run `run_id` lists it too, so its Models column shows the search's best."""
+    from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
 
-    info = log_served_model(client, ticket, run_id)
+    info = log_served_model(client, ticket, ticket.run_id)
+    if run_id != ticket.run_id:
+        client.log_outputs(run_id, [LoggedModelOutput(info.model_id, step=0)])
     try:
         client.create_registered_model(name, description="lth-search: the best lottery ticket of the search "
                                                           "(trained sparse network; predicts from raw inputs)")
@@ -181,7 +199,7 @@ def _register(client: Any, ticket: Ticket, name: str, run_id: str) -> str:
         if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        name, info.model_uri, run_id=run_id, model_id=info.model_id,
+        name, info.model_uri, run_id=ticket.run_id, model_id=info.model_id,
         tags={"lth.run_id": ticket.run_id, "lth.round": str(ticket.round), "lth.sparsity": f"{ticket.sparsity:.4f}"},
         description=f"trial {ticket.trial_id} round {ticket.round}: sparsity {100 * ticket.sparsity:.2f}%, "
                     f"val {100 * ticket.val_accuracy:.2f}%, test {100 * ticket.test_accuracy:.2f}% "

@@ -8,15 +8,16 @@ artifacts: config, mask, θk, the round's trained weights and its rescale factor
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from lth_search.config import validate_config
 from lth_search.engine.pruning import layer_sparsity
-from lth_search.errors import TrackingError
+from lth_search.errors import LthError, TrackingError
 from lth_search.store.codec import Mask, decode_mask, decode_weights
 from lth_search.tickets import Ticket, check_fraction, criterion_text, select_ticket
 from lth_search.tracking.client import first_line, metric_history, read_artifact
-from lth_search.tracking.registry import registered_uri
+from lth_search.tracking.registry import input_normalization, registered_uri
 from lth_search.tracking.layout import (
     CONFIG,
     INPUT_SHAPE,
@@ -28,6 +29,8 @@ from lth_search.tracking.layout import (
     trained_artifact,
 )
 from lth_search.tracking.ticket_table import SearchRef, read_confirmation, read_rows
+
+log = logging.getLogger(__name__)
 
 
 def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str = "") -> Ticket:
@@ -95,6 +98,10 @@ def best_ticket(experiment: str | None = None, search_run_id: str | None = None,
     model_uri = registered_uri(client, ticket)
     if model_uri is not None:
         ticket.extra["model_uri"] = model_uri
+    try:
+        ticket.normalization = input_normalization(ticket.config)
+    except LthError as error:  # the data set is not on this machine: the ticket says so, without it
+        log.warning("ticket %s: the input normalisation is left out of ticket.json (%s)", ticket.run_id, error)
     return ticket
 
 

@@ -236,13 +236,20 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns)
 
 
+CSV_TRIAL_PREFIX = "trial "
+"""How tickets.csv writes a trial id: Ray's ids are 8 hex digits, often all decimal (`01092534`),
+and the MLflow UI's table (as most CSV readers) types such text as a number (`1092534`), quoted or
+not. `trial 01092534` reads as the console prints it; tickets.parquet holds the bare id."""
+
+
 def rows_csv(rows: list[dict[str, Any]]) -> bytes:
-    """The tickets table as CSV (lists and dicts as JSON, missing values empty)."""
+    """The tickets table as CSV (lists and dicts as JSON, missing values empty, trial ids as text)."""
     table = rows_table(rows)
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    writer = csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(table.column_names)
     for row in table.to_pylist():
+        row["trial_id"] = f"{CSV_TRIAL_PREFIX}{row['trial_id']}"
         writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row.values()])
     return text.getvalue().encode()
 

@@ -54,6 +54,8 @@ from lth_search.tracking.layout import (
     TRIAL_ID,
     dense_metrics,
     mask_artifact,
+    mask_layers_artifact,
+    mask_layers_csv,
     rewind_artifact,
     round_metrics,
     sparsity_series,
@@ -270,8 +272,10 @@ class TrialTracker:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")
         if index not in self.state.masks and entry is not None and "mask" in entry.masks:
-            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: self.io.log_bytes(
-                self.run_id, encode_mask(entry.masks["mask"]), mask_artifact(index)))
+            mask = entry.masks["mask"]
+            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: (
+                self.io.log_bytes(self.run_id, mask_layers_csv(mask), mask_layers_artifact(index)),
+                self.io.log_bytes(self.run_id, encode_mask(mask), mask_artifact(index))))
             if ok:
                 self.state.masks.add(index)
         if index not in self.state.trained and entry is not None and "end" in entry.weights:
