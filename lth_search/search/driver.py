@@ -11,6 +11,9 @@ any machine that reaches the store, and Optuna continues the same study.
 Which Ray it runs on is search/ray_session.py; the trial records' final statuses
 search/trial_status.py; what a person sees of the search search/console.py.
 
+One driver at a time drives a search (runs/search_lease.py): a second `run` of a name
+that is running, or a second `resume`, is refused before it writes anything.
+
 Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
 folder and Optuna study are its own, while stages come from the shared store, so
 running the quickstart twice reuses every stage instead of mixing two studies.
@@ -32,6 +35,7 @@ from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord
+from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
@@ -140,7 +144,7 @@ def run_search(
     cfg = cfg.absolute()
     state = new_state(cfg)
     check_resources(cfg, address)
-    with ThreadPoolExecutor(1) as pool:
+    with SearchLease(StageStore.from_config(cfg), cfg.name, "run"), ThreadPoolExecutor(1) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not cluster_address(address) and not ray.is_initialized()
@@ -173,7 +177,7 @@ def resume_search(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
     check_resources(cfg, address)
-    with ray_session(address, verbosity):
+    with SearchLease(StageStore.from_config(cfg), cfg.name, "resume"), ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
         state.status = SearchStatus.RUNNING
         state.save()

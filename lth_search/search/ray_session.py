@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -37,6 +39,40 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    with _sigterm_kept():
+        _init(address, verbosity)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`.
+
+    ray.init installs its own SIGTERM handlers (a Python one that exits, and the core
+    worker's native one that prints a stack and aborts: exit 134). The command line
+    handles SIGTERM as SIGINT (cli.py: Tune stops, the search stays resumable, exit 130),
+    so whatever handled SIGTERM before ray.init handles it after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as error:  # Ray's Python handler exits with the signal's number
+        if error.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None, verbosity: int) -> None:
+    """ray.init: join `address` / $RAY_ADDRESS, or start a local Ray on loopback."""
     quiet = {"logging_level": logging.INFO if verbosity > 0 else logging.WARNING}
     joined = cluster_address(address)
     if joined:
@@ -55,10 +91,6 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
         ray.init(
             address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
         )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
