@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 from lth_search.config.names import check_name
 from lth_search.errors import TrackingError
+from lth_search.tracking.moved_database import follow_moved_database
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class MlflowIO:
                 if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
+        if follow_moved_database(self.uri, experiment):
+            experiment = self.client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             log.warning("MLflow experiment %r was deleted; restoring it", name)
             self.client.restore_experiment(experiment.experiment_id)
