@@ -49,6 +49,11 @@ class StoreFailure(RuntimeFailure, StoreError):
     """The store could not be read or written (disk full, gone, no permission); nothing half-written remains."""
 
 
+class UnknownTrackingName(LthError):
+    """A name or file the user gave to `best` / `tickets` names nothing readable: an unknown
+    `--experiment` or `--search-run-id`, a file that is not an MLflow database. Exit 2: fix the command."""
+
+
 class TrackingFailure(TrackingError):
     """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""
 

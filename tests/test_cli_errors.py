@@ -37,11 +37,14 @@ CASES = [
     ("missing MNIST files", ["data.name=mnist", "data.root={empty}"], "train-images-idx3-ubyte"),
     ("malformed CIFAR batch", ["data.name=cifar10", "data.root={cifar}"], "data_batch_1"),
     ("search value not kept", ["search.space.rewind_step=[0, 30]"], "search.space.rewind_step"),
+    ("a space value listed twice", ["search.space.rate=[0.2, 0.2]"], "listed more than once"),
+    ("output_dir a symlink loop", ["output_dir={loop}/out"], "output_dir"),
 ]
 FILE_CASES = [
     ("YAML syntax error", "prune:\n  rate: [0.2\n", "bad.yaml"),
     ("unknown top-level key", "trian:\n  lr: 0.1\n", "trian"),
     ("not a mapping", "- 1\n- 2\n", "bad.yaml"),
+    ("a config over 1 MiB", "#" * (2 << 20), "at most"),
 ]
 
 
@@ -84,6 +87,7 @@ def workdir(tmp_path: Path) -> Path:
     cifar.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (cifar / name).write_bytes(b"this is not a pickle of a CIFAR batch")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     return tmp_path
 
 
@@ -92,7 +96,7 @@ def test_bad_lineage_input(case: str, overrides: list[str], needle: str, workdir
                            monkeypatch: pytest.MonkeyPatch) -> None:
     sets = [f"data.root={data_root}", f"output_dir={workdir / 'runs'}", "prune.rewind_steps=[0, 100]",
             "search.space.rewind_step=null"]
-    sets += [o.format(empty=workdir / "empty", cifar=workdir / "cifar") for o in overrides]
+    sets += [o.format(empty=workdir / "empty", cifar=workdir / "cifar", loop=workdir / "loop") for o in overrides]
     before_work, before_data = _snapshot(workdir), _snapshot(data_root)
     done = _run(["lineage", QUICKSTART] + [arg for s in sets for arg in ("--set", s)], workdir,
                 in_process=None if case in SUBPROCESS else monkeypatch)
@@ -131,6 +135,9 @@ COMMAND_CASES = [
     ("run: nobody at --address", ["run", QUICKSTART, "--address", "127.0.0.1:{port}"], "--address", 2),
     ("run: nobody at RAY_ADDRESS", ["run", QUICKSTART, "env:RAY_ADDRESS=127.0.0.1:{port}"], "RAY_ADDRESS", 2),
     ("run: missing config", ["run", "nowhere.yaml"], "nowhere.yaml", 2),
+    ("run: prune.rate not in the space", ["run", QUICKSTART, "--set", "prune.rate=0.999"], "search.space.rate", 2),
+    ("lineage: /dev/zero as the config", ["lineage", "/dev/zero"], "not a regular file", 2),
+    ("lineage: a folder as the config", ["lineage", "."], "not a regular file", 2),
     ("resume: unknown search", ["resume", "nosuch"], "nosuch", 2),
     ("sync: unknown search", ["sync", "nosuch"], "nosuch", 2),
     ("best: no database", ["best"], "mlflow.db", 1),
@@ -172,3 +179,33 @@ def test_every_option_says_what_it_takes() -> None:
             assert action.help, f"lth-search {name} {'/'.join(action.option_strings) or action.dest} has no help"
     best = commands.choices["best"]
     assert "fraction" in next(a for a in best._actions if "--max-drop" in a.option_strings).help
+
+
+def test_a_lineage_does_not_check_its_prune_values_against_the_search_space() -> None:
+    """`lineage --set prune.rate=0.999` searches nothing, so the space's rates do not matter (issue 22 item 10)."""
+    from lth_search.config import load_config
+    from lth_search.errors import ConfigError
+
+    cfg = load_config(QUICKSTART, ["prune.rate=0.999"])
+    assert cfg.prune.rate == 0.999
+    with pytest.raises(ConfigError, match=r"^search\.space\.rate: .* must include the default recipe's 0.999"):
+        cfg.check_search_space()
+
+
+def test_unknown_tracking_names_and_a_malformed_database_are_user_errors(workdir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown --experiment or --search-run-id, a file that is not an MLflow database: exit 2, one line
+    (issue 22 item 8)."""
+    from mlflow import MlflowClient
+
+    (workdir / "garbage.db").write_bytes(b"this is not a database at all" * 100)
+    done = _run(["tickets", "--tracking-uri", f"sqlite:///{workdir / 'garbage.db'}"], workdir, in_process=monkeypatch)
+    _assert_one_line_error(done, "cannot be read")
+    assert done.returncode == 2
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # an empty MLflow database
+    for args, needle in ((["best", "--experiment", "nope"], "--experiment"),
+                         (["tickets", "--search-run-id", "0123456789abcdef0123456789abcdef"], "--search-run-id")):
+        done = _run([*args, "--tracking-uri", uri], workdir, in_process=monkeypatch)
+        _assert_one_line_error(done, needle)
+        assert done.returncode == 2

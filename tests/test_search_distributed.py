@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -87,17 +88,27 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
     assert state["status"] == "running"
 
+    # the killed driver's folder is copied and the copy resumed: only the copy changes, and the
+    # dead driver's lease (copied with it) is taken over (issue 22 items 2, 3)
+    original = tmp_path
+    tmp_path = original.parent / f"{original.name}-copy"
+    shutil.copytree(original, tmp_path, symlinks=True)
+    untouched = {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()}
+    assert list((tmp_path / "store" / "leases").glob("*.lease"))
+    store = tmp_path / "store"
     resumed = subprocess.run(
         [LTH_SEARCH, "resume", "killme", "--output-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "best ticket:" in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()} == untouched
+    assert json.loads((original / "searches" / "killme" / "search.json").read_text())["status"] == "running"
 
     after = trial_records(store, "killme")
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
     assert state["status"] == "finished"
-    histories = trial_results(state["results_path"])
+    histories = trial_results(str(tmp_path / state["results_path"]))
     assert len(histories) == 4 and {after[t]["status"] for t in histories} == {"finished"}
     # a trial the driver started after Ray's last snapshot is not Ray's to resume: Ray
     # ran a replacement, and the orphan's record says so

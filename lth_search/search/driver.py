@@ -42,6 +42,7 @@ from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
+from lth_search.search.relocation import relocated_search
 from lth_search.search.ray_storage import ray_storage
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import (
@@ -53,7 +54,7 @@ from lth_search.search.space import (
     space_size,
     trial_budget,
 )
-from lth_search.search.ray_session import check_resources, cluster_address, ray_session
+from lth_search.search.ray_session import check_reachable, check_resources, cluster_address, ray_session
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stages import StageStore
@@ -141,9 +142,11 @@ def run_search(
     `verbosity`: -1 errors only, 0 lth-search's lines, 1 also Ray's tables and library INFO logs.
     """
     progress = use_console(verbosity, progress)
+    cfg.check_search_space()
     cfg = cfg.absolute()
     state = new_state(cfg)
     check_resources(cfg, address)
+    check_reachable(address)
     with SearchLease(StageStore.from_config(cfg), cfg.name, "run"), ThreadPoolExecutor(1) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
@@ -177,6 +180,7 @@ def resume_search(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
     check_resources(cfg, address)
+    check_reachable(address)
     with SearchLease(StageStore.from_config(cfg), cfg.name, "resume"), ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
         state.status = SearchStatus.RUNNING
@@ -191,6 +195,7 @@ def resume_search(
         # change it; this run's console (its printer, -v/-q) replaces the pickled one.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks, run_config.verbose = _callbacks(cfg, progress), ray_verbose(verbosity)
+        relocated_search(tuner, cfg, state.journal)  # a copied or moved folder continues where it is now
         summary = _fit(cfg, state, tuner, observer, progress, address)
         del leases
         return summary

@@ -77,9 +77,7 @@ def _init(address: str | None, verbosity: int) -> None:
     joined = cluster_address(address)
     if joined:
         what = "--address" if address else "RAY_ADDRESS"
-        why = unreachable(joined)
-        if why:
-            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({why})")
+        check_reachable(address)
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
         mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
         try:
@@ -91,6 +89,16 @@ def _init(address: str | None, verbosity: int) -> None:
         ray.init(
             address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
         )
+
+
+def check_reachable(address: str | None) -> None:
+    """ConfigError when the cluster to join (--address, $RAY_ADDRESS) takes no connection: checked
+    before a search writes anything (its lease, its store), and again by `ray_session`."""
+    joined = cluster_address(address)
+    why = unreachable(joined) if joined else None
+    if why:
+        what = "--address" if address else "RAY_ADDRESS"
+        raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({why})")
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:

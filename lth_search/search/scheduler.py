@@ -58,6 +58,14 @@ class PruningAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._lth_cfg = cfg.model_dump(mode="json")
 
+    def relocate(self, cfg: ExperimentConfig, journal: str) -> None:
+        """After Ray restored this searcher for a search resumed in another folder (search/relocation.py)."""
+        from lth_search.search.relocation import relocate_study
+
+        self._lth_cfg = cfg.model_dump(mode="json")
+        if self._ot_study is not None:
+            relocate_study(self._ot_study, journal)
+
     def _ended_by_itself(self, trial_id: str) -> bool:
         cfg = ExperimentConfig.model_validate(self._lth_cfg)
         record = TrialRecord.load(StageStore.from_config(cfg), cfg.name, trial_id)
