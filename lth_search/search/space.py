@@ -12,6 +12,7 @@ the space) with `pickle` for `Tuner.restore`.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import optuna
@@ -94,6 +95,26 @@ def trial_budget(cfg: ExperimentConfig) -> int:
     return cfg.search.num_trials
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that Ray can pickle.
+
+    Optuna's genetic samplers hold a `threading.Lock` (samplers/_ga/_base.py), and Ray
+    pickles the searcher, sampler included, into tuner.pkl and its experiment state:
+    `tune.Tuner(...)` of every two-objective search failed with "cannot pickle
+    '_thread.lock' object". The lock guards in-process caches only, so a fresh one is
+    right after unpickling.
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     """The sampler `sampler_name` names, seeded by the config's seed."""
     name = sampler_name(cfg)
@@ -102,7 +123,7 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+        return PicklableNSGAIISampler(seed=cfg.seed)
     return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
 
 
