@@ -275,3 +275,28 @@ def test_sigkilled_lineage_lease_is_taken_over_at_once_and_sigterm_is_an_interru
     rest = rerun.stderr.read()
     assert rerun.wait(timeout=30) == 130
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "lth-search: interrupted"
+
+
+FIRST_USE = """
+import os, sys, time
+from lth_search.tracking.client import MlflowIO
+io = MlflowIO(sys.argv[1], "race", attempts=1)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+ok, experiment = io.call("create the experiment", lambda: io.experiment_id("race"))
+sys.exit(0 if ok else 3)
+"""
+
+
+def test_two_processes_creating_one_sqlite_database_both_succeed_at_once(tmp_path: Path) -> None:
+    """11 (issue 22): two processes' first use of one new mlflow.db, with no retry: both succeed, no warning."""
+    import sys
+
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, uri, str(go)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    time.sleep(0)  # both import while the go file is missing; the file starts them together
+    go.touch()
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert not any("failed" in err for err in errs), errs
