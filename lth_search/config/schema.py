@@ -29,7 +29,7 @@ from lth_search.config.runtime import ResourcesConfig, StoreConfig, TrackingConf
 from lth_search.config.search import SearchConfig
 from lth_search.config.section import Section
 from lth_search.config.train import TrainConfig
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, first_line
 
 MAX_SEED = 2**32 - 1
 
@@ -188,11 +188,6 @@ def resolved(path: str, what: str) -> Path:
         return Path(path).expanduser().resolve()
     except (RuntimeError, OSError) as error:  # Python 3.11 raises RuntimeError("Symlink loop ...")
         raise ConfigError(f"{what} {quote(path)} cannot be resolved ({first_line(error)}); a symlink loop?") from None
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 # Validation ---------------------------------------------------------------------------------

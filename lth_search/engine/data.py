@@ -26,8 +26,8 @@ import torch
 
 from lth_search.config import DataConfig
 from lth_search.engine.data_files import read_cifar_batch, read_idx
-from lth_search.errors import ConfigError, DataError
-from lth_search.engine.plugins import DATA_GROUP, first_line, resolve
+from lth_search.errors import ConfigError, DataError, first_line
+from lth_search.engine.plugins import DATA_GROUP, resolve
 
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test; x (n, *shape)
 

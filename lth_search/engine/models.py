@@ -29,8 +29,8 @@ from lth_search.config import ExperimentConfig, ModelConfig
 
 if TYPE_CHECKING:
     from lth_search.engine.data import Dataset
-from lth_search.engine.plugins import MODEL_GROUP, first_line, resolve
-from lth_search.errors import ConfigError
+from lth_search.engine.plugins import MODEL_GROUP, resolve
+from lth_search.errors import ConfigError, first_line
 from lth_search.portable.architectures import IMAGE_MODELS, NAMES, build_architecture
 
 GROUPS = ("conv", "fc", "output", "shortcut")

@@ -32,7 +32,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Callable, TypeVar
 
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, first_line
 
 MODEL_GROUP = "lth_search.models"
 DATA_GROUP = "lth_search.data"
@@ -121,11 +121,6 @@ def resolve(field: str, kind: str, name: str, group: str, builtin: tuple[str, ..
     if not callable(factory):
         raise ConfigError(f"{field}: {name!r} is not callable (a factory function or class is needed)")
     return factory
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def factory_module(factory: Callable[..., Any]) -> ModuleType:
