@@ -26,6 +26,7 @@ _EXPORTS = {
     "list_tickets": "lth_search.api",
     "Ticket": "lth_search.tickets",
     "LthError": "lth_search.errors",
+    "plugin": "lth_search.engine.plugins",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

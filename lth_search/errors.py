@@ -49,6 +49,11 @@ class StoreFailure(RuntimeFailure, StoreError):
     """The store could not be read or written (disk full, gone, no permission); nothing half-written remains."""
 
 
+class UnknownTrackingName(LthError):
+    """A name or file the user gave to `best` / `tickets` names nothing readable: an unknown
+    `--experiment` or `--search-run-id`, a file that is not an MLflow database. Exit 2: fix the command."""
+
+
 class TrackingFailure(TrackingError):
     """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""
 
@@ -57,3 +62,9 @@ def os_reason(error: BaseException) -> str:
     """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages."""
     lines = str(error).strip().splitlines()
     return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

@@ -22,100 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LTH_SEARCH, REPO, tiny_config, wait_for
+from conftest import LTH_SEARCH, tiny_config, wait_for
+from fault_cases import COMMAND_CASES, FILE_CASES, INPUT_CASES, QUICKSTART, lineage_args, write_damaged_states
 from fault_helpers import MountRefused, fill, one_line_error, run_cli, snapshot, tmpfs
 from lth_search.config import load_config
 from lth_search.errors import DataError, RuntimeFailure, StoreError, TrackingError
 from lth_search.store.records import check_record_name
 from lth_search.store.stage_store import StageStore
-
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-
-# (case, --set overrides of a tiny `lineage`, the text its one error line must hold). Defect numbers of issue 12.
-INPUT_CASES = [
-    ("9: steps 10**12", ["train.steps=1000000000000"], "train.steps"),
-    ("9: epochs 10**11", ["train.steps=100000000000ep"], "train.steps"),
-    ("9: width 1e9", ["model.widths=[1000000000]"], "model.widths"),
-    ("9: too many hidden weights", ["model.widths=[16384, 16384, 16384]"], "hidden weights"),
-    ("9: seed overflows", ["seed=100000000000000000000000000"], "seed"),
-    ("9: lr inf", ["train.lr=.inf"], "train.lr"),
-    ("9: lr nan", ["train.lr=.nan"], "train.lr"),
-    ("9: output_ratio inf", ["prune.output_ratio=.inf"], "prune.output_ratio"),
-    ("9: gamma inf", ["train.gamma=.inf"], "train.gamma"),
-    ("9: layer ratio inf", ["prune.layer_ratios={fc: .inf}"], "prune.layer_ratios"),
-    ("9: unknown layer group", ["prune.layer_ratios={attention: 0.5}"], "prune.layer_ratios"),
-    ("9: init_scale inf", ["prune.init_scale=.inf"], "prune.init_scale"),
-    ("9: momentum nan", ["train.momentum=.nan"], "train.momentum"),
-    ("9: weight decay inf", ["train.weight_decay=.inf"], "train.weight_decay"),
-    ("9: tolerance nan", ["search.tolerance=.nan"], "search.tolerance"),
-    ("9: gpu inf", ["resources.gpu=.inf"], "resources.gpu"),
-    ("9: cpu 10**6", ["resources.cpu=1000000"], "resources.cpu"),
-    ("9: trials 10**10", ["search.num_trials=10000000000"], "search.num_trials"),
-    ("9: rounds 10**6", ["prune.rounds=1000000"], "prune.rounds"),
-    ("9: batch 10**9", ["train.batch_size=1000000000"], "train.batch_size"),
-    ("9: milestone 10**12", ["train.milestones=[1000000000000]"], "train.milestones"),
-    ("9: val_size 10**12", ["data.val_size=1000000000000"], "data.val_size"),
-    ("9: search rate nan", ["search.space.rate=[.nan]"], "search.space.rate"),
-    ("9: search ratio inf", ["search.space.layer_ratios={fc: [.inf]}"], "search.space.layer_ratios"),
-    ("9: lease timeout inf", ["store.lease_timeout_s=.inf"], "store.lease_timeout_s"),
-    ("9: heartbeat past timeout", ["store.heartbeat_s=200"], "store.heartbeat_s"),
-    ("6: experiment ../", ["tracking.experiment=../evil"], "tracking.experiment"),
-    ("6: experiment absolute", ["tracking.experiment=/tmp/evil"], "tracking.experiment"),
-    ("6: layer group path", ["prune.layer_ratios={../x: 0.5}"], "layer group"),
-    ("10: NUL in output_dir", ['output_dir="a\\0b"'], "output_dir"),
-    ("10: NUL in data.root", ['data.root="a\\0b"'], "data.root"),
-    ("10: newline in store.uri", ['store.uri="a\\nb"'], "store.uri"),
-    ("10: http store", ["store.uri=http://127.0.0.1:1/store"], "store.uri"),
-    ("1: unknown tracking scheme", ["tracking.uri=bogus://x", "tracking.enabled=true"], "tracking.uri"),
-    ("13: name with a newline", ['name="quick\\n"'], "name"),
-]
-
-_BOMB = "\n".join(
-    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    + [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
-    + ["model: {widths: *i}"]
-)
-# (case, config file text, the text the one error line must hold)
-FILE_CASES = [
-    ("11: YAML alias bomb", _BOMB, "model.widths"),
-    ("11: deep nesting", "a: " + "[" * 3000 + "]" * 3000, "bad.yaml"),
-    ("13: name with a trailing newline", 'name: "quick\\n"\n', "name"),
-    ("10: not text", "\udcff\udcfe".encode("utf-8", "surrogateescape").decode("latin1"), "bad.yaml"),
-]
-# (case, command line with {out}, the text its one error line must hold, the exit code)
-COMMAND_CASES = [
-    ("7: resume ../../evil", ["resume", "../../evil", "--output-dir", "{out}"], "is invalid", 2),
-    ("7: sync ../../evil", ["sync", "../../evil", "--output-dir", "{out}"], "is invalid", 2),
-    ("7: resume a/b", ["resume", "a/b", "--output-dir", "{out}"], "is invalid", 2),
-    ("7: resume, search.json a list", ["resume", "list", "--output-dir", "{out}"], "search.json", 2),
-    ("7: resume, search.json without config", ["resume", "noconfig", "--output-dir", "{out}"], "search.json", 2),
-    ("7: resume, config not a mapping", ["resume", "badconfig", "--output-dir", "{out}"], "search.json", 2),
-    ("7: resume, truncated search.json", ["resume", "truncated", "--output-dir", "{out}"], "search.json", 2),
-    ("7: sync, search.json a list", ["sync", "list", "--output-dir", "{out}"], "search.json", 2),
-    ("7: sync, search.json without config", ["sync", "noconfig", "--output-dir", "{out}"], "search.json", 2),
-    ("10: NUL in --output-dir", ["resume", "x", "--output-dir", "a\0b"], "--output-dir", 2),
-    ("10: NUL in best --out", ["best", "--out", "a\0b"], "--out", 2),
-    ("usage: unknown command", ["explode"], "", 2),
-]
-DAMAGED_STATES = {
-    "list": "[1, 2]",
-    "noconfig": json.dumps({"name": "noconfig", "search_id": "x", "results_path": "/r", "journal": "/j"}),
-    "badconfig": json.dumps({"name": "badconfig", "search_id": "x", "config": [1], "results_path": "/r", "journal": "/j"}),
-    "truncated": '{"name": "truncated", "sear',
-}
-
-
-def lineage_args(data_root: Path, out: Path, sets: list[str]) -> list[str]:
-    base = [f"data.root={data_root}", f"output_dir={out}", "tracking.enabled=false", "model.widths=[32]",
-            "train.steps=200", "prune.rounds=1", "prune.rewind_steps=[0]", "search.space.rewind_step=null"]
-    return ["lineage", QUICKSTART] + [arg for s in base + sets for arg in ("--set", s)]
-
-
-def write_damaged_states(out: Path) -> None:
-    for name, text in DAMAGED_STATES.items():
-        (out / "searches" / name).mkdir(parents=True, exist_ok=True)
-        (out / "searches" / name / "search.json").write_text(text)
-
 
 @pytest.mark.parametrize(("case", "sets", "needle"), INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
 def test_bad_input(case: str, sets: list[str], needle: str, data_root: Path, tmp_path: Path) -> None:
@@ -363,3 +276,28 @@ def test_sigkilled_lineage_lease_is_taken_over_at_once_and_sigterm_is_an_interru
     rest = rerun.stderr.read()
     assert rerun.wait(timeout=30) == 130
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "lth-search: interrupted"
+
+
+FIRST_USE = """
+import os, sys, time
+from lth_search.tracking.client import MlflowIO
+io = MlflowIO(sys.argv[1], "race", attempts=1)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+ok, experiment = io.call("create the experiment", lambda: io.experiment_id("race"))
+sys.exit(0 if ok else 3)
+"""
+
+
+def test_two_processes_creating_one_sqlite_database_both_succeed_at_once(tmp_path: Path) -> None:
+    """11 (issue 22): two processes' first use of one new mlflow.db, with no retry: both succeed, no warning."""
+    import sys
+
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, uri, str(go)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    time.sleep(0)  # both import while the go file is missing; the file starts them together
+    go.touch()
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert not any("failed" in err for err in errs), errs

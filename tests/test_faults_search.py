@@ -31,7 +31,9 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
         # only the store is on the small disk: Ray's results and the search state live beside it
         (disk / "store").mkdir(parents=True)
         with tmpfs(disk / "store", 512):
-            ballast = fill(disk / "store", leave_kb=36)  # the dense stage (~24 KiB) and two records fit; a round does not
+            # the dense stage (~24 KiB), two records and the driver's lease (with its renewal's staging file,
+            # a 4 KiB page each) fit; a round does not
+            ballast = fill(disk / "store", leave_kb=44)
             code, _, err = run_cli(args)
             assert "Traceback" not in err
             stored = {p.name for p in (disk / "store" / "stages").glob("*/*")}

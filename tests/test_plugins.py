@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
+from fault_helpers import one_line_error, run_cli
 from search_helpers import search_config
 
 from lth_search.engine.data import load_dataset
@@ -20,6 +22,7 @@ from lth_search.api import run_search
 from lth_search.tracking.ticket_reader import best_ticket
 
 MODEL, DATA = "custom_parts:tiny_conv", "custom_parts:wave_data"
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 
 def test_plugin_model_gets_layer_groups_and_a_seeded_init(data_root, tmp_path):
@@ -50,3 +53,38 @@ def test_search_through_plugin_targets_fetches_its_best_ticket(ray_local, data_r
     assert ticket.sparsity > 0 and ticket.extra["model_uri"] == "models:/plugins@best"
     data = load_dataset(cfg.data, cfg.seed)
     assert evaluate(ticket.trained_model(), data.test, 1000) == ticket.test_accuracy
+
+
+@pytest.mark.parametrize(("field", "target", "needle"), [
+    ("data.name", "os:remove", "standard library"),
+    ("data.name", "shutil:rmtree", "standard library"),
+    ("model.name", "os:system", "standard library"),
+    ("data.name", "custom_parts:delete_root", "not marked as a plug-in"),
+    ("model.name", "custom_parts:unmarked_conv", "not marked as a plug-in"),
+])
+def test_a_config_calls_only_marked_plugins(field, target, needle, data_root, tmp_path, monkeypatch):
+    """A shared config naming any importable function must not run it (issue 22 item 1)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file.txt").write_text("keep me")
+    root = victim / "file.txt" if target != "shutil:rmtree" else victim
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["lineage", QUICKSTART, "--set", f"{field}={target}", "--set", f"data.root={root}",
+                            "--set", f"output_dir={tmp_path / 'out'}", "--no-track"])
+    assert one_line_error(code, err, 2, needle) is None, err
+    assert field in err and (victim / "file.txt").read_text() == "keep me"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"model.name": "custom_parts:broken_model"}, "model.name: custom_parts:broken_model failed (RuntimeError"),
+    ({"model.name": "custom_parts:wide_conv"}, "outputs shaped (2, 6)"),
+    ({"data.name": "custom_parts:stray_label_data"}, "never occur in the training split"),
+])
+def test_plugin_parts_that_do_not_fit_are_refused(overrides, needle, data_root, tmp_path, monkeypatch):
+    """A raising factory, 3 logits too many, a stray label: one line, exit 2 (issue 22 items 8, 9)."""
+    sets = {"model.name": MODEL, "data.name": DATA, "data.val_size": 100, **overrides}
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["lineage", QUICKSTART, *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")),
+                            "--set", f"output_dir={tmp_path / 'out'}", "--no-track"])
+    assert one_line_error(code, err, 2, needle) is None, err

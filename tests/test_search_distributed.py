@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -87,17 +88,27 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
     assert state["status"] == "running"
 
+    # the killed driver's folder is copied and the copy resumed: only the copy changes, and the
+    # dead driver's lease (copied with it) is taken over (issue 22 items 2, 3)
+    original = tmp_path
+    tmp_path = original.parent / f"{original.name}-copy"
+    shutil.copytree(original, tmp_path, symlinks=True)
+    untouched = {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()}
+    assert list((tmp_path / "store" / "leases").glob("*.lease"))
+    store = tmp_path / "store"
     resumed = subprocess.run(
         [LTH_SEARCH, "resume", "killme", "--output-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "best ticket:" in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()} == untouched
+    assert json.loads((original / "searches" / "killme" / "search.json").read_text())["status"] == "running"
 
     after = trial_records(store, "killme")
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
     assert state["status"] == "finished"
-    histories = trial_results(state["results_path"])
+    histories = trial_results(str(tmp_path / state["results_path"]))
     assert len(histories) == 4 and {after[t]["status"] for t in histories} == {"finished"}
     # a trial the driver started after Ray's last snapshot is not Ray's to resume: Ray
     # ran a replacement, and the orphan's record says so
@@ -176,3 +187,40 @@ def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_roo
     (rows,) = trial_results(summary["results_path"]).values()
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert [r["attempt"] for r in rows] == [1, 2, 2]
+
+
+def test_one_driver_per_search_and_sigterm_stops_it_resumably(data_root, tmp_path):
+    """A second `run` of a running name and a `resume` of it are refused in one line naming the
+    driver; SIGTERM is Ctrl-C: exit 130, "interrupted", resumable (issue 22 items 3, 4, 5)."""
+    settings = {"search.num_trials": 2, "search.asha.enabled": "false", "train.steps": 40000,
+                "search.space.rewind_step": "null", "prune.rewind_steps": "[0]"}
+    (tmp_path / "busy.yaml").write_text("name: busy\n")
+    command = [LTH_SEARCH, "run", str(tmp_path / "busy.yaml")]
+    for item in search_overrides(data_root, tmp_path, settings):
+        command += ["--set", item]
+    store = tmp_path / "store"
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=_env(), start_new_session=True)
+    try:
+        wait_for(lambda: driver.poll() is not None or (store / "records").exists() and trial_records(store, "busy"),
+                 300, "a trial to start (its dense stage then trains for many seconds)")
+        assert driver.poll() is None, "the search ended before a second driver could try"
+        others = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                   env=_env())
+                  for args in (command, [LTH_SEARCH, "resume", "busy", "--output-dir", str(tmp_path)])]
+        outs = [other.communicate(timeout=120)[1] for other in others]
+        for other, err in zip(others, outs):
+            lines = err.strip().splitlines()
+            assert other.returncode == 1 and len(lines) == 1, err
+            assert f"driven by pid {driver.pid} on host" in lines[0] and "Traceback" not in err
+        assert driver.poll() is None
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "SIGTERM received" not in err and "Aborted" not in err
+    state = json.loads((tmp_path / "searches" / "busy" / "search.json").read_text())
+    assert state["status"] == "interrupted"

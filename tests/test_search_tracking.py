@@ -169,3 +169,37 @@ def test_every_reader_names_the_same_best_ticket(tracked_search):
     rows = {(r["trial_id"], r["round"]): r for r in list_tickets(experiment=cfg.name, tracking_uri=uri)}
     assert rows[(best["trial_id"], best["round"])]["matching"] is True
     assert rows[(best["trial_id"], best["round"])]["matching_round"] == best["round"]
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_then_moved_search_syncs_as_itself(tracked_search, tmp_path, monkeypatch):
+    """`cp -a OUT COPY; lth-search sync NAME --output-dir COPY` writes only COPY, and after
+    `mv COPY MOVED` sync works in MOVED: saved state holds relative paths, the copied
+    mlflow.db its artifacts beside itself (issue 22 item 2)."""
+    import json
+    import shutil
+
+    out = tracked_search.tmp
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(out, copy, symlinks=True)
+    before = _snapshot(out)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    state = (copy / "searches" / "tracked" / "search.json").read_text()
+    records = "".join(p.read_text() for p in (copy / "store" / "records").rglob("*.json"))
+    assert str(out) not in state and str(out) not in records
+    assert json.loads(state)["results_path"].startswith("ray/")
+    code, _, err = run_cli(["sync", "tracked", "--output-dir", str(copy)])
+    assert code == 0, err
+    assert _snapshot(out) == before  # the original is untouched
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tracked")
+    assert experiment.artifact_location.startswith((copy / "mlartifacts").as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs and all(r.info.artifact_uri.startswith((copy / "mlartifacts").as_uri()) for r in runs)
+    shutil.move(copy, moved)
+    code, _, err = run_cli(["sync", "tracked", "--output-dir", str(moved)])
+    assert code == 0, err
+    assert not copy.exists() and _snapshot(out) == before
+    experiment = MlflowClient(f"sqlite:///{moved / 'mlflow.db'}").get_experiment_by_name("tracked")
+    assert experiment.artifact_location.startswith((moved / "mlartifacts").as_uri())

@@ -19,7 +19,7 @@ from conftest import tiny_config
 from fault_helpers import run_cli
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
-from lth_search.errors import ConfigError, TrackingError
+from lth_search.errors import ConfigError, TrackingError, UnknownTrackingName
 from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
 from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
@@ -120,7 +120,7 @@ def test_best_ticket_criteria(known: dict, criterion: dict, trial: str, round_in
 def test_best_ticket_errors_and_defaults(known: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TrackingError, match="no ticket at sparsity >= 95.00%"):
         best_ticket(experiment="known", min_sparsity=0.95, tracking_uri=known["uri"])
-    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'; experiments with lth-search runs: newer, known"):
+    with pytest.raises(UnknownTrackingName, match="--experiment: no MLflow experiment 'nope'; experiments with lth-search runs: newer, known"):
         best_ticket(experiment="nope", tracking_uri=known["uri"])
     with pytest.raises(ConfigError, match="fraction"):  # a usage error (exit 2), not a runtime failure
         best_ticket(experiment="known", max_accuracy_drop=2, tracking_uri=known["uri"])

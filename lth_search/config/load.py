@@ -8,6 +8,7 @@ user can act on.
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,45 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+CONFIG_MAX_BYTES = 1 << 20
+"""A config is a page of YAML; anything bigger (or endless, like /dev/zero) is not one."""
+
+
+def read_config_text(path: Path) -> str:
+    """The text of config file `path`: a regular file of at most CONFIG_MAX_BYTES, UTF-8; else ConfigError.
+
+    A device, a FIFO or a directory is refused before it is opened (reading /dev/zero
+    would fill memory; opening a FIFO would wait forever).
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop on some Pythons
+        raise ConfigError(f"{path}: cannot read config file ({getattr(error, 'strerror', None) or type(error).__name__})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file; a config is a YAML file")
+    if info.st_size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: {info.st_size} bytes; a config file holds at most {CONFIG_MAX_BYTES} bytes")
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(CONFIG_MAX_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file ({error.strerror or type(error).__name__})") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: more than {CONFIG_MAX_BYTES} bytes; a config file holds at most that")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read config file (not UTF-8 text)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(check_location(str(path), "config file"))
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: cannot read config file ({type(error).__name__})") from None
+        text = read_config_text(path)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as error:

@@ -29,7 +29,7 @@ from lth_search.config.runtime import ResourcesConfig, StoreConfig, TrackingConf
 from lth_search.config.search import SearchConfig
 from lth_search.config.section import Section
 from lth_search.config.train_section import TrainConfig
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, first_line
 
 MAX_SEED = 2**32 - 1
 
@@ -74,14 +74,28 @@ class ExperimentConfig(Section):
             late = [s for s in self.prune.rewind_steps if s >= self.train.steps]
             if late:
                 raise ValueError(f"prune.rewind_steps: {late} must be < train.steps ({self.train.steps})")
+        for key, candidates in self.searched_values().items():
+            repeated = sorted({repr(v) for v in candidates if candidates.count(v) > 1})
+            if repeated:
+                raise ValueError(
+                    f"search.space.{key.replace('/', '.')}: {', '.join(repeated)} listed more than once; "
+                    "each value is one recipe, list it once"
+                )
+        return self
+
+    def check_search_space(self) -> None:
+        """The search space holds the default recipe (it is a trial of every search); ConfigError if not.
+
+        Only a search asks: a lineage (`lth-search lineage`, compare) searches nothing, so
+        its prune values need not be among the space's candidates.
+        """
         for key, value in self.default_recipe().items():
             candidates = self.searched_values()[key]
             if value not in candidates:
-                raise ValueError(
+                raise ConfigError(
                     f"search.space.{key.replace('/', '.')}: {candidates} must include the default recipe's "
                     f"{value!r} (prune.{key.split('/')[0]}): the default recipe is a trial of every search"
                 )
-        return self
 
     # The search space --------------------------------------------------------------------
     def searched_values(self) -> dict[str, list[Any]]:
@@ -122,7 +136,7 @@ class ExperimentConfig(Section):
 
     # Paths -------------------------------------------------------------------------------
     def output_path(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve()
+        return resolved(self.output_dir, "output_dir")
 
     def store_uri(self) -> str:
         return self.store.uri or str(self.output_path() / "store")
@@ -151,9 +165,9 @@ class ExperimentConfig(Section):
         copy.tracking.uri = self.tracking_uri()
         copy.tracking.experiment = self.experiment_name()
         copy.output_dir = str(self.output_path())
-        copy.data.root = str(Path(self.data.root).expanduser().resolve())
+        copy.data.root = str(resolved(self.data.root, "data.root"))
         if copy.store.uri and "://" not in copy.store.uri:
-            copy.store.uri = str(Path(copy.store.uri).expanduser().resolve())
+            copy.store.uri = str(resolved(copy.store.uri, "store.uri"))
         return copy
 
     def with_choices(self, choices: dict[str, Any]) -> "ExperimentConfig":
@@ -166,6 +180,14 @@ class ExperimentConfig(Section):
             else:
                 prune[key] = value
         return validate_config(data, source="search choices")
+
+
+def resolved(path: str, what: str) -> Path:
+    """`path` made absolute with its symlinks resolved; ConfigError naming `what` for a symlink loop."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as error:  # Python 3.11 raises RuntimeError("Symlink loop ...")
+        raise ConfigError(f"{what} {quote(path)} cannot be resolved ({first_line(error)}); a symlink loop?") from None
 
 
 # Validation ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from lth_search.config import DataConfig
 from lth_search.config.data_section import TEXT_DATA
 from lth_search.engine.data_files import read_cifar_batch, read_idx
 from lth_search.engine.text_data import read_text
-from lth_search.errors import ConfigError, DataError
+from lth_search.errors import ConfigError, DataError, first_line
 from lth_search.engine.plugins import DATA_GROUP, resolve
 
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test; x (n, *shape)
@@ -346,15 +346,39 @@ def _plugin_spec(name: str) -> _Spec:
     def read(root: Path) -> Raw:
         try:
             arrays = tuple(np.asarray(a) for a in factory(root))
-        except (TypeError, ValueError) as error:
-            raise DataError(f"data.name: {name} failed ({type(error).__name__}: {error})") from None
+        except Exception as error:  # noqa: BLE001 - the user's code failed on the user's data: a user error
+            raise DataError(f"data.name: {name} failed ({type(error).__name__}: {first_line(error)})") from None
         if len(arrays) != 4 or arrays[0].ndim < 2 or len(arrays[0]) != len(arrays[1]) \
                 or len(arrays[2]) != len(arrays[3]) or arrays[0].shape[1:] != arrays[2].shape[1:]:
             raise DataError(f"data.name: {name} must return (x_train, y_train, x_test, y_test) with matching "
                             f"lengths and example shapes, got shapes {[a.shape for a in arrays]}")
+        _check_plugin_labels(name, arrays[1], arrays[3])
         return arrays  # type: ignore[return-value]
 
     return _Spec(read, (), 0)
+
+
+def _check_plugin_labels(name: str, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    """A plug-in's classes are its labels: whole numbers 0..C-1, each one seen in training.
+
+    The number of classes is read off the labels, so a stray label (99 among 0..9) would
+    silently make a 100-class problem whose 90 classes never occur.
+    """
+    labels = np.concatenate([np.ravel(y_train), np.ravel(y_test)])
+    if not len(labels):
+        return
+    if labels.dtype.kind not in "iub" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+        raise DataError(f"data.name: {name} returned labels of type {labels.dtype}; labels must be class ids 0..C-1")
+    if labels.min() < 0:
+        raise DataError(f"data.name: {name} returned label {labels.min():g}; labels must be class ids 0..C-1")
+    classes = int(labels.max()) + 1
+    missing = np.setdiff1d(np.arange(classes), np.ravel(y_train).astype(np.int64))
+    if len(missing):
+        shown = ", ".join(str(int(c)) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"data.name: {name} returns labels up to {classes - 1}, but class(es) {shown} ({len(missing)} of {classes}) "
+            "never occur in the training split; labels must be 0..C-1 with every class present"
+        )
 
 
 def read_raw(cfg: DataConfig) -> tuple[Raw, tuple[int, ...], int]:

@@ -33,7 +33,7 @@ from lth_search.config.data_section import TEXT_DATA
 if TYPE_CHECKING:
     from lth_search.engine.data import Dataset
 from lth_search.engine.plugins import MODEL_GROUP, resolve
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, first_line
 from lth_search.portable.architectures import (
     IMAGE_MODELS, NAMES, TRANSFORMER_OPTIONS, TransformerClassifier, build_architecture,
 )
@@ -94,10 +94,41 @@ def _plugin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, se
     factory = resolve("model.name", "model", cfg.name, MODEL_GROUP, NAMES)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = factory(input_shape, num_classes)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, not a torch nn.Module")
-    return model.to("cpu")
+        try:
+            model = factory(input_shape, num_classes)
+        except Exception as error:  # noqa: BLE001 - the user's factory failed: a user error, one line
+            raise ConfigError(f"model.name: {cfg.name} failed ({type(error).__name__}: {first_line(error)})") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, not a torch nn.Module")
+        model = model.to("cpu")
+        _check_output_width(cfg.name, model, input_shape, num_classes)
+    return model
+
+
+def _check_output_width(name: str, model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """One forward pass of two zero inputs (eval mode): a plug-in must map them to (2, num_classes) logits.
+
+    Extra logits would train silently (cross-entropy never asks for them); too few fail
+    on the first batch with a torch message that names no config key.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as error:  # noqa: BLE001 - the user's forward pass failed on the data's shape
+        raise ConfigError(
+            f"model.name: {name} cannot take inputs shaped {tuple(input_shape)} ({type(error).__name__}: "
+            f"{first_line(error)})"
+        ) from None
+    finally:
+        model.train(training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        raise ConfigError(
+            f"model.name: {name} returns outputs shaped {shape} for a batch of 2; the data set has "
+            f"{num_classes} classes, so (2, {num_classes}) logits are needed"
+        )
 
 
 def _initialise(model: nn.Module, generator: torch.Generator) -> None:

@@ -23,6 +23,7 @@ from lth_search.engine.lineage.results import (
     RoundResult,
     _known_fields,
 )
+from lth_search.runs.saved_paths import CONFIG_PATHS, from_saved, state_root, to_saved
 from lth_search.store.records import records_namespace
 from lth_search.store.stage_store import StageStore
 
@@ -179,12 +180,14 @@ class TrialRecord:
         return record
 
     def save(self, store: StageStore) -> None:
-        store.put_record(records_namespace(self.search, self.role), self.trial_id, self.to_json())
+        """Into the store, its config's paths relative to the store's folder (runs/saved_paths.py)."""
+        saved = to_saved(self.to_json(), state_root(store.uri), CONFIG_PATHS)
+        store.put_record(records_namespace(self.search, self.role), self.trial_id, saved)
 
     @classmethod
     def load(cls, store: StageStore, search: str, trial_id: str, role: str = "search") -> "TrialRecord | None":
         data = store.record(records_namespace(search, role), trial_id)
-        return cls.from_json(data) if data is not None else None
+        return cls.from_json(from_saved(data, state_root(store.uri))) if data is not None else None
 
     @classmethod
     def load_all(
@@ -199,7 +202,7 @@ class TrialRecord:
         records = []
         for name, data in store.records(records_namespace(search, role), unreadable).items():
             try:
-                records.append(cls.from_json(data))
+                records.append(cls.from_json(from_saved(data, state_root(store.uri))))
             except ValueError:
                 if unreadable is None:
                     raise

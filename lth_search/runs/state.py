@@ -1,6 +1,7 @@
 """What a search keeps so that it can be resumed by name, from any machine that reaches its store.
 
-Everything lives on the store's storage, beside the store root (store/uri.py `beside`):
+Everything lives on the store's storage, beside the store root (store/uri.py `beside`),
+written relative to that folder (runs/saved_paths.py) so that a copy resumes as itself:
 `<store parent>/searches/<name>/search.json` (config, Ray results path, MLflow parent run
 id, status), `optuna.journal` beside it (the study), and Ray's results in
 `<store parent>/ray/<search id>`. With the default store (`<output_dir>/store`) that is
@@ -22,6 +23,7 @@ from typing import Any
 from lth_search.config import ExperimentConfig, default_output_dir, validate_config
 from lth_search.config.names import check_name
 from lth_search.errors import ConfigError, StoreError
+from lth_search.runs.saved_paths import CONFIG_PATHS, from_saved, state_root, to_saved
 from lth_search.store.uri import beside, read_file, write_file
 
 
@@ -59,9 +61,14 @@ class SearchState:
         `name` is checked (names.py), so it never leaves that folder."""
         return f"{beside(store_uri, 'searches')}/{check_name(name, 'search name')}"
 
+    SAVED_PATHS = ("results_path", "journal", *CONFIG_PATHS)
+    """Fields written relative to the state's root (runs/saved_paths.py) when they lie under it."""
+
     def save(self) -> None:
-        path = f"{self.folder(self.cfg().store_uri(), self.name)}/search.json"
-        write_file(path, json.dumps(asdict(self), indent=2).encode())
+        store_uri = self.cfg().store_uri()
+        path = f"{self.folder(store_uri, self.name)}/search.json"
+        saved = to_saved(asdict(self), state_root(store_uri), self.SAVED_PATHS)
+        write_file(path, json.dumps(saved, indent=2).encode())
 
     @classmethod
     def load(cls, name: str, output_dir: str | Path | None = None, store_uri: str | None = None) -> "SearchState":
@@ -78,9 +85,10 @@ class SearchState:
                 "first, or pass the search's --store-uri / --output-dir"
             )
         try:
-            parsed = json.loads(data)
-        except ValueError:
-            raise ConfigError(f"{path}: not valid JSON; the search cannot be resumed") from None
+            parsed = from_saved(json.loads(data), state_root(store_uri))
+        except ValueError as error:
+            raise ConfigError(f"{path}: not valid JSON or a path that leaves its folder ({error}); "
+                              "the search cannot be resumed") from None
         return cls.from_json(parsed, path)
 
     @classmethod

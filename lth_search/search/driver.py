@@ -11,6 +11,9 @@ any machine that reaches the store, and Optuna continues the same study.
 Which Ray it runs on is search/ray_session.py; the trial records' final statuses
 search/trial_status.py; what a person sees of the search search/console.py.
 
+One driver at a time drives a search (runs/search_lease.py): a second `run` of a name
+that is running, or a second `resume`, is refused before it writes anything.
+
 Each `run` is a new search with its own id (`<name>-<timestamp>`): its Ray results
 folder and Optuna study are its own, while stages come from the shared store, so
 running the quickstart twice reuses every stage instead of mixing two studies.
@@ -33,6 +36,7 @@ from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord
+from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
@@ -40,6 +44,7 @@ from lth_search.search.console import SearchConsole, ray_verbose, result_files, 
 from lth_search.search.durable import check_durable, result_places
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
+from lth_search.search.relocation import relocated_search
 from lth_search.search.ray_storage import ray_storage
 from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import (
@@ -51,7 +56,7 @@ from lth_search.search.space import (
     space_size,
     trial_budget,
 )
-from lth_search.search.ray_session import check_resources, cluster_address, ray_session
+from lth_search.search.ray_session import check_reachable, check_resources, cluster_address, ray_session
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stage_store import StageStore
@@ -140,10 +145,12 @@ def run_search(
     """
     check_durable(cfg)  # before anything is written: not into a folder Ray deletes
     progress = use_console(verbosity, progress)
+    cfg.check_search_space()
     cfg = cfg.absolute()
     state = new_state(cfg)
     check_resources(cfg, address)
-    with ThreadPoolExecutor(1) as pool:
+    check_reachable(address)
+    with SearchLease(StageStore.from_config(cfg), cfg.name, "run"), ThreadPoolExecutor(1) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not cluster_address(address) and not ray.is_initialized()
@@ -177,7 +184,8 @@ def resume_search(
             f"search {name}: Ray saved no state under {state.results_path} yet; start it again with `lth-search run`"
         )
     check_resources(cfg, address)
-    with ray_session(address, verbosity):
+    check_reachable(address)
+    with SearchLease(StageStore.from_config(cfg), cfg.name, "resume"), ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
         state.status = SearchStatus.RUNNING
         state.save()
@@ -192,6 +200,7 @@ def resume_search(
         # change it; this run's console (its printer, -v/-q) replaces the pickled one.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks, run_config.verbose = _callbacks(cfg, progress), ray_verbose(verbosity)
+        relocated_search(tuner, cfg, state.journal)  # a copied or moved folder continues where it is now
         summary = _fit(cfg, state, tuner, observer, progress, address)
         del leases
         return summary

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -37,6 +39,40 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    with _sigterm_kept():
+        _init(address, verbosity)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`.
+
+    ray.init installs its own SIGTERM handlers (a Python one that exits, and the core
+    worker's native one that prints a stack and aborts: exit 134). The command line
+    handles SIGTERM as SIGINT (cli.py: Tune stops, the search stays resumable, exit 130),
+    so whatever handled SIGTERM before ray.init handles it after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as error:  # Ray's Python handler exits with the signal's number
+        if error.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None, verbosity: int) -> None:
+    """ray.init: join `address` / $RAY_ADDRESS, or start a local Ray on loopback."""
     # Workers' own lines (a stage wait, a library's warning) are not forwarded unless -v: the
     # console's status line says what they would (search/console.py), and a failed trial's
     # error is in its trial record and Ray's results.
@@ -44,9 +80,7 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
     joined = cluster_address(address)
     if joined:
         what = "--address" if address else "RAY_ADDRESS"
-        why = unreachable(joined)
-        if why:
-            raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({why})")
+        check_reachable(address)
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a job's entrypoint
         mlflow_env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
         try:
@@ -58,10 +92,16 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
         ray.init(
             address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet
         )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+
+
+def check_reachable(address: str | None) -> None:
+    """ConfigError when the cluster to join (--address, $RAY_ADDRESS) takes no connection: checked
+    before a search writes anything (its lease, its store), and again by `ray_session`."""
+    joined = cluster_address(address)
+    why = unreachable(joined) if joined else None
+    if why:
+        what = "--address" if address else "RAY_ADDRESS"
+        raise ConfigError(f"{what} {joined}: cannot join a Ray cluster there ({why})")
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:

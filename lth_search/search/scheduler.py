@@ -102,6 +102,13 @@ class PruningAwareOptunaSearch(OptunaSearch):
                 and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
             ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
         super().on_trial_result(trial_id, result)
+    def relocate(self, cfg: ExperimentConfig, journal: str) -> None:
+        """After Ray restored this searcher for a search resumed in another folder (search/relocation.py)."""
+        from lth_search.search.relocation import relocate_study
+
+        self._lth_cfg = cfg.model_dump(mode="json")
+        if self._ot_study is not None:
+            relocate_study(self._ot_study, journal)
 
     def _ended_by_itself(self, trial_id: str) -> bool:
         cfg = ExperimentConfig.model_validate(self._lth_cfg)

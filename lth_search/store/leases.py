@@ -154,6 +154,11 @@ class FileLeaseService:
         if record is not None and record["holder"] == holder:
             path.unlink(missing_ok=True)
 
+    def holder(self, key: str) -> str | None:
+        """Who holds the lease on `key` now (None when nobody, or while its creator writes)."""
+        record, _ = self._read(self._path(key))
+        return record["holder"] if record is not None else None
+
     @staticmethod
     def _create(path: Path, holder: str, ttl_s: float) -> bool:
         """Create the lease file with its whole record, or False if it exists.
@@ -230,6 +235,11 @@ class FilesystemLeaseService:
                 return _parse(stream.read())
         except (FileNotFoundError, OSError):
             return None
+
+    def holder(self, key: str) -> str | None:
+        """Who holds the lease on `key` now (None when nobody)."""
+        record = self._read(self._path(key))
+        return record["holder"] if record is not None else None
 
     def _write(self, path: str, holder: str, ttl_s: float) -> None:
         self.fs.create_dir(self.dir, recursive=True)  # someone may have deleted leases/ mid-run

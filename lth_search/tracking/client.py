@@ -16,13 +16,15 @@ the one that counts: `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`, `MLFLOW_HTTP_REQUEST_T
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from lth_search.config.names import check_name
 from lth_search.errors import TrackingError
@@ -113,6 +115,11 @@ def new_client(uri: str) -> Any:
 
     A sqlite database that was moved (a copied or renamed `lth_runs/`) gets its artifact
     locations pointed at its own folder first (tracking/relocate.py).
+
+    A sqlite database is created (schema and migrations) by whoever opens it first. Two
+    processes doing that at once (two first `lineage`s in a fresh folder) saw each other's
+    half-built schema ("no such column: spans.dimension_attributes") until their retries
+    ran out; so the stores are opened under an exclusive lock file beside the database.
     """
     from mlflow import MlflowClient
 
@@ -120,7 +127,31 @@ def new_client(uri: str) -> Any:
 
     quiet_mlflow_output()
     reroot_artifacts(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _first_use_lock(Path(uri[len("sqlite:///"):])):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client._tracking_client.store  # noqa: B018 - opening the store creates or migrates the schema
+        client._get_registry_client().store  # noqa: B018
+    return client
+
+
+@contextlib.contextmanager
+def _first_use_lock(database: Path) -> Iterator[None]:
+    """An exclusive flock on `<database>.lock` (processes and threads alike) for the block;
+    no lock where the folder cannot hold one (MLflow then reports the real problem)."""
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(database.with_name(database.name + ".lock"), "a")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class MlflowIO:

@@ -1,4 +1,4 @@
-"""A moved or copied `lth_runs/` finds its MLflow artifacts again.
+"""A moved or copied `lth_runs/` finds its MLflow artifacts again, and a copy writes only to itself.
 
 MLflow keeps artifact locations as absolute URIs in its database (`file:///old/lth_runs/
 mlartifacts/<experiment>/<run>/artifacts`): the sqlite store resolves any relative
@@ -9,12 +9,15 @@ folder that was moved keeps them, only under another prefix.
 
 `reroot_artifacts(uri)` rewrites that prefix when it is stale: when an experiment's
 artifact folder is `<old>/mlartifacts/<name>`, `<old>` is not where the database now is,
-the old folder no longer exists and `<db folder>/mlartifacts/<name>` does. Every
+and `<db folder>/mlartifacts/<name>` exists. That covers a move (the old folder is gone)
+and a copy (`cp -a OUT COPY`: the copy's database named OUT's artifacts, so a resume or
+sync in COPY would have written its masks and plots into OUT). Every
 lth-search command that opens a sqlite tracking URI calls it first (`new_client`), so
 `lth-search best` / `tickets` / `sync` / `resume` on the moved folder work, and so do
 `mlflow ui` and `mlflow.pyfunc.load_model` afterwards. Nothing outside the database's
-own folder is ever named, and a database in use elsewhere (the old path still exists)
-is left alone. Server-backed tracking (`mlflow server --serve-artifacts`,
+own folder is ever named. MLflow's per-process cache of artifact repositories is keyed
+by run id alone, so it is cleared after a rewrite (a copy holds its original's run ids).
+Server-backed tracking (`mlflow server --serve-artifacts`,
 `mlflow-artifacts:/` locations) needs none of this: its locations are relative to the
 server's `--artifacts-destination` already.
 """
@@ -54,7 +57,7 @@ def _stale_roots(connection: sqlite3.Connection, here: Path) -> set[Path]:
             continue
         path = Path(unquote(urlparse(location).path))
         root = path.parent
-        if root.name == ARTIFACT_FOLDER and root != here and not path.exists() and (here / path.name).exists():
+        if root.name == ARTIFACT_FOLDER and root != here and (here / path.name).exists():
             stale.add(root)
     return stale
 
@@ -91,9 +94,20 @@ def reroot_artifacts(uri: str) -> int:
                         (new_uri, len(old_uri) + 1, _like(old_uri)),
                     )
                     changed += cursor.rowcount
-                log.warning("MLflow database %s was moved: its artifact locations now point to %s (were %s)",
-                            database, here, old)
-            return changed
+                log.warning("MLflow database %s was moved or copied: its artifact locations now point to %s "
+                            "(were %s)", database, here, old)
+        if changed:
+            _forget_artifact_repositories()
+        return changed
     except sqlite3.Error as error:
         log.warning("MLflow database %s: cannot point its artifact locations at %s (%s)", database, here, error)
         return 0
+
+
+def _forget_artifact_repositories() -> None:
+    """Drop MLflow's per-process cache of artifact repositories, which is keyed by run id alone."""
+    from mlflow.tracking._tracking_service import utils
+
+    cache = getattr(utils, "_artifact_repos_cache", None)
+    if cache is not None:
+        cache.clear()

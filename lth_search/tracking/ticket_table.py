@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.lineage.objective import is_matching
-from lth_search.errors import TrackingError
+from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
     first_line,
     metric_history,
@@ -107,13 +107,18 @@ def find_search(client: Any, experiment: str | None = None, search_run_id: str |
     An experiment without a search falls back to its `lth-search lineage` runs.
     """
     if search_run_id is not None:
-        run = client.get_run(search_run_id)
+        run = _run_or_none(client, search_run_id)
+        if run is None:
+            raise UnknownTrackingName(f"--search-run-id {search_run_id!r}: no such run in this MLflow; "
+                                      "`lth-search tickets --json` shows the search's run id")
         name = client.get_experiment(run.info.experiment_id).name
         return SearchRef(name, run.info.experiment_id, search_run_id)
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise TrackingError(f"no MLflow experiment {experiment!r}; experiments with lth-search runs: {_names(client)}")
+            raise UnknownTrackingName(
+                f"--experiment: no MLflow experiment {experiment!r}; experiments with lth-search runs: {_names(client)}"
+            )
         ref = _ref_in(client, found)
         if ref is None:
             raise TrackingError(f"MLflow experiment {experiment!r} holds no lth-search search or lineage run")
@@ -125,6 +130,18 @@ def find_search(client: Any, experiment: str | None = None, search_run_id: str |
         return (with_search or refs)[0]
     names = ", ".join(e.name for e in experiments) or "none"
     raise TrackingError(f"no lth-search runs in MLflow (experiments: {names}); run a search first")
+
+
+def _run_or_none(client: Any, run_id: str) -> Any:
+    """The run `run_id`, or None when MLflow has no such run (MLflow raises for an unknown id)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if getattr(error, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _names(client: Any) -> str:
@@ -191,13 +208,17 @@ def read_rows(
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = new_client(uri)
     try:
+        client = new_client(uri)
         # MLflow's own variable names the experiment when the command line does not
         ref = find_search(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"), search_run_id)
         return ref, ticket_rows(client, ref), client
     except MlflowException as error:
         raise TrackingError(f"MLflow at {uri}: {first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - sqlalchemy's errors: the file is not an MLflow database
+        if not type(error).__module__.startswith("sqlalchemy"):
+            raise
+        raise UnknownTrackingName(f"MLflow at {uri} cannot be read: not an MLflow database? ({first_line(error)})") from None
 
 
 def read_confirmation(client: Any, ref: SearchRef) -> dict[str, Any] | None:
