@@ -8,7 +8,10 @@ depends on) and prints, per model,
 - dense/masked: steps/s of the dense network over the ~79 %-sparse masked one (the cost
   of re-applying the mask after every step; 1.00 means free),
 - pack 4, pack 16: lineage-steps/s of packs (engine/packs.py, batched on the GPU) and
-  their gain over single.
+  their gain over single;
+- one key: whether a member trained alone (a pack of one) and at position 2 of a pack of 4
+  ends with byte-identical weights (one stage key, one result; if "no", the pack size must
+  enter the stage key on this device).
 
 Recipes: MLP 40-100-100-10 batch 100 Adam 1e-2 (quickstart); conv6 batch 60 Adam 3e-4
 (Frankle & Carbin); ResNet-20 batch 128 SGD 0.1 momentum 0.9 wd 1e-4 (open_lth); the ViT of
@@ -49,6 +52,19 @@ def synthetic(input_shape: tuple[int, ...], device: torch.device, size: int = 40
     return Dataset("synthetic", split(size), split(256), split(256), 10, tuple(input_shape), "synthetic")
 
 
+def same_bytes_alone_and_packed(cfg, data, mode: str, steps: int) -> bool:
+    """Member 2 of a pack of 4 against the same member alone: identical weights, bit for bit?"""
+    from lth_search.engine.models import build_model
+    from lth_search.engine.packs import PackMember, train_pack
+
+    template = build_model(cfg.model, data.input_shape, data.num_classes, 0).to(data.train.x.device)
+    members = [PackMember(build_model(cfg.model, data.input_shape, data.num_classes, seed).state_dict(), data, seed,
+                          0, steps) for seed in range(4)]
+    alone = train_pack(template, [members[2]], cfg.train, mode)[0].state
+    packed = train_pack(template, members, cfg.train, mode)[2].state
+    return all(torch.equal(alone[name], packed[name]) for name in alone)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -81,8 +97,10 @@ def main() -> int:
         single, = rate(1, ["sequential"])
         pack4, = rate(4, [mode])
         pack16, = rate(16, [mode])
+        same = same_bytes_alone_and_packed(cfg, data, mode, max(2, steps // 3))
         print(f"{name:<9} {single:>8.1f} {dense / single:>13.2f} {pack4:>9.1f} {pack16:>9.1f}  "
-              f"({pack4 / single:.1f}x, {pack16 / single:.1f}x; pack mode {mode})", flush=True)
+              f"({pack4 / single:.1f}x, {pack16 / single:.1f}x; pack mode {mode}; one key: {'yes' if same else 'NO'})",
+              flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"total {time.perf_counter() - began:.0f} s")
