@@ -97,7 +97,7 @@ def test_the_default_stays_without_evidence_and_the_gain_is_measured_out_of_samp
     kept = Confirmation([11, 12, 13], [default, lucky], margin=1.1, confidence=0.8, report_seeds=[21, 22, 23])
     assert kept.selection.gain > 1.1 and kept.selection.low < 1.0   # a big point gain, no evidence
     assert kept.chosen is default and kept.gain == 1.0 and kept.reported is None
-    assert any("nothing better than plain IMP" in line for line in confirmation_lines(kept.to_json()))
+    assert any("nothing better than the config's own recipe" in line for line in confirmation_lines(kept.to_json()))
 
     steady = _score({"rate": 0.1}, False, [0.9, 0.88, 0.9])          # 10x, 8.3x, 10x: better on every seed
     won = Confirmation([11, 12, 13], [default, steady], margin=1.1, confidence=0.8, report_seeds=[21, 22, 23])

@@ -159,7 +159,7 @@ def test_confirmation_selects_on_fresh_seeds_and_reports_the_gain_on_others(ray_
     assert confirmation["gain"] == pytest.approx(gain, rel=0.01)
     assert confirmation["gain_ci"][0] <= confirmation["gain"] <= confirmation["gain_ci"][1]
     assert any("took no part in any choice" in line for line in lines)
-    assert any(line.strip().startswith(f"gain of the search over plain IMP: {confirmation['gain']:.2f}x") for line in lines)
+    assert any(line.strip().startswith(f"gain of the search over the config's own recipe: {confirmation['gain']:.2f}x") for line in lines)
 
     # selection and reporting lineages are lineages of their own (fresh seeds: their own dense stages)
     dense_seeds = {m["inputs"]["seed"] for m in manifests(tmp_path / "store") if m["kind"] == "dense"}

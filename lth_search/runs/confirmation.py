@@ -15,7 +15,7 @@ the search, two panels of fresh seeds, neither used by the search:
    challengers on the seeds that chose it is a maximum, biased upward; this is not.
 
 When the default is kept, there is nothing to report: the gain is 1.00x by construction,
-and the console says the search found nothing better than plain IMP. Pure: no Ray, no MLflow.
+and the console says the search found nothing better than the config's own recipe. Pure: no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def confirmation_lines(confirmation: dict[str, Any]) -> list[str]:
                      f"{selection['low']:.2f}, better on {selection['wins']} of {selection['seeds']} seeds: {verdict}")
     reported = confirmation.get("reported")
     if chosen["is_default"]:
-        lines.append("the search found nothing better than plain IMP (the config's own recipe): gain 1.00x")
+        lines.append("the search found nothing better than the config's own recipe (on the quickstart, plain IMP): gain 1.00x")
     elif reported is not None:
         default_r, chosen_r = confirmation["report"]
         high = "inf" if reported["high"] is None else f"{reported['high']:.2f}"
@@ -282,7 +282,7 @@ def confirmation_lines(confirmation: dict[str, Any]) -> list[str]:
                      f"part in any choice:")
         lines.append(f"  chosen {recipe_text(chosen['recipe'])}: {score(chosen_r)}")
         lines.append(f"  default: {score(default_r)}")
-        lines.append(f"  gain of the search over plain IMP: {reported['gain']:.2f}x compression "
+        lines.append(f"  gain of the search over the config's own recipe: {reported['gain']:.2f}x compression "
                      f"(95% CI {reported['low']:.2f}-{high}), better on {reported['wins']} of {reported['seeds']} seeds")
     else:
         lines.append("  (no reporting seeds: search.report_seeds is 0, so no out-of-sample gain is claimed)")
