@@ -158,3 +158,14 @@ def test_gpu_bench_without_cuda_fails_with_one_clear_line() -> None:
     assert done.stderr.splitlines() == [
         f"bench/gpu.py: needs a CUDA GPU, and torch {torch.__version__} sees none (torch.cuda.is_available() is False)"
     ]
+
+
+def test_gpu_science_bench_without_cuda_fails_with_one_clear_line() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_science.py"), "--heldout", "8401"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"bench/gpu_science.py: needs a CUDA GPU, and torch {torch.__version__} sees none "
+        "(torch.cuda.is_available() is False)"
+    ]
