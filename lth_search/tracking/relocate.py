@@ -99,7 +99,9 @@ def reroot_artifacts(uri: str) -> int:
         if changed:
             _forget_artifact_repositories()
         return changed
-    except sqlite3.Error as error:
+    except sqlite3.DatabaseError as error:
+        if "not a database" in str(error):
+            return 0  # not MLflow's: MLflow itself says so, in one line
         log.warning("MLflow database %s: cannot point its artifact locations at %s (%s)", database, here, error)
         return 0
 
