@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -44,55 +42,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fault_cases.py: plain data
 
 import fault_cases as cases  # noqa: E402
-from lth_search import cli  # noqa: E402
+from fault_helpers import one_line_error as one_line  # noqa: E402
+from fault_helpers import run_cli as run  # noqa: E402
 
 LTH_SEARCH = str(Path(sys.executable).with_name("lth-search"))
 Drill = Callable[[Path, Path], "str | None"]
 """(data root, a fresh folder) -> None if the case held, else what went wrong."""
 
 
-# The command line, in this process ------------------------------------------------------------
-def run(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lth-search ARGS` through `cli.main`, as the console script prints them
-    (log records of WARNING and above go to stderr, as Python's last-resort handler would print them)."""
-    out, err = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(err)
-    handler.setLevel(logging.WARNING)
-    logging.getLogger().addHandler(handler)
-    saved_env = {k: os.environ.get(k) for k in env or {}}
-    saved_cwd = os.getcwd()
-    try:
-        os.environ.update(env or {})
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli.main(args)
-            except SystemExit as exit_:  # argparse's usage errors
-                code = int(exit_.code or 0)
-    finally:
-        os.chdir(saved_cwd)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        logging.getLogger().removeHandler(handler)
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line(code: int, err: str, expected: int, needle: str) -> str | None:
-    """None if `err` is one `lth-search: error:` line holding `needle` and the exit code is `expected`."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    if code != expected:
-        return f"exit {code}, expected {expected}: {err[-300:]}"
-    if "Traceback" in err:
-        return f"traceback: {err[-300:]}"
-    if len(lines) != 1 or not lines[0].startswith("lth-search: error:"):
-        return f"not one error line: {err[:300]!r}"
-    return None if needle in lines[0] else f"{needle!r} not in: {lines[0][:300]}"
-
-
+# Folders ------------------------------------------------------------------------------------------
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}

@@ -45,26 +45,38 @@ def fill(folder: Path, leave_kb: int) -> Path:
     return ballast
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lth-search ARGS` run in this process through `cli.main`.
+def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lth-search ARGS` run in this process through `cli.main`,
+    in folder `cwd` and with `env` added to the environment when given (both restored after).
 
     stderr is what the console script would print there: what is written to sys.stderr, and
     the log records of WARNING and above, one message a line (the console script configures
     no logging, so Python's last-resort handler prints exactly those; under pytest its
-    logging plugin would take them instead).
+    logging plugin would take them instead). Plain Python: bench/drills.py runs it without pytest.
     """
     out, err = io.StringIO(), io.StringIO()
     last_resort = logging.StreamHandler(err)
     last_resort.setLevel(logging.WARNING)
     root = logging.getLogger()
     root.addHandler(last_resort)
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    saved_cwd = os.getcwd()
     try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli.main(args)
             except SystemExit as exit_:  # argparse's usage errors
                 code = int(exit_.code or 0)
     finally:
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         root.removeHandler(last_resort)
     return code, out.getvalue(), err.getvalue()
 

@@ -135,7 +135,7 @@ class RoundProbes:
             job = lineage.masked_job(inputs, dense, lambda: entry.masks["mask"], int(entry.metrics.get("round", 0)),
                                      start_weights=lambda: self.reference_state(dense, entry),
                                      data_seed=inputs["data_seed"])
-            copy = job.finish(train_pack(lineage.model, [job.member()], lineage.cfg.train, lineage.mode)[0])
+            copy = lineage.train_now(job)
             return self._barrier_entry(inputs, entry.weights["end"], copy.weights["end"], points)
 
         return self._stage(inputs, compute)
@@ -169,7 +169,7 @@ class RoundProbes:
             start = perturbed_start(self.reference_state(dense, entry), mask, epsilon, inputs["seed"])
             job = lineage.masked_job(inputs, dense, lambda: mask, int(entry.metrics.get("round", 0)),
                                      start_weights=lambda: start)
-            trained = job.finish(train_pack(lineage.model, [job.member()], lineage.cfg.train, lineage.mode)[0])
+            trained = lineage.train_now(job)
             return StageEntry(key=job.key, kind="perturbation", inputs=inputs,
                               metrics={k: trained.metrics[k] for k in ("val_accuracy", "test_accuracy", "steps")},
                               provenance=lineage.provenance)

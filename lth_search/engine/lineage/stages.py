@@ -187,6 +187,11 @@ class Stages:
         """(stage, reused) per job, trained with this config's model, recipe and pack size."""
         return fetch_or_train(jobs, self.model, self.cfg.train, self.mode, self.cfg.resources.pack)
 
+    def train_now(self, job: StageJob) -> StageEntry:
+        """Train `job`'s stage here, as a pack of one, without asking the store (a caller that
+        holds the stage's lease itself: the probes)."""
+        return job.finish(train_pack(self.model, [job.member()], self.cfg.train, self.mode)[0])
+
     def stage(self, job: StageJob) -> tuple[StageEntry, bool]:
         """One job's (stage, reused): a pack of one."""
         [done] = self.fetch_or_train([job])

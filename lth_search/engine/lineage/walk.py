@@ -131,7 +131,7 @@ class Lineage(Stages):
         for entry, entry_reused in dense:
             result.count(int(entry.metrics["steps"]), entry_reused)
         result.dense = dataclasses.replace(result.dense, **_baseline(self.replicates))
-        failures = [(entry.metrics.get("seed", entry.inputs.get("seed")), self.failure(entry)) for entry, _ in dense]
+        failures = [(entry.inputs["seed"], self.failure(entry)) for entry, _ in dense]
         failed = next(((seed, why) for seed, why in failures if why), None)
         if failed is not None:
             result.dense.failed = f"dense network (seed {failed[0]}) did not train: {failed[1]}"
