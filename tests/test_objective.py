@@ -112,7 +112,7 @@ def test_paired_verdict_on_constructed_predictions() -> None:
     ticket = np.zeros(n, bool)
     ticket[:610] = True                        # 61.0 %
     verdict = paired_verdict(ticket, [dense_a, dense_b], tolerance=0.01, confidence=0.5)
-    assert verdict.margin == pytest.approx(-0.01) and verdict.dense_val_accuracy == pytest.approx(0.62)
+    assert verdict.margin == pytest.approx(-0.01) and verdict.dense_mean == pytest.approx(0.62)
     assert verdict.matches                     # exactly at the tolerance
     assert not paired_verdict(ticket, [dense_a, dense_b], tolerance=0.0099, confidence=0.5).matches
     assert not paired_verdict(ticket, [dense_b], tolerance=0.02, confidence=0.5).matches  # one lucky dense run sets a higher bar
