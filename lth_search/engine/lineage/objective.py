@@ -162,7 +162,7 @@ def training_failure(train_loss: float, val_accuracy: float, chance: float, n: i
 def lm_training_failure(train_loss: float, val_loss: float, vocab_size: int) -> str | None:
     """Why a language model's stage did not train (None if it did): a non-finite loss, or a
     mean val loss per token no better than log(vocab_size), the loss of predicting every token
-    of the vocabulary as equally likely.
+    the model can output as equally likely (`vocab_size`: its logits, walk.py `Lineage.outputs`).
 
     The chance test of classifiers does not apply: a causal LM's accuracy (every target token
     right) is near 0 for any model. The uniform predictor is the untrained reference instead:

@@ -28,6 +28,8 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.engine.lineage import keys
@@ -85,7 +87,16 @@ class Lineage(Stages):
         val = self.data.val
         self.language_model = self.data.task == "causal_lm"
         self.chance = 0.0 if self.language_model else chance_level(val.y.cpu().numpy())
+        self.outputs = self._outputs() if self.language_model else self.data.num_classes
+        """Tokens the model predicts among (a language model's logits): the uniform prediction's loss is log of it."""
         self.val_size = len(val)
+
+    def _outputs(self) -> int:
+        """How many tokens the model's logits cover (at least the tokenizer's vocabulary): a
+        checkpoint's output layer is often larger than the tokenizer (padded, or another tokenizer)."""
+        with torch.no_grad():
+            logits = self.model(self.data.val.x[:1])
+        return max(int(logits.shape[1]), self.data.num_classes)
 
     @property
     def label(self) -> str:
@@ -116,8 +127,7 @@ class Lineage(Stages):
         (`training_failure`), whatever the metric judged."""
         metrics = entry.metrics
         if self.language_model:
-            return lm_training_failure(float(metrics["train_loss"]), float(metrics["val_loss"]),
-                                       self.data.num_classes)
+            return lm_training_failure(float(metrics["train_loss"]), float(metrics["val_loss"]), self.outputs)
         why = training_failure(float(metrics["train_loss"]), float(metrics["val_accuracy"]), self.chance,
                                self.val_size)
         if why is None and self.metric.judges_loss and not math.isfinite(float(metrics["val_loss"])):
