@@ -154,3 +154,5 @@ def test_a_causal_lm_lineage_is_judged_on_perplexity(task, tmp_path, capsys):
     assert best["metric"] == "perplexity" and best["direction"] == "minimize"
     assert best["val_perplexity"] == pytest.approx(math.exp(chosen.val_loss))
     assert best["dense_val_perplexity"] == pytest.approx(math.exp(dense.val_loss))
+    assert main(["best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "qwen-lm"]) == 0
+    assert f"val_perplexity {best['val_perplexity']:.4g} (dense" in capsys.readouterr().out
