@@ -141,8 +141,9 @@ class ExperimentConfig(Section):
 
     def verdict_metric(self) -> str:
         """`search.metric` with `auto` resolved: perplexity for causal language modelling
-        (data.name text_lm, the one causal-LM data set), accuracy for every other data set
-        (engine/lineage/metric.py `default_metric` over `Dataset.task` says the same)."""
+        (data.name text_lm, the one data set whose `Dataset.task` is causal_lm), accuracy for
+        every other data set. The one place the default is decided: the engine's verdict,
+        MLflow's names and the ticket readers all ask here (engine/lineage/metric.py)."""
         if self.search.metric != "auto":
             return self.search.metric
         return "perplexity" if self.data.name == "text_lm" else "accuracy"

@@ -19,7 +19,7 @@ metric (`search.metric`):
 Every stage stores both the correctness bits and the per-example losses, so the metric
 is not a stage key input: one stored stage serves lineages judged on any metric.
 The default follows the data: accuracy for classification, perplexity for causal language
-modelling (`Dataset.task`, config `ExperimentConfig.verdict_metric`).
+modelling; the one place that decides it is the config (`ExperimentConfig.verdict_metric`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
-
-METRIC_NAMES = ("accuracy", "loss", "perplexity")
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -73,10 +70,6 @@ class Metric:
     def test(self, result: Any) -> float | None:
         return self.reported(result.test_accuracy, getattr(result, "test_loss", None))
 
-    def better_first(self, value: float) -> float:
-        """A sort key that puts better values higher (max() picks the best)."""
-        return value if self.higher_is_better else -value
-
     def format(self, value: float | None) -> str:
         """A value as the tables print it: accuracy in %, loss and perplexity as numbers."""
         if value is None:
@@ -88,10 +81,6 @@ class Metric:
         if margin is None:
             return ""
         return f"{100 * margin:+.2f}pp" if self.name == "accuracy" else f"{margin:+.3f}"
-
-    @property
-    def margin_unit(self) -> str:
-        return "pp" if self.name == "accuracy" else "nats"
 
 
 METRICS = {
@@ -106,7 +95,3 @@ def metric_named(name: str | None) -> Metric:
     """The metric called `name` (None or unknown, e.g. a run logged before metrics had names: accuracy)."""
     return METRICS.get(name or "accuracy", ACCURACY)
 
-
-def default_metric(task: str) -> str:
-    """The metric a data task is judged on unless `search.metric` says otherwise."""
-    return "perplexity" if task == "causal_lm" else "accuracy"

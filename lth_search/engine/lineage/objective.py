@@ -106,7 +106,8 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
     correctness (accuracy, `higher_is_better`) or losses (loss and perplexity, lower is better).
 
     A non-inferiority test: matches when the one-sided lower confidence bound of the margin
-    (ticket minus the replicates' mean accuracy), margin - z * se, is at least -tolerance,
+    (ticket minus the replicates' mean, signed so that positive is better), margin - z * se,
+    is at least -tolerance (in the values' units: a fraction of examples, or nats),
     z the normal quantile of `confidence`. So a ticket whose true margin is -tolerance or
     worse passes with probability at most 1 - confidence, and one as good as dense passes
     with probability Phi(tolerance / se - z): size the tolerance to about (z + 1.645) * se
