@@ -396,7 +396,7 @@ def _format_named(table: list[dict[str, Any]]) -> str:
     """The tickets of a search judged on loss or perplexity: the metric's columns, by name."""
     metric = _row_metric(table[0])
     val, test = metric.val_key, metric.test_key
-    lines = [f"judged on {metric.name} ({metric.direction}; margin in nats of mean token loss, positive is better)",
+    lines = [f"judged on {metric.name} ({metric.direction}; margin in nats of mean loss per target, positive is better)",
              f"{'trial':<22} {'round':>5} {'sparsity':>9} {val:>15} {test:>15} {'dense ' + val:>21} {'margin':>8} "
              f"{'match':>5} {'reused':>6}  choices"]
     for row in table:
