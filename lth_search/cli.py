@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     criterion = best.add_mutually_exclusive_group()
     criterion.add_argument(
         "--max-drop", type=float, metavar="FRACTION",
-        help="sparsest ticket whose val accuracy is at most this fraction below dense (0.01 = 1 point)",
+        help="sparsest ticket whose val accuracy is at most this fraction below dense (0.01 = 1 point); for a "
+        "search judged on loss or perplexity, whose val loss is at most this many nats above dense",
     )
     criterion.add_argument(
         "--min-sparsity", type=float, metavar="FRACTION",
-        help="best val accuracy among tickets at or above this sparsity (a fraction: 0.9 = 90%% pruned)",
+        help="best val accuracy (or lowest val loss or perplexity, by the search's metric) among tickets at or "
+        "above this sparsity (a fraction: 0.9 = 90%% pruned)",
     )
     best.add_argument("--out", help="write the ticket (mask, weights, config) to this folder")
 
