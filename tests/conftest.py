@@ -104,9 +104,12 @@ def ray_local():
     if not ray.is_initialized():
         tests = str(Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+        # log_to_driver off, as lth-search's own Ray has it: a worker's output arrives later and
+        # asynchronously, so one test's trial shutting down ("Exception ignored ... SystemExit")
+        # would land in a later test's captured stderr and fail its no-traceback check.
         ray.init(
             address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+            _node_ip_address="127.0.0.1", log_to_driver=False,
         )
     yield ray
     ray.shutdown()
