@@ -28,7 +28,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
@@ -151,8 +151,12 @@ class Ticket:
         }
 
     # Files ------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, form: Callable[[Path], None] | None = None,
+             trained: bool = True) -> Path:
         """Write the standard files (`FILES`): safetensors a PyTorch user loads directly, JSON card.
+
+        `form(staging)` adds the trained network in an inference form (ticket_forms.py), in
+        which case `trained` False leaves the dense `trained.safetensors` out.
 
         All files are written into a staging folder beside `directory` and moved in
         together, so a failure (no permission, disk full) leaves no partial ticket; an
@@ -167,7 +171,7 @@ class Ticket:
             "rewind.safetensors": safetensors.torch.save(_contiguous(rewound)),
             "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
         }
-        if self.trained_weights is not None:
+        if self.trained_weights is not None and trained:
             files["trained.safetensors"] = safetensors.torch.save(_contiguous(self.trained_weights))
         card = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "rescale_applied": self.rescale,
@@ -180,6 +184,8 @@ class Ticket:
             staging.mkdir()
             for name, data in files.items():
                 (staging / name).write_bytes(data)
+            if form is not None:
+                form(staging)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)

@@ -96,27 +96,44 @@ def _bare_venv() -> Path:
 
 
 BARE_SCRIPT = """
-import importlib.util, sys
+import importlib.util, json, sys
 import numpy as np
 import mlflow
 assert importlib.util.find_spec("lth_search") is None, "lth_search is importable here"
 model = mlflow.pyfunc.load_model("models:/tracked@best")
 np.save(sys.argv[2], model.predict(np.load(sys.argv[1], allow_pickle=False)))
 print(sorted(m for m in sys.modules if m.startswith("lth")))
+# the CSR export of `best --out DIR --format csr`, by its own loader (torch alone)
+import torch
+sys.path.insert(0, sys.argv[3])
+import load_ticket
+net, spec = load_ticket.load(), json.load(open(sys.argv[3] + "/model.json"))
+norm = spec["normalization"]
+x = (torch.tensor(np.load(sys.argv[1]), dtype=torch.float32) - torch.tensor(norm["mean"])) / torch.tensor(norm["std"])
+with torch.no_grad():
+    np.save(sys.argv[4], net(x).argmax(1).numpy())
+print(sorted({type(m).__name__ for m in net.modules()}))
 """
 
 
 def test_registered_model_loads_where_lth_search_is_not_installed(served, tmp_path, monkeypatch):
     python = _bare_venv()
     np.save(tmp_path / "x.npy", served["x_test"])
+    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", served["cfg"].tracking_uri(), "--experiment", "tracked",
+                           "--out", str(tmp_path / "csr"), "--format", "csr"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(MLFLOW_TRACKING_URI=served["cfg"].tracking_uri(), PYTHONNOUSERSITE="1")
-    done = subprocess.run([str(python), "-c", BARE_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+    done = subprocess.run([str(python), "-c", BARE_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                           str(tmp_path / "csr"), str(tmp_path / "csr.npy")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['lth_portable', 'lth_portable.architectures', " \
-                                                  "'lth_portable.ticket_model']"  # the bundled code, nothing else
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "['lth_portable', 'lth_portable.architectures', 'lth_portable.sparse', " \
+                        "'lth_portable.ticket_model']"  # the bundled code, nothing else
+    assert "SparseLinear" in lines[-1]  # the CSR export runs sparse layers
     there = np.load(tmp_path / "y.npy", allow_pickle=False)
+    assert np.array_equal(np.load(tmp_path / "csr.npy", allow_pickle=False), there)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served["cfg"].tracking_uri())
     here = mlflow.pyfunc.load_model("models:/tracked@best").predict(served["x_test"])
     assert np.array_equal(there, here)

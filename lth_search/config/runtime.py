@@ -60,6 +60,8 @@ class TrackingConfig(Section):
         None, description="MLflow experiment; default $MLFLOW_EXPERIMENT_NAME, else the config name"
     )
     enabled: bool = True
+    serve_batch: int = Field(64, ge=1, description="batch size at which the registered model's fastest form "
+                             "(dense, CSR, BSR per layer) and each round's latency ratio are measured")
 
     @field_validator("uri")
     @classmethod

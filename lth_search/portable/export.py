@@ -79,12 +79,14 @@ def form_of(model: nn.Module, spec: dict[str, Any], fmt: str | dict[str, str]) -
     return formed, {**spec, "format": name, "layers": layer_specs(formed)}
 
 
-def write_form(folder: Path, model: nn.Module, spec: dict[str, Any]) -> None:
-    """`model.json`, `weights.safetensors`, the loader and this package, into `folder` (existing)."""
+def write_form(folder: Path, model: nn.Module, spec: dict[str, Any], loader: bool = True) -> None:
+    """`model.json`, `weights.safetensors` and (`loader`) the loader and this package, into `folder`."""
     from .sparse import sparse_tensors
 
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     (folder / FORM_WEIGHTS).write_bytes(write_safetensors(sparse_tensors(model)))
+    if not loader:
+        return
     (folder / LOADER).write_text(_LOADER_TEXT)
     shutil.copytree(Path(__file__).resolve().parent, folder / "lth_portable",
                     ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -45,13 +46,15 @@ def to_format(weight2d: torch.Tensor, fmt: str) -> torch.Tensor:
     """A 2-D weight in form `fmt` (its zeros dropped); ValueError for a form this device cannot use."""
     if fmt == "dense":
         return weight2d
-    if fmt == "csr":
-        return weight2d.to_sparse_csr()
-    if fmt == "bsr":
-        rows, cols = weight2d.shape
-        if rows % BLOCK or cols % BLOCK:
-            raise ValueError(f"bsr needs both sides divisible by {BLOCK}, got {tuple(weight2d.shape)}")
-        return weight2d.to_sparse_bsr((BLOCK, BLOCK))
+    with warnings.catch_warnings():  # torch's "sparse support is in beta", once per process, for every user
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+        if fmt == "csr":
+            return weight2d.to_sparse_csr()
+        if fmt == "bsr":
+            rows, cols = weight2d.shape
+            if rows % BLOCK or cols % BLOCK:
+                raise ValueError(f"bsr needs both sides divisible by {BLOCK}, got {tuple(weight2d.shape)}")
+            return weight2d.to_sparse_bsr((BLOCK, BLOCK))
     if fmt == "semi_structured":
         if weight2d.device.type != "cuda" or not semi_structured_available():
             raise ValueError("2:4 semi-structured sparsity needs CUDA (compute capability >= 8.0)")

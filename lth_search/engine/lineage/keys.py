@@ -28,11 +28,14 @@ import torch
 
 from lth_search.store.content_keys import content_key
 
-STAGE_FORMAT = 3
+STAGE_FORMAT = 4
 """Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching.
 2: stages keep per-example val correctness (`val_correct`) for the paired verdict.
 3: a lone stage is trained by the pack trainer's arithmetic (bytes independent of packs);
-   probes share the format (they had their own `format: 1`)."""
+   probes share the format (they had their own `format: 1`).
+4: mostly-zero weights (a pruned round's) are stored as values plus a bit-packed mask
+   (store/codec.py), so a stage costs its non-zeros; an older lth-search would read the
+   parts as tensors of their own, so the new layout takes new keys."""
 
 Inputs = dict[str, Any]
 
