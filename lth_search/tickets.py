@@ -147,6 +147,7 @@ class Ticket:
             "criterion": self.criterion,
             "rewind_step": self.rewind_step,
             "init_scale": self.config.prune.init_scale,
+            "inference": {k.removeprefix("inference_"): v for k, v in self.metrics.items() if k.startswith("inference_")},
             **self.extra,
         }
 
@@ -318,12 +319,18 @@ def describe_ticket(ticket: Ticket) -> str:
     drop = "" if dense_val is None else f" ({100 * (m['val_accuracy'] - dense_val):+.2f} pp vs dense {100 * dense_val:.2f}%)"
     test = "" if dense_test is None else f" (dense {100 * dense_test:.2f}%)"
     registered = ticket.extra.get("model_uri")
+    gains = ticket.summary()["inference"]
+    inference = [] if not {"latency_b1", "latency_batch", "export_bytes"} <= set(gains) else [
+        f"  inference as CSR (one CPU thread, ratios to dense): time x{gains['latency_b1']:.2f} at batch 1, "
+        f"x{gains['latency_batch']:.2f} at batch {ticket.config.tracking.serve_batch}; "
+        f"{gains['export_bytes'] / 1024:.1f} kB vs {gains.get('dense_bytes', 0) / 1024:.1f} kB dense"]
     return "\n".join([
         f"best ticket of {ticket.experiment}: trial {ticket.trial_id}, round {ticket.round} [{ticket.criterion}]",
         f"  sparsity {100 * ticket.sparsity:.2f}%  ({100 * (1 - ticket.sparsity):.2f}% of prunable weights remain)",
         f"  val  {100 * m['val_accuracy']:.2f}%{drop}",
         f"  test {100 * m['test_accuracy']:.2f}%{test}",
         f"  choices: {_choices(ticket.params) or '(none searched)'}; rewind to step {ticket.rewind_step}",
+        *inference,
         f"  MLflow run {ticket.run_id}",
         f"  in Python: t = best_ticket(experiment={ticket.experiment!r}); t.trained_model() (inference), "
         f"t.rewound_model() (to retrain)",

@@ -222,3 +222,21 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
         assert (row["weights"], row["kept"]) == (kept.numel(), int(kept.sum()))
     assert sum(r["weights"] - r["kept"] for r in layers) / sum(r["weights"] for r in layers) == \
         pytest.approx(ticket.sparsity, abs=1e-6)
+
+
+def test_what_the_sparsity_buys_is_in_the_table_and_best_json(served):
+    """Issue 23: per round, non-zeros, CSR export bytes, latency and peak memory against dense."""
+    cfg, ticket = served["cfg"], served["ticket"]
+    gains = ticket.summary()["inference"]  # what `best --json` prints
+    dense = ticket.trained_model()
+    assert gains["nonzero_params"] == sum(int(torch.count_nonzero(p)) for p in dense.parameters())
+    assert 0 < gains["export_bytes"] < gains["dense_bytes"]
+    assert all(gains[k] > 0 for k in ("latency_b1", "latency_batch", "peak_memory"))
+    client = MlflowClient(cfg.tracking_uri())
+    table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, served["summary"]["parent_run_id"], "tickets.csv")))
+    assert {"inference_latency_b1", "inference_export_bytes"} <= set(table.column_names)
+    sparsities, sizes = table.column("sparsity").to_pylist(), table.column("inference_export_bytes").to_pylist()
+    assert all(s is not None for s in sizes)
+    # the sparser, the smaller: across the table's rounds the export shrinks with sparsity
+    ordered = [size for _, size in sorted(zip(sparsities, sizes))]
+    assert ordered[0] > ordered[-1]

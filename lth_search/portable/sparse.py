@@ -19,10 +19,13 @@ only: this file travels with the served model (see __init__.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -282,7 +285,7 @@ def peak_forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
         return resident_bytes(model) + torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(example)
     changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in prof.events()
                      if event.self_cpu_memory_usage)
@@ -291,6 +294,21 @@ def peak_forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
         held += change
         top = max(top, held)
     return resident_bytes(model) + top
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null meanwhile: torch's profiler (kineto) prints `profiler_start` /
+    `profiler_stop` lines from C++ that no logging setting silences."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str
     metrics = {key: row[key] for key in ("val_accuracy", "test_accuracy", "sparsity", "dense_val_accuracy",
                                          "dense_test_accuracy", "train_loss", "reused", "tolerance")}
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in layer_sparsity(mask).items()})
+    metrics.update({k: v for k, v in row.items() if k.startswith("inference_") and v is not None})
     return Ticket(
         run_id=run_id, round=round_index, sparsity=float(row["sparsity"]), metrics=metrics,
         params=dict(row["params"]), config=config, mask=mask, rewind_weights=weights, trained_weights=trained,

@@ -36,6 +36,7 @@ from lth_search.tracking.layout import (
     FAILED,
     PARENT,
     ROLE,
+    INFERENCE_METRICS,
     ROUND_METRICS,
     TOLERANCE,
     TRIAL_ID,
@@ -160,7 +161,7 @@ def candidate_runs(client: Any, ref: SearchRef) -> list[Any]:
 
 def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
     """The ticket rows of one trial run: every round that has val, test and sparsity."""
-    history = {key: metric_history(client, run.info.run_id, key) for key in ROUND_METRICS}
+    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *INFERENCE_METRICS)}
     metrics, tags = run.data.metrics, run.data.tags
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
@@ -190,9 +191,15 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
             "margin": history["margin"].get(step),
             "failed": bool(history["failed"].get(step, 0.0)) or lineage_failed,
             "matching_round": matching_round,
+            **{_inference_column(key): history[key].get(step) for key in INFERENCE_METRICS},
             "params": params,
         })
     return rows
+
+
+def _inference_column(metric: str) -> str:
+    """`inference/latency_b1` -> `inference_latency_b1` (a column name without a slash)."""
+    return metric.replace("/", "_")
 
 
 def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
@@ -235,6 +242,7 @@ FIXED_COLUMNS = ("trial_id", "run_id", "round")
 METRIC_COLUMNS = (
     "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "dense_test_accuracy", "reused",
     "train_loss", "train_steps_per_s", "tolerance", "matching", "margin", "failed", "matching_round",
+    *(_inference_column(metric) for metric in INFERENCE_METRICS),
 )
 
 
