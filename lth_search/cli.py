@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--kinds", default=",".join(KINDS),
                          help=f"comma-separated kinds (default all: {','.join(KINDS)})")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    compare.add_argument("--structures", help="comma-separated prune.structure values (e.g. channel,2:4): IMP pruned "
+                         "with each, tabled against unstructured IMP at equal parameter counts")
     compare.add_argument("--out", help="folder for table.txt, the plot, compare.json/csv "
                          "(default <output_dir>/compare/<name>)")
     compare.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -198,6 +200,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(
         args.config, kinds, _int_list(args.seeds, "--seeds"), args.overrides, out=args.out,
         use_store=not args.no_store, track=not args.no_track, progress=_print_progress,
+        structures=[s.strip() for s in (args.structures or "").split(",") if s.strip()],
     )
     print(json.dumps(result.to_json()) if args.json else result.table())
     return 0

@@ -80,3 +80,18 @@ def test_structure_config_search_dimension_and_model_check() -> None:
     model, _, _ = _model("resnet20", (3, 8, 8))
     with pytest.raises(ConfigError, match="channel needs a chain model .* not 'resnet20'"):
         channel_chain(model, "resnet20")
+
+
+def test_compare_tables_structured_against_unstructured_at_equal_counts(data_root, tmp_path) -> None:
+    from conftest import tiny_config
+
+    from lth_search.compare import run_compare
+
+    cfg = tiny_config(data_root, tmp_path, train__steps=60, prune__rounds=2, prune__rate=0.3)
+    result = run_compare(cfg, ["imp"], [0], structures=["unstructured", "channel"])
+    assert result.kinds == ["imp", "imp_channel"]
+    channel = [r for r in result.rows if r.kind == "imp_channel"]
+    assert [r.round for r in channel] == [1, 2] and channel[0].sparsity > 0
+    lines = result.table().splitlines()
+    assert "at equal parameter counts" in "\n".join(lines)
+    assert sum(line.startswith("imp_channel") for line in lines) == 4  # its rounds, then beside unstructured
