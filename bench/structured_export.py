@@ -34,7 +34,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "conv6_cifar10.ya
 
 def run_lineage(args: argparse.Namespace, out: Path) -> None:
     sets = {"name": "conv6-channel", "data.name": args.data, "train.steps": args.steps, "prune.rounds": args.rounds,
-            "prune.rate": args.rate, "prune.structure": "channel", "prune.scope": "layerwise",
+            "prune.rate": args.rate, "train.batch_size": args.batch_size, "prune.structure": "channel", "prune.scope": "layerwise",
             "prune.layer_ratios": "{}", "prune.output_ratio": 1.0, "prune.rewind_steps": "[0]",
             "search.space.rewind_step": "null", "search.space.init_scale": "null", "prune.dense_replicates": 1,
             "prune.patience": 99, "output_dir": str(out), "tracking.measure_inference": "false"}
@@ -47,7 +47,8 @@ def run_lineage(args: argparse.Namespace, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="digits")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch (Conv-6 trains slowly on CPU)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=64)

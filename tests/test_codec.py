@@ -191,8 +191,9 @@ def test_pruned_weights_cost_their_non_zeros_and_decode_bit_exact() -> None:
     state = {name: torch.randn(shape, generator=generator) for name, shape in
              {"hidden.0.weight": (300, 784), "hidden.0.bias": (300,), "hidden.1.weight": (100, 300),
               "hidden.1.bias": (100,), "output.weight": (10, 100), "output.bias": (10,)}.items()}
-    for name in ("hidden.0.weight", "hidden.1.weight", "output.weight"):
-        state[name][torch.rand(state[name].shape, generator=generator) < 0.9] = 0
+    for name in ("hidden.0.weight", "hidden.1.weight", "output.weight"):  # as training masks: -0.0 where w < 0
+        state[name] = state[name] * (torch.rand(state[name].shape, generator=generator) >= 0.9)
+    assert torch.signbit(state["hidden.1.weight"][state["hidden.1.weight"] == 0]).any()
     state["hidden.0.weight"][0, :3] = torch.tensor([-0.0, float("nan"), float("inf")])
     data = encode_weights(state)
     dense = len(encode_weights({k: v + 1000.0 for k, v in state.items()}))  # same shapes, no zeros: stored dense
