@@ -229,7 +229,7 @@ def load_sparse(model: nn.Module, specs: dict[str, dict[str, Any]], tensors: dic
 
 
 # Measuring ---------------------------------------------------------------------------------------
-def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, loop_s: float = 0.005
+def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, loop_s: float = 0.002
                      ) -> dict[str, float]:
     """Seconds per call of each of `runs`: the fastest of many short timed loops (about `loop_s`
     each), the runs taking turns loop by loop, so a ratio between them is measured under the same
