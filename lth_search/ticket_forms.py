@@ -84,11 +84,12 @@ def export_ticket(ticket: Ticket, folder: str | Path, fmt: str | None) -> Path:
 def measured_form(ticket: Ticket, spec: dict[str, Any], example: torch.Tensor
                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained network in the form measured fastest for `example` (a batch of standardised
-    inputs) on this machine's device type, and its spec (with what was measured)."""
+    inputs) on this machine's device type (one CPU thread), and its spec (with what was measured)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = trained_network(ticket, spec).to(device)
     formats = ("csr", "bsr", "semi_structured") if semi_structured_available() else ("csr", "bsr")
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the served form per core; steady timings on a shared machine
     try:
         chosen, spent = choose_formats(model, example.to(device), formats)
     finally:
@@ -96,5 +97,5 @@ def measured_form(ticket: Ticket, spec: dict[str, Any], example: torch.Tensor
     formed, formed_spec = form_of(model, spec, chosen)
     best = min(spent, key=spent.get) if spent else "dense"
     formed_spec["measured"] = {"device": device.type, "batch": int(example.shape[0]), "chosen": best,
-                               "seconds_per_batch": spent, "threads": threads}
+                               "seconds_per_batch": spent, "threads": 1}
     return formed, formed_spec

@@ -41,22 +41,27 @@ def _ticket(model_name: str = "lenet_300_100", density: float = 0.1) -> Ticket:
 
 
 LOAD = """
-import json, sys, torch
-import load_ticket
-net = load_ticket.load()
-x = torch.load(sys.argv[1])
-with torch.no_grad():
-    print(json.dumps({"logits": net(x).tolist(), "layers": [type(m).__name__ for m in net.modules()],
-                      "lth": sorted({m.split(".")[0] for m in sys.modules if m.startswith("lth_")})}))
+import importlib, json, sys, torch
+x, out = torch.load(sys.argv[1]), {}
+for folder in sys.argv[2:]:  # each export by its own load_ticket.py
+    sys.path.insert(0, folder)
+    for name in [m for m in sys.modules if m == "load_ticket" or m.startswith("lth_portable")]:
+        del sys.modules[name]
+    net = importlib.import_module("load_ticket").load()
+    sys.path.remove(folder)
+    with torch.no_grad():
+        out[folder] = {"logits": net(x).tolist(), "layers": [type(m).__name__ for m in net.modules()]}
+out["lth"] = sorted({m.split(".")[0] for m in sys.modules if m.startswith("lth_")})
+print(json.dumps(out))
 """
 
 
-def _load_in_folder(folder: Path, x: torch.Tensor) -> dict:
-    """The export loaded by its own load_ticket.py in a fresh interpreter (-I: no lth-search on the path
-    but the folder's bundled code)."""
-    torch.save(x, folder.parent / "x.pt")
-    done = subprocess.run([sys.executable, "-I", "-W", "ignore", "-c", f"import sys; sys.path.insert(0, '.'); {LOAD}",
-                           str(folder.parent / "x.pt")], cwd=folder, capture_output=True, text=True, timeout=120)
+def _load_in_folders(folders: list[Path], x: torch.Tensor) -> dict:
+    """The exports loaded by their own load_ticket.py in one fresh interpreter (-I: nothing on the
+    path but the folders' bundled code and the venv's packages)."""
+    torch.save(x, folders[0].parent / "x.pt")
+    done = subprocess.run([sys.executable, "-I", "-W", "ignore", "-c", LOAD, str(folders[0].parent / "x.pt"),
+                           *map(str, folders)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -69,14 +74,17 @@ def test_every_export_form_predicts_what_the_dense_ticket_predicts(tmp_path: Pat
     x = torch.randn(16, *SHAPE)
     with torch.no_grad():
         reference = ticket.trained_model()(x)
+    forms = {"csr": "SparseLinear", "bsr": "SparseLinear", "structured": "Linear", "dense": "Linear"}
+    folders = {fmt: export_ticket(ticket, tmp_path / fmt, fmt) for fmt in forms}
+    loaded = _load_in_folders(list(folders.values()), x)
+    assert loaded["lth"] == ["lth_portable"]  # the bundled code only
     sizes = {}
-    for fmt, layer in (("csr", "SparseLinear"), ("bsr", "SparseLinear"), ("structured", "Linear"), ("dense", "Linear")):
-        folder = export_ticket(ticket, tmp_path / fmt, fmt)
-        loaded = _load_in_folder(folder, x)
-        logits = torch.tensor(loaded["logits"])
+    for fmt, layer in forms.items():
+        folder = folders[fmt]
+        logits = torch.tensor(loaded[str(folder)]["logits"])
         assert torch.allclose(logits, reference, atol=1e-5), fmt
         assert torch.equal(logits.argmax(1), reference.argmax(1)), fmt
-        assert layer in loaded["layers"] and loaded["lth"] == ["lth_portable"], fmt  # the bundled code only
+        assert layer in loaded[str(folder)]["layers"], fmt
         spec = json.loads((folder / "model.json").read_text())
         assert spec["format"] == fmt
         assert (folder / "trained.safetensors").exists() == (fmt == "dense")
