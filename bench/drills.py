@@ -465,9 +465,76 @@ def copied_folder_resumes_as_itself(data: Path, tmp: Path) -> str | None:
     return None if status == "finished" else f"moved search is {status}"
 
 
+def _trial_workers(driver: subprocess.Popen) -> list:
+    """The `ray::ImplicitFunc` processes of the Ray a driver started (its descendants)."""
+    import psutil  # noqa: PLC0415 - a dependency of Ray's
+
+    found = []
+    for child in psutil.Process(driver.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("ray::ImplicitFunc" in part for part in child.cmdline()):
+                found.append(child)
+    return found
+
+
+def killed_trial_worker(data: Path, tmp: Path) -> str | None:
+    """SIGKILL a trial's worker process mid-stage: one console line, a retry, the search finishes."""
+    out = tmp / "out"
+    driver = subprocess.Popen(_search_command(data, out, "killed", 3000), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if not _started(out, driver):
+            return f"the search did not start: {driver.communicate()[1][-300:]}"
+        workers = _trial_workers(driver)
+        if not workers:
+            return "no trial worker to kill"
+        workers[0].kill()
+        _, err = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    if driver.returncode != 0 or "Traceback" in err or "A worker died or was killed" in err:
+        return f"exit {driver.returncode}: {err[-400:]}"
+    return None if "failed (its worker process died" in err else f"no one-line account of the death: {err[-400:]}"
+
+
+def store_turned_read_only(data: Path, tmp: Path) -> str | None:
+    """The store becomes read-only mid-search: one line, exit 1, search.json `failed`; resume finishes it."""
+    out = tmp / "out"
+    store = out / "store"
+    store.mkdir(parents=True)
+    if subprocess.run(["mount", "--bind", str(store), str(store)], capture_output=True).returncode != 0:
+        return "skip: this machine refuses a bind mount (needs root)"
+    driver = subprocess.Popen(_search_command(data, out, "rostore", 3000), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if not _started(out, driver):
+            return f"the search did not start: {driver.communicate()[1][-300:]}"
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True)
+        _, err = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
+    lines = [line for line in err.splitlines() if line.strip()]
+    problem = one_line(driver.returncode, lines[-1] if lines else "", 1, "Read-only file system")
+    if problem or "Traceback" in err:
+        return problem or f"traceback: {err[-400:]}"
+    state = json.loads((out / "searches" / "rostore" / "search.json").read_text())
+    if state["status"] != "failed":
+        return f"search.json says {state['status']}"
+    done = subprocess.run([LTH_SEARCH, "resume", "rostore", "--output-dir", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    return None if done.returncode == 0 else f"resume: exit {done.returncode}: {done.stderr[-300:]}"
+
+
 SEARCH: dict[str, Drill] = {
     "second driver refused, SIGTERM is an interrupt": second_driver_and_sigterm,
     "copied and moved folders resume as themselves": copied_folder_resumes_as_itself,
+    "a killed trial worker is one line and a retry": killed_trial_worker,
+    "a store turned read-only stops the search in one line; resume finishes": store_turned_read_only,
 }
 
 
@@ -484,7 +551,7 @@ def main() -> int:
     torch.set_num_threads(1)
     chosen = {**table_drills(), **ISSUE_22, **(SEARCH if args.search else {})}
     chosen = {name: drill for name, drill in chosen.items() if args.only in name}
-    tried = held = 0
+    tried = held = skipped = 0
     began = time.time()
     with tempfile.TemporaryDirectory(prefix="lth-drills-") as scratch:
         data = Path(scratch) / "data"
@@ -498,10 +565,14 @@ def main() -> int:
                 if isinstance(error, KeyboardInterrupt):
                     raise
                 problem = "".join(traceback.format_exception_only(error)).strip()[:1500]
+            if problem is not None and problem.startswith("skip: "):
+                skipped += 1
+                print(f"skip  {name}: {problem[6:]}", flush=True)
+                continue
             tried += 1
             held += problem is None
             print(f"{'held' if problem is None else 'FAIL'}  {name}" + (f": {problem}" if problem else ""), flush=True)
-    print(f"tried {tried}, held {held} ({time.time() - began:.0f} s)")
+    print(f"tried {tried}, held {held}, skipped {skipped} ({time.time() - began:.0f} s)")
     return 0 if held == tried else 1
 
 

@@ -66,8 +66,10 @@ def run_lineage_command(
 
     def on_dense(result: LineageResult) -> None:
         dense = result.dense
+        named = "  ".join(f"{key} {value:.4g}" for key, value in result.metric_values(dense).items())
         progress(
-            f"dense   {dense.steps} steps  val {100 * dense.val_accuracy:5.2f}%  test {100 * dense.test_accuracy:5.2f}%"
+            f"dense   {dense.steps} steps  "
+            + (named or f"val {100 * dense.val_accuracy:5.2f}%  test {100 * dense.test_accuracy:5.2f}%")
             + ("  (reused)" if dense.reused else "")
         )
 

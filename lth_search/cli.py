@@ -129,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     criterion = best.add_mutually_exclusive_group()
     criterion.add_argument(
         "--max-drop", type=float, metavar="FRACTION",
-        help="sparsest ticket whose val accuracy is at most this fraction below dense (0.01 = 1 point)",
+        help="sparsest ticket whose val accuracy is at most this fraction below dense (0.01 = 1 point); for a "
+        "search judged on loss or perplexity, whose val loss is at most this many nats above dense",
     )
     criterion.add_argument(
         "--min-sparsity", type=float, metavar="FRACTION",
-        help="best val accuracy among tickets at or above this sparsity (a fraction: 0.9 = 90%% pruned)",
+        help="best val accuracy (or lowest val loss or perplexity, by the search's metric) among tickets at or "
+        "above this sparsity (a fraction: 0.9 = 90%% pruned)",
     )
     best.add_argument("--out", help="write the ticket (mask, weights, config) to this folder")
     best.add_argument("--format", choices=("dense", "csr", "bsr", "structured"),
@@ -156,9 +158,12 @@ def _print_progress(line: str) -> None:
 
 def _round_line(metrics: dict[str, Any], total: int) -> str:
     tag = "  (reused)" if metrics["reused"] else ""
+    named = [key for key in metrics if key.startswith(("val_", "test_")) and key not in ("val_accuracy", "test_accuracy")
+             and key != "val_margin"]
+    judged = "  ".join(f"{key} {metrics[key]:.4g}" for key in named) if named else (
+        f"val {100 * metrics['val_accuracy']:5.2f}%  test {100 * metrics['test_accuracy']:5.2f}%")
     return (
-        f"round {metrics['round']}/{total}  sparsity {100 * metrics['sparsity']:6.2f}%  "
-        f"val {100 * metrics['val_accuracy']:5.2f}%  test {100 * metrics['test_accuracy']:5.2f}%  "
+        f"round {metrics['round']}/{total}  sparsity {100 * metrics['sparsity']:6.2f}%  {judged}  "
         f"loss {metrics['train_loss']:.3f}  {metrics['train_steps_per_s']:7.0f} steps/s{tag}"
     )
 
@@ -176,10 +181,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"no ticket: the {result.failed}")
     else:
         best = result.best
+        named = result.metric_values(result.matching_stage)
+        dense = result.metric_values(result.dense)
+        judged = ", ".join(f"{key} {value:.4g} vs dense {dense[key]:.4g}" for key, value in named.items()
+                           if key.startswith("val_")) if named else (
+            f"val {100 * best.val_accuracy:.2f}% vs dense {100 * result.dense.val_accuracy:.2f}%")
         print(
-            f"matching sparsity {100 * best.sparsity:.2f}% (round {best.round}, val {100 * best.val_accuracy:.2f}% "
-            f"vs dense {100 * result.dense.val_accuracy:.2f}%); steps executed {result.steps_executed}, "
-            f"reused {result.steps_reused}"
+            f"matching sparsity {100 * best.sparsity:.2f}% (round {best.round}, {judged}); steps executed "
+            f"{result.steps_executed}, reused {result.steps_reused}"
         )
     return 1 if result.failed else 0
 

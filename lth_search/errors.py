@@ -10,6 +10,8 @@ config key or file at fault and say what would be valid.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
@@ -62,6 +64,16 @@ def os_reason(error: BaseException) -> str:
     """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages."""
     lines = str(error).strip().splitlines()
     return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
+
+
+def os_remedy(error: BaseException) -> str:
+    """What to do about a failed filesystem call, for the end of a one-line message."""
+    number = getattr(error, "errno", None)
+    if number == errno.ENOSPC or number == getattr(errno, "EDQUOT", None):
+        return "free space"
+    if number in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make it writable"
+    return "fix it"
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

@@ -27,3 +27,16 @@ def tiny_text_task(root: Path) -> dict[str, Path]:
     tokenizer = train_tokenizer(root / "tokenizer", [r["text"] for r in sentiment(200, 0)])
     return {"model": tiny_qwen(root / "qwen"), "tokenizer": tokenizer,
             "data": write_sentiment(root / "data", "jsonl", n_train=160, n_test=48)}
+
+
+def tiny_lm_data(root: Path, n: int = 72) -> dict[str, Path]:
+    """Alpaca-style instruction rows (JSON Lines) and a tokenizer that knows their words (and the prompt's)."""
+    from text_helpers import alpaca, write_jsonl
+
+    from lth_search.engine.text_data import ALPACA_PROMPT
+
+    rows = alpaca(n)
+    texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in rows]
+    prompt = ALPACA_PROMPT.format(context=", paired with an input", instruction="say", input="### Input:\n")
+    tokenizer = train_tokenizer(root / "lm_tokenizer", texts + [prompt])
+    return {"tokenizer": tokenizer, "data": write_jsonl(root / "alpaca.jsonl", rows)}

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import prune
 
 from fault_helpers import run_cli
-from hf_helpers import tiny_text_task
+from hf_helpers import tiny_lm_data, tiny_text_task
 from search_helpers import trial_results
 
 from lth_search.config import ModelConfig, load_config
@@ -108,3 +108,51 @@ def test_lora_search_ticket_applies_with_torch_prune(task, ray_local, tmp_path):
     with torch.no_grad():
         predicted = model(input_ids=val.x, attention_mask=(val.x != 0).long()).logits.argmax(dim=1)
     assert int((predicted == val.y).sum()) / len(val) == pytest.approx(card["val_accuracy"], abs=1e-9)
+
+
+def test_a_causal_lm_lineage_is_judged_on_perplexity(task, tmp_path, capsys):
+    """Issue 20 item 5: a tiny random Qwen2 causal LM (LoRA adapters pruned) on Alpaca-style data
+    runs a lineage judged on per-example loss, reported as perplexity (lower is better); MLflow,
+    `lth-search tickets` and `best --json` name the metric and its direction."""
+    import math
+
+    import mlflow
+
+    from lth_search.api import run_lineage_command
+    from lth_search.cli import main
+
+    lm = tiny_lm_data(tmp_path)
+    cfg = load_config(None, [
+        "name=qwen-lm", "data.name=text_lm", f"data.root={lm['data']}", f"data.tokenizer={lm['tokenizer']}",
+        "data.max_length=48", "data.val_size=16", "data.test_size=16", f"model.name=hf:{task['model']}",
+        "model.head=causal_lm", "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        "model.prune_target=lora", "train.optimizer=adam", "train.lr=0.02", "train.batch_size=8", "train.steps=30",
+        "train.device=cpu", "prune.rounds=2", "prune.patience=99", "prune.dense_replicates=2",
+        "prune.rewind_steps=[0]", "search.tolerance=0.05", f"output_dir={tmp_path / 'out'}",
+    ]).absolute()
+    lines: list[str] = []
+    result = run_lineage_command(cfg, progress=lines.append)
+    assert result.metric == "perplexity" and result.failed is None and len(result.rounds) == 2
+    dense = result.dense
+    assert dense.val_loss < math.log(256)  # below the uniform prediction over Qwen's 256 logits: it trained
+    for r in result.rounds:  # the margin is the paired loss difference, positive = lower loss than dense
+        assert r.margin == pytest.approx(dense.baseline_val_loss - r.val_loss, abs=1e-5)
+        assert r.matches == (r.margin - 1.2816 * r.margin_se >= -0.05 - 1e-12)
+    assert any(line.startswith("dense ") and "val_perplexity" in line for line in lines)
+
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("qwen-lm").experiment_id])
+    assert run.data.tags["lth.metric"] == "perplexity"
+    assert run.data.metrics["dense_val_perplexity"] == pytest.approx(math.exp(dense.val_loss))
+
+    assert main(["tickets", "--tracking-uri", cfg.tracking_uri(), "--experiment", "qwen-lm"]) == 0
+    table = capsys.readouterr().out
+    assert "judged on perplexity (minimize" in table and "val_perplexity" in table
+    assert main(["best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "qwen-lm", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    chosen = next(r for r in result.rounds if r.round == best["round"])
+    assert best["metric"] == "perplexity" and best["direction"] == "minimize"
+    assert best["val_perplexity"] == pytest.approx(math.exp(chosen.val_loss))
+    assert best["dense_val_perplexity"] == pytest.approx(math.exp(dense.val_loss))
+    assert main(["best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "qwen-lm"]) == 0
+    assert f"val_perplexity {best['val_perplexity']:.4g} (dense" in capsys.readouterr().out

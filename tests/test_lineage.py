@@ -52,7 +52,7 @@ def test_masks_are_nested_and_stage_keys_chain(walked) -> None:
         assert all(bool((later[n] <= earlier[n]).all()) for n in earlier)
     assert [e.key for e in lineage.entries] == lineage.stage_keys()
     assert lineage.entries[1].inputs["parent"] == lineage.entries[0].key
-    assert set(lineage.entries[0].weights) == {"rewind_0", "rewind_20", "end"}
+    assert set(lineage.entries[0].weights) == {"rewind_0", "rewind_20", "end", "val"}
 
 
 def test_search_choices_never_change_the_dense_key(data_root: Path, tmp_path: Path) -> None:

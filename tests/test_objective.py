@@ -14,7 +14,10 @@ from conftest import tiny_config
 from lth_search.engine.lineage.walk import Lineage
 from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.lineage.results import DenseResult, LineageResult
+from lth_search.config import load_config
+from lth_search.errors import ConfigError, TrackingError
 from lth_search.engine.lineage.objective import (
+    lm_training_failure,
     matching,
     pack_correct,
     paired_verdict,
@@ -112,7 +115,7 @@ def test_paired_verdict_on_constructed_predictions() -> None:
     ticket = np.zeros(n, bool)
     ticket[:610] = True                        # 61.0 %
     verdict = paired_verdict(ticket, [dense_a, dense_b], tolerance=0.01, confidence=0.5)
-    assert verdict.margin == pytest.approx(-0.01) and verdict.dense_val_accuracy == pytest.approx(0.62)
+    assert verdict.margin == pytest.approx(-0.01) and verdict.dense_mean == pytest.approx(0.62)
     assert verdict.matches                     # exactly at the tolerance
     assert not paired_verdict(ticket, [dense_a, dense_b], tolerance=0.0099, confidence=0.5).matches
     assert not paired_verdict(ticket, [dense_b], tolerance=0.02, confidence=0.5).matches  # one lucky dense run sets a higher bar
@@ -136,6 +139,69 @@ def test_pairing_cancels_what_ticket_and_dense_share() -> None:
     paired, unpaired = paired_verdict(similar, [dense], 0.02, 0.9), paired_verdict(unrelated, [dense], 0.02, 0.9)
     assert paired.margin == pytest.approx(unpaired.margin)
     assert paired.se_paired < unpaired.se_paired / 5 and paired.seed_sd == 0.0
+
+
+def test_a_loss_verdict_judges_lower_as_better() -> None:
+    """search.metric loss or perplexity: per-example losses, lower is better; the margin is
+    signed so that positive is better, the tolerance is in nats, and the noise terms are kept."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    hard = rng.gamma(2.0, 1.0, n)                              # per-example difficulty both models share
+    dense = [hard + rng.normal(0, 0.05, n) for _ in range(3)]  # three replicates, about as good as each other
+    lower = hard - 0.05 + rng.normal(0, 0.05, n)               # a ticket with a lower loss
+    higher = hard + 0.30 + rng.normal(0, 0.05, n)              # a ticket clearly worse: 0.3 nats higher
+    bar = np.mean([d.mean() for d in dense])
+    better = paired_verdict(lower, dense, tolerance=0.02, confidence=0.9, higher_is_better=False)
+    assert better.matches and better.margin == pytest.approx(bar - lower.mean()) and better.margin > 0
+    assert better.dense_mean == pytest.approx(bar) and better.seed_sd > 0
+    assert better.se == pytest.approx(math.sqrt(better.se_paired**2 + better.seed_sd**2 * (1 + 1 / 3)))
+    worse = paired_verdict(higher, dense, tolerance=0.02, confidence=0.9, higher_is_better=False)
+    assert not worse.matches and worse.margin == pytest.approx(bar - higher.mean()) and worse.margin < -0.25
+    assert paired_verdict(higher, dense, tolerance=0.4, confidence=0.9, higher_is_better=False).matches  # in nats
+    # read the wrong way round, the worse ticket would have passed: the direction decides
+    assert paired_verdict(higher, dense, tolerance=0.02, confidence=0.9).matches
+    nan = higher.copy()
+    nan[5] = np.nan
+    assert not paired_verdict(nan, dense, tolerance=0.4, confidence=0.9, higher_is_better=False).matches
+
+
+def test_a_language_model_fails_against_the_uniform_prediction_not_chance() -> None:
+    assert lm_training_failure(2.0, 4.0, 256) is None                       # log 256 = 5.55 nats
+    assert "no better than predicting all 256 tokens" in lm_training_failure(2.0, 5.6, 256)
+    assert lm_training_failure(float("nan"), 1.0, 256) == "training loss is nan"
+    assert lm_training_failure(2.0, float("inf"), 256) == "val loss is inf"
+
+
+def test_the_best_ticket_respects_the_metric_direction() -> None:
+    """Ties in sparsity go to the better value: higher accuracy, lower loss (runs/best.py), and
+    `best --min-sparsity` picks the lowest loss (tickets.py `select_ticket`)."""
+    from lth_search.runs.best import TrialTicket, best_trial_ticket
+    from lth_search.tickets import select_ticket
+
+    low, high = (TrialTicket(name, 2, 0.36, 0.0, val_value=value, higher_is_better=False)
+                 for name, value in (("low", 2.1), ("high", 2.5)))
+    assert best_trial_ticket([high, low]).trial_id == "low"
+    assert best_trial_ticket([TrialTicket("a", 2, 0.36, 0.61), TrialTicket("b", 2, 0.36, 0.64)]).trial_id == "b"
+    rows = [{"trial_id": trial, "run_id": trial, "round": 1, "sparsity": 0.2, "val_accuracy": 0.0, "test_accuracy": 0.0,
+             "dense_val_accuracy": 0.0, "tolerance": 0.05, "matching": True, "margin": 0.0, "matching_round": 1,
+             "metric": "perplexity", "val_perplexity": ppl, "dense_val_perplexity": 10.0, "params": {}}
+            for trial, ppl in (("a", 9.0), ("b", 12.0), ("c", 10.4))]
+    assert select_ticket(rows, min_sparsity=0.1)["trial_id"] == "a"
+    assert select_ticket(rows)["trial_id"] == "a"
+    # within 0.05 nats of dense: exp(0.05) = 1.051, so perplexity 10.4 is in and 12.0 is out
+    assert select_ticket([rows[2]], max_accuracy_drop=0.05)["trial_id"] == "c"
+    with pytest.raises(TrackingError, match="closest drops"):
+        select_ticket([rows[1]], max_accuracy_drop=0.05)
+
+
+def test_search_metric_is_one_config_field() -> None:
+    assert load_config(None, []).verdict_metric() == "accuracy"
+    assert load_config(None, ["data.name=text_lm"]).verdict_metric() == "perplexity"
+    assert load_config(None, ["data.name=text_lm", "search.metric=loss"]).verdict_metric() == "loss"
+    with pytest.raises(ConfigError, match=r"search.metric: Input should be 'auto', 'accuracy', 'loss' or 'perplexity'"):
+        load_config(None, ["search.metric=mse"])
+    with pytest.raises(ConfigError, match=r"search.tolerance: Input should be less than 1"):
+        load_config(None, ["search.metric=loss", "search.tolerance=1.5"])
 
 
 def test_paired_verdict_rejects_mismatched_vectors() -> None:

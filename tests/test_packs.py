@@ -101,7 +101,7 @@ def test_a_stage_key_stores_the_same_bytes_alone_or_in_any_pack(data_root: Path,
         cfg = tiny_config(data_root, tmp_path, train__device="cpu", resources__pack=pack, **replicated)
         Lineage(cfg, StageStore(str(tmp_path / f"replicates{pack}"))).run()
     one, eight = _stage_files(tmp_path / "replicates1"), _stage_files(tmp_path / "replicates8")
-    assert len(one) == 3 * 3 + 2 * 2 and one == eight  # 3 dense x (end, rewind 0, 20); 2 rounds x (end, mask)
+    assert len(one) == 3 * 4 + 2 * 3 and one == eight  # 3 dense x (end, val, rewind 0, 20); 2 rounds x (end, val, mask)
 
 
 def test_pack_stages_go_through_the_store_and_stored_members_are_skipped(data_root: Path, tmp_path: Path) -> None:

@@ -34,11 +34,14 @@ def test_an_old_record_reads_and_writes_back_the_same_json():
     assert record.dense_key == "d" * 64 and record.matching == MatchingRecord(0.3, 1, 0.61, 0.6)
     again = record.to_json()
     new_round = {"rescale": {}, "matches": None, "margin": None, "margin_se": None, "diagnostics": None,  # added since
-                 "failed": None}
+                 "failed": None, "val_loss": None, "test_loss": None}
     new_dense = {"replicates": 1, "replicate_keys": [], "replicate_val_accuracies": [], "baseline_val_accuracy": None,
-                 "baseline_test_accuracy": None, "baseline_val_sd": 0.0, "failed": None}
+                 "baseline_test_accuracy": None, "baseline_val_sd": 0.0, "baseline_val_loss": None, "failed": None,
+                 "val_loss": None, "test_loss": None}
+    new_matching = {"metric": "accuracy", "val_metric": None, "test_metric": None}
     assert {k: again[k] for k in OLD_RECORD} == {**OLD_RECORD, "rounds": [{**OLD_RECORD["rounds"][0], **new_round}],
-                                                 "dense": {**OLD_RECORD["dense"], **new_dense}}
+                                                 "dense": {**OLD_RECORD["dense"], **new_dense},
+                                                 "matching": {**OLD_RECORD["matching"], **new_matching}}
     result = record.result(tolerance=0.02)
     assert result.rounds == [RoundResult.from_json(OLD_RECORD["rounds"][0])] and result.best.round == 1
 

@@ -81,6 +81,11 @@ class ExperimentConfig(Section):
                     f"search.space.{key.replace('/', '.')}: {', '.join(repeated)} listed more than once; "
                     "each value is one recipe, list it once"
                 )
+        if self.search.objectives == 2 and self.verdict_metric() != "accuracy":
+            raise ValueError(
+                f"search.objectives: 2 (sparsity and val accuracy) needs search.metric accuracy, not "
+                f"{self.verdict_metric()}; use search.objectives: 1 (matching sparsity, judged on {self.verdict_metric()})"
+            )
         return self
 
     def check_search_space(self) -> None:
@@ -133,6 +138,15 @@ class ExperimentConfig(Section):
                 f"(prune.rewind_steps = {self.prune.rewind_steps}); add them there"
             )
         return self
+
+    def verdict_metric(self) -> str:
+        """`search.metric` with `auto` resolved: perplexity for causal language modelling
+        (data.name text_lm, the one data set whose `Dataset.task` is causal_lm), accuracy for
+        every other data set. The one place the default is decided: the engine's verdict,
+        MLflow's names and the ticket readers all ask here (engine/lineage/metric.py)."""
+        if self.search.metric != "auto":
+            return self.search.metric
+        return "perplexity" if self.data.name == "text_lm" else "accuracy"
 
     # Paths -------------------------------------------------------------------------------
     def output_path(self) -> Path:

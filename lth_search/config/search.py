@@ -98,9 +98,17 @@ class SearchConfig(Section):
         "random start-up sized to the budget; nsga2 for two objectives; all seeded",
     )
     objectives: int = Field(1, ge=1, le=2, description="1: matching sparsity; 2: plus val accuracy at it")
+    metric: Literal["auto", "accuracy", "loss", "perplexity"] = Field(
+        "auto",
+        description="what the verdict judges: accuracy (higher is better; per-example correctness), loss or "
+        "perplexity (lower is better; per-example mean token cross-entropy, perplexity = exp of the mean loss, "
+        "judged on the loss); auto: accuracy for classification data, perplexity for causal-LM data (text_lm)",
+    )
     tolerance: float = Field(
-        0.01, ge=0, lt=1, description="a round matches when the lower confidence bound of its margin (val accuracy "
-        "minus the dense replicates' mean on the same examples) is >= -tolerance; see confidence"
+        0.01, ge=0, lt=1, description="a round matches when the lower confidence bound of its margin (its val metric "
+        "minus the dense replicates' mean on the same examples, signed so that positive is better) is >= -tolerance, "
+        "in the metric's units: accuracy a fraction (0.01 = 1 pp); loss and perplexity nats of mean token loss "
+        "(0.01: ~1 % higher perplexity; below 1, since 1 nat is e times the perplexity); see confidence"
     )
     confidence: float = Field(
         0.9, ge=0.5, lt=1, description="confidence of the verdict's one-sided lower bound: a round truly worse than "

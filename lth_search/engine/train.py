@@ -224,6 +224,29 @@ def example_losses(model: nn.Module, split: Split, batch_size: int = 2000) -> to
     return torch.cat(parts) if parts else torch.empty(0, device=split.x.device)
 
 
+@torch.no_grad()
+def example_scores(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, losses) per example from one forward pass over the split: what `correct` and
+    `example_losses` return, for a stage's evaluation (eval mode; restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    rights, losses = [], []
+    for begin in range(0, len(split), batch_size):
+        logits, targets = model(split.x[begin : begin + batch_size]), split.y[begin : begin + batch_size]
+        loss = nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE)
+        right = logits.argmax(dim=1) == targets
+        if targets.dim() == 2:
+            right = (right | (targets == IGNORE)).all(dim=1)
+            loss = loss.sum(dim=1) / (targets != IGNORE).sum(dim=1).clamp_min(1)
+        rights.append(right)
+        losses.append(loss)
+    model.train(was_training)
+    if not rights:
+        empty = torch.empty(0, device=split.x.device)
+        return empty.bool(), empty
+    return torch.cat(rights), torch.cat(losses)
+
+
 def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     """Top-1 accuracy of `model` on a split (per example, see `correct`)."""
     return float(correct(model, split, batch_size).sum()) / max(len(split), 1)

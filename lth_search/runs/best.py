@@ -6,8 +6,8 @@ best`, `best_ticket()`, the parent run's `best_*` metrics and the registered `@b
 
 A trial's ticket is the last round of its unbroken matching run (the score the search
 optimised, engine/lineage/objective.py), never the luckiest round on its own. The best
-ticket is the trial ticket of highest sparsity (ties: higher val accuracy, then trial id,
-so every reader breaks ties alike), among the trials of the confirmed recipe when there
+ticket is the trial ticket of highest sparsity (ties: the better val value of the search's
+metric, higher accuracy or lower loss, then trial id, so every reader breaks ties alike), among the trials of the confirmed recipe when there
 is one. A lineage whose dense network did not train has no ticket at all.
 """
 
@@ -29,6 +29,16 @@ class TrialTicket:
     choices: dict[str, Any] = field(default_factory=dict)
     failed: bool = False
     """The lineage's dense network did not train: never a ticket."""
+    val_value: float | None = None
+    """The val value of the lineage's metric (engine/lineage/metric.py); None: `val_accuracy`."""
+    higher_is_better: bool = True
+    """The metric's direction: accuracy up; loss and perplexity down."""
+
+    @property
+    def rank_value(self) -> float:
+        """The val value as a tie-break where larger is better, whatever the metric's direction."""
+        value = self.val_accuracy if self.val_value is None else self.val_value
+        return value if self.higher_is_better else -value
 
 
 def best_trial_ticket(tickets: Iterable[TrialTicket], recipe: dict[str, Any] | None = None,
@@ -45,4 +55,4 @@ def best_trial_ticket(tickets: Iterable[TrialTicket], recipe: dict[str, Any] | N
         pool = [t for t in pool if t.choices == recipe] or pool
     if not pool:
         return None
-    return max(pool, key=lambda t: (t.sparsity, t.val_accuracy, t.trial_id))
+    return max(pool, key=lambda t: (t.sparsity, t.rank_value, t.trial_id))

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lth_search.config import ExperimentConfig
-from lth_search.runs.record import TrialRecord
+from lth_search.engine.lineage.metric import metric_named
+from lth_search.runs.record import MatchingRecord, TrialRecord
 
 SELECTION_SEED_BASE = 1_100_000
 REPORT_SEED_BASE = 1_200_000
@@ -78,7 +79,7 @@ def candidates(records: list[TrialRecord], default: dict[str, Any], top_k: int) 
     """The default recipe, then the search's `top_k` best distinct recipes (by score, then val)."""
     ranked = sorted(
         (r for r in records if r.matching is not None),
-        key=lambda r: (r.matching.sparsity, r.matching.val_accuracy),
+        key=lambda r: (r.matching.sparsity, _rank_value(r.matching)),
         reverse=True,
     )
     chosen = [dict(default)]
@@ -88,6 +89,12 @@ def candidates(records: list[TrialRecord], default: dict[str, Any], top_k: int) 
         if not any(_same(record.choices, c) for c in chosen):
             chosen.append(dict(record.choices))
     return chosen
+
+
+def _rank_value(matching: MatchingRecord) -> float:
+    """The val value of the search's metric at the score, larger is better (runs/best.py `rank_value`)."""
+    value = matching.val_accuracy if matching.val_metric is None else matching.val_metric
+    return value if metric_named(matching.metric).higher_is_better else -value
 
 
 @dataclass

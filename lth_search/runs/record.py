@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import (
     DenseResult,
     LineageResult,
@@ -74,6 +75,11 @@ class MatchingRecord:
     round: int
     val_accuracy: float
     test_accuracy: float
+    metric: str = "accuracy"
+    """The metric the lineage was judged on (engine/lineage/metric.py)."""
+    val_metric: float | None = None
+    """`val_<metric>` at the matching round (None for accuracy: `val_accuracy`)."""
+    test_metric: float | None = None
 
 
 @dataclass
@@ -109,7 +115,7 @@ class TrialRecord:
         """The number of the current (latest) attempt."""
         return self.attempts[-1].attempt if self.attempts else 0
 
-    def result(self, tolerance: float, patience: int = 1) -> LineageResult | None:
+    def result(self, tolerance: float, patience: int = 1, metric: str = "accuracy") -> LineageResult | None:
         """The LineageResult the trial had when it wrote this record (None before its dense stage)."""
         if self.dense is None:
             return None
@@ -118,7 +124,8 @@ class TrialRecord:
             RoundResult.from_json(asdict(r)) for r in sorted(self.rounds, key=lambda r: r.round)
             if not keys or r.key in keys
         ]
-        return LineageResult(self.dense, rounds, self.steps_executed, self.steps_reused, tolerance, patience)
+        return LineageResult(self.dense, rounds, self.steps_executed, self.steps_reused, tolerance, patience,
+                             metric=metric)
 
     # Writing (the trial) ----------------------------------------------------------------------
     def begin_attempt(self, node_id: str | None, restored_round: int) -> None:
@@ -141,7 +148,10 @@ class TrialRecord:
         self.dense = result.dense
         self.round_keys = [r.key for r in result.rounds]
         best = result.best
-        self.matching = MatchingRecord(best.sparsity, best.round, best.val_accuracy, result.matching_test_accuracy)
+        metric = metric_named(result.metric)
+        values = result.metric_values(result.matching_stage)
+        self.matching = MatchingRecord(best.sparsity, best.round, best.val_accuracy, result.matching_test_accuracy,
+                                       result.metric, values.get(metric.val_key), values.get(metric.test_key))
         total = result.dense.steps * result.dense.replicates + sum(r.steps for r in result.rounds)
         self.steps_executed = sum(a.steps_executed for a in self.attempts)
         self.steps_reused = max(0, total - self.steps_executed)

@@ -34,6 +34,9 @@ class SearchStatus(str, Enum):
     FINISHED = "finished"
     INTERRUPTED = "interrupted"
     """Stopped before its end (Ctrl-C, a killed driver): `lth-search resume` continues it."""
+    FAILED = "failed"
+    """Stopped by a failure every trial would hit (the store, the data, the config; `failure`
+    says which): once it is fixed, `lth-search resume` continues it."""
 
 
 @dataclass
@@ -51,6 +54,8 @@ class SearchState:
     finished_at: float | None = None
     confirmation: dict[str, Any] | None = None
     """The confirmation's scores and chosen trial (runs/confirmation.py), once it ran."""
+    failure: str | None = None
+    """Why a FAILED search stopped, in one line."""
 
     def __post_init__(self) -> None:
         self.status = SearchStatus(self.status)

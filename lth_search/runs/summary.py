@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.runs.best import TrialTicket, best_trial_ticket
 from lth_search.runs.confirmation import Confirmation, confirmation_lines
 from lth_search.runs.record import TrialRecord, TrialStatus
@@ -18,8 +19,9 @@ def trial_ticket(record: TrialRecord) -> TrialTicket | None:
     if record.matching is None:
         return None
     failed = record.dense is not None and record.dense.failed is not None
-    return TrialTicket(record.trial_id, record.matching.round, record.matching.sparsity,
-                       record.matching.val_accuracy, record.choices, failed)
+    match = record.matching
+    return TrialTicket(record.trial_id, match.round, match.sparsity, match.val_accuracy, record.choices, failed,
+                       match.val_metric, metric_named(match.metric).higher_is_better)
 
 
 def chosen_record(records: list[TrialRecord], confirmation: Confirmation | None) -> TrialRecord | None:
@@ -63,6 +65,12 @@ def summarize(
             "dense_val_accuracy": best.dense.val_accuracy,
             "dense_test_accuracy": best.dense.test_accuracy,
         }
+        metric = metric_named(match.metric)
+        if metric.name != "accuracy":  # the metric the search judged, by name, beside accuracy
+            summary["best"].update({"metric": metric.name, "direction": metric.direction,
+                                    metric.val_key: match.val_metric, metric.test_key: match.test_metric,
+                                    f"dense_{metric.val_key}": metric.val(best.dense),
+                                    f"dense_{metric.test_key}": metric.test(best.dense)})
     summary["confirmation"] = confirmation.to_json() if confirmation is not None else None
     summary.update(extra or {})
     return summary
@@ -88,6 +96,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"best ticket: none matched dense within tolerance; dense val {_pct(best['dense_val_accuracy'])}, "
             f"test {_pct(best['dense_test_accuracy'])}"
+        )
+    elif best.get("metric"):  # judged on loss or perplexity: that metric, by name
+        metric = metric_named(best["metric"])
+        val, test = metric.val_key, metric.test_key
+        lines.append(
+            f"best ticket: trial {best['trial_id']} round {best['round']}: sparsity {_pct(best['matching_sparsity'])}, "
+            f"{val} {metric.format(best[val])} / {test} {metric.format(best[test])} "
+            f"(dense {metric.format(best['dense_' + val])} / {metric.format(best['dense_' + test])}; lower is better)"
         )
     else:
         lines.append(

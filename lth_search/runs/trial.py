@@ -84,6 +84,7 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
             "train_loss": round_result.train_loss, "train_steps_per_s": round_result.train_steps_per_s,
             "reused": round_result.reused,
         }
+    metrics.update(result.metric_values(round_result if round_result is not None else result.dense))
     best = result.best
     metrics[SPARSITY_LEVEL] = sparsity_level(metrics["sparsity"])
     margin = round_result.margin if round_result is not None else None

@@ -25,6 +25,7 @@ from ray import tune
 from lth_search.runs.record import TrialStatus
 from lth_search.search.ray_leases import waiting_trials
 from lth_search.search.space import PRIMARY_METRIC, choices_of
+from lth_search.search.trial_failure import error_text, reason
 
 STATUS_EVERY_S = 10.0
 """Seconds between status lines at first; the gap grows with the search's age (a sixth of it) up
@@ -44,6 +45,13 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Ray's new reporter prints its experiment box even when silent; its old one does not.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbosity > 0 else "0"
+    # A failed trial's 20-line traceback: the console's own line says why (search/trial_failure.py).
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if verbosity > 0 else "0"
+    if verbosity <= 0:  # the same error again, from a result of the stopped trial nobody asked for
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+    else:
+        os.environ.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)
+    _quiet_worker_deaths(verbosity <= 0)
     level = logging.INFO if verbosity > 0 else logging.WARNING
     if verbosity <= 0:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow in trial processes
@@ -95,11 +103,43 @@ def _elapsed(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+_TUNE_NOISE = ("Stop signal received", "Trials did not complete")
+
+
 class _NoTuneRestoreHint(logging.Filter):
-    """Ray Tune's "Resume experiment with: Tuner.restore(...)": lth-search prints its own resume command."""
+    """Ray Tune's "Resume experiment with: Tuner.restore(...)", its "Stop signal received" on an
+    interrupt and its list of unfinished trials: lth-search prints its own resume command, its
+    reason for stopping and which trials did not finish."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tuner.restore(" not in record.getMessage()
+        message = record.getMessage()
+        return "Tuner.restore(" not in message and not message.startswith(_TUNE_NOISE)
+
+
+def _quiet_worker_deaths(quiet: bool) -> None:
+    """Drop the raylet's paragraph on a dead worker (its pid, exit type, OOM advice) from the console.
+
+    The console prints one line for the same event ("trial X failed (its worker process died:
+    ...); Ray retries it"). Ray prints the raylet's error messages from a thread of the driver
+    through `ray._private.worker.print_to_stdstream`, with no setting to turn them off (Ray
+    2.60), so that function is wrapped once; every other raylet message still prints, and -v
+    shows these too. Without the private function (another Ray), nothing is changed.
+    """
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        return
+    original = getattr(original, "_lth_original", original)
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        if quiet and data.get("pid") == "raylet" and any("A worker died or was killed" in line for line in lines):
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream._lth_original = original  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
 
 
 _NO_TUNE_HINT = _NoTuneRestoreHint()
@@ -125,7 +165,8 @@ class SearchConsole(tune.Callback):
         self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.line(f"trial {trial.trial_id} failed; Ray retries it, stored stages are reused")
+        why = reason(error_text(trial))
+        self.line(f"trial {trial.trial_id} failed ({why}); Ray retries it, stored stages are reused")
 
     def ended(self, trial: Any, status: TrialStatus) -> None:
         result = trial.last_result or {}
@@ -140,7 +181,7 @@ class SearchConsole(tune.Callback):
         )
 
     def failed(self, trial: Any) -> None:
-        self.line(f"trial {trial.trial_id} failed after its retries; see {trial.path}")
+        self.line(f"trial {trial.trial_id} failed after its retries ({reason(error_text(trial))}); see {trial.path}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()

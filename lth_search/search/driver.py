@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
-from lth_search.errors import ConfigError
+from lth_search.errors import ConfigError, RuntimeFailure
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.search_lease import SearchLease
@@ -58,6 +58,7 @@ from lth_search.search.space import (
 )
 from lth_search.search.ray_session import check_reachable, check_resources, cluster_address, ray_session
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
+from lth_search.search.trial_failure import SearchFailure
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stage_store import StageStore
 
@@ -95,9 +96,16 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
-    """Trial statuses with their console lines, the console's own events, and Tune's result.json."""
+    """Trial statuses with their console lines, the console's own events, a failure that stops
+    the search (search/trial_failure.py), and Tune's result.json."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
-    return [TrialEvents(cfg, console), console, *result_files()]
+    return [TrialEvents(cfg, console), console, SearchFailure(), *result_files()]
+
+
+def _search_failure(tuner: tune.Tuner) -> str | None:
+    """The message of the failure that stopped this run of the Tuner, if one did."""
+    callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    return next((c.message for c in callbacks if isinstance(c, SearchFailure) and c.message), None)
 
 
 def _tuner(
@@ -187,7 +195,7 @@ def resume_search(
     check_reachable(address)
     with SearchLease(StageStore.from_config(cfg), cfg.name, "resume"), ray_session(address, verbosity):
         observer = _start_tracking(cfg, state, tracking)
-        state.status = SearchStatus.RUNNING
+        state.status, state.failure = SearchStatus.RUNNING, None
         state.save()
         progress(f"resuming search {state.search_id} from {state.results_path}")
         progress(_places(cfg, state))
@@ -249,6 +257,12 @@ def _fit(
         state.status = SearchStatus.INTERRUPTED
         _save_quietly(state)
         raise
+    failure = _search_failure(tuner)
+    if failure is not None:  # resumable: Tune snapshotted every trial as it was (trial_failure.py)
+        state.status, state.failure = SearchStatus.FAILED, failure
+        _save_quietly(state)
+        raise RuntimeFailure(f"search {cfg.name} stopped: {failure} (for this search: "
+                             f"`{_resume_command(cfg, address)}`)")
     trials = ray_trials(grid)
     store = StageStore.from_config(cfg)
     damaged: list[str] = []

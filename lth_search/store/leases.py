@@ -29,6 +29,7 @@ from typing import Protocol
 
 import pyarrow.fs as pafs
 
+from lth_search.errors import os_reason
 from lth_search.store.content_keys import check_key
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ class LeaseService(Protocol):
 
     def release(self, key: str, holder: str) -> None:
         """Give the lease up (no-op unless `holder` holds it)."""
+
+
+_HELD: set[str] = set()
+"""The holders whose lease this process took and has not released: a lease that names this
+process's pid but is not here was left behind (its release failed, e.g. on a store that
+turned read-only) and is as dead as a killed process's."""
 
 
 def new_holder() -> str:
@@ -65,7 +72,7 @@ def dead_here(holder: str) -> int | None:
         return None
     pid = int(pid_text)
     if pid == os.getpid():
-        return None
+        return None if holder in _HELD else pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,6 +93,12 @@ def _takeover_reason(record: dict | None, mtime: float | None, ttl_s: float) -> 
             return f"its holder (pid {pid} on this host) is dead"
         return "it expired" if record["expires"] < time.time() else None
     return "it expired" if mtime is not None and mtime + ttl_s < time.time() else None
+
+
+def _held(holder: str, acquired: bool) -> bool:
+    if acquired:
+        _HELD.add(holder)
+    return acquired
 
 
 def _record(holder: str, ttl_s: float) -> bytes:
@@ -118,6 +131,9 @@ class FileLeaseService:
         return self.dir / f"{check_key(key)}.lease"
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
+        return _held(holder, self._acquire(key, holder, ttl_s))
+
+    def _acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         path = self._path(key)
         for _ in range(3):
             if self._create(path, holder, ttl_s):
@@ -149,6 +165,7 @@ class FileLeaseService:
         return True
 
     def release(self, key: str, holder: str) -> None:
+        _HELD.discard(holder)  # before the delete: if that fails, the lease left behind is stale
         path = self._path(key)
         record, _ = self._read(path)
         if record is not None and record["holder"] == holder:
@@ -247,6 +264,9 @@ class FilesystemLeaseService:
             stream.write(_record(holder, ttl_s))
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
+        return _held(holder, self._acquire(key, holder, ttl_s))
+
+    def _acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         path = self._path(key)
         record = self._read(path)
         if record is not None and record["holder"] != holder:
@@ -268,6 +288,7 @@ class FilesystemLeaseService:
         return True
 
     def release(self, key: str, holder: str) -> None:
+        _HELD.discard(holder)
         path = self._path(key)
         record = self._read(path)
         if record is not None and record["holder"] == holder:
@@ -299,13 +320,16 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        warned = False
+        warned = failing = False
         while not self._stop.wait(self.every_s):
             try:
                 held = self.service.renew(self.key, self.holder, self.ttl_s)
             except Exception as error:  # a flaky filesystem must not kill the computation
-                log.warning("renewing the lease on stage %s failed: %s", self.key, error)
+                if not failing:  # once per streak of failures, not every heartbeat
+                    log.warning("renewing the lease on stage %s failed: %s", self.key[:12], os_reason(error))
+                failing = True
                 continue
+            failing = False
             if not held and not warned:
                 log.warning("lost the lease on stage %s; computing it anyway (another worker may too)", self.key)
                 warned = True

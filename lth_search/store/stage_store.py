@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow.fs as pafs
 
-from lth_search.errors import StoreError, StoreFailure, os_reason
+from lth_search.errors import StoreError, StoreFailure, os_reason, os_remedy
 from lth_search.store.entry import MANIFEST, Check, Corrupt, StageEntry, decode_entry, encode_entry
 from lth_search.store.content_keys import check_key
 from lth_search.store.leases import (
@@ -207,7 +207,7 @@ class StageStore:
         except (OSError, NotImplementedError) as error:  # disk full, read-only, permissions: nothing was published
             raise StoreFailure(
                 f"store {self.uri!r}: cannot publish stage {entry.key[:12]} ({os_reason(error)}); "
-                "stages stored before stay stored: free space and run the command again"
+                f"stages stored before stay stored: {os_remedy(error)} and run the command again"
             ) from None
 
     def _write(self, path: str, data: bytes) -> None:

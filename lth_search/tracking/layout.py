@@ -14,6 +14,7 @@ from lth_search.engine.sparsity_gains import METRICS as GAIN_METRICS
 if TYPE_CHECKING:
     import torch
 
+    from lth_search.engine.lineage.metric import Metric
     from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
 
 # Tags
@@ -22,6 +23,7 @@ TRIAL_ID = "lth.trial_id"
 SEARCH_NAME = "lth.search_name"
 RAY_RESULTS = "lth.ray_results_path"
 TOLERANCE = "lth.tolerance"       # the trial config's search.tolerance (repr of a float)
+METRIC = "lth.metric"             # the metric the verdict judged: accuracy | loss | perplexity (absent: accuracy)
 REWIND_STEP = "lth.rewind_step"
 INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
@@ -92,7 +94,16 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 
-def round_metrics(round_result: "RoundResult") -> dict[str, float]:
+def named_metric(metric: "Metric | None", result: "DenseResult | RoundResult", prefix: str = "") -> dict[str, float]:
+    """The judged metric by its name (`val_loss`, `test_perplexity`; with `prefix`, e.g. `dense_`)
+    when it is not accuracy, which every run logs as `val_accuracy` already."""
+    if metric is None or metric.name == "accuracy":
+        return {}
+    values = {metric.val_key: metric.val(result), metric.test_key: metric.test(result)}
+    return {prefix + key: float(value) for key, value in values.items() if value is not None}
+
+
+def round_metrics(round_result: "RoundResult", metric: "Metric | None" = None) -> dict[str, float]:
     metrics = {
         "val_accuracy": round_result.val_accuracy,
         "test_accuracy": round_result.test_accuracy,
@@ -101,6 +112,7 @@ def round_metrics(round_result: "RoundResult") -> dict[str, float]:
         "train_steps_per_s": round_result.train_steps_per_s,
         "reused": float(round_result.reused),
         "failed": float(round_result.failed is not None),
+        **named_metric(metric, round_result),
     }
     if round_result.matches is not None:  # the paired verdict against the dense replicates
         metrics.update(matches=float(round_result.matches), margin=float(round_result.margin))
@@ -131,13 +143,14 @@ def rescale_metric(layer: str) -> str:
     return f"rescale/{metric_name(layer)}"
 
 
-def dense_metrics(dense: "DenseResult") -> dict[str, float]:
+def dense_metrics(dense: "DenseResult", metric: "Metric | None" = None) -> dict[str, float]:
     return {
         "dense_val_accuracy": dense.val_accuracy,
         "dense_test_accuracy": dense.test_accuracy,
         "dense_train_loss": dense.train_loss,
         "dense_train_steps_per_s": dense.train_steps_per_s,
         "dense_reused": float(dense.reused),
+        **named_metric(metric, dense, "dense_"),
     }
 
 
@@ -152,6 +165,7 @@ def summary_metrics(result: "LineageResult") -> dict[str, float]:
         "rounds_completed": float(len(result.rounds)),
         "lineage_failed": float(result.failed is not None),
     }
+    metrics.update({f"matching_{key}": value for key, value in result.metric_values(result.matching_stage).items()})
     if result.rounds:
         top = max(result.rounds, key=lambda r: (r.val_accuracy, r.sparsity))
         metrics.update(best_val_accuracy=top.val_accuracy, best_val_sparsity=top.sparsity,

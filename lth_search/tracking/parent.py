@@ -38,6 +38,11 @@ def search_metrics(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> d
         )
         if best["dense_val_accuracy"] is not None:
             metrics.update(dense_val_accuracy=best["dense_val_accuracy"], dense_test_accuracy=best["dense_test_accuracy"])
+        if best.get("metric"):  # judged on loss or perplexity: best_matching_val_loss, dense_val_loss, ...
+            for key, value in best.items():
+                if value is not None and key.startswith(("val_", "test_", "dense_val_", "dense_test_")) \
+                        and key.removeprefix("dense_").split("_", 1)[1] == best["metric"]:
+                    metrics[key if key.startswith("dense_") else f"best_matching_{key}"] = float(value)
     return metrics
 
 

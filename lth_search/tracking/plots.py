@@ -107,7 +107,8 @@ def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any]
     axes.set_ylabel("val accuracy (%)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower left", ncol=2)
+    if axes.get_legend_handles_labels()[0]:  # a search with no round yet draws no line to name
+        axes.legend(fontsize=7, loc="lower left", ncol=2)
     return _png(figure)
 
 

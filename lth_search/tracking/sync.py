@@ -82,7 +82,7 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     """Bring one trial's child run up to date; returns what was logged (dense, round_N, summary)."""
     cfg = validate_config(record.config, source=f"trial record {record.trial_id}")
     cfg.tracking = search.cfg.tracking.model_copy()  # where MLflow is now, not where it was
-    result = record.result(cfg.search.tolerance, cfg.prune.patience)
+    result = record.result(cfg.search.tolerance, cfg.prune.patience, cfg.verdict_metric())
     if result is None:
         return []
     tracker = TrialTracker(cfg, search.parent_run_id, record.trial_id, record.choices, search.io,

@@ -55,6 +55,8 @@ def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str
     tags = run.data.tags
     metrics = {key: row[key] for key in ("val_accuracy", "test_accuracy", "sparsity", "dense_val_accuracy",
                                          "dense_test_accuracy", "train_loss", "reused", "tolerance")}
+    metrics.update({key: row[key] for key in row if key in ("metric", "direction")
+                    or key.startswith(("val_", "test_", "dense_val_", "dense_test_")) and key not in metrics})
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in layer_sparsity(mask).items()})
     metrics.update({k: v for k, v in row.items() if k.startswith("inference_") and v is not None})
     return Ticket(

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lth_search.config import ExperimentConfig
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.objective import is_matching
 from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
@@ -34,6 +35,7 @@ from lth_search.tracking.layout import (
     DENSE_TEST,
     DENSE_VAL,
     FAILED,
+    METRIC,
     PARENT,
     ROLE,
     INFERENCE_METRICS,
@@ -161,8 +163,10 @@ def candidate_runs(client: Any, ref: SearchRef) -> list[Any]:
 
 def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
     """The ticket rows of one trial run: every round that has val, test and sparsity."""
-    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *INFERENCE_METRICS)}
     metrics, tags = run.data.metrics, run.data.tags
+    metric = metric_named(tags.get(METRIC))
+    named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
+    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *INFERENCE_METRICS, *named)}
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
@@ -194,6 +198,10 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
             **{_inference_column(key): history[key].get(step) for key in INFERENCE_METRICS},
             "params": params,
         })
+        if named:  # judged on loss or perplexity: the metric by name and direction (accuracy rows stay as they were)
+            rows[-1].update({"metric": metric.name, "direction": metric.direction,
+                             **{key: history[key].get(step) for key in named},
+                             **{f"dense_{key}": metrics.get(f"dense_{key}") for key in named}})
     return rows
 
 
@@ -244,6 +252,8 @@ METRIC_COLUMNS = (
     "train_loss", "train_steps_per_s", "tolerance", "matching", "margin", "failed", "matching_round",
     *(_inference_column(metric) for metric in INFERENCE_METRICS),
 )
+NAMED_METRIC_COLUMNS = ("metric", "direction")
+"""Columns of a search judged on loss or perplexity (then also `val_loss`, `dense_val_loss`, ...)."""
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -262,6 +272,10 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
         column = name if name not in columns and name not in METRIC_COLUMNS else f"param.{name}"
         columns[column] = _column([row["params"].get(name) for row in rows])
     columns.update({name: _column([row[name] for row in rows]) for name in METRIC_COLUMNS})
+    named = [key for key in NAMED_METRIC_COLUMNS if any(key in row for row in rows)]
+    named += sorted({key for row in rows for key in row if key.startswith(("val_", "test_", "dense_val_", "dense_test_"))
+                     and key not in columns and key not in named})
+    columns.update({name: _column([row.get(name) for row in rows]) for name in named})
     return pa.table(columns)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.engine.models import build_model, layer_sizes
 from lth_search.engine.sparsity_gains import measure_gains
@@ -53,6 +54,7 @@ from lth_search.tracking.layout import (
     SEARCH_NAME,
     FAILED,
     STATUS,
+    METRIC,
     TOLERANCE,
     TRAINED_RE,
     TRIAL_ID,
@@ -113,6 +115,8 @@ class TrialTracker:
         self.state = RunState()
         self.logged: list[str] = []
         """What this tracker logged (dense, round_N, summary), for sync's report."""
+        self.metric = metric_named(cfg.verdict_metric())
+        """The metric the verdict judges: logged by its name (`val_loss`, ...) beside accuracy."""
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
@@ -157,7 +161,7 @@ class TrialTracker:
         shape, classes = data_signature(self.cfg.data)
         tags = {
             ROLE: self.role, TRIAL_ID: self.trial_id, SEARCH_NAME: self.cfg.name,
-            TOLERANCE: repr(self.cfg.search.tolerance), REWIND_STEP: str(self.cfg.prune.rewind_step),
+            TOLERANCE: repr(self.cfg.search.tolerance), METRIC: self.metric.name, REWIND_STEP: str(self.cfg.prune.rewind_step),
             INPUT_SHAPE: json.dumps(list(shape)), NUM_CLASSES: str(classes), **self.identity,
             **source_tags(), **self.tags, "mlflow.note.content": run_description(self.cfg, self.role, self.choices),
         }
@@ -213,7 +217,7 @@ class TrialTracker:
         if not self.state.dense:
             ok, _ = self.io.call(f"log the dense stage of trial {self.trial_id}", lambda: self._log_dense_metrics(result))
             self.state.dense = ok
-            self.state.metrics.update(dense_metrics(result.dense) if ok else {})
+            self.state.metrics.update(dense_metrics(result.dense, self.metric) if ok else {})
             self.logged += ["dense"] if ok else []
         step = self.cfg.prune.rewind_step
         if not self.state.rewind and dense_entry is not None:
@@ -235,11 +239,11 @@ class TrialTracker:
             self.io.client.log_inputs(self.run_id, entry)
 
     def _log_dense_metrics(self, result: LineageResult) -> None:
-        self.io.log_values(self.run_id, dense_metrics(result.dense), step=0)
+        self.io.log_values(self.run_id, dense_metrics(result.dense, self.metric), step=0)
         self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
 
     def _log_round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> None:
-        metrics = round_metrics(round_result)
+        metrics = round_metrics(round_result, self.metric)
         metrics.update(self._inference_gains(round_result, entry))
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
         self.io.log_values(self.run_id, metrics, step=round_result.round)

@@ -6,16 +6,21 @@ Two parts, both pure (no Ray, no MLflow):
   by example on the validation split (paired), against the mean of several dense
   networks trained with different seeds on the same split (a replicated baseline), so
   neither the luck of one validation sample nor the luck of one dense run sets the bar.
-  The margin is the ticket's accuracy minus the dense replicates' mean accuracy; its
-  standard error comes from the per-example differences (ticket correct minus the mean
-  of the replicates' correctness), which is what makes the comparison paired: the
-  examples both get right or both get wrong cancel. What pairing cannot remove is the
-  seed noise of training itself (the ticket's and the replicates'); the spread of the
-  replicates' accuracies on the same split measures it, and the verdict's `se` adds it.
-- Failure: a stage whose training loss is not finite, or whose val accuracy is no better
-  than always answering the most common class, did not train. Such a round never
-  matches (it would otherwise "match" a dense network that failed too), and a dense
-  network that failed stops its lineage: there is nothing to be a ticket of.
+  The per-example values are those of the lineage's metric (metric.py): correctness for
+  accuracy (higher is better), per-example losses for loss and perplexity (lower is
+  better). The margin is the ticket's mean minus the dense replicates' mean, signed so
+  that positive is better (for a loss: dense minus ticket); its standard error comes from
+  the per-example differences (ticket minus the mean of the replicates on that example),
+  which is what makes the comparison paired: what both get right, or both find easy,
+  cancels. What pairing cannot remove is the seed noise of training itself (the
+  ticket's and the replicates'); the spread of the replicates' means on the same split
+  measures it, and the verdict's `se` adds it. The tolerance is in the metric's units.
+- Failure: a stage whose training loss is not finite did not train. Nor did a classifier
+  whose val accuracy is no better than always answering the most common class, or a
+  language model whose mean val loss per token is no better than predicting every token
+  of the vocabulary as equally likely (log V nats). Such a round never matches (it would
+  otherwise "match" a dense network that failed too), and a dense network that failed
+  stops its lineage: there is nothing to be a ticket of.
 - The score: the sparsity of the last round of the lineage's unbroken matching run.
   A lineage may miss `patience - 1` rounds in a row and continue its run with a later
   pass; `patience` misses in a row end the run, and no pass after that counts. The
@@ -59,7 +64,8 @@ class Verdict:
     matches: bool
     """The one-sided lower confidence bound of the margin is at least -tolerance."""
     margin: float
-    """Ticket val accuracy minus the dense replicates' mean val accuracy (negative: worse)."""
+    """Ticket val metric minus the dense replicates' mean, signed so that negative is worse
+    (accuracy: ticket - dense; loss: dense - ticket), in the metric's units."""
     se: float
     """Standard error of `margin` as an estimate of the ticket's true gap to dense:
     sqrt(se_paired^2 + seed_sd^2 (1 + 1/k)) for k replicates (seed noise of the ticket
@@ -67,9 +73,9 @@ class Verdict:
     se_paired: float
     """The val-sampling part: from the paired per-example differences."""
     seed_sd: float
-    """Standard deviation of the replicates' val accuracies (training-seed noise; 0 with one)."""
-    dense_val_accuracy: float
-    """The replicates' mean val accuracy: the bar the margin is measured from."""
+    """Standard deviation of the replicates' val means (training-seed noise; 0 with one)."""
+    dense_mean: float
+    """The replicates' mean val value (accuracy or loss): the bar the margin is measured from."""
     lower_bound: float = 0.0
     """margin - z * se, z the normal quantile of the verdict's confidence."""
 
@@ -94,11 +100,14 @@ def is_matching(val_accuracy: float, dense_val_accuracy: float, tolerance: float
     return val_accuracy >= dense_val_accuracy - tolerance - _EPS
 
 
-def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: float, confidence: float) -> Verdict:
-    """Judge a ticket against dense replicates from per-example correctness on the same val split.
+def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: float, confidence: float,
+                   higher_is_better: bool = True) -> Verdict:
+    """Judge a ticket against dense replicates from per-example values on the same val split:
+    correctness (accuracy, `higher_is_better`) or losses (loss and perplexity, lower is better).
 
     A non-inferiority test: matches when the one-sided lower confidence bound of the margin
-    (ticket minus the replicates' mean accuracy), margin - z * se, is at least -tolerance,
+    (ticket minus the replicates' mean, signed so that positive is better), margin - z * se,
+    is at least -tolerance (in the values' units: a fraction of examples, or nats),
     z the normal quantile of `confidence`. So a ticket whose true margin is -tolerance or
     worse passes with probability at most 1 - confidence, and one as good as dense passes
     with probability Phi(tolerance / se - z): size the tolerance to about (z + 1.645) * se
@@ -110,9 +119,11 @@ def paired_verdict(ticket: np.ndarray, dense: Sequence[np.ndarray], tolerance: f
     t = np.asarray(ticket, dtype=np.float64)
     d = np.stack([np.asarray(x, dtype=np.float64) for x in dense])
     if d.shape[1:] != t.shape or t.ndim != 1 or t.size == 0:
-        raise ValueError(f"correctness vectors must have one shared length, got {t.shape} and {d.shape[1:]}")
+        raise ValueError(f"per-example vectors must have one shared length, got {t.shape} and {d.shape[1:]}")
+    if not (np.isfinite(t).all() and np.isfinite(d).all()):
+        return Verdict(False, -math.inf, math.inf, math.inf, math.inf, float(d.mean()), -math.inf)
     bar = d.mean(axis=0)
-    diff = t - bar
+    diff = (t - bar) if higher_is_better else (bar - t)
     margin = float(diff.mean())
     se_paired = float(diff.std(ddof=1) / math.sqrt(t.size)) if t.size > 1 else float("inf")
     k = d.shape[0]
@@ -146,6 +157,27 @@ def training_failure(train_loss: float, val_accuracy: float, chance: float, n: i
     bar = chance + 2 * math.sqrt(max(chance * (1 - chance), 0.0) / max(n, 1))
     if not math.isfinite(val_accuracy) or val_accuracy <= bar:
         return f"val accuracy {100 * val_accuracy:.2f}% is no better than chance ({100 * chance:.2f}%, the most common class)"
+    return None
+
+
+def lm_training_failure(train_loss: float, val_loss: float, vocab_size: int) -> str | None:
+    """Why a language model's stage did not train (None if it did): a non-finite loss, or a
+    mean val loss per token no better than log(vocab_size), the loss of predicting every token
+    the model can output as equally likely (`vocab_size`: its logits, walk.py `Lineage.outputs`).
+
+    The chance test of classifiers does not apply: a causal LM's accuracy (every target token
+    right) is near 0 for any model. The uniform predictor is the untrained reference instead:
+    its loss is exactly log V on every token (no noise to allow for), a fresh random model
+    scores about that, a pretrained one far below, and a diverged one above.
+    """
+    if not math.isfinite(train_loss):
+        return f"training loss is {train_loss}"
+    if not math.isfinite(val_loss):
+        return f"val loss is {val_loss}"
+    uniform = math.log(max(vocab_size, 1))
+    if vocab_size > 1 and val_loss >= uniform:
+        return (f"val loss {val_loss:.4f} is no better than predicting all {vocab_size} tokens as equally likely "
+                f"(log V = {uniform:.4f})")
     return None
 
 

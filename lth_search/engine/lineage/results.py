@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.objective import Matching, matching, run_ended, verdicts
 
 
@@ -37,6 +38,10 @@ class StageResult:
     reused: int
     steps: int
     key: str
+    val_loss: float | None = field(default=None, kw_only=True)
+    """Mean val loss per target token (None: a record from before stages stored it); the val
+    value of the loss metric, exp of it the perplexity (metric.py)."""
+    test_loss: float | None = field(default=None, kw_only=True)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +69,8 @@ class DenseResult(StageResult):
     baseline_test_accuracy: float | None = None
     baseline_val_sd: float = 0.0
     """Standard deviation of the replicates' val accuracies: training-seed noise on this split."""
+    baseline_val_loss: float | None = None
+    """The replicates' mean val loss (the bar of a loss or perplexity verdict)."""
     failed: str | None = None
     """Why the dense network (or a replicate) did not train (None: it did); the lineage then stops."""
 
@@ -107,7 +114,8 @@ class RoundResult(StageResult):
     matches: bool | None = None
     """The paired verdict against the dense replicates (None: not judged, e.g. an old record)."""
     margin: float | None = None
-    """Val accuracy minus the dense replicates' mean val accuracy on the same examples."""
+    """The val metric minus the dense replicates' mean on the same examples, signed so that
+    negative is worse (accuracy: a fraction; loss and perplexity: nats of mean token loss)."""
     margin_se: float | None = None
     """Standard error of `margin`: paired val sampling plus the dense replicates' seed spread."""
     diagnostics: RoundDiagnostics | None = None
@@ -140,6 +148,8 @@ class LineageResult:
     """Why the walk ended: "run_ended", "target_sparsity", "dense_failed" or "cap" ("" while it runs)."""
     kind: str = "imp"
     """The lineage kind (prune.kind, engine/lineage/kinds.py)."""
+    metric: str = "accuracy"
+    """The metric the verdict judged (search.metric resolved, engine/lineage/metric.py)."""
 
     @property
     def failed(self) -> str | None:
@@ -177,6 +187,21 @@ class LineageResult:
         return ""
 
     @property
+    def matching_stage(self) -> StageResult:
+        """The stage of the score: the matching round, or the dense network when none matched."""
+        best = self.best
+        return next((r for r in self.rounds if r.round == best.round), self.dense)
+
+    def metric_values(self, stage: StageResult) -> dict[str, float]:
+        """`val_<metric>` and `test_<metric>` of a stage, by the lineage's metric (none for
+        accuracy, whose `val_accuracy` every reader has already)."""
+        metric = metric_named(self.metric)
+        if metric.name == "accuracy":
+            return {}
+        values = {metric.val_key: metric.val(stage), metric.test_key: metric.test(stage)}
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+    @property
     def matching_test_accuracy(self) -> float:
         """Test accuracy at the matching round: reported, never selected on."""
         best = self.best
@@ -192,6 +217,7 @@ class LineageResult:
         best = self.best
         return {
             "kind": self.kind,
+            "metric": self.metric,
             "dense": self.dense.to_json(),
             "rounds": [r.to_json() for r in self.rounds],
             "steps_executed": self.steps_executed,

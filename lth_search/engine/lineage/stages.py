@@ -44,13 +44,16 @@ from lth_search.engine.pruning import (
     sparsity,
 )
 from lth_search.engine.structured_pruning import channel_chain, structured_round
-from lth_search.engine.train import TrainResult, correct as correct_examples, evaluate, resolved_recipe
+from lth_search.engine.text_data import IGNORE
+from lth_search.engine.train import TrainResult, example_scores, resolved_recipe
 from lth_search.errors import ConfigError
 from lth_search.store.entry import Check, StageEntry
 
 PROBE_SIZE = 1024
 """Training inputs the `calibrated` rescale measures activation variance on."""
-DENSE_METRICS = ("val_accuracy", "test_accuracy", "train_loss", "train_steps_per_s", "steps")
+DENSE_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "train_loss", "train_steps_per_s", "steps")
+VAL_VALUES = "val"
+"""The weight set holding per-example val values: `loss` (float32, one per example; see `_evaluate`)."""
 ROUND_METRICS = (*DENSE_METRICS, "sparsity", "layer_sparsity")
 
 
@@ -216,13 +219,14 @@ class Stages:
             return PackMember(fresh.state_dict(), self.data, member_seed, 0, self.total_steps, snapshot_steps=kept)
 
         def finish(result: TrainResult) -> StageEntry:
-            metrics = {**self._evaluate(result), "sparsity": 0.0}
+            metrics, val_values = self._evaluate(result)
+            metrics["sparsity"] = 0.0
             weights = {f"rewind_{k}": result.snapshots[k] for k in kept}
-            weights["end"] = result.state
+            weights["end"], weights[VAL_VALUES] = result.state, val_values
             return StageEntry(key=key, kind="dense", inputs=inputs, metrics=metrics, weights=weights,
                               provenance=self.provenance)
 
-        weights = ["end", *(f"rewind_{k}" for k in kept)]
+        weights = ["end", VAL_VALUES, *(f"rewind_{k}" for k in kept)]
         return StageJob(key, self.store, member, finish, needs(weights, [], DENSE_METRICS))
 
     def dense_stage(self, seed: int | None = None) -> tuple[StageEntry, bool]:
@@ -252,13 +256,15 @@ class Stages:
 
         def finish(result: TrainResult) -> StageEntry:
             mask = prepared["mask"]
-            metrics = {**self._evaluate(result), "sparsity": sparsity(mask), "round": round_index,
-                       "layer_sparsity": layer_sparsity(mask), "rescale": prepared["factors"]}
-            return StageEntry(key=key, kind=kind, inputs=inputs, metrics=metrics, weights={"end": result.state},
+            metrics, val_values = self._evaluate(result)
+            metrics.update(sparsity=sparsity(mask), round=round_index, layer_sparsity=layer_sparsity(mask),
+                           rescale=prepared["factors"])
+            return StageEntry(key=key, kind=kind, inputs=inputs, metrics=metrics,
+                              weights={"end": result.state, VAL_VALUES: val_values},
                               masks={"mask": {name: m.to("cpu") for name, m in mask.items()}},
                               provenance=self.provenance)
 
-        return StageJob(key, self.store, member, finish, needs(["end"], ["mask"], ROUND_METRICS))
+        return StageJob(key, self.store, member, finish, needs(["end", VAL_VALUES], ["mask"], ROUND_METRICS))
 
     def next_mask(self, parent: StageEntry) -> Mask:
         """The mask of the round after `parent` (dense or a round): prune its end weights."""
@@ -274,16 +280,39 @@ class Stages:
             return calibrated_factors(self.model, rewind, mask, self.data.train.x[:PROBE_SIZE])
         return rescale_factors(rewind, mask, self.cfg.prune.init_scale)
 
-    def _evaluate(self, result: TrainResult) -> dict[str, Any]:
-        """The metrics of a finished training: val (per example, for the paired verdict), test, loss."""
+    def _evaluate(self, result: TrainResult) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The metrics of a finished training (val and test accuracy and mean loss, the per-example
+        val correctness bits, the training loss) and the per-example val losses (a weight set).
+
+        Both per-example vectors are stored for every stage, whatever the lineage's metric, so
+        the metric a verdict judges (metric.py) is not a stage key input."""
         self.model.load_state_dict(result.state)
         batch = self.cfg.train.eval_batch_size
-        correct = correct_examples(self.model, self.data.val, batch).cpu().numpy()
-        return {
+        val_correct, val_losses = split_scores(self.model, self.data.val, batch)
+        test_correct, test_losses = split_scores(self.model, self.data.test, batch)
+        correct = val_correct.cpu().numpy()
+        metrics = {
             "val_accuracy": float(correct.mean()) if correct.size else 0.0,
-            "test_accuracy": evaluate(self.model, self.data.test, batch),
+            "test_accuracy": float(test_correct.sum()) / max(len(self.data.test), 1),
+            "val_loss": float(val_losses.double().mean()) if val_losses.numel() else 0.0,
+            "test_loss": float(test_losses.double().mean()) if test_losses.numel() else 0.0,
             "val_correct": {"n": int(correct.size), "bits": pack_correct(correct)},
             "train_loss": result.train_loss,
             "train_steps_per_s": result.steps_per_s,
             "steps": result.steps,
         }
+        return metrics, {"loss": val_losses.to("cpu", torch.float32).contiguous()}
+
+
+def split_scores(model: nn.Module, split: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of a split: (correct, its share of the split's mean loss per target token).
+
+    The share is a class's cross-entropy; for next-token targets, the sum of the example's
+    token losses times N / the split's target tokens. So the shares' mean is the split's
+    token-weighted mean loss (what language models report), and two models scored on the
+    same split pair example by example (same tokens, same weights)."""
+    correct, losses = example_scores(model, split, batch)
+    if split.y.dim() == 1:
+        return correct, losses
+    tokens = (split.y != IGNORE).sum(dim=1).to(losses.dtype)
+    return correct, losses * tokens * (len(split) / tokens.sum().clamp_min(1))

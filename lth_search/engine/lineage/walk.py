@@ -24,22 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from typing import TYPE_CHECKING, Any, Callable
+
+import torch
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset, load_dataset, resolve_device
 from lth_search.engine.lineage import keys
 from lth_search.engine.lineage.kinds import Kind, kind_of
+from lth_search.engine.lineage.metric import Metric, metric_named
 from lth_search.engine.lineage.objective import (
     Verdict,
     chance_level,
+    lm_training_failure,
     paired_verdict,
     training_failure,
     unpack_correct,
 )
 from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
-from lth_search.engine.lineage.stages import MemoryStages, StageJob, Stages, StageSource
+from lth_search.engine.lineage.stages import VAL_VALUES, MemoryStages, StageJob, Stages, StageSource
 from lth_search.store.entry import StageEntry
 
 if TYPE_CHECKING:
@@ -77,9 +82,21 @@ class Lineage(Stages):
         """The IMP lineage's stages a kind trained at IMP's sparsities is walked against."""
         self.diagnose: Callable[[StageEntry, StageEntry], "RoundDiagnostics"] | None = None
         """Called with (dense, round stage) for each round's diagnostics (probes.py `attach_probes`)."""
+        self.metric: Metric = metric_named(cfg.verdict_metric())
+        """What the verdict judges (search.metric; auto follows the data's task)."""
         val = self.data.val
-        self.chance = chance_level(val.y.cpu().numpy())
+        self.language_model = self.data.task == "causal_lm"
+        self.chance = 0.0 if self.language_model else chance_level(val.y.cpu().numpy())
+        self.outputs = self._outputs() if self.language_model else self.data.num_classes
+        """Tokens the model predicts among (a language model's logits): the uniform prediction's loss is log of it."""
         self.val_size = len(val)
+
+    def _outputs(self) -> int:
+        """How many tokens the model's logits cover (at least the tokenizer's vocabulary): a
+        checkpoint's output layer is often larger than the tokenizer (padded, or another tokenizer)."""
+        with torch.no_grad():
+            logits = self.model(self.data.val.x[:1])
+        return max(int(logits.shape[1]), self.data.num_classes)
 
     @property
     def label(self) -> str:
@@ -98,15 +115,24 @@ class Lineage(Stages):
         return out
 
     def judge(self, entry: StageEntry) -> Verdict:
-        """The paired verdict of a stage against the dense replicates."""
+        """The paired verdict of a stage against the dense replicates, on the lineage's metric."""
         search = self.cfg.search
-        return paired_verdict(_correct(entry), [_correct(d) for d in self.replicates], search.tolerance, search.confidence)
+        values = _losses if self.metric.judges_loss else _correct
+        return paired_verdict(values(entry), [values(d) for d in self.replicates], search.tolerance,
+                              search.confidence, self.metric.higher_is_better)
 
     def failure(self, entry: StageEntry) -> str | None:
-        """Why `entry` did not train, if it did not (objective.py `training_failure`)."""
+        """Why `entry` did not train, if it did not: a language model against the uniform
+        prediction's loss (objective.py `lm_training_failure`), a classifier against chance
+        (`training_failure`), whatever the metric judged."""
         metrics = entry.metrics
-        return training_failure(float(metrics["train_loss"]), float(metrics["val_accuracy"]), self.chance,
-                                self.val_size)
+        if self.language_model:
+            return lm_training_failure(float(metrics["train_loss"]), float(metrics["val_loss"]), self.outputs)
+        why = training_failure(float(metrics["train_loss"]), float(metrics["val_accuracy"]), self.chance,
+                               self.val_size)
+        if why is None and self.metric.judges_loss and not math.isfinite(float(metrics["val_loss"])):
+            return f"val loss is {metrics['val_loss']}"
+        return why
 
     def run(self, on_round: Callable[[RoundResult, LineageResult], None] | None = None,
             on_dense: Callable[[LineageResult], None] | None = None) -> LineageResult:
@@ -126,7 +152,7 @@ class Lineage(Stages):
         result = LineageResult(
             dense=DenseResult.from_stage(own.metrics, own.key, reused), rounds=[], steps_executed=0,
             steps_reused=0, tolerance=self.cfg.search.tolerance, patience=self.cfg.prune.patience,
-            target_sparsity=self.cfg.prune.target_sparsity, kind=self.kind.name,
+            target_sparsity=self.cfg.prune.target_sparsity, kind=self.kind.name, metric=self.metric.name,
         )
         for entry, entry_reused in dense:
             result.count(int(entry.metrics["steps"]), entry_reused)
@@ -165,9 +191,9 @@ class Lineage(Stages):
         result.count(round_result.steps, reused)
         if r == 1 and verdict.se > 0 and self.cfg.search.tolerance < 2 * verdict.se:
             log.info(
-                "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f): matching is "
+                "search.tolerance %.4f is below twice the verdict's noise (standard error %.4f, %s): matching is "
                 "close to a coin flip; raise data.val_size or prune.dense_replicates, or the tolerance",
-                self.cfg.search.tolerance, verdict.se,
+                self.cfg.search.tolerance, verdict.se, self.metric.name,
             )
         stop = result.should_stop() if self.stop_at_run_end else ""
         result.stop_reason = stop or ("cap" if r >= self.rounds else "")
@@ -231,6 +257,11 @@ def _correct(entry: StageEntry) -> Any:
     return unpack_correct(packed["bits"], packed["n"])
 
 
+def _losses(entry: StageEntry) -> Any:
+    """A stage's per-example val losses (stages.py `split_scores`: their mean is `val_loss`)."""
+    return entry.weights[VAL_VALUES]["loss"].double().numpy()
+
+
 def _baseline(replicates: list[StageEntry]) -> dict[str, Any]:
     """What the result says about the replicated dense baseline (beside the own dense's metrics)."""
     vals = [r.metrics["val_accuracy"] for r in replicates]
@@ -241,6 +272,7 @@ def _baseline(replicates: list[StageEntry]) -> dict[str, Any]:
         "baseline_val_accuracy": sum(vals) / len(vals),
         "baseline_test_accuracy": sum(r.metrics["test_accuracy"] for r in replicates) / len(replicates),
         "baseline_val_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "baseline_val_loss": sum(r.metrics["val_loss"] for r in replicates) / len(replicates),
     }
 
 
