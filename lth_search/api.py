@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lth_search.config import ExperimentConfig, load_config
+from lth_search.errors import ConfigError
 from lth_search.engine.lineage.stages import MemoryStages
 from lth_search.engine.data import load_dataset
 from lth_search.engine.models import check_parts
@@ -91,14 +92,19 @@ def compare(
     use_store: bool = True,
     track: bool = True,
     progress: Progress = _quiet,
+    structures: Sequence[str] = (),
 ) -> Any:
     """`lth-search compare`: lineage kinds at the IMP lineage's sparsities, no Ray.
+
+    `structures` (prune.structure values) adds IMP pruned with each, tabled against
+    unstructured IMP at equal parameter counts.
 
     Writes the table, the plot (accuracy vs remaining weights, a line per kind, seeds as
     bands), compare.json and compare.csv to `out` (default <output_dir>/compare/<name>)
     and logs one MLflow run. Returns the compare.CompareResult.
     """
     from lth_search.compare import run_compare, write_outputs
+    from lth_search.config.prune import check_structure
     from lth_search.engine.lineage.kinds import check_kinds
     from lth_search.runs.trial import limit_resources
     from lth_search.tracking.plots import compare_plot
@@ -111,7 +117,12 @@ def compare(
     store = open_store(cfg) if use_store else None
     progress(f"compare {cfg.name}: kinds {','.join(kinds)}; seeds {','.join(map(str, seeds))}; "
              f"{cfg.prune.rounds} IMP rounds; stages in {cfg.store_uri() if use_store else 'memory'}")
-    result = run_compare(cfg, kinds, seeds, store, progress)
+    for structure in structures:
+        try:
+            check_structure(structure)
+        except ValueError as error:
+            raise ConfigError(f"--structures: {error}") from None
+    result = run_compare(cfg, kinds, seeds, store, progress, structures)
     summary = [vars(row) for row in result.summary()]
     png = compare_plot(summary, result.dense_mean(), f"{cfg.name}: {len(seeds)} seed(s)")
     folder = write_outputs(result, out or cfg.output_path() / "compare" / cfg.name, png)

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--kinds", default=",".join(KINDS),
                          help=f"comma-separated kinds (default all: {','.join(KINDS)})")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    compare.add_argument("--structures", help="comma-separated prune.structure values (e.g. channel,2:4): IMP pruned "
+                         "with each, tabled against unstructured IMP at equal parameter counts")
     compare.add_argument("--out", help="folder for table.txt, the plot, compare.json/csv "
                          "(default <output_dir>/compare/<name>)")
     compare.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "above this sparsity (a fraction: 0.9 = 90%% pruned)",
     )
     best.add_argument("--out", help="write the ticket (mask, weights, config) to this folder")
+    best.add_argument("--format", choices=("dense", "csr", "bsr", "structured"),
+                      help="with --out: also write the trained network in this form (CSR/BSR sparse layers, or "
+                           "structured: a smaller dense network) with load_ticket.py, a loader needing torch alone")
 
     tickets = commands.add_parser("tickets", help="every ticket (trial-round) of a search")
     _add_tracking_args(tickets)
@@ -204,6 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(
         args.config, kinds, _int_list(args.seeds, "--seeds"), args.overrides, out=args.out,
         use_store=not args.no_store, track=not args.no_track, progress=_print_progress,
+        structures=[s.strip() for s in (args.structures or "").split(",") if s.strip()],
     )
     print(json.dumps(result.to_json()) if args.json else result.table())
     return 0
@@ -256,18 +262,24 @@ def _search_exit(summary: dict[str, Any], as_json: bool) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from lth_search.api import best_ticket
+    from lth_search.ticket_forms import export_ticket
     from lth_search.tickets import FILES, describe_ticket
 
     if args.out is not None:
         check_location(args.out, "--out")
+    elif args.format is not None:
+        raise ConfigError("--format needs --out DIR: the folder to write the ticket in that form")
     ticket = best_ticket(
         experiment=args.experiment, search_run_id=args.search_run_id, max_accuracy_drop=args.max_drop,
         min_sparsity=args.min_sparsity, tracking_uri=args.tracking_uri,
     )
-    saved = ticket.save(args.out) if args.out else None
+    saved = export_ticket(ticket, args.out, args.format) if args.out else None
     print(json.dumps(ticket.summary()) if args.json else describe_ticket(ticket))
     if saved is not None and not args.json:
         print(f"  ticket files ({', '.join(p.name for p in sorted(saved.iterdir()) if p.name in FILES)}) in {saved}")
+        if args.format is not None:
+            print(f"  {args.format} form: model.json + weights.safetensors; load with torch alone: "
+                  f"cd {saved} && python -c 'import load_ticket; net = load_ticket.load()'")
     return 0
 
 

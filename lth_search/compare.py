@@ -94,6 +94,32 @@ class CompareResult:
                                       max(test), statistics.mean(signs) if signs else None))
         return out
 
+    def at_equal_counts(self) -> list[str]:
+        """Each structured IMP round beside unstructured IMP at the same sparsity (equal parameter
+        counts): unstructured accuracy interpolated linearly in sparsity between its rounds
+        (the dense network at 0), mean over seeds."""
+        summary = self.summary()
+        dense = self.dense_mean()
+        base = [(0.0, dense["val_accuracy"], dense["test_accuracy"])] + [
+            (r.sparsity, r.val_mean, r.test_mean) for r in summary if r.kind == "imp"]
+        lines = []
+        for row in (r for r in summary if r.kind.startswith("imp_")):
+            if row.sparsity > base[-1][0] + 1e-9:
+                lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  test {100 * row.test_mean:5.2f}"
+                             f"  vs unstructured: beyond its sparsest round ({100 * base[-1][0]:.2f}%)")
+                continue
+            upper = next(i for i, point in enumerate(base) if point[0] >= row.sparsity - 1e-12)
+            low, high = base[max(upper - 1, 0)], base[upper]
+            t = 0.0 if high[0] == low[0] else (row.sparsity - low[0]) / (high[0] - low[0])
+            val, test = (low[1] + t * (high[1] - low[1]), low[2] + t * (high[2] - low[2]))
+            lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  val {100 * row.val_mean:5.2f} vs "
+                         f"{100 * val:5.2f}  test {100 * row.test_mean:5.2f} vs {100 * test:5.2f}  "
+                         f"({100 * (row.test_mean - test):+.2f} pp test)")
+        if not lines:
+            return []
+        return ["structured vs unstructured IMP at equal parameter counts (unstructured interpolated in sparsity):",
+                *lines]
+
     def dense_mean(self) -> dict[str, float]:
         values = list(self.dense.values())
         return {split: statistics.mean(v[split] for v in values) for split in ("val_accuracy", "test_accuracy")}
@@ -114,7 +140,7 @@ class CompareResult:
                 f"{_span(row.val_mean, row.val_min, row.val_max):<22} {_span(row.test_mean, row.test_min, row.test_max):<22} "
                 f"{rho}"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + self.at_equal_counts())
 
     def _barrier_lines(self) -> list[str]:
         steps = sorted({k for barriers in self.dense_barriers.values() for k in barriers})
@@ -153,9 +179,14 @@ def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return validate_config(data, source="compare seeds")
 
 
+def structure_kind(structure: str) -> str:
+    """The row label of IMP pruned with `structure` (`imp_channel`, `imp_block_4`, `imp_2_4`): MLflow-safe."""
+    return "imp_" + structure.replace(":", "_")
+
+
 def run_compare(
     cfg: ExperimentConfig, kinds: Sequence[str], seeds: Sequence[int], store: StageSource | None = None,
-    progress: Progress = lambda _: None,
+    progress: Progress = lambda _: None, structures: Sequence[str] = (),
 ) -> CompareResult:
     """Run every kind for every seed (stages through `store`) and collect the rows.
 
@@ -187,8 +218,20 @@ def run_compare(
             _add_rows(result, kind, seed, lineage_result, progress)
         if cfg.diagnostics.stability_steps:
             result.dense_barriers[seed] = dense_barriers(imp[index], cfg.diagnostics.stability_steps, progress)
+    for structure in [s for s in dict.fromkeys(structures) if s != cfg.prune.structure]:
+        label = structure_kind(structure)
+        result.kinds.append(label)
+        shaped = [with_structure(c, structure) for c in configs]
+        for seed, lineage_result in zip(seeds, walk(lineages_for(shaped, counting, ["imp"] * len(shaped)))):
+            _add_rows(result, label, seed, lineage_result, progress)
     result.steps_executed, result.steps_reused = counting.executed, counting.reused
     return result
+
+
+def with_structure(cfg: ExperimentConfig, structure: str) -> ExperimentConfig:
+    data = cfg.model_dump()
+    data["prune"]["structure"] = structure
+    return validate_config(data, source="compare --structures")
 
 
 def _add_rows(result: CompareResult, kind: str, seed: int, lineage_result: LineageResult, progress: Progress) -> None:

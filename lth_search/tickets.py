@@ -29,7 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
@@ -160,12 +160,17 @@ class Ticket:
             "criterion": self.criterion,
             "rewind_step": self.rewind_step,
             "init_scale": self.config.prune.init_scale,
+            "inference": {k.removeprefix("inference_"): v for k, v in self.metrics.items() if k.startswith("inference_")},
             **self.extra,
         }
 
     # Files ------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, form: Callable[[Path], None] | None = None,
+             trained: bool = True) -> Path:
         """Write the standard files (`FILES`): safetensors a PyTorch user loads directly, JSON card.
+
+        `form(staging)` adds the trained network in an inference form (ticket_forms.py), in
+        which case `trained` False leaves the dense `trained.safetensors` out.
 
         All files are written into a staging folder beside `directory` and moved in
         together, so a failure (no permission, disk full) leaves no partial ticket; an
@@ -180,7 +185,7 @@ class Ticket:
             "rewind.safetensors": safetensors.torch.save(_contiguous(rewound)),
             "config.json": json.dumps(self.config.model_dump(mode="json"), indent=2).encode(),
         }
-        if self.trained_weights is not None:
+        if self.trained_weights is not None and trained:
             files["trained.safetensors"] = safetensors.torch.save(_contiguous(self.trained_weights))
         card = {**self.summary(), "metrics": self.metrics, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "rescale_applied": self.rescale,
@@ -193,6 +198,8 @@ class Ticket:
             staging.mkdir()
             for name, data in files.items():
                 (staging / name).write_bytes(data)
+            if form is not None:
+                form(staging)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)
@@ -348,6 +355,11 @@ def describe_ticket(ticket: Ticket) -> str:
     drop = "" if dense_val is None else f" ({100 * (m['val_accuracy'] - dense_val):+.2f} pp vs dense {100 * dense_val:.2f}%)"
     test = "" if dense_test is None else f" (dense {100 * dense_test:.2f}%)"
     registered = ticket.extra.get("model_uri")
+    gains = ticket.summary()["inference"]
+    inference = [] if not {"latency_b1", "latency_batch", "export_bytes"} <= set(gains) else [
+        f"  inference as CSR (one CPU thread, ratios to dense): time x{gains['latency_b1']:.2f} at batch 1, "
+        f"x{gains['latency_batch']:.2f} at batch {ticket.config.tracking.serve_batch}; "
+        f"{gains['export_bytes'] / 1024:.1f} kB vs {gains.get('dense_bytes', 0) / 1024:.1f} kB dense"]
     named = ticket.metric_summary()
     if named:  # judged on loss or perplexity: that metric first, by name and direction
         metric = metric_named(named["metric"])
@@ -361,6 +373,7 @@ def describe_ticket(ticket: Ticket) -> str:
         f"  sparsity {100 * ticket.sparsity:.2f}%  ({100 * (1 - ticket.sparsity):.2f}% of prunable weights remain)",
         *lines,
         f"  choices: {_choices(ticket.params) or '(none searched)'}; rewind to step {ticket.rewind_step}",
+        *inference,
         f"  MLflow run {ticket.run_id}",
         f"  in Python: t = best_ticket(experiment={ticket.experiment!r}); t.trained_model() (inference), "
         f"t.rewound_model() (to retrain)",

@@ -82,6 +82,7 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
         "prune.patience": 99,
         "output_dir": str(output_dir),
         "tracking.enabled": "false",
+        "tracking.measure_inference": "false",  # tracked_search measures it; the rest need not pay for it
     }
     values.update({key.replace("__", "."): value for key, value in extra.items()})
     return [f"{key}={value}" for key, value in values.items()]
@@ -132,7 +133,8 @@ def tracked_search(ray_local, data_root, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("tracked_search")
     cfg = search_config(data_root, tmp, {
         "name": "tracked", "search.space.rate": "[0.2, 0.4]", "search.asha.enabled": "false",
-        "search.tolerance": 0.02, "tracking.enabled": "true",
+        "search.tolerance": 0.02, "tracking.enabled": "true", "tracking.measure_inference": "true",
+        "tracking.inference_budget_s": 0.05,
     })
     lines: list[str] = []
     summary = run_search(cfg, progress=lines.append)

@@ -181,3 +181,49 @@ def test_manifest_checksum_detects_any_change() -> None:
         decode_manifest(data.replace(b"0.6512", b"0.9512"))
     with pytest.raises(ValueError, match="not a manifest"):
         decode_manifest(data[:-10])
+
+
+def test_pruned_weights_cost_their_non_zeros_and_decode_bit_exact() -> None:
+    """Issue 23: a 90 %-sparse round's weights take at most 0.25x the dense bytes, still safetensors."""
+    import safetensors.torch
+
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=generator) for name, shape in
+             {"hidden.0.weight": (300, 784), "hidden.0.bias": (300,), "hidden.1.weight": (100, 300),
+              "hidden.1.bias": (100,), "output.weight": (10, 100), "output.bias": (10,)}.items()}
+    for name in ("hidden.0.weight", "hidden.1.weight", "output.weight"):  # as training masks: -0.0 where w < 0
+        state[name] = state[name] * (torch.rand(state[name].shape, generator=generator) >= 0.9)
+    assert torch.signbit(state["hidden.1.weight"][state["hidden.1.weight"] == 0]).any()
+    state["hidden.0.weight"][0, :3] = torch.tensor([-0.0, float("nan"), float("inf")])
+    data = encode_weights(state)
+    dense = len(encode_weights({k: v + 1000.0 for k, v in state.items()}))  # same shapes, no zeros: stored dense
+    assert len(data) <= 0.25 * dense, (len(data), dense)
+    decoded = decode_weights(data)
+    assert list(decoded) == sorted(state) or set(decoded) == set(state)
+    for name, tensor in state.items():
+        assert decoded[name].shape == tensor.shape
+        assert decoded[name].view(torch.int32).tolist() == tensor.view(torch.int32).tolist(), name
+    assert torch.count_nonzero(decoded["hidden.1.weight"][state["hidden.1.weight"] == 0]) == 0
+    parts = safetensors.torch.load(data)  # any safetensors reader: values and bits, the bias as it is
+    assert parts["hidden.0.weight::bits"].dtype == torch.uint8 and "hidden.0.bias" in parts
+    assert encode_weights(dict(reversed(list(state.items())))) == data  # deterministic: order and all
+
+
+@pytest.mark.parametrize("damage", ["values", "bits", "shape"])
+def test_inconsistent_sparse_weights_are_refused(damage: str) -> None:
+    import json as json_module
+
+    import safetensors.torch
+
+    weight = torch.zeros(64, 64)
+    weight[::7, ::5] = 1.5
+    parts = safetensors.torch.load(encode_weights({"w": weight}))
+    metadata = {"lth_sparse": json_module.dumps({"w": [64, 64]})}
+    if damage == "values":
+        parts["w::values"] = parts["w::values"][:-1]
+    elif damage == "bits":
+        parts["w::bits"] = parts["w::bits"][:-1]
+    else:
+        metadata = {"lth_sparse": json_module.dumps({"w": [64, 65]})}
+    with pytest.raises(ValueError, match="sparse weight 'w'"):
+        decode_weights(safetensors.torch.save(parts, metadata=metadata))

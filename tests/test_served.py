@@ -96,27 +96,44 @@ def _bare_venv() -> Path:
 
 
 BARE_SCRIPT = """
-import importlib.util, sys
+import importlib.util, json, sys
 import numpy as np
 import mlflow
 assert importlib.util.find_spec("lth_search") is None, "lth_search is importable here"
 model = mlflow.pyfunc.load_model("models:/tracked@best")
 np.save(sys.argv[2], model.predict(np.load(sys.argv[1], allow_pickle=False)))
 print(sorted(m for m in sys.modules if m.startswith("lth")))
+# the CSR export of `best --out DIR --format csr`, by its own loader (torch alone)
+import torch
+sys.path.insert(0, sys.argv[3])
+import load_ticket
+net, spec = load_ticket.load(), json.load(open(sys.argv[3] + "/model.json"))
+norm = spec["normalization"]
+x = (torch.tensor(np.load(sys.argv[1]), dtype=torch.float32) - torch.tensor(norm["mean"])) / torch.tensor(norm["std"])
+with torch.no_grad():
+    np.save(sys.argv[4], net(x).argmax(1).numpy())
+print(sorted({type(m).__name__ for m in net.modules()}))
 """
 
 
 def test_registered_model_loads_where_lth_search_is_not_installed(served, tmp_path, monkeypatch):
     python = _bare_venv()
     np.save(tmp_path / "x.npy", served["x_test"])
+    done = subprocess.run([LTH_SEARCH, "best", "--tracking-uri", served["cfg"].tracking_uri(), "--experiment", "tracked",
+                           "--out", str(tmp_path / "csr"), "--format", "csr"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(MLFLOW_TRACKING_URI=served["cfg"].tracking_uri(), PYTHONNOUSERSITE="1")
-    done = subprocess.run([str(python), "-c", BARE_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+    done = subprocess.run([str(python), "-c", BARE_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                           str(tmp_path / "csr"), str(tmp_path / "csr.npy")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['lth_portable', 'lth_portable.architectures', " \
-                                                  "'lth_portable.ticket_model']"  # the bundled code, nothing else
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "['lth_portable', 'lth_portable.architectures', 'lth_portable.sparse', " \
+                        "'lth_portable.ticket_model']"  # the bundled code, nothing else
+    assert "SparseLinear" in lines[-1]  # the CSR export runs sparse layers
     there = np.load(tmp_path / "y.npy", allow_pickle=False)
+    assert np.array_equal(np.load(tmp_path / "csr.npy", allow_pickle=False), there)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served["cfg"].tracking_uri())
     here = mlflow.pyfunc.load_model("models:/tracked@best").predict(served["x_test"])
     assert np.array_equal(there, here)
@@ -205,3 +222,21 @@ def test_mlflow_shows_data_set_model_series_and_provenance(served):
         assert (row["weights"], row["kept"]) == (kept.numel(), int(kept.sum()))
     assert sum(r["weights"] - r["kept"] for r in layers) / sum(r["weights"] for r in layers) == \
         pytest.approx(ticket.sparsity, abs=1e-6)
+
+
+def test_what_the_sparsity_buys_is_in_the_table_and_best_json(served):
+    """Issue 23: per round, non-zeros, CSR export bytes, latency and peak memory against dense."""
+    cfg, ticket = served["cfg"], served["ticket"]
+    gains = ticket.summary()["inference"]  # what `best --json` prints
+    dense = ticket.trained_model()
+    assert gains["nonzero_params"] == sum(int(torch.count_nonzero(p)) for p in dense.parameters())
+    assert 0 < gains["export_bytes"] < gains["dense_bytes"]
+    assert all(gains[k] > 0 for k in ("latency_b1", "latency_batch", "peak_memory"))
+    client = MlflowClient(cfg.tracking_uri())
+    table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, served["summary"]["parent_run_id"], "tickets.csv")))
+    assert {"inference_latency_b1", "inference_export_bytes"} <= set(table.column_names)
+    sparsities, sizes = table.column("sparsity").to_pylist(), table.column("inference_export_bytes").to_pylist()
+    assert all(s is not None for s in sizes)
+    # the sparser, the smaller: across the table's rounds the export shrinks with sparsity
+    ordered = [size for _, size in sorted(zip(sparsities, sizes))]
+    assert ordered[0] > ordered[-1]

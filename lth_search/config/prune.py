@@ -9,6 +9,7 @@ one that agree share their stages.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -20,6 +21,20 @@ KINDS = ("imp", "lr_rewind", "finetune", "oneshot", "random_prune", "random_rein
 """Lineage kinds (engine/lineage/kinds.py): IMP with weight rewinding and the baselines it is compared with."""
 RESCALE_MODES = ("measured", "calibrated")
 InitScale = Union[float, Literal[RESCALE_MODES]]
+
+
+STRUCTURE_RE = re.compile(r"^(unstructured|channel|block:([1-9][0-9]{0,2})|([1-9][0-9]?):([1-9][0-9]?))$")
+
+
+def check_structure(value: Any) -> str:
+    """The one rule for `prune.structure`: unstructured, channel, block:N (N in 1..999) or n:m (n < m <= 99)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+        value = f"{value // 60}:{value % 60}"  # YAML 1.1 (PyYAML) reads an unquoted 2:4 as sexagesimal 124
+    match = STRUCTURE_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or (match.group(3) and int(match.group(3)) >= int(match.group(4))):
+        raise ValueError(f"must be unstructured, channel, block:N (a square block side, e.g. block:4) or n:m "
+                         f"(n of every m consecutive weights kept, n < m, e.g. 2:4), got {quote(value)}")
+    return value
 
 
 def check_init_scale(value: Any) -> InitScale:
@@ -63,6 +78,13 @@ class PruneConfig(Section):
     )
     rate: float = Field(0.2, gt=0, lt=1, description="fraction of the remaining weights pruned per round")
     scope: Literal["global", "layerwise"] = "global"
+    structure: str = Field(
+        "unstructured", description="what a round removes: unstructured (single weights), channel (whole neurons or "
+        "conv filters by the magnitude of their weights, with the weights that read them: a ticket that exports as a "
+        "smaller dense network; chain models mlp, lenet_300_100, conv2/4/6), block:N (N x N blocks of the weight "
+        "matrix by their mean magnitude), n:m (unstructured, then at most n of every m consecutive weights kept, "
+        "e.g. 2:4 for GPUs' semi-structured sparsity)",
+    )
     layer_ratios: dict[str, float] = Field(
         {}, max_length=MAX_LIST, description="rate multiplier per layer group (conv, fc, output, shortcut, ...)"
     )
@@ -85,6 +107,11 @@ class PruneConfig(Section):
     @classmethod
     def _init_scale(cls, value: Any) -> InitScale:
         return check_init_scale(value)
+
+    @field_validator("structure", mode="before")
+    @classmethod
+    def _structure(cls, value: Any) -> str:
+        return check_structure(value)
 
     @field_validator("layer_ratios")
     @classmethod
@@ -113,4 +140,7 @@ class PruneConfig(Section):
 
     def choices(self) -> dict[str, Any]:
         """The per-round pruning choices that enter a round's stage key."""
-        return self.model_dump(include={"rate", "scope", "layer_ratios", "output_ratio", "rewind_step", "init_scale"})
+        fields = {"rate", "scope", "layer_ratios", "output_ratio", "rewind_step", "init_scale"}
+        if self.structure != "unstructured":  # absent by default: unstructured choices keep their keys' shape
+            fields.add("structure")
+        return self.model_dump(include=fields)

@@ -60,6 +60,13 @@ class TrackingConfig(Section):
         None, description="MLflow experiment; default $MLFLOW_EXPERIMENT_NAME, else the config name"
     )
     enabled: bool = True
+    serve_batch: int = Field(64, ge=1, description="batch size at which the registered model's fastest form "
+                             "(dense, CSR, BSR per layer) and each round's latency ratio are measured")
+    measure_inference: bool = Field(True, description="log per round what the sparsity buys at inference "
+                                    "(inference/* metrics: non-zeros, CSR export bytes, latency and peak memory "
+                                    "against dense); about inference_budget_s plus a model build per round")
+    inference_budget_s: float = Field(0.2, gt=0, le=60, description="seconds of timing per round for the "
+                                      "inference/* latency ratios (batch 1 and serve_batch)")
 
     @field_validator("uri")
     @classmethod

@@ -107,7 +107,7 @@ class ExperimentConfig(Section):
         """Each searched choice name ("rate", "layer_ratios/output", ...) with its candidates."""
         space = self.search.space
         values: dict[str, list[Any]] = {}
-        for key in ("kind", "rewind_step", "rate", "scope", "init_scale"):
+        for key in ("kind", "rewind_step", "rate", "scope", "init_scale", "structure"):
             candidates = getattr(space, key)
             if candidates is not None:
                 values[key] = list(candidates)

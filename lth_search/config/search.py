@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lth_search.config.names import check_name
-from lth_search.config.prune import KINDS, InitScale, check_init_scale
+from lth_search.config.prune import KINDS, InitScale, check_init_scale, check_structure
 from lth_search.config.section import MAX_LIST, Section
 
 
@@ -46,6 +46,15 @@ class SearchSpace(Section):
     scope: list[Literal["global", "layerwise"]] | None = None
     layer_ratios: dict[str, list[float]] | None = Field(None, max_length=MAX_LIST)
     init_scale: list[InitScale] | None = None
+    structure: list[Any] | None = Field(None, max_length=MAX_LIST, description="prune.structure values to choose "
+                                        "among, e.g. [unstructured, channel]")
+
+    @field_validator("structure", mode="before")
+    @classmethod
+    def _structures(cls, values: list[str] | None) -> list[str] | None:
+        if values is not None and not values:
+            raise ValueError("must be a non-empty list (or null to keep it fixed)")
+        return None if values is None else [check_structure(v) for v in values]
 
     @field_validator("init_scale", mode="before")
     @classmethod

@@ -202,8 +202,12 @@ TRANSFORMER_OPTIONS = ("d_model", "heads", "layers", "ff_width", "patch", "vocab
 
 
 def build_architecture(name: str, input_shape: tuple[int, ...], num_classes: int, widths: list[int] = (100, 100),
-                       width: int = 16, batch_norm: bool = True, **transformer: int) -> nn.Module:
+                       width: int = 16, batch_norm: bool = True, plan: list[int | str] | None = None,
+                       fc: list[int] | None = None, **transformer: int) -> nn.Module:
     """The built-in model `name` (uninitialised weights: load a state dict or initialise it).
+
+    `plan` and `fc` give a Conv-2/4/6 other channel and fc widths (a channel-pruned ticket
+    exported as a smaller dense network, portable/structured.py); None keeps the paper's.
 
     `transformer` holds TRANSFORMER_OPTIONS for `transformer` / `vit` (others ignore them).
     """
@@ -216,8 +220,8 @@ def build_architecture(name: str, input_shape: tuple[int, ...], num_classes: int
         sizes = [300, 100] if name == "lenet_300_100" else list(widths)
         return MLP(math.prod(input_shape), sizes, num_classes)
     if name in _CONV_PLANS:
-        plan, fc = _CONV_PLANS[name]
-        return ConvNet(tuple(input_shape), plan, fc, num_classes)
+        paper_plan, paper_fc = _CONV_PLANS[name]
+        return ConvNet(tuple(input_shape), list(plan or paper_plan), list(paper_fc if fc is None else fc), num_classes)
     if name == "resnet20":
         return CifarResNet(input_shape[0], width, num_classes)
     if name == "vgg16":

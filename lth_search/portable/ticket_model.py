@@ -7,7 +7,10 @@ MLflow's usual Python models are cloudpickled objects. This model uses pyfunc's
 - `model.json`: how to rebuild the network (a built-in architecture and its options, or
   a plug-in factory `package.module:factory` whose module is bundled beside this one),
   the input shape, the classes and the normalisation (mean, std) of the training split;
-- `trained.safetensors`: the trained sparse network (pruned entries exactly zero).
+- `weights.safetensors`: the trained sparse network in the form measured fastest for its
+  shapes on the logging machine's device type (`layers` in `model.json`: CSR/BSR per layer,
+  or none: dense; see sparse.py and export.py); a model logged before forms existed has
+  `trained.safetensors` (dense, pruned entries exactly zero) instead.
 
 `predict` takes raw inputs (as the data set's files hold them), standardises them the
 way training did, and returns class ids. The safetensors files are read here with a
@@ -27,9 +30,11 @@ import torch
 from torch import nn
 
 from .architectures import build_architecture
+from .sparse import load_sparse
 
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "trained.safetensors"
+FORM_WEIGHTS = "weights.safetensors"
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -73,9 +78,7 @@ class TicketModel:
     def __init__(self, spec: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
         self.spec = spec
         self.input_shape = tuple(spec["input_shape"])
-        self.model = build_network(spec)
-        self.model.load_state_dict(weights)
-        self.model.eval()
+        self.model = load_sparse(build_network(spec), spec.get("layers", {}), weights).eval()
         norm = spec.get("normalization")
         self.mean = None if norm is None else torch.tensor(norm["mean"], dtype=torch.float32)
         self.std = None if norm is None else torch.tensor(norm["std"], dtype=torch.float32)
@@ -102,4 +105,5 @@ def _load_pyfunc(data_path: str) -> TicketModel:
     """MLflow's entry point for `loader_module` models."""
     folder = Path(data_path)
     spec = json.loads((folder / SPEC_FILE).read_text())
-    return TicketModel(spec, read_safetensors(folder / WEIGHTS_FILE))
+    formed = folder / FORM_WEIGHTS
+    return TicketModel(spec, read_safetensors(formed if formed.exists() else folder / WEIGHTS_FILE))

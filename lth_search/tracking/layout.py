@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from lth_search.engine.sparsity_gains import METRICS as GAIN_METRICS
+
 if TYPE_CHECKING:
     import torch
 
@@ -82,6 +84,8 @@ MASK_RE = re.compile(r"round_(\d+)\.parquet$")
 ROUND_METRICS = ("val_accuracy", "test_accuracy", "sparsity", "reused", "train_loss", "train_steps_per_s", "matches",
                  "margin", "failed")
 """Logged at step = round for every round."""
+INFERENCE_METRICS = tuple(f"inference/{name}" for name in GAIN_METRICS)
+"""What the round's sparsity buys at inference (engine/sparsity_gains.py), at step = round when measured."""
 DENSE_VAL, DENSE_TEST = "dense_val_accuracy", "dense_test_accuracy"
 
 

@@ -3,7 +3,9 @@
 The model is the trained sparse network of the best ticket, logged as an MLflow
 LoggedModel (the Models column of the runs table, the Models page) with pyfunc's
 `loader_module` workflow: plain files (`model.json`, safetensors weights, the ticket's
-standard exports) plus the code that rebuilds the network, `lth_search/portable/`,
+standard exports, the trained network in the form measured fastest for its shapes on this
+machine's device type: CSR/BSR layers or dense, ticket_forms.py) plus the code that rebuilds
+the network, `lth_search/portable/`,
 bundled as `lth_portable` through `code_paths`. So it loads and predicts with torch and
 mlflow alone, from raw inputs (the training split's normalisation is inside), has a
 signature and an input example, and `mlflow models serve` can build its environment
@@ -29,9 +31,10 @@ import numpy as np
 import torch
 
 from lth_search.engine.data import load_dataset, read_raw
-from lth_search.engine.models import NAMES
-from lth_search.portable.architectures import TRANSFORMER_OPTIONS
-from lth_search.engine.plugins import MODEL_GROUP, factory_module, resolve
+from lth_search.engine.plugins import factory_module
+from lth_search.portable.export import write_form
+from lth_search.portable.ticket_model import TicketModel
+from lth_search.ticket_forms import measured_form, model_spec, plugin_factory
 from lth_search.tickets import Ticket
 
 log = logging.getLogger(__name__)
@@ -62,35 +65,13 @@ def registered_uri(client: Any, ticket: Ticket) -> str | None:
     return f"models:/{name}@{ALIAS}" if _same_ticket(client, name, ticket) is not None else None
 
 
-def _plugin_factory(ticket: Ticket) -> Any:
-    """The factory of a plug-in model (None for a built-in one)."""
-    name = ticket.config.model.name
-    return None if name in NAMES else resolve("model.name", "model", name, MODEL_GROUP, NAMES)
-
-
-def model_spec(ticket: Ticket, normalization: dict[str, list[float]] | None) -> dict[str, Any]:
-    """`model.json` of the served model (see portable/ticket_model.py)."""
-    model = ticket.config.model
-    spec: dict[str, Any] = {"input_shape": list(ticket.input_shape), "num_classes": ticket.num_classes}
-    factory = _plugin_factory(ticket)
-    if factory is None:
-        options = {"widths": list(model.widths), "width": model.width, "batch_norm": model.batch_norm}
-        options.update({key: getattr(model, key) for key in TRANSFORMER_OPTIONS})
-        spec.update(architecture=model.name, options=options)
-    else:
-        spec["factory"] = f"{factory.__module__}:{factory.__qualname__}"
-    if normalization is not None:
-        spec["normalization"] = normalization
-    return spec
-
-
 def _code_paths(ticket: Ticket, folder: Path) -> list[str]:
     """The portable package (as `lth_portable`) and, for a plug-in model, its factory's top-level module."""
     bundle = folder / BUNDLE
     shutil.copytree(Path(__file__).resolve().parents[1] / "portable", bundle,
                     ignore=shutil.ignore_patterns("__pycache__"))
     paths = [str(bundle)]
-    factory = _plugin_factory(ticket)
+    factory = plugin_factory(ticket)
     if factory is not None:
         top = __import__(factory_module(factory).__name__.split(".")[0])
         source = Path(top.__file__)
@@ -161,15 +142,27 @@ def log_served_model(client: Any, ticket: Ticket, run_id: str) -> Any:
         params={"sparsity": f"{ticket.sparsity:.4f}", "rewind_step": str(ticket.rewind_step),
                 "trial_id": ticket.trial_id},
     )
+    spec = model_spec(ticket, normalization)
+    formed, formed_spec = measured_form(ticket, spec, _serve_batch(ticket, spec))
     with tempfile.TemporaryDirectory(prefix="lth-served-") as tmp:
-        files = ticket.save(Path(tmp) / "ticket")
-        (files / "model.json").write_text(json.dumps(model_spec(ticket, normalization), indent=2))
+        files = ticket.save(Path(tmp) / "ticket", form=lambda staging: write_form(staging, formed, formed_spec,
+                                                                                  loader=False), trained=False)
         return Model.log(
             artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
             loader_module=f"{BUNDLE}.ticket_model", data_path=str(files), code_paths=_code_paths(ticket, Path(tmp)),
-            signature=signature, input_example=example, metadata={"lth_input": accepts},
+            signature=signature, input_example=example, metadata={"lth_input": accepts,
+                                                                  "lth_form": formed_spec["measured"]},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"], model_id=logged.model_id,
         )
+
+
+def _serve_batch(ticket: Ticket, spec: dict[str, Any]) -> torch.Tensor:
+    """`tracking.serve_batch` standardised test inputs (repeated if the split is smaller): what the
+    served form is measured on."""
+    cfg = ticket.config
+    raw = np.asarray(read_raw(cfg.data)[0][2])
+    rows = np.resize(np.arange(len(raw)), cfg.tracking.serve_batch)
+    return TicketModel(spec, ticket.trained_weights).standardise(raw[rows])
 
 
 def register_ticket(client: Any, ticket: Ticket, name: str, run_id: str, tracking_uri: str) -> str:

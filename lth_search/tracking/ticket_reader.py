@@ -58,6 +58,7 @@ def load_ticket(client: Any, ref: SearchRef, row: dict[str, Any], criterion: str
     metrics.update({key: row[key] for key in row if key in ("metric", "direction")
                     or key.startswith(("val_", "test_", "dense_val_", "dense_test_")) and key not in metrics})
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in layer_sparsity(mask).items()})
+    metrics.update({k: v for k, v in row.items() if k.startswith("inference_") and v is not None})
     return Ticket(
         run_id=run_id, round=round_index, sparsity=float(row["sparsity"]), metrics=metrics,
         params=dict(row["params"]), config=config, mask=mask, rewind_weights=weights, trained_weights=trained,

@@ -38,6 +38,7 @@ from lth_search.tracking.layout import (
     METRIC,
     PARENT,
     ROLE,
+    INFERENCE_METRICS,
     ROUND_METRICS,
     TOLERANCE,
     TRIAL_ID,
@@ -165,7 +166,7 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
     metrics, tags = run.data.metrics, run.data.tags
     metric = metric_named(tags.get(METRIC))
     named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
-    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *named)}
+    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *INFERENCE_METRICS, *named)}
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
@@ -194,6 +195,7 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
             "margin": history["margin"].get(step),
             "failed": bool(history["failed"].get(step, 0.0)) or lineage_failed,
             "matching_round": matching_round,
+            **{_inference_column(key): history[key].get(step) for key in INFERENCE_METRICS},
             "params": params,
         })
         if named:  # judged on loss or perplexity: the metric by name and direction (accuracy rows stay as they were)
@@ -201,6 +203,11 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
                              **{key: history[key].get(step) for key in named},
                              **{f"dense_{key}": metrics.get(f"dense_{key}") for key in named}})
     return rows
+
+
+def _inference_column(metric: str) -> str:
+    """`inference/latency_b1` -> `inference_latency_b1` (a column name without a slash)."""
+    return metric.replace("/", "_")
 
 
 def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
@@ -243,6 +250,7 @@ FIXED_COLUMNS = ("trial_id", "run_id", "round")
 METRIC_COLUMNS = (
     "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "dense_test_accuracy", "reused",
     "train_loss", "train_steps_per_s", "tolerance", "matching", "margin", "failed", "matching_round",
+    *(_inference_column(metric) for metric in INFERENCE_METRICS),
 )
 NAMED_METRIC_COLUMNS = ("metric", "direction")
 """Columns of a search judged on loss or perplexity (then also `val_loss`, `dense_val_loss`, ...)."""

@@ -5,7 +5,10 @@ Tags ``mlflow.parentRunId``, ``lth.role=trial``, ``lth.trial_id``, ``lth.toleran
 without loading data), ``lth.search_id``, ``lth.optuna_trial``, source and git; the
 trial's choices as params; metrics ``dense_val_accuracy`` ... at step 0; per round
 (step = round) ``val_accuracy``, ``test_accuracy``, ``sparsity``,
-``layer_sparsity/<layer>``, ``train_loss``, ``train_steps_per_s``, ``reused``; artifacts
+``layer_sparsity/<layer>``, ``train_loss``, ``train_steps_per_s``, ``reused``, what the
+sparsity buys at inference ``inference/<name>`` (engine/sparsity_gains.py: non-zeros, CSR
+export bytes, latency ratios at batch 1 and tracking.serve_batch, peak memory ratio; when
+tracking.measure_inference); artifacts
 ``config.json``, ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
 (codec.encode_mask), ``weights/trained_round_NN.safetensors`` (the round's trained end
 weights), ``plots/accuracy_vs_sparsity.png``; ``by_sparsity/val_accuracy`` and
@@ -31,7 +34,8 @@ from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
-from lth_search.engine.models import layer_sizes
+from lth_search.engine.models import build_model, layer_sizes
+from lth_search.engine.sparsity_gains import measure_gains
 from lth_search.errors import LthError
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
@@ -238,11 +242,31 @@ class TrialTracker:
         self.io.log_values(self.run_id, dense_metrics(result.dense, self.metric), step=0)
         self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
 
-    def _log_round_metrics(self, round_result: RoundResult) -> None:
+    def _log_round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         metrics = round_metrics(round_result, self.metric)
+        metrics.update(self._inference_gains(round_result, entry))
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
         self.io.log_values(self.run_id, metrics, step=round_result.round)
         self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
+
+    def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
+        """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
+        (tracking.measure_inference) and the stage is at hand; {} for a pretrained model or a failed round."""
+        tracking = self.cfg.tracking
+        if (not tracking.measure_inference or entry is None or "end" not in entry.weights
+                or round_result.failed is not None or self.cfg.model.is_pretrained):
+            return {}
+        try:
+            shape, classes = data_signature(self.cfg.data)
+            model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
+            model.load_state_dict(entry.weights["end"])
+            gains = measure_gains(model, tuple(shape), tracking.serve_batch, tracking.inference_budget_s,
+                                  vocab_size=self.cfg.model.vocab_size)
+        except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
+            log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
+                        round_result.round, error)
+            return {}
+        return {f"inference/{name}": value for name, value in gains.metrics().items()}
 
     def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
         """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
@@ -271,7 +295,7 @@ class TrialTracker:
         index = round_result.round
         if index not in self.state.rounds:
             ok, _ = self.io.call(f"log round {index} of trial {self.trial_id}",
-                                 lambda: self._log_round_metrics(round_result))
+                                 lambda: self._log_round_metrics(round_result, entry))
             if ok:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")

@@ -28,13 +28,16 @@ import torch
 
 from lth_search.store.content_keys import content_key
 
-STAGE_FORMAT = 4
+STAGE_FORMAT = 5
 """Bumped when the meaning of a stage's inputs or outputs changes: old keys stop matching.
 2: stages keep per-example val correctness (`val_correct`) for the paired verdict.
 3: a lone stage is trained by the pack trainer's arithmetic (bytes independent of packs);
    probes share the format (they had their own `format: 1`).
 4: stages keep per-example val losses (weight set `val`, tensor `loss`) and `val_loss` /
    `test_loss`, so a verdict can judge loss or perplexity (engine/lineage/metric.py).
+5: mostly-zero weights (a pruned round's) are stored as values plus a bit-packed mask
+   (store/codec.py), so a stage costs its non-zeros; an older lth-search would read the
+   parts as tensors of their own, so the new layout takes new keys.
 
 The metric a lineage is judged on (`search.metric`) is not a key input, on purpose: every
 stage stores the per-example values of every metric (correctness bits and losses), so a

@@ -40,10 +40,10 @@ from lth_search.engine.pruning import (
     layer_sparsity,
     masked_state,
     ones_mask,
-    prune_round,
     rescale_factors,
     sparsity,
 )
+from lth_search.engine.structured_pruning import channel_chain, structured_round
 from lth_search.engine.text_data import IGNORE
 from lth_search.engine.train import TrainResult, example_scores, resolved_recipe
 from lth_search.errors import ConfigError
@@ -172,6 +172,7 @@ class Stages:
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, cfg.seed).to(self.device)
         self.groups = dict(self.model.prunable)
         check_layer_groups(self.groups, cfg.prune.layer_ratios)  # before the dense stage trains, not after
+        self.chain = channel_chain(self.model, cfg.model.name) if cfg.prune.structure == "channel" else None
         self.recipe = resolved_recipe(cfg.train, self.data.steps_per_epoch(cfg.train.batch_size))
         self.total_steps = self.recipe["steps"]
         late = [k for k in cfg.prune.rewind_steps if k >= self.total_steps]
@@ -269,8 +270,8 @@ class Stages:
         """The mask of the round after `parent` (dense or a round): prune its end weights."""
         prune = self.cfg.prune
         parent_mask = parent.masks.get("mask") or ones_mask(self.model)
-        return prune_round(parent.weights["end"], parent_mask, self.groups, prune.rate, prune.scope,
-                           prune.layer_ratios, prune.output_ratio)
+        return structured_round(parent.weights["end"], parent_mask, self.groups, prune.rate, prune.scope,
+                                prune.structure, prune.layer_ratios, prune.output_ratio, self.chain)
 
     def _rescale(self, rewind: dict[str, torch.Tensor], mask: Mask) -> dict[str, float]:
         """Per-layer factors for the survivors at rewind (kept in the stage's metrics, so a
