@@ -11,6 +11,8 @@ config key or file at fault and say what would be valid.
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -60,15 +62,36 @@ class TrackingFailure(TrackingError):
     """MLflow did not answer, or not for everything asked; `lth-search sync` can catch up."""
 
 
+_PYARROW_ERRNO = re.compile(r"\[errno (\d+)\]")
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The errno of a failed filesystem call: Python's attribute, or the "[errno N]" pyarrow writes into its message."""
+    number = getattr(error, "errno", None)
+    if number is None:
+        found = _PYARROW_ERRNO.search(str(error))
+        number = int(found.group(1)) if found else None
+    return number
+
+
 def os_reason(error: BaseException) -> str:
-    """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages."""
+    """Why a filesystem call failed, in a few words ("No space left on device"), for one-line messages.
+
+    pyarrow puts its whole message, file path and all, into `strerror`; the errno's own words are shorter.
+    """
+    number = _os_errno(error)
+    if number is not None:
+        return os.strerror(number)
+    strerror = getattr(error, "strerror", None)
+    if strerror:
+        return strerror
     lines = str(error).strip().splitlines()
-    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
+    return lines[0] if lines else type(error).__name__
 
 
 def os_remedy(error: BaseException) -> str:
     """What to do about a failed filesystem call, for the end of a one-line message."""
-    number = getattr(error, "errno", None)
+    number = _os_errno(error)
     if number == errno.ENOSPC or number == getattr(errno, "EDQUOT", None):
         return "free space"
     if number in (errno.EROFS, errno.EACCES, errno.EPERM):

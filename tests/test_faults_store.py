@@ -10,15 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import pyarrow.fs as pafs
 import torch
 
 from fault_helpers import MountRefused, fill, tmpfs
-from lth_search.errors import StoreError, StoreFailure
+from lth_search.errors import StoreError, StoreFailure, os_reason, os_remedy
 from lth_search.store.codec import decode_manifest, encode_manifest
 from lth_search.store.entry import StageEntry
 from lth_search.store.content_keys import content_key
 from lth_search.store.leases import FileLeaseService
 from lth_search.store.stage_store import StageStore
+from lth_search.store.uri import replace_file
 
 
 def _entry(key: str, size: int = 64) -> StageEntry:
@@ -95,3 +97,14 @@ def test_flipped_format_bit_is_corruption_not_upgrade(tmp_path: Path) -> None:
     assert store.get(key) is None  # corrupt: removed, so it is recomputed
     entry, reused = store.get_or_compute(key, lambda: _entry(key))
     assert not reused
+
+
+def test_a_failed_pyarrow_write_is_one_short_line_with_its_remedy(tmp_path: Path) -> None:
+    """pyarrow's errors carry the whole message in strerror; the line keeps the errno's words and what to do."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreFailure) as caught:
+        replace_file(pafs.LocalFileSystem(), str(tmp_path / "file" / "sub" / "x.json"), b"{}", what="record r1")
+    message = str(caught.value)
+    assert message == "cannot write record r1 (Not a directory): fix it and run the command again", message
+    read_only = OSError("Failed to open local file '/s/x'. Detail: [errno 30] Read-only file system")
+    assert (os_reason(read_only), os_remedy(read_only)) == ("Read-only file system", "make it writable")

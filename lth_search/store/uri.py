@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from lth_search.config.names import check_store_uri
-from lth_search.errors import StoreError, StoreFailure, os_reason
+from lth_search.errors import StoreError, StoreFailure, os_reason, os_remedy
 
 
 def resolve_uri(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[str, pafs.FileSystem, str]:
@@ -120,4 +120,6 @@ def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str 
             filesystem.delete_file(staging)
         except (OSError, NotImplementedError):
             pass
-        raise StoreFailure(f"cannot write {what or path} ({os_reason(error)})") from None
+        raise StoreFailure(
+            f"cannot write {what or path} ({os_reason(error)}): {os_remedy(error)} and run the command again"
+        ) from None
