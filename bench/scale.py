@@ -1,0 +1,169 @@
+"""Scale of the search driver: what a trial costs beyond its training, at N trials (issue 24).
+
+For each N (default 100, 300, 1000) a fresh driver process runs a search of N trivial
+trials through `lth_search.api.run_search` (Ray Tune, Optuna, the store, MLflow on sqlite:
+the whole product) in a fresh temporary output_dir: the quickstart's MLP and data, 80
+training steps a stage, 2 rounds, ASHA off, no confirmation, a 496-recipe space. It prints
+per N:
+
+- fixed cost per trial per slot: (Tune's wall x slots - training) / N, the slot-seconds a
+  trial costs that are not training (training = the unique stages' steps / steps per s,
+  bench/search_overhead.py's `training_seconds`); Tune's wall runs from Tune's start to the
+  summary (Ray's start and MLflow's setup are per search, not per trial);
+- the driver's peak RSS (this child process's ru_maxrss);
+- bytes written to the Optuna journal per trial (a local journal file is append-only, so
+  its size; a store journal counts every object it writes);
+- bytes written to MLflow per trial (mlflow.db plus the artifact folder beside it);
+- the search overhead: wall / (training / slots), as bench/search_overhead.py prints it.
+
+    python bench/scale.py [--n 100 300 1000] [--store-uri URI] [--address ADDR] [--output-dir DIR]
+
+`--address` runs the same searches on a cluster (give `--output-dir` on storage the
+workers share, or `--store-uri`); `--store-uri local:///abs/folder` puts the store, and so
+the journal, behind the object-store code path (`StoreJournalBackend`) on local disk.
+Every line says the machine's load (os.getloadavg) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_NS = (100, 300, 1000)
+RATES = [round(0.05 + 0.01 * i, 2) for i in range(31)]
+"""31 rates x rewind 2 x scope 2 x init_scale 2 x output ratio 2 = 496 recipes (the issue's space)."""
+
+
+def trivial_overrides(n: int, output: Path, store_uri: str | None) -> list[str]:
+    """The config of N trivial trials: stages of 80 steps, 2 rounds, no early stopping, no confirmation."""
+    overrides = [
+        "name=scale", f"output_dir={output}", f"search.num_trials={n}", "search.max_concurrent=2",
+        "train.steps=80", "prune.rounds=2", "prune.rewind_steps=[0, 10]", "search.asha.enabled=false",
+        "search.confirm_seeds=0", "search.report_seeds=0",
+        f"search.space={json.dumps({'rewind_step': [0, 10], 'rate': RATES, 'scope': ['global', 'layerwise'], 'layer_ratios': {'output': [1.0, 0.5]}, 'init_scale': [0.0, 'measured']})}",
+    ]
+    return overrides + ([f"store.uri={store_uri}"] if store_uri else [])
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def count_journal_writes() -> dict[str, int]:
+    """Bytes the store journal writes (each object it puts), counted around `write_file`."""
+    import lth_search.search.journal as journal
+
+    counted = {"bytes": 0, "writes": 0}
+    write = journal.write_file
+
+    def counting_write(uri: str, data: bytes, *args: object, **kwargs: object) -> object:
+        counted["bytes"] += len(data)
+        counted["writes"] += 1
+        return write(uri, data, *args, **kwargs)
+
+    journal.write_file = counting_write
+    return counted
+
+
+def one(n: int, address: str | None, store_uri: str | None, output_dir: str | None, keep: bool) -> dict:
+    """One search of n trials in this process (the driver); returns the measures as a dict."""
+    from search_overhead import training_seconds
+
+    from lth_search import api
+    from lth_search.config import load_config
+    from lth_search.runs.state import SearchState
+
+    output = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lth-scale-"))
+    store = None
+    if store_uri:
+        store = f"{store_uri.rstrip('/')}/scale-{n}-{int(time.time())}"
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), trivial_overrides(n, output, store))
+    journal_writes = count_journal_writes()
+    load_before = os.getloadavg()
+    try:
+        began = time.perf_counter()
+        summary = api.run_search(cfg, address=address, progress=lambda _: None)
+        wall = time.perf_counter() - began
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        local_store = Path(cfg.store_uri().removeprefix("local://"))
+        train_s, steps, stages = training_seconds(local_store) if local_store.exists() else (float("nan"), 0, 0)
+        state = SearchState.load(cfg.name, str(output), store_uri=store)
+        journal_path = Path(state.journal)
+        journal_bytes = journal_writes["bytes"] if journal_writes["writes"] else (
+            journal_path.stat().st_size if journal_path.exists() else 0)
+        mlflow_bytes = folder_bytes(output / "mlflow.db") + folder_bytes(output / "mlartifacts")
+        slots = min(os.cpu_count() or 1, cfg.search.max_concurrent * cfg.resources.cpu)
+        tune_wall = summary["wall_s"]
+        return {
+            "n": n, "trials": summary["trials"], "finished": summary["finished"], "wall_s": wall,
+            "tune_wall_s": tune_wall, "train_s": train_s, "stages": stages, "steps": steps, "slots": slots,
+            "fixed_s_per_trial_slot": (tune_wall * slots - train_s) / n,
+            "overhead_ratio": wall / (train_s / slots), "tune_overhead_ratio": tune_wall / (train_s / slots),
+            "driver_peak_rss_mb": rss_mb, "journal_bytes_per_trial": journal_bytes / n,
+            "journal_writes": journal_writes["writes"], "mlflow_bytes_per_trial": mlflow_bytes / n,
+            "load_before": load_before, "load_after": os.getloadavg(), "output": str(output) if keep else None,
+        }
+    finally:
+        if not keep and not output_dir:
+            shutil.rmtree(output, ignore_errors=True)
+
+
+def line(m: dict) -> str:
+    load = "/".join(f"{x:.2f}" for x in m["load_before"]) + " -> " + "/".join(f"{x:.2f}" for x in m["load_after"])
+    return (
+        f"N={m['n']}: {m['trials']} trials ({m['finished']} finished) in {m['tune_wall_s']:.1f} s of Tune "
+        f"({m['wall_s']:.1f} s run_search), {m['train_s']:.1f} s training on {m['slots']:g} slots; "
+        f"fixed cost {m['fixed_s_per_trial_slot']:.3f} s/trial/slot; driver peak RSS {m['driver_peak_rss_mb']:.0f} MB; "
+        f"journal {m['journal_bytes_per_trial']:.0f} B/trial ({m['journal_writes']} store writes); "
+        f"MLflow {m['mlflow_bytes_per_trial'] / 1024:.1f} KB/trial; overhead ratio {m['overhead_ratio']:.2f} "
+        f"(run_search) / {m['tune_overhead_ratio']:.2f} (Tune); load {load}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=list(DEFAULT_NS), help="numbers of trials, one search each")
+    parser.add_argument("--address", default=None, help="a Ray cluster's address (default: a local Ray per search)")
+    parser.add_argument("--store-uri", default=None, help="a store URI root (default: <output_dir>/store)")
+    parser.add_argument("--output-dir", default=None, help="where searches write (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep each search's temporary output_dir")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # the driver process of one N
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.address, args.store_uri, args.output_dir, args.keep)))
+        return 0
+    rows = []
+    for n in args.n:
+        command = [sys.executable, __file__, "--one", str(n)]
+        for flag, value in (("--address", args.address), ("--store-uri", args.store_uri),
+                            ("--output-dir", args.output_dir and str(Path(args.output_dir) / f"n{n}"))):
+            command += [flag, value] if value else []
+        command += ["--keep"] if args.keep else []
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"N={n}: the search failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(line(rows[-1]), flush=True)
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        print(f"driver peak RSS N={last['n']} / N={first['n']}: {last['driver_peak_rss_mb'] / first['driver_peak_rss_mb']:.2f}; "
+              f"journal B/trial: {last['journal_bytes_per_trial'] / max(first['journal_bytes_per_trial'], 1):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
