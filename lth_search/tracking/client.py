@@ -248,20 +248,41 @@ class MlflowIO:
         matching = [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
         return matching[0] if matching else None
 
+    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
+        """Every run carrying all `tags` (page by page: one query per 1000 runs, not one per run). Raises."""
+        clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=1000,
+                                           page_token=token)
+            runs += [run for run in page if all(run.data.tags.get(k) == v for k, v in tags.items())]
+            token = page.token
+            if not token:
+                return runs
+
     # Writing --------------------------------------------------------------------------------
     def log_values(
         self, run_id: str, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None
     ) -> None:
         """Metrics at one step and params, in as few requests as MLflow allows. Raises."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
 
-        now = int(time.time() * 1000)
-        metric_list = [Metric(key, float(value), now, int(step)) for key, value in (metrics or {}).items()]
+        self.log_steps(run_id, [(step, metrics or {})])
         param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
-        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=chunk)
         for chunk in _chunks(param_list, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
+
+    def log_steps(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]]) -> None:
+        """Metrics at several steps (a round's and its by-sparsity series) in one request: every
+        request is a database transaction, a few per trial. Raises."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metric_list = [Metric(key, float(value), now, int(step))
+                       for step, metrics in metrics_by_step for key, value in metrics.items()]
+        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""

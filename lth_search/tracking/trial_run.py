@@ -38,6 +38,7 @@ from lth_search.store.entry import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
 from lth_search.tracking.layout import (
+    COMPLETE,
     CONFIG,
     INPUT_SHAPE,
     LINEAGE_PLOT,
@@ -231,14 +232,13 @@ class TrialTracker:
             self.io.client.log_inputs(self.run_id, entry)
 
     def _log_dense_metrics(self, result: LineageResult) -> None:
-        self.io.log_values(self.run_id, dense_metrics(result.dense), step=0)
-        self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
+        self.io.log_steps(self.run_id, [(0, dense_metrics(result.dense)), (sparsity_step(0.0), sparsity_series(result.dense))])
 
     def _log_round_metrics(self, round_result: RoundResult) -> None:
         metrics = round_metrics(round_result)
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
-        self.io.log_values(self.run_id, metrics, step=round_result.round)
-        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
+        self.io.log_steps(self.run_id, [(round_result.round, metrics),
+                                        (sparsity_step(round_result.sparsity), sparsity_series(round_result))])
 
     def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
         """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
@@ -308,7 +308,10 @@ class TrialTracker:
             self.state.status = run_status
 
     def _end(self, status: str, run_status: str) -> None:
-        self.io.client.set_tag(self.run_id, STATUS, status)
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(STATUS, status)] + ([RunTag(COMPLETE, "1")] if not self.io.missed else [])
+        self.io.client.log_batch(self.run_id, tags=tags)
         self.io.client.set_terminated(self.run_id, run_status)
 
     def _plot(self, result: LineageResult) -> None:
