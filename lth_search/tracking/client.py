@@ -292,6 +292,16 @@ class MlflowIO:
             local.write_bytes(data)
             self.client.log_artifact(run_id, str(local), artifact_path=folder or None)
 
+    def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        """Upload several artifacts ({artifact_file: data}, e.g. a round's mask and weights) in one
+        request: each request resolves the run's artifact store again. Raises."""
+        with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
+            for artifact_file, data in files.items():
+                local = Path(tmp) / artifact_file
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(data)
+            self.client.log_artifacts(run_id, tmp)
+
     def read_artifact(self, run_id: str, artifact_file: str) -> bytes:
         """The bytes of one artifact of a run. Raises."""
         return read_artifact(self.client, run_id, artifact_file)

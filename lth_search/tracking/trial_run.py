@@ -271,17 +271,20 @@ class TrialTracker:
             if ok:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")
-        if index not in self.state.masks and entry is not None and "mask" in entry.masks:
-            mask = entry.masks["mask"]
-            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: (
-                self.io.log_bytes(self.run_id, mask_layers_csv(mask), mask_layers_artifact(index)),
-                self.io.log_bytes(self.run_id, encode_mask(mask), mask_artifact(index))))
-            if ok:
+        files: dict[str, bytes] = {}  # the round's mask and trained weights, uploaded in one request
+        mask = index not in self.state.masks and entry is not None and "mask" in entry.masks
+        if mask:
+            files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
+            files[mask_artifact(index)] = encode_mask(entry.masks["mask"])
+        trained = index not in self.state.trained and entry is not None and "end" in entry.weights
+        if trained:
+            files[trained_artifact(index)] = encode_weights(entry.weights["end"])
+        if files:
+            ok, _ = self.io.call(f"upload the round {index} mask and weights of trial {self.trial_id}",
+                                 lambda: self.io.log_files(self.run_id, files))
+            if ok and mask:
                 self.state.masks.add(index)
-        if index not in self.state.trained and entry is not None and "end" in entry.weights:
-            ok, _ = self.io.call(f"upload the round {index} weights of trial {self.trial_id}", lambda: self.io.log_bytes(
-                self.run_id, encode_weights(entry.weights["end"]), trained_artifact(index)))
-            if ok:
+            if ok and trained:
                 self.state.trained.add(index)
 
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
