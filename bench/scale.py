@@ -14,7 +14,10 @@ per N:
 - bytes written to the Optuna journal per trial (a local journal file is append-only, so
   its size; a store journal counts every object it writes);
 - bytes written to MLflow per trial (mlflow.db plus the artifact folder beside it);
-- the search overhead: wall / (training / slots), as bench/search_overhead.py prints it.
+- the search overhead: wall / (training / slots), as bench/search_overhead.py prints it;
+- CPU seconds of the driver and of Ray's processes (every process below the driver, sampled
+  from /proc every half second) per trial beyond training: on a machine others load, wall time measures
+  the load, CPU time the work.
 
     python bench/scale.py [--n 100 300 1000] [--store-uri URI] [--address ADDR] [--output-dir DIR]
 
@@ -34,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +82,67 @@ def count_journal_writes() -> dict[str, int]:
     return counted
 
 
+class RssTimeline:
+    """The driver's resident memory every half second while a search runs: where in the search it peaks."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.ray_cpu: dict[int, float] = {}
+        """CPU seconds by process below the driver (its local Ray)."""
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            with open("/proc/self/status") as status:
+                kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            self.samples.append((time.perf_counter(), kb / 1024))
+            self._descendants_cpu()
+
+    def _descendants_cpu(self) -> None:
+        """CPU seconds of every process below this one (the local Ray's processes), the last seen of each."""
+        parents, cpu = {}, {}
+        for proc in os.listdir("/proc"):
+            if proc.isdigit():
+                try:
+                    with open(f"/proc/{proc}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(proc)] = int(fields[1])
+                cpu[int(proc)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        mine = {os.getpid()}
+        for pid in sorted(parents):  # parents mostly have lower pids; a second pass catches the rest
+            if parents[pid] in mine:
+                mine.add(pid)
+        for pid in sorted(parents):
+            if parents[pid] in mine:
+                mine.add(pid)
+        for pid in mine - {os.getpid()}:
+            self.ray_cpu[pid] = max(self.ray_cpu.get(pid, 0.0), cpu[pid])
+
+    def __enter__(self) -> "RssTimeline":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def quarters(self) -> list[float]:
+        """RSS (MB) at 25, 50, 75 and 100 % of the search's wall time."""
+        return [round(self.samples[min(len(self.samples) - 1, int(q * len(self.samples)))][1])
+                for q in (0.25, 0.5, 0.75, 1.0)] if self.samples else []
+
+    def peak_at(self) -> float:
+        """When the RSS peaked, as a fraction of the search's wall time."""
+        if not self.samples:
+            return float("nan")
+        start, end = self.samples[0][0], self.samples[-1][0]
+        peak = max(self.samples, key=lambda sample: sample[1])[0]
+        return (peak - start) / max(end - start, 1e-9)
+
+
 def one(n: int, address: str | None, store_uri: str | None, output_dir: str | None, keep: bool) -> dict:
     """One search of n trials in this process (the driver); returns the measures as a dict."""
     from search_overhead import training_seconds
@@ -93,11 +158,14 @@ def one(n: int, address: str | None, store_uri: str | None, output_dir: str | No
     cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), trivial_overrides(n, output, store))
     journal_writes = count_journal_writes()
     load_before = os.getloadavg()
+    rss = RssTimeline()
     try:
         began = time.perf_counter()
-        summary = api.run_search(cfg, address=address, progress=lambda _: None)
+        with rss:
+            summary = api.run_search(cfg, address=address, progress=lambda _: None)
         wall = time.perf_counter() - began
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        rss_mb = own.ru_maxrss / 1024
         local_store = Path(cfg.store_uri().removeprefix("local://"))
         train_s, steps, stages = training_seconds(local_store) if local_store.exists() else (float("nan"), 0, 0)
         state = SearchState.load(cfg.name, str(output), store_uri=store)
@@ -112,8 +180,10 @@ def one(n: int, address: str | None, store_uri: str | None, output_dir: str | No
             "tune_wall_s": tune_wall, "train_s": train_s, "stages": stages, "steps": steps, "slots": slots,
             "fixed_s_per_trial_slot": (tune_wall * slots - train_s) / n,
             "overhead_ratio": wall / (train_s / slots), "tune_overhead_ratio": tune_wall / (train_s / slots),
-            "driver_peak_rss_mb": rss_mb, "journal_bytes_per_trial": journal_bytes / n,
+            "driver_peak_rss_mb": rss_mb, "driver_cpu_s": own.ru_utime + own.ru_stime,
+            "ray_cpu_s": sum(rss.ray_cpu.values()), "journal_bytes_per_trial": journal_bytes / n,
             "journal_writes": journal_writes["writes"], "mlflow_bytes_per_trial": mlflow_bytes / n,
+            "rss_timeline_mb": rss.quarters(), "rss_peak_at": rss.peak_at(),
             "load_before": load_before, "load_after": os.getloadavg(), "output": str(output) if keep else None,
         }
     finally:
@@ -126,9 +196,12 @@ def line(m: dict) -> str:
     return (
         f"N={m['n']}: {m['trials']} trials ({m['finished']} finished) in {m['tune_wall_s']:.1f} s of Tune "
         f"({m['wall_s']:.1f} s run_search), {m['train_s']:.1f} s training on {m['slots']:g} slots; "
-        f"fixed cost {m['fixed_s_per_trial_slot']:.3f} s/trial/slot; driver peak RSS {m['driver_peak_rss_mb']:.0f} MB; "
+        f"fixed cost {m['fixed_s_per_trial_slot']:.3f} s/trial/slot; driver peak RSS {m['driver_peak_rss_mb']:.0f} MB "
+        f"(at {100 * m['rss_peak_at']:.0f} % of the search; {m['rss_timeline_mb']} MB at 25/50/75/100 %); "
         f"journal {m['journal_bytes_per_trial']:.0f} B/trial ({m['journal_writes']} store writes); "
-        f"MLflow {m['mlflow_bytes_per_trial'] / 1024:.1f} KB/trial; overhead ratio {m['overhead_ratio']:.2f} "
+        f"MLflow {m['mlflow_bytes_per_trial'] / 1024:.1f} KB/trial; CPU {m['driver_cpu_s']:.0f} s driver + "
+        f"{m['ray_cpu_s']:.0f} s Ray's processes = {(m['driver_cpu_s'] + m['ray_cpu_s'] - m['train_s']) / m['n']:.2f} "
+        f"s/trial beyond training; overhead ratio {m['overhead_ratio']:.2f} "
         f"(run_search) / {m['tune_overhead_ratio']:.2f} (Tune); load {load}"
     )
 

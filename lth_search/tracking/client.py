@@ -251,15 +251,8 @@ class MlflowIO:
     def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
         """Every run carrying all `tags` (page by page: one query per 1000 runs, not one per run). Raises."""
         clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=1000,
-                                           page_token=token)
-            runs += [run for run in page if all(run.data.tags.get(k) == v for k, v in tags.items())]
-            token = page.token
-            if not token:
-                return runs
+        return [run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
+                if all(run.data.tags.get(k) == v for k, v in tags.items())]
 
     # Writing --------------------------------------------------------------------------------
     def log_values(
@@ -309,6 +302,20 @@ class MlflowIO:
     def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
         """Paths of the files directly in `folder` of a run's artifacts. Raises."""
         return {item.path for item in self.client.list_artifacts(run_id, folder) if not item.is_dir}
+
+
+def iter_runs(client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
+              page_size: int = 200) -> Iterator[Any]:
+    """Every run matching the filter, a page at a time (a search's thousands of runs are never all in memory)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=page_size, order_by=order_by, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _tag_clause(key: str, value: str) -> str | None:

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +25,7 @@ from lth_search.engine.lineage.objective import is_matching
 from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
     first_line,
+    iter_runs,
     metric_history,
     new_client,
     read_artifact,
@@ -73,16 +74,7 @@ def parse_param(text: str) -> Any:
 
 def search_all(client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list[Any]:
     """Every run matching the filter (all pages)."""
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return list(iter_runs(client, experiment_ids, filter_string, order_by))
 
 
 def _latest_run(client: Any, experiment_id: str, role: str) -> Any:
@@ -149,13 +141,14 @@ def _names(client: Any) -> str:
     return ", ".join(names) or "none"
 
 
-def candidate_runs(client: Any, ref: SearchRef) -> list[Any]:
-    """The trial runs of a search (or the lineage runs of an experiment)."""
+def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
+    """The trial runs of a search (or the lineage runs of an experiment), a page at a time: a run
+    holds all its params, metrics and tags, and only its ticket rows are kept."""
     if ref.search_run_id is not None:
         query = f"tags.`{PARENT}` = '{ref.search_run_id}'"
     else:
         query = f"tags.`{ROLE}` = 'lineage'"
-    return search_all(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
+    return iter_runs(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
 
 
 def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
