@@ -80,7 +80,7 @@ def drill(n: int, folder: Path, env: dict[str, str]) -> bool:
                 records = store.records(f"search-{NAME}")
                 return sum(r["status"] == "finished" for r in records.values()) >= n // 2
 
-            wait_for(half_done, 6 * 3600, "half the trials to finish", poll=5)
+            wait_for(half_done, 6 * 3600, "half the trials to finish", poll=30)  # reads every record
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=30)
         finally:
