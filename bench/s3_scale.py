@@ -15,10 +15,8 @@ objects and bytes per trial before the kill and after it (append-only: bytes sto
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +30,7 @@ import pyarrow.fs as pafs  # noqa: E402
 from conftest import LTH_SEARCH, wait_for  # noqa: E402
 from s3_helpers import BUCKET, moto_s3  # noqa: E402
 from scale import trivial_overrides  # noqa: E402
-from test_search_distributed import _live_pids  # noqa: E402
+from fault_helpers import kill_with_its_ray  # noqa: E402
 
 from lth_search.store.stage_store import StageStore  # noqa: E402
 
@@ -81,15 +79,10 @@ def drill(n: int, folder: Path, env: dict[str, str]) -> bool:
                 return sum(r["status"] == "finished" for r in records.values()) >= n // 2
 
             wait_for(half_done, 6 * 3600, "half the trials to finish", poll=30)  # reads every record
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
+            kill_with_its_ray(driver, marker)
         finally:
             if driver.poll() is None:
                 driver.kill()
-    for pid in _live_pids(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _live_pids(marker), 120, "the dead driver's Ray processes to exit", poll=0.5)
     at_kill, stored = store.records(f"search-{NAME}"), stored_keys(store_uri)
     objects, size, trials = journal_objects(store_uri)
     print(f"killed after {time.time() - began:.0f} s: {sum(r['status'] == 'finished' for r in at_kill.values())} "

@@ -11,10 +11,8 @@ this drill N times and prints how many held.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 from conftest import LTH_SEARCH, wait_for
 from s3_helpers import BUCKET, moto_s3
 from search_helpers import search_overrides
-from test_search_distributed import _live_pids
+from fault_helpers import kill_with_its_ray
 
 from lth_search.store.stage_store import StageStore
 
@@ -66,15 +64,10 @@ def killed_driver_drill(s3_env: dict[str, str], data_root: Path, folder: Path, n
                 return any(r["status"] == "running" and r["rounds"] for r in store.records(f"search-{name}").values())
 
             wait_for(half_way, 300, "a trial half-way through its rounds", poll=0.3)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
+            kill_with_its_ray(driver, marker)
         finally:
             if driver.poll() is None:
                 driver.kill()
-    for pid in _live_pids(marker):  # what Ray's own processes do once they notice their driver died
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _live_pids(marker), 120, "the dead driver's Ray processes to exit")
     at_kill, stored = store.records(f"search-{name}"), _stored_keys(store_uri)
 
     elsewhere = folder / "elsewhere"
