@@ -341,6 +341,19 @@ def metric_history(client: Any, run_id: str, key: str) -> dict[int, float]:
     return {int(m.step): float(m.value) for m in points}
 
 
+def metric_histories(client: Any, run_ids: list[str], key: str) -> dict[str, dict[int, float]]:
+    """`metric_history` of many runs: one query on a database store (MLflow's bulk read, which
+    its REST client lacks: there, a query per run). A search's tickets read 9 metrics of every run."""
+    bulk = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "get_metric_history_bulk", None)
+    if bulk is None or not run_ids:
+        return {run_id: metric_history(client, run_id, key) for run_id in run_ids}
+    found: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
+    for point in bulk(run_ids, key, max_results=10**9):
+        found[point.run_id].append(point)  # a Metric with its run id
+    return {run_id: {int(m.step): float(m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))}
+            for run_id, points in found.items()}
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for begin in range(0, len(items), size):
         yield items[begin : begin + size]

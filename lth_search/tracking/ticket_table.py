@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
     first_line,
     iter_runs,
+    metric_histories,
     metric_history,
     new_client,
     read_artifact,
@@ -141,6 +143,10 @@ def _names(client: Any) -> str:
     return ", ".join(names) or "none"
 
 
+PAGE = 200
+"""Trial runs read together (their metric histories in one query per metric)."""
+
+
 def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
     """The trial runs of a search (or the lineage runs of an experiment), a page at a time: a run
     holds all its params, metrics and tags, and only its ticket rows are kept."""
@@ -151,9 +157,12 @@ def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
     return iter_runs(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
 
 
-def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
-    """The ticket rows of one trial run: every round that has val, test and sparsity."""
-    history = {key: metric_history(client, run.info.run_id, key) for key in ROUND_METRICS}
+def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None = None) -> list[dict[str, Any]]:
+    """The ticket rows of one trial run: every round that has val, test and sparsity.
+
+    `history` (metric -> step -> value of ROUND_METRICS) when already read with other runs'."""
+    if history is None:
+        history = {key: metric_history(client, run.info.run_id, key) for key in ROUND_METRICS}
     metrics, tags = run.data.metrics, run.data.tags
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
@@ -190,7 +199,16 @@ def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
 
 def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
     """Every ticket of a search, by trial then round."""
-    rows = [row for run in candidate_runs(client, ref) for row in run_rows(client, run)]
+    rows: list[dict[str, Any]] = []
+    runs = candidate_runs(client, ref)
+    while True:  # a page of runs at a time, their metric histories read together
+        page = list(itertools.islice(runs, PAGE))
+        if not page:
+            break
+        ids = [run.info.run_id for run in page]
+        histories = {key: metric_histories(client, ids, key) for key in ROUND_METRICS}
+        for run in page:
+            rows += run_rows(client, run, {key: histories[key][run.info.run_id] for key in ROUND_METRICS})
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
 
 
