@@ -22,9 +22,10 @@ checkpoints are kept there too (`KeepCheckpoints`).
 
 Each snapshot of the search copies the whole staging folder: the experiment state and
 every trial's result files, so a snapshot of a 1,000-trial search wrote ~3,000 files, most
-of them unchanged. Both filesystems hold a file's bytes until it is closed and then write
-it only when they differ from what the same filesystem object last wrote there
-(`UnchangedSkipped`): a snapshot writes what changed. Only the driver writes these files,
+of them unchanged. The replacing filesystem holds a file's bytes until it is closed and then
+writes it only when they differ from what the same filesystem object last wrote there
+(`UnchangedSkipped`): a snapshot writes what changed. (Not on object stores: a Python
+stream inside pyarrow's copy to S3 deadlocked, seen in a 1,000-trial search on moto.) Only the driver writes these files,
 and the memory of what was written is not pickled, so a worker or a resumed driver writes
 everything once.
 """
@@ -143,7 +144,6 @@ class KeepCheckpoints(pafs.FileSystemHandler):
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
-        self.written = UnchangedSkipped()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, KeepCheckpoints) and self.fs.equals(other.fs)
@@ -193,15 +193,9 @@ class KeepCheckpoints(pafs.FileSystemHandler):
         return self.fs.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
-        return pa.PythonFile(WholeOnClose(lambda p, data: self._publish(p, data, metadata), path), mode="w")
-
-    def _publish(self, path: str, data: bytes, metadata: Any) -> None:
-        digest = self.written.changed(path, data)
-        if digest is None:
-            return
-        with self.fs.open_output_stream(path, metadata=metadata) as out:
-            out.write(data)
-        self.written.remember(path, digest)
+        # pyarrow's own stream: writing an object store's stream from Python inside pyarrow's
+        # copy_files (its IO threads) deadlocked on S3, so unchanged files are not skipped here
+        return self.fs.open_output_stream(path, metadata=metadata)
 
     def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
         return self.fs.open_append_stream(path, metadata=metadata)
