@@ -68,18 +68,18 @@ def folder_bytes(path: Path) -> int:
 
 
 def count_journal_writes() -> dict[str, int]:
-    """Bytes the store journal writes (each object it puts), counted around `write_file`."""
+    """Bytes the store journal writes (each object it puts), counted around its `_put`."""
     import lth_search.search.journal as journal
 
     counted = {"bytes": 0, "writes": 0}
-    write = journal.write_file
+    write = journal._put
 
     def counting_write(uri: str, data: bytes, *args: object, **kwargs: object) -> object:
         counted["bytes"] += len(data)
         counted["writes"] += 1
         return write(uri, data, *args, **kwargs)
 
-    journal.write_file = counting_write
+    journal._put = counting_write
     return counted
 
 

@@ -15,7 +15,7 @@ as one object by an earlier version is read as the first segment, and continued.
 Reading walks the names from log 0: at each position it takes the object that starts
 there and reaches furthest (a chunk over its small segments), and stops at the first
 gap, so it returns a prefix of the log in order, never a log twice, never half an object
-(objects are written whole: `write_file`).
+(objects are written whole: `_put`).
 
 Process safety, as Optuna's `BaseJournalBackend` asks (concurrent `read_logs` and
 `append_logs` from several processes): only the search driver writes the journal (Ray's
@@ -43,12 +43,27 @@ from lth_search.store.uri import read_file, resolve_uri, write_file
 
 CHUNK_LOGS = 1000
 """Logs per chunk object (~250 KB): a 10,000-trial study (~120,000 logs) resumes in ~120 reads."""
+OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
+                      if hasattr(pafs, name))
+"""pyarrow's object stores: an object appears whole when its upload completes."""
 SEGMENT = re.compile(r"(\d{12})-(\d{12})\.jsonl")
 """A journal object's name: the sequence numbers of its first log and of the one after its last."""
 
 
 def _lines(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def _put(uri: str, data: bytes) -> None:
+    """Write a new journal object whole: one PUT on an object store (it publishes an object only when
+    its upload completes), elsewhere `write_file` (write aside, then move). An append blocks the
+    driver's loop, and write_file's directory, staging and move cost 4 requests to S3."""
+    _, filesystem, path = resolve_uri(uri)
+    if isinstance(filesystem, OBJECT_STORES):
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+    else:
+        write_file(uri, data)
 
 
 def _encode(logs: list[dict[str, Any]]) -> bytes:
@@ -105,10 +120,10 @@ class StoreJournalBackend(BaseJournalBackend):
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         cached = self._all()
         first, end = len(cached), len(cached) + len(logs)
-        write_file(f"{self.folder}/{first:012d}-{end:012d}.jsonl", _encode(list(logs)))
+        _put(f"{self.folder}/{first:012d}-{end:012d}.jsonl", _encode(list(logs)))
         cached += logs
         if end - self._chunked >= CHUNK_LOGS:  # the logs since the last chunk, as one object
-            write_file(f"{self.folder}/{self._chunked:012d}-{end:012d}.jsonl", _encode(cached[self._chunked:end]))
+            _put(f"{self.folder}/{self._chunked:012d}-{end:012d}.jsonl", _encode(cached[self._chunked:end]))
             self._chunked = end
 
 
