@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LTH_SEARCH, wait_for
+from fault_helpers import kill_with_its_ray
 from search_helpers import manifests, search_config, search_overrides, trial_records, trial_results
 
 from lth_search.api import run_search

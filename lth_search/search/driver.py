@@ -21,6 +21,7 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -117,12 +118,12 @@ def _tuner(
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            # No forced snapshot per trial checkpoint (what `num_to_keep` asks of Ray): each snapshot
-            # writes every trial's state, so one per checkpoint made a trial's cost grow with N.
-            # Ray snapshots on its own clock (TUNE_GLOBAL_CHECKPOINT_S, "auto": at least every 10 s,
-            # at most 5 % of the time); a killed driver's state is that far behind, and what a
-            # trial did since is in the store (ray_storage.py keeps every checkpoint it names).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            # num_to_keep=1 makes Ray snapshot its state at every trial checkpoint: a killed driver's
+            # state is at most a round behind. Snapshots on Ray's own clock (num_to_keep=None) were
+            # tried for scale (issue 24) and broke resume: a state older than the trials' reports
+            # failed `lth-search resume` with a TuneError. Each snapshot writes only the files that
+            # changed (ray_storage.py).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             callbacks=_callbacks(cfg, progress),
             verbose=ray_verbose(verbosity),
@@ -243,6 +244,9 @@ def _fit(
     progress: Progress, address: str | None,
 ) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
+    # One snapshot per trial checkpoint keeps a killed driver's state at most a round behind;
+    # Ray warns about that frequency by default.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     began = time.time()
     try:
         grid = tuner.fit()
