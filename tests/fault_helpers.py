@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -99,3 +100,32 @@ def one_line_error(code: int, stderr: str, expected_code: int, needle: str) -> s
 
 def snapshot(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def live_pids(marker: str) -> list[int]:
+    """Live (not zombie) processes carrying `marker` in their environment: the driver and
+    every Ray process it started (they inherit the driver's environment)."""
+    needle, pids = marker.encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle not in (proc / "environ").read_bytes():
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone while we looked, or not ours to read
+        if state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_with_its_ray(driver: subprocess.Popen, marker: str) -> None:
+    """SIGKILL a search's driver, then what its Ray's processes would do once they notice (within a
+    minute on a loaded machine): they are killed too, and waited for, so what is stored is final."""
+    from conftest import wait_for
+
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    for pid in live_pids(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not live_pids(marker), 120, "the dead driver's Ray processes to exit", poll=0.2)

@@ -156,3 +156,18 @@ def test_a_causal_lm_lineage_is_judged_on_perplexity(task, tmp_path, capsys):
     assert best["dense_val_perplexity"] == pytest.approx(math.exp(dense.val_loss))
     assert main(["best", "--tracking-uri", cfg.tracking_uri(), "--experiment", "qwen-lm"]) == 0
     assert f"val_perplexity {best['val_perplexity']:.4g} (dense" in capsys.readouterr().out
+
+    # What a search trial would report, and the console line made from it, name perplexity too.
+    from types import SimpleNamespace
+
+    from lth_search.runs.record import TrialStatus
+    from lth_search.runs.trial import round_report
+    from lth_search.search.console import SearchConsole
+
+    report = round_report(result, result.rounds[-1], attempt=1)
+    matching = next((r for r in result.rounds if r.round == result.best.round), result.dense)
+    assert report["metric"] == "perplexity"
+    assert report["matching_val_perplexity"] == pytest.approx(math.exp(matching.val_loss))
+    said: list[str] = []
+    SearchConsole(3, said.append).ended(SimpleNamespace(trial_id="t1", last_result=report), TrialStatus.FINISHED)
+    assert said[0].endswith(f"val perplexity {report['matching_val_perplexity']:.4g})"), said

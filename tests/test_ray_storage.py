@@ -35,7 +35,7 @@ def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) ->
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], capture_output=True)
     assert killed.returncode == -9, killed.stderr
     assert state.read_text() == '{"trial_data": [1]}'
-    assert (tmp_path / ("experiment_state-x.json" + PARTIAL_SUFFIX)).exists()  # the write it was in
+    assert not (tmp_path / ("experiment_state-x.json" + PARTIAL_SUFFIX)).exists()  # held until closed
 
 
 @pytest.mark.parametrize("form", ["path", "file", "local"])
@@ -54,6 +54,14 @@ def test_rays_copy_routine_replaces_each_file_whole(tmp_path: Path, form: str) -
     assert (results / "experiment_state-x.json").read_text() == '{"trial_data": [1, 2]}'
     assert (results / "trial_1" / "result.json").read_text() == '{"round": 1}\n'
     assert not list(results.rglob("*" + PARTIAL_SUFFIX))
+    # the next snapshot writes only what changed (a snapshot copies every trial's files)
+    written = {p.name: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    (results / "trial_1" / "result.json").unlink()  # a file this filesystem wrote is not checked again
+    (staging / "experiment_state-x.json").write_text('{"trial_data": [1, 2, 3]}')
+    pafs.copy_files(str(staging), path, destination_filesystem=fs)
+    assert (results / "experiment_state-x.json").read_text() == '{"trial_data": [1, 2, 3]}'
+    assert (results / "experiment_state-x.json").stat().st_mtime_ns != written["experiment_state-x.json"]
+    assert not (results / "trial_1" / "result.json").exists()
     # Ray pickles the filesystem into its trials' storage context: a worker gets the same kind
     assert isinstance(pickle.loads(pickle.dumps(fs)), pafs.PyFileSystem)
 

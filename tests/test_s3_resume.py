@@ -11,63 +11,28 @@ this drill N times and prints how many held.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 from conftest import LTH_SEARCH, wait_for
-from ray_head import free_port
+from s3_helpers import BUCKET, moto_s3
 from search_helpers import search_overrides
-from test_search_distributed import _live_pids
+from fault_helpers import kill_with_its_ray
 
 from lth_search.store.stage_store import StageStore
 
 pytestmark = pytest.mark.slow
-BUCKET = "lth-store"
-MOTO = str(Path(sys.executable).with_name("moto_server"))
 
 
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory: pytest.TempPathFactory):
-    """moto's S3 server on 127.0.0.1 (own session, stopped by its pid) with one bucket; yields the
-    environment that points AWS clients (pyarrow, boto3) at it."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-    def answers() -> bool:
-        assert server.poll() is None, "moto_server exited"
-        try:
-            with urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(answers, 60, "moto's S3 server", poll=0.2)
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)  # this process reads the store too
-        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
+    """moto's S3 server on 127.0.0.1 with one bucket (s3_helpers.py)."""
+    with moto_s3(tmp_path_factory.mktemp("moto")) as env:
         yield env
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
 
 
 def _stored_keys(store_uri: str) -> set[str]:
@@ -99,15 +64,10 @@ def killed_driver_drill(s3_env: dict[str, str], data_root: Path, folder: Path, n
                 return any(r["status"] == "running" and r["rounds"] for r in store.records(f"search-{name}").values())
 
             wait_for(half_way, 300, "a trial half-way through its rounds", poll=0.3)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
+            kill_with_its_ray(driver, marker)
         finally:
             if driver.poll() is None:
                 driver.kill()
-    for pid in _live_pids(marker):  # what Ray's own processes do once they notice their driver died
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _live_pids(marker), 120, "the dead driver's Ray processes to exit")
     at_kill, stored = store.records(f"search-{name}"), _stored_keys(store_uri)
 
     elsewhere = folder / "elsewhere"

@@ -7,7 +7,6 @@ Two nodes sharing one store, and Ctrl-C (exit 130, resumable), are in test_ray_c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LTH_SEARCH, wait_for
+from fault_helpers import kill_with_its_ray
 from search_helpers import manifests, search_config, search_overrides, trial_records, trial_results
 
 from lth_search.api import run_search
@@ -28,22 +28,6 @@ pytestmark = pytest.mark.slow
 
 def _env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _live_pids(marker: str) -> list[int]:
-    """Live (not zombie) processes carrying `marker` in their environment: the driver and
-    every Ray process it started (they inherit the driver's environment)."""
-    needle, pids = marker.encode(), []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle not in (proc / "environ").read_bytes():
-                continue
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # gone while we looked, or not ours to read
-        if state != "Z":
-            pids.append(int(proc.name))
-    return pids
 
 
 def _stage_keys(store: Path) -> set[str]:
@@ -71,18 +55,12 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
                 return records if finished and midway else None
 
             wait_for(mid_search, 300, "a finished and a half-way trial")
-            driver.send_signal(signal.SIGKILL)  # the driver dies; the Ray it started follows it
-            driver.wait(timeout=30)
+            # the driver dies, and its Ray's processes with it: the stages stored at the kill are
+            # counted once no process of the dead driver's Ray is left
+            kill_with_its_ray(driver, marker)
         finally:
             if driver.poll() is None:
                 driver.kill()
-    # Ray's own processes notice their driver's death within a minute on a loaded machine;
-    # what they would do then is done now: the orphans are killed
-    for pid in _live_pids(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    # the stages stored at the kill are counted once no process of the dead driver's Ray is left
-    wait_for(lambda: not _live_pids(marker), 120, "the dead driver's Ray processes to exit")
     at_kill = trial_records(store, "killme")
     stored_at_kill = _stage_keys(store)
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())

@@ -93,6 +93,37 @@ def test_the_status_line_counts_trials_waiting_for_a_stage(ray_local):
     del actor
 
 
+def test_a_large_search_counts_starts_and_ends_in_its_status_line():
+    """Above 50 lineages a console line per start and end would be pages long (issue 24 item 5)."""
+    lines: list[str] = []
+    console = SearchConsole(1000, lines.append, status_every_s=0.0)
+    trials = [SimpleNamespace(trial_id=f"t{i}", status="TERMINATED", config={}, path=f"/r/t{i}",
+                              last_result={"round": 2, "matching_sparsity": 0.36, "matching_val_accuracy": 0.6})
+              for i in range(1000)]
+    for trial in trials:
+        console.on_trial_start(0, trials, trial)
+        console.ended(trial, TrialStatus.FINISHED if trial.trial_id != "t7" else TrialStatus.STOPPED)
+    for trial in trials[:15]:
+        console.failed(trial)
+    assert len(lines) == 10 and all("failed after its retries" in line for line in lines)  # the first 10 failures
+    console.on_step_end(0, trials)
+    assert len(lines) == 11 and lines[-1].endswith(
+        "1000/1000 done, 0 running; best so far 36.0% sparsity (trial None, val 60.0%) "
+        "(1000 started, 999 finished, 1 stopped by ASHA, 5 failed since the last status)")
+    small = SearchConsole(12, (few := []).append)
+    small.on_trial_start(0, trials, trials[0])
+    assert few == ["trial t0 started: the config's prune values"]
+
+
+def test_the_status_line_names_a_loss_metric_and_prefers_its_lower_value():
+    """A language model's lineages are judged on perplexity: "val perplexity 12.5", lower wins a tie."""
+    console = SearchConsole(3, [].append)
+    reports = [{"matching_sparsity": 0.5, "metric": "perplexity", "matching_val_perplexity": ppl, "trial_id": name}
+               for name, ppl in (("high", 30.0), ("low", 12.5))]
+    trials = [SimpleNamespace(status="TERMINATED", last_result=report) for report in reports]
+    assert console.status(trials) == "2/3 done, 0 running; best so far 50.0% sparsity (trial low, val perplexity 12.5)"
+
+
 def _record(trial_id: str, sparsity: float, val: float, status: str, executed: int, reused: int) -> TrialRecord:
     return TrialRecord(
         search="s", trial_id=trial_id, status=TrialStatus(status), choices={"rate": 0.2},

@@ -22,6 +22,7 @@ import torch
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import Dataset
 from lth_search.engine.lineage.probes import attach_probes
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.engine.lineage.stages import StageSource
 from lth_search.engine.lineage.walk import Lineage, lineages_for, walk
@@ -101,7 +102,13 @@ def round_report(result: LineageResult, round_result: RoundResult | None, attemp
         matching_round=best.round,
         attempt=attempt,
         lineage_failed=result.failed or "",
+        metric=result.metric,
     )
+    judged = metric_named(result.metric)
+    if judged.name != "accuracy":  # the console's and `best`'s "val perplexity 12.3" at the matching round
+        value = judged.val(result.matching_stage)
+        if value is not None:
+            metrics[f"matching_{judged.val_key}"] = float(value)
     return metrics
 
 

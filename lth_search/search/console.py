@@ -2,7 +2,11 @@
 
 By default (verbosity 0) a search prints its header, one line when a lineage starts
 (its choices) and one when it ends (its score), a one-line status every few seconds
-(done / running / pending, best so far), and the summary. `-v` (1) brings back Ray's
+(done / running / pending, best so far), and the summary. A search of more than
+`EACH_TRIAL_UP_TO` lineages prints no line per start and end: its status line counts them
+(started, finished, stopped, failed since the last status), and only the first
+`FAILURES_SHOWN` failures get a line of their own, so the console stays about a page long
+at any number of trials. `-v` (1) brings back Ray's
 own trial tables and the INFO logs of MLflow and Optuna; `-vv` (2) Ray's most verbose
 tables; `-q` (-1) prints errors only. Everything human goes to stderr, so `--json` owns
 stdout.
@@ -22,6 +26,7 @@ from typing import Any, Callable
 
 from ray import tune
 
+from lth_search.engine.lineage.metric import metric_named
 from lth_search.runs.record import TrialStatus
 from lth_search.search.ray_leases import waiting_trials
 from lth_search.search.space import PRIMARY_METRIC, choices_of
@@ -31,6 +36,10 @@ STATUS_EVERY_S = 10.0
 """Seconds between status lines at first; the gap grows with the search's age (a sixth of it) up
 to a minute, so a 1-minute search prints ~6 and an hour-long one ~70; an unchanged status waits
 the full minute."""
+EACH_TRIAL_UP_TO = 50
+"""Up to this many lineages a search prints a line per lineage start and end; above, counts in its status."""
+FAILURES_SHOWN = 10
+"""Failure lines a large search prints (each says why); later ones are counted in the status line."""
 QUIET_LOGGERS = ("mlflow", "alembic", "optuna", "ray", "ray.tune", "ray.train", "filelock")
 """Libraries whose INFO lines are noise on a search's console (shown again with -v)."""
 
@@ -89,6 +98,23 @@ def ray_verbose(verbosity: int) -> int:
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def _matching_val(result: dict) -> str:
+    """"val 61.2%" at the matching round, or "val perplexity 12.3" for a lineage judged on a loss."""
+    metric = metric_named(result.get("metric"))
+    if metric.name == "accuracy":
+        return f"val {_pct(result.get('matching_val_accuracy', 0.0))}"
+    return f"val {metric.name} {metric.format(result.get(f'matching_{metric.val_key}'))}"
+
+
+def _val_score(result: dict) -> float:
+    """The matching round's val metric, signed so that higher is better (the tie-break among equal sparsities)."""
+    metric = metric_named(result.get("metric"))
+    if metric.name == "accuracy":
+        return result.get("matching_val_accuracy", 0.0)
+    value = result.get(f"matching_{metric.val_key}")
+    return -value if value is not None else -float("inf")
 
 
 def _choices(trial: Any) -> str:
@@ -160,28 +186,48 @@ class SearchConsole(tune.Callback):
         self.began = time.time()
         self.last_status_at = self.began
         self.last_status = ""
+        self.each_trial = num_trials <= EACH_TRIAL_UP_TO
+        """A line per lineage start and end; else they are counted (`events`) in the status line."""
+        self.events: dict[str, int] = {}
+        self.failures = 0
+
+    def _count(self, event: str) -> None:
+        self.events[event] = self.events.get(event, 0) + 1
+
+    def _failure(self, text: str) -> None:
+        self.failures += 1
+        if self.each_trial or self.failures <= FAILURES_SHOWN:
+            self.line(text)
+        else:
+            self._count("failed")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
+        if self.each_trial:
+            self.line(f"trial {trial.trial_id} started: {_choices(trial)}")
+        else:
+            self._count("started")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         why = reason(error_text(trial))
-        self.line(f"trial {trial.trial_id} failed ({why}); Ray retries it, stored stages are reused")
+        self._failure(f"trial {trial.trial_id} failed ({why}); Ray retries it, stored stages are reused")
 
     def ended(self, trial: Any, status: TrialStatus) -> None:
         result = trial.last_result or {}
         if result.get("lineage_failed"):
-            self.line(f"trial {trial.trial_id} has no ticket: its {result['lineage_failed']}; try a lower train.lr "
-                      "(or a warmup), and check the data for NaN or inf")
+            self._failure(f"trial {trial.trial_id} has no ticket: its {result['lineage_failed']}; try a lower "
+                          "train.lr (or a warmup), and check the data for NaN or inf")
+            return
+        if not self.each_trial:
+            self._count("finished" if status is TrialStatus.FINISHED else "stopped by ASHA")
             return
         how = "finished" if status is TrialStatus.FINISHED else f"stopped by ASHA after round {result.get('round', 0)}"
         self.line(
             f"trial {trial.trial_id} {how}: matching sparsity {_pct(result.get(PRIMARY_METRIC, 0.0))} "
-            f"(round {result.get('matching_round', 0)}, val {_pct(result.get('matching_val_accuracy', 0.0))})"
+            f"(round {result.get('matching_round', 0)}, {_matching_val(result)})"
         )
 
     def failed(self, trial: Any) -> None:
-        self.line(f"trial {trial.trial_id} failed after its retries ({reason(error_text(trial))}); see {trial.path}")
+        self._failure(f"trial {trial.trial_id} failed after its retries ({reason(error_text(trial))}); see {trial.path}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
@@ -191,7 +237,9 @@ class SearchConsole(tune.Callback):
         if status == self.last_status and now - self.last_status_at < 60:
             return
         self.last_status, self.last_status_at = status, now
-        self.line(f"[{_elapsed(now - self.began)}] {status}")
+        since = ", ".join(f"{count} {event}" for event, count in self.events.items())
+        self.events = {}
+        self.line(f"[{_elapsed(now - self.began)}] {status}" + (f" ({since} since the last status)" if since else ""))
 
     def status(self, trials: list) -> str:
         """'3/12 done, 2 running; best so far 87.0% sparsity (trial X, val 61.2%)'."""
@@ -204,9 +252,9 @@ class SearchConsole(tune.Callback):
         if waiting:
             text += f" ({waiting} waiting for a stage another trial is computing)"
         if scored:
-            best = max(scored, key=lambda r: (r[PRIMARY_METRIC], r.get("matching_val_accuracy", 0.0)))
+            best = max(scored, key=lambda r: (r[PRIMARY_METRIC], _val_score(r)))
             text += (
                 f"; best so far {_pct(best[PRIMARY_METRIC])} sparsity "
-                f"(trial {best.get('trial_id')}, val {_pct(best.get('matching_val_accuracy', 0.0))})"
+                f"(trial {best.get('trial_id')}, {_matching_val(best)})"
             )
         return text

@@ -126,6 +126,11 @@ def _tuner(
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
+            # num_to_keep=1 makes Ray snapshot its state at every trial checkpoint: a killed driver's
+            # state is at most a round behind. Snapshots on Ray's own clock (num_to_keep=None) were
+            # tried for scale (issue 24) and broke resume: a state older than the trials' reports
+            # failed `lth-search resume` with a TuneError. Each snapshot writes only the files that
+            # changed (ray_storage.py).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             callbacks=_callbacks(cfg, progress),

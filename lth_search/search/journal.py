@@ -1,19 +1,37 @@
-"""Where a search's Optuna study lives: a journal file on the store's storage.
+"""Where a search's Optuna study lives: a journal on the store's storage, appended to, never rewritten.
 
-A local path (the default store) uses Optuna's own `JournalFileBackend`, with its file
-locks. Any other store URI (s3://, gs://, local://, sftp://, ...) uses
-`StoreJournalBackend`: the same append-only log of JSON lines, kept as one object that
-is rewritten (atomically) on every append. Object stores cannot append, and the journal
-is small (a few KB per trial), so rewriting it costs one PUT per Optuna call.
+A local path (the default store) uses Optuna's own `JournalFileBackend`: one file of JSON
+lines, appended under its file lock. Any other store URI (s3://, gs://, local://, sftp://,
+...) uses `StoreJournalBackend`. Object stores cannot append, and rewriting one journal
+object on every Optuna call costs a PUT of the whole study each time: ~2.5 KB a trial, so
+~25 MB a PUT, several times per trial, at 10,000 trials. Instead every append is one new
+object in the folder `<journal>.d/`, named by the sequence numbers of the logs it holds,
+`<first>-<end>.jsonl` (zero-padded, so names sort in log order); every `CHUNK_LOGS` logs
+the writer also writes one chunk object holding them all, so a resume reads a few chunks
+instead of thousands of small objects. Bytes written per trial stay constant (each log
+is written twice: alone and in its chunk), whatever the study's size. A journal written
+as one object by an earlier version is read as the first segment, and continued.
 
-Process safety, as Optuna's `BaseJournalBackend` asks: only the search driver writes
-the journal (Ray's OptunaSearch runs in the driver), and a resumed driver starts after
-the old one died, so one writer at a time holds; readers see whole versions only.
+Reading walks the names from log 0: at each position it takes the object that starts
+there and reaches furthest (a chunk over its small segments), and stops at the first
+gap, so it returns a prefix of the log in order, never a log twice, never half an object
+(objects are written whole: `_put`).
+
+Process safety, as Optuna's `BaseJournalBackend` asks (concurrent `read_logs` and
+`append_logs` from several processes): only the search driver writes the journal (Ray's
+OptunaSearch runs in the driver), and one driver at a time drives a search
+(runs/search_lease.py; a resumed driver starts after the old one died), so there is one
+writer. It numbers its appends itself, after reading the journal once; readers (another
+process loading the study, optuna-dashboard) see whole objects in log order. A second
+concurrent writer is what the search lease refuses: two writers would both write the
+next number. The writer's own reads come from what it has read and written (cached), so
+an Optuna call costs no request beyond its append.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,30 +41,90 @@ from optuna.storages.journal import BaseJournalBackend
 
 from lth_search.store.uri import read_file, resolve_uri, write_file
 
+CHUNK_LOGS = 1000
+"""Logs per chunk object (~250 KB): a 10,000-trial study (~120,000 logs) resumes in ~120 reads."""
+OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
+                      if hasattr(pafs, name))
+"""pyarrow's object stores: an object appears whole when its upload completes."""
+SEGMENT = re.compile(r"(\d{12})-(\d{12})\.jsonl")
+"""A journal object's name: the sequence numbers of its first log and of the one after its last."""
+
+
+def _lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def _put(uri: str, data: bytes) -> None:
+    """Write a new journal object whole: one PUT on an object store (it publishes an object only when
+    its upload completes), elsewhere `write_file` (write aside, then move). An append blocks the
+    driver's loop, and write_file's directory, staging and move cost 4 requests to S3."""
+    _, filesystem, path = resolve_uri(uri)
+    if isinstance(filesystem, OBJECT_STORES):
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+    else:
+        write_file(uri, data)
+
+
+def _encode(logs: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+
 
 class StoreJournalBackend(BaseJournalBackend):
-    """An Optuna journal as one JSON-lines object at a store URI (see the module docstring)."""
+    """An append-only Optuna journal of objects at a store URI (see the module docstring)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self.folder = uri.rstrip("/") + ".d"
         self._logs: list[dict[str, Any]] | None = None
+        self._chunked = 0
+        """How many logs, from the first, the chunk objects hold."""
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "_logs": None}  # Ray pickles the searcher: reread the journal after a restore
+        return {"uri": self.uri, "folder": self.folder, "_logs": None, "_chunked": 0}  # reread after a restore
+
+    def _segments(self) -> dict[int, tuple[int, str]]:
+        """First log number -> (end, name) of the furthest-reaching object starting there."""
+        _, filesystem, path = resolve_uri(self.folder)
+        found: dict[int, tuple[int, str]] = {}
+        for info in filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            match = SEGMENT.fullmatch(info.base_name)
+            if match and info.type == pafs.FileType.File:
+                first, end = int(match.group(1)), int(match.group(2))
+                if end > first and end > found.get(first, (-1, ""))[0]:
+                    found[first] = (end, info.base_name)
+        return found
 
     def _all(self) -> list[dict[str, Any]]:
         if self._logs is None:
-            data = read_file(self.uri) or b""
-            self._logs = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+            logs = _lines(read_file(self.uri) or b"")  # a journal written whole by an earlier version
+            self._chunked = len(logs)
+            segments = self._segments()
+            while len(logs) in segments:
+                end, name = segments[len(logs)]
+                data = read_file(f"{self.folder}/{name}")
+                if data is None:
+                    break
+                part = _lines(data)
+                if len(part) != end - len(logs):
+                    raise ValueError(f"{self.folder}/{name}: {len(part)} logs where its name says {end - len(logs)}")
+                logs += part
+                if len(part) >= CHUNK_LOGS:
+                    self._chunked = end
+            self._logs = logs
         return self._logs
 
     def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
         return self._all()[log_number_from:]
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        updated = self._all() + list(logs)
-        write_file(self.uri, "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in updated).encode())
-        self._logs = updated
+        cached = self._all()
+        first, end = len(cached), len(cached) + len(logs)
+        _put(f"{self.folder}/{first:012d}-{end:012d}.jsonl", _encode(list(logs)))
+        cached += logs
+        if end - self._chunked >= CHUNK_LOGS:  # the logs since the last chunk, as one object
+            _put(f"{self.folder}/{self._chunked:012d}-{end:012d}.jsonl", _encode(cached[self._chunked:end]))
+            self._chunked = end
 
 
 def journal_storage(uri: str) -> optuna.storages.BaseStorage:

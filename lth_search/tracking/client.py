@@ -248,20 +248,34 @@ class MlflowIO:
         matching = [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
         return matching[0] if matching else None
 
+    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
+        """Every run carrying all `tags` (page by page: one query per 1000 runs, not one per run). Raises."""
+        clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
+        return [run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
+                if all(run.data.tags.get(k) == v for k, v in tags.items())]
+
     # Writing --------------------------------------------------------------------------------
     def log_values(
         self, run_id: str, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None
     ) -> None:
         """Metrics at one step and params, in as few requests as MLflow allows. Raises."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
 
-        now = int(time.time() * 1000)
-        metric_list = [Metric(key, float(value), now, int(step)) for key, value in (metrics or {}).items()]
+        self.log_steps(run_id, [(step, metrics or {})])
         param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
-        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=chunk)
         for chunk in _chunks(param_list, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
+
+    def log_steps(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]]) -> None:
+        """Metrics at several steps (a round's and its by-sparsity series) in one request: every
+        request is a database transaction, a few per trial. Raises."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metric_list = [Metric(key, float(value), now, int(step))
+                       for step, metrics in metrics_by_step for key, value in metrics.items()]
+        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""
@@ -271,6 +285,16 @@ class MlflowIO:
             local.write_bytes(data)
             self.client.log_artifact(run_id, str(local), artifact_path=folder or None)
 
+    def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        """Upload several artifacts ({artifact_file: data}, e.g. a round's mask and weights) in one
+        request: each request resolves the run's artifact store again. Raises."""
+        with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
+            for artifact_file, data in files.items():
+                local = Path(tmp) / artifact_file
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(data)
+            self.client.log_artifacts(run_id, tmp)
+
     def read_artifact(self, run_id: str, artifact_file: str) -> bytes:
         """The bytes of one artifact of a run. Raises."""
         return read_artifact(self.client, run_id, artifact_file)
@@ -278,6 +302,20 @@ class MlflowIO:
     def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
         """Paths of the files directly in `folder` of a run's artifacts. Raises."""
         return {item.path for item in self.client.list_artifacts(run_id, folder) if not item.is_dir}
+
+
+def iter_runs(client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None,
+              page_size: int = 200) -> Iterator[Any]:
+    """Every run matching the filter, a page at a time (a search's thousands of runs are never all in memory)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=page_size, order_by=order_by, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _tag_clause(key: str, value: str) -> str | None:
@@ -301,6 +339,19 @@ def metric_history(client: Any, run_id: str, key: str) -> dict[int, float]:
     """step -> value of a metric; of several points at one step the latest logged wins."""
     points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return {int(m.step): float(m.value) for m in points}
+
+
+def metric_histories(client: Any, run_ids: list[str], key: str) -> dict[str, dict[int, float]]:
+    """`metric_history` of many runs: one query on a database store (MLflow's bulk read, which
+    its REST client lacks: there, a query per run). A search's tickets read 9 metrics of every run."""
+    bulk = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "get_metric_history_bulk", None)
+    if bulk is None or not run_ids:
+        return {run_id: metric_history(client, run_id, key) for run_id in run_ids}
+    found: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
+    for point in bulk(run_ids, key, max_results=10**9):
+        found[point.run_id].append(point)  # a Metric with its run id
+    return {run_id: {int(m.step): float(m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))}
+            for run_id, points in found.items()}
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -28,6 +28,7 @@ REWIND_STEP = "lth.rewind_step"
 INPUT_SHAPE = "lth.input_shape"   # JSON list, e.g. [40] or [3, 32, 32]
 NUM_CLASSES = "lth.num_classes"
 STATUS = "lth.status"             # the trial record's status when the run was ended
+COMPLETE = "lth.complete"         # "1": the run was ended with nothing its trial logged missing (sync skips it)
 FAILED = "lth.failed"             # why the lineage's dense network did not train (a failed run has no ticket)
 SEARCH_ID = "lth.search_id"       # the search (Optuna study) a trial belongs to
 OPTUNA_TRIAL = "lth.optuna_trial" # the trial's number in that Optuna study

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,8 @@ from lth_search.engine.lineage.objective import is_matching
 from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
     first_line,
+    iter_runs,
+    metric_histories,
     metric_history,
     new_client,
     read_artifact,
@@ -76,16 +79,7 @@ def parse_param(text: str) -> Any:
 
 def search_all(client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list[Any]:
     """Every run matching the filter (all pages)."""
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return list(iter_runs(client, experiment_ids, filter_string, order_by))
 
 
 def _latest_run(client: Any, experiment_id: str, role: str) -> Any:
@@ -152,21 +146,37 @@ def _names(client: Any) -> str:
     return ", ".join(names) or "none"
 
 
-def candidate_runs(client: Any, ref: SearchRef) -> list[Any]:
-    """The trial runs of a search (or the lineage runs of an experiment)."""
+PAGE = 200
+"""Trial runs read together (their metric histories in one query per metric)."""
+
+
+def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
+    """The trial runs of a search (or the lineage runs of an experiment), a page at a time: a run
+    holds all its params, metrics and tags, and only its ticket rows are kept."""
     if ref.search_run_id is not None:
         query = f"tags.`{PARENT}` = '{ref.search_run_id}'"
     else:
         query = f"tags.`{ROLE}` = 'lineage'"
-    return search_all(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
+    return iter_runs(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
 
 
-def run_rows(client: Any, run: Any) -> list[dict[str, Any]]:
-    """The ticket rows of one trial run: every round that has val, test and sparsity."""
+def history_keys(run: Any) -> tuple[str, ...]:
+    """The metric histories a trial run's rows read: the round metrics, `inference/*`, and the val/test
+    series of its named metric when that is not accuracy (the `lth.metric` tag)."""
+    metric = metric_named(run.data.tags.get(METRIC))
+    named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
+    return (*ROUND_METRICS, *INFERENCE_METRICS, *named)
+
+
+def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None = None) -> list[dict[str, Any]]:
+    """The ticket rows of one trial run: every round that has val, test and sparsity.
+
+    `history` (metric -> step -> value of `history_keys(run)`) when already read with other runs'."""
+    if history is None:
+        history = {key: metric_history(client, run.info.run_id, key) for key in history_keys(run)}
     metrics, tags = run.data.metrics, run.data.tags
     metric = metric_named(tags.get(METRIC))
     named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
-    history = {key: metric_history(client, run.info.run_id, key) for key in (*ROUND_METRICS, *INFERENCE_METRICS, *named)}
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
@@ -212,7 +222,17 @@ def _inference_column(metric: str) -> str:
 
 def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
     """Every ticket of a search, by trial then round."""
-    rows = [row for run in candidate_runs(client, ref) for row in run_rows(client, run)]
+    rows: list[dict[str, Any]] = []
+    runs = candidate_runs(client, ref)
+    while True:  # a page of runs at a time, their metric histories read together
+        page = list(itertools.islice(runs, PAGE))
+        if not page:
+            break
+        ids = [run.info.run_id for run in page]
+        keys = dict.fromkeys(key for run in page for key in history_keys(run))
+        histories = {key: metric_histories(client, ids, key) for key in keys}
+        for run in page:
+            rows += run_rows(client, run, {key: histories[key][run.info.run_id] for key in history_keys(run)})
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
 
 

@@ -43,6 +43,7 @@ from lth_search.store.entry import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
 from lth_search.tracking.layout import (
+    COMPLETE,
     CONFIG,
     INPUT_SHAPE,
     LINEAGE_PLOT,
@@ -239,15 +240,15 @@ class TrialTracker:
             self.io.client.log_inputs(self.run_id, entry)
 
     def _log_dense_metrics(self, result: LineageResult) -> None:
-        self.io.log_values(self.run_id, dense_metrics(result.dense, self.metric), step=0)
-        self.io.log_values(self.run_id, sparsity_series(result.dense), step=sparsity_step(0.0))
+        self.io.log_steps(self.run_id, [(0, dense_metrics(result.dense, self.metric)),
+                                        (sparsity_step(0.0), sparsity_series(result.dense))])
 
     def _log_round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         metrics = round_metrics(round_result, self.metric)
         metrics.update(self._inference_gains(round_result, entry))
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
-        self.io.log_values(self.run_id, metrics, step=round_result.round)
-        self.io.log_values(self.run_id, sparsity_series(round_result), step=sparsity_step(round_result.sparsity))
+        self.io.log_steps(self.run_id, [(round_result.round, metrics),
+                                        (sparsity_step(round_result.sparsity), sparsity_series(round_result))])
 
     def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
         """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
@@ -299,17 +300,20 @@ class TrialTracker:
             if ok:
                 self.state.rounds.add(index)
                 self.logged.append(f"round_{index}")
-        if index not in self.state.masks and entry is not None and "mask" in entry.masks:
-            mask = entry.masks["mask"]
-            ok, _ = self.io.call(f"upload the round {index} mask of trial {self.trial_id}", lambda: (
-                self.io.log_bytes(self.run_id, mask_layers_csv(mask), mask_layers_artifact(index)),
-                self.io.log_bytes(self.run_id, encode_mask(mask), mask_artifact(index))))
-            if ok:
+        files: dict[str, bytes] = {}  # the round's mask and trained weights, uploaded in one request
+        mask = index not in self.state.masks and entry is not None and "mask" in entry.masks
+        if mask:
+            files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
+            files[mask_artifact(index)] = encode_mask(entry.masks["mask"])
+        trained = index not in self.state.trained and entry is not None and "end" in entry.weights
+        if trained:
+            files[trained_artifact(index)] = encode_weights(entry.weights["end"])
+        if files:
+            ok, _ = self.io.call(f"upload the round {index} mask and weights of trial {self.trial_id}",
+                                 lambda: self.io.log_files(self.run_id, files))
+            if ok and mask:
                 self.state.masks.add(index)
-        if index not in self.state.trained and entry is not None and "end" in entry.weights:
-            ok, _ = self.io.call(f"upload the round {index} weights of trial {self.trial_id}", lambda: self.io.log_bytes(
-                self.run_id, encode_weights(entry.weights["end"]), trained_artifact(index)))
-            if ok:
+            if ok and trained:
                 self.state.trained.add(index)
 
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
@@ -336,7 +340,10 @@ class TrialTracker:
             self.state.status = run_status
 
     def _end(self, status: str, run_status: str) -> None:
-        self.io.client.set_tag(self.run_id, STATUS, status)
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(STATUS, status)] + ([RunTag(COMPLETE, "1")] if not self.io.missed else [])
+        self.io.client.log_batch(self.run_id, tags=tags)
         self.io.client.set_terminated(self.run_id, run_status)
 
     def _plot(self, result: LineageResult) -> None:
