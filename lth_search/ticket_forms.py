@@ -24,7 +24,7 @@ from lth_search.engine.plugins import MODEL_GROUP, resolve
 from lth_search.errors import ConfigError
 from lth_search.portable.architectures import TRANSFORMER_OPTIONS
 from lth_search.portable.export import EXPORT_FORMATS, form_of, write_form
-from lth_search.portable.sparse import choose_formats, semi_structured_available
+from lth_search.portable.sparse import choose_formats, chosen_plan, semi_structured_available
 from lth_search.portable.structured import STRUCTURED_ARCHITECTURES
 from lth_search.portable.ticket_model import build_network
 from lth_search.tickets import Ticket
@@ -95,7 +95,7 @@ def measured_form(ticket: Ticket, spec: dict[str, Any], example: torch.Tensor
     finally:
         torch.set_num_threads(threads)
     formed, formed_spec = form_of(model, spec, chosen)
-    best = min(spent, key=spent.get) if spent else "dense"
+    best = chosen_plan(spent)
     formed_spec["measured"] = {"device": device.type, "batch": int(example.shape[0]), "chosen": best,
                                "seconds_per_batch": spent, "threads": 1}
     return formed, formed_spec
