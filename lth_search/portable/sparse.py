@@ -12,7 +12,7 @@ Which form pays depends on the layer's shape, its sparsity, the batch and the de
 network, which is kept in the fastest form measured (dense when nothing sparse wins).
 
 The stored form (`sparse_tensors` / `load_sparse`) is safetensors-ready: a sparse layer
-`L` stores `L.weight.crow_indices`, `L.weight.col_indices` (int32, widened on load) and
+`L` stores `L.weight.crow_indices`, `L.weight.col_indices` (int32, as the CPU kernel takes them) and
 `L.weight.values`; its format and shape go in the JSON spec (`layer_specs`). Plain torch
 only: this file travels with the served model (see __init__.py).
 """
@@ -52,12 +52,12 @@ def to_format(weight2d: torch.Tensor, fmt: str) -> torch.Tensor:
     with warnings.catch_warnings():  # torch's "sparse support is in beta", once per process, for every user
         warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
         if fmt == "csr":
-            return weight2d.to_sparse_csr()
+            return _int32_indices(weight2d.to_sparse_csr())
         if fmt == "bsr":
             rows, cols = weight2d.shape
             if rows % BLOCK or cols % BLOCK:
                 raise ValueError(f"bsr needs both sides divisible by {BLOCK}, got {tuple(weight2d.shape)}")
-            return weight2d.to_sparse_bsr((BLOCK, BLOCK))
+            return _int32_indices(weight2d.to_sparse_bsr((BLOCK, BLOCK)))
     if fmt == "semi_structured":
         if weight2d.device.type != "cuda" or not semi_structured_available():
             raise ValueError("2:4 semi-structured sparsity needs CUDA (compute capability >= 8.0)")
@@ -65,6 +65,16 @@ def to_format(weight2d: torch.Tensor, fmt: str) -> torch.Tensor:
 
         return to_sparse_semi_structured(weight2d.half())
     raise ValueError(f"unknown sparse format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def _int32_indices(weight: torch.Tensor) -> torch.Tensor:
+    """A CSR/BSR weight with int32 indices where they fit: the CPU kernel (MKL) takes int32, and
+    torch narrows int64 indices on every call (two copies a layer, ~7 % of a LeNet-300-100 forward)."""
+    if weight.values().numel() >= 2**31 - 1 or max(weight.shape) >= 2**31 - 1:
+        return weight
+    build = torch.sparse_csr_tensor if weight.layout == torch.sparse_csr else torch.sparse_bsr_tensor
+    return build(weight.crow_indices().to(torch.int32), weight.col_indices().to(torch.int32), weight.values(),
+                 weight.shape)
 
 
 class SparseLinear(nn.Module):
