@@ -74,7 +74,7 @@ def _int32_indices(weight: torch.Tensor) -> torch.Tensor:
         return weight
     build = torch.sparse_csr_tensor if weight.layout == torch.sparse_csr else torch.sparse_bsr_tensor
     return build(weight.crow_indices().to(torch.int32), weight.col_indices().to(torch.int32), weight.values(),
-                 weight.shape)
+                 weight.shape, check_invariants=False)  # torch's own conversion made them: valid
 
 
 class SparseLinear(nn.Module):
