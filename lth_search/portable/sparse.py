@@ -239,26 +239,33 @@ def load_sparse(model: nn.Module, specs: dict[str, dict[str, Any]], tensors: dic
 
 
 # Measuring ---------------------------------------------------------------------------------------
-def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, loop_s: float = 0.002
-                     ) -> dict[str, float]:
+def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, loop_s: float = 0.002,
+                     hopeless: float = 4.0) -> dict[str, float]:
     """Seconds per call of each of `runs`: the fastest of many short timed loops (about `loop_s`
     each), the runs taking turns loop by loop, so a ratio between them is measured under the same
     load of the machine. The minimum is what the code costs; short loops make it likely that
-    some of them ran without another process taking the core."""
+    some of them ran without another process taking the core.
+
+    The loops fit in about `budget_s` (at least 3 rounds). A run whose single call takes more than
+    `hopeless` times the fastest run's is timed by that call alone: a sparse convolution at batch 64
+    can take seconds a call, and the rounds would take minutes to say it loses."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    calls: dict[str, int] = {}
+    once: dict[str, float] = {}
     for name, run in runs.items():
-        run(), run()
+        run()
         sync()
         start = time.perf_counter()
         run()
         sync()
-        once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, int(loop_s / once))
-    rounds = max(5, int(budget_s / len(runs) / loop_s))
-    best = {name: float("inf") for name in runs}
+        once[name] = max(time.perf_counter() - start, 1e-7)
+    fastest = min(once.values())
+    timed = {name: run for name, run in runs.items() if once[name] <= hopeless * fastest}
+    calls = {name: max(1, int(loop_s / once[name])) for name in timed}
+    round_s = sum(calls[name] * once[name] for name in timed)
+    rounds = max(3, int(budget_s / round_s))
+    best = {name: (float("inf") if name in timed else once[name]) for name in runs}
     for _ in range(rounds):
-        for name, run in runs.items():
+        for name, run in timed.items():
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
