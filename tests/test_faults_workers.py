@@ -63,17 +63,26 @@ def test_killed_trial_worker_is_one_line_and_retried(ray_local, data_root: Path,
     leases = out / "store" / "leases"
     stop = threading.Event()
 
-    def a_stage_is_training() -> bool:  # a lease file: a worker holds a stage it is computing
-        return leases.is_dir() and any(leases.iterdir()) and bool(_trial_workers())
-
     killed: list[int] = []
 
-    def kill() -> None:
-        victim = _trial_workers()[0]
-        killed.append(victim.pid)
-        victim.send_signal(signal.SIGKILL)
+    def killed_a_training_worker() -> bool:
+        """While a lease file says a worker is computing a stage, SIGKILL a trial worker; a worker
+        that ended between being listed and the signal is skipped, and the watch goes on."""
+        try:
+            if not (leases.is_dir() and any(leases.iterdir())):
+                return False
+        except FileNotFoundError:
+            return False
+        for victim in _trial_workers():
+            try:
+                victim.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue
+            killed.append(victim.pid)
+            return True
+        return False
 
-    watcher = _when(a_stage_is_training, stop, kill)
+    watcher = _when(killed_a_training_worker, stop, lambda: None)
     try:
         code, _, err = run_cli(_args(data_root, out, "killed", **{"train.steps": 600}))
     finally:

@@ -124,6 +124,28 @@ def test_the_status_line_names_a_loss_metric_and_prefers_its_lower_value():
     assert console.status(trials) == "2/3 done, 0 running; best so far 50.0% sparsity (trial low, val perplexity 12.5)"
 
 
+def test_a_quiet_console_drops_tunes_slow_loop_hint_and_verbose_shows_it():
+    """Under load Tune warns that its own callbacks are slow; not news a user can act on, unless -v."""
+    import logging
+
+    from ray.tune.utils.util import warn_if_slow  # noqa: F401  (the logger Tune warns through exists)
+
+    from lth_search.search.console import use_console
+
+    logger = logging.getLogger("ray.tune.utils.util")
+    hint = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                             "The `callbacks.on_step_end` operation took 1.466 s, which may be a performance bottleneck.",
+                             None, None)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", None, None)
+    try:
+        use_console(0, [].append)
+        assert not logger.filter(hint) and logger.filter(other)
+        use_console(1, [].append)
+        assert logger.filter(hint)
+    finally:
+        use_console(0, [].append)
+
+
 def _record(trial_id: str, sparsity: float, val: float, status: str, executed: int, reused: int) -> TrialRecord:
     return TrialRecord(
         search="s", trial_id=trial_id, status=TrialStatus(status), choices={"rate": 0.2},

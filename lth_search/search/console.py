@@ -67,6 +67,8 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     logging.getLogger("ray.tune.tune").addFilter(_NO_TUNE_HINT)  # added once: filters are a set
+    slow = logging.getLogger("ray.tune.utils.util")
+    (slow.addFilter if verbosity <= 0 else slow.removeFilter)(_NO_SLOW_LOOP_HINT)
     # Ray's note that a new local cluster enabled token auth: lth-search's own Ray is on loopback
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
     import optuna
@@ -169,6 +171,19 @@ def _quiet_worker_deaths(quiet: bool) -> None:
 
 
 _NO_TUNE_HINT = _NoTuneRestoreHint()
+
+
+class _NoSlowLoopHint(logging.Filter):
+    """Tune's "The `callbacks.on_step_end` operation took 1.466 s, which may be a performance
+    bottleneck": on a loaded machine its own loop is slow, which is no news to the user and
+    nothing they can act on; -v shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("The `") and "which may be a performance bottleneck" in message)
+
+
+_NO_SLOW_LOOP_HINT = _NoSlowLoopHint()
 
 
 class SearchConsole(tune.Callback):
