@@ -249,7 +249,7 @@ class MlflowIO:
         return matching[0] if matching else None
 
     def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
-        """Every run carrying all `tags` (page by page: one query per 1000 runs, not one per run). Raises."""
+        """Every run carrying all `tags` (page by page: one query per 200 runs, not one per run). Raises."""
         clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
         return [run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
                 if all(run.data.tags.get(k) == v for k, v in tags.items())]
@@ -279,11 +279,7 @@ class MlflowIO:
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""
-        folder, _, filename = artifact_file.rpartition("/")
-        with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
-            local = Path(tmp) / filename
-            local.write_bytes(data)
-            self.client.log_artifact(run_id, str(local), artifact_path=folder or None)
+        self.log_files(run_id, {artifact_file: data})
 
     def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
         """Upload several artifacts ({artifact_file: data}, e.g. a round's mask and weights) in one

@@ -160,12 +160,15 @@ def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
     return iter_runs(client, [ref.experiment_id], query, order_by=["attributes.start_time ASC"])
 
 
+def _named_keys(metric: Any) -> tuple[str, ...]:
+    """The val/test series of a run's named metric, when it is not accuracy (whose series every row reads)."""
+    return () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
+
+
 def history_keys(run: Any) -> tuple[str, ...]:
     """The metric histories a trial run's rows read: the round metrics, `inference/*`, and the val/test
-    series of its named metric when that is not accuracy (the `lth.metric` tag)."""
-    metric = metric_named(run.data.tags.get(METRIC))
-    named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
-    return (*ROUND_METRICS, *INFERENCE_METRICS, *named)
+    series of its named metric (the `lth.metric` tag)."""
+    return (*ROUND_METRICS, *INFERENCE_METRICS, *_named_keys(metric_named(run.data.tags.get(METRIC))))
 
 
 def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None = None) -> list[dict[str, Any]]:
@@ -176,7 +179,7 @@ def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None 
         history = {key: metric_history(client, run.info.run_id, key) for key in history_keys(run)}
     metrics, tags = run.data.metrics, run.data.tags
     metric = metric_named(tags.get(METRIC))
-    named = () if metric.name == "accuracy" else (metric.val_key, metric.test_key)
+    named = _named_keys(metric)
     dense_val, dense_test = metrics.get(DENSE_VAL), metrics.get(DENSE_TEST)
     tolerance = float(tags[TOLERANCE]) if TOLERANCE in tags else None
     params = {key: parse_param(value) for key, value in sorted(run.data.params.items())}
@@ -229,10 +232,11 @@ def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
         if not page:
             break
         ids = [run.info.run_id for run in page]
-        keys = dict.fromkeys(key for run in page for key in history_keys(run))
-        histories = {key: metric_histories(client, ids, key) for key in keys}
+        keys = {run.info.run_id: history_keys(run) for run in page}
+        wanted = dict.fromkeys(key for run_keys in keys.values() for key in run_keys)
+        histories = {key: metric_histories(client, ids, key) for key in wanted}
         for run in page:
-            rows += run_rows(client, run, {key: histories[key][run.info.run_id] for key in history_keys(run)})
+            rows += run_rows(client, run, {key: histories[key][run.info.run_id] for key in keys[run.info.run_id]})
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
 
 
