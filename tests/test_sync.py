@@ -71,7 +71,8 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
                                           mlflow_server: MlflowServer, quick_mlflow_retries) -> None:
     with mlflow_server.restarted() as server:  # the session's server (conftest.py)
         dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
-        common = dict(tracking__enabled="true", tracking__uri=server.url, search__tolerance=0.02)
+        # flush_s=0: each stage is sent as it ends, so the kill after round 1 leaves round 1 in MLflow
+        common = dict(tracking__enabled="true", tracking__uri=server.url, search__tolerance=0.02, tracking__flush_s=0)
         reference = tiny_config(data_root, tmp_path / "ref", name="uninterrupted", **common)
         run_search(reference, dataset, "uninterrupted-1")
 

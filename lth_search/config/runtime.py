@@ -66,7 +66,19 @@ class TrackingConfig(Section):
                                     "(inference/* metrics: non-zeros, CSR export bytes, latency and peak memory "
                                     "against dense); about inference_budget_s plus a model build per round")
     inference_budget_s: float = Field(0.2, gt=0, le=60, description="seconds of timing per round for the "
-                                      "inference/* latency ratios (batch 1 and serve_batch)")
+                                      "inference/* latency ratios (batch 1 and serve_batch), at most")
+    inference_share: float = Field(0.1, gt=0, le=1, description="the timing of a round takes at most this "
+                                   "fraction of the round's training time (inference_budget_s caps it): a "
+                                   "round of a tiny network is not made several times slower by what it "
+                                   "measures, and its latency ratios are the noisier for it")
+    flush_s: float = Field(5.0, ge=0, le=3600, description="a trial's run sends what it logged at most every "
+                           "flush_s seconds and at its end (a round that trains longer shows as it ends); "
+                           "each send is a few MLflow requests, so a tiny lineage makes ~5 instead of ~12; "
+                           "0 sends after every stage")
+    trial_plots: int = Field(20, ge=0, description="a search of at most this many lineages plots each trial's "
+                             "accuracy against sparsity as it ends; a larger one plots its best trial_plots "
+                             "trials at its finish (a plot costs ~0.08 s of a slot: more than a tiny lineage's "
+                             "training); every trial's by_sparsity/* metrics chart it in the MLflow UI anyway")
 
     @field_validator("uri")
     @classmethod

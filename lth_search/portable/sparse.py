@@ -246,10 +246,13 @@ def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, 
     load of the machine. The minimum is what the code costs; short loops make it likely that
     some of them ran without another process taking the core.
 
-    The loops fit in about `budget_s` (at least 3 rounds). A run whose single call takes more than
-    `hopeless` times the fastest run's is timed by that call alone: a sparse convolution at batch 64
-    can take seconds a call, and the rounds would take minutes to say it loses."""
+    The loops stop at `budget_s` by the clock (at least 3 rounds; a small budget shortens the
+    loops so that 3 rounds fit), so a caller's budget is what the timing costs. A run whose
+    single call takes more than `hopeless` times the fastest run's is timed by that call alone: a
+    sparse convolution at batch 64 can take seconds a call, and the rounds would take minutes to
+    say it loses."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    began = time.perf_counter()
     once: dict[str, float] = {}
     for name, run in runs.items():
         run()
@@ -260,17 +263,18 @@ def seconds_per_call(runs: dict[str, Callable[[], Any]], budget_s: float = 0.2, 
         once[name] = max(time.perf_counter() - start, 1e-7)
     fastest = min(once.values())
     timed = {name: run for name, run in runs.items() if once[name] <= hopeless * fastest}
+    loop_s = min(loop_s, budget_s / (3 * len(timed)))
     calls = {name: max(1, int(loop_s / once[name])) for name in timed}
-    round_s = sum(calls[name] * once[name] for name in timed)
-    rounds = max(3, int(budget_s / round_s))
     best = {name: (float("inf") if name in timed else once[name]) for name in runs}
-    for _ in range(rounds):
+    rounds = 0
+    while rounds < 3 or time.perf_counter() - began < budget_s:
         for name, run in timed.items():
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
             sync()
             best[name] = min(best[name], (time.perf_counter() - start) / calls[name])
+        rounds += 1
     return best
 
 

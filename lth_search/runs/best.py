@@ -55,4 +55,13 @@ def best_trial_ticket(tickets: Iterable[TrialTicket], recipe: dict[str, Any] | N
         pool = [t for t in pool if t.choices == recipe] or pool
     if not pool:
         return None
-    return max(pool, key=lambda t: (t.sparsity, t.rank_value, t.trial_id))
+    return max(pool, key=_rank)
+
+
+def ranked_trial_tickets(tickets: Iterable[TrialTicket], count: int) -> list[TrialTicket]:
+    """The `count` best trial tickets, best first, in `best_trial_ticket`'s order (failed lineages left out)."""
+    return sorted((t for t in tickets if not t.failed), key=_rank, reverse=True)[:count]
+
+
+def _rank(ticket: TrialTicket) -> tuple[float, float, str]:
+    return ticket.sparsity, ticket.rank_value, ticket.trial_id

@@ -28,6 +28,9 @@ class TrialObserver(Protocol):
 
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None: ...
 
+    def flush(self) -> None:
+        """Send what was logged and is still queued (a trial that ends without `finish`: stopped early)."""
+
 
 TrialObserverFactory = Callable[
     [ExperimentConfig, "str | None", str, dict[str, Any], "str | None", "int | None"], "TrialObserver | None"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lth_search.engine.lineage.metric import metric_named
-from lth_search.runs.best import TrialTicket, best_trial_ticket
+from lth_search.runs.best import TrialTicket, best_trial_ticket, ranked_trial_tickets
 from lth_search.runs.confirmation import Confirmation, confirmation_lines
 from lth_search.runs.record import TrialRecord, TrialStatus
 
@@ -30,6 +30,13 @@ def chosen_record(records: list[TrialRecord], confirmation: Confirmation | None)
     tickets = [t for t in map(trial_ticket, records) if t is not None]
     best = best_trial_ticket(tickets, recipe=confirmation.chosen.recipe if confirmation is not None else None)
     return next((r for r in records if best is not None and r.trial_id == best.trial_id), None)
+
+
+def best_records(records: list[TrialRecord], count: int) -> list[TrialRecord]:
+    """The records of the `count` trials with the best tickets, best first (runs/best.py's order)."""
+    by_id = {r.trial_id: r for r in records}
+    tickets = [t for t in map(trial_ticket, records) if t is not None]
+    return [by_id[t.trial_id] for t in ranked_trial_tickets(tickets, count)]
 
 
 def summarize(

@@ -78,7 +78,11 @@ def lineage_trial(
     def report_round(round_index: int, key: str, metrics: dict[str, Any]) -> None:
         report(round_index, key, {**metrics, DEFAULT_RECIPE: is_default})
 
-    run_trial(trial_cfg, store, report_round, record, observer, done, dataset, node_id)
+    try:
+        run_trial(trial_cfg, store, report_round, record, observer, done, dataset, node_id)
+    finally:  # a trial early stopping ends inside `report`: what its run queued is sent all the same
+        if observer is not None:
+            observer.flush()
 
 
 def _checkpointed_round(checkpoint: tune.Checkpoint | None) -> int:

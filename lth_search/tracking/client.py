@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from lth_search.config.names import check_name
 from lth_search.errors import TrackingError
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 4
 BASE_DELAY_S = 0.5
 MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+MAX_TAGS_PER_BATCH = 100
+MAX_ITEMS_PER_BATCH = 1000
+"""MLflow's limits on one log_batch request (mlflow/utils/validation.py)."""
 _PERMANENT_CODES = {
     "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
     "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED",
@@ -259,23 +261,30 @@ class MlflowIO:
         self, run_id: str, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None
     ) -> None:
         """Metrics at one step and params, in as few requests as MLflow allows. Raises."""
-        from mlflow.entities import Param
-
-        self.log_steps(run_id, [(step, metrics or {})])
-        param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
-        for chunk in _chunks(param_list, MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=chunk)
+        self.log_batch(run_id, [(step, metrics or {})], params)
 
     def log_steps(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]]) -> None:
-        """Metrics at several steps (a round's and its by-sparsity series) in one request: every
-        request is a database transaction, a few per trial. Raises."""
-        from mlflow.entities import Metric
+        """Metrics at several steps (a round's and its by-sparsity series) in one request. Raises."""
+        self.log_batch(run_id, metrics_by_step)
+
+    def log_batch(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]],
+                  params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        """Metrics at several steps, params and tags in as few requests as MLflow allows (at most
+        1000 items a request, 100 of them params and 100 tags): every request is a database
+        transaction. Raises."""
+        from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         metric_list = [Metric(key, float(value), now, int(step))
                        for step, metrics in metrics_by_step for key, value in metrics.items()]
-        for chunk in _chunks(metric_list, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=chunk)
+        param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
+        tag_list = [RunTag(key, str(value)[:8000]) for key, value in (tags or {}).items()]
+        while metric_list or param_list or tag_list:
+            params_now, param_list = param_list[:MAX_PARAMS_PER_BATCH], param_list[MAX_PARAMS_PER_BATCH:]
+            tags_now, tag_list = tag_list[:MAX_TAGS_PER_BATCH], tag_list[MAX_TAGS_PER_BATCH:]
+            room = MAX_ITEMS_PER_BATCH - len(params_now) - len(tags_now)
+            metrics_now, metric_list = metric_list[:room], metric_list[room:]
+            self.client.log_batch(run_id, metrics=metrics_now, params=params_now, tags=tags_now)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""
@@ -348,8 +357,3 @@ def metric_histories(client: Any, run_ids: list[str], key: str) -> dict[str, dic
         found[point.run_id].append(point)  # a Metric with its run id
     return {run_id: {int(m.step): float(m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))}
             for run_id, points in found.items()}
-
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for begin in range(0, len(items), size):
-        yield items[begin : begin + size]

@@ -16,9 +16,11 @@ import logging
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig, validate_config
+from lth_search.engine.lineage.results import LineageResult
 from lth_search.errors import TrackingFailure
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.state import SearchState, SearchStatus
+from lth_search.runs.summary import best_records
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
 from lth_search.tracking.describe import search_tags
@@ -59,6 +61,7 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
         return {}
     search.ensure_config()
     counts = reconcile(search, records)
+    counts["plots"] = plot_best_trials(search, records)
     if confirmation is not None:
         log_confirmation(search, confirmation)
     log_search_summary(search, sum(len(r.round_keys) for r in records), confirmation and confirmation["trial_id"])
@@ -101,26 +104,50 @@ def _up_to_date(run: Any, record: TrialRecord) -> bool:
     return result is not None and all(run.data.metrics.get(k) == v for k, v in summary_metrics(result).items())
 
 
-def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages) -> list[str]:
-    """Bring one trial's child run up to date; returns what was logged (dense, round_N, summary)."""
+def _trial_run(search: SearchTracker, record: TrialRecord) -> tuple[TrialTracker, LineageResult] | None:
+    """The trial's child run (found or created) and its lineage so far; None before its dense stage or
+    when MLflow does not answer."""
     cfg = validate_config(record.config, source=f"trial record {record.trial_id}")
     cfg.tracking = search.cfg.tracking.model_copy()  # where MLflow is now, not where it was
     result = record.result(cfg.search.tolerance, cfg.prune.patience, cfg.verdict_metric())
     if result is None:
-        return []
+        return None
     tracker = TrialTracker(cfg, search.parent_run_id, record.trial_id, record.choices, search.io,
                            tags=search_tags(record.search_id, record.optuna_trial))
-    if not tracker.ensure_run():
+    return (tracker, result) if tracker.ensure_run() else None
+
+
+def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages) -> list[str]:
+    """Bring one trial's child run up to date; returns what was logged (dense, round_N, summary)."""
+    found = _trial_run(search, record)
+    if found is None:
         return []
+    tracker, result = found
     if tracker.needs_dense():
         tracker.log_dense(result, stages.get(record.dense_key) if tracker.needs_dense_stage() else None)
     for round_result in result.rounds:
         if tracker.needs_round(round_result.round):
             entry = stages.get(round_result.key) if tracker.needs_round_stage(round_result.round) else None
             tracker.log_round(round_result, entry)
+    tracker.flush()
     if record.status in TERMINAL and _needs_finish(tracker, result, record.status):
         tracker.finish(result, record.status)
     return tracker.logged
+
+
+def plot_best_trials(search: SearchTracker, records: list[TrialRecord]) -> int:
+    """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
+    (trial_run.py `plots_live`), those that lack their plot; returns how many were drawn."""
+    cfg = search.cfg
+    if cfg.search.num_trials <= cfg.tracking.trial_plots:
+        return 0
+    drawn = 0
+    for record in best_records(records, cfg.tracking.trial_plots):
+        found = _trial_run(search, record)
+        if found is not None and not found[0].state.plot:
+            found[0].plot(found[1])
+            drawn += found[0].state.plot
+    return drawn
 
 
 def _needs_finish(tracker: TrialTracker, result, status: TrialStatus) -> bool:

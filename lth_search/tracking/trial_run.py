@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lth_search.config import ExperimentConfig
+from lth_search.config.runtime import TrackingConfig
 from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
@@ -71,6 +73,7 @@ from lth_search.tracking.layout import (
     trained_artifact,
 )
 from lth_search.tracking.links import sync_hint
+from lth_search.tracking.pending import PendingLog
 from lth_search.tracking.plots import lineage_plot
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,14 @@ TERMINAL = {
     TrialStatus.FINISHED: "FINISHED", TrialStatus.STOPPED: "FINISHED", TrialStatus.ERROR: "FAILED",
 }
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
+
+
+def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> float:
+    """Seconds the round's latency timing may take: `inference_share` of the round's training time,
+    at most `inference_budget_s`. At 0.2 s a round, the timing was most of a tiny lineage's time
+    (a 2-round MLP trial trains in ~0.15 s); a network that trains for seconds gets the full budget."""
+    training_s = round_result.steps / round_result.train_steps_per_s if round_result.train_steps_per_s > 0 else 0.0
+    return min(tracking.inference_budget_s, tracking.inference_share * training_s) or tracking.inference_budget_s
 
 
 @dataclass
@@ -92,6 +103,7 @@ class RunState:
     data: bool = False
     rewind: bool = False
     config: bool = False
+    plot: bool = False
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "RUNNING"
@@ -118,6 +130,9 @@ class TrialTracker:
         """What this tracker logged (dense, round_N, summary), for sync's report."""
         self.metric = metric_named(cfg.verdict_metric())
         """The metric the verdict judges: logged by its name (`val_loss`, ...) beside accuracy."""
+        self.pending = PendingLog()
+        """What is logged but not yet sent (pending.py): sent every tracking.flush_s and at the end."""
+        self._sent_at = time.monotonic()
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
@@ -146,7 +161,7 @@ class TrialTracker:
             if not ok:
                 return False
             self.run_id = run.info.run_id
-            self.io.call(f"log params of trial {self.trial_id}", self._log_setup)
+            self._queue_setup()
         return True
 
     def _find_or_create(self) -> Any:
@@ -182,19 +197,30 @@ class TrialTracker:
             data=bool(run.inputs and run.inputs.dataset_inputs),
             rewind=rewind_artifact(self.cfg.prune.rewind_step) in weights,
             config=CONFIG in io.artifact_names(run_id),
+            plot=LINEAGE_PLOT in io.artifact_names(run_id, LINEAGE_PLOT.rsplit("/", 1)[0]),
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
             status=run.info.status,
         )
 
-    def _log_setup(self) -> None:
+    def _queue_setup(self) -> None:
+        """The choices as params and the config as config.json, with the run's next values and files."""
         missing = {k: v for k, v in self.choices.items() if k not in self.state.params}
         if missing:
-            self.io.log_values(self.run_id, params=missing)
-            self.state.params.update(missing)
+            self.pending.params.update(missing)
+            self.pending.add("params", "values", lambda: self.state.params.update(missing))
         if not self.state.config:
-            self.io.log_bytes(self.run_id, json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode(), CONFIG)
-            self.state.config = True
+            self.pending.files[CONFIG] = json.dumps(self.cfg.model_dump(mode="json"), indent=2).encode()
+            self.pending.add("config", "files", lambda: setattr(self.state, "config", True))
+
+    def flush(self, force: bool = True) -> None:
+        """Send what is queued (pending.py); unless `force`, only once tracking.flush_s passed since the
+        last send. Never raises."""
+        if self.run_id is None or self.pending.empty():
+            return
+        if force or time.monotonic() - self._sent_at >= self.cfg.tracking.flush_s:
+            self.pending.send(self.io, self.run_id, f"trial {self.trial_id}")
+            self._sent_at = time.monotonic()
 
     # Logging ----------------------------------------------------------------------------------
     def needs_dense(self) -> bool:
@@ -215,20 +241,29 @@ class TrialTracker:
         """Dense accuracies (metrics at step 0), the data set and the rewind weights θk of this trial, once."""
         if not self.ensure_run():
             return
+        pending = self.pending
         if not self.state.dense:
-            ok, _ = self.io.call(f"log the dense stage of trial {self.trial_id}", lambda: self._log_dense_metrics(result))
-            self.state.dense = ok
-            self.state.metrics.update(dense_metrics(result.dense, self.metric) if ok else {})
-            self.logged += ["dense"] if ok else []
+            dense = dense_metrics(result.dense, self.metric)
+            pending.metrics += [(0, dense), (sparsity_step(0.0), sparsity_series(result.dense))]
+            pending.add("the dense stage", "values", lambda: self._sent("dense", dense))
         step = self.cfg.prune.rewind_step
         if not self.state.rewind and dense_entry is not None:
-            ok, _ = self.io.call(f"upload θ{step} of trial {self.trial_id}", lambda: self.io.log_bytes(
-                self.run_id, encode_weights(dense_entry.weights[f"rewind_{step}"]), rewind_artifact(step)))
-            self.state.rewind = ok
+            pending.files[rewind_artifact(step)] = encode_weights(dense_entry.weights[f"rewind_{step}"])
+            pending.add(f"θ{step}", "files", lambda: setattr(self.state, "rewind", True))
         if not self.state.data and dense_entry is not None and "data_fingerprint" in dense_entry.inputs:
-            ok, _ = self.io.call(f"log the data set of trial {self.trial_id}",
-                                 lambda: self._log_data(dense_entry.inputs["data_fingerprint"]))
-            self.state.data = ok
+            fingerprint = dense_entry.inputs["data_fingerprint"]
+            pending.inputs = lambda: self._log_data(fingerprint)
+            pending.add("the data set", "inputs", lambda: setattr(self.state, "data", True))
+        self.flush(force=False)
+
+    def _sent(self, item: str, metrics: dict[str, float]) -> None:
+        """Record that `item` (dense, round_N, summary) reached the run with `metrics`."""
+        if item == "dense":
+            self.state.dense = True
+        elif item.startswith("round_"):
+            self.state.rounds.add(int(item.removeprefix("round_")))
+        self.state.metrics.update(metrics)
+        self.logged.append(item)
 
     def _log_data(self, fingerprint: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -239,16 +274,12 @@ class TrialTracker:
         except MlflowException:  # trials adding the same data set at once collide once; it exists now
             self.io.client.log_inputs(self.run_id, entry)
 
-    def _log_dense_metrics(self, result: LineageResult) -> None:
-        self.io.log_steps(self.run_id, [(0, dense_metrics(result.dense, self.metric)),
-                                        (sparsity_step(0.0), sparsity_series(result.dense))])
-
-    def _log_round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> None:
+    def _round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> list[tuple[int, dict[str, float]]]:
+        """The round's metrics at step = round, and its by-sparsity series at step = sparsity."""
         metrics = round_metrics(round_result, self.metric)
         metrics.update(self._inference_gains(round_result, entry))
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
-        self.io.log_steps(self.run_id, [(round_result.round, metrics),
-                                        (sparsity_step(round_result.sparsity), sparsity_series(round_result))])
+        return [(round_result.round, metrics), (sparsity_step(round_result.sparsity), sparsity_series(round_result))]
 
     def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
         """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
@@ -261,7 +292,7 @@ class TrialTracker:
             shape, classes = data_signature(self.cfg.data)
             model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
             model.load_state_dict(entry.weights["end"])
-            gains = measure_gains(model, tuple(shape), tracking.serve_batch, tracking.inference_budget_s,
+            gains = measure_gains(model, tuple(shape), tracking.serve_batch, inference_budget(tracking, round_result),
                                   vocab_size=self.cfg.model.vocab_size)
         except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
             log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
@@ -293,48 +324,36 @@ class TrialTracker:
         """The round's metrics at step = round, its mask and its trained weights, each once."""
         if not self.ensure_run():
             return
-        index = round_result.round
+        index, pending = round_result.round, self.pending
         if index not in self.state.rounds:
-            ok, _ = self.io.call(f"log round {index} of trial {self.trial_id}",
-                                 lambda: self._log_round_metrics(round_result, entry))
-            if ok:
-                self.state.rounds.add(index)
-                self.logged.append(f"round_{index}")
-        files: dict[str, bytes] = {}  # the round's mask and trained weights, uploaded in one request
-        mask = index not in self.state.masks and entry is not None and "mask" in entry.masks
-        if mask:
-            files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
-            files[mask_artifact(index)] = encode_mask(entry.masks["mask"])
-        trained = index not in self.state.trained and entry is not None and "end" in entry.weights
-        if trained:
-            files[trained_artifact(index)] = encode_weights(entry.weights["end"])
-        if files:
-            ok, _ = self.io.call(f"upload the round {index} mask and weights of trial {self.trial_id}",
-                                 lambda: self.io.log_files(self.run_id, files))
-            if ok and mask:
-                self.state.masks.add(index)
-            if ok and trained:
-                self.state.trained.add(index)
+            steps = self._round_metrics(round_result, entry)
+            pending.metrics += steps
+            pending.add(f"round {index}", "values", lambda: self._sent(f"round_{index}", {}))
+        if index not in self.state.masks and entry is not None and "mask" in entry.masks:
+            pending.files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
+            pending.files[mask_artifact(index)] = encode_mask(entry.masks["mask"])
+            pending.add(f"the round {index} mask", "files", lambda: self.state.masks.add(index))
+        if index not in self.state.trained and entry is not None and "end" in entry.weights:
+            pending.files[trained_artifact(index)] = encode_weights(entry.weights["end"])
+            pending.add(f"the round {index} weights", "files", lambda: self.state.trained.add(index))
+        self.flush(force=False)
 
     def finish(self, result: LineageResult, status: TrialStatus = TrialStatus.FINISHED) -> None:
-        """Summary metrics (those that changed), the accuracy-vs-sparsity plot; end the run."""
+        """Summary metrics (those that changed), the accuracy-vs-sparsity plot; send what is queued; end the run."""
         if not self.ensure_run():
             return
         summary = {k: v for k, v in summary_metrics(result).items() if self.state.metrics.get(k) != v}
         if summary:
-            ok, _ = self.io.call(f"log the summary of trial {self.trial_id}",
-                                 lambda: self.io.log_values(self.run_id, summary, step=0))
-            if ok:
-                self.state.metrics.update(summary)
-                self.logged.append("summary")
-        if summary or self.state.status == "RUNNING":
-            self._plot(result)
+            self.pending.metrics.append((0, summary))
+            self.pending.add("the summary", "values", lambda: self._sent("summary", summary))
+        if (summary or self.state.status == "RUNNING") and self.plots_live():
+            self._queue_plot(result)
+        if result.failed:
+            self.pending.tags[FAILED] = result.failed[:500]
+        self.flush()
         if self.identity and self.io.missed:
             return  # left RUNNING, not FINISHED with rounds missing: a rerun finds it by its identity and completes it
         run_status = "FAILED" if result.failed else TERMINAL.get(status, "FINISHED")
-        if result.failed:
-            self.io.call(f"tag the failure of trial {self.trial_id}",
-                         lambda: self.io.client.set_tag(self.run_id, FAILED, result.failed[:500]))
         ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
         if ok:
             self.state.status = run_status
@@ -346,7 +365,17 @@ class TrialTracker:
         self.io.client.log_batch(self.run_id, tags=tags)
         self.io.client.set_terminated(self.run_id, run_status)
 
-    def _plot(self, result: LineageResult) -> None:
+    def plots_live(self) -> bool:
+        """Whether this run plots itself as it ends: a lone lineage, or a trial of a search of at most
+        `tracking.trial_plots` lineages (a larger search plots its best trials at its finish: sync.py `plot_best_trials`)."""
+        return self.role != "trial" or self.cfg.search.num_trials <= self.cfg.tracking.trial_plots
+
+    def plot(self, result: LineageResult) -> None:
+        """Draw and upload the accuracy-vs-sparsity plot of the lineage now (never raises)."""
+        self._queue_plot(result)
+        self.flush()
+
+    def _queue_plot(self, result: LineageResult) -> None:
         rounds = [vars(r) for r in result.rounds]
         title = f"{self.cfg.name} · {self.trial_id}  " + " ".join(f"{k}={v}" for k, v in self.choices.items())
         try:
@@ -355,5 +384,5 @@ class TrialTracker:
         except Exception as error:  # noqa: BLE001 - a plot never costs a lineage
             log.warning("trial %s: plotting failed: %s", self.trial_id, error)
             return
-        self.io.call(f"upload the plot of trial {self.trial_id}",
-                     lambda: self.io.log_bytes(self.run_id, png, LINEAGE_PLOT))
+        self.pending.files[LINEAGE_PLOT] = png
+        self.pending.add("the plot", "files", lambda: setattr(self.state, "plot", True))
