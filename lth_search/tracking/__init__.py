@@ -8,3 +8,11 @@ tags, artifacts and metrics are layout.py; every MLflow call goes through client
 sync.py logs from it whatever MLflow missed. Readers (ticket_table.py, tickets.py)
 use nothing but MLflow.
 """
+
+import os
+
+# MLflow 3 sends usage telemetry to its makers' servers from a thread of every process that
+# imports it, and wraps each client call in a record of it. lth-search talks to no network but
+# the tracking URI a user gives it; set MLFLOW_DISABLE_TELEMETRY=false to opt in. Set here,
+# before any tracking module imports mlflow (the layer rule keeps mlflow imports in this package).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
