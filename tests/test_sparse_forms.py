@@ -126,3 +126,20 @@ def test_measured_form_is_sparse_only_where_it_pays(tmp_path: Path) -> None:
     x = torch.randn(8, *SHAPE)
     with torch.no_grad():
         assert torch.allclose(sparsify(ticket.trained_model(), "csr")(x), ticket.trained_model()(x), atol=1e-5)
+
+
+def test_a_rounds_latency_timing_is_a_share_of_its_training_at_most_the_budget() -> None:
+    """Issue 24: at 0.2 s a round the timing was most of a tiny lineage's time."""
+    from lth_search.engine.lineage.results import RoundResult
+    from lth_search.tracking.trial_run import inference_budget
+
+    tracking = load_config(None, []).tracking
+    assert (tracking.inference_share, tracking.inference_budget_s) == (0.1, 0.2)
+
+    def round_of(steps: int, steps_per_s: float) -> RoundResult:
+        return RoundResult(val_accuracy=0.9, test_accuracy=0.9, train_loss=0.1, train_steps_per_s=steps_per_s,
+                           reused=0, steps=steps, key="k", round=1, sparsity=0.5)
+
+    assert inference_budget(tracking, round_of(80, 1000.0)) == pytest.approx(0.008)  # a 0.08 s round
+    assert inference_budget(tracking, round_of(20_000, 1000.0)) == 0.2  # a 20 s round: the whole budget
+    assert inference_budget(tracking, round_of(80, 0.0)) == 0.2  # speed unknown (an old record)

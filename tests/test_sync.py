@@ -26,6 +26,7 @@ from fault_helpers import run_cli
 from lth_search.store.codec import decode_mask
 from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
+from lth_search.runs.summary import best_records
 from lth_search.store.stage_store import StageStore
 from lth_search.tracking.sync import sync_search
 from lth_search.tracking.mlflow_observers import MlflowTracking
@@ -131,3 +132,37 @@ def test_sync_command_errors_are_one_line(tmp_path: Path) -> None:
     code, _, err = run_cli(["sync", "nosuch", "--output-dir", str(tmp_path)])
     assert code == 2
     assert err.strip().count("\n") == 0 and "no search named nosuch" in err
+
+
+def test_batched_sends_leave_the_runs_per_stage_sends_leave_and_plot_the_best_trial(
+        data_root: Path, tmp_path: Path) -> None:
+    """A trial's run queues what it logs (tracking/pending.py) and a large search plots only its best
+    trials at its finish: the runs must hold the same metrics, steps, params, masks and status as runs
+    that sent every stage as it ended, and the plot must be on the best trial, not the other."""
+    dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = dict(tracking__enabled="true", tracking__uri=uri, search__tolerance=0.02, search__num_trials=2)
+    each = tiny_config(data_root, tmp_path / "each", name="each", tracking__flush_s=0, **common)
+    run_search(each, dataset, "each-1")
+    batched = tiny_config(data_root, tmp_path / "batched", name="batched", tracking__flush_s=3600,
+                          tracking__trial_plots=1, **common)
+    _, records, _ = run_search(batched, dataset, "batched-1")
+
+    client = MlflowClient(uri)
+    _, each_runs = trial_runs(client, "each")
+    _, runs = trial_runs(client, "batched")
+    for trial_id in TRIALS:
+        expected, got = histories(client, each_runs[trial_id].info.run_id), histories(client, runs[trial_id].info.run_id)
+        assert sorted(got) == sorted(expected)
+        assert all(got[key] == expected[key] for key in expected if key not in TIMINGS)
+        assert runs[trial_id].data.params == each_runs[trial_id].data.params
+        assert runs[trial_id].info.status == "FINISHED" and runs[trial_id].data.tags["lth.complete"] == "1"
+        names = {a.path for a in client.list_artifacts(runs[trial_id].info.run_id, "masks")}
+        assert names == {a.path for a in client.list_artifacts(each_runs[trial_id].info.run_id, "masks")} != set()
+
+    def plotted(run) -> bool:
+        return "plots/accuracy_vs_sparsity.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+
+    assert all(plotted(run) for run in each_runs.values())  # a search of <= trial_plots lineages: every trial
+    best = best_records(records, 1)[0].trial_id
+    assert {trial_id for trial_id, run in runs.items() if plotted(run)} == {best}

@@ -10,6 +10,9 @@ the registered best ticket.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -156,3 +159,16 @@ def test_lineage_command_logs_one_run(data_root: Path, tmp_path: Path, sqlite_ur
     ticket = best_ticket(experiment="lineage-run", min_sparsity=0.0, tracking_uri=sqlite_uri)
     assert ticket.run_id == run.info.run_id
     assert ticket.val_accuracy == max(r.val_accuracy for r in result.rounds)
+
+
+def test_mlflow_sends_no_telemetry_unless_the_user_opts_in() -> None:
+    """No network but the tracking URI: MLflow 3's usage telemetry is off once tracking is imported,
+    before mlflow itself; a user's own setting stands."""
+    code = ("import os; import lth_search.tracking.trial_run; from mlflow.telemetry.client import get_telemetry_client; "
+            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], get_telemetry_client())")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "CI", "DO_NOT_TRACK")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["true", "None"]
+    opted = subprocess.run([sys.executable, "-c", code], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
+                           capture_output=True, text=True, check=True).stdout
+    assert opted.split()[0] == "false"
