@@ -215,11 +215,20 @@ class MlflowIO:
         self.offline = True
 
     # Experiments and runs -------------------------------------------------------------------
-    def experiment_id(self, name: str) -> str:
-        """The experiment's id, created (beside a sqlite database) or restored when needed.
+    _experiment_ids: dict[tuple[str, str], str] = {}
+    """(tracking URI, name) -> id, per process: every trial of a search asked again (~13 ms a query,
+    issue 24), while a worker process runs hundreds of trials of one experiment."""
 
-        Raises; call it through `call`.
-        """
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created (beside a sqlite database) or restored when needed; asked once
+        per process (an experiment deleted while a search runs fails its trials' logging, which
+        `lth-search sync` makes up for). Raises; call it through `call`."""
+        key = (self.uri, name)
+        if key not in MlflowIO._experiment_ids:
+            MlflowIO._experiment_ids[key] = self._experiment_id(name)
+        return MlflowIO._experiment_ids[key]
+
+    def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
         experiment = self.client.get_experiment_by_name(name)
