@@ -1,4 +1,5 @@
-"""The child run of one trial (also the run of one `lth-search lineage`), logged as it goes.
+"""The child run of one trial (also the run of one `lth-search lineage`), logged as it goes
+(sent every `tracking.flush_s` and at its end: pending.py).
 
 Tags ``mlflow.parentRunId``, ``lth.role=trial``, ``lth.trial_id``, ``lth.tolerance``,
 ``lth.rewind_step``, ``lth.input_shape``, ``lth.num_classes`` (so a ticket is rebuilt
@@ -326,8 +327,7 @@ class TrialTracker:
             return
         index, pending = round_result.round, self.pending
         if index not in self.state.rounds:
-            steps = self._round_metrics(round_result, entry)
-            pending.metrics += steps
+            pending.metrics += self._round_metrics(round_result, entry)
             pending.add(f"round {index}", "values", lambda: self._sent(f"round_{index}", {}))
         if index not in self.state.masks and entry is not None and "mask" in entry.masks:
             pending.files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
@@ -367,7 +367,8 @@ class TrialTracker:
 
     def plots_live(self) -> bool:
         """Whether this run plots itself as it ends: a lone lineage, or a trial of a search of at most
-        `tracking.trial_plots` lineages (a larger search plots its best trials at its finish: sync.py `plot_best_trials`)."""
+        `tracking.trial_plots` lineages (a larger search plots its best trials at its finish:
+        sync.py `plot_best_trials`)."""
         return self.role != "trial" or self.cfg.search.num_trials <= self.cfg.tracking.trial_plots
 
     def plot(self, result: LineageResult) -> None:
