@@ -115,3 +115,30 @@ def test_round_clocked_asha_would_cut_the_slow_pruner(ray_local, data_root, tmp_
 @pytest.mark.parametrize(("sparsity", "level"), [(0.0, 0), (0.2, 1), (0.36, 2), (0.488, 3), (0.4, 2), (0.64, 4)])
 def test_sparsity_level_counts_twenty_percent_prunes(sparsity, level):
     assert sparsity_level(sparsity) == level
+
+
+def test_a_searcher_restored_from_before_a_trials_end_does_not_tell_the_study_twice(data_root, tmp_path):
+    """Ray snapshots the search on its own clock, so a resumed search may run again a lineage that
+    ended after the snapshot; its reports reach a searcher restored from before that end, while the
+    study (the journal) holds it finished. Optuna refuses to update a finished trial: the searcher
+    must keep the study's end as it is, and go on."""
+    cfg = tiny_config(data_root, tmp_path, name="stale", **{"search.space.rate": "[0.2, 0.4]"})
+    live = searcher(cfg, tmp_path, "stale", "slow_good")
+    assert live.suggest("t1") is not None
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    live.save_to_dir(str(snapshot), session_str="s")  # Ray's snapshot, taken before t1 ends
+    result = {"matching_sparsity": 0.5, "training_iteration": 1}
+    live.on_trial_result("t1", result)
+    live.on_trial_complete("t1", {**result, "matching_sparsity": 0.6})
+
+    restored = searcher(cfg, tmp_path, "stale", "slow_good")
+    restored.restore_from_dir(str(snapshot))
+    restored.on_trial_result("t1", result)  # the lineage run again: every stage from the store
+    restored.on_trial_complete("t1", {**result, "matching_sparsity": 0.6})
+    assert restored.suggest("t2") is not None  # and the search goes on
+
+    study = optuna.load_study(study_name="stale", storage=journal_storage(str(tmp_path / "stale.journal")))
+    first = study.trials[0]
+    assert first.state.is_finished() and first.intermediate_values == {1: 0.5}
+    assert sum(t.state.is_finished() for t in study.trials) == 1

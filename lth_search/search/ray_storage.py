@@ -14,7 +14,8 @@ Ray deletes round r-1's checkpoint as it registers round r's, a moment before th
 state that names round r reaches storage; a driver killed in between left a state naming
 a deleted checkpoint, and that trial failed on resume ("Could not recover from
 checkpoint as it does not exist on storage anymore", seen in 1 of ~10 suite runs). Our
-checkpoints are a few bytes each (search/trainable.py), so none is deleted.
+checkpoints are a few bytes each (search/trainable.py), so none is deleted. (The driver now
+sets num_to_keep=None, so Ray deletes none itself; this stays the guard.)
 
 Object stores (s3://, gs://, ...) publish an object only when its upload completes, so
 pyarrow's own filesystem is already atomic there; it is wrapped only so that the

@@ -101,7 +101,24 @@ class PruningAwareOptunaSearch(OptunaSearch):
         if ot_trial is not None and run_id and trial_id not in self._completed_trials \
                 and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
             ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+        if self._told_before(trial_id):
+            return
         super().on_trial_result(trial_id, result)
+
+    def _told_before(self, trial_id: str) -> bool:
+        """Whether the study already holds this trial's end, though this searcher has not told it.
+
+        Ray snapshots the search on its own clock (driver.py), so a search resumed after a killed
+        driver may run again a lineage that ended after the snapshot: the store gives it every
+        stage back, and its reports reach a searcher restored from before its end, while the
+        study (the journal, written as it goes) has it finished. Optuna refuses to update a
+        finished trial; what it holds is that trial's result already. (`Trial._trial_id` is
+        Optuna's own key of the trial, private in Optuna 5.1.)"""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return False
+        return ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def relocate(self, cfg: ExperimentConfig, journal: str) -> None:
         """After Ray restored this searcher for a search resumed in another folder (search/relocation.py)."""
         from lth_search.search.relocation import relocate_study
@@ -116,6 +133,10 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return record is not None and record.status is TrialStatus.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._told_before(trial_id):
+            self._completed_trials.add(trial_id)
+            self._ot_trials.pop(trial_id, None)
+            return
         if result and not error and not self._ended_by_itself(trial_id):
             result = None  # OptunaSearch tells a trial without a value as PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
