@@ -43,9 +43,6 @@ from lth_search.store.uri import read_file, resolve_uri, write_file
 
 CHUNK_LOGS = 1000
 """Logs per chunk object (~250 KB): a 10,000-trial study (~120,000 logs) resumes in ~120 reads."""
-OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
-                      if hasattr(pafs, name))
-"""pyarrow's object stores: an object appears whole when its upload completes."""
 SEGMENT = re.compile(r"(\d{12})-(\d{12})\.jsonl")
 """A journal object's name: the sequence numbers of its first log and of the one after its last."""
 
@@ -55,15 +52,9 @@ def _lines(data: bytes) -> list[dict[str, Any]]:
 
 
 def _put(uri: str, data: bytes) -> None:
-    """Write a new journal object whole: one PUT on an object store (it publishes an object only when
-    its upload completes), elsewhere `write_file` (write aside, then move). An append blocks the
-    driver's loop, and write_file's directory, staging and move cost 4 requests to S3."""
-    _, filesystem, path = resolve_uri(uri)
-    if isinstance(filesystem, OBJECT_STORES):
-        with filesystem.open_output_stream(path) as stream:
-            stream.write(data)
-    else:
-        write_file(uri, data)
+    """Write a new journal object whole (store/uri.py `write_file`: one PUT on an object store, which
+    publishes an object only when its upload completes; elsewhere write aside, then move)."""
+    write_file(uri, data)
 
 
 def _encode(logs: list[dict[str, Any]]) -> bytes:

@@ -49,7 +49,7 @@ from lth_search.store.leases import (
     new_holder,
 )
 from lth_search.store.records import read_record, read_records, write_record
-from lth_search.store.uri import resolve_uri
+from lth_search.store.uri import is_object_store, resolve_uri
 
 if TYPE_CHECKING:
     from lth_search.config import ExperimentConfig
@@ -94,7 +94,7 @@ class StageStore:
         self.uri, self.filesystem, self.root = resolve_uri(uri, filesystem)
         self.lease_timeout_s, self.heartbeat_s = lease_timeout_s, heartbeat_s
         try:
-            for sub in ("stages", "tmp"):
+            for sub in () if is_object_store(self.filesystem) else ("stages", "tmp"):  # no folders there
                 self.filesystem.create_dir(self._path(sub), recursive=True)
             self.leases: LeaseService = lease_service or self._default_leases()
             self._opened()
@@ -342,12 +342,17 @@ class ObjectStageStore(StageStore):
             if existing is not None:
                 return existing
         directory = self._entry_dir(entry.key)
-        self.filesystem.create_dir(directory, recursive=True)
+        object_store = is_object_store(self.filesystem)
+        if not object_store:
+            self.filesystem.create_dir(directory, recursive=True)
         for filename, data in files.items():
             if filename != MANIFEST:
                 self._write(f"{directory}/{filename}", data)
-        # Last, and whole: the manifest makes the entry exist. A move (a rename, or an object
-        # store's copy) never shows a reader half a manifest, as a plain write may.
+        if object_store:  # an object appears whole when its upload completes: no staging copy
+            self._write(f"{directory}/{MANIFEST}", files[MANIFEST])
+            return entry
+        # Last, and whole: the manifest makes the entry exist. A rename never shows a reader half
+        # a manifest, as a plain write may.
         staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
         try:
             self._write(staging, files[MANIFEST])

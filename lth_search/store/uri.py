@@ -103,18 +103,32 @@ def write_file(uri: str, data: bytes) -> None:
     replace_file(filesystem, path, data)
 
 
+OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
+                      if hasattr(pafs, name))
+"""pyarrow's object stores: an object appears whole when its upload completes, and folders are only
+prefixes of names."""
+
+
+def is_object_store(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, OBJECT_STORES)
+
+
 def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str | None = None) -> None:
-    """Write aside, then move into place (a rename, or an object copy): readers never see half.
+    """Write aside, then move into place (a rename): readers never see half. On an object store,
+    one upload: it publishes the object whole, and the folder, the staging object and the move
+    (a copy and a delete) cost 4 more requests a write (issue 24).
 
     A failed write (disk full, read-only) leaves the old file and no staging file, and
     raises StoreFailure naming `what` (default: the path).
     """
-    staging = f"{path}.{uuid.uuid4().hex}.tmp"
+    staging = path if is_object_store(filesystem) else f"{path}.{uuid.uuid4().hex}.tmp"
     try:
-        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if staging != path:
+            filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with filesystem.open_output_stream(staging) as stream:
             stream.write(data)
-        filesystem.move(staging, path)
+        if staging != path:
+            filesystem.move(staging, path)
     except (OSError, NotImplementedError) as error:
         try:
             filesystem.delete_file(staging)
