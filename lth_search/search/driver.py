@@ -42,6 +42,7 @@ from lth_search.runs.summary import chosen_record, emit, summarize, summary_line
 from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.durable import check_durable, result_places
+from lth_search.search.ended_trials import ForgetEnded
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.relocation import relocated_search
@@ -97,9 +98,11 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, a failure that stops
-    the search (search/trial_failure.py), and Tune's result.json."""
+    the search (search/trial_failure.py), Tune's result.json, and an ended trial's metric
+    windows dropped (search/ended_trials.py)."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
-    return [TrialEvents(cfg, console), console, SearchFailure(), *result_files()]
+    # ForgetEnded last: the others read an ended trial first (search/ended_trials.py)
+    return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), ForgetEnded()]
 
 
 def _search_failure(tuner: tune.Tuner) -> str | None:

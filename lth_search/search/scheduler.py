@@ -102,6 +102,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
                 and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
             ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
         super().on_trial_result(trial_id, result)
+
     def relocate(self, cfg: ExperimentConfig, journal: str) -> None:
         """After Ray restored this searcher for a search resumed in another folder (search/relocation.py)."""
         from lth_search.search.relocation import relocate_study
@@ -116,6 +117,16 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return record is not None and record.status is TrialStatus.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tells Optuna, then forgets the trial's Optuna handle.
+
+        OptunaSearch keeps every trial's `optuna.Trial` (`_ot_trials`, with its cached
+        FrozenTrial) for good, and Ray pickles the searcher into every snapshot of the search:
+        ~1.2 KB a trial, written again at every snapshot. A told trial's handle is never used
+        again (`_completed_trials` answers a late result or completion; the study holds the
+        trial), so only running trials keep one. Checked against Ray 2.60's OptunaSearch.
+        """
         if result and not error and not self._ended_by_itself(trial_id):
             result = None  # OptunaSearch tells a trial without a value as PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self._completed_trials:
+            self._ot_trials.pop(trial_id, None)
