@@ -12,10 +12,12 @@ memory and CPU per trial that grew with the number of trials.
 Nothing reads the windows of an ended trial here: the console and the summary read
 `last_result` and the trial records, the searcher has been told (`on_trial_complete` runs
 before the callbacks), and a trial Ray restarts (an errored one on resume) starts its
-windows afresh. `ForgetEnded` empties them when a trial completes or errors; Ray marks the
+windows afresh. `ForgetEnded` empties them when a trial completes or errors, and the copy of
+the result kept beside a finished trial's checkpoint (`forget_checkpoint_metrics`); Ray marks the
 trial for its next snapshot right after (`_schedule_trial_stop`), so the snapshot carries
 the small state. Checked against Ray 2.60 (`ray/tune/trainable/metadata.py`,
-`ray/tune/execution/tune_controller.py` `stop_trial` / `_process_trial_failure`); on a Ray
+`ray/tune/execution/tune_controller.py` `stop_trial` / `_process_trial_failure`,
+`ray/train/_internal/checkpoint_manager.py`); on a Ray
 without these attributes nothing is changed.
 """
 
@@ -29,22 +31,35 @@ WINDOWS = ("metric_analysis", "metric_n_steps")
 """Tune's per-metric windows on a trial's `run_metadata` (Ray 2.60)."""
 
 
-def forget_windows(trial: Any) -> bool:
-    """Empty an ended trial's metric windows; True when there was something to empty."""
+def forget_windows(trial: Any) -> None:
+    """Empty an ended trial's metric windows."""
     metadata = getattr(trial, "run_metadata", None)
-    emptied = False
     for name in WINDOWS:
         if getattr(metadata, name, None):
             setattr(metadata, name, {})  # its __setattr__ drops its cached JSON as well
-            emptied = True
-    return emptied
+
+
+def forget_checkpoint_metrics(trial: Any) -> None:
+    """Empty the metrics stored beside a finished trial's checkpoints (Ray keeps a copy of the
+    result that came with each kept checkpoint, ~4 KB a trial in each snapshot). A trial that
+    finished is never restored from its checkpoint; an errored one may be (resume restarts it
+    from its checkpoint, its last result taken from these metrics), so it keeps them."""
+    metadata = getattr(trial, "run_metadata", None)
+    manager = getattr(metadata, "checkpoint_manager", None)
+    kept = [*getattr(manager, "_checkpoint_results", []), getattr(manager, "_latest_checkpoint_result", None)]
+    for result in kept:
+        if getattr(result, "metrics", None):
+            result.metrics = {}
+    if metadata is not None and hasattr(metadata, "invalidate_cache"):
+        metadata.invalidate_cache()
 
 
 class ForgetEnded(tune.Callback):
-    """Tune callback: an ended trial's metric windows are emptied (see the module's docstring)."""
+    """Tune callback: what an ended trial no longer needs is dropped (see the module's docstring)."""
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         forget_windows(trial)
+        forget_checkpoint_metrics(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         forget_windows(trial)
