@@ -142,6 +142,20 @@ def _tuner(
     )
 
 
+def _release_results(tuner: tune.Tuner) -> None:
+    """Let go of Ray's results once the driver has read what it needs of them.
+
+    The Tuner keeps the ExperimentAnalysis behind the ResultGrid it returned, and with it every
+    trial and a DataFrame of each trial's results (~20 KB a trial in the quickstart's searches):
+    memory that grows with the number of trials, held while the summary and tracking's finish,
+    which peaks, run (issue 24). Ray 2.60 keeps it in `TunerInternal._experiment_analysis`, read
+    again only by `Tuner.get_results`, which lth-search does not call; elsewhere nothing changes.
+    """
+    local = getattr(tuner, "_local_tuner", None)
+    if local is not None and hasattr(local, "_experiment_analysis"):
+        local._experiment_analysis = None
+
+
 def _save_quietly(state: SearchState) -> None:
     try:
         state.save()
@@ -271,13 +285,15 @@ def _fit(
         _save_quietly(state)
         raise RuntimeFailure(f"search {cfg.name} stopped: {failure} (for this search: "
                              f"`{_resume_command(cfg, address)}`)")
-    trials = ray_trials(grid)
+    trials, ended = ray_trials(grid), ended_trials(grid)
+    del grid
+    _release_results(tuner)
     store = StageStore.from_config(cfg)
     damaged: list[str] = []
     records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id, unreadable=damaged)}
     if damaged:
         progress(f"trial record(s) {', '.join(sorted(damaged)[:5])} in {cfg.store_uri()} cannot be read; left out")
-    settle(store, cfg, records, {t for t, done in ended_trials(grid).items() if done and not trials.get(t)})
+    settle(store, cfg, records, {t for t, done in ended.items() if done and not trials.get(t)})
     complete = len(trials) >= trial_budget(cfg) and all(
         errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
@@ -301,7 +317,6 @@ def _fit(
     summary = summarize(list(records.values()), state.search_id, cfg.prune.rounds, links, confirmation)
     summary["status"] = state.status.value
     if not complete:  # a trial writes its record after its first stage: count the ones Ray ran too
-        ended = ended_trials(grid)
         cut = sum(1 for t, errored in trials.items() if not errored and not ended.get(t))
         summary["unfinished"] = max(summary["unfinished"], cut)
         summary["trials"] = max(summary["trials"], len(trials))
