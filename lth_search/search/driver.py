@@ -42,7 +42,7 @@ from lth_search.runs.summary import chosen_record, emit, summarize, summary_line
 from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.durable import check_durable, result_places
-from lth_search.search.ended_trials import ForgetEnded
+from lth_search.search.ended_trials import ForgetEnded, release_results
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.relocation import relocated_search
@@ -98,8 +98,8 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
 
 def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, a failure that stops
-    the search (search/trial_failure.py), Tune's result.json, and an ended trial's metric
-    windows dropped (search/ended_trials.py)."""
+    the search (search/trial_failure.py), Tune's result.json, and what an ended trial no longer
+    needs dropped (search/ended_trials.py)."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
     # ForgetEnded last: the others read an ended trial first (search/ended_trials.py)
     return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), ForgetEnded()]
@@ -164,20 +164,6 @@ def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(-8, arenas))  # M_ARENA_MAX is -8 in glibc's malloc.h
     except (OSError, AttributeError):
         return False
-
-
-def _release_results(tuner: tune.Tuner) -> None:
-    """Let go of Ray's results once the driver has read what it needs of them.
-
-    The Tuner keeps the ExperimentAnalysis behind the ResultGrid it returned, and with it every
-    trial and a DataFrame of each trial's results (~20 KB a trial in the quickstart's searches):
-    memory that grows with the number of trials, held while the summary and tracking's finish,
-    which peaks, run (issue 24). Ray 2.60 keeps it in `TunerInternal._experiment_analysis`, read
-    again only by `Tuner.get_results`, which lth-search does not call; elsewhere nothing changes.
-    """
-    local = getattr(tuner, "_local_tuner", None)
-    if local is not None and hasattr(local, "_experiment_analysis"):
-        local._experiment_analysis = None
 
 
 def _save_quietly(state: SearchState) -> None:
@@ -313,7 +299,7 @@ def _fit(
                              f"`{_resume_command(cfg, address)}`)")
     trials, ended = ray_trials(grid), ended_trials(grid)
     del grid
-    _release_results(tuner)
+    release_results(tuner)
     store = StageStore.from_config(cfg)
     damaged: list[str] = []
     records = {r.trial_id: r for r in TrialRecord.load_all(store, cfg.name, state.search_id, unreadable=damaged)}
