@@ -17,7 +17,7 @@ issue's 496 recipes would cap N at 496). It prints per N:
 - the search overhead: wall / (training / slots), as bench/search_overhead.py prints it;
 - CPU seconds of the driver and of Ray's processes (every process below the driver, sampled
   from /proc every half second) per trial beyond training: on a machine others load, wall time measures
-  the load, CPU time the work.
+  the load, CPU time the work. The sampler's own CPU is counted in the driver's and printed beside it.
 
     python bench/scale.py [--n 100 300 1000] [--store-uri URI] [--address ADDR] [--output-dir DIR]
 
@@ -90,6 +90,9 @@ class RssTimeline:
         self.samples: list[tuple[float, float]] = []
         self.ray_cpu: dict[int, float] = {}
         """CPU seconds by process below the driver (its local Ray)."""
+        self.own_cpu_s = 0.0
+        """CPU seconds of this sampler's thread, counted in the driver's CPU (it walks /proc every
+        half second: ~10 % of the driver's samples under py-spy on a loaded machine)."""
         self._stop = threading.Event()
 
     def _run(self) -> None:
@@ -98,6 +101,7 @@ class RssTimeline:
                 kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
             self.samples.append((time.perf_counter(), kb / 1024))
             self._descendants_cpu()
+            self.own_cpu_s = time.thread_time()
 
     def _descendants_cpu(self) -> None:
         """CPU seconds of every process below this one (the local Ray's processes), the last seen of each."""
@@ -181,7 +185,7 @@ def one(n: int, address: str | None, store_uri: str | None, output_dir: str | No
             "tune_wall_s": tune_wall, "train_s": train_s, "stages": stages, "steps": steps, "slots": slots,
             "fixed_s_per_trial_slot": (tune_wall * slots - train_s) / n,
             "overhead_ratio": wall / (train_s / slots), "tune_overhead_ratio": tune_wall / (train_s / slots),
-            "driver_peak_rss_mb": rss_mb, "driver_cpu_s": own.ru_utime + own.ru_stime,
+            "driver_peak_rss_mb": rss_mb, "driver_cpu_s": own.ru_utime + own.ru_stime, "sampler_cpu_s": rss.own_cpu_s,
             "ray_cpu_s": sum(rss.ray_cpu.values()), "journal_bytes_per_trial": journal_bytes / n,
             "journal_writes": journal_writes["writes"], "mlflow_bytes_per_trial": mlflow_bytes / n,
             "rss_timeline_mb": rss.quarters(), "rss_peak_at": rss.peak_at(),
@@ -200,7 +204,8 @@ def line(m: dict) -> str:
         f"fixed cost {m['fixed_s_per_trial_slot']:.3f} s/trial/slot; driver peak RSS {m['driver_peak_rss_mb']:.0f} MB "
         f"(at {100 * m['rss_peak_at']:.0f} % of the search; {m['rss_timeline_mb']} MB at 25/50/75/100 %); "
         f"journal {m['journal_bytes_per_trial']:.0f} B/trial ({m['journal_writes']} store writes); "
-        f"MLflow {m['mlflow_bytes_per_trial'] / 1024:.1f} KB/trial; CPU {m['driver_cpu_s']:.0f} s driver + "
+        f"MLflow {m['mlflow_bytes_per_trial'] / 1024:.1f} KB/trial; CPU {m['driver_cpu_s']:.0f} s driver "
+        f"({m.get('sampler_cpu_s', 0):.0f} s of it this bench's sampler) + "
         f"{m['ray_cpu_s']:.0f} s Ray's processes = {(m['driver_cpu_s'] + m['ray_cpu_s'] - m['train_s']) / m['n']:.2f} "
         f"s/trial beyond training; overhead ratio {m['overhead_ratio']:.2f} "
         f"(run_search) / {m['tune_overhead_ratio']:.2f} (Tune); load {load}"

@@ -73,6 +73,25 @@ def test_small_search_reports_each_round_and_trains_dense_once(tracked_search):
     )
 
 
+def test_the_saved_search_state_keeps_no_history_of_ended_trials(tracked_search):
+    # Ray snapshots its state at every trial checkpoint; an ended trial's metric windows and
+    # its Optuna handle were carried into every snapshot and kept in the driver (issue 24)
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.search.optuna import OptunaSearch
+
+    results = tracked_search.summary["results_path"]
+    trials = ExperimentAnalysis(results).trials
+    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials)
+    for trial in trials:
+        assert trial.run_metadata.metric_analysis == {} and trial.run_metadata.metric_n_steps == {}
+        assert trial.last_result["matching_sparsity"] is not None and trial.last_result["done"]
+        kept = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        assert kept.checkpoint is not None and kept.metrics == {}  # the result's copy beside it is dropped
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(results)  # Ray's own saved searcher, as Tuner.restore reads it
+    assert searcher._ot_trials == {} and len(searcher._completed_trials) == 4
+
+
 def test_asha_stops_a_lineage_worse_at_equal_sparsity_and_optuna_is_told_pruned(ray_local, data_root, tmp_path):
     # ASHA's clock is the sparsity level (20 %-prunes). The default rate-0.2 lineage (enqueued
     # first; one trial at a time) records its val margin at rungs 1, 2 and 4 (59 % sparsity);

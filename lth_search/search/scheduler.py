@@ -133,6 +133,14 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return record is not None and record.status is TrialStatus.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tells Optuna, then forgets the trial's Optuna handle.
+
+        OptunaSearch keeps every trial's `optuna.Trial` (`_ot_trials`, with its cached
+        FrozenTrial) for good, and Ray pickles the searcher into every snapshot of the search:
+        ~1.2 KB a trial, written again at every snapshot. A told trial's handle is never used
+        again (`_completed_trials` answers a late result or completion; the study holds the
+        trial), so only running trials keep one. Checked against Ray 2.60's OptunaSearch.
+        """
         if self._told_before(trial_id):
             self._completed_trials.add(trial_id)
             self._ot_trials.pop(trial_id, None)
@@ -140,3 +148,5 @@ class PruningAwareOptunaSearch(OptunaSearch):
         if result and not error and not self._ended_by_itself(trial_id):
             result = None  # OptunaSearch tells a trial without a value as PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self._completed_trials:
+            self._ot_trials.pop(trial_id, None)
