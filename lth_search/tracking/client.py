@@ -259,11 +259,12 @@ class MlflowIO:
         matching = [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
         return matching[0] if matching else None
 
-    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
-        """Every run carrying all `tags` (page by page: one query per 200 runs, not one per run). Raises."""
+    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> Iterator[Any]:
+        """Every run carrying all `tags`, page by page (one query per 200 runs, not one per run; a page
+        in memory at a time). Raises."""
         clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
-        return [run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
-                if all(run.data.tags.get(k) == v for k, v in tags.items())]
+        return (run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
+                if all(run.data.tags.get(k) == v for k, v in tags.items()))
 
     # Writing --------------------------------------------------------------------------------
     def log_values(
