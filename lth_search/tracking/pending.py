@@ -49,8 +49,8 @@ class PendingLog:
         return not (self.metrics or self.params or self.tags or self.files or self.inputs is not None)
 
     def send(self, io: MlflowIO, run_id: str, owner: str) -> None:
-        """Send every part (files first: a run whose values say it is complete has its files), then
-        record what was sent; empties itself either way. Never raises (MlflowIO.call)."""
+        """Send every part (the files, the values, the data set), then record what each part that
+        was sent holds; empties itself either way. Never raises (MlflowIO.call)."""
         if self.empty():
             return
         label = f"{', '.join(dict.fromkeys(self.what))} of {owner}"
