@@ -219,12 +219,13 @@ class MlflowIO:
     """(tracking URI, name) -> id, per process: every trial of a search asked again (~13 ms a query,
     issue 24), while a worker process runs hundreds of trials of one experiment."""
 
-    def experiment_id(self, name: str) -> str:
-        """The experiment's id, created (beside a sqlite database) or restored when needed; asked once
-        per process (an experiment deleted while a search runs fails its trials' logging, which
-        `lth-search sync` makes up for). Raises; call it through `call`."""
+    def experiment_id(self, name: str, cached: bool = False) -> str:
+        """The experiment's id, created (beside a sqlite database) or restored when needed. With
+        `cached` (a trial's run), the id this process found last: a search's driver looks it up
+        (and restores a deleted experiment) before its trials start, and a trial asked again
+        only cost time. Raises; call it through `call`."""
         key = (self.uri, name)
-        if key not in MlflowIO._experiment_ids:
+        if not cached or key not in MlflowIO._experiment_ids:
             MlflowIO._experiment_ids[key] = self._experiment_id(name)
         return MlflowIO._experiment_ids[key]
 

@@ -167,7 +167,7 @@ class TrialTracker:
 
     def _find_or_create(self) -> Any:
         io = self.io
-        experiment = io.experiment_id(self.cfg.experiment_name())
+        experiment = io.experiment_id(self.cfg.experiment_name(), cached=self.parent_run_id is not None)
         found = {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id} if self.parent_run_id is not None else None
         found = found or ({ROLE: self.role, **self.identity} if self.identity else None)
         if found is not None:
