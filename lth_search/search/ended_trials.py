@@ -5,8 +5,8 @@ windows (`metric_analysis`: max/min/avg/last and two last-n averages of every nu
 metric; `metric_n_steps`: a deque per metric and window), serialised again into every
 snapshot of the search's state. Measured on the quickstart's trials (38 reported keys): a
 trial's snapshot entry was 27 KB, 12 KB of it these windows, and the driver's Python heap
-grew 116 KB per ended trial, ~55 KB of it these windows. A search snapshots at every trial
-checkpoint (driver.py), so each snapshot serialised every ended trial's windows again:
+grew 116 KB per ended trial, ~55 KB of it these windows. Each snapshot (at every trial
+checkpoint then, on Ray's clock now: driver.py) serialised every ended trial's windows again:
 memory and CPU per trial that grew with the number of trials. With them (and the checkpoint's
 copy of the result) dropped, an ended trial's entry is ~11 KB and the heap grows ~40 KB per
 trial (the rest: Ray's cached JSON of the entry, `last_result`, Optuna's study).
