@@ -49,7 +49,7 @@ from lth_search.store.leases import (
     new_holder,
 )
 from lth_search.store.records import read_record, read_records, write_record
-from lth_search.store.uri import is_object_store, resolve_uri
+from lth_search.store.uri import is_object_store, resolve_uri, write_whole
 
 if TYPE_CHECKING:
     from lth_search.config import ExperimentConfig
@@ -342,27 +342,13 @@ class ObjectStageStore(StageStore):
             if existing is not None:
                 return existing
         directory = self._entry_dir(entry.key)
-        object_store = is_object_store(self.filesystem)
-        if not object_store:
+        if not is_object_store(self.filesystem):
             self.filesystem.create_dir(directory, recursive=True)
         for filename, data in files.items():
             if filename != MANIFEST:
                 self._write(f"{directory}/{filename}", data)
-        if object_store:  # an object appears whole when its upload completes: no staging copy
-            self._write(f"{directory}/{MANIFEST}", files[MANIFEST])
-            return entry
-        # Last, and whole: the manifest makes the entry exist. A rename never shows a reader half
-        # a manifest, as a plain write may.
-        staging = f"{directory}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
-        try:
-            self._write(staging, files[MANIFEST])
-            self.filesystem.move(staging, f"{directory}/{MANIFEST}")
-        except (OSError, NotImplementedError):
-            try:
-                self.filesystem.delete_file(staging)
-            except (OSError, NotImplementedError):
-                pass
-            raise
+        # Last, and whole: the manifest makes the entry exist, and a reader never sees half of it.
+        write_whole(self.filesystem, f"{directory}/{MANIFEST}", files[MANIFEST])
         return entry
 
     def _remove_dir(self, directory: str) -> None:

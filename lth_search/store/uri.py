@@ -113,27 +113,42 @@ def is_object_store(filesystem: pafs.FileSystem) -> bool:
     return isinstance(filesystem, OBJECT_STORES)
 
 
-def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str | None = None) -> None:
-    """Write aside, then move into place (a rename): readers never see half. On an object store,
-    one upload: it publishes the object whole, and the folder, the staging object and the move
-    (a copy and a delete) cost 4 more requests a write (issue 24).
+def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` at `path` so that a reader sees the old file or the new one, never half of one.
 
-    A failed write (disk full, read-only) leaves the old file and no staging file, and
-    raises StoreFailure naming `what` (default: the path).
+    On an object store, one upload: it publishes the object whole, and a staging object and a
+    move (a copy and a delete) cost 3 more requests a write (issue 24). Elsewhere, write aside,
+    then move into place (a rename); a failed write leaves no staging file. Raises OSError (or
+    NotImplementedError) as the filesystem does.
     """
-    staging = path if is_object_store(filesystem) else f"{path}.{uuid.uuid4().hex}.tmp"
+    if is_object_store(filesystem):
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    staging = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
-        if staging != path:
-            filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with filesystem.open_output_stream(staging) as stream:
             stream.write(data)
-        if staging != path:
-            filesystem.move(staging, path)
-    except (OSError, NotImplementedError) as error:
+        filesystem.move(staging, path)
+    except (OSError, NotImplementedError):
         try:
             filesystem.delete_file(staging)
         except (OSError, NotImplementedError):
             pass
+        raise
+
+
+def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str | None = None) -> None:
+    """`write_whole` into its folder (made when missing; an object store has none to make).
+
+    A failed write (disk full, read-only) leaves the old file and no staging file, and
+    raises StoreFailure naming `what` (default: the path).
+    """
+    try:
+        if not is_object_store(filesystem):
+            filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        write_whole(filesystem, path, data)
+    except (OSError, NotImplementedError) as error:
         raise StoreFailure(
             f"cannot write {what or path} ({os_reason(error)}): {os_remedy(error)} and run the command again"
         ) from None
