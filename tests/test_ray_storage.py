@@ -83,6 +83,45 @@ def test_object_stores_keep_pyarrows_own_filesystem_and_the_checkpoints() -> Non
     assert fs.get_file_info(f"{trial}/scratch").type == pafs.FileType.NotFound
 
 
+
+def test_an_object_stores_snapshot_writes_only_what_changed(tmp_path: Path) -> None:
+    """Every snapshot copies every trial's files: on an object store an unchanged file is not
+    uploaded again and a folder is made once (each was a request per trial per snapshot)."""
+    path, fs = ray_storage("mock:///bucket/lth/ray")
+    inner = fs.handler.fs
+    staging = tmp_path / "staging"
+    for trial in range(20):  # more files than pyarrow's IO threads
+        (staging / f"trial_{trial}").mkdir(parents=True)
+        (staging / f"trial_{trial}" / "result.json").write_text(f'{{"trial": {trial}}}\n')
+    (staging / "experiment_state-x.json").write_text('{"trial_data": [1]}')
+    pafs.copy_files(str(staging), path, destination_filesystem=fs)  # what Ray's sync_up calls
+    with inner.open_output_stream(f"{path}/trial_0/result.json") as behind:
+        behind.write(b"changed behind its back")  # so a second upload would show
+    inner.delete_dir(f"{path}/trial_1")
+    (staging / "experiment_state-x.json").write_text('{"trial_data": [1, 2]}')
+    (staging / "trial_2" / "result.json").write_text('{"trial": 2}\n{"trial": 2}\n')
+    pafs.copy_files(str(staging), path, destination_filesystem=fs)
+    read = lambda name: inner.open_input_stream(f"{path}/{name}").read()  # noqa: E731
+    assert read("trial_0/result.json") == b"changed behind its back"  # unchanged: not written again
+    assert read("trial_2/result.json") == b'{"trial": 2}\n{"trial": 2}\n'
+    assert read("experiment_state-x.json") == b'{"trial_data": [1, 2]}'
+    assert inner.get_file_info(f"{path}/trial_1/result.json").type == pafs.FileType.NotFound
+    assert fs.handler._folders >= {f"{path}/trial_{trial}" for trial in range(20)}  # made once, then known
+
+
+def test_ray_is_given_an_s3_filesystem_that_writes_in_the_calling_thread() -> None:
+    """S3's background writes run on the IO threads a copy runs on: a stream closed inside the
+    copy waited on them (a deadlock seen on moto), so Ray's S3 filesystem writes synchronously."""
+    path, fs = ray_storage("s3://bucket/lth/ray?endpoint_override=127.0.0.1:9&scheme=http")
+    assert path == "bucket/lth/ray"
+    _, (options,) = fs.handler.fs.__reduce__()
+    assert options["background_writes"] is False and options["endpoint_override"] == "127.0.0.1:9"
+    # Ray pickles it into each trial: a worker's copy is the same filesystem, knowing nothing written
+    again = pickle.loads(pickle.dumps(fs))
+    assert again.type_name == fs.type_name and again.handler.fs.__reduce__()[1][0]["background_writes"] is False
+    assert not again.handler._folders
+
+
 def test_trial_checkpoints_outlive_rays_delete(tmp_path: Path) -> None:
     """Ray deletes round r-1's checkpoint before the state naming round r is saved: a driver
     killed in between left a state naming a deleted checkpoint. They are kept (a few bytes)."""

@@ -17,20 +17,28 @@ checkpoint as it does not exist on storage anymore", seen in 1 of ~10 suite runs
 checkpoints are a few bytes each (search/trainable.py), so none is deleted. (The driver now
 sets num_to_keep=None, so Ray deletes none itself; this stays the guard.)
 
-Object stores (s3://, gs://, ...) publish an object only when its upload completes, so
-pyarrow's own filesystem is already atomic there; it is wrapped only so that the
-checkpoints are kept there too (`KeepCheckpoints`).
+Object stores (s3://, gs://, ...) publish an object only when its upload completes, so a
+write there is already all or nothing; their filesystem is wrapped (`ObjectStoreHandler`) to
+keep the checkpoints and to skip what a snapshot would write unchanged (below).
 
 Each snapshot of the search copies the whole staging folder: the experiment state and
 every trial's result files, so a snapshot of a 1,000-trial search wrote ~3,000 files, most
-of them unchanged. The replacing filesystem holds a file's bytes until it is closed and then
-writes it only when they differ from what the same filesystem object last wrote there
-(`UnchangedSkipped`): a snapshot writes what changed. The state file itself, which grows with
-the trials and changes at every snapshot, is streamed to its partial file instead
-(`BUFFERED_UP_TO`). (Not on object stores: a Python
-stream inside pyarrow's copy to S3 deadlocked, seen in a 1,000-trial search on moto.) Only the driver writes these files,
-and the memory of what was written is not pickled, so a worker or a resumed driver writes
-everything once.
+of them unchanged, and on S3 made a folder marker per trial folder too: O(N) requests per
+snapshot, ~1,400 a trial in a 1,000-trial search on moto. The filesystem holds a file's bytes
+until it is closed and then writes them only when they differ from what the same filesystem
+object last wrote there (`UnchangedSkipped`); an object store's folders are made once
+(`ObjectStoreHandler.create_dir`): a snapshot writes what changed. The state file itself, which
+grows with the trials and changes at every snapshot, is streamed (`BUFFERED_UP_TO`): to its
+partial file on a filesystem, straight to its object on an object store. Only the driver
+writes these files, and the memory of what was written is not pickled, so a worker or a
+resumed driver writes everything once.
+
+A Python stream inside pyarrow's `copy_files` to S3 deadlocked once (a 1,000-trial search on
+moto): the copy runs on pyarrow's IO threads, and S3's own streams upload in the background on
+the same threads, so a stream closed from inside the copy waited for threads that were all
+waiting too. The S3 filesystem Ray is given therefore writes in the calling thread
+(`background_writes=False`, `synchronous_s3`); Ray itself copies to S3 without threads for the
+same reason, but cannot see S3 behind a wrapped filesystem.
 """
 
 from __future__ import annotations
@@ -57,16 +65,17 @@ PARTIAL_SUFFIX = ".lth-partial"
 
 
 class WholeOnClose:
-    """A binary output file that replaces its path whole when closed (`ReplacingHandler`).
+    """A binary output file that replaces its path whole when closed (`ReplacingHandler`,
+    `ObjectStoreHandler`).
 
-    Held in memory up to `BUFFERED_UP_TO` bytes, then streamed to `<path>.lth-partial`. The
+    Held in memory up to `BUFFERED_UP_TO` bytes, then streamed to its handler's partial file. The
     search's state file grows with the number of trials and is rewritten at every snapshot:
     held whole in memory, hashed and copied by pyarrow's IO threads, it cost 9 % of the
     driver's CPU in a 300-trial search (py-spy) and kept the largest copy in each thread's
     malloc arena.
     """
 
-    def __init__(self, handler: "ReplacingHandler", path: str) -> None:
+    def __init__(self, handler: "ReplacingHandler | ObjectStoreHandler", path: str) -> None:
         self.handler, self.path = handler, path
         self._buffer: io.BytesIO | None = io.BytesIO()
         self._partial: Any = None
@@ -137,6 +146,11 @@ class UnchangedSkipped:
             else:
                 self._digests[path] = digest
 
+    def forget_under(self, prefix: str) -> None:
+        """After a folder is deleted: nothing below it is known to be written."""
+        with self._lock:
+            self._digests = {p: d for p, d in self._digests.items() if not p.startswith(prefix)}
+
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
@@ -180,18 +194,26 @@ class ReplacingHandler(pafs.FSSpecHandler):
         super().delete_dir(path)
 
 
-class KeepCheckpoints(pafs.FileSystemHandler):
+class ObjectStoreHandler(pafs.FileSystemHandler):
     """A pyarrow filesystem (an object store's) as it is, except that trial checkpoints are never
-    deleted (see the module's docstring)."""
+    deleted, an unchanged small file is not written again and a folder is made once (see the
+    module's docstring). An object is published whole when its upload completes, so the partial
+    file a filesystem writes aside is the object itself here."""
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
+        self.written = UnchangedSkipped()
+        self._folders: set[str] = set()
+        self._folders_lock = threading.Lock()
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, KeepCheckpoints) and self.fs.equals(other.fs)
+        return isinstance(other, ObjectStoreHandler) and self.fs.equals(other.fs)
 
     def __ne__(self, other: object) -> bool:
         return not self == other
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return ObjectStoreHandler, (self.fs,)  # what was written and made is this process's to know
 
     def get_type_name(self) -> str:
         return f"lth-keep-checkpoints+{self.fs.type_name}"
@@ -206,26 +228,38 @@ class KeepCheckpoints(pafs.FileSystemHandler):
         return self.fs.get_file_info(selector)
 
     def create_dir(self, path: str, recursive: bool) -> None:
+        """Made once per process: every snapshot asks again for every trial's folder."""
+        with self._folders_lock:
+            if path in self._folders:
+                return
         self.fs.create_dir(path, recursive=recursive)
+        with self._folders_lock:
+            self._folders.add(path)
 
     def delete_dir(self, path: str) -> None:
         if CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):
             return
+        self._forget(path)
         self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._forget(path)
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
     def delete_root_dir_contents(self) -> None:
         raise OSError("lth-search never empties a filesystem's root")
 
     def delete_file(self, path: str) -> None:
+        self.written.remember(path, None)
         self.fs.delete_file(path)
 
     def move(self, src: str, dest: str) -> None:
+        self.written.remember(src, None)
+        self.written.remember(dest, None)
         self.fs.move(src, dest)
 
     def copy_file(self, src: str, dest: str) -> None:
+        self.written.remember(dest, None)
         self.fs.copy_file(src, dest)
 
     def open_input_stream(self, path: str) -> pa.NativeFile:
@@ -235,19 +269,49 @@ class KeepCheckpoints(pafs.FileSystemHandler):
         return self.fs.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
-        # pyarrow's own stream: writing an object store's stream from Python inside pyarrow's
-        # copy_files (its IO threads) deadlocked on S3, so unchanged files are not skipped here
-        return self.fs.open_output_stream(path, metadata=metadata)
+        return pa.PythonFile(WholeOnClose(self, path), mode="w")
 
     def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        self.written.remember(path, None)
         return self.fs.open_append_stream(path, metadata=metadata)
+
+    def publish(self, path: str, data: bytes) -> None:
+        """Write `data` to `path` unless this filesystem wrote them there last."""
+        digest = self.written.changed(path, data)
+        if digest is None:
+            return
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+        self.written.remember(path, digest)
+
+    def open_partial(self, path: str) -> Any:
+        self.written.remember(path, None)
+        return self.fs.open_output_stream(path)
+
+    def replace_with_partial(self, path: str) -> None:
+        """Nothing to move: the object was published when its stream closed."""
+
+    def _forget(self, folder: str) -> None:
+        prefix = folder.rstrip("/") + "/"
+        with self._folders_lock:
+            self._folders = {f for f in self._folders if f != folder and not f.startswith(prefix)}
+        self.written.forget_under(prefix)
+
+
+def synchronous_s3(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same S3 filesystem, writing in the calling thread (see the module's docstring); any
+    other filesystem as it is. Its options are the ones pyarrow pickles it with."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    _, (options,) = fs.__reduce__()
+    return pafs.S3FileSystem(**{**options, "background_writes": False})
 
 
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """(path, filesystem) for Tune's `storage_path`/`storage_filesystem` and `Tuner.restore`.
 
     Local paths and fsspec URIs (`local://`, `sftp://`, ...) get the replacing filesystem;
-    pyarrow's object stores their own filesystem, keeping checkpoints (`KeepCheckpoints`).
+    pyarrow's object stores their own filesystem, wrapped (`ObjectStoreHandler`).
     """
     import fsspec
 
@@ -256,7 +320,7 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
         path = path[len("file://"):]
     if filesystem is None and "://" in path:  # s3://, gs://, ...: writes are already all or nothing
         native, inner_path = pafs.FileSystem.from_uri(path)
-        return inner_path, pafs.PyFileSystem(KeepCheckpoints(native))
+        return inner_path, pafs.PyFileSystem(ObjectStoreHandler(synchronous_s3(native)))
     if filesystem is None:
         inner = fsspec.filesystem("file")
     else:
