@@ -92,7 +92,9 @@ def drill(n: int, folder: Path, env: dict[str, str]) -> bool:
     elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
     began = time.time()
-    resumed = subprocess.run([LTH_SEARCH, "resume", NAME, "--store-uri", store_uri, "--json"], cwd=elsewhere, env=env,
+    # LTH_SEARCH_DEBUG: a failed resume prints its traceback here (a bench's output is for the developer)
+    resumed = subprocess.run([LTH_SEARCH, "resume", NAME, "--store-uri", store_uri, "--json"], cwd=elsewhere,
+                             env={**env, "LTH_SEARCH_DEBUG": "1"},
                              capture_output=True, text=True, timeout=6 * 3600)
     if resumed.returncode != 0:
         print(f"resume failed (exit {resumed.returncode}):\n{resumed.stderr[-3000:]}")

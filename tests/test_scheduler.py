@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from conftest import tiny_config
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
-from lth_search.search.scheduler import PruningAwareOptunaSearch, make_scheduler
+from lth_search.search.scheduler import MLFLOW_RUN_ATTR, PruningAwareOptunaSearch, make_scheduler
 from lth_search.search.space import journal_storage
 from lth_search.store.stage_store import StageStore
 
@@ -134,7 +134,9 @@ def test_a_searcher_restored_from_before_a_trials_end_does_not_tell_the_study_tw
 
     restored = searcher(cfg, tmp_path, "stale", "slow_good")
     restored.restore_from_dir(str(snapshot))
-    restored.on_trial_result("t1", result)  # the lineage run again: every stage from the store
+    # the lineage run again (every stage from the store), its results naming another MLflow run:
+    # Optuna refuses a finished trial's user attributes too
+    restored.on_trial_result("t1", {**result, MLFLOW_RUN_ATTR: "a-run-the-study-never-saw"})
     restored.on_trial_complete("t1", {**result, "matching_sparsity": 0.6})
     assert restored.suggest("t2") is not None  # and the search goes on
 

@@ -95,14 +95,17 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Also links the Optuna trial to the trial's MLflow run (user attribute `mlflow_run_id`)."""
+        """Also links the Optuna trial to the trial's MLflow run (user attribute `mlflow_run_id`).
+
+        A trial the study holds as finished (`_told_before`) is left alone: Optuna refuses any
+        update to it, its user attributes too."""
+        if self._told_before(trial_id):
+            return
         ot_trial = self._ot_trials.get(trial_id)
         run_id = result.get(MLFLOW_RUN_ATTR)
         if ot_trial is not None and run_id and trial_id not in self._completed_trials \
                 and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
             ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
-        if self._told_before(trial_id):
-            return
         super().on_trial_result(trial_id, result)
 
     def _told_before(self, trial_id: str) -> bool:
