@@ -172,3 +172,32 @@ def test_mlflow_sends_no_telemetry_unless_the_user_opts_in() -> None:
     opted = subprocess.run([sys.executable, "-c", code], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
                            capture_output=True, text=True, check=True).stdout
     assert opted.split()[0] == "false"
+
+
+def test_a_local_mlflow_database_commits_through_its_write_ahead_log(tmp_path: Path) -> None:
+    """Every MLflow request is a commit: in WAL mode with synchronous=NORMAL it does not wait for
+    the disk (tracking/sqlite_wal.py); a finished search folds the log back, so mlflow.db alone
+    holds every run again."""
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    from lth_search.tracking.client import new_client
+    from lth_search.tracking.sqlite_wal import checkpoint
+
+    database = tmp_path / "mlflow.db"
+    client = new_client(f"sqlite:///{database}")
+    run = client.create_run(client.create_experiment("wal"))
+    client.log_metric(run.info.run_id, "m", 1.0)
+    with closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with client._tracking_client.store.engine.connect() as connection:  # MLflow's own connections
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL, not FULL (2)
+    log = tmp_path / "mlflow.db-wal"
+    assert log.stat().st_size > 0  # the run is in the log, not yet in the file
+
+    checkpoint(database)
+    assert log.stat().st_size == 0
+    shutil.copy(database, tmp_path / "copy.db")  # the file alone
+    copy = MlflowClient(f"sqlite:///{tmp_path / 'copy.db'}")
+    assert copy.get_run(run.info.run_id).data.metrics == {"m": 1.0}

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from lth_search.config.names import check_name
 from lth_search.errors import TrackingError
+from lth_search.tracking.sqlite_wal import commit_without_fsync, sqlite_path, use_wal
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def new_client(uri: str) -> Any:
     A sqlite database is created (schema and migrations) by whoever opens it first. Two
     processes doing that at once (two first `lineage`s in a fresh folder) saw each other's
     half-built schema ("no such column: spans.dimension_attributes") until their retries
-    ran out; so the stores are opened under an exclusive lock file beside the database.
+    ran out; so the stores are opened under an exclusive lock file beside the database. The
+    database commits through SQLite's write-ahead log (tracking/sqlite_wal.py).
     """
     from mlflow import MlflowClient
 
@@ -129,9 +131,12 @@ def new_client(uri: str) -> Any:
 
     quiet_mlflow_output()
     reroot_artifacts(uri)
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is None:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with _first_use_lock(Path(uri[len("sqlite:///"):])):
+    commit_without_fsync()
+    with _first_use_lock(database):
+        use_wal(database)  # before MLflow's first connection: each one then commits without fsync
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client._tracking_client.store  # noqa: B018 - opening the store creates or migrates the schema
         client._get_registry_client().store  # noqa: B018

@@ -13,6 +13,7 @@ from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord
 from lth_search.tracking.links import experiment_id, ui_links
 from lth_search.tracking.search_run import SearchTracker
+from lth_search.tracking.sqlite_wal import checkpoint, sqlite_path
 from lth_search.tracking.sync import refresh
 from lth_search.tracking.trial_run import TrialTracker
 
@@ -30,6 +31,9 @@ class MlflowSearch:
     def finish(self, records: list[TrialRecord], confirmation: dict[str, Any] | None = None) -> None:
         refresh(self.tracker, records, confirmation)
         self.tracker.end()
+        database = sqlite_path(self.tracker.cfg.tracking_uri())
+        if database is not None:  # mlflow.db whole again without its write-ahead log
+            checkpoint(database)
 
     def links(self) -> dict[str, Any]:
         cfg = self.tracker.cfg

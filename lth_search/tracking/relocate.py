@@ -29,6 +29,8 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from lth_search.tracking.sqlite_wal import sqlite_path
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_FOLDER = "mlartifacts"
@@ -43,10 +45,8 @@ COLUMNS = (
 
 
 def _database(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
-    return path if path.is_file() else None
+    path = sqlite_path(uri)
+    return path if path is not None and path.is_file() else None
 
 
 def _stale_roots(connection: sqlite3.Connection, here: Path) -> set[Path]:
