@@ -201,3 +201,19 @@ def test_retraining_the_ticket_reproduces_its_accuracy(data_root: Path, tmp_path
     assert abs(accuracy - reported) <= 0.005
     assert accuracy == reported  # exact on CPU: same weights, mask, batches and seed
     assert MlflowClient(uri).get_model_version_by_alias(experiment, "best").tags["lth.run_id"] == ticket.run_id
+
+
+def test_a_trials_first_attempt_creates_its_run_and_a_retry_finds_it(data_root: Path, tmp_path: Path) -> None:
+    """A trial whose record the store does not hold never opened a run (a run is opened after the
+    record is saved): its run is created without a search of the experiment's runs. A retry (the
+    store holds its record) finds the run its earlier attempt opened."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(data_root, tmp_path / "out", name="attempts", tracking__enabled="true", tracking__uri=uri)
+    search = MlflowTracking().start(cfg, str(tmp_path / "attempts-1"), None)
+    runs: list[str] = []
+    for first_attempt in (True, False, True):  # the third: told "first" though a run exists, so it shows
+        tracker = TrialTracker.start(cfg, search.parent_run_id, "t1", {}, first_attempt=first_attempt)
+        assert tracker.run_id is None  # opened when the trial first logs
+        assert tracker.ensure_run()
+        runs.append(tracker.run_id)
+    assert runs[1] == runs[0] and runs[2] != runs[0]

@@ -33,10 +33,10 @@ class TrialObserver(Protocol):
 
 
 TrialObserverFactory = Callable[
-    [ExperimentConfig, "str | None", str, dict[str, Any], "str | None", "int | None"], "TrialObserver | None"
+    [ExperimentConfig, "str | None", str, dict[str, Any], "str | None", "int | None", bool], "TrialObserver | None"
 ]
-"""(trial config, parent run id, trial id, choices, search id, Optuna trial number) -> observer;
-picklable (Ray ships it to workers)."""
+"""(trial config, parent run id, trial id, choices, search id, Optuna trial number, first attempt:
+the store holds no record of the trial) -> observer; picklable (Ray ships it to workers)."""
 
 
 class SearchObserver(Protocol):

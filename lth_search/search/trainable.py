@@ -61,8 +61,10 @@ def lineage_trial(
     )
     observer = None
     if observer_factory is not None:
+        # a record is saved after an attempt's first stage, and a run opened only after that
+        first_attempt = not record.attempts
         observer = observer_factory(trial_cfg, context.get("parent_run_id"), trial_id, choices,
-                                    context.get("search_id"), config.get(OPTUNA_TRIAL_KEY))
+                                    context.get("search_id"), config.get(OPTUNA_TRIAL_KEY), first_attempt)
 
     def report(round_index: int, key: str, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="lth-ckpt-") as directory:

@@ -134,11 +134,20 @@ class TrialTracker:
         self.pending = PendingLog()
         """What is logged but not yet sent (pending.py): sent every tracking.flush_s and at the end."""
         self._sent_at = time.monotonic()
+        self.new_run = False
+        """No attempt of this trial opened a run before (`start`): create it without looking for it."""
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, parent_run_id: str | None, trial_id: str, choices: dict[str, Any],
-              search_id: str | None = None, optuna_trial: int | None = None) -> "TrialTracker":
-        """Open the trial's child run: the one tagged with this trial id if it exists, else a new one.
+              search_id: str | None = None, optuna_trial: int | None = None,
+              first_attempt: bool = False) -> "TrialTracker":
+        """The tracker of the trial's child run: the one tagged with this trial id if it exists, else a
+        new one, opened when the trial first logs (after its dense stage is in its record).
+
+        `first_attempt`: the store holds no record of this trial, so no attempt of it ever logged
+        (a run is opened only after the record is saved: `TrialRun.on_dense`), and the run is
+        created without asking MLflow for it (a search of the experiment's runs by tag, ~10 ms
+        and growing with them, per trial).
 
         Without a parent run (MLflow was down when the search started) nothing is logged
         now; the search's finish or `lth-search sync` logs the trial from the store.
@@ -149,7 +158,7 @@ class TrialTracker:
                 log.warning("trial %s: the search has no MLflow run; `lth-search sync %s` logs it later", trial_id, cfg.name)
             return cls(cfg, parent_run_id, trial_id, choices, tags=tags)
         tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)), tags=tags)
-        tracker.ensure_run()
+        tracker.new_run = first_attempt
         return tracker
 
     # Opening ----------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ class TrialTracker:
         experiment = io.experiment_id(self.cfg.experiment_name(), cached=self.parent_run_id is not None)
         found = {TRIAL_ID: self.trial_id, PARENT: self.parent_run_id} if self.parent_run_id is not None else None
         found = found or ({ROLE: self.role, **self.identity} if self.identity else None)
-        if found is not None:
+        if found is not None and not self.new_run:
             run = io.find_run(experiment, found)
             if run is not None:
                 self._read_state(run)
