@@ -34,9 +34,9 @@ writes these files, and the memory of what was written is not pickled, so a work
 resumed driver writes everything once.
 
 A Python stream inside pyarrow's `copy_files` to S3 deadlocked once (a 1,000-trial search on
-moto): the copy runs on pyarrow's IO threads, and S3's own streams upload in the background on
-the same threads, so a stream closed from inside the copy waited for threads that were all
-waiting too. The S3 filesystem Ray is given therefore writes in the calling thread
+moto), most likely as in apache/arrow#15233: the copy runs on pyarrow's IO threads, and S3's own
+streams upload in the background on the same threads, so a stream closed from inside the copy
+can wait for threads that are all waiting too. The S3 filesystem Ray is given therefore writes in the calling thread
 (`background_writes=False`, `synchronous_s3`); Ray itself copies to S3 without threads for the
 same reason, but cannot see S3 behind a wrapped filesystem.
 """
