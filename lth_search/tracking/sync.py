@@ -99,7 +99,8 @@ class _RunView:
 
 def _complete_runs(search: SearchTracker) -> dict[str, _RunView]:
     """The search's child runs that their trials ended with nothing missing, by trial id, in one query
-    per 200 runs: asking each run what it holds costs ~5 queries a trial at the end of a search."""
+    per page of runs (client.RUN_PAGE): asking each run what it holds costs ~5 queries a trial at the end
+    of a search."""
     if search.parent_run_id is None or search.experiment is None:
         return {}
     tags = {PARENT: search.parent_run_id, COMPLETE: "1"}
