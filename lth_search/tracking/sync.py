@@ -88,9 +88,9 @@ def reconcile(search: SearchTracker, records: list[TrialRecord]) -> dict[str, in
 class _RunView:
     """What `_up_to_date` reads of a complete run: its status and its summary metrics. The whole runs
     (tags with their descriptions, params, data-set inputs) are read a page at a time and not kept, nor
-    are a run's other metrics (per-layer sparsities, per-round series' latest values: ~60 names, each a
-    new string in every run): with them the views of a 1,000-trial search held ~10 MB of the driver's
-    peak at the finish (issue 24)."""
+    are a run's other metrics (per-layer sparsities, per-round series' latest values: dozens of names,
+    each a new string in every run), kept for every trial of the search until the reconciliation ends
+    (issue 24: the driver's peak at the finish)."""
 
     status_tag: str | None
     run_status: str
