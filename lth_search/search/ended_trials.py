@@ -65,8 +65,10 @@ TRIM_EVERY = 50
 
 class ForgetEnded(tune.Callback):
     """Tune callback: what an ended trial no longer needs is dropped (see the module's docstring), and
-    every `TRIM_EVERY` ended trials the freed heap goes back to the system (a trim takes milliseconds;
-    what a snapshot and the dropped windows freed would otherwise stay resident)."""
+    every `TRIM_EVERY` ended trials the freed heap goes back to the system (a trim takes ~3 ms; what a
+    snapshot and the dropped windows freed would otherwise stay resident). Measured once each at 1,000
+    trials (bench/scale.py, loaded machine): the driver's RSS at 75 % of the search 709 MB with it, 732
+    MB without; the peak, at the finish, did not move (768 / 770 MB)."""
 
     def __init__(self) -> None:
         self.ended = 0
