@@ -166,3 +166,20 @@ def test_batched_sends_leave_the_runs_per_stage_sends_leave_and_plot_the_best_tr
     assert all(plotted(run) for run in each_runs.values())  # a search of <= trial_plots lineages: every trial
     best = best_records(records, 1)[0].trial_id
     assert {trial_id for trial_id, run in runs.items() if plotted(run)} == {best}
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_the_finish_keeps_every_summary_metric_of_a_complete_run(metric: str) -> None:
+    # The finish keeps only the summary metrics of each complete run (issue 24: a run's ~60 others
+    # were ~10 MB at 1,000 trials); a summary name it dropped would make every run look stale.
+    from lth_search.engine.lineage.results import DenseResult, LineageResult, RoundResult
+    from lth_search.tracking.layout import is_summary_metric, summary_metrics
+
+    stage = dict(test_accuracy=0.6, train_loss=0.5, train_steps_per_s=9.0, reused=0, steps=80, val_loss=1.1, test_loss=1.2)
+    rounds = [RoundResult(val_accuracy=0.64, key=f"r{r}", round=r, sparsity=1 - 0.8 ** r, matches=True, **stage)
+              for r in (1, 2)]
+    result = LineageResult(DenseResult(val_accuracy=0.65, key="dense", **stage), rounds, 160, 0, 0.01, metric=metric)
+    summary = summary_metrics(result)
+    assert metric == "accuracy" or "matching_val_loss" in summary
+    assert all(is_summary_metric(name) for name in summary)
+    assert not any(is_summary_metric(name) for name in ("val_accuracy", "sparsity", "layer_sparsity/fc1", "dense_val_accuracy"))

@@ -145,6 +145,8 @@ def _tuner(
 
 MALLOC_ARENAS = 2
 """glibc malloc arenas the driver's threads share (glibc's default: 8 per core)."""
+MMAP_THRESHOLD = 512 * 1024
+"""Bytes from which glibc serves an allocation with its own mmap, handed back whole when freed."""
 
 
 def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
@@ -154,15 +156,20 @@ def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     and each arena kept the largest snapshot buffers it had served: the driver's resident memory
     grew ~0.3 MB per trial over a 300-trial search while its Python heap grew ~40 KB; with two
     arenas it grew ~0.1 MB (bench/scale.py, issue 24). Arenas made before the call stay, so it
-    runs before Ray starts. False where there is no glibc (macOS) or the call fails: nothing
-    changes there.
+    runs before Ray starts. It also fixes the mmap threshold (`M_MMAP_THRESHOLD`): glibc raises
+    it after each freed large block, up to 32 MB, so the snapshot buffers that grow with the
+    number of trials (the search state's JSON, ~11 KB a trial) came from the arenas and their
+    pages stayed resident after the snapshot; from `MMAP_THRESHOLD` on, a block is its own
+    mapping, given back when freed. False where there is no glibc (macOS) or the call fails:
+    nothing changes there.
     """
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, arenas))  # M_ARENA_MAX is -8 in glibc's malloc.h
+        # M_ARENA_MAX is -8, M_MMAP_THRESHOLD -3 in glibc's malloc.h
+        return bool(libc.mallopt(-8, arenas)) and bool(libc.mallopt(-3, MMAP_THRESHOLD))
     except (OSError, AttributeError):
         return False
 

@@ -59,15 +59,33 @@ def forget_checkpoint_metrics(trial: Any) -> None:
         metadata.invalidate_cache()
 
 
+TRIM_EVERY = 50
+"""Ended trials between two hand-backs of the driver's freed heap (`give_back_free_memory`) during a search."""
+
+
 class ForgetEnded(tune.Callback):
-    """Tune callback: what an ended trial no longer needs is dropped (see the module's docstring)."""
+    """Tune callback: what an ended trial no longer needs is dropped (see the module's docstring), and
+    every `TRIM_EVERY` ended trials the freed heap goes back to the system (a trim takes ~3 ms; what a
+    snapshot and the dropped windows freed would otherwise stay resident). Measured once each at 1,000
+    trials (bench/scale.py, loaded machine): the driver's RSS at 75 % of the search 709 MB with it, 732
+    MB without; the peak, at the finish, did not move (768 / 770 MB)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         forget_windows(trial)
         forget_checkpoint_metrics(trial)
+        self._count()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         forget_windows(trial)
+        self._count()
+
+    def _count(self) -> None:
+        self.ended += 1
+        if self.ended % TRIM_EVERY == 0:
+            give_back_free_memory(collect=False)
 
 
 def release_results(tuner: tune.Tuner) -> None:
@@ -82,3 +100,26 @@ def release_results(tuner: tune.Tuner) -> None:
     local = getattr(tuner, "_local_tuner", None)
     if local is not None and hasattr(local, "_experiment_analysis"):
         local._experiment_analysis = None
+    give_back_free_memory()
+
+
+def give_back_free_memory(collect: bool = True) -> bool:
+    """Return the driver's freed heap to the system (glibc `malloc_trim`), after a collection (`collect`).
+
+    At its end Tune reads every trial's result.json into a pandas DataFrame for the ResultGrid
+    (~25 KB a trial): let go of by `release_results`, those pages stayed resident, and the
+    finish's own memory (tracking's plots and model) came on top of them, so the driver's peak
+    grew with the number of trials (issue 24). False where there is no glibc (macOS): nothing
+    changes there.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    if collect:
+        gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -155,8 +155,21 @@ def dense_metrics(dense: "DenseResult", metric: "Metric | None" = None) -> dict[
     }
 
 
+SUMMARY_PREFIX = "matching_"
+SUMMARY_NAMES = frozenset({"rounds_completed", "lineage_failed", "best_val_accuracy", "best_val_sparsity",
+                           "final_sparsity"})
+"""The names `summary_metrics` writes: these and every `matching_*` (`is_summary_metric` tells them)."""
+
+
+def is_summary_metric(name: str) -> bool:
+    """Whether `name` is one of the final numbers `summary_metrics` writes (what the finish compares of a
+    run it may skip, so it keeps only these of each run's metrics: sync.py `_complete_runs`)."""
+    return name in SUMMARY_NAMES or name.startswith(SUMMARY_PREFIX)
+
+
 def summary_metrics(result: "LineageResult") -> dict[str, float]:
-    """The run's final numbers: MLflow filters and sorts runs on a metric's latest value."""
+    """The run's final numbers: MLflow filters and sorts runs on a metric's latest value. Every name
+    passes `is_summary_metric`."""
     best = result.best
     metrics = {
         "matching_sparsity": best.sparsity,

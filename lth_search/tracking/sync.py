@@ -13,6 +13,7 @@ runs it later, once the server answers again.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from lth_search.runs.summary import best_records
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
 from lth_search.tracking.describe import search_tags
-from lth_search.tracking.layout import COMPLETE, PARENT, STATUS, TRIAL_ID, summary_metrics
+from lth_search.tracking.layout import COMPLETE, PARENT, STATUS, TRIAL_ID, is_summary_metric, summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.search_run import SearchTracker
 from lth_search.tracking.trial_run import TERMINAL, TrialTracker
@@ -85,9 +86,11 @@ def reconcile(search: SearchTracker, records: list[TrialRecord]) -> dict[str, in
 
 @dataclass(frozen=True)
 class _RunView:
-    """What `_up_to_date` reads of a complete run: the whole runs (tags with their descriptions, params,
-    data-set inputs) are read a page at a time and not kept for a search's thousands of trials. (At
-    1,000 trials the driver's peak at the finish did not move with it: that peak is elsewhere.)"""
+    """What `_up_to_date` reads of a complete run: its status and its summary metrics. The whole runs
+    (tags with their descriptions, params, data-set inputs) are read a page at a time and not kept, nor
+    are a run's other metrics (per-layer sparsities, per-round series' latest values: dozens of names,
+    each a new string in every run), kept for every trial of the search until the reconciliation ends
+    (issue 24: the driver's peak at the finish)."""
 
     status_tag: str | None
     run_status: str
@@ -96,17 +99,23 @@ class _RunView:
 
 def _complete_runs(search: SearchTracker) -> dict[str, _RunView]:
     """The search's child runs that their trials ended with nothing missing, by trial id, in one query
-    per 200 runs: asking each run what it holds costs ~5 queries a trial at the end of a search."""
+    per page of runs (client.RUN_PAGE): asking each run what it holds costs ~5 queries a trial at the end
+    of a search."""
     if search.parent_run_id is None or search.experiment is None:
         return {}
     tags = {PARENT: search.parent_run_id, COMPLETE: "1"}
 
     def views() -> dict[str, _RunView]:
-        return {run.data.tags.get(TRIAL_ID): _RunView(run.data.tags.get(STATUS), run.info.status, dict(run.data.metrics))
+        return {run.data.tags.get(TRIAL_ID): _RunView(run.data.tags.get(STATUS), run.info.status, _summary(run))
                 for run in search.io.tagged_runs(search.experiment, tags)}
 
     ok, found = search.io.call("list the trials' runs", views)
     return found if ok else {}
+
+
+def _summary(run: Any) -> dict[str, float]:
+    """A run's summary metrics (`layout.is_summary_metric`), their names shared between runs."""
+    return {sys.intern(name): value for name, value in run.data.metrics.items() if is_summary_metric(name)}
 
 
 def _up_to_date(run: _RunView | None, record: TrialRecord) -> bool:

@@ -26,6 +26,7 @@ from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.objective import is_matching
 from lth_search.errors import TrackingError, UnknownTrackingName
 from lth_search.tracking.client import (
+    RUN_PAGE,
     first_line,
     iter_runs,
     metric_histories,
@@ -146,8 +147,9 @@ def _names(client: Any) -> str:
     return ", ".join(names) or "none"
 
 
-PAGE = 200
-"""Trial runs read together (their metric histories in one query per metric)."""
+PAGE = RUN_PAGE
+"""Trial runs read together (their metric histories in one query per metric): a page of whole runs is
+held while its histories are read (client.RUN_PAGE says what a page costs)."""
 
 
 def candidate_runs(client: Any, ref: SearchRef) -> Iterator[Any]:
