@@ -132,7 +132,9 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     model = ticket.trained_model()
     loaded = registered.get_raw_model().state_dict()
     assert loaded.keys() == model.state_dict().keys()
-    assert all(torch.equal(loaded[name], tensor) for name, tensor in model.state_dict().items())
+    # the served form is the one that timed fastest here (a CSR layer's weight is sparse): equal as values
+    strided = {name: t.to_dense() if t.layout != torch.strided else t for name, t in loaded.items()}
+    assert all(torch.equal(strided[name], tensor) for name, tensor in model.state_dict().items())
     raw = read_raw(cfg.data)[0][2][:64]
     with torch.no_grad():
         assert (registered.predict(raw) == model(dataset.test.x[:64]).argmax(1).numpy()).all()
