@@ -71,6 +71,8 @@ def _normal_sync_in_wal(dbapi_connection: Any, _record: Any) -> None:
     try:
         if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
             cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error:  # not a database: MLflow's first query says so, in its own words
+        pass
     finally:
         cursor.close()
 
