@@ -3,7 +3,7 @@
 Every MLflow request is a transaction. In SQLite's default (rollback-journal) mode each
 commit syncs the journal and the database to disk, two or three fsyncs; every trial's
 worker and the driver commit to the same `mlflow.db`, and on 2 cores a commit cost
-~27-35 ms of wall time (a 30-metric `log_batch`; ~14 ms in this mode, measured side by side
+~27-35 ms of wall time (a 30-metric `log_batch`; ~14 ms in this mode, measured side by side at load ~7
 on this machine), paid in a trial's slot. In WAL mode with `synchronous=NORMAL` a commit
 appends to `mlflow.db-wal` and syncs only at checkpoints; readers do not block the writer.
 
