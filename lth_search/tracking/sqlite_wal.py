@@ -3,9 +3,10 @@
 Every MLflow request is a transaction. In SQLite's default (rollback-journal) mode each
 commit syncs the journal and the database to disk, two or three fsyncs; every trial's
 worker and the driver commit to the same `mlflow.db`, and on 2 cores a commit cost
-~27-35 ms of wall time (a 30-metric `log_batch`; ~14 ms in this mode, measured side by side at load ~7
-on this machine), paid in a trial's slot. In WAL mode with `synchronous=NORMAL` a commit
-appends to `mlflow.db-wal` and syncs only at checkpoints; readers do not block the writer.
+~27-35 ms of wall time (a 30-metric `log_batch`; ~14 ms in WAL mode, measured side by
+side on this machine at load ~7), paid in a trial's slot. In WAL mode with
+`synchronous=NORMAL` a commit appends to `mlflow.db-wal` and syncs only at checkpoints;
+readers do not block the writer.
 
 What it gives up: a commit survives a crash of any process (a killed trial, a killed
 driver), but the last ones may roll back on a power loss or a kernel crash; the database is
