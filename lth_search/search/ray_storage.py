@@ -47,7 +47,7 @@ import hashlib
 import io
 import re
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -121,7 +121,7 @@ class WholeOnClose:
         else:
             assert self._buffer is not None
             data, self._buffer = self._buffer.getvalue(), None
-            self.handler.publish(self.path, data)
+            publish(self.handler, self.path, data)
 
 
 class UnchangedSkipped:
@@ -158,6 +158,18 @@ class UnchangedSkipped:
         self.__init__()
 
 
+def publish(handler: "ReplacingHandler | ObjectStoreHandler", path: str, data: bytes) -> None:
+    """Replace `path` with `data` through the handler's partial file, unless the handler wrote
+    exactly them there last (`UnchangedSkipped`)."""
+    digest = handler.written.changed(path, data)
+    if digest is None:
+        return
+    with handler.open_partial(path) as out:
+        out.write(data)
+    handler.replace_with_partial(path)
+    handler.written.remember(path, digest)
+
+
 class ReplacingHandler(pafs.FSSpecHandler):
     """fsspec's pyarrow handler, with output streams that replace their file whole (written to
     `<path>.lth-partial`, moved over `path`), skip a file that is unchanged, and trial checkpoints
@@ -170,21 +182,11 @@ class ReplacingHandler(pafs.FSSpecHandler):
     def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
         return pa.PythonFile(WholeOnClose(self, path), mode="w")
 
-    def publish(self, path: str, data: bytes) -> None:
-        """Replace `path` with `data` unless it holds them already."""
-        digest = self.written.changed(path, data)
-        if digest is None:
-            return
-        with self.open_partial(path) as out:
-            out.write(data)
-        self.fs.mv(path + PARTIAL_SUFFIX, path)
-        self.written.remember(path, digest)
-
     def open_partial(self, path: str) -> Any:
         return self.fs.open(path + PARTIAL_SUFFIX, mode="wb")
 
     def replace_with_partial(self, path: str) -> None:
-        """Move a complete, streamed `<path>.lth-partial` over `path`."""
+        """Move a complete `<path>.lth-partial` over `path`."""
         self.fs.mv(path + PARTIAL_SUFFIX, path)
         self.written.remember(path, None)
 
@@ -274,15 +276,6 @@ class ObjectStoreHandler(pafs.FileSystemHandler):
     def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
         self.written.remember(path, None)
         return self.fs.open_append_stream(path, metadata=metadata)
-
-    def publish(self, path: str, data: bytes) -> None:
-        """Write `data` to `path` unless this filesystem wrote them there last."""
-        digest = self.written.changed(path, data)
-        if digest is None:
-            return
-        with self.fs.open_output_stream(path) as out:
-            out.write(data)
-        self.written.remember(path, digest)
 
     def open_partial(self, path: str) -> Any:
         self.written.remember(path, None)
