@@ -279,10 +279,6 @@ class MlflowIO:
         """Metrics at one step and params, in as few requests as MLflow allows. Raises."""
         self.log_batch(run_id, [(step, metrics or {})], params)
 
-    def log_steps(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]]) -> None:
-        """Metrics at several steps (a round's and its by-sparsity series) in one request. Raises."""
-        self.log_batch(run_id, metrics_by_step)
-
     def log_batch(self, run_id: str, metrics_by_step: list[tuple[int, dict[str, float]]],
                   params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
         """Metrics at several steps, params and tags in as few requests as MLflow allows (at most

@@ -29,7 +29,7 @@ from lth_search.tracking.describe import search_tags
 from lth_search.tracking.layout import COMPLETE, PARENT, STATUS, TRIAL_ID, is_summary_metric, summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.search_run import SearchTracker
-from lth_search.tracking.trial_run import TERMINAL, TrialTracker
+from lth_search.tracking.trial_run import TERMINAL, TrialTracker, trials_plot_live
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,9 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
 
 def plot_best_trials(search: SearchTracker, records: list[TrialRecord]) -> int:
     """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
-    (trial_run.py `plots_live`), those that lack their plot; returns how many were drawn."""
+    (trial_run.py `trials_plot_live`), those that lack their plot; returns how many were drawn."""
     cfg = search.cfg
-    if cfg.search.num_trials <= cfg.tracking.trial_plots:
+    if trials_plot_live(cfg):
         return 0
     drawn = 0
     for record in best_records(records, cfg.tracking.trial_plots):

@@ -85,6 +85,12 @@ TERMINAL = {
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
 
 
+def trials_plot_live(cfg: ExperimentConfig) -> bool:
+    """Whether a search's trials plot themselves as they end: at most `tracking.trial_plots` lineages. A
+    larger search plots its best `trial_plots` trials at its finish (sync.py `plot_best_trials`)."""
+    return cfg.search.num_trials <= cfg.tracking.trial_plots
+
+
 def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> float:
     """Seconds the round's latency timing may take: `inference_share` of the round's training time,
     at most `inference_budget_s`. At 0.2 s a round, the timing was most of a tiny lineage's time
@@ -375,10 +381,9 @@ class TrialTracker:
         self.io.client.set_terminated(self.run_id, run_status)
 
     def plots_live(self) -> bool:
-        """Whether this run plots itself as it ends: a lone lineage, or a trial of a search of at most
-        `tracking.trial_plots` lineages (a larger search plots its best trials at its finish:
-        sync.py `plot_best_trials`)."""
-        return self.role != "trial" or self.cfg.search.num_trials <= self.cfg.tracking.trial_plots
+        """Whether this run plots itself as it ends: a lone lineage, or a trial of a search whose trials
+        plot as they end (`trials_plot_live`)."""
+        return self.role != "trial" or trials_plot_live(self.cfg)
 
     def plot(self, result: LineageResult) -> None:
         """Draw and upload the accuracy-vs-sparsity plot of the lineage now (never raises)."""
