@@ -40,6 +40,7 @@ from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
+from lth_search.search.driver_heap import cap_malloc_arenas
 from lth_search.search.durable import check_durable, result_places
 from lth_search.search.ended_trials import ForgetEnded, release_results
 from lth_search.search.journal import journal_storage
@@ -141,37 +142,6 @@ def _tuner(
             verbose=ray_verbose(verbosity),
         ),
     )
-
-
-MALLOC_ARENAS = 2
-"""glibc malloc arenas the driver's threads share (glibc's default: 8 per core)."""
-MMAP_THRESHOLD = 512 * 1024
-"""Bytes from which glibc serves an allocation with its own mmap, handed back whole when freed."""
-
-
-def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap the driver's glibc malloc arenas (`mallopt(M_ARENA_MAX)`, what MALLOC_ARENA_MAX sets at start).
-
-    The driver's threads (Ray's, pyarrow's IO threads copying each snapshot) each got an arena,
-    and each arena kept the largest snapshot buffers it had served: the driver's resident memory
-    grew ~0.3 MB per trial over a 300-trial search while its Python heap grew ~40 KB; with two
-    arenas it grew ~0.1 MB (bench/scale.py, issue 24). Arenas made before the call stay, so it
-    runs before Ray starts. It also fixes the mmap threshold (`M_MMAP_THRESHOLD`): glibc raises
-    it after each freed large block, up to 32 MB, so the snapshot buffers that grow with the
-    number of trials (the search state's JSON, ~11 KB a trial) came from the arenas and their
-    pages stayed resident after the snapshot; from `MMAP_THRESHOLD` on, a block is its own
-    mapping, given back when freed. False where there is no glibc (macOS) or the call fails:
-    nothing changes there.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        # M_ARENA_MAX is -8, M_MMAP_THRESHOLD -3 in glibc's malloc.h
-        return bool(libc.mallopt(-8, arenas)) and bool(libc.mallopt(-3, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 def _save_quietly(state: SearchState) -> None:

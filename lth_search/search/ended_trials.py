@@ -32,6 +32,8 @@ from typing import Any
 
 from ray import tune
 
+from lth_search.search.driver_heap import give_back_free_memory
+
 WINDOWS = ("metric_analysis", "metric_n_steps")
 """Tune's per-metric windows on a trial's `run_metadata` (Ray 2.60)."""
 
@@ -101,25 +103,3 @@ def release_results(tuner: tune.Tuner) -> None:
     if local is not None and hasattr(local, "_experiment_analysis"):
         local._experiment_analysis = None
     give_back_free_memory()
-
-
-def give_back_free_memory(collect: bool = True) -> bool:
-    """Return the driver's freed heap to the system (glibc `malloc_trim`), after a collection (`collect`).
-
-    At its end Tune reads every trial's result.json into a pandas DataFrame for the ResultGrid
-    (~25 KB a trial): let go of by `release_results`, those pages stayed resident, and the
-    finish's own memory (tracking's plots and model) came on top of them, so the driver's peak
-    grew with the number of trials (issue 24). False where there is no glibc (macOS): nothing
-    changes there.
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-
-    if collect:
-        gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
