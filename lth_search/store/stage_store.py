@@ -49,7 +49,7 @@ from lth_search.store.leases import (
     new_holder,
 )
 from lth_search.store.records import read_record, read_records, write_record
-from lth_search.store.uri import is_object_store, resolve_uri, write_whole
+from lth_search.store.uri import make_folder, resolve_uri, write_whole
 
 if TYPE_CHECKING:
     from lth_search.config import ExperimentConfig
@@ -94,8 +94,8 @@ class StageStore:
         self.uri, self.filesystem, self.root = resolve_uri(uri, filesystem)
         self.lease_timeout_s, self.heartbeat_s = lease_timeout_s, heartbeat_s
         try:
-            for sub in () if is_object_store(self.filesystem) else ("stages", "tmp"):  # no folders there
-                self.filesystem.create_dir(self._path(sub), recursive=True)
+            for sub in ("stages", "tmp"):
+                make_folder(self.filesystem, self._path(sub))
             self.leases: LeaseService = lease_service or self._default_leases()
             self._opened()
         except NotImplementedError:
@@ -342,8 +342,7 @@ class ObjectStageStore(StageStore):
             if existing is not None:
                 return existing
         directory = self._entry_dir(entry.key)
-        if not is_object_store(self.filesystem):
-            self.filesystem.create_dir(directory, recursive=True)
+        make_folder(self.filesystem, directory)
         for filename, data in files.items():
             if filename != MANIFEST:
                 self._write(f"{directory}/{filename}", data)

@@ -113,6 +113,14 @@ def is_object_store(filesystem: pafs.FileSystem) -> bool:
     return isinstance(filesystem, OBJECT_STORES)
 
 
+def make_folder(filesystem: pafs.FileSystem, path: str) -> None:
+    """Create the folder `path` and its parents; nothing on an object store, whose folders are only
+    prefixes of names (a marker object there is a request a write, issue 24). Raises as the
+    filesystem does."""
+    if not is_object_store(filesystem):
+        filesystem.create_dir(path, recursive=True)
+
+
 def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write `data` at `path` so that a reader sees the old file or the new one, never half of one.
 
@@ -145,8 +153,7 @@ def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes, what: str 
     raises StoreFailure naming `what` (default: the path).
     """
     try:
-        if not is_object_store(filesystem):
-            filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        make_folder(filesystem, path.rsplit("/", 1)[0])
         write_whole(filesystem, path, data)
     except (OSError, NotImplementedError) as error:
         raise StoreFailure(
