@@ -33,6 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import load_dataset
 from lth_search.errors import ConfigError, RuntimeFailure
+from lth_search.runs.confirmation import confirm_seeds
 from lth_search.runs.observers import SearchObserver, SearchTracking
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.search_lease import SearchLease
@@ -43,6 +44,7 @@ from lth_search.search.console import SearchConsole, ray_verbose, result_files, 
 from lth_search.search.driver_heap import cap_malloc_arenas
 from lth_search.search.durable import check_durable, result_places
 from lth_search.search.ended_trials import ForgetEnded, release_results
+from lth_search.search.panel_workers import PanelWorkers, WarmPanels
 from lth_search.search.journal import journal_storage
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.relocation import relocated_search
@@ -96,13 +98,16 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     )
 
 
-def _callbacks(cfg: ExperimentConfig, progress: Progress) -> list[tune.Callback]:
+def _callbacks(cfg: ExperimentConfig, progress: Progress, workers: PanelWorkers) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, a failure that stops
-    the search (search/trial_failure.py), Tune's result.json, and what an ended trial no longer
-    needs dropped (search/ended_trials.py)."""
+    the search (search/trial_failure.py), Tune's result.json, the confirmation's workers started
+    in the search's tail (search/panel_workers.py), and what an ended trial no longer needs
+    dropped (search/ended_trials.py)."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
+    seeds = confirm_seeds(cfg)
+    warm = [WarmPanels(workers, trial_budget(cfg), seeds)] if seeds else []
     # ForgetEnded last: the others read an ended trial first (search/ended_trials.py)
-    return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), ForgetEnded()]
+    return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), *warm, ForgetEnded()]
 
 
 def _search_failure(tuner: tune.Tuner) -> str | None:
@@ -112,7 +117,8 @@ def _search_failure(tuner: tune.Tuner) -> str | None:
 
 
 def _tuner(
-    cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress, verbosity: int
+    cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None, progress: Progress, verbosity: int,
+    workers: PanelWorkers,
 ) -> tune.Tuner:
     storage, name = state.results_path.rsplit("/", 1)
     storage_path, filesystem = ray_storage(storage)
@@ -138,7 +144,7 @@ def _tuner(
             # (scheduler.py `_told_before`). Checkpoints are a few bytes and all kept.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=_callbacks(cfg, progress),
+            callbacks=_callbacks(cfg, progress, workers),
             verbose=ray_verbose(verbosity),
         ),
     )
@@ -174,14 +180,20 @@ def run_search(
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not cluster_address(address) and not ray.is_initialized()
         early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
+        if local:
+            pool.submit(_preload_tune_imports)
         with ray_session(address, verbosity):
             observer = early.result() if early is not None else _start_tracking(cfg, state, tracking)
             state.save()
             _announce(cfg, state, progress)
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
-            summary = _fit(cfg, state, _tuner(cfg, state, tracking, progress, verbosity), observer, progress, address)
-            del leases
-            return summary
+            workers = PanelWorkers(cfg)
+            try:
+                tuner = _tuner(cfg, state, tracking, progress, verbosity, workers)
+                return _fit(cfg, state, tuner, observer, progress, address, workers)
+            finally:
+                workers.close()
+                del leases
 
 
 def resume_search(
@@ -218,12 +230,28 @@ def resume_search(
         )
         # Tuner.restore brings back the first run's pickled RunConfig and has no public way to
         # change it; this run's console (its printer, -v/-q) replaces the pickled one.
+        workers = PanelWorkers(cfg)
         run_config = tuner._local_tuner.get_run_config()
-        run_config.callbacks, run_config.verbose = _callbacks(cfg, progress), ray_verbose(verbosity)
+        run_config.callbacks, run_config.verbose = _callbacks(cfg, progress, workers), ray_verbose(verbosity)
         relocated_search(tuner, cfg, state.journal)  # a copied or moved folder continues where it is now
-        summary = _fit(cfg, state, tuner, observer, progress, address)
-        del leases
-        return summary
+        try:
+            return _fit(cfg, state, tuner, observer, progress, address, workers)
+        finally:
+            workers.close()
+            del leases
+
+
+def _preload_tune_imports() -> None:
+    """Import now what Tune's `fit()` imports before its first trial: its usage tagging
+    (ray/air/_internal/usage.py `_count_callbacks`, run whatever the telemetry setting) loads
+    every logger integration Ray ships, and the MLflow one imports mlflow: 1.3 s of the
+    quickstart's start on 2 cores when tracking had not loaded it. Run in the thread that
+    waits for a local Ray to start, it costs no wall time."""
+    try:
+        from ray.air._internal.usage import _count_callbacks
+    except ImportError:  # another Ray: its fit() imports what it imports
+        return
+    _count_callbacks(None)
 
 
 def _start_tracking(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> SearchObserver | None:
@@ -256,7 +284,7 @@ def _places(cfg: ExperimentConfig, state: SearchState) -> str:
 
 def _fit(
     cfg: ExperimentConfig, state: SearchState, tuner: tune.Tuner, observer: SearchObserver | None,
-    progress: Progress, address: str | None,
+    progress: Progress, address: str | None, workers: PanelWorkers,
 ) -> dict[str, Any]:
     """Run the Tuner, settle every trial's status, finish tracking, print the summary."""
     began = time.time()
@@ -292,7 +320,9 @@ def _fit(
     state.save()
     confirmation = None
     if complete:
-        confirmation = run_confirmation(cfg, state.search_id, state.results_path, list(records.values()), progress)
+        confirmation = run_confirmation(cfg, state.search_id, list(records.values()), progress, workers)
+    workers.close()  # their slots go back to Ray (they started in the search's tail, maybe for nothing)
+    if complete:
         if confirmation is not None:
             chosen = chosen_record(list(records.values()), confirmation)
             state.confirmation = {**confirmation.to_json(), "trial_id": chosen.trial_id if chosen else None}

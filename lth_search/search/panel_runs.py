@@ -1,0 +1,68 @@
+"""What a confirmation worker runs (panel_workers.py): a pack of runs, or dense stages ahead.
+
+A run is a whole lineage of a candidate recipe with the search config's seed replaced by a
+fresh one (new data split, init and batch order), its stages through the search's store
+and its leases through the search's lease actor. Its record (role `confirm`) is its
+result: the driver reads the records when the panel has ended (confirm.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from lth_search.config import ExperimentConfig, validate_config
+from lth_search.engine.lineage.walk import lineages_for, walk
+from lth_search.runs.record import TrialRecord
+from lth_search.runs.trial import limit_resources, run_trials
+from lth_search.search.ray_leases import RayLeaseService
+from lth_search.store.stage_store import StageStore
+
+ROLE = "confirm"
+"""The records' role: a search's confirmation runs, apart from its trials."""
+
+
+def confirm_config(base: dict[str, Any], recipe: dict[str, Any], seed: int) -> ExperimentConfig:
+    """The search config with a candidate's choices and a fresh seed."""
+    cfg = validate_config(base, source="search config").with_choices(recipe)
+    data = cfg.model_dump(mode="json")
+    data["seed"] = seed
+    return validate_config(data, source="confirmation config")
+
+
+def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[list[int]], search_id: str,
+             owner: str) -> None:
+    """One pack of confirmation runs, [(recipe index, seed), ...], walked as lineages on a worker
+    (panel_workers.py); each run's record in the store is its result."""
+    runs = [(int(index), int(seed)) for index, seed in pack]
+    cfgs = [confirm_config(base, recipes[index], seed) for index, seed in runs]
+    store = _store(cfgs[0], owner)
+    records = [
+        TrialRecord.open(store, cfg.name, f"{search_id}-r{index}-s{seed}", search_id, None, recipes[index],
+                         cfg.model_dump(mode="json"), role=ROLE)
+        for cfg, (index, seed) in zip(cfgs, runs)
+    ]
+    run_trials(cfgs, store, [_no_report] * len(runs), records, node_id=ray.get_runtime_context().get_node_id())
+
+
+def train_dense(base: dict[str, Any], seeds: list[int], owner: str) -> None:
+    """The dense stages (each seed's own and its replicates) that every recipe's run on `seeds`
+    starts from: a dense stage's key holds no recipe, so a worker with nothing else to do
+    trains them before the panel that needs them is chosen."""
+    cfgs = [confirm_config(base, {}, seed) for seed in seeds]
+    cfgs = [cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"rounds": 0})}) for cfg in cfgs]
+    store = _store(cfgs[0], owner)
+    limit_resources(cfgs[0])
+    walk(lineages_for(cfgs, store))
+
+
+def _no_report(_round: int, _key: str, _metrics: dict[str, Any]) -> None:
+    """A confirmation run's rounds go to its record only (the parent run shows the panel's table)."""
+
+
+def _store(cfg: ExperimentConfig, owner: str) -> StageStore:
+    """The search's store, its leases held under `owner` (a pack's name: a retried pack
+    continues its own claims)."""
+    return StageStore(cfg.store_uri(), lease_timeout_s=cfg.store.lease_timeout_s, heartbeat_s=cfg.store.heartbeat_s,
+                      lease_service=RayLeaseService(cfg.name, owner=owner))

@@ -1,0 +1,207 @@
+"""The confirmation's workers: one warm Ray actor per concurrent slot, kept for every panel.
+
+The selection panel (candidates x selection seeds) and the reporting panel (the chosen and
+the default x reporting seeds) used to be two Tune runs after the search's. Each started a
+Tuner and a new actor per slot, each actor importing torch and the engine again (~2-5 s on
+2 cores), with the slots idle meanwhile: ~6 s of the quickstart's 115 s went to these
+gaps (issue 24, `bench/search_overhead.py`). A panel needs none of Tune's parts (no
+searcher, no scheduler, no per-round reports: its lineages' records are its results), so
+plain actors run it:
+
+- `PanelWorkers` starts `search.max_concurrent` actors with the trials' resources and keeps
+  them for both panels. `warm()` may start them early: `WarmPanels` does when the search
+  has started its last lineage and a slot has come free, so their start overlaps the
+  search's tail instead of following it.
+- The packs go to whichever worker is free next, so a slow pack does not hold the next
+  one behind it.
+- A worker whose process dies is restarted and runs its pack again, and a pack that raises
+  runs again, up to `search.max_failures` times (Ray's `max_restarts`, `max_task_retries`,
+  `retry_exceptions`), as Tune's FailureConfig did; every stored stage is reused. A pack
+  that still fails is reported and left out, as an errored Tune trial was.
+
+Warm workers hold a slot's CPUs and GPUs. If the search must start a lineage again (a
+trial recovered after a failure) while they hold them, `WarmPanels` stops them, so the
+search never waits on a worker that waits on the search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from lth_search.config import ExperimentConfig
+
+Pack = list[tuple[int, int]]
+"""(recipe index, seed) per run of one pack."""
+
+
+@ray.remote
+class _PanelWorker:
+    """One slot: imports the engine once, then walks the packs it is given."""
+
+    def __init__(self) -> None:
+        from lth_search.search import panel_runs  # noqa: F401  (the warm-up: torch, the engine, the store)
+
+    def ready(self) -> bool:
+        return True
+
+    def run_pack(self, base: dict[str, Any], recipes: list[dict[str, Any]], pack: Pack, search_id: str,
+                 owner: str) -> None:
+        from lth_search.search.panel_runs import run_pack
+
+        run_pack(base, recipes, pack, search_id, owner)
+
+    def train_dense(self, base: dict[str, Any], seeds: list[int], owner: str) -> None:
+        from lth_search.search.panel_runs import train_dense
+
+        train_dense(base, seeds, owner)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A panel's runs as packs: `recipes[index]` on `seed` for each (index, seed) of a pack."""
+
+    phase: str
+    recipes: list[dict[str, Any]]
+    packs: list[Pack]
+
+
+@dataclass
+class _Work:
+    actor: Any
+    what: str
+    """What a failure line names: `confirm pack 1`, `the dense stages of seeds [...]`."""
+
+
+class PanelWorkers:
+    """The confirmation's actors, started at the first `warm()` or `run()`, stopped by `close()`.
+
+    A worker with nothing to do trains ahead the dense stages of the seeds the next panel
+    starts from (`prefetch`): a dense stage's key holds no recipe, so they are known before
+    the search or the selection has chosen anything. In the search's tail that is the
+    selection seeds'; in the selection's tail the reporting seeds' (if the default recipe is
+    chosen, no report runs and that work stops with the workers).
+
+    Measured whole-lineage work ahead too: the default's reporting runs in the selection's
+    tail. The reporting panel then ended later, not sooner (54 s against 51 s on the
+    quickstart): its length is that of one pack after the selection, and the chosen
+    recipe's runs alone made a pack that started no earlier.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.model_dump(mode="json")
+        self._actors: list[Any] = []
+        self._ready: list[Any] = []
+        """Per actor, the ref that resolves once it has started (imports done)."""
+        self._work: dict[Any, _Work] = {}
+        """In flight: object ref -> its worker and what it is."""
+        self._prefetched: set[int] = set()
+
+    def warm(self) -> None:
+        """Start the workers now (no-op when they run): their imports overlap whatever comes next."""
+        if self._actors:
+            return
+        retries = self.cfg.search.max_failures
+        options = {"num_cpus": self.cfg.resources.cpu, "num_gpus": self.cfg.resources.gpu,
+                   "max_restarts": retries, "max_task_retries": retries}
+        self._actors = [_PanelWorker.options(**options).remote() for _ in range(self.cfg.search.max_concurrent)]
+        self._ready = [actor.ready.remote() for actor in self._actors]
+
+    def close(self) -> None:
+        """Stop the workers (their CPUs and GPUs go back to Ray); `warm()` starts new ones.
+        Work in flight stops with them: a stage is published whole or not at all."""
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors, self._ready, self._work = [], [], {}
+
+    def prefetch(self, seeds: list[int], phase: str) -> None:
+        """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle."""
+        seeds = [seed for seed in seeds if seed not in self._prefetched]
+        idle = self._idle()
+        if not seeds or not idle:
+            return
+        self._prefetched.update(seeds)
+        call = idle[0].train_dense.options(max_task_retries=0, retry_exceptions=False)
+        ref = call.remote(self.base, seeds, f"{phase}:dense:{seeds[0]}")
+        self._work[ref] = _Work(idle[0], f"the dense stages of seeds {seeds}")
+
+    def _idle(self) -> list[Any]:
+        """The workers with nothing to do, the started ones first: a worker started in the
+        search's tail takes the first (longest) pack while the one still importing takes the next."""
+        busy = {id(work.actor) for work in self._work.values()}
+        started = set(ray.wait(self._ready, num_returns=len(self._ready), timeout=0)[0]) if self._ready else set()
+        idle = [(ref not in started, i) for i, (actor, ref) in enumerate(zip(self._actors, self._ready))
+                if id(actor) not in busy]
+        return [self._actors[i] for _, i in sorted(idle)]
+
+    def run(self, panel: Panel, search_id: str, on_failure: Callable[[str], None],
+            then_prefetch: list[int] | None = None) -> None:
+        """Every pack of `panel` on the next free worker; returns when all have ended (their
+        records are the results). A worker left without a pack meanwhile trains the dense
+        stages of `then_prefetch`, the next panel's seeds."""
+        self.warm()
+        retries = self.cfg.search.max_failures
+        queue = list(range(len(panel.packs)))
+        mine: set[Any] = set()
+        while queue or mine:
+            ended, _ = ray.wait(list(self._work), num_returns=len(self._work), timeout=0) if self._work else ([], [])
+            for ref in ended:  # work that ended before this panel (a prefetch) frees its worker first
+                self._settle(ref, on_failure)
+                mine.discard(ref)
+            for actor in self._idle():
+                if queue:
+                    index = queue.pop(0)
+                    call = actor.run_pack.options(max_task_retries=retries, retry_exceptions=retries > 0)
+                    # the owner names the pack, so a retried pack continues its own stage leases
+                    ref = call.remote(self.base, panel.recipes, [list(run) for run in panel.packs[index]],
+                                      search_id, f"{panel.phase}:{search_id}:pack{index}")
+                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}")
+                    mine.add(ref)
+                elif then_prefetch:
+                    self.prefetch(then_prefetch, panel.phase)
+            if mine:
+                [ref], _ = ray.wait(list(self._work), num_returns=1)
+                self._settle(ref, on_failure)
+                mine.discard(ref)
+
+    def _settle(self, ref: Any, on_failure: Callable[[str], None]) -> None:
+        """Forget ended work, its worker free again; a failure is one line to `on_failure`."""
+        work = self._work.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as error:
+            on_failure(f"{work.what} failed, left out: {_last_line(error)}")
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+class WarmPanels(tune.Callback):
+    """Starts the confirmation's workers in the search's tail; stops them if a lineage must run again.
+
+    The tail: every lineage of the budget has started and one has ended, so a slot is free
+    and no new lineage will want it. A trial that Tune recovers after a failure wants a slot
+    again: the workers are stopped until the tail comes back.
+    """
+
+    def __init__(self, workers: PanelWorkers, budget: int, seeds: list[int]) -> None:
+        self.workers = workers
+        self.budget = budget
+        self.seeds = seeds
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if len(trials) >= self.budget and not any(t.status == "PENDING" for t in trials):
+            self.workers.warm()
+            self.workers.prefetch(self.seeds, "confirm")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.workers.close()

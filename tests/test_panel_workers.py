@@ -1,0 +1,55 @@
+"""The confirmation's warm workers on a real local Ray: packs, dense stages trained ahead, failures."""
+
+from __future__ import annotations
+
+from search_helpers import manifests, search_config
+
+from lth_search.runs.confirmation import pack_runs
+from lth_search.runs.record import TrialRecord
+from lth_search.search.panel_runs import ROLE
+from lth_search.search.panel_workers import Panel, PanelWorkers
+from lth_search.store.stage_store import StageStore
+
+
+def _records(cfg, search_id: str) -> dict[str, TrialRecord]:
+    return {r.trial_id: r for r in TrialRecord.load_all(StageStore.from_config(cfg), cfg.name, search_id, role=ROLE)}
+
+
+def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_root, tmp_path):
+    # one worker: the dense stages trained ahead end before its first pack starts
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "search.max_concurrent": 1})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    try:
+        workers.warm()
+        workers.prefetch([7, 8], "confirm")
+        workers.prefetch([7, 8], "confirm")  # once per seed: nothing more to do
+        recipes = [cfg.default_recipe(), {"rate": 0.5}]
+        runs = [(index, seed) for index in range(2) for seed in (7, 8)]
+        workers.run(Panel("confirm", recipes, pack_runs(runs, 1, 2)), "s1", lines.append)
+    finally:
+        workers.close()
+    assert lines == []
+    records = _records(cfg, "s1")
+    assert sorted(records) == ["s1-r0-s7", "s1-r0-s8", "s1-r1-s7", "s1-r1-s8"]
+    assert all(r.status.final for r in records.values())
+    # every run found its dense stage stored: trained ahead, once per seed (replicates too)
+    assert all(r.dense.reused for r in records.values())
+    dense = [m for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
+    seeds = sorted(m["inputs"]["seed"] for m in dense)
+    assert seeds == sorted(set(seeds)) and {7, 8} <= set(seeds)
+
+
+def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "search.max_failures": 1})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    recipes = [cfg.default_recipe(), {"rate": 7.0}]  # no valid config: every attempt of its pack raises
+    try:
+        workers.run(Panel("confirm", recipes, [[(0, 7)], [(1, 7)]]), "s2", lines.append)
+    finally:
+        workers.close()
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("confirm pack 1 failed, left out:") and "rate" in lines[0]
+    records = _records(cfg, "s2")
+    assert list(records) == ["s2-r0-s7"] and records["s2-r0-s7"].status.final
