@@ -131,6 +131,8 @@ class TrialTracker:
                  identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
         self._layer_groups: dict[str, tuple[str, int]] | None = None
+        self._gains_model: Any = None
+        """The network the rounds' inference gains load their weights into (built at the first)."""
         self.tags = dict(tags or {})
         """Extra tags of a new run (the search id and Optuna trial number, see `search_tags`)."""
         self.identity = dict(identity or {})
@@ -316,7 +318,9 @@ class TrialTracker:
         if gains is None:
             try:
                 shape, classes = data_signature(self.cfg.data)
-                model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
+                if self._gains_model is None:  # built once per trial: its weights are loaded per round
+                    self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
+                model = self._gains_model
                 model.load_state_dict(entry.weights["end"])
                 gains = measure_gains(model, tuple(shape), tracking.serve_batch,
                                       inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
