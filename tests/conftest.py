@@ -56,7 +56,7 @@ def quick_mlflow_retries(monkeypatch):
     not wait 3.5 s for each. Only this process's calls (not a subprocess's or a Ray worker's)."""
     from lth_search.tracking.client import ATTEMPTS, MlflowIO
 
-    monkeypatch.setattr(MlflowIO.__init__, "__defaults__", (ATTEMPTS, 0.02))
+    monkeypatch.setattr(MlflowIO.__init__, "__defaults__", (ATTEMPTS, 0.02, False))
 
 
 @pytest.fixture(scope="session")

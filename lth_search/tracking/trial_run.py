@@ -172,7 +172,8 @@ class TrialTracker:
             if cfg.tracking.enabled:
                 log.warning("trial %s: the search has no MLflow run; `lth-search sync %s` logs it later", trial_id, cfg.name)
             return cls(cfg, parent_run_id, trial_id, choices, tags=tags)
-        tracker = cls(cfg, parent_run_id, trial_id, choices, MlflowIO(cfg.tracking_uri(), sync_hint(cfg)), tags=tags)
+        io = MlflowIO(cfg.tracking_uri(), sync_hint(cfg), shared=True)
+        tracker = cls(cfg, parent_run_id, trial_id, choices, io, tags=tags)
         tracker.new_run = first_attempt
         return tracker
 
