@@ -61,3 +61,17 @@ def test_an_earlier_whole_journal_is_continued_and_a_gap_ends_the_log(tmp_path: 
     names = sorted(p.name for p in (tmp_path / "optuna.journal.d").iterdir())
     (tmp_path / "optuna.journal.d" / names[1]).unlink()
     assert len(list(StoreJournalBackend(uri).read_logs(0))) == int(names[1].split("-")[0])
+
+
+def test_a_local_journal_appends_without_fsync_and_optuna_reads_it(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    path = tmp_path / "optuna.journal"
+    study = optuna.create_study(storage=journal_storage(str(path)), study_name="s")
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    study.optimize(lambda trial: trial.suggest_float("a", 0, 1), n_trials=3)
+    assert synced == []  # appends go to the OS cache: a killed driver loses none of them
+    stock = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    loaded = optuna.load_study(study_name="s", storage=stock)
+    assert [t.params["a"] for t in loaded.trials] == [t.params["a"] for t in study.trials]
