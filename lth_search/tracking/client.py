@@ -317,15 +317,22 @@ class MlflowIO:
         """Upload `data` as the artifact `artifact_file` (e.g. masks/round_01.parquet). Raises."""
         self.log_files(run_id, {artifact_file: data})
 
-    def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+    def log_files(self, run_id: str, files: dict[str, bytes], artifact_uri: str | None = None) -> None:
         """Upload several artifacts ({artifact_file: data}, e.g. a round's mask and weights) in one
-        request: each request resolves the run's artifact store again. Raises."""
+        request: each request resolves the run's artifact store again. `artifact_uri`, the run's
+        (known since its creation), saves MLflow's look-up of the run (a query of its tags,
+        params and metrics) on the first upload. Raises."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
         with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
             for artifact_file, data in files.items():
                 local = Path(tmp) / artifact_file
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_bytes(data)
-            self.client.log_artifacts(run_id, tmp)
+            if artifact_uri is None:
+                self.client.log_artifacts(run_id, tmp)
+            else:
+                get_artifact_repository(artifact_uri, tracking_uri=self.uri).log_artifacts(tmp)
 
     def read_artifact(self, run_id: str, artifact_file: str) -> bytes:
         """The bytes of one artifact of a run. Raises."""

@@ -48,14 +48,14 @@ class PendingLog:
     def empty(self) -> bool:
         return not (self.metrics or self.params or self.tags or self.files or self.inputs is not None)
 
-    def send(self, io: MlflowIO, run_id: str, owner: str) -> None:
+    def send(self, io: MlflowIO, run_id: str, owner: str, artifact_uri: str | None = None) -> None:
         """Send every part (the files, the values, the data set), then record what each part that
         was sent holds; empties itself either way. Never raises (MlflowIO.call)."""
         if self.empty():
             return
         label = f"{', '.join(dict.fromkeys(self.what))} of {owner}"
         done: set[Part] = set()
-        if self.files and io.call(f"upload {label}", lambda: io.log_files(run_id, self.files))[0]:
+        if self.files and io.call(f"upload {label}", lambda: io.log_files(run_id, self.files, artifact_uri))[0]:
             done.add("files")
         if (self.metrics or self.params or self.tags) and io.call(
                 f"log {label}", lambda: io.log_batch(run_id, self.metrics, self.params, self.tags))[0]:

@@ -131,6 +131,8 @@ class TrialTracker:
                  identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
         self._layer_groups: dict[str, tuple[str, int]] | None = None
+        self.artifact_uri: str | None = None
+        """Where the run's artifacts go (from MLflow with the run): uploads need no look-up."""
         self._gains_model: Any = None
         """The network the rounds' inference gains load their weights into (built at the first)."""
         self.tags = dict(tags or {})
@@ -186,7 +188,7 @@ class TrialTracker:
             ok, run = self.io.call(f"open the MLflow run of trial {self.trial_id}", self._find_or_create)
             if not ok:
                 return False
-            self.run_id = run.info.run_id
+            self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
             self._queue_setup()
         return True
 
@@ -245,7 +247,7 @@ class TrialTracker:
         if self.run_id is None or self.pending.empty():
             return
         if force or time.monotonic() - self._sent_at >= self.cfg.tracking.flush_s:
-            self.pending.send(self.io, self.run_id, f"trial {self.trial_id}")
+            self.pending.send(self.io, self.run_id, f"trial {self.trial_id}", self.artifact_uri)
             self._sent_at = time.monotonic()
 
     # Logging ----------------------------------------------------------------------------------
