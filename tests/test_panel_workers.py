@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
+from conftest import wait_for
 from search_helpers import manifests, search_config
 
 from lth_search.runs.confirmation import pack_runs
@@ -53,3 +58,36 @@ def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_lo
     assert lines[0].startswith("confirm pack 1 failed, left out:") and "rate" in lines[0]
     records = _records(cfg, "s2")
     assert list(records) == ["s2-r0-s7"] and records["s2-r0-s7"].status.final
+
+
+def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(ray_local, data_root, tmp_path):
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "search.max_concurrent": 1,
+                                              "search.max_failures": 2, "train.steps": 1500})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    killed: dict[str, int] = {}
+
+    def kill_after_round_one() -> None:
+        def round_one():
+            record = _records(cfg, "s3").get("s3-r0-s7")
+            return record if record is not None and len(record.rounds) >= 1 else None
+
+        record = wait_for(round_one, 300, "round 1 of the pack")
+        killed["pid"], killed["rounds"] = record.attempts[-1].pid, len(record.rounds)
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_round_one, daemon=True)
+    killer.start()
+    try:
+        workers.run(Panel("confirm", [cfg.default_recipe()], [[(0, 7)]]), "s3", lines.append)
+    finally:
+        workers.close()
+    killer.join(timeout=10)
+    assert "pid" in killed and lines == []
+    record = _records(cfg, "s3")["s3-r0-s7"]
+    assert record.status.final and len(record.rounds) == cfg.prune.rounds
+    first, second = record.attempts
+    assert first.pid == killed["pid"] and second.pid != killed["pid"]
+    # the restarted worker walked the lineage again, and what was stored at the kill (the dense
+    # stage, round 1) came from the store: it trained only the rounds after
+    assert 0 < second.steps_executed <= (cfg.prune.rounds - killed["rounds"]) * cfg.train.steps
