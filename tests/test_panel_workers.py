@@ -12,7 +12,8 @@ from search_helpers import manifests, search_config
 from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_runs import ROLE
-from lth_search.search.panel_workers import Panel, PanelWorkers
+from lth_search.search.panel_workers import Panel, PanelWorkers, WarmPanels
+from lth_search.search.ray_leases import RayLeaseService
 from lth_search.store.stage_store import StageStore
 
 
@@ -91,3 +92,25 @@ def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(
     # the restarted worker walked the lineage again, and what was stored at the kill (the dense
     # stage, round 1) came from the store: it trained only the rounds after
     assert 0 < second.steps_executed <= (cfg.prune.rounds - killed["rounds"]) * cfg.train.steps
+
+
+def test_the_workers_start_in_the_search_tail_and_stop_when_a_lineage_must_run_again(ray_local, data_root, tmp_path):
+    from ray.tune.experiment import Trial
+
+    cfg = search_config(data_root, tmp_path, {"search.max_concurrent": 1, "name": "tail"})
+    workers = PanelWorkers(cfg)
+    warm = WarmPanels(workers, budget=2, seeds=[7])
+    ended, running = Trial("lineage", stub=True), Trial("lineage", stub=True)
+    ended.set_status(Trial.TERMINATED)
+    running.set_status(Trial.RUNNING)
+    try:
+        warm.on_trial_complete(0, [ended], ended)  # one lineage of two started: not the tail yet
+        assert workers.started == 0
+        warm.on_trial_complete(0, [ended, running], ended)  # all started and one ended: the tail
+        assert workers.started == 1
+        warm.on_trial_recover(0, [ended, running], running)  # a lineage wants a slot again
+        assert workers.started == 0
+        # the dense stages the stopped worker was training are not left leased to it
+        assert not [h for h in RayLeaseService(cfg.name).held().values() if ":dense:" in h]
+    finally:
+        workers.close()

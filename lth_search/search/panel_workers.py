@@ -33,6 +33,7 @@ import ray
 from ray import tune
 
 from lth_search.config import ExperimentConfig
+from lth_search.search.ray_leases import RayLeaseService
 
 Pack = list[tuple[int, int]]
 """(recipe index, seed) per run of one pack."""
@@ -74,6 +75,8 @@ class _Work:
     actor: Any
     what: str
     """What a failure line names: `confirm pack 1`, `the dense stages of seeds [...]`."""
+    owner: str
+    """Whom its stage leases belong to."""
 
 
 class PanelWorkers:
@@ -111,12 +114,26 @@ class PanelWorkers:
         self._actors = [_PanelWorker.options(**options).remote() for _ in range(self.cfg.search.max_concurrent)]
         self._ready = [actor.ready.remote() for actor in self._actors]
 
+    @property
+    def started(self) -> int:
+        """How many workers run (or are starting)."""
+        return len(self._actors)
+
     def close(self) -> None:
         """Stop the workers (their CPUs and GPUs go back to Ray); `warm()` starts new ones.
-        Work in flight stops with them: a stage is published whole or not at all."""
+
+        Work in flight stops with them: a stage is published whole or not at all, and the
+        stage leases it held go back now, not after `store.lease_timeout_s` (120 s), so a
+        panel that needs those stages later trains them at once."""
+        stopped = {work.owner for work in self._work.values()}
         for actor in self._actors:
             ray.kill(actor)
         self._actors, self._ready, self._work = [], [], {}
+        if stopped:
+            leases = RayLeaseService(self.cfg.name)
+            for key, holder in leases.held().items():
+                if holder in stopped:
+                    leases.release(key, holder)
 
     def prefetch(self, seeds: list[int], phase: str) -> None:
         """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle."""
@@ -126,8 +143,9 @@ class PanelWorkers:
             return
         self._prefetched.update(seeds)
         call = idle[0].train_dense.options(max_task_retries=0, retry_exceptions=False)
-        ref = call.remote(self.base, seeds, f"{phase}:dense:{seeds[0]}")
-        self._work[ref] = _Work(idle[0], f"the dense stages of seeds {seeds}")
+        owner = f"{phase}:dense:{seeds[0]}"
+        ref = call.remote(self.base, seeds, owner)
+        self._work[ref] = _Work(idle[0], f"the dense stages of seeds {seeds}", owner)
 
     def _idle(self) -> list[Any]:
         """The workers with nothing to do, the started ones first: a worker started in the
@@ -157,9 +175,10 @@ class PanelWorkers:
                     index = queue.pop(0)
                     call = actor.run_pack.options(max_task_retries=retries, retry_exceptions=retries > 0)
                     # the owner names the pack, so a retried pack continues its own stage leases
+                    owner = f"{panel.phase}:{search_id}:pack{index}"
                     ref = call.remote(self.base, panel.recipes, [list(run) for run in panel.packs[index]],
-                                      search_id, f"{panel.phase}:{search_id}:pack{index}")
-                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}")
+                                      search_id, owner)
+                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner)
                     mine.add(ref)
                 elif then_prefetch:
                     self.prefetch(then_prefetch, panel.phase)
