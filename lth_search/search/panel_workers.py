@@ -182,7 +182,7 @@ class PanelWorkers:
                     mine.add(ref)
                 elif then_prefetch:
                     self.prefetch(then_prefetch, panel.phase)
-            if mine:
+            if self._work and (queue or mine):  # the next end of anything frees a worker
                 [ref], _ = ray.wait(list(self._work), num_returns=1)
                 self._settle(ref, on_failure)
                 mine.discard(ref)
