@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 
+import ray
 from conftest import wait_for
 from search_helpers import manifests, search_config
 
@@ -13,7 +14,7 @@ from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_runs import ROLE
 from lth_search.search.panel_workers import Panel, PanelWorkers, WarmPanels
-from lth_search.search.ray_leases import RayLeaseService
+from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.store.stage_store import StageStore
 
 
@@ -97,7 +98,9 @@ def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(
 def test_the_workers_start_in_the_search_tail_and_stop_when_a_lineage_must_run_again(ray_local, data_root, tmp_path):
     from ray.tune.experiment import Trial
 
-    cfg = search_config(data_root, tmp_path, {"search.max_concurrent": 1, "name": "tail"})
+    cfg = search_config(data_root, tmp_path, {"search.max_concurrent": 1, "name": "tail", "train.steps": 5000})
+    leases = start_lease_actor(cfg.name)  # as the driver does: it outlives the workers
+    service = RayLeaseService(cfg.name)
     workers = PanelWorkers(cfg)
     warm = WarmPanels(workers, budget=2, seeds=[7])
     ended, running = Trial("lineage", stub=True), Trial("lineage", stub=True)
@@ -108,9 +111,11 @@ def test_the_workers_start_in_the_search_tail_and_stop_when_a_lineage_must_run_a
         assert workers.started == 0
         warm.on_trial_complete(0, [ended, running], ended)  # all started and one ended: the tail
         assert workers.started == 1
+        wait_for(lambda: [h for h in service.held().values() if ":dense:" in h], 120, "the dense stage ahead")
         warm.on_trial_recover(0, [ended, running], running)  # a lineage wants a slot again
         assert workers.started == 0
-        # the dense stages the stopped worker was training are not left leased to it
-        assert not [h for h in RayLeaseService(cfg.name).held().values() if ":dense:" in h]
+        # the dense stage the stopped worker was training is not left leased to it for 120 s
+        assert not [h for h in service.held().values() if ":dense:" in h]
     finally:
         workers.close()
+        ray.kill(leases)

@@ -130,10 +130,13 @@ class PanelWorkers:
             ray.kill(actor)
         self._actors, self._ready, self._work = [], [], {}
         if stopped:
-            leases = RayLeaseService(self.cfg.name)
-            for key, holder in leases.held().items():
-                if holder in stopped:
-                    leases.release(key, holder)
+            try:
+                leases = RayLeaseService(self.cfg.name)
+                for key, holder in leases.held().items():
+                    if holder in stopped:
+                        leases.release(key, holder)
+            except ray.exceptions.RayError:  # no lease actor left: no lease is held either
+                pass
 
     def prefetch(self, seeds: list[int], phase: str) -> None:
         """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle."""
