@@ -38,3 +38,17 @@ def test_the_cached_temporaries_give_the_peak_a_fresh_profile_measures(name, sha
         fresh = peak_forward_bytes(sparsify(model, "csr"), x) / peak_forward_bytes(model, x)
     assert again.peak_memory == pytest.approx(fresh, rel=1e-9)
     assert again.peak_memory < first.peak_memory  # fewer non-zeros, fewer resident bytes
+
+
+def test_a_stage_measured_once_in_a_process_is_not_timed_again():
+    model = _pruned("mlp", (40,), 0.5, widths=[100, 100])
+    calls: list[int] = []
+
+    def measure():
+        calls.append(1)
+        return measure_gains(model, (40,), 8, budget_s=0.002)
+
+    first = sparsity_gains.stage_gains("k" * 64, 8, measure)
+    again = sparsity_gains.stage_gains("k" * 64, 8, measure)
+    other_batch = sparsity_gains.stage_gains("k" * 64, 16, measure)
+    assert len(calls) == 2 and again is first and other_batch is not first

@@ -1,8 +1,9 @@
 """Where a search's Optuna study lives: a journal on the store's storage, appended to, never rewritten.
 
 A local path (the default store) uses Optuna's own `JournalFileBackend`: one file of JSON
-lines, appended under its file lock (without its fsync per append: UnsyncedJournalFileBackend). Any other store URI (s3://, gs://, local://, sftp://,
-...) uses `StoreJournalBackend`. Object stores cannot append, and rewriting one journal
+lines, appended under its file lock (without its fsync per append:
+`UnsyncedJournalFileBackend`). Any other store URI (s3://, gs://, local://, sftp://, ...)
+uses `StoreJournalBackend`. Object stores cannot append, and rewriting one journal
 object on every Optuna call costs a PUT of the whole study each time: ~2.5 KB a trial, so
 ~25 MB a PUT, several times per trial, at 10,000 trials. Instead every append is one new
 object in the folder `<journal>.d/`, named by the sequence numbers of the logs it holds,

@@ -38,7 +38,7 @@ from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.engine.models import build_model, layer_sizes
-from lth_search.engine.sparsity_gains import SparsityGains, measure_gains
+from lth_search.engine.sparsity_gains import SparsityGains, measure_gains, stage_gains
 from lth_search.errors import LthError
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
@@ -89,13 +89,6 @@ def trials_plot_live(cfg: ExperimentConfig) -> bool:
     """Whether a search's trials plot themselves as they end: at most `tracking.trial_plots` lineages. A
     larger search plots its best `trial_plots` trials at its finish (sync.py `plot_best_trials`)."""
     return cfg.search.num_trials <= cfg.tracking.trial_plots
-
-
-MEASURED_KEPT = 512
-_MEASURED: dict[tuple[str, int], SparsityGains] = {}
-"""The gains measured in this process by (stage key, serve batch), oldest first. A stage key
-is its weights, so a lineage that reuses a stored round (46 % of the quickstart's steps)
-logs the gains already measured for it instead of timing the same network again."""
 
 
 def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> float:
@@ -316,24 +309,21 @@ class TrialTracker:
         if (not tracking.measure_inference or entry is None or "end" not in entry.weights
                 or round_result.failed is not None or self.cfg.model.is_pretrained):
             return {}
-        measured = (entry.key, tracking.serve_batch)
-        gains = _MEASURED.get(measured)
-        if gains is None:
-            try:
-                shape, classes = data_signature(self.cfg.data)
-                if self._gains_model is None:  # built once per trial: its weights are loaded per round
-                    self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
-                model = self._gains_model
-                model.load_state_dict(entry.weights["end"])
-                gains = measure_gains(model, tuple(shape), tracking.serve_batch,
-                                      inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
-            except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
-                log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
-                            round_result.round, error)
-                return {}
-            _MEASURED[measured] = gains
-            while len(_MEASURED) > MEASURED_KEPT:
-                _MEASURED.pop(next(iter(_MEASURED)))
+
+        def measure() -> SparsityGains:
+            shape, classes = data_signature(self.cfg.data)
+            if self._gains_model is None:  # built once per trial: its weights are loaded per round
+                self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
+            self._gains_model.load_state_dict(entry.weights["end"])
+            return measure_gains(self._gains_model, tuple(shape), tracking.serve_batch,
+                                 inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
+
+        try:
+            gains = stage_gains(entry.key, tracking.serve_batch, measure)
+        except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
+            log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
+                        round_result.round, error)
+            return {}
         return {f"inference/{name}": value for name, value in gains.metrics().items()}
 
     def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
