@@ -72,9 +72,10 @@ def _peak(model: nn.Module, x: torch.Tensor) -> int:
     """Peak forward bytes: the model's resident bytes plus its layout's temporaries."""
     layout = tuple((name, tuple(t.shape), t.dtype, t.layout) for name, t in model.state_dict().items())
     key = (type(model).__qualname__, layout, tuple(x.shape), x.dtype, x.device.type)
+    resident = resident_bytes(model)
     if key not in _TEMPORARIES:
-        _TEMPORARIES[key] = peak_forward_bytes(model, x) - resident_bytes(model)
-    return resident_bytes(model) + _TEMPORARIES[key]
+        _TEMPORARIES[key] = peak_forward_bytes(model, x) - resident
+    return resident + _TEMPORARIES[key]
 
 
 STAGES_KEPT = 512

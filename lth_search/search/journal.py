@@ -39,6 +39,7 @@ from typing import Any, Iterable
 import optuna
 import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend
+from optuna.storages.journal._file import get_lock_file  # the lock Optuna's own append takes
 
 from lth_search.store.uri import read_file, resolve_uri, write_file
 
@@ -132,8 +133,6 @@ class UnsyncedJournalFileBackend(optuna.storages.journal.JournalFileBackend):
     """
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        from optuna.storages.journal._file import get_lock_file
-
         text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
         with get_lock_file(self._lock), open(self._file_path, "ab") as handle:
             handle.write(text.encode("utf-8"))

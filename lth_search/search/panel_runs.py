@@ -37,7 +37,7 @@ def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[lis
     (panel_workers.py); each run's record in the store is its result."""
     runs = [(int(index), int(seed)) for index, seed in pack]
     cfgs = [confirm_config(base, recipes[index], seed) for index, seed in runs]
-    store = _store(cfgs[0], owner)
+    store = StageStore.from_config(cfgs[0], RayLeaseService(cfgs[0].name, owner=owner))
     records = [
         TrialRecord.open(store, cfg.name, f"{search_id}-r{index}-s{seed}", search_id, None, recipes[index],
                          cfg.model_dump(mode="json"), role=ROLE)
@@ -52,7 +52,7 @@ def train_dense(base: dict[str, Any], seeds: list[int], owner: str) -> None:
     trains them before the panel that needs them is chosen."""
     cfgs = [confirm_config(base, {}, seed) for seed in seeds]
     cfgs = [cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"rounds": 0})}) for cfg in cfgs]
-    store = _store(cfgs[0], owner)
+    store = StageStore.from_config(cfgs[0], RayLeaseService(cfgs[0].name, owner=owner))
     limit_resources(cfgs[0])
     walk(lineages_for(cfgs, store))
 
@@ -60,9 +60,3 @@ def train_dense(base: dict[str, Any], seeds: list[int], owner: str) -> None:
 def _no_report(_round: int, _key: str, _metrics: dict[str, Any]) -> None:
     """A confirmation run's rounds go to its record only (the parent run shows the panel's table)."""
 
-
-def _store(cfg: ExperimentConfig, owner: str) -> StageStore:
-    """The search's store, its leases held under `owner` (a pack's name: a retried pack
-    continues its own claims)."""
-    return StageStore(cfg.store_uri(), lease_timeout_s=cfg.store.lease_timeout_s, heartbeat_s=cfg.store.heartbeat_s,
-                      lease_service=RayLeaseService(cfg.name, owner=owner))

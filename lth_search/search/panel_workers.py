@@ -33,6 +33,7 @@ import ray
 from ray import tune
 
 from lth_search.config import ExperimentConfig
+from lth_search.search.panel_runs import run_pack, train_dense
 from lth_search.search.ray_leases import RayLeaseService
 
 Pack = list[tuple[int, int]]
@@ -43,21 +44,16 @@ Pack = list[tuple[int, int]]
 class _PanelWorker:
     """One slot: imports the engine once, then walks the packs it is given."""
 
-    def __init__(self) -> None:
-        from lth_search.search import panel_runs  # noqa: F401  (the warm-up: torch, the engine, the store)
-
     def ready(self) -> bool:
+        """Answered once the actor has started: its process imported this module, and with it
+        torch, the engine and the store (the warm-up)."""
         return True
 
     def run_pack(self, base: dict[str, Any], recipes: list[dict[str, Any]], pack: Pack, search_id: str,
                  owner: str) -> None:
-        from lth_search.search.panel_runs import run_pack
-
         run_pack(base, recipes, pack, search_id, owner)
 
     def train_dense(self, base: dict[str, Any], seeds: list[int], owner: str) -> None:
-        from lth_search.search.panel_runs import train_dense
-
         train_dense(base, seeds, owner)
 
 

@@ -49,12 +49,7 @@ def lineage_trial(
     done = _checkpointed_round(tune.get_checkpoint())
     if done >= trial_cfg.prune.rounds:
         return  # restored after its last report (a driver killed before Ray saw the trial end)
-    store = StageStore(
-        trial_cfg.store_uri(),
-        lease_timeout_s=trial_cfg.store.lease_timeout_s,
-        heartbeat_s=trial_cfg.store.heartbeat_s,
-        lease_service=RayLeaseService(cfg.name, owner=f"trial:{trial_id}"),
-    )
+    store = StageStore.from_config(trial_cfg, RayLeaseService(cfg.name, owner=f"trial:{trial_id}"))
     record = TrialRecord.open(
         store, cfg.name, trial_id, context.get("search_id"), config.get(OPTUNA_TRIAL_KEY), choices,
         trial_cfg.model_dump(mode="json"),
