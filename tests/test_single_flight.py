@@ -23,7 +23,7 @@ from conftest import wait_for
 from store_helpers import KINDS, assert_same, key_of, make_entry, make_store
 
 from lth_search.errors import StoreError
-from lth_search.store.leases import FileLeaseService, FilesystemLeaseService
+from lth_search.store.leases import FileLeaseService, FilesystemLeaseService, new_holder
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
 
@@ -205,6 +205,36 @@ def test_lease_semantics(tmp_path: Path) -> None:
         assert not service.renew(key, "a", 30)
         with pytest.raises(StoreError):
             service.acquire("../" + key[3:], "a", 30)
+
+
+def test_a_lease_being_taken_by_a_thread_here_is_never_judged_dead_by_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The moment a lease exists but its acquire has not returned, another thread of this
+    process reads a holder with this pid. It must see a live holder, not a dead one to take
+    over (CI trained a stage twice that way, two threads packing overlapping stages)."""
+    file_service, object_service = lease_services(tmp_path)
+    peers: list[bool] = []
+
+    def with_peer(service, write_name: str) -> None:
+        write = getattr(service, write_name)
+
+        def write_then_peer(path, holder, ttl_s):
+            done = write(path, holder, ttl_s)
+            if not peers:  # once: the peer's own write must not call a peer again
+                peers.append(None)
+                peers[0] = service.acquire(key_of(type(service).__name__ + "race"), new_holder(), 30)
+            return done
+
+        monkeypatch.setattr(service, write_name, write_then_peer)
+
+    with_peer(file_service, "_create")
+    with_peer(object_service, "_write")
+    for service in (file_service, object_service):
+        holder = new_holder()
+        peers.clear()
+        assert service.acquire(key_of(type(service).__name__ + "race"), holder, 30)
+        assert peers and not any(peers), (type(service).__name__, peers)
+        service.release(key_of(type(service).__name__ + "race"), holder)
 
 
 def test_an_expired_lease_has_exactly_one_taker(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pyarrow.fs as pafs
 
@@ -95,9 +95,18 @@ def _takeover_reason(record: dict | None, mtime: float | None, ttl_s: float) -> 
     return "it expired" if mtime is not None and mtime + ttl_s < time.time() else None
 
 
-def _held(holder: str, acquired: bool) -> bool:
-    if acquired:
-        _HELD.add(holder)
+def _held(holder: str, acquire: Callable[[], bool]) -> bool:
+    """Run `acquire` with `holder` already counted as held by this process, and keep it only if
+    it won. Added before the lease exists: another thread of this process that reads the new
+    lease in between must not judge its holder (this pid, not in `_HELD`) dead and take it over,
+    which would train the stage twice (seen in CI: two threads packing overlapping stages)."""
+    _HELD.add(holder)
+    acquired = False
+    try:
+        acquired = acquire()
+    finally:
+        if not acquired:
+            _HELD.discard(holder)
     return acquired
 
 
@@ -131,7 +140,7 @@ class FileLeaseService:
         return self.dir / f"{check_key(key)}.lease"
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
-        return _held(holder, self._acquire(key, holder, ttl_s))
+        return _held(holder, lambda: self._acquire(key, holder, ttl_s))
 
     def _acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         path = self._path(key)
@@ -264,7 +273,7 @@ class FilesystemLeaseService:
             stream.write(_record(holder, ttl_s))
 
     def acquire(self, key: str, holder: str, ttl_s: float) -> bool:
-        return _held(holder, self._acquire(key, holder, ttl_s))
+        return _held(holder, lambda: self._acquire(key, holder, ttl_s))
 
     def _acquire(self, key: str, holder: str, ttl_s: float) -> bool:
         path = self._path(key)
