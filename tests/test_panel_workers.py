@@ -10,9 +10,8 @@ import ray
 from conftest import wait_for
 from search_helpers import manifests, search_config
 
-from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord
-from lth_search.search.panel_runs import ROLE
+from lth_search.search.panel_runs import ROLE, run_id
 from lth_search.search.panel_workers import Panel, PanelWorkers, WarmPanels
 from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.store.stage_store import StageStore
@@ -33,12 +32,12 @@ def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_
         workers.prefetch([7, 8], "confirm")  # once per seed: nothing more to do
         recipes = [cfg.default_recipe(), {"rate": 0.5}]
         runs = [(index, seed) for index in range(2) for seed in (7, 8)]
-        workers.run(Panel("confirm", recipes, pack_runs(runs, 1, 2)), "s1", lines.append)
+        workers.run(Panel("confirm", recipes, runs), "s1", lines.append)
     finally:
         workers.close()
     assert lines == []
     records = _records(cfg, "s1")
-    assert sorted(records) == ["s1-r0-s7", "s1-r0-s8", "s1-r1-s7", "s1-r1-s8"]
+    assert sorted(records) == sorted(run_id("s1", recipes[index], seed) for index, seed in runs)
     assert all(r.status.final for r in records.values())
     # every run found its dense stage stored: trained ahead, once per seed (replicates too)
     assert all(r.dense.reused for r in records.values())
@@ -53,13 +52,14 @@ def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_lo
     lines: list[str] = []
     recipes = [cfg.default_recipe(), {"rate": 7.0}]  # no valid config: every attempt of its pack raises
     try:
-        workers.run(Panel("confirm", recipes, [[(0, 7)], [(1, 7)]]), "s2", lines.append)
+        workers.run(Panel("confirm", recipes, [(0, 7), (1, 7)]), "s2", lines.append)  # a pack each (2 workers)
     finally:
         workers.close()
     assert len(lines) == 1 and "\n" not in lines[0]
     assert lines[0].startswith("confirm pack 1 failed, left out:") and "rate" in lines[0]
     records = _records(cfg, "s2")
-    assert list(records) == ["s2-r0-s7"] and records["s2-r0-s7"].status.final
+    default = run_id("s2", recipes[0], 7)
+    assert list(records) == [default] and records[default].status.final
 
 
 def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(ray_local, data_root, tmp_path):
@@ -71,7 +71,7 @@ def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(
 
     def kill_after_round_one() -> None:
         def round_one():
-            record = _records(cfg, "s3").get("s3-r0-s7")
+            record = _records(cfg, "s3").get(run_id("s3", cfg.default_recipe(), 7))
             return record if record is not None and len(record.rounds) >= 1 else None
 
         record = wait_for(round_one, 300, "round 1 of the pack")
@@ -81,12 +81,12 @@ def test_a_worker_killed_mid_pack_is_restarted_and_its_pack_ends_from_the_store(
     killer = threading.Thread(target=kill_after_round_one, daemon=True)
     killer.start()
     try:
-        workers.run(Panel("confirm", [cfg.default_recipe()], [[(0, 7)]]), "s3", lines.append)
+        workers.run(Panel("confirm", [cfg.default_recipe()], [(0, 7)]), "s3", lines.append)
     finally:
         workers.close()
     killer.join(timeout=10)
     assert "pid" in killed and lines == []
-    record = _records(cfg, "s3")["s3-r0-s7"]
+    record = _records(cfg, "s3")[run_id("s3", cfg.default_recipe(), 7)]
     assert record.status.final and len(record.rounds) == cfg.prune.rounds
     first, second = record.attempts
     assert first.pid == killed["pid"] and second.pid != killed["pid"]
@@ -102,20 +102,48 @@ def test_the_workers_start_in_the_search_tail_and_stop_when_a_lineage_must_run_a
     leases = start_lease_actor(cfg.name)  # as the driver does: it outlives the workers
     service = RayLeaseService(cfg.name)
     workers = PanelWorkers(cfg)
-    warm = WarmPanels(workers, budget=2, seeds=[7])
+    asked: list[tuple[list[str], int]] = []
+
+    def ahead(ended: list[str], running: int) -> Panel:
+        asked.append((ended, running))
+        return Panel("confirm", [cfg.default_recipe()], [(0, 7)])
+
+    warm = WarmPanels(workers, budget=2, search_id="s4", ahead=ahead)
     ended, running = Trial("lineage", stub=True), Trial("lineage", stub=True)
     ended.set_status(Trial.TERMINATED)
     running.set_status(Trial.RUNNING)
     try:
         warm.on_trial_complete(0, [ended], ended)  # one lineage of two started: not the tail yet
-        assert workers.started == 0
+        assert workers.started == 0 and not asked
         warm.on_trial_complete(0, [ended, running], ended)  # all started and one ended: the tail
-        assert workers.started == 1
-        wait_for(lambda: [h for h in service.held().values() if ":dense:" in h], 120, "the dense stage ahead")
+        assert workers.started == 1 and asked == [([ended.trial_id], 1)]
+        wait_for(lambda: [h for h in service.held().values() if h == "confirm:s4:ahead1"], 120, "the run ahead's lease")
         warm.on_trial_recover(0, [ended, running], running)  # a lineage wants a slot again
         assert workers.started == 0
-        # the dense stage the stopped worker was training is not left leased to it for 120 s
-        assert not [h for h in service.held().values() if ":dense:" in h]
+        # the stage the stopped run ahead was training is not left leased to it for 120 s
+        assert not [h for h in service.held().values() if h == "confirm:s4:ahead1"]
     finally:
         workers.close()
         ray.kill(leases)
+
+
+def test_runs_started_ahead_are_not_run_again_and_the_rest_fill_the_free_worker(ray_local, data_root, tmp_path):
+    """A run started in the search's tail is the panel's run (named by its recipe, not its place
+    in the panel's list); the panel starts only the others."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    tried, default = {"rate": 0.5}, cfg.default_recipe()
+    try:
+        workers.warm()
+        workers.start_ahead(Panel("confirm", [tried], [(0, 7)]), "s5")  # top 1 while the search ends
+        workers.start_ahead(Panel("confirm", [tried], [(0, 7)]), "s5")  # started already: nothing more
+        workers.run(Panel("confirm", [default, tried], [(0, 7), (1, 7), (0, 8), (1, 8)]), "s5", lines.append)
+    finally:
+        workers.close()
+    assert lines == []
+    records = _records(cfg, "s5")
+    assert sorted(records) == sorted(run_id("s5", recipe, seed) for recipe in (default, tried) for seed in (7, 8))
+    assert all(r.status.final and len(r.attempts) == 1 for r in records.values())
+    ahead = records[run_id("s5", tried, 7)]
+    assert ahead.choices == tried and ahead.config["seed"] == 7

@@ -112,3 +112,35 @@ def test_the_default_stays_without_evidence_and_the_gain_is_measured_out_of_samp
     assert reported.seeds == 3 and reported.wins == 2 and reported.low < reported.gain < reported.high
     assert won.gain == reported.gain != won.selection.gain  # the printed gain is the out-of-sample one
     assert won.to_json()["gain_ci"] == [reported.low, reported.high]
+
+
+def test_certain_candidates_stay_candidates_whatever_the_running_lineages_end_with():
+    """Every way the running lineages can end (a new recipe, or one already ranked, anywhere in
+    the ranking, or no matching at all) keeps the certain candidates among the final ones."""
+    import itertools
+    import random
+
+    from lth_search.runs.confirmation import certain_candidates
+
+    def record(trial_id: str, rate: float, sparsity: float | None) -> TrialRecord:
+        matching = None if sparsity is None else MatchingRecord(sparsity, 1, 0.6, 0.6)
+        return TrialRecord(search="q", trial_id=trial_id, choices={"rate": rate}, matching=matching)
+
+    generator = random.Random(5)
+    rates, levels = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [None, 0.5, 0.6, 0.7, 0.8, 0.9]
+    checked = 0
+    for _ in range(300):
+        ids = generator.sample(range(100), 10)  # trial ids: the running ones may sort before the ended
+        ended = [record(f"t{ids.pop():02d}", generator.choice(rates), generator.choice(levels))
+                 for _ in range(generator.randint(0, 6))]
+        generator.shuffle(ended)
+        running, top_k = generator.randint(0, 3), generator.randint(1, 4)
+        certain = certain_candidates(ended, running, {"rate": 0.2}, top_k)
+        for ends in itertools.islice(itertools.product(rates, levels, repeat=running), 200):
+            pairs = list(zip(ends[0::2], ends[1::2]))
+            everything = ended + [record(f"t{ids[i]:02d}", r, s) for i, (r, s) in enumerate(pairs)]
+            final = candidates(sorted(everything, key=lambda r: r.trial_id), {"rate": 0.2}, top_k)  # as load_all
+            assert all(recipe in final for recipe in certain), (ended, pairs, certain, final)
+            checked += 1
+    assert checked > 1000
+    assert certain_candidates([record("a", 0.4, 0.8)], 1, {"rate": 0.2}, 1) == [{"rate": 0.2}]  # the default only

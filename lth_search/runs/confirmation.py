@@ -91,6 +91,19 @@ def candidates(records: list[TrialRecord], default: dict[str, Any], top_k: int) 
     return chosen
 
 
+def certain_candidates(ended: list[TrialRecord], running: int, default: dict[str, Any], top_k: int
+                       ) -> list[dict[str, Any]]:
+    """The candidates that `candidates` will return whatever the `running` lineages still do:
+    the default and the best `top_k - running` distinct recipes of the `ended` records.
+
+    A running lineage ends with one recipe at one place in the ranking (a new recipe, or a
+    better score for one already ranked), so it pushes every recipe below that place down by
+    one at most; a recipe ranked within `top_k - running` now stays within `top_k`. The
+    selection panel starts these runs in the search's tail (search/panel_workers.py). Ties are
+    broken by trial id, as in the records `candidates` is given (`TrialRecord.load_all`)."""
+    return candidates(sorted(ended, key=lambda r: r.trial_id), default, max(top_k - running, 0))
+
+
 def _rank_value(matching: MatchingRecord) -> float:
     """The val value of the search's metric at the score, larger is better (runs/best.py `rank_value`)."""
     value = matching.val_accuracy if matching.val_metric is None else matching.val_metric

@@ -18,9 +18,9 @@ from lth_search.runs.confirmation import (
     Confirmation,
     add_report,
     candidates,
+    certain_candidates,
     confirm_seeds,
     confirmation_of,
-    pack_runs,
     recipe_text,
     report_seeds,
 )
@@ -63,9 +63,7 @@ def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, rec
                next_seeds: list[int] | None = None) -> list[tuple[int, int, TrialRecord]]:
     """Every recipe on every seed, in packs on the warm workers; (recipe index, seed, final record)
     per run. A worker left idle trains ahead the dense stages of `next_seeds` (the next panel's)."""
-    runs = [(index, seed) for index in range(len(recipes)) for seed in seeds]
-    packs = pack_runs(runs, cfg.search.max_concurrent, cfg.resources.pack)
-    workers.run(Panel(phase, recipes, packs), search_id, progress, next_seeds)
+    workers.run(_panel(phase, recipes, seeds), search_id, progress, next_seeds)
     store = StageStore.from_config(cfg)
     done = []
     for record in TrialRecord.load_all(store, cfg.name, search_id, role=ROLE):
@@ -74,3 +72,32 @@ def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, rec
         if index is not None and seed in seeds and record.status.final:
             done.append((index, seed, record))
     return done
+
+
+def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int]) -> Panel:
+    return Panel(phase, recipes, [(index, seed) for index in range(len(recipes)) for seed in seeds])
+
+
+class SelectionAhead:
+    """The selection runs certain before the search has ended (panel_workers.py `WarmPanels`
+    starts them in the search's tail): the default's and those of the recipes that stay among
+    the candidates whatever the running lineages do.
+
+    The ended trials' records are read once each (from the tail on, not per trial of the search)."""
+
+    def __init__(self, cfg: ExperimentConfig, search_id: str) -> None:
+        self.cfg = cfg
+        self.search_id = search_id
+        self._ended: dict[str, TrialRecord | None] = {}
+
+    def __call__(self, ended: list[str], running: int) -> Panel | None:
+        seeds = confirm_seeds(self.cfg)
+        if not seeds:
+            return None
+        store = StageStore.from_config(self.cfg)
+        for trial_id in ended:
+            if trial_id not in self._ended:
+                self._ended[trial_id] = TrialRecord.load(store, self.cfg.name, trial_id)
+        records = [r for r in self._ended.values() if r is not None and r.search_id == self.search_id]
+        recipes = certain_candidates(records, running, self.cfg.default_recipe(), self.cfg.search.confirm_top_k)
+        return _panel(CONFIRM, recipes, seeds)

@@ -39,7 +39,7 @@ from lth_search.runs.record import TrialRecord
 from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
-from lth_search.search.confirm import run_confirmation
+from lth_search.search.confirm import SelectionAhead, run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
 from lth_search.search.driver_heap import cap_malloc_arenas
 from lth_search.search.durable import check_durable, result_places
@@ -98,14 +98,15 @@ def _searcher(cfg: ExperimentConfig, state: SearchState) -> OptunaSearch:
     )
 
 
-def _callbacks(cfg: ExperimentConfig, progress: Progress, workers: PanelWorkers) -> list[tune.Callback]:
+def _callbacks(cfg: ExperimentConfig, progress: Progress, workers: PanelWorkers, search_id: str,
+               ) -> list[tune.Callback]:
     """Trial statuses with their console lines, the console's own events, a failure that stops
     the search (search/trial_failure.py), Tune's result.json, the confirmation's workers started
-    in the search's tail (search/panel_workers.py), and what an ended trial no longer needs
-    dropped (search/ended_trials.py)."""
+    in the search's tail with the selection runs already certain (search/panel_workers.py), and
+    what an ended trial no longer needs dropped (search/ended_trials.py)."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
-    seeds = confirm_seeds(cfg)
-    warm = [WarmPanels(workers, trial_budget(cfg), seeds)] if seeds else []
+    ahead = SelectionAhead(cfg, search_id)
+    warm = [WarmPanels(workers, trial_budget(cfg), search_id, ahead)] if confirm_seeds(cfg) else []
     # ForgetEnded last: the others read an ended trial first (search/ended_trials.py)
     return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), *warm, ForgetEnded()]
 
@@ -144,7 +145,7 @@ def _tuner(
             # (scheduler.py `_told_before`). Checkpoints are a few bytes and all kept.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=_callbacks(cfg, progress, workers),
+            callbacks=_callbacks(cfg, progress, workers, state.search_id),
             verbose=ray_verbose(verbosity),
         ),
     )
@@ -232,7 +233,8 @@ def resume_search(
         # change it; this run's console (its printer, -v/-q) replaces the pickled one.
         workers = PanelWorkers(cfg)
         run_config = tuner._local_tuner.get_run_config()
-        run_config.callbacks, run_config.verbose = _callbacks(cfg, progress, workers), ray_verbose(verbosity)
+        run_config.callbacks = _callbacks(cfg, progress, workers, state.search_id)
+        run_config.verbose = ray_verbose(verbosity)
         relocated_search(tuner, cfg, state.journal)  # a copied or moved folder continues where it is now
         try:
             return _fit(cfg, state, tuner, observer, progress, address, workers)

@@ -8,6 +8,8 @@ result: the driver reads the records when the panel has ended (confirm.py).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import ray
@@ -31,6 +33,19 @@ def confirm_config(base: dict[str, Any], recipe: dict[str, Any], seed: int) -> E
     return validate_config(data, source="confirmation config")
 
 
+def recipe_tag(recipe: dict[str, Any]) -> str:
+    """A short name of a recipe that does not depend on its place among the candidates: the
+    runs started in the search's tail (panel_workers.py) and the panel name the same run alike."""
+    canonical = {key: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+                 for key, value in recipe.items()}  # 100 and 100.0 are one recipe (confirmation.py `_same`)
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_id(search_id: str, recipe: dict[str, Any], seed: int) -> str:
+    """A confirmation run's record id: the search, the recipe, the seed."""
+    return f"{search_id}-{recipe_tag(recipe)}-s{seed}"
+
+
 def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[list[int]], search_id: str,
              owner: str) -> None:
     """One pack of confirmation runs, [(recipe index, seed), ...], walked as lineages on a worker
@@ -39,7 +54,7 @@ def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[lis
     cfgs = [confirm_config(base, recipes[index], seed) for index, seed in runs]
     store = StageStore.from_config(cfgs[0], RayLeaseService(cfgs[0].name, owner=owner))
     records = [
-        TrialRecord.open(store, cfg.name, f"{search_id}-r{index}-s{seed}", search_id, None, recipes[index],
+        TrialRecord.open(store, cfg.name, run_id(search_id, recipes[index], seed), search_id, None, recipes[index],
                          cfg.model_dump(mode="json"), role=ROLE)
         for cfg, (index, seed) in zip(cfgs, runs)
     ]

@@ -26,18 +26,21 @@ search never waits on a worker that waits on the search.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
 from ray import tune
 
 from lth_search.config import ExperimentConfig
-from lth_search.search.panel_runs import run_pack, train_dense
+from lth_search.runs.confirmation import pack_runs
+from lth_search.search.panel_runs import recipe_tag, run_pack, train_dense
 from lth_search.search.ray_leases import RayLeaseService
 
-Pack = list[tuple[int, int]]
-"""(recipe index, seed) per run of one pack."""
+Run = tuple[int, int]
+"""(recipe index, seed): `recipes[index]` on `seed`."""
+RunKey = tuple[str, int]
+"""(recipe tag, seed): a run whatever its recipe's place in a panel's list."""
 
 
 @ray.remote
@@ -49,7 +52,7 @@ class _PanelWorker:
         torch, the engine and the store (the warm-up)."""
         return True
 
-    def run_pack(self, base: dict[str, Any], recipes: list[dict[str, Any]], pack: Pack, search_id: str,
+    def run_pack(self, base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[Run], search_id: str,
                  owner: str) -> None:
         run_pack(base, recipes, pack, search_id, owner)
 
@@ -59,11 +62,14 @@ class _PanelWorker:
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel's runs as packs: `recipes[index]` on `seed` for each (index, seed) of a pack."""
+    """A panel's runs: `recipes[index]` on `seed` for each (index, seed)."""
 
     phase: str
     recipes: list[dict[str, Any]]
-    packs: list[Pack]
+    runs: list[Run]
+
+    def keys(self) -> dict[RunKey, Run]:
+        return {(recipe_tag(self.recipes[index]), seed): (index, seed) for index, seed in self.runs}
 
 
 @dataclass
@@ -73,6 +79,8 @@ class _Work:
     """What a failure line names: `confirm pack 1`, `the dense stages of seeds [...]`."""
     owner: str
     """Whom its stage leases belong to."""
+    runs: frozenset[RunKey] = field(default_factory=frozenset)
+    """The panel runs it walks, when started ahead of its panel (`start_ahead`)."""
 
 
 class PanelWorkers:
@@ -99,6 +107,8 @@ class PanelWorkers:
         self._work: dict[Any, _Work] = {}
         """In flight: object ref -> its worker and what it is."""
         self._prefetched: set[int] = set()
+        self._ahead: set[RunKey] = set()
+        """The panel runs started ahead (`start_ahead`), not to start again."""
 
     def warm(self) -> None:
         """Start the workers now (no-op when they run): their imports overlap whatever comes next."""
@@ -125,6 +135,7 @@ class PanelWorkers:
         for actor in self._actors:
             ray.kill(actor)
         self._actors, self._ready, self._work = [], [], {}
+        self._prefetched, self._ahead = set(), set()  # what was stopped is to do again
         if stopped:
             try:
                 leases = RayLeaseService(self.cfg.name)
@@ -155,28 +166,52 @@ class PanelWorkers:
                 if id(actor) not in busy]
         return [self._actors[i] for _, i in sorted(idle)]
 
+    def start_ahead(self, panel: Panel, search_id: str) -> None:
+        """Start the runs of `panel` not started yet, as one pack (at most `resources.pack`) on an
+        idle worker, if one is idle: runs known before their panel is (the search's tail)."""
+        keys = panel.keys()
+        todo = [run for key, run in keys.items() if key not in self._ahead][:max(self.cfg.resources.pack, 1)]
+        idle = self._idle()
+        if not todo or not idle:
+            return
+        started = frozenset(key for key, run in keys.items() if run in todo)
+        self._ahead |= started
+        number = sum(1 for work in self._work.values() if work.runs) + 1
+        owner = f"{panel.phase}:{search_id}:ahead{number}"
+        ref = self._pack_call(idle[0]).remote(self.base, panel.recipes, [list(run) for run in todo], search_id, owner)
+        self._work[ref] = _Work(idle[0], f"{panel.phase} pack ahead {number}", owner, started)
+
+    def _pack_call(self, actor: Any) -> Any:
+        retries = self.cfg.search.max_failures
+        return actor.run_pack.options(max_task_retries=retries, retry_exceptions=retries > 0)
+
     def run(self, panel: Panel, search_id: str, on_failure: Callable[[str], None],
             then_prefetch: list[int] | None = None) -> None:
-        """Every pack of `panel` on the next free worker; returns when all have ended (their
-        records are the results). A worker left without a pack meanwhile trains the dense
-        stages of `then_prefetch`, the next panel's seeds."""
+        """Every run of `panel`, in packs on the next free workers; returns when all have ended
+        (their records are the results). Runs started ahead are waited for, not started again,
+        and the rest are dealt over the workers those leave free. A worker left without a pack
+        meanwhile trains the dense stages of `then_prefetch`, the next panel's seeds."""
         self.warm()
-        retries = self.cfg.search.max_failures
-        queue = list(range(len(panel.packs)))
-        mine: set[Any] = set()
+        keys = panel.keys()
+        ahead = {ref for ref, work in self._work.items() if work.runs & keys.keys()}
+        covered = set().union(*(self._work[ref].runs for ref in ahead))
+        mine = set(ahead)
+        ended, _ = ray.wait(list(self._work), num_returns=len(self._work), timeout=0) if self._work else ([], [])
+        for ref in ended:  # work that ended before this panel (a prefetch, a pack ahead) frees its worker first
+            self._settle(ref, on_failure)
+            mine.discard(ref)
+        busy = {id(self._work[ref].actor) for ref in mine}
+        remaining = [run for key, run in keys.items() if key not in covered]
+        packs = pack_runs(remaining, max(self.cfg.search.max_concurrent - len(busy), 1), self.cfg.resources.pack)
+        queue = list(range(len(packs)))
         while queue or mine:
-            ended, _ = ray.wait(list(self._work), num_returns=len(self._work), timeout=0) if self._work else ([], [])
-            for ref in ended:  # work that ended before this panel (a prefetch) frees its worker first
-                self._settle(ref, on_failure)
-                mine.discard(ref)
             for actor in self._idle():
                 if queue:
                     index = queue.pop(0)
-                    call = actor.run_pack.options(max_task_retries=retries, retry_exceptions=retries > 0)
                     # the owner names the pack, so a retried pack continues its own stage leases
                     owner = f"{panel.phase}:{search_id}:pack{index}"
-                    ref = call.remote(self.base, panel.recipes, [list(run) for run in panel.packs[index]],
-                                      search_id, owner)
+                    ref = self._pack_call(actor).remote(self.base, panel.recipes, [list(run) for run in packs[index]],
+                                                        search_id, owner)
                     self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner)
                     mine.add(ref)
                 elif then_prefetch:
@@ -200,23 +235,37 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+AheadPanel = Callable[[list[str], int], "Panel | None"]
+"""(ended trial ids, lineages still running) -> the runs of the next panel known already."""
+
+
 class WarmPanels(tune.Callback):
-    """Starts the confirmation's workers in the search's tail; stops them if a lineage must run again.
+    """Starts the confirmation's workers in the search's tail, and on them the selection runs
+    already certain; stops them if a lineage must run again.
 
     The tail: every lineage of the budget has started and one has ended, so a slot is free
-    and no new lineage will want it. A trial that Tune recovers after a failure wants a slot
-    again: the workers are stopped until the tail comes back.
+    and no new lineage will want it. The runs started then are the default recipe's and
+    those of the recipes that stay among the candidates whatever the running lineages do
+    (runs/confirmation.py `certain_candidates`): on the quickstart's two slots, the default
+    and the two best while the last lineage runs. They used to wait for that lineage, one
+    slot idle meanwhile (only the selection seeds' dense stages were trained ahead). A trial
+    that Tune recovers after a failure wants a slot again: the workers are stopped until the
+    tail comes back.
     """
 
-    def __init__(self, workers: PanelWorkers, budget: int, seeds: list[int]) -> None:
+    def __init__(self, workers: PanelWorkers, budget: int, search_id: str, ahead: AheadPanel) -> None:
         self.workers = workers
         self.budget = budget
-        self.seeds = seeds
+        self.search_id = search_id
+        self.ahead = ahead
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if len(trials) >= self.budget and not any(t.status == "PENDING" for t in trials):
+            ended = [t.trial_id for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]
+            panel = self.ahead(ended, len(trials) - len(ended))
             self.workers.warm()
-            self.workers.prefetch(self.seeds, "confirm")
+            if panel is not None:
+                self.workers.start_ahead(panel, self.search_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.on_trial_complete(iteration, trials, trial, **info)
