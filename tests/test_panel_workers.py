@@ -116,7 +116,10 @@ def test_the_workers_start_in_the_search_tail_and_stop_when_a_lineage_must_run_a
         warm.on_trial_complete(0, [ended], ended)  # one lineage of two started: not the tail yet
         assert workers.started == 0 and not asked
         warm.on_trial_complete(0, [ended, running], ended)  # all started and one ended: the tail
-        assert workers.started == 1 and asked == [([ended.trial_id], 1)]
+        assert workers.started == 1
+        wait_for(workers.started_idle, 120, "the worker's start")  # runs ahead only on a started worker
+        warm.on_trial_result(0, [ended, running], running, {})  # the running lineage's next round
+        assert asked == [([ended.trial_id], 1)]
         wait_for(lambda: [h for h in service.held().values() if h == "confirm:s4:ahead1"], 120, "the run ahead's lease")
         warm.on_trial_recover(0, [ended, running], running)  # a lineage wants a slot again
         assert workers.started == 0
@@ -136,6 +139,7 @@ def test_runs_started_ahead_are_not_run_again_and_the_rest_fill_the_free_worker(
     tried, default = {"rate": 0.5}, cfg.default_recipe()
     try:
         workers.warm()
+        wait_for(workers.started_idle, 120, "the workers' start")
         workers.start_ahead(Panel("confirm", [tried], [(0, 7)]), "s5")  # top 1 while the search ends
         workers.start_ahead(Panel("confirm", [tried], [(0, 7)]), "s5")  # started already: nothing more
         workers.run(Panel("confirm", [default, tried], [(0, 7), (1, 7), (0, 8), (1, 8)]), "s5", lines.append)
