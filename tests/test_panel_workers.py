@@ -151,3 +151,22 @@ def test_runs_started_ahead_are_not_run_again_and_the_rest_fill_the_free_worker(
     assert all(r.status.final and len(r.attempts) == 1 for r in records.values())
     ahead = records[run_id("s5", tried, 7)]
     assert ahead.choices == tried and ahead.config["seed"] == 7
+
+
+def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_share_per_worker(
+        ray_local, data_root, tmp_path):
+    """Both packs start from the dense stages of seeds 7 and 8: the two workers train one seed's
+    each before their packs, instead of one pack training both while the other waits."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    recipes = [cfg.default_recipe(), {"rate": 0.5}]
+    try:
+        workers.warm()
+        wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+        workers.run(Panel("confirm", recipes, [(0, 7), (1, 7), (0, 8), (1, 8)]), "s6", lines.append)
+    finally:
+        workers.close()
+    records = _records(cfg, "s6")
+    assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
+    assert all(r.dense.reused for r in records.values())  # every pack found them stored

@@ -86,11 +86,11 @@ class _Work:
 class PanelWorkers:
     """The confirmation's actors, started at the first `warm()` or `run()`, stopped by `close()`.
 
-    A worker with nothing to do trains ahead the dense stages of the seeds the next panel
-    starts from (`prefetch`): a dense stage's key holds no recipe, so they are known before
-    the search or the selection has chosen anything. In the search's tail that is the
-    selection seeds'; in the selection's tail the reporting seeds' (if the default recipe is
-    chosen, no report runs and that work stops with the workers).
+    Work ahead of a panel: in the search's tail the selection runs already certain
+    (`start_ahead`, from `WarmPanels`), and in the selection's tail the dense stages of the
+    reporting seeds (`prefetch`: a dense stage's key holds no recipe; if the default recipe is
+    chosen, no report runs and that work stops with the workers). A panel whose packs all
+    start at once first spreads the dense stages they share over the idle workers.
 
     Measured whole-lineage work ahead too: the default's reporting runs in the selection's
     tail. The reporting panel then ended later, not sooner (54 s against 51 s on the
@@ -145,17 +145,17 @@ class PanelWorkers:
             except ray.exceptions.RayError:  # no lease actor left: no lease is held either
                 pass
 
-    def prefetch(self, seeds: list[int], phase: str) -> None:
-        """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle."""
+    def prefetch(self, seeds: list[int], phase: str, spread: bool = False) -> None:
+        """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle;
+        with `spread`, split over every idle worker."""
         seeds = [seed for seed in seeds if seed not in self._prefetched]
-        idle = self._idle()
-        if not seeds or not idle:
-            return
-        self._prefetched.update(seeds)
-        call = idle[0].train_dense.options(max_task_retries=0, retry_exceptions=False)
-        owner = f"{phase}:dense:{seeds[0]}"
-        ref = call.remote(self.base, seeds, owner)
-        self._work[ref] = _Work(idle[0], f"the dense stages of seeds {seeds}", owner)
+        idle = self._idle()[:len(seeds) if spread else 1]
+        for number, actor in enumerate(idle):
+            chunk = seeds[number::len(idle)]
+            self._prefetched.update(chunk)
+            call = actor.train_dense.options(max_task_retries=0, retry_exceptions=False)
+            owner = f"{phase}:dense:{chunk[0]}"
+            self._work[call.remote(self.base, chunk, owner)] = _Work(actor, f"the dense stages of seeds {chunk}", owner)
 
     def _idle(self, started_only: bool = False) -> list[Any]:
         """The workers with nothing to do, the started ones first: a worker started in the
@@ -210,6 +210,10 @@ class PanelWorkers:
             mine.discard(ref)
         busy = {id(self._work[ref].actor) for ref in mine}
         remaining = [run for key, run in keys.items() if key not in covered]
+        if not mine and len(self._idle()) > 1:  # packs started together would all begin with the
+            # same dense stages, one worker training them and the others waiting for it (4 s of
+            # one core at the quickstart's seed 5): the idle workers train a share each first
+            self.prefetch(list(dict.fromkeys(seed for _, seed in remaining)), panel.phase, spread=True)
         packs = pack_runs(remaining, max(self.cfg.search.max_concurrent - len(busy), 1), self.cfg.resources.pack)
         queue = list(range(len(packs)))
         while queue or mine:
