@@ -33,6 +33,9 @@ def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_
         recipes = [cfg.default_recipe(), {"rate": 0.5}]
         runs = [(index, seed) for index in range(2) for seed in (7, 8)]
         workers.run(Panel("confirm", recipes, runs), "s1", lines.append)
+        for spread in (False, True):  # an idle worker, the seeds done already: nothing to do
+            workers.prefetch([7, 8], "confirm", spread=spread)
+        workers.run(Panel("confirm", recipes, []), "s1", lines.append)  # returns: nothing in flight
     finally:
         workers.close()
     assert lines == []

@@ -149,7 +149,7 @@ class PanelWorkers:
         """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle;
         with `spread`, split over every idle worker."""
         seeds = [seed for seed in seeds if seed not in self._prefetched]
-        idle = self._idle()[:len(seeds) if spread else 1]
+        idle = self._idle()[:len(seeds) if spread else 1] if seeds else []
         for number, actor in enumerate(idle):
             chunk = seeds[number::len(idle)]
             self._prefetched.update(chunk)
