@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections import Counter
 
 import ray
 from conftest import wait_for
@@ -173,3 +174,27 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
     records = _records(cfg, "s6")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
     assert all(r.dense.reused for r in records.values())  # every pack found them stored
+
+
+def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_much_ahead(
+        ray_local, data_root, tmp_path):
+    """Three of four runs went ahead on one of two workers (its even share is two). When the panel
+    starts before they did a run's worth of rounds, they are stopped and the panel dealt evenly,
+    two runs a worker; when a run's length is unknown (lineage_rounds 0), they are waited for."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
+    recipes = [cfg.default_recipe(), {"rate": 0.5}]
+    runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
+    for search_id, rounds, split in [("s7", 100.0, [2, 2]), ("s8", 0.0, [1, 3])]:
+        workers = PanelWorkers(cfg)
+        lines: list[str] = []
+        try:
+            workers.warm()
+            wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+            workers.start_ahead(Panel("confirm", recipes, runs[:3]), search_id)
+            workers.run(Panel("confirm", recipes, runs, lineage_rounds=rounds), search_id, lines.append)
+        finally:
+            workers.close()
+        records = _records(cfg, search_id)
+        assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
+        pids = Counter(r.attempts[-1].pid for r in records.values())
+        assert sorted(pids.values()) == split, (search_id, pids)

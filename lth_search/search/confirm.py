@@ -11,6 +11,7 @@ reruns it on resume, and every stored stage is reused.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
@@ -46,24 +47,28 @@ def run_confirmation(
     progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh selection seeds {seeds}:")
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
-    confirmation = confirmation_of(cfg, recipes, _run_panel(cfg, search_id, workers, recipes, seeds, CONFIRM,
-                                                          progress, report_seeds(cfg)))
+    rounds = statistics.median([len(r.rounds) for r in records if r.rounds] or [0])
+    selection = _panel(CONFIRM, recipes, seeds, rounds)
+    confirmation = confirmation_of(cfg, recipes, _run_panel(cfg, search_id, workers, selection, progress,
+                                                          report_seeds(cfg)))
     chosen = confirmation.chosen
     if chosen.is_default or not confirmation.report_seeds:
         return confirmation
     pair = [confirmation.default.recipe, chosen.recipe]
     progress(f"measuring the chosen recipe against the default on {len(confirmation.report_seeds)} reporting seeds "
              f"{confirmation.report_seeds} (they take part in no choice)")
-    add_report(confirmation, _run_panel(cfg, search_id, workers, pair, confirmation.report_seeds, REPORT, progress))
+    report = _panel(REPORT, pair, confirmation.report_seeds)
+    add_report(confirmation, _run_panel(cfg, search_id, workers, report, progress))
     return confirmation
 
 
-def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, recipes: list[dict[str, Any]],
-               seeds: list[int], phase: str, progress: Callable[[str], None],
-               next_seeds: list[int] | None = None) -> list[tuple[int, int, TrialRecord]]:
+def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, panel: Panel,
+               progress: Callable[[str], None], next_seeds: list[int] | None = None,
+               ) -> list[tuple[int, int, TrialRecord]]:
     """Every recipe on every seed, in packs on the warm workers; (recipe index, seed, final record)
     per run. A worker left idle trains ahead the dense stages of `next_seeds` (the next panel's)."""
-    workers.run(_panel(phase, recipes, seeds), search_id, progress, next_seeds)
+    workers.run(panel, search_id, progress, next_seeds)
+    recipes, seeds = panel.recipes, {seed for _, seed in panel.runs}
     store = StageStore.from_config(cfg)
     done = []
     for record in TrialRecord.load_all(store, cfg.name, search_id, role=ROLE):
@@ -74,8 +79,8 @@ def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, rec
     return done
 
 
-def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int]) -> Panel:
-    return Panel(phase, recipes, [(index, seed) for index in range(len(recipes)) for seed in seeds])
+def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int], lineage_rounds: float = 0.0) -> Panel:
+    return Panel(phase, recipes, [(index, seed) for index in range(len(recipes)) for seed in seeds], lineage_rounds)
 
 
 class SelectionAhead:
