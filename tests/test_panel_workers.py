@@ -179,12 +179,15 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
 def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_much_ahead(
         ray_local, data_root, tmp_path):
     """Three of four runs went ahead on one of two workers (its even share is two). When the panel
-    starts before they did a run's worth of rounds, they are stopped and the panel dealt evenly,
-    two runs a worker; when a run's length is unknown (lineage_rounds 0), they are waited for."""
+    starts before they did a run's worth of stages, they are stopped and the panel dealt evenly
+    again; when a run's length is unknown (lineage_rounds 0), they are waited for."""
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
-    for search_id, rounds, split in [("s7", 100.0, [2, 2]), ("s8", 0.0, [1, 3])]:
+    # by the pid of each run's last attempt: waited for, the three ahead end on one worker and the
+    # fourth on the other; dealt again, two packs of two (or both on one worker, if the worker that
+    # replaced the stopped one started late): never that split
+    for search_id, rounds, splits in [("s7", 100.0, ([2, 2], [4])), ("s8", 0.0, ([1, 3],))]:
         workers = PanelWorkers(cfg)
         lines: list[str] = []
         try:
@@ -197,4 +200,4 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
         records = _records(cfg, search_id)
         assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
         pids = Counter(r.attempts[-1].pid for r in records.values())
-        assert sorted(pids.values()) == split, (search_id, pids)
+        assert sorted(pids.values()) in splits, (search_id, pids)
