@@ -88,21 +88,25 @@ class SelectionAhead:
     starts them in the search's tail): the default's and those of the recipes that stay among
     the candidates whatever the running lineages do.
 
-    The ended trials' records are read once each (from the tail on, not per trial of the search)."""
+    The ended trials' records are read once each (from the tail on, not per trial of the search),
+    through one store opened at the first call (opening a store makes its folders and sweeps its
+    staging area: not work for every round a running lineage reports in the tail)."""
 
     def __init__(self, cfg: ExperimentConfig, search_id: str) -> None:
         self.cfg = cfg
         self.search_id = search_id
         self._ended: dict[str, TrialRecord | None] = {}
+        self._store: StageStore | None = None
 
     def __call__(self, ended: list[str], running: int) -> Panel | None:
         seeds = confirm_seeds(self.cfg)
         if not seeds:
             return None
-        store = StageStore.from_config(self.cfg)
+        if self._store is None:
+            self._store = StageStore.from_config(self.cfg)
         for trial_id in ended:
             if trial_id not in self._ended:
-                self._ended[trial_id] = TrialRecord.load(store, self.cfg.name, trial_id)
+                self._ended[trial_id] = TrialRecord.load(self._store, self.cfg.name, trial_id)
         records = [r for r in self._ended.values() if r is not None and r.search_id == self.search_id]
         recipes = certain_candidates(records, running, self.cfg.default_recipe(), self.cfg.search.confirm_top_k)
         return _panel(CONFIRM, recipes, seeds)

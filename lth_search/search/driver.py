@@ -105,8 +105,8 @@ def _callbacks(cfg: ExperimentConfig, progress: Progress, workers: PanelWorkers,
     in the search's tail with the selection runs already certain (search/panel_workers.py), and
     what an ended trial no longer needs dropped (search/ended_trials.py)."""
     console = SearchConsole(trial_budget(cfg), progress, search_name=cfg.name)
-    ahead = SelectionAhead(cfg, search_id)
-    warm = [WarmPanels(workers, trial_budget(cfg), search_id, ahead)] if confirm_seeds(cfg) else []
+    warm = ([WarmPanels(workers, trial_budget(cfg), search_id, SelectionAhead(cfg, search_id))]
+            if confirm_seeds(cfg) else [])
     # ForgetEnded last: the others read an ended trial first (search/ended_trials.py)
     return [TrialEvents(cfg, console), console, SearchFailure(), *result_files(), *warm, ForgetEnded()]
 

@@ -174,7 +174,7 @@ class PanelWorkers:
             owners.add(work.owner)
         self._release(owners)
 
-    def _ahead_pays(self, panel: Panel, search_id: str, refs: set[Any]) -> bool:
+    def _ahead_pays(self, panel: Panel, keys: dict[RunKey, Run], search_id: str, refs: set[Any]) -> bool:
         """Whether the runs started ahead (`refs`, in flight) are worth waiting for rather than
         dealing the whole panel evenly again: yes when their packs hold no more than a worker's
         even share, or when they have done, ahead, at least the stages of the runs they hold
@@ -186,7 +186,6 @@ class PanelWorkers:
         surplus = sum(len(self._work[ref].runs) - share for ref in refs)
         if surplus <= 0 or not panel.lineage_rounds:  # no more than a share, or nothing to judge by
             return True
-        keys = panel.keys()
         store = StageStore.from_config(self.cfg)
         replicates = self.cfg.prune.dense_replicates  # a run's dense stage: that many trainings of its steps
         done = 0
@@ -260,7 +259,7 @@ class PanelWorkers:
         for ref in ended:  # work that ended before this panel (a prefetch, a pack ahead) frees its worker first
             self._settle(ref, on_failure)
             mine.discard(ref)
-        if mine and not self._ahead_pays(panel, search_id, mine):
+        if mine and not self._ahead_pays(panel, keys, search_id, mine):
             covered -= set().union(*(self._work[ref].runs for ref in mine))
             self._stop(mine)
             mine = set()
