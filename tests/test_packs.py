@@ -118,6 +118,30 @@ def test_pack_stages_go_through_the_store_and_stored_members_are_skipped(data_ro
     assert again.steps_executed == 0 and [r.val_accuracy for r in again.rounds] == [r.val_accuracy for r in results[1].rounds]
 
 
+def test_a_lineage_handed_over_between_rounds_walks_on_elsewhere_to_the_same_stages(
+        data_root: Path, tmp_path: Path) -> None:
+    """`walk(handover=...)` leaves a lineage between two rounds (a confirmation pack giving runs to
+    an idle worker): it stops there with no stop reason, and a walk elsewhere on the same store
+    fetches its stages so far and trains only the rest, to the very bytes of a walk never split."""
+    cfgs = [tiny_config(data_root, tmp_path, train__device="cpu", seed=seed) for seed in (0, 1)]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    walk(lineages_for(cfgs, StageStore(str(whole))))
+    asked: list[list[int]] = []
+
+    def hand_second_at_round_2(walking: list[int]) -> list[int]:
+        asked.append(walking)
+        return [1] if len(asked) == 2 else []
+
+    store = StageStore(str(split))
+    results = walk(lineages_for(cfgs, store), handover=hand_second_at_round_2)
+    assert asked == [[0, 1], [0, 1], [0]]  # before rounds 1, 2 and 3
+    assert len(results[1].rounds) == 1 and results[1].stop_reason == ""
+    assert results[0].stop_reason == "cap" and len(results[0].rounds) == 3
+    walked_on = walk(lineages_for(cfgs[1:], store))[0]
+    assert walked_on.dense.reused and [r.reused for r in walked_on.rounds] == [1, 0, 0]
+    assert _stage_files(whole) == _stage_files(split)
+
+
 @pytest.mark.parametrize("mode, optimizer", [("bmm", "sgd"), ("bmm", "adam"), ("bmm", "adamw"), ("vmap", "adam")])
 def test_train_pack_equals_train_per_member(data_root: Path, tmp_path: Path, mode: str, optimizer: str) -> None:
     """Different seeds, data splits, start steps (so lr schedule positions) and masks; float64."""

@@ -152,7 +152,9 @@ def test_runs_started_ahead_are_not_run_again_and_the_rest_fill_the_free_worker(
     assert lines == []
     records = _records(cfg, "s5")
     assert sorted(records) == sorted(run_id("s5", recipe, seed) for recipe in (default, tried) for seed in (7, 8))
-    assert all(r.status.final and len(r.attempts) == 1 for r in records.values())
+    assert all(r.status.final for r in records.values())
+    executed = [key for r in records.values() for a in r.attempts for key in a.executed_keys]
+    assert len(executed) == len(set(executed))  # no stage trained twice (a run handed on is walked on)
     ahead = records[run_id("s5", tried, 7)]
     assert ahead.choices == tried and ahead.config["seed"] == 7
 
@@ -184,8 +186,9 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
-    # by the pid of each run's last attempt: waited for, the three ahead end on one worker and the
-    # fourth on the other; dealt again, two packs of two (or both on one worker, if the worker that
+    # by the pid of each run's first attempt (a worker left idle may take runs on later): waited
+    # for, the three ahead begin on one worker and the fourth on the other; dealt again (stopped
+    # before they stored a record), two packs of two (or both on one worker, if the worker that
     # replaced the stopped one started late): never that split
     for search_id, rounds, splits in [("s7", 100.0, ([2, 2], [4])), ("s8", 0.0, ([1, 3],))]:
         workers = PanelWorkers(cfg)
@@ -199,5 +202,37 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
             workers.close()
         records = _records(cfg, search_id)
         assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
-        pids = Counter(r.attempts[-1].pid for r in records.values())
+        pids = Counter(r.attempts[0].pid for r in records.values())
         assert sorted(pids.values()) in splits, (search_id, pids)
+
+
+def test_a_worker_left_idle_takes_runs_from_a_busy_pack_between_its_rounds(ray_local, data_root, tmp_path):
+    """Four runs walk as one pack on one of two workers (started ahead); the other, with nothing
+    to do, asks for some: the pack gives up the second half of its runs between two rounds and
+    the idle worker walks them on from the store (and so on, while a pack walks two or more).
+    No stage is trained twice, and no run is walked again from its start."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "prune.rounds": 8})
+    recipes = [cfg.default_recipe(), {"rate": 0.5}]
+    runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    try:
+        workers.warm()
+        wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+        workers.start_ahead(Panel("confirm", recipes, runs), "s9")
+        workers.run(Panel("confirm", recipes, runs), "s9", lines.append)  # lineage_rounds 0: waited for
+    finally:
+        workers.close()
+    records = _records(cfg, "s9")
+    assert lines == [] and len(records) == 4
+    assert all(r.status.final and len(r.rounds) == cfg.prune.rounds for r in records.values())
+    assert len({r.attempts[0].pid for r in records.values()}) == 1  # all began in the pack ahead
+    handed = [r for r in records.values() if len(r.attempts) > 1]
+    assert handed, [[a.pid for a in r.attempts] for r in records.values()]
+    for record in handed:
+        pids = [a.pid for a in record.attempts]
+        assert all(a != b for a, b in zip(pids, pids[1:])), pids  # each time to the other worker
+        whole = (cfg.prune.rounds + cfg.prune.dense_replicates) * cfg.train.steps  # the lineage from its start
+        assert all(a.steps_executed < whole for a in record.attempts[1:])  # walked on, not again
+    executed = [key for r in records.values() for a in r.attempts for key in a.executed_keys]
+    assert len(executed) == len(set(executed))  # every stage trained once

@@ -25,7 +25,7 @@ from lth_search.engine.lineage.probes import attach_probes
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.engine.lineage.stages import StageSource
-from lth_search.engine.lineage.walk import Lineage, lineages_for, walk
+from lth_search.engine.lineage.walk import Handover, Lineage, lineages_for, walk
 from lth_search.runs.observers import TrialObserver
 from lth_search.runs.record import TrialRecord, TrialStatus
 
@@ -166,6 +166,7 @@ def run_trials(
     node_id: str | None = None,
     dataset: Dataset | None = None,
     on_dense: Callable[[LineageResult], None] | None = None,
+    handover: Handover | None = None,
 ) -> list[LineageResult]:
     """Walk the trials' lineages together (engine/lineage/walk.py: packs where they share an
     architecture): record, log and report after every stage; finish each record.
@@ -174,7 +175,8 @@ def run_trials(
     `lth-search lineage`), `observers` (tracking, or None), `done` the last round each trial
     reported before a restart (-1: none). A trial a scheduler stops ends inside its
     `report` (Ray raises there), after its record was written; the driver sets the
-    record's final status then.
+    record's final status then. `handover` (walk.py) may leave trials to another worker
+    between rounds: their records stay running, for that worker to finish.
     """
     count = len(cfgs)
     records = records or [None] * count
@@ -190,10 +192,19 @@ def run_trials(
     extra = {"node_id": node_id} if node_id is not None else {}
     runs = [TrialRun(cfg, lineage, store, record, observer, report, restored, extra, on_dense)
             for cfg, lineage, record, observer, report, restored in zip(cfgs, lineages, records, observers, reports, done)]
+    given: set[int] = set()
+
+    def hand(active: list[int]) -> list[int]:
+        leaving = handover(active) if handover is not None else []
+        given.update(leaving)
+        return leaving
+
     results = walk(lineages, on_dense=lambda i, result: runs[i].on_dense(result),
-                   on_round=lambda i, round_result, result: runs[i].on_round(round_result, result))
-    for run, result in zip(runs, results):
-        run.finish(result)
+                   on_round=lambda i, round_result, result: runs[i].on_round(round_result, result),
+                   handover=hand if handover is not None else None)
+    for i, (run, result) in enumerate(zip(runs, results)):
+        if i not in given:
+            run.finish(result)
     return results
 
 

@@ -18,6 +18,7 @@ from lth_search.config import ExperimentConfig, validate_config
 from lth_search.engine.lineage.walk import lineages_for, walk
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import limit_resources, run_trials
+from lth_search.search.panel_board import PackHandover, given_runs
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.store.stage_store import StageStore
 
@@ -47,10 +48,15 @@ def run_id(search_id: str, recipe: dict[str, Any], seed: int) -> str:
 
 
 def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[list[int]], search_id: str,
-             owner: str) -> None:
+             owner: str, board: Any | None = None) -> None:
     """One pack of confirmation runs, [(recipe index, seed), ...], walked as lineages on a worker
-    (panel_workers.py); each run's record in the store is its result."""
-    runs = [(int(index), int(seed)) for index, seed in pack]
+    (panel_workers.py); each run's record in the store is its result. With a `board`
+    (panel_board.py), the pack hands runs to an idle worker between rounds when asked; a
+    retried pack leaves out those it gave away before."""
+    given = given_runs(board, owner)
+    runs = [run for run in ((int(index), int(seed)) for index, seed in pack) if run not in given]
+    if not runs:
+        return
     cfgs = [confirm_config(base, recipes[index], seed) for index, seed in runs]
     store = StageStore.from_config(cfgs[0], RayLeaseService(cfgs[0].name, owner=owner))
     records = [
@@ -58,7 +64,8 @@ def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[lis
                          cfg.model_dump(mode="json"), role=ROLE)
         for cfg, (index, seed) in zip(cfgs, runs)
     ]
-    run_trials(cfgs, store, [_no_report] * len(runs), records, node_id=ray.get_runtime_context().get_node_id())
+    run_trials(cfgs, store, [_no_report] * len(runs), records, node_id=ray.get_runtime_context().get_node_id(),
+               handover=PackHandover(board, owner, runs) if board is not None else None)
 
 
 def train_dense(base: dict[str, Any], seeds: list[int], owner: str) -> None:

@@ -15,7 +15,8 @@ plain actors run it:
   selection runs already certain (`start_ahead`), which no longer wait for the search's
   last lineage (quickstart seed 3: the selection ended 4 s sooner).
 - The packs go to whichever worker is free next, so a slow pack does not hold the next
-  one behind it.
+  one behind it, and a worker with no pack left takes runs from a busy one between two of
+  its rounds (panel_board.py): a pack walks until its longest lineage stops.
 - A worker whose process dies is restarted and runs its pack again, and a pack that raises
   runs again, up to `search.max_failures` times (Ray's `max_restarts`, `max_task_retries`,
   `retry_exceptions`), as Tune's FailureConfig did; every stored stage is reused. A pack
@@ -38,6 +39,7 @@ from ray import tune
 from lth_search.config import ExperimentConfig
 from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord
+from lth_search.search.panel_board import HandoverBoard
 from lth_search.search.panel_runs import ROLE, recipe_tag, run_id, run_pack, train_dense
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.store.stage_store import StageStore
@@ -58,8 +60,8 @@ class _PanelWorker:
         return True
 
     def run_pack(self, base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[Run], search_id: str,
-                 owner: str) -> None:
-        run_pack(base, recipes, pack, search_id, owner)
+                 owner: str, board: Any) -> None:
+        run_pack(base, recipes, pack, search_id, owner, board)
 
     def train_dense(self, base: dict[str, Any], seeds: list[int], owner: str) -> None:
         train_dense(base, seeds, owner)
@@ -89,6 +91,8 @@ class _Work:
     """Whom its stage leases belong to."""
     runs: frozenset[RunKey] = field(default_factory=frozenset)
     """The panel runs it walks, when started ahead of its panel (`start_ahead`)."""
+    walking: int = 0
+    """How many runs a pack of runs may still hand over (panel_board.py); 0: none, or not a pack."""
 
 
 class PanelWorkers:
@@ -117,6 +121,8 @@ class PanelWorkers:
         self._prefetched: set[int] = set()
         self._ahead: set[RunKey] = set()
         """The panel runs started ahead (`start_ahead`), not to start again."""
+        self._board: Any = None
+        """The packs' `HandoverBoard` (panel_board.py), started with the workers."""
 
     def warm(self) -> None:
         """Start the workers now (no-op when they run): their imports overlap whatever comes next."""
@@ -124,6 +130,7 @@ class PanelWorkers:
             return
         self._actors = [self._new_actor() for _ in range(self.cfg.search.max_concurrent)]
         self._ready = [actor.ready.remote() for actor in self._actors]
+        self._board = HandoverBoard.remote()
 
     def _new_actor(self) -> Any:
         retries = self.cfg.search.max_failures
@@ -142,9 +149,9 @@ class PanelWorkers:
         stage leases it held go back now, not after `store.lease_timeout_s` (120 s), so a
         panel that needs those stages later trains them at once."""
         stopped = {work.owner for work in self._work.values()}
-        for actor in self._actors:
+        for actor in [*self._actors, *([self._board] if self._board is not None else [])]:
             ray.kill(actor)
-        self._actors, self._ready, self._work = [], [], {}
+        self._actors, self._ready, self._work, self._board = [], [], {}, None
         self._prefetched, self._ahead = set(), set()  # what was stopped is to do again
         self._release(stopped)
 
@@ -197,12 +204,15 @@ class PanelWorkers:
         return done >= surplus * (replicates + panel.lineage_rounds)
 
     def prefetch(self, seeds: list[int], phase: str, spread: bool = False) -> None:
-        """Train the dense stages of `seeds` on an idle worker (once per seed), if one is idle;
-        with `spread`, split over every idle worker."""
+        """Train the dense stages of `seeds` (once per seed): with `spread`, split over every idle
+        worker; else one seed on an idle worker, if one is idle. One seed at a time, so a panel
+        that starts meanwhile spreads the seeds not taken yet over its idle workers instead of
+        waiting for one worker to train them all (quickstart seed 7: the report's first pack
+        waited 5 s for the three seeds the other worker was training)."""
         seeds = [seed for seed in seeds if seed not in self._prefetched]
         idle = self._idle()[:len(seeds) if spread else 1] if seeds else []
         for number, actor in enumerate(idle):
-            chunk = seeds[number::len(idle)]
+            chunk = seeds[number::len(idle)] if spread else seeds[:1]
             self._prefetched.update(chunk)
             call = actor.train_dense.options(max_task_retries=0, retry_exceptions=False)
             owner = f"{phase}:dense:{chunk[0]}"
@@ -237,8 +247,9 @@ class PanelWorkers:
         self._ahead |= started
         number = sum(1 for work in self._work.values() if work.runs) + 1
         owner = f"{panel.phase}:{search_id}:ahead{number}"
-        ref = self._pack_call(idle[0]).remote(self.base, panel.recipes, [list(run) for run in todo], search_id, owner)
-        self._work[ref] = _Work(idle[0], f"{panel.phase} pack ahead {number}", owner, started)
+        ref = self._pack_call(idle[0]).remote(self.base, panel.recipes, [list(run) for run in todo], search_id, owner,
+                                              self._board)
+        self._work[ref] = _Work(idle[0], f"{panel.phase} pack ahead {number}", owner, started, len(todo))
 
     def _pack_call(self, actor: Any) -> Any:
         retries = self.cfg.search.max_failures
@@ -265,28 +276,53 @@ class PanelWorkers:
             mine = set()
         busy = {id(self._work[ref].actor) for ref in mine}
         remaining = [run for key, run in keys.items() if key not in covered]
-        if not mine and len(self._idle()) > 1:  # packs started together would all begin with the
-            # same dense stages, one worker training them and the others waiting for it (4 s of
-            # one core at the quickstart's seed 5): the idle workers train a share each first
+        if not mine and self._idle() and len(self._actors) > 1:  # packs started together would all
+            # begin with the same dense stages, one worker training them and the others waiting
+            # for it (4 s of one core at the quickstart's seed 5): the idle workers train a share
+            # each first (a worker still training the previous panel's prefetch does its seed)
             self.prefetch(list(dict.fromkeys(seed for _, seed in remaining)), panel.phase, spread=True)
         packs = pack_runs(remaining, max(self.cfg.search.max_concurrent - len(busy), 1), self.cfg.resources.pack)
         queue = list(range(len(packs)))
-        while queue or mine:
+        asks: dict[Any, Any] = {}  # an idle worker's ask for runs (panel_board.py) -> the pack asked
+        while queue or mine or asks:
             for actor in self._idle():
                 if queue:
                     index = queue.pop(0)
                     # the owner names the pack, so a retried pack continues its own stage leases
                     owner = f"{panel.phase}:{search_id}:pack{index}"
                     ref = self._pack_call(actor).remote(self.base, panel.recipes, [list(run) for run in packs[index]],
-                                                        search_id, owner)
-                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner)
+                                                        search_id, owner, self._board)
+                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner, walking=len(packs[index]))
                     mine.add(ref)
+            for _ in range(len(self._idle()) - len(asks)):  # nothing queued: take runs from a busy pack
+                victim = max((ref for ref in mine if self._work[ref].walking > 1 and ref not in asks.values()),
+                             key=lambda ref: self._work[ref].walking, default=None)
+                if victim is not None:
+                    asks[self._board.ask.remote(self._work[victim].owner)] = victim
                 elif then_prefetch:
                     self.prefetch(then_prefetch, panel.phase)
-            if self._work and (queue or mine):  # the next end of anything frees a worker
-                [ref], _ = ray.wait(list(self._work), num_returns=1)
+                    break
+            if self._work or asks:  # the next end of anything, or a pack's answer, frees or feeds a worker
+                [ref], _ = ray.wait([*self._work, *asks], num_returns=1)
+                if ref in asks:
+                    self._handed(ref, asks.pop(ref), packs, queue)
+                    continue
+                owner = self._work[ref].owner
                 self._settle(ref, on_failure)
                 mine.discard(ref)
+                if ref in asks.values():  # it ended before its next round: the ask gets nothing
+                    self._board.cancel.remote(owner)
+
+    def _handed(self, ask: Any, victim: Any, packs: list[list[Run]], queue: list[int]) -> None:
+        """A pack's answer to an ask: the runs it gave up become a pack of their own, queued;
+        a pack down to one run (or ended) is not asked again."""
+        runs = [(int(index), int(seed)) for index, seed in ray.get(ask)]
+        work = self._work.get(victim)
+        if work is not None:
+            work.walking = work.walking - len(runs) if runs else 0
+        if runs:
+            packs.append(runs)
+            queue.append(len(packs) - 1)
 
     def _settle(self, ref: Any, on_failure: Callable[[str], None]) -> None:
         """Forget ended work, its worker free again; a failure is one line to `on_failure`."""

@@ -56,6 +56,8 @@ DenseCallback = Callable[[int, LineageResult], None]
 """(lineage index, its result holding the dense baseline and no round yet)."""
 RoundCallback = Callable[[int, RoundResult, LineageResult], None]
 """(lineage index, the round just finished, that lineage's result so far)."""
+Handover = Callable[[list[int]], list[int]]
+"""(indices of the lineages still walking) -> those to leave to another walk (`walk`)."""
 
 
 class Lineage(Stages):
@@ -203,18 +205,28 @@ class Lineage(Stages):
 
 
 def walk(lineages: list[Lineage], on_dense: DenseCallback | None = None,
-         on_round: RoundCallback | None = None) -> list[LineageResult]:
-    """Walk every lineage to its stop, stage by stage as packs; results in the order given."""
+         on_round: RoundCallback | None = None, handover: Handover | None = None) -> list[LineageResult]:
+    """Walk every lineage to its stop, stage by stage as packs; results in the order given.
+
+    `handover`, asked before every round with the lineages still walking, names those this
+    walk leaves to another (a worker with nothing left to do): they stop here with their
+    rounds so far stored and recorded, no stop reason, to be walked on elsewhere, where every
+    stored stage is fetched again, not trained."""
     dense_jobs = [(i, lineage.dense_job(seed)) for i, lineage in enumerate(lineages)
                   for seed in lineage.replicate_seeds()]
     dense = _step(lineages, dense_jobs)
-    results = []
+    results: list[LineageResult] = []
+    left: set[int] = set()
     for i, lineage in enumerate(lineages):
         results.append(lineage.begin([stage for (j, _), stage in zip(dense_jobs, dense) if j == i]))
         if on_dense is not None:
             on_dense(i, results[i])
     for r in range(1, max((lineage.rounds for lineage in lineages), default=0) + 1):
-        active = [i for i, lineage in enumerate(lineages) if r <= lineage.rounds and not results[i].stop_reason]
+        active = [i for i, lineage in enumerate(lineages)
+                  if r <= lineage.rounds and not results[i].stop_reason and i not in left]
+        if handover is not None and active:
+            left.update(handover(active))
+            active = [i for i in active if i not in left]
         if not active:
             break
         # the IMP rounds that kinds at IMP's sparsities need, beside the iterative kinds' own rounds
@@ -232,8 +244,9 @@ def walk(lineages: list[Lineage], on_dense: DenseCallback | None = None,
             round_result = lineages[i].add_round(results[i], entry, reused, r)
             if on_round is not None:
                 on_round(i, round_result, results[i])
-    for result in results:
-        result.stop_reason = result.stop_reason or "cap"
+    for i, result in enumerate(results):
+        if i not in left:
+            result.stop_reason = result.stop_reason or "cap"
     return results
 
 
