@@ -192,18 +192,11 @@ def run_trials(
     extra = {"node_id": node_id} if node_id is not None else {}
     runs = [TrialRun(cfg, lineage, store, record, observer, report, restored, extra, on_dense)
             for cfg, lineage, record, observer, report, restored in zip(cfgs, lineages, records, observers, reports, done)]
-    given: set[int] = set()
-
-    def hand(active: list[int]) -> list[int]:
-        leaving = handover(active) if handover is not None else []
-        given.update(leaving)
-        return leaving
-
     results = walk(lineages, on_dense=lambda i, result: runs[i].on_dense(result),
                    on_round=lambda i, round_result, result: runs[i].on_round(round_result, result),
-                   handover=hand if handover is not None else None)
-    for i, (run, result) in enumerate(zip(runs, results)):
-        if i not in given:
+                   handover=handover)
+    for run, result in zip(runs, results):
+        if result.stop_reason:  # none: handed over (walk.py), its record for the next worker to finish
             run.finish(result)
     return results
 

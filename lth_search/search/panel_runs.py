@@ -8,8 +8,6 @@ result: the driver reads the records when the panel has ended (confirm.py).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import ray
@@ -20,6 +18,7 @@ from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import limit_resources, run_trials
 from lth_search.search.panel_board import PackHandover, given_runs
 from lth_search.search.ray_leases import RayLeaseService
+from lth_search.store.content_keys import content_key
 from lth_search.store.stage_store import StageStore
 
 ROLE = "confirm"
@@ -39,7 +38,7 @@ def recipe_tag(recipe: dict[str, Any]) -> str:
     runs started in the search's tail (panel_workers.py) and the panel name the same run alike."""
     canonical = {key: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
                  for key, value in recipe.items()}  # 100 and 100.0 are one recipe (confirmation.py `_same`)
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:10]
+    return content_key(canonical)[:10]
 
 
 def run_id(search_id: str, recipe: dict[str, Any], seed: int) -> str:
