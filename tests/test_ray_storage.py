@@ -158,3 +158,17 @@ def test_a_large_file_is_streamed_to_its_partial_file_and_replaces_the_old_one_w
     with fs.open_output_stream(f"{path}/experiment_state-x.json") as stream:
         stream.write(b"small")
     assert target.read_bytes() == b"changed behind its back"
+
+
+def test_a_restarted_trials_rows_stop_at_its_checkpoints_round(tmp_path: Path) -> None:
+    """Rows after the checkpoint's round are reported again by the restarted trial
+    (search/result_file.py), and a row a killed driver cut short is unreadable: both go."""
+    from lth_search.search.result_file import keep_rows_up_to
+
+    rows = tmp_path / "result.json"
+    rows.write_text('{"round": 1, "attempt": 1}\n{"round": 2, "attempt": 1}\n{"done": true}\n{"round": 3, "att')
+    keep_rows_up_to(rows, 1)
+    assert rows.read_text() == '{"round": 1, "attempt": 1}\n{"done": true}\n'
+    before = rows.stat().st_mtime_ns
+    keep_rows_up_to(rows, 1)  # nothing to drop: the file is not rewritten
+    assert rows.stat().st_mtime_ns == before and not list(tmp_path.glob("*.lth-partial"))

@@ -142,6 +142,13 @@ def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_roo
             return record if set(leases.held()) - {record["dense_key"], *record["round_keys"]} else None
 
         record = wait_for(round_two_training, 300, "round 2 to train")
+        # Storage's copy of result.json lags the driver's by Ray's sync clock; make it lag for
+        # certain by emptying it. The restarted trial must keep the driver's copy
+        # (search/result_file.py), where Ray's own writer copied this one back.
+        state = json.loads((tmp_path / "searches" / cfg.name / "search.json").read_text())
+        (trial_folder,) = wait_for(lambda: [p for p in (tmp_path / state["results_path"]).glob("*") if p.is_dir()], 60,
+                                   "the trial's folder in storage")
+        (trial_folder / "result.json").write_text("")
         killed["pid"] = record["attempts"][-1]["pid"]
         killed["stored"] = len(manifests(store))
         os.kill(killed["pid"], signal.SIGKILL)

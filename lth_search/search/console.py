@@ -48,7 +48,7 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
     """Set up the driver's console for `verbosity`; returns the function that prints a human line.
 
     Quietens library loggers and Tune's automatic loggers (their TensorBoard hint and CSV
-    files nobody reads; `result_files` keeps result.json), here and in
+    files nobody reads; search/result_file.py keeps result.json), here and in
     the local Ray's workers, which inherit this process's environment.
     """
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -75,14 +75,6 @@ def use_console(verbosity: int, line: Callable[[str], None] | None = None) -> Ca
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbosity > 0 else optuna.logging.WARNING)
     return (line or _stderr) if verbosity >= 0 else _silent
-
-
-def result_files() -> list[tune.Callback]:
-    """Tune's result.json writer, for every Tuner of a search: the automatic loggers are off
-    (their TensorBoard hint and CSV files), but results stay readable per trial."""
-    from ray.tune.logger import JsonLoggerCallback
-
-    return [JsonLoggerCallback()]
 
 
 def _stderr(text: str) -> None:

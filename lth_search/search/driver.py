@@ -40,7 +40,7 @@ from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
 from lth_search.search.confirm import SelectionAhead, run_confirmation
-from lth_search.search.console import SearchConsole, ray_verbose, result_files, use_console
+from lth_search.search.console import SearchConsole, ray_verbose, use_console
 from lth_search.search.driver_heap import cap_malloc_arenas
 from lth_search.search.durable import check_durable, result_places
 from lth_search.search.ended_trials import ForgetEnded, release_results
@@ -60,6 +60,7 @@ from lth_search.search.space import (
     trial_budget,
 )
 from lth_search.search.ray_session import check_reachable, check_resources, cluster_address, ray_session
+from lth_search.search.result_file import result_files
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_failure import SearchFailure
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle

@@ -13,12 +13,12 @@ from typing import Any
 import ray
 
 from lth_search.config import ExperimentConfig, validate_config
+from lth_search.engine.lineage.keys import recipe_identity
 from lth_search.engine.lineage.walk import lineages_for, walk
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import limit_resources, run_trials
 from lth_search.search.panel_board import PackHandover, given_runs
 from lth_search.search.ray_leases import RayLeaseService
-from lth_search.store.content_keys import content_key
 from lth_search.store.stage_store import StageStore
 
 ROLE = "confirm"
@@ -36,9 +36,7 @@ def confirm_config(base: dict[str, Any], recipe: dict[str, Any], seed: int) -> E
 def recipe_tag(recipe: dict[str, Any]) -> str:
     """A short name of a recipe that does not depend on its place among the candidates: the
     runs started in the search's tail (panel_workers.py) and the panel name the same run alike."""
-    canonical = {key: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-                 for key, value in recipe.items()}  # 100 and 100.0 are one recipe (confirmation.py `_same`)
-    return content_key(canonical)[:10]
+    return recipe_identity(recipe)[:10]
 
 
 def run_id(search_id: str, recipe: dict[str, Any], seed: int) -> str:

@@ -114,6 +114,14 @@ def lineage_identity(data: dict, model: dict, recipe: dict, prune: dict, seed: i
     return content_key({"data": data, "model": model, "train": recipe, "prune": prune, "seed": seed})
 
 
+def recipe_identity(recipe: dict) -> str:
+    """One hash of a searched recipe, whatever its place among the candidates and whether a
+    number came as 100 or 100.0 (one recipe, as confirmation.py `_same` judges): names the
+    confirmation's runs alike wherever they start (search/panel_runs.py)."""
+    return content_key({key: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+                        for key, value in recipe.items()})
+
+
 def provenance(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """What the manifest records of how a stage was computed: the same key stores the same
     bytes for one (device type, dtype); torch's version says which kernels rounded them."""

@@ -1,0 +1,70 @@
+"""Tune's result.json per trial: one row per reported round, whatever restarted the trial.
+
+The automatic loggers are off (console.py `use_console`: their TensorBoard hint and CSV
+files), but results stay readable per trial through Ray's own JSON writer, with one change
+to what it does when a trial restarts from a checkpoint. Ray then copies result.json back
+from storage over the driver's copy. Storage gets the driver's copy only when Ray syncs
+(ray_storage.py), so two things went wrong, each seen in CI:
+
+- a worker killed just after its round-1 report: storage had not yet been sent row 1, the
+  copy back dropped it, and the trial's rows read [2, 3];
+- a driver killed between writing round c+1's row and registering its checkpoint: storage
+  had the row, the resumed trial reported round c+1 again, and the rows read [.., c+1, c+1].
+
+So a restarted trial keeps the driver's copy when the driver has one (it holds every row the
+driver saw; a resumed driver has none and takes storage's, as Ray does), and the rows after
+the round of the checkpoint it restarts from are dropped, because the trial reports those
+rounds again (search/trainable.py). Every row carries its `attempt`, so which attempt reported
+a round stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+
+
+def result_files() -> list[tune.Callback]:
+    """The result.json writer for every Tuner of a search."""
+    return [RoundRows()]
+
+
+class RoundRows(JsonLoggerCallback):
+    """Ray's JSON writer, with the restart rule of the module docstring (Ray's hook for the copy
+    back is private, `_restore_from_remote`; tests/test_search_distributed.py holds it to it)."""
+
+    def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+        local = Path(trial.local_path, file_name)
+        if not local.exists():
+            super()._restore_from_remote(file_name, trial)
+        checkpoint = trial.latest_checkpoint_result
+        last = (checkpoint.metrics or {}).get("round") if checkpoint is not None else None
+        if isinstance(last, int) and local.exists():
+            keep_rows_up_to(local, last)
+
+
+def keep_rows_up_to(path: Path, last_round: int) -> None:
+    """Rewrite a result.json without the rows of rounds after `last_round` (and without a row
+    cut short by a killed driver); untouched when nothing goes. Replaced whole, never half."""
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _round_of(line, last_round) <= last_round]
+    if len(kept) == len(lines):
+        return
+    partial = path.with_name(path.name + ".lth-partial")
+    partial.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(partial, path)
+
+
+def _round_of(line: str, last_round: int) -> float:
+    """The round a row reports: a row without one stays (`last_round`), an unreadable row goes."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return float("inf")
+    value = row.get("round", last_round) if isinstance(row, dict) else None
+    return value if isinstance(value, (int, float)) else float("inf")
