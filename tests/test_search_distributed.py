@@ -117,6 +117,15 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
     assert all(sorted(r["round"] for r in rows) == [1, 2, 3] for rows in histories.values())
 
 
+def _trial_folders(output_dir: Path, name: str) -> list[Path]:
+    """The trials' folders in Ray's results of search `name`: one appears as its trial starts."""
+    saved = output_dir / "searches" / name / "search.json"
+    if not saved.exists():
+        return []
+    results = output_dir / json.loads(saved.read_text())["results_path"]
+    return [path for path in results.glob("*") if path.is_dir()]
+
+
 def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_root, tmp_path):
     steps = 1500
     cfg = search_config(data_root, tmp_path, {
@@ -145,9 +154,7 @@ def test_killed_worker_is_retried_and_resumes_from_the_store(ray_local, data_roo
         # Storage's copy of result.json lags the driver's by Ray's sync clock; make it lag for
         # certain by emptying it. The restarted trial must keep the driver's copy
         # (search/result_file.py), where Ray's own writer copied this one back.
-        state = json.loads((tmp_path / "searches" / cfg.name / "search.json").read_text())
-        (trial_folder,) = wait_for(lambda: [p for p in (tmp_path / state["results_path"]).glob("*") if p.is_dir()], 60,
-                                   "the trial's folder in storage")
+        (trial_folder,) = wait_for(lambda: _trial_folders(tmp_path, cfg.name), 60, "the trial's folder in storage")
         (trial_folder / "result.json").write_text("")
         killed["pid"] = record["attempts"][-1]["pid"]
         killed["stored"] = len(manifests(store))
@@ -187,7 +194,7 @@ def test_one_driver_per_search_and_sigterm_stops_it_resumably(data_root, tmp_pat
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                               env=_env(), start_new_session=True)
     try:
-        wait_for(lambda: driver.poll() is not None or (store / "records").exists() and trial_records(store, "busy"),
+        wait_for(lambda: driver.poll() is not None or _trial_folders(tmp_path, "busy"),
                  300, "a trial to start (its dense stage then trains for many seconds)")
         assert driver.poll() is None, "the search ended before a second driver could try"
         others = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
