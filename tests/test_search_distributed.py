@@ -190,7 +190,6 @@ def test_one_driver_per_search_and_sigterm_stops_it_resumably(data_root, tmp_pat
     command = [LTH_SEARCH, "run", str(tmp_path / "busy.yaml")]
     for item in search_overrides(data_root, tmp_path, settings):
         command += ["--set", item]
-    store = tmp_path / "store"
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                               env=_env(), start_new_session=True)
     try:

@@ -4,12 +4,15 @@ The automatic loggers are off (console.py `use_console`: their TensorBoard hint 
 files), but results stay readable per trial through Ray's own JSON writer, with one change
 to what it does when a trial restarts from a checkpoint. Ray then copies result.json back
 from storage over the driver's copy. Storage gets the driver's copy only when Ray syncs
-(ray_storage.py), so two things went wrong, each seen in CI:
+(ray_storage.py), so two things went wrong:
 
 - a worker killed just after its round-1 report: storage had not yet been sent row 1, the
-  copy back dropped it, and the trial's rows read [2, 3];
-- a driver killed between writing round c+1's row and registering its checkpoint: storage
-  had the row, the resumed trial reported round c+1 again, and the rows read [.., c+1, c+1].
+  copy back dropped it, and the trial's rows read [2, 3] (CI; the killed-worker test now
+  empties storage's copy to make the case certain, and Ray's writer fails it);
+- a round's row twice after a killed driver resumed (once in ~8 local runs of the
+  killed-driver test, not made certain): a driver killed after writing round c+1's row but
+  before registering its checkpoint leaves storage with the row, and the resumed trial
+  reports round c+1 again.
 
 So a restarted trial keeps the driver's copy when the driver has one (it holds every row the
 driver saw; a resumed driver has none and takes storage's, as Ray does), and the rows after
