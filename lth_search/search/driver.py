@@ -21,6 +21,7 @@ running the quickstart twice reuses every stage instead of mixing two studies.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,7 +32,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from lth_search.config import ExperimentConfig
-from lth_search.engine.data import load_dataset
+from lth_search.engine.data import load_dataset, resolve_device
 from lth_search.errors import ConfigError, RuntimeFailure
 from lth_search.runs.confirmation import confirm_seeds
 from lth_search.runs.observers import SearchObserver, SearchTracking
@@ -45,6 +46,7 @@ from lth_search.search.driver_heap import cap_malloc_arenas
 from lth_search.search.durable import check_durable, result_places
 from lth_search.search.ended_trials import ForgetEnded, release_results
 from lth_search.search.journal import journal_storage
+from lth_search.search.panel_runs import train_dense
 from lth_search.search.panel_workers import PanelWorkers, WarmPanels
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.relocation import relocated_search
@@ -177,11 +179,12 @@ def run_search(
     state = new_state(cfg)
     check_resources(cfg, address)
     check_reachable(address)
-    with SearchLease(StageStore.from_config(cfg), cfg.name, "run"), ThreadPoolExecutor(1) as pool:
+    with SearchLease(StageStore.from_config(cfg), cfg.name, "run"), ThreadPoolExecutor(2) as pool:
         # Tracking's setup (seconds for a new MLflow database) overlaps the start of a local
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not cluster_address(address) and not ray.is_initialized()
         early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
+        dense = pool.submit(_dense_ahead, cfg) if local and resolve_device(cfg.train.device).type == "cpu" else None
         if local:
             pool.submit(_preload_tune_imports)
         with ray_session(address, verbosity):
@@ -191,6 +194,8 @@ def run_search(
             leases = start_lease_actor(cfg.name)  # held here: the actor lives while the driver does
             workers = PanelWorkers(cfg)
             try:
+                if dense is not None:
+                    dense.result()  # before Tune: the trials' leases (Ray's lease actor) do not see its own
                 tuner = _tuner(cfg, state, tracking, progress, verbosity, workers)
                 return _fit(cfg, state, tuner, observer, progress, address, workers)
             finally:
@@ -255,6 +260,19 @@ def _preload_tune_imports() -> None:
     except ImportError:  # another Ray: its fit() imports what it imports
         return
     _count_callbacks(None)
+
+
+def _dense_ahead(cfg: ExperimentConfig) -> None:
+    """The default recipe's dense stages (its seed's and the replicates: the first trial's own,
+    every trial's baseline), trained in the driver while a local Ray starts and cores sit idle
+    (~4 core-s of the quickstart's start; then the first trial trained them while the second
+    waited). On the store's own leases, so it ends before Tune starts. CPU only: on a GPU the
+    driver would take memory that Ray gives the trials. A failure is the trials' to meet and
+    report, in their records and on the console."""
+    try:
+        train_dense(cfg.model_dump(mode="json"), [cfg.seed], owner=None)
+    except Exception as error:  # noqa: BLE001 - the first trial trains (and reports) the same stages
+        logging.getLogger(__name__).debug("dense stages ahead of the search: %s", error)
 
 
 def _start_tracking(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> SearchObserver | None:

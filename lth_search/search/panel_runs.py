@@ -65,13 +65,15 @@ def run_pack(base: dict[str, Any], recipes: list[dict[str, Any]], pack: list[lis
                handover=PackHandover(board, owner, runs) if board is not None else None)
 
 
-def train_dense(base: dict[str, Any], seeds: list[int], owner: str) -> None:
+def train_dense(base: dict[str, Any], seeds: list[int], owner: str | None) -> None:
     """The dense stages (each seed's own and its replicates) that every recipe's run on `seeds`
     starts from: a dense stage's key holds no recipe, so a worker with nothing else to do
-    trains them before the panel that needs them is chosen."""
+    trains them before the panel that needs them is chosen. `owner` None: no Ray yet, on the
+    store's own leases (search/driver.py, while a local Ray starts)."""
     cfgs = [confirm_config(base, {}, seed) for seed in seeds]
     cfgs = [cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"rounds": 0})}) for cfg in cfgs]
-    store = StageStore.from_config(cfgs[0], RayLeaseService(cfgs[0].name, owner=owner))
+    leases = RayLeaseService(cfgs[0].name, owner=owner) if owner is not None else None
+    store = StageStore.from_config(cfgs[0], leases)
     limit_resources(cfgs[0])
     walk(lineages_for(cfgs, store))
 
