@@ -63,6 +63,11 @@ def test_killed_driver_resumes_without_recomputing_stored_stages(data_root, tmp_
                 driver.kill()
     at_kill = trial_records(store, "killme")
     stored_at_kill = _stage_keys(store)
+    # the driver trained the search's dense stage while its Ray started (driver._dense_ahead):
+    # it is stored, and no trial trained it
+    dense_keys = {record["dense_key"] for record in at_kill.values()}
+    assert len(dense_keys) == 1 and dense_keys <= stored_at_kill
+    assert not [a for r in at_kill.values() for a in r["attempts"] if dense_keys & set(a["executed_keys"])]
     state = json.loads((tmp_path / "searches" / "killme" / "search.json").read_text())
     assert state["status"] == "running"
 

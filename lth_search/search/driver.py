@@ -184,7 +184,7 @@ def run_search(
         # Ray; joining a cluster comes first, so a wrong --address leaves no run behind.
         local = not cluster_address(address) and not ray.is_initialized()
         early = pool.submit(_start_tracking, cfg, state, tracking) if local else None
-        dense = pool.submit(_dense_ahead, cfg) if local and resolve_device(cfg.train.device).type == "cpu" else None
+        dense = pool.submit(_dense_ahead, cfg) if local and _dense_ahead_fits(cfg) else None
         if local:
             pool.submit(_preload_tune_imports)
         with ray_session(address, verbosity):
@@ -262,17 +262,36 @@ def _preload_tune_imports() -> None:
     _count_callbacks(None)
 
 
+DENSE_AHEAD_STEPS = 6000
+"""At most this many dense steps (train.steps x the replicates) are trained ahead in the
+driver: the quickstart's 3 x 1,500 MLP steps take ~3 s of one core, about a local Ray's
+start. More would hold Tune's start (and Ctrl-C, which waits for the stage in hand) for the
+whole dense training, and gain nothing past the start's idle cores."""
+
+
+def _dense_ahead_fits(cfg: ExperimentConfig) -> bool:
+    """Whether `_dense_ahead` pays: on CPU, and little enough work to end with Ray's start."""
+    return (resolve_device(cfg.train.device).type == "cpu"
+            and cfg.train.steps * max(cfg.prune.dense_replicates, 1) <= DENSE_AHEAD_STEPS)
+
+
 def _dense_ahead(cfg: ExperimentConfig) -> None:
     """The default recipe's dense stages (its seed's and the replicates: the first trial's own,
     every trial's baseline), trained in the driver while a local Ray starts and cores sit idle
     (~4 core-s of the quickstart's start; then the first trial trained them while the second
     waited). On the store's own leases, so it ends before Tune starts. CPU only: on a GPU the
     driver would take memory that Ray gives the trials. A failure is the trials' to meet and
-    report, in their records and on the console."""
+    report, in their records and on the console. Trained on the trial's thread count
+    (`train_dense`), so the bytes are a trial's; the driver's own count is put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         train_dense(cfg.model_dump(mode="json"), [cfg.seed], owner=None)
     except Exception as error:  # noqa: BLE001 - the first trial trains (and reports) the same stages
         logging.getLogger(__name__).debug("dense stages ahead of the search: %s", error)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _start_tracking(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> SearchObserver | None:
