@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import ray
+import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -283,8 +284,6 @@ def _dense_ahead(cfg: ExperimentConfig) -> None:
     driver would take memory that Ray gives the trials. A failure is the trials' to meet and
     report, in their records and on the console. Trained on the trial's thread count
     (`train_dense`), so the bytes are a trial's; the driver's own count is put back after."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         train_dense(cfg.model_dump(mode="json"), [cfg.seed], owner=None)

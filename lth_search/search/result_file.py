@@ -31,6 +31,8 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
+from lth_search.search.ray_storage import PARTIAL_SUFFIX
+
 
 def result_files() -> list[tune.Callback]:
     """The result.json writer for every Tuner of a search."""
@@ -58,7 +60,7 @@ def keep_rows_up_to(path: Path, last_round: int) -> None:
     kept = [line for line in lines if _round_of(line, last_round) <= last_round]
     if len(kept) == len(lines):
         return
-    partial = path.with_name(path.name + ".lth-partial")
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
     partial.write_text("".join(f"{line}\n" for line in kept))
     os.replace(partial, path)
 
