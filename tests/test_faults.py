@@ -282,6 +282,7 @@ FIRST_USE = """
 import os, sys, time
 from lth_search.tracking.client import MlflowIO
 io = MlflowIO(sys.argv[1], "race", attempts=1)
+open(sys.argv[3], "w").close()  # imported: ready for the start
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.005)
 ok, experiment = io.call("create the experiment", lambda: io.experiment_id("race"))
@@ -294,10 +295,11 @@ def test_two_processes_creating_one_sqlite_database_both_succeed_at_once(tmp_pat
     import sys
 
     uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, uri, str(go)], stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    time.sleep(0)  # both import while the go file is missing; the file starts them together
-    go.touch()
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, uri, str(go), str(flag)], stderr=subprocess.PIPE,
+                              text=True) for flag in ready]
+    wait_for(lambda: all(flag.exists() for flag in ready), timeout=120, what="both processes' imports")
+    go.touch()  # both imported and wait for this file: it starts their first use together
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert not any("failed" in err for err in errs), errs

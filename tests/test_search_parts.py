@@ -203,3 +203,15 @@ def test_the_resume_hint_names_where_the_search_lives_and_the_cluster(tmp_path):
     assert hint == "lth-search resume quickstart --store-uri s3://b/lth/store --address 10.0.0.7:6379"
     args = build_parser().parse_args(shlex.split(hint)[1:])
     assert (args.name, args.store_uri, args.address) == ("quickstart", "s3://b/lth/store", "10.0.0.7:6379")
+
+
+def test_the_driver_trains_dense_stages_ahead_only_on_a_cpu_without_cuda_settings():
+    """The driver trains the default's dense stages while Ray starts (driver._dense_ahead) only
+    where doing so cannot open a CUDA context in it: a trial's fractional GPU or memory cap sets a
+    CUDA memory fraction (runs/trial.limit_resources) even with the device on CPU."""
+    from lth_search.search.driver import DENSE_AHEAD_STEPS, _dense_ahead_fits
+
+    assert _dense_ahead_fits(_cfg("train.device=cpu"))
+    assert not _dense_ahead_fits(_cfg("train.device=cpu", "resources.gpu=0.5"))
+    assert not _dense_ahead_fits(_cfg("train.device=cpu", "resources.gpu_memory_fraction=0.5"))
+    assert not _dense_ahead_fits(_cfg("train.device=cpu", f"train.steps={DENSE_AHEAD_STEPS + 1}"))

@@ -271,8 +271,12 @@ whole dense training, and gain nothing past the start's idle cores."""
 
 
 def _dense_ahead_fits(cfg: ExperimentConfig) -> bool:
-    """Whether `_dense_ahead` pays: on CPU, and little enough work to end with Ray's start."""
+    """Whether `_dense_ahead` pays: on CPU, and little enough work to end with Ray's start.
+
+    Not when the trials hold GPUs or a CUDA memory cap, even with the device on CPU: the
+    trial's `limit_resources` would then open a CUDA context in the driver to set the cap."""
     return (resolve_device(cfg.train.device).type == "cpu"
+            and cfg.resources.gpu == 0 and cfg.resources.gpu_memory_fraction is None
             and cfg.train.steps * max(cfg.prune.dense_replicates, 1) <= DENSE_AHEAD_STEPS)
 
 
