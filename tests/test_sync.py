@@ -183,3 +183,17 @@ def test_the_finish_keeps_every_summary_metric_of_a_complete_run(metric: str) ->
     assert metric == "accuracy" or "matching_val_loss" in summary
     assert all(is_summary_metric(name) for name in summary)
     assert not any(is_summary_metric(name) for name in ("val_accuracy", "sparsity", "layer_sparsity/fc1", "dense_val_accuracy"))
+
+
+def test_a_failed_round_logs_no_margin_and_a_judged_one_does() -> None:
+    # A failed round's verdict has margin -inf; MLflow would store -1.8e308 for it, which reads
+    # as a number in tickets.csv and flattens every trial's margin chart.
+    from lth_search.engine.lineage.results import RoundResult
+    from lth_search.tracking.layout import round_metrics
+
+    stage = dict(test_accuracy=0.1, train_loss=float("nan"), train_steps_per_s=9.0, reused=0, steps=80, key="r1")
+    failed = round_metrics(RoundResult(val_accuracy=0.1, round=1, sparsity=0.2, matches=False, margin=float("-inf"),
+                                       failed="training loss is nan", **stage))
+    assert failed["matches"] == 0.0 and failed["failed"] == 1.0 and "margin" not in failed
+    judged = round_metrics(RoundResult(val_accuracy=0.6, round=1, sparsity=0.2, matches=False, margin=-0.02, **stage))
+    assert judged["margin"] == -0.02 and judged["failed"] == 0.0

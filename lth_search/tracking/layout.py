@@ -6,6 +6,7 @@ back with nothing but MLflow, so a name changed here changes both sides at once.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -116,7 +117,11 @@ def round_metrics(round_result: "RoundResult", metric: "Metric | None" = None) -
         **named_metric(metric, round_result),
     }
     if round_result.matches is not None:  # the paired verdict against the dense replicates
-        metrics.update(matches=float(round_result.matches), margin=float(round_result.margin))
+        metrics["matches"] = float(round_result.matches)
+        if round_result.margin is not None and math.isfinite(round_result.margin):
+            # a failed round's verdict has margin -inf: MLflow stores it as -1.8e308, which flattens
+            # every trial's margin chart and reads as a number in tickets.csv; `failed` says why
+            metrics["margin"] = float(round_result.margin)
     metrics.update({f"layer_sparsity/{metric_name(k)}": v for k, v in round_result.layer_sparsity.items()})
     metrics.update({rescale_metric(k): v for k, v in round_result.rescale.items()})
     if round_result.diagnostics is not None:
