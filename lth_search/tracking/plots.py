@@ -1,19 +1,22 @@
 """The two pictures MLflow shows: one lineage, and every lineage of a search.
 
-Both plot validation accuracy against sparsity with the dense network as a horizontal
-reference, because "does the ticket match dense?" is the question a lottery-ticket
-plot answers. Figures are drawn on matplotlib's Agg canvas without pyplot, so no
+Both plot the metric the lineages are judged on (accuracy, or a language model's loss or
+perplexity) against sparsity with the dense network as a horizontal reference, because
+"does the ticket match dense?" is the question a lottery-ticket plot answers. Figures are drawn on matplotlib's Agg canvas without pyplot, so no
 display and no global figure state is involved (trials may plot concurrently).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+from lth_search.engine.lineage.metric import ACCURACY, Metric, metric_named
 
 LINEAGE_MARGINS = {"left": 0.1, "right": 0.97, "bottom": 0.12, "top": 0.92}
 """The lineage plot's axes within its figure: room for the labels and the title, fixed."""
@@ -38,87 +41,129 @@ def _pct(values: Iterable[float]) -> list[float]:
     return [100.0 * v for v in values]
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (sparsity, accuracy) points no other point beats on both, by increasing sparsity."""
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The (sparsity, value) points no other point beats on both, by increasing sparsity (a value
+    is better higher for accuracy, lower for a loss or perplexity)."""
+    sign = 1.0 if higher_is_better else -1.0
     front: list[tuple[float, float]] = []
-    best_accuracy = float("-inf")
-    for sparsity, accuracy in sorted(set(points), key=lambda p: (-p[0], -p[1])):
-        if accuracy > best_accuracy:
-            front.append((sparsity, accuracy))
-            best_accuracy = accuracy
+    best = float("-inf")
+    for sparsity, value in sorted(set(points), key=lambda p: (-p[0], -sign * p[1])):
+        if sign * value > best:
+            front.append((sparsity, value))
+            best = sign * value
     return front[::-1]
+
+
+def _scale(metric: Metric) -> float:
+    """Accuracy is drawn in %, a loss or a perplexity as it is."""
+    return 100.0 if metric.name == "accuracy" else 1.0
+
+
+def _axis_label(metric: Metric, split: str = "") -> str:
+    name = f"{split} {metric.name}".strip()
+    return f"{name} (%)" if metric.name == "accuracy" else name
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def lineage_plot(
     rounds: Sequence[dict[str, Any]], dense_val: float | None, dense_test: float | None, tolerance: float,
-    title: str, matching_round: int | None = None,
+    title: str, matching_round: int | None = None, metric: Metric = ACCURACY,
 ) -> bytes:
-    """PNG: val and test accuracy per round vs sparsity, dense lines and the matching threshold.
+    """`lineage_figure` as PNG."""
+    return _png(lineage_figure(rounds, dense_val, dense_test, tolerance, title, matching_round, metric), LINEAGE_MARGINS)
 
-    `rounds` are dicts with round, sparsity, val_accuracy, test_accuracy.
-    """
+
+def lineage_figure(
+    rounds: Sequence[dict[str, Any]], dense_val: float | None, dense_test: float | None, tolerance: float,
+    title: str, matching_round: int | None = None, metric: Metric = ACCURACY,
+) -> Figure:
+    """The judged metric on val and test per round vs sparsity, dense lines and the matching line.
+
+    `rounds` are dicts with round, sparsity, val_accuracy, test_accuracy (and val_loss, test_loss,
+    from which a loss or perplexity is read); `dense_val` and `dense_test` are dense's values of
+    `metric`. A loss- or perplexity-judged lineage (a language model) is drawn in its own metric:
+    its accuracy (every token of a sequence right) says nothing of the ticket. A round whose value
+    is not finite (a failed one) is left out."""
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
-    ordered = sorted(rounds, key=lambda r: r["round"])
-    x = _pct(r["sparsity"] for r in ordered)
-    axes.plot(x, _pct(r["val_accuracy"] for r in ordered), "o-", color="C0", label="val accuracy")
-    axes.plot(x, _pct(r["test_accuracy"] for r in ordered), "s--", color="C1", alpha=0.7, label="test accuracy")
-    if dense_val is not None:
-        axes.axhline(100 * dense_val, color="C0", lw=1, label=f"dense val {100 * dense_val:.2f}%")
-        threshold = f"matching threshold (-{100 * tolerance:g} pp)"
-        axes.axhline(100 * (dense_val - tolerance), color="C0", lw=1, ls=":", label=threshold)
-    if dense_test is not None:
-        axes.axhline(100 * dense_test, color="C1", lw=1, alpha=0.6, label=f"dense test {100 * dense_test:.2f}%")
-    for item in ordered:
-        if item["round"] == matching_round:
-            axes.plot([100 * item["sparsity"]], [100 * item["val_accuracy"]], "*", ms=16, color="C2", label="matching ticket")
+    scale = _scale(metric)
+    points = []
+    for r in sorted(rounds, key=lambda r: r["round"]):
+        val, test = (metric.reported(r[f"{split}_accuracy"], r.get(f"{split}_loss")) for split in ("val", "test"))
+        if _finite(val):
+            points.append((r["round"], 100 * r["sparsity"], scale * val, math.nan if test is None else scale * test))
+    x = [p[1] for p in points]
+    axes.plot(x, [p[2] for p in points], "o-", color="C0", label=f"val {metric.name}")
+    axes.plot(x, [p[3] for p in points], "s--", color="C1", alpha=0.7, label=f"test {metric.name}")
+    if _finite(dense_val):
+        axes.axhline(scale * dense_val, color="C0", lw=1, label=f"dense val {metric.format(dense_val)}")
+        axes.axhline(scale * metric.threshold(dense_val, tolerance), color="C0", lw=1, ls=":",
+                     label=f"matching threshold ({metric.format_tolerance(tolerance)})")
+    if _finite(dense_test):
+        axes.axhline(scale * dense_test, color="C1", lw=1, alpha=0.6, label=f"dense test {metric.format(dense_test)}")
+    for number, sparsity, val, _ in points:
+        if number == matching_round:
+            axes.plot([sparsity], [val], "*", ms=16, color="C2", label="matching ticket")
     axes.set_xlabel("sparsity (% of prunable weights removed)")
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel(_axis_label(metric))
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower left")
-    return _png(figure, LINEAGE_MARGINS)
+    axes.legend(fontsize=7, loc="lower left" if metric.higher_is_better else "upper left")
+    return figure
 
 
 def search_plot(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any] | None = None) -> bytes:
-    """PNG: every trial's val accuracy vs sparsity, dense references, the Pareto front, the best ticket.
+    """`search_figure` as PNG."""
+    return _png(search_figure(rows, title, best))
 
-    `rows` are ticket rows (trial_id, round, sparsity, val_accuracy, dense_val_accuracy).
-    """
+
+def search_figure(rows: Sequence[dict[str, Any]], title: str, best: dict[str, Any] | None = None) -> Figure:
+    """Every trial's val metric vs sparsity, dense references, the Pareto front, the best ticket.
+
+    `rows` are ticket rows (trial_id, round, sparsity, val_accuracy, dense_val_accuracy; a search
+    judged on loss or perplexity: its `metric`, val_<metric> and dense_val_<metric>, drawn instead
+    of accuracy). Rows without a finite value (a failed round) are left out."""
+    metric = metric_named(next((row["metric"] for row in rows if row.get("metric")), None))
+    val_key = "val_accuracy" if metric.name == "accuracy" else metric.val_key
+    scale = _scale(metric)
     figure = Figure(figsize=(7.2, 4.8))
     axes = figure.add_subplot()
+    drawn = [row for row in rows if _finite(row.get(val_key))]
     trials: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in drawn:
         trials.setdefault(row["trial_id"], []).append(row)
     for index, (trial_id, items) in enumerate(sorted(trials.items())):
         items.sort(key=lambda r: r["round"])
         axes.plot(
-            _pct(r["sparsity"] for r in items), _pct(r["val_accuracy"] for r in items), ".-", lw=0.8, alpha=0.6,
+            _pct(r["sparsity"] for r in items), [scale * r[val_key] for r in items], ".-", lw=0.8, alpha=0.6,
             color=f"C{index % 10}", label=trial_id if len(trials) <= 12 else None,
         )
-    references = {(r["dense_val_accuracy"], r.get("tolerance")) for r in rows if r.get("dense_val_accuracy") is not None}
+    references = {(r[f"dense_{val_key}"], r.get("tolerance")) for r in drawn if _finite(r.get(f"dense_{val_key}"))}
     for dense, tolerance in sorted(references, key=str):
-        axes.axhline(100 * dense, color="black", lw=1, ls="--")
+        axes.axhline(scale * dense, color="black", lw=1, ls="--")
         if tolerance is not None:
-            axes.axhline(100 * (dense - tolerance), color="black", lw=1, ls=":")
+            axes.axhline(scale * metric.threshold(dense, tolerance), color="black", lw=1, ls=":")
     if references:
-        axes.plot([], [], color="black", lw=1, ls="--", label="dense val accuracy")
+        axes.plot([], [], color="black", lw=1, ls="--", label=f"dense val {metric.name}")
         axes.plot([], [], color="black", lw=1, ls=":", label="matching threshold")
-    front = pareto_front([(r["sparsity"], r["val_accuracy"]) for r in rows])
+    front = pareto_front([(r["sparsity"], r[val_key]) for r in drawn], metric.higher_is_better)
     if front:
-        # where="pre": at any sparsity s, the line shows the best val accuracy reached at sparsity >= s.
-        axes.step(_pct(p[0] for p in front), _pct(p[1] for p in front), where="pre", color="red", lw=1.8,
+        # where="pre": at any sparsity s, the line shows the best val value reached at sparsity >= s.
+        axes.step(_pct(p[0] for p in front), [scale * p[1] for p in front], where="pre", color="red", lw=1.8,
                   marker="o", ms=4, label="Pareto front (sparsity, val)")
-    if best is not None:
-        axes.plot([100 * best["sparsity"]], [100 * best["val_accuracy"]], "*", ms=18, color="gold",
+    if best is not None and _finite(best.get(val_key)):
+        axes.plot([100 * best["sparsity"]], [scale * best[val_key]], "*", ms=18, color="gold",
                   markeredgecolor="black", label="best ticket")
     axes.set_xlabel("sparsity (% of prunable weights removed)")
-    axes.set_ylabel("val accuracy (%)")
+    axes.set_ylabel(_axis_label(metric, "val"))
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # a search with no round yet draws no line to name
-        axes.legend(fontsize=7, loc="lower left", ncol=2)
-    return _png(figure)
+        axes.legend(fontsize=7, loc="lower left" if metric.higher_is_better else "upper left", ncol=2)
+    return figure
 
 
 def compare_lines(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -396,7 +396,7 @@ class TrialTracker:
         return self.role != "trial" or trials_plot_live(self.cfg)
 
     def plot(self, result: LineageResult) -> None:
-        """Draw and upload the accuracy-vs-sparsity plot of the lineage now (never raises)."""
+        """Draw and upload the lineage plot (its judged metric against sparsity) now (never raises)."""
         self._queue_plot(result)
         self.flush()
 
@@ -404,8 +404,8 @@ class TrialTracker:
         rounds = [vars(r) for r in result.rounds]
         title = f"{self.cfg.name} · {self.trial_id}  " + " ".join(f"{k}={v}" for k, v in self.choices.items())
         try:
-            png = lineage_plot(rounds, result.dense.val_accuracy, result.dense.test_accuracy,
-                               result.tolerance, title[:110], result.best.round)
+            png = lineage_plot(rounds, self.metric.val(result.dense), self.metric.test(result.dense),
+                               result.tolerance, title[:110], result.best.round, self.metric)
         except Exception as error:  # noqa: BLE001 - a plot never costs a lineage
             log.warning("trial %s: plotting failed: %s", self.trial_id, error)
             return

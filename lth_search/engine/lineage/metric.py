@@ -70,6 +70,22 @@ class Metric:
     def test(self, result: Any) -> float | None:
         return self.reported(result.test_accuracy, getattr(result, "test_loss", None))
 
+    def threshold(self, dense: float, tolerance: float) -> float:
+        """The worst value within `tolerance` of dense's, on this metric's scale: the matching line a
+        plot draws (the verdict itself is paired and allows for its noise, objective.py). Accuracy:
+        dense - t; loss: dense + t nats; perplexity: dense x exp(t), the same t on exp's scale."""
+        if self.name == "accuracy":
+            return dense - tolerance
+        if self.name == "perplexity":
+            return dense * math.exp(tolerance)
+        return dense + tolerance
+
+    def format_tolerance(self, tolerance: float) -> str:
+        """The tolerance as the matching line's legend says it: -1 pp, +0.01 nats, x1.01."""
+        if self.name == "accuracy":
+            return f"-{100 * tolerance:g} pp"
+        return f"x{math.exp(tolerance):.4g}" if self.name == "perplexity" else f"+{tolerance:g} nats"
+
     def format(self, value: float | None) -> str:
         """A value as the tables print it: accuracy in %, loss and perplexity as numbers."""
         if value is None:
