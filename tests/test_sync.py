@@ -26,6 +26,7 @@ from fault_helpers import run_cli
 from lth_search.store.codec import decode_mask
 from lth_search.engine.data import load_dataset
 from lth_search.tracking.client import read_artifact
+from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.summary import best_records
 from lth_search.store.stage_store import StageStore
 from lth_search.tracking.sync import sync_search
@@ -126,6 +127,13 @@ def test_server_down_mid_search_then_sync(data_root: Path, tmp_path: Path, caplo
         assert code == 0 and out.count("\n") == 1, out + err[-2000:]
         again = json.loads(out)
         assert again["rounds"] == 0 and again["dense"] == 0 and again["summaries"] == 0
+
+        # While a driver holds the search (its lease), sync is refused in one line and logs nothing:
+        # the driver's trials and finish log the same rounds and rewrite the same tables.
+        with SearchLease(StageStore.from_config(cfg), "interrupted", "run"):
+            code, out, err = run_cli(["sync", "interrupted", "--output-dir", cfg.output_dir])
+        assert code == 1 and err.strip().count("\n") == 0, err
+        assert "search interrupted is running already" in err and "`sync` again once it ends" in err
 
 
 def test_sync_command_errors_are_one_line(tmp_path: Path) -> None:

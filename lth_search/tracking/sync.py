@@ -21,6 +21,7 @@ from lth_search.config import ExperimentConfig, validate_config
 from lth_search.engine.lineage.results import LineageResult
 from lth_search.errors import TrackingFailure
 from lth_search.runs.record import TrialRecord, TrialStatus
+from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.runs.summary import best_records
 from lth_search.store.entry import StageEntry
@@ -187,12 +188,22 @@ def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | No
 
     Then the parent's tickets table, plot and summary are rewritten, and a finished
     search's run is ended. Raises TrackingFailure (exit 1) when MLflow still does not answer or a record cannot be read.
+
+    It holds the search's driver lease (runs/search_lease.py) while it writes, so it is refused in
+    one line (SearchBusy, exit 1) while a driver runs the search: that driver's trials log as they
+    go and its finish reconciles the same way, and two writers would log a round twice or rewrite
+    the parent's tables under each other.
     """
     state = SearchState.load(name, output_dir, store_uri=store_uri)
     cfg = state.cfg().absolute()
     cfg.tracking.enabled = True
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
+    with SearchLease(StageStore.from_config(cfg), name, "sync"):
+        return _sync(name, state, cfg, progress)
+
+
+def _sync(name: str, state: SearchState, cfg: ExperimentConfig, progress: Callable[[str], None]) -> dict[str, int]:
     unreadable: list[str] = []
     records = TrialRecord.load_all(StageStore.from_config(cfg), name, state.search_id, unreadable=unreadable)
     progress(f"sync {name}: {len(records)} trial record(s) in {cfg.store_uri()} -> MLflow at {cfg.tracking_uri()}")
