@@ -266,25 +266,20 @@ class MlflowIO:
         return experiment.experiment_id
 
     def find_run(self, experiment_id: str, tags: dict[str, str]) -> Any:
-        """The newest run carrying all `tags`, or None. Raises; call it through `call`.
+        """The newest run carrying all `tags`, or None. Raises; call it through `call`."""
+        return next(self.tagged_runs(experiment_id, tags, newest_first=True), None)
 
-        MLflow's filter strings have no escape for quotes, so a value holding both kinds
-        (an output_dir with a quote in a tag) is matched here instead of in the filter.
-        """
-        clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
-        exact = len(clauses) == len(tags)
-        runs = self.client.search_runs(
-            [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"],
-            max_results=1 if exact else 1000,
-        )
-        matching = [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
-        return matching[0] if matching else None
-
-    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> Iterator[Any]:
+    def tagged_runs(self, experiment_id: str, tags: dict[str, str], newest_first: bool = False) -> Iterator[Any]:
         """Every run carrying all `tags`, page by page (one query per `RUN_PAGE` runs, not one per run; a
-        page in memory at a time). Raises."""
+        page in memory at a time). Raises.
+
+        MLflow's filter strings have no escape for quotes, so a value holding both kinds (an
+        output_dir with a quote in a tag) is matched here instead of in the filter; when the
+        filter holds every tag, the newest run is one row."""
         clauses = [clause for key, value in tags.items() if (clause := _tag_clause(key, value))]
-        return (run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses))
+        order = ["attributes.start_time DESC"] if newest_first else None
+        page = 1 if newest_first and len(clauses) == len(tags) else RUN_PAGE
+        return (run for run in iter_runs(self.client, [experiment_id], " and ".join(clauses), order, page)
                 if all(run.data.tags.get(k) == v for k, v in tags.items()))
 
     # Writing --------------------------------------------------------------------------------
