@@ -169,7 +169,7 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     try:
         workers.warm()
-        wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
         workers.run(Panel("confirm", recipes, [(0, 7), (1, 7), (0, 8), (1, 8)]), "s6", lines.append)
     finally:
         workers.close()
@@ -195,7 +195,7 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
         lines: list[str] = []
         try:
             workers.warm()
-            wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+            wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
             workers.start_ahead(Panel("confirm", recipes, runs[:3]), search_id)
             workers.run(Panel("confirm", recipes, runs, lineage_rounds=rounds), search_id, lines.append)
         finally:
@@ -218,7 +218,7 @@ def test_a_worker_left_idle_takes_runs_from_a_busy_pack_between_its_rounds(ray_l
     lines: list[str] = []
     try:
         workers.warm()
-        wait_for(lambda: len(workers._idle(started_only=True)) == 2, 120, "both workers' start")
+        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
         workers.start_ahead(Panel("confirm", recipes, runs), "s9")
         workers.run(Panel("confirm", recipes, runs), "s9", lines.append)  # lineage_rounds 0: waited for
     finally:

@@ -227,9 +227,9 @@ class PanelWorkers:
                 if id(actor) not in busy and (ref in started or not started_only)]
         return [self._actors[i] for _, i in sorted(idle)]
 
-    def started_idle(self) -> bool:
-        """Whether a worker that has started has nothing to do."""
-        return bool(self._idle(started_only=True))
+    def started_idle(self) -> int:
+        """How many workers that have started have nothing to do (truthy: one at least)."""
+        return len(self._idle(started_only=True))
 
     def start_ahead(self, panel: Panel, search_id: str) -> None:
         """Start the runs of `panel` not started yet, as one pack (at most `resources.pack`) on an

@@ -57,7 +57,7 @@ def keep_rows_up_to(path: Path, last_round: int) -> None:
     """Rewrite a result.json without the rows of rounds after `last_round` (and without a row
     cut short by a killed driver); untouched when nothing goes. Replaced whole, never half."""
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if _round_of(line, last_round) <= last_round]
+    kept = [line for line in lines if _kept(line, last_round)]
     if len(kept) == len(lines):
         return
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -65,11 +65,13 @@ def keep_rows_up_to(path: Path, last_round: int) -> None:
     os.replace(partial, path)
 
 
-def _round_of(line: str, last_round: int) -> float:
-    """The round a row reports: a row without one stays (`last_round`), an unreadable row goes."""
+def _kept(line: str, last_round: int) -> bool:
+    """Whether a row stays: a readable row of a round up to `last_round`, or one that names no round."""
     try:
         row = json.loads(line)
     except ValueError:
-        return float("inf")
-    value = row.get("round", last_round) if isinstance(row, dict) else None
-    return value if isinstance(value, (int, float)) else float("inf")
+        return False
+    if not isinstance(row, dict):
+        return False
+    value = row.get("round")
+    return value is None or (isinstance(value, (int, float)) and value <= last_round)
