@@ -2,8 +2,9 @@
 
 Both plot the metric the lineages are judged on (accuracy, or a language model's loss or
 perplexity) against sparsity with the dense network as a horizontal reference, because
-"does the ticket match dense?" is the question a lottery-ticket plot answers. Figures are drawn on matplotlib's Agg canvas without pyplot, so no
-display and no global figure state is involved (trials may plot concurrently).
+"does the ticket match dense?" is the question a lottery-ticket plot answers. Figures are
+drawn on matplotlib's Agg canvas without pyplot, so no display and no global figure state
+is involved (trials may plot concurrently).
 """
 
 from __future__ import annotations

@@ -199,13 +199,15 @@ def sync_search(name: str, output_dir: str | None = None, tracking_uri: str | No
     cfg.tracking.enabled = True
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
-    with SearchLease(StageStore.from_config(cfg), name, "sync"):
-        return _sync(name, state, cfg, progress)
+    store = StageStore.from_config(cfg)
+    with SearchLease(store, name, "sync"):
+        return _sync(name, state, cfg, store, progress)
 
 
-def _sync(name: str, state: SearchState, cfg: ExperimentConfig, progress: Callable[[str], None]) -> dict[str, int]:
+def _sync(name: str, state: SearchState, cfg: ExperimentConfig, store: StageStore,
+          progress: Callable[[str], None]) -> dict[str, int]:
     unreadable: list[str] = []
-    records = TrialRecord.load_all(StageStore.from_config(cfg), name, state.search_id, unreadable=unreadable)
+    records = TrialRecord.load_all(store, name, state.search_id, unreadable=unreadable)
     progress(f"sync {name}: {len(records)} trial record(s) in {cfg.store_uri()} -> MLflow at {cfg.tracking_uri()}")
     search = SearchTracker.start(cfg, state.results_path, state.parent_run_id)
     if search.parent_run_id is None:
