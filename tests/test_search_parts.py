@@ -215,3 +215,29 @@ def test_the_driver_trains_dense_stages_ahead_only_on_a_cpu_without_cuda_setting
     assert not _dense_ahead_fits(_cfg("train.device=cpu", "resources.gpu=0.5"))
     assert not _dense_ahead_fits(_cfg("train.device=cpu", "resources.gpu_memory_fraction=0.5"))
     assert not _dense_ahead_fits(_cfg("train.device=cpu", f"train.steps={DENSE_AHEAD_STEPS + 1}"))
+
+
+def test_a_proposal_repeating_a_running_recipe_is_drawn_again_and_an_ended_one_is_not(tmp_path):
+    """A copy of a running trial's recipe would wait for each of its stages and report the same
+    bytes: a slot idle for a whole lineage. Random start-up draws with replacement; the seed here
+    draws rate 0.5 twice in a row (checked: without the redraw both trials run rate 0.5)."""
+    from lth_search.search.journal import journal_storage
+    from lth_search.search.scheduler import DUPLICATE_ATTR, RAY_TRIAL_ATTR, PruningAwareOptunaSearch
+
+    cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
+    searcher = PruningAwareOptunaSearch(
+        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
+        sampler=optuna.samplers.RandomSampler(seed=1), study_name="dup",
+        storage=journal_storage(str(tmp_path / "dup.journal")),
+    )
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert first["rate"] != second["rate"]
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    copies = [t for t in trials if t.state is optuna.trial.TrialState.FAIL]
+    assert copies and all(t.user_attrs == {DUPLICATE_ATTR: "a"} and t.params == {"rate": first["rate"]} for t in copies)
+    running = {t.user_attrs[RAY_TRIAL_ATTR]: t.params["rate"] for t in trials if t.state.name == "RUNNING"}
+    assert running == {"a": first["rate"], "b": second["rate"]}
+
+    searcher.on_trial_complete("a", {"matching_sparsity": 0.5, "training_iteration": 1}, error=True)
+    again = [searcher.suggest(f"c{i}")["rate"] for i in range(4)]  # "a" ended: its recipe may come back
+    assert first["rate"] in again
