@@ -64,5 +64,6 @@ def test_a_loss_search_plots_val_loss_and_its_pareto_front_keeps_the_lowest() ->
 def test_pareto_fronts_in_either_direction() -> None:
     points = [(0.2, 0.9), (0.5, 0.8), (0.5, 0.85), (0.7, 0.7)]
     assert pareto_front(points) == [(0.2, 0.9), (0.5, 0.85), (0.7, 0.7)]
-    losses = [(0.2, 1.0), (0.5, 1.2), (0.5, 1.1), (0.7, 0.9)]
-    assert pareto_front(losses, higher_is_better=False) == [(0.7, 0.9)]
+    losses = [(0.2, 1.0), (0.5, 1.2), (0.5, 1.1), (0.7, 1.3)]
+    assert pareto_front(losses, higher_is_better=False) == [(0.2, 1.0), (0.5, 1.1), (0.7, 1.3)]
+    assert pareto_front(losses) == [(0.7, 1.3)]  # read as accuracies, the sparsest point beats them all
