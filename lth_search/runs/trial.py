@@ -49,10 +49,15 @@ def limit_resources(cfg: ExperimentConfig) -> None:
     without the cap, trials sharing a GPU could take each other's memory.
     """
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
-    gpu = cfg.resources.gpu
-    fraction = cfg.resources.gpu_memory_fraction or (gpu if 0 < gpu < 1 else None)
+    fraction = cuda_memory_fraction(cfg)
     if fraction is not None and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(fraction)
+
+
+def cuda_memory_fraction(cfg: ExperimentConfig) -> float | None:
+    """The CUDA memory cap `limit_resources` sets: `gpu_memory_fraction`, else a fractional `gpu`."""
+    gpu = cfg.resources.gpu
+    return cfg.resources.gpu_memory_fraction or (gpu if 0 < gpu < 1 else None)
 
 
 def sparsity_level(sparsity: float) -> int:

@@ -41,6 +41,7 @@ from lth_search.runs.record import TrialRecord
 from lth_search.runs.search_lease import SearchLease
 from lth_search.runs.state import SearchState, SearchStatus, new_state
 from lth_search.runs.summary import chosen_record, emit, summarize, summary_lines
+from lth_search.runs.trial import cuda_memory_fraction
 from lth_search.search.confirm import SelectionAhead, run_confirmation
 from lth_search.search.console import SearchConsole, ray_verbose, use_console
 from lth_search.search.driver_heap import cap_malloc_arenas
@@ -276,7 +277,7 @@ def _dense_ahead_fits(cfg: ExperimentConfig) -> bool:
     Not when the trials hold GPUs or a CUDA memory cap, even with the device on CPU: the
     trial's `limit_resources` would then open a CUDA context in the driver to set the cap."""
     return (resolve_device(cfg.train.device).type == "cpu"
-            and cfg.resources.gpu == 0 and cfg.resources.gpu_memory_fraction is None
+            and cfg.resources.gpu == 0 and cuda_memory_fraction(cfg) is None
             and cfg.train.steps * max(cfg.prune.dense_replicates, 1) <= DENSE_AHEAD_STEPS)
 
 
