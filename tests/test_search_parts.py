@@ -241,3 +241,25 @@ def test_a_proposal_repeating_a_running_recipe_is_drawn_again_and_an_ended_one_i
     searcher.on_trial_complete("a", {"matching_sparsity": 0.5, "training_iteration": 1}, error=True)
     again = [searcher.suggest(f"c{i}")["rate"] for i in range(4)]  # "a" ended: its recipe may come back
     assert first["rate"] in again
+
+
+def test_an_exhaustive_search_whose_every_recipe_runs_draws_a_copy_without_stopping_the_study(tmp_path):
+    """Optuna's BruteForceSampler calls `Study.stop` from `after_trial` once no recipe is left
+    unexplored, and `stop` raises outside `Study.optimize`: telling a copy FAIL when every recipe
+    runs already must still draw (a resumed exhaustive search hit it; CI at ff728b3)."""
+    from lth_search.search.journal import journal_storage
+    from lth_search.search.scheduler import DUPLICATE_ATTR, PruningAwareOptunaSearch
+
+    cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
+    searcher = PruningAwareOptunaSearch(
+        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
+        sampler=optuna.samplers.BruteForceSampler(seed=0), study_name="all-running",
+        storage=journal_storage(str(tmp_path / "all.journal")),
+    )
+    rates = {searcher.suggest(trial)["rate"] for trial in ("a", "b")}
+    assert rates == {0.2, 0.5}
+    third = searcher.suggest("c")  # both recipes run: a copy, after the redraws
+    assert third["rate"] in rates
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials].count("RUNNING") == 3
+    assert all(DUPLICATE_ATTR in t.user_attrs for t in trials if t.state.name == "FAIL")

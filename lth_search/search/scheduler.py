@@ -109,12 +109,23 @@ class PruningAwareOptunaSearch(OptunaSearch):
                 break
             copy = self._ot_trials.pop(trial_id)
             copy.set_user_attr(DUPLICATE_ATTR, twin)
-            self._ot_study.tell(copy, state=TrialState.FAIL)
+            self._tell_failed(copy)
             config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and RAY_TRIAL_ATTR not in ot_trial.user_attrs:
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return config
+
+    def _tell_failed(self, copy: Any) -> None:
+        """Tells Optuna a drawn copy FAILed. Optuna's BruteForceSampler calls `Study.stop` from
+        `after_trial` once every recipe has run or runs, and `stop` raises RuntimeError outside
+        `Study.optimize` (a resumed exhaustive search, in CI). Optuna stores the state in its
+        tell's `finally`, so the copy is FAIL either way; anything else is raised."""
+        try:
+            self._ot_study.tell(copy, state=TrialState.FAIL)
+        except RuntimeError:
+            if not copy.storage.get_trial(copy._trial_id).state.is_finished():
+                raise
 
     def _running_twin(self, trial_id: str) -> str | None:
         """The running trial (its Ray id) whose recipe `trial_id`'s proposal repeats, if any: the
