@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import optuna
@@ -263,3 +264,24 @@ def test_an_exhaustive_search_whose_every_recipe_runs_draws_a_copy_without_stopp
     trials = searcher._ot_study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials].count("RUNNING") == 3
     assert all(DUPLICATE_ATTR in t.user_attrs for t in trials if t.state.name == "FAIL")
+
+
+def test_an_exhaustive_search_ends_its_trials_without_stop_warnings(tmp_path, caplog):
+    """Optuna's BruteForceSampler calls `Study.stop` once every recipe ran; Ray's OptunaSearch tells
+    outside `Study.optimize`, so `stop` raised and Ray logged it as a warning at each trial's end."""
+    from lth_search.search.journal import journal_storage
+    from lth_search.search.scheduler import PruningAwareOptunaSearch
+    from lth_search.search.space import make_sampler, sampler_name
+
+    cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null", "search.num_trials=2")
+    assert sampler_name(cfg) == "exhaustive"
+    searcher = PruningAwareOptunaSearch(
+        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
+        sampler=make_sampler(cfg), study_name="ends", storage=journal_storage(str(tmp_path / "ends.journal")),
+    )
+    assert {searcher.suggest(trial)["rate"] for trial in ("a", "b")} == {0.2, 0.5}
+    with caplog.at_level(logging.WARNING):
+        for trial in ("a", "b"):
+            searcher.on_trial_complete(trial, {"matching_sparsity": 0.5, "training_iteration": 1}, error=True)
+    assert not [r for r in caplog.records if "Study.stop" in r.getMessage()]
+    assert [t.state.name for t in searcher._ot_study.get_trials(deepcopy=False)] == ["COMPLETE", "COMPLETE"]

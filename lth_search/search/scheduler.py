@@ -117,10 +117,12 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return config
 
     def _tell_failed(self, copy: Any) -> None:
-        """Tells Optuna a drawn copy FAILed. Optuna's BruteForceSampler calls `Study.stop` from
+        """Tells Optuna a drawn copy FAILed. Optuna's own BruteForceSampler calls `Study.stop` from
         `after_trial` once every recipe has run or runs, and `stop` raises RuntimeError outside
-        `Study.optimize` (a resumed exhaustive search, in CI). Optuna stores the state in its
-        tell's `finally`, so the copy is FAIL either way; anything else is raised."""
+        `Study.optimize` (a resumed exhaustive search, in CI). Searches now use
+        `space.ExhaustiveSampler`, which does not stop; a search saved before it brings the old
+        sampler back in Ray's snapshot. Optuna stores the state in its tell's `finally`, so the
+        copy is FAIL either way; anything else is raised."""
         try:
             self._ot_study.tell(copy, state=TrialState.FAIL)
         except RuntimeError:

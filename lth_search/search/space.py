@@ -110,11 +110,22 @@ class PicklableNSGAII(optuna.samplers.NSGAIISampler):
         self._thread_lock = threading.Lock()
 
 
+class ExhaustiveSampler(optuna.samplers.BruteForceSampler):
+    """Optuna's brute force, without its `Study.stop` once every recipe has run or runs: `stop`
+    raises RuntimeError outside `Study.optimize`, and Ray's OptunaSearch tells trials outside it,
+    so every trial's end after the last recipe was drawn logged that error as a warning (and a
+    drawn copy's tell raised it: scheduler.py). The search ends by its budget (`trial_budget`)."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Any) -> None:
+        return None
+
+
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     """The sampler `sampler_name` names, seeded by the config's seed."""
     name = sampler_name(cfg)
     if name == "exhaustive":
-        return optuna.samplers.BruteForceSampler(seed=cfg.seed)
+        return ExhaustiveSampler(seed=cfg.seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "nsga2":
