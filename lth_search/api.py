@@ -99,7 +99,7 @@ def compare(
     `structures` (prune.structure values) adds IMP pruned with each, tabled against
     unstructured IMP at equal parameter counts.
 
-    Writes the table, the plot (accuracy vs remaining weights, a line per kind, seeds as
+    Writes the table, the plot (the judged metric vs remaining weights, a line per kind, seeds as
     bands), compare.json and compare.csv to `out` (default <output_dir>/compare/<name>)
     and logs one MLflow run. Returns the compare.CompareResult.
     """
@@ -124,7 +124,7 @@ def compare(
             raise ConfigError(f"--structures: {error}") from None
     result = run_compare(cfg, kinds, seeds, store, progress, structures)
     summary = [vars(row) for row in result.summary()]
-    png = compare_plot(summary, result.dense_mean(), f"{cfg.name}: {len(seeds)} seed(s)")
+    png = compare_plot(summary, result.dense_mean(), f"{cfg.name}: {len(seeds)} seed(s)", result.metric)
     folder = write_outputs(result, out or cfg.output_path() / "compare" / cfg.name, png)
     progress(f"table, plot, compare.json and compare.csv in {folder}")
     if track and cfg.tracking.enabled:

@@ -1,5 +1,10 @@
 """`lth-search compare`: lineage kinds side by side at the IMP lineage's sparsities, no Ray.
 
+The table, the summary, the plot and the MLflow run speak the metric the config's lineages
+are judged on (`ExperimentConfig.verdict_metric`: accuracy, or a language model's loss or
+perplexity, whose sequence accuracy is ~0 at every round and says nothing of a ticket);
+every row keeps its accuracies and losses both.
+
 Every kind of `--kinds` for every seed is a lineage walked through the stage store
 (engine/lineage/walk.py; the dense stages are shared by every kind of a seed): a rerun, or a comparison that adds
 a kind, trains only what is missing. The result is one row per (kind, seed, round) and
@@ -12,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +26,7 @@ from typing import Any, Callable, Sequence
 from lth_search.config import ExperimentConfig
 from lth_search.config.schema import validate_config
 from lth_search.engine.lineage.kinds import check_kinds, finetune_rate
+from lth_search.engine.lineage.metric import ACCURACY, Metric, metric_named
 from lth_search.engine.lineage.probes import RoundProbes, attach_probes
 from lth_search.engine.lineage.results import LineageResult
 from lth_search.engine.lineage.stages import MemoryStages, StageSource
@@ -45,11 +52,17 @@ class CompareRow:
     sign_preservation_dense: float | None = None
     alignment: float | None = None
     barrier: float | None = None
+    val_loss: float | None = None
+    test_loss: float | None = None
+
+    def values(self, metric: Metric) -> tuple[float | None, float | None]:
+        """(val, test) of `metric`."""
+        return metric.reported(self.val_accuracy, self.val_loss), metric.reported(self.test_accuracy, self.test_loss)
 
 
 @dataclass
 class SummaryRow:
-    """One kind at one round, over seeds."""
+    """One kind at one round, over seeds, in the comparison's metric (`CompareResult.metric`)."""
 
     kind: str
     round: int
@@ -69,9 +82,11 @@ class CompareResult:
     name: str
     kinds: list[str]
     seeds: list[int]
+    metric: Metric = ACCURACY
+    """What the table, the summary, the plot and the MLflow run compare (the config's verdict metric)."""
     rows: list[CompareRow] = field(default_factory=list)
     dense: dict[int, dict[str, float]] = field(default_factory=dict)
-    """Dense val/test accuracy per seed."""
+    """Dense val/test values of `metric` per seed (`val_<metric>`, `test_<metric>`)."""
     dense_barriers: dict[int, dict[int, float]] = field(default_factory=dict)
     """Per seed, the dense network's instability barrier (val error) per rewind step k
     (diagnostics.stability_steps)."""
@@ -87,7 +102,8 @@ class CompareResult:
             for (k, round_index), rows in sorted(groups.items(), key=lambda item: item[0][1]):
                 if k != kind:
                     continue
-                val, test = [r.val_accuracy for r in rows], [r.test_accuracy for r in rows]
+                pairs = [r.values(self.metric) for r in rows]
+                val, test = [_number(p[0]) for p in pairs], [_number(p[1]) for p in pairs]
                 signs = [r.sign_preservation for r in rows if r.sign_preservation is not None]
                 out.append(SummaryRow(kind, round_index, statistics.mean(r.sparsity for r in rows), len(rows),
                                       statistics.mean(val), min(val), max(val), statistics.mean(test), min(test),
@@ -96,25 +112,25 @@ class CompareResult:
 
     def at_equal_counts(self) -> list[str]:
         """Each structured IMP round beside unstructured IMP at the same sparsity (equal parameter
-        counts): unstructured accuracy interpolated linearly in sparsity between its rounds
+        counts): unstructured values interpolated linearly in sparsity between its rounds
         (the dense network at 0), mean over seeds."""
-        summary = self.summary()
+        summary, metric = self.summary(), self.metric
         dense = self.dense_mean()
-        base = [(0.0, dense["val_accuracy"], dense["test_accuracy"])] + [
+        base = [(0.0, dense[metric.val_key], dense[metric.test_key])] + [
             (r.sparsity, r.val_mean, r.test_mean) for r in summary if r.kind == "imp"]
         lines = []
         for row in (r for r in summary if r.kind.startswith("imp_")):
             if row.sparsity > base[-1][0] + 1e-9:
-                lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  test {100 * row.test_mean:5.2f}"
+                lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  test {_value(metric, row.test_mean)}"
                              f"  vs unstructured: beyond its sparsest round ({100 * base[-1][0]:.2f}%)")
                 continue
             upper = next(i for i, point in enumerate(base) if point[0] >= row.sparsity - 1e-12)
             low, high = base[max(upper - 1, 0)], base[upper]
             t = 0.0 if high[0] == low[0] else (row.sparsity - low[0]) / (high[0] - low[0])
             val, test = (low[1] + t * (high[1] - low[1]), low[2] + t * (high[2] - low[2]))
-            lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  val {100 * row.val_mean:5.2f} vs "
-                         f"{100 * val:5.2f}  test {100 * row.test_mean:5.2f} vs {100 * test:5.2f}  "
-                         f"({100 * (row.test_mean - test):+.2f} pp test)")
+            lines.append(f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}%  val {_value(metric, row.val_mean)} vs "
+                         f"{_value(metric, val)}  test {_value(metric, row.test_mean)} vs {_value(metric, test)}  "
+                         f"({_difference(metric, row.test_mean - test)} test)")
         if not lines:
             return []
         return ["structured vs unstructured IMP at equal parameter counts (unstructured interpolated in sparsity):",
@@ -122,22 +138,25 @@ class CompareResult:
 
     def dense_mean(self) -> dict[str, float]:
         values = list(self.dense.values())
-        return {split: statistics.mean(v[split] for v in values) for split in ("val_accuracy", "test_accuracy")}
+        keys = (self.metric.val_key, self.metric.test_key)
+        return {key: statistics.mean(_number(v.get(key)) for v in values) for key in keys}
 
     def table(self) -> str:
-        """The console table: one line per kind and round, accuracies as mean [min, max] over seeds."""
-        dense = self.dense_mean()
+        """The console table: one line per kind and round, the metric as mean [min, max] over seeds."""
+        dense, metric = self.dense_mean(), self.metric
+        unit = "%" if metric.name == "accuracy" else metric.name
         lines = [
-            f"compare {self.name}: seeds {','.join(map(str, self.seeds))}; dense val {100 * dense['val_accuracy']:.2f}%"
-            f"  test {100 * dense['test_accuracy']:.2f}%  (mean over seeds; [min, max] across seeds)",
+            f"compare {self.name}: seeds {','.join(map(str, self.seeds))}; dense val {metric.format(dense[metric.val_key])}"
+            f"  test {metric.format(dense[metric.test_key])}  (mean over seeds; [min, max] across seeds)",
             *self._barrier_lines(),
-            f"{'kind':<14} {'round':>5} {'sparsity':>9} {'remaining':>9}  {'val %':<22} {'test %':<22} {'rho':>5}",
+            f"{'kind':<14} {'round':>5} {'sparsity':>9} {'remaining':>9}  {'val ' + unit:<22} {'test ' + unit:<22} {'rho':>5}",
         ]
         for row in self.summary():
             rho = f"{row.sign_preservation:5.3f}" if row.sign_preservation is not None else "    -"
             lines.append(
                 f"{row.kind:<14} {row.round:>5} {100 * row.sparsity:8.2f}% {100 * (1 - row.sparsity):8.2f}%  "
-                f"{_span(row.val_mean, row.val_min, row.val_max):<22} {_span(row.test_mean, row.test_min, row.test_max):<22} "
+                f"{_span(metric, row.val_mean, row.val_min, row.val_max):<22} "
+                f"{_span(metric, row.test_mean, row.test_min, row.test_max):<22} "
                 f"{rho}"
             )
         return "\n".join(lines + self.at_equal_counts())
@@ -149,7 +168,7 @@ class CompareResult:
         parts = []
         for k in steps:
             values = [b[k] for b in self.dense_barriers.values() if k in b]
-            parts.append(f"k={k}: {_span(statistics.mean(values), min(values), max(values))} pp")
+            parts.append(f"k={k}: {_span(ACCURACY, statistics.mean(values), min(values), max(values))} pp")
         return ["dense instability barrier (val error, two data orders from theta_k): " + ";  ".join(parts)]
 
     def rows_csv(self) -> str:
@@ -162,15 +181,30 @@ class CompareResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "kinds": self.kinds, "seeds": self.seeds, "dense": self.dense,
+            "name": self.name, "metric": self.metric.name, "kinds": self.kinds, "seeds": self.seeds, "dense": self.dense,
             "dense_barriers": self.dense_barriers,
             "steps_executed": self.steps_executed, "steps_reused": self.steps_reused,
             "rows": [asdict(r) for r in self.rows], "summary": [asdict(r) for r in self.summary()],
         }
 
 
-def _span(mean: float, low: float, high: float) -> str:
-    return f"{100 * mean:5.2f} [{100 * low:5.2f}, {100 * high:5.2f}]"
+def _number(value: float | None) -> float:
+    """A value to average: an unmeasured one (no loss stored) as NaN, which the table shows as nan."""
+    return math.nan if value is None else value
+
+
+def _value(metric: Metric, value: float) -> str:
+    """A value in the table's units: accuracy in % (without the sign), a loss or perplexity as it is."""
+    return f"{100 * value:5.2f}" if metric.name == "accuracy" else f"{value:.4g}"
+
+
+def _span(metric: Metric, mean: float, low: float, high: float) -> str:
+    return f"{_value(metric, mean)} [{_value(metric, low)}, {_value(metric, high)}]"
+
+
+def _difference(metric: Metric, delta: float) -> str:
+    """A difference of two values: pp of accuracy, or the loss's or perplexity's own units."""
+    return f"{100 * delta:+.2f} pp" if metric.name == "accuracy" else f"{delta:+.4g} {metric.name}"
 
 
 def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
@@ -195,7 +229,7 @@ def run_compare(
     length whatever its own verdict, so each kind has a row at each of IMP's sparsities.
     Seeds and kinds train as packs where the model batches."""
     kinds = check_kinds(list(dict.fromkeys(kinds)))
-    result = CompareResult(cfg.name, kinds, list(seeds))
+    result = CompareResult(cfg.name, kinds, list(seeds), metric_named(cfg.verdict_metric()))
     counting = _CountingStages(store if store is not None else MemoryStages())
     configs = [seed_config(cfg, seed) for seed in seeds]
     imp = lineages_for(configs, counting, ["imp"] * len(configs))
@@ -235,20 +269,20 @@ def with_structure(cfg: ExperimentConfig, structure: str) -> ExperimentConfig:
 
 
 def _add_rows(result: CompareResult, kind: str, seed: int, lineage_result: LineageResult, progress: Progress) -> None:
-    dense = lineage_result.dense
-    result.dense[seed] = {"val_accuracy": dense.val_accuracy, "test_accuracy": dense.test_accuracy}
+    dense, metric = lineage_result.dense, result.metric
+    result.dense[seed] = {metric.val_key: metric.val(dense), metric.test_key: metric.test(dense)}
     executed = sum(r.steps for r in lineage_result.rounds if not r.reused)
     for r in lineage_result.rounds:
         d = r.diagnostics
         result.rows.append(CompareRow(
             kind, seed, r.round, r.sparsity, r.val_accuracy, r.test_accuracy, r.reused, r.key,
             d.sign_ticket if d else None, d.sign_dense if d else None, d.alignment if d else None,
-            d.barrier if d else None,
+            d.barrier if d else None, r.val_loss, r.test_loss,
         ))
     last = lineage_result.rounds[-1] if lineage_result.rounds else None
     if last is not None:
         progress(f"seed {seed} {kind:<14} {len(lineage_result.rounds)} rounds to {100 * last.sparsity:.2f}% "
-                 f"sparsity: val {100 * last.val_accuracy:5.2f}%  test {100 * last.test_accuracy:5.2f}%  "
+                 f"sparsity: val {metric.format(metric.val(last))}  test {metric.format(metric.test(last))}  "
                  f"({executed} steps trained)")
     elif lineage_result.failed:
         progress(f"seed {seed} {kind:<14} no rounds: {lineage_result.failed}")
@@ -283,7 +317,8 @@ class _CountingStages:
 
 
 def write_outputs(result: CompareResult, out: str | Path, plot_png: bytes) -> Path:
-    """compare.json, compare.csv (one row per kind, seed, round), table.txt and the plot, in `out`."""
+    """compare.json, compare.csv (one row per kind, seed, round), table.txt and the plot, in `out`.
+    The plot keeps its name (accuracy_vs_sparsity.png) whatever the metric, as the lineage plot's does."""
     folder = Path(out).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "compare.json").write_text(json.dumps(result.to_json(), indent=2))

@@ -71,3 +71,33 @@ def test_kinds_with_identical_rows_share_one_line_in_the_plot() -> None:
     rows = [row("imp", 0.2, 0.6), row("imp", 0.36, 0.61), row("lr_rewind", 0.2, 0.58), row("lr_rewind", 0.36, 0.57),
             row("finetune", 0.36, 0.57), row("finetune", 0.2, 0.58), row("one_shot", 0.2, 0.58), row("one_shot", 0.36, 0.5)]
     assert compare_lines(rows) == [("imp", "imp"), ("lr_rewind = finetune", "lr_rewind"), ("one_shot", "one_shot")]
+
+
+def test_a_loss_judged_comparison_tables_plots_and_logs_the_loss(data_root: Path, tmp_path: Path) -> None:
+    """A comparison judged on loss (a language model's case: its sequence accuracy is ~0 at every
+    round) speaks loss in its table, its JSON and its MLflow run; the rows keep accuracy and loss."""
+    out = tmp_path / "out"
+    command = _command(data_root, tmp_path, "--kinds", "imp,random_prune", "--seeds", "0", "--out", str(out),
+                       tracking__enabled="true", search__metric="loss")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.splitlines()
+    assert table[0].startswith("compare quickstart: seeds 0; dense val ") and "%" not in table[0], table[0]
+    assert table[1].split()[4:6] == ["val", "loss"], table[1]
+    report = json.loads((out / "compare.json").read_text())
+    assert report["metric"] == "loss" and set(report["dense"]["0"]) == {"val_loss", "test_loss"}
+    rows = report["rows"]
+    assert all(0 < r["val_loss"] < 10 and 0 <= r["val_accuracy"] <= 1 for r in rows), rows
+    imp_round_2 = next(r for r in rows if r["kind"] == "imp" and r["round"] == 2)
+    summary = next(s for s in report["summary"] if s["kind"] == "imp" and s["round"] == 2)
+    assert summary["val_mean"] == imp_round_2["val_loss"]  # one seed: the mean is its loss, not its accuracy
+    assert table[2].split()[4] == f"{report['summary'][0]['val_mean']:.4g}"  # imp round 1, as a loss
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    run = client.search_runs([experiment.experiment_id], "tags.`lth.role` = 'compare'")[0]
+    assert run.data.tags["lth.metric"] == "loss"
+    assert {"imp/val_loss", "random_prune/test_loss", "dense_val_loss"} <= set(run.data.metrics)
+    assert not any(key.endswith("accuracy") for key in run.data.metrics)

@@ -181,24 +181,28 @@ def compare_lines(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(" = ".join(kinds), kinds[0]) for kinds in groups.values()]
 
 
-def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title: str) -> bytes:
-    """PNG: val and test accuracy vs remaining weights (log scale) for each lineage kind.
+def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title: str, metric: Metric = ACCURACY) -> bytes:
+    """PNG: val and test values of `metric` vs remaining weights (log scale) for each lineage kind.
 
-    `rows` are summary rows (kind, sparsity, val_mean/min/max, test_mean/min/max); the
-    band around each line spans the seeds' min to max, the dashed line is dense.
+    `rows` are summary rows (kind, sparsity, val_mean/min/max, test_mean/min/max, in `metric`);
+    `dense` holds `val_<metric>` and `test_<metric>`; the band around each line spans the seeds'
+    min to max, the dashed line is dense.
     """
     figure = Figure(figsize=(11, 4.4))
     lines = compare_lines(rows)
+    scale = _scale(metric)
     for index, split in enumerate(("val", "test")):
         axes = figure.add_subplot(1, 2, index + 1)
         for number, (label, kind) in enumerate(lines):
             items = sorted((r for r in rows if r["kind"] == kind), key=lambda r: -r["sparsity"])
             remaining = [100 * (1 - r["sparsity"]) for r in items]
             color = f"C{number % 10}"
-            axes.plot(remaining, _pct(r[f"{split}_mean"] for r in items), "o-", ms=3, color=color, label=label)
-            axes.fill_between(remaining, _pct(r[f"{split}_min"] for r in items), _pct(r[f"{split}_max"] for r in items),
-                              color=color, alpha=0.15, lw=0)
-        axes.axhline(100 * dense[f"{split}_accuracy"], color="black", lw=1, ls="--", label="dense")
+            axes.plot(remaining, [scale * r[f"{split}_mean"] for r in items], "o-", ms=3, color=color, label=label)
+            axes.fill_between(remaining, [scale * r[f"{split}_min"] for r in items],
+                              [scale * r[f"{split}_max"] for r in items], color=color, alpha=0.15, lw=0)
+        reference = dense.get(f"{split}_{metric.name}")
+        if _finite(reference):
+            axes.axhline(scale * reference, color="black", lw=1, ls="--", label="dense")
         axes.set_xscale("log")
         shown = [100 * (1 - r["sparsity"]) for r in rows]
         axes.set_xticks([v for v in _LOG_TICKS if min(shown) / 1.5 <= v <= max(shown) * 1.5])
@@ -206,9 +210,9 @@ def compare_plot(rows: Sequence[dict[str, Any]], dense: dict[str, float], title:
         axes.xaxis.set_minor_formatter(NullFormatter())
         axes.invert_xaxis()
         axes.set_xlabel("remaining weights (% of prunable, log scale)")
-        axes.set_ylabel(f"{split} accuracy (%)")
+        axes.set_ylabel(_axis_label(metric, split))
         axes.grid(alpha=0.3, which="both")
         axes.set_title(f"{title} · {split}", fontsize=10)
         if index == 0:
-            axes.legend(fontsize=7, loc="lower left")
+            axes.legend(fontsize=7, loc="lower left" if metric.higher_is_better else "upper left")
     return _png(figure)
