@@ -285,3 +285,52 @@ def test_an_exhaustive_search_ends_its_trials_without_stop_warnings(tmp_path, ca
             searcher.on_trial_complete(trial, {"matching_sparsity": 0.5, "training_iteration": 1}, error=True)
     assert not [r for r in caplog.records if "Study.stop" in r.getMessage()]
     assert [t.state.name for t in searcher._ot_study.get_trials(deepcopy=False)] == ["COMPLETE", "COMPLETE"]
+
+
+def test_trials_that_ended_after_rays_last_snapshot_count_against_a_resumed_searchs_budget(tmp_path):
+    """A killed driver may have started trials after Ray's last snapshot that ended before it died:
+    the restored search never had them, and ran as many again. They are lineages of the search
+    (their records say so), so the resumed search runs that many fewer; an unfinished one is
+    replaced. A search resumed twice does not count them twice."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.search import SearchGenerator
+
+    from lth_search.search.journal import journal_storage
+    from lth_search.search.relocation import RelocatedSearchGenerator
+    from lth_search.search.scheduler import PruningAwareOptunaSearch
+    from lth_search.store.stage_store import StageStore
+
+    cfg = _cfg(f"output_dir={tmp_path}", "search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
+    journal = str(tmp_path / "study.journal")
+
+    def searcher() -> PruningAwareOptunaSearch:
+        return PruningAwareOptunaSearch(
+            space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
+            sampler=optuna.samplers.RandomSampler(seed=0), study_name="s1", storage=journal_storage(journal))
+
+    where = StorageContext(storage_path=str(tmp_path / "ray"), experiment_dir_name="s1")
+
+    def resumed(snapshot) -> RelocatedSearchGenerator:
+        generator = RelocatedSearchGenerator(searcher(), where, cfg, journal, "s1")
+        generator.restore_from_dir(str(snapshot))
+        return generator
+
+    first = SearchGenerator(searcher())
+    first.set_state({"counter": 2, "total_samples": 6, "finished": False, "experiment": None})
+    first.searcher.suggest("a"), first.searcher.suggest("b")
+    first.searcher.on_trial_complete("a", {"matching_sparsity": 0.5, "training_iteration": 1})
+    (tmp_path / "snapshot1").mkdir(), (tmp_path / "snapshot2").mkdir()
+    first.save_to_dir(str(tmp_path / "snapshot1"), "s")  # Ray's last snapshot: it knows a and b
+
+    store = StageStore.from_config(cfg)
+    for trial_id, status in [("a", TrialStatus.FINISHED), ("c", TrialStatus.FINISHED), ("d", TrialStatus.RUNNING),
+                             ("e", TrialStatus.ERROR)]:
+        TrialRecord(search=cfg.name, trial_id=trial_id, search_id="s1", status=status).save(store)
+    TrialRecord(search=cfg.name, trial_id="x", search_id="another", status=TrialStatus.FINISHED).save(store)
+
+    again = resumed(tmp_path / "snapshot1")
+    assert again.total_samples == 6 - 2  # c finished and e errored after the snapshot; d is replaced
+    again.save_to_dir(str(tmp_path / "snapshot2"), "s")
+    assert resumed(tmp_path / "snapshot2").total_samples == 4  # counted once, whatever the resumes
+    TrialRecord(search=cfg.name, trial_id="f", search_id="s1", status=TrialStatus.STOPPED).save(store)
+    assert resumed(tmp_path / "snapshot2").total_samples == 3  # one more ended before the next kill

@@ -67,7 +67,7 @@ from lth_search.search.ray_session import check_reachable, check_resources, clus
 from lth_search.search.result_file import result_files
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_failure import SearchFailure
-from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_trials, ray_trials, settle
+from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_orphans, ended_trials, ray_trials, settle
 from lth_search.store.stage_store import StageStore
 
 Progress = Callable[[str], None]
@@ -243,7 +243,7 @@ def resume_search(
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = _callbacks(cfg, progress, workers, state.search_id)
         run_config.verbose = ray_verbose(verbosity)
-        relocated_search(tuner, cfg, state.journal)  # a copied or moved folder continues where it is now
+        relocated_search(tuner, cfg, state.journal, state.search_id)  # a copied or moved folder continues where it is now
         try:
             return _fit(cfg, state, tuner, observer, progress, address, workers)
         finally:
@@ -353,7 +353,8 @@ def _fit(
     if damaged:
         progress(f"trial record(s) {', '.join(sorted(damaged)[:5])} in {cfg.store_uri()} cannot be read; left out")
     settle(store, cfg, records, {t for t, done in ended.items() if done and not trials.get(t)})
-    complete = len(trials) >= trial_budget(cfg) and all(
+    lineages = len(trials) + len(ended_orphans(list(records.values()), set(trials)))  # and those Ray never saw
+    complete = lineages >= trial_budget(cfg) and all(
         errored or (trial_id in records and records[trial_id].status.final) for trial_id, errored in trials.items()
     )
     if complete:

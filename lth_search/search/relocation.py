@@ -7,6 +7,10 @@ and checkpoints in the old place) and the Optuna searcher (its journal, and the 
 it reads trial records with). `RelocatedSearchGenerator` is the search algorithm of a
 resumed Tuner: right after Ray restores its state it points both at the folder the
 search is resumed in, the one search.json was found in (runs/saved_paths.py).
+
+It also lowers the number of trials left by the trials that ended after Ray's last
+snapshot (trial_status.py `ended_orphans`): Ray's restored count never had them, and
+without this a resumed search ran and counted more lineages than its budget.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from lth_search.search.journal import journal_storage
 class RelocatedSearchGenerator(SearchGenerator):
     """Ray's SearchGenerator whose restored state is pointed at `storage` and `journal`."""
 
-    def __init__(self, searcher: Searcher, storage: StorageContext, cfg: ExperimentConfig, journal: str) -> None:
+    def __init__(self, searcher: Searcher, storage: StorageContext, cfg: ExperimentConfig, journal: str,
+                 search_id: str) -> None:
         super().__init__(searcher)
-        self._where, self._cfg, self._journal = storage, cfg, journal
+        self._where, self._cfg, self._journal, self._search_id = storage, cfg, journal, search_id
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
@@ -42,6 +47,9 @@ class RelocatedSearchGenerator(SearchGenerator):
         relocate = getattr(self.searcher, "relocate", None)
         if relocate is not None:
             relocate(self._cfg, self._journal)
+        adopt = getattr(self.searcher, "adopt_ended_orphans", None)
+        if adopt is not None:  # trials that ended after the snapshot count against the budget
+            self._total_samples = max(self._counter, self._total_samples - adopt(self._search_id))
 
 
 def relocate_study(study: Any, journal: str) -> None:
@@ -51,7 +59,7 @@ def relocate_study(study: Any, journal: str) -> None:
         storage._backend = journal_storage(journal)._backend  # one storage object, shared by its trials
 
 
-def relocated_search(tuner: Any, cfg: ExperimentConfig, journal: str) -> None:
+def relocated_search(tuner: Any, cfg: ExperimentConfig, journal: str, search_id: str) -> None:
     """Give a restored Tuner a search algorithm that continues in the folder it was restored from."""
     internal = tuner._local_tuner  # Tuner.restore has no public way to change what it restored
     run_config, tune_config = internal.get_run_config(), internal._tune_config
@@ -59,4 +67,4 @@ def relocated_search(tuner: Any, cfg: ExperimentConfig, journal: str) -> None:
     if isinstance(searcher, Searcher):
         where = StorageContext(storage_path=run_config.storage_path, experiment_dir_name=run_config.name,
                                storage_filesystem=run_config.storage_filesystem)
-        tune_config.search_alg = RelocatedSearchGenerator(searcher, where, cfg, journal)
+        tune_config.search_alg = RelocatedSearchGenerator(searcher, where, cfg, journal, search_id)

@@ -31,6 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lth_search.config import ExperimentConfig
 from lth_search.runs.record import TrialRecord, TrialStatus
 from lth_search.runs.trial import DEFAULT_RECIPE, SPARSITY_LEVEL, VAL_MARGIN, sparsity_level
+from lth_search.search.trial_status import ended_orphans
 from lth_search.store.stage_store import StageStore
 
 RAY_TRIAL_ATTR = "ray_trial_id"
@@ -171,6 +172,20 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._lth_cfg = cfg.model_dump(mode="json")
         if self._ot_study is not None:
             relocate_study(self._ot_study, journal)
+
+    def adopt_ended_orphans(self, search_id: str) -> int:
+        """Count, once, the trials of this search that ended after Ray's last snapshot
+        (trial_status.py `ended_orphans`); returns how many are new. A resumed search runs that
+        many fewer trials (relocation.py), so its lineages stay within its budget. The ones
+        counted are kept (`_adopted`, pickled with this searcher into Ray's snapshots), so a
+        search resumed again does not count them twice."""
+        cfg = ExperimentConfig.model_validate(self._lth_cfg)
+        records = TrialRecord.load_all(StageStore.from_config(cfg), cfg.name, search_id, unreadable=[])
+        adopted: set[str] = self.__dict__.setdefault("_adopted", set())  # absent from a searcher saved before it
+        known = set(self._completed_trials) | set(self._ot_trials) | adopted
+        found = ended_orphans(records, known)
+        adopted |= found
+        return len(found)
 
     def _ended_by_itself(self, trial_id: str) -> bool:
         cfg = ExperimentConfig.model_validate(self._lth_cfg)

@@ -105,6 +105,19 @@ def ended_trials(grid: tune.ResultGrid) -> dict[str, bool]:
     return {r.metrics["trial_id"]: bool(r.metrics.get("done")) for r in grid if "trial_id" in r.metrics}
 
 
+COUNTED = (TrialStatus.FINISHED, TrialStatus.STOPPED, TrialStatus.ERROR)
+"""The statuses of a trial that is one of the search's lineages (the summary counts them)."""
+
+
+def ended_orphans(records: list[TrialRecord], known: set[str]) -> set[str]:
+    """Trials that ended (finished, stopped, errored) though Ray's restored state never had them:
+    started by a killed driver after Ray's last snapshot, they ended before it died. They are
+    lineages of the search, so they count against its budget as Tune's own trials do (a resumed
+    search runs that many fewer: relocation.py); an unfinished one is abandoned instead and a
+    replacement runs (`abandon_orphans`)."""
+    return {r.trial_id for r in records if r.trial_id not in known and r.status in COUNTED}
+
+
 def abandon_orphans(store: StageStore, records: dict[str, TrialRecord], known: set[str]) -> None:
     """Mark trials Ray does not know: started by a killed driver after Ray's last snapshot.
 
