@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from types import SimpleNamespace
 
 import optuna
@@ -268,16 +269,20 @@ def test_an_exhaustive_search_whose_every_recipe_runs_draws_a_copy_without_stopp
 
 def test_an_exhaustive_search_ends_its_trials_without_stop_warnings(tmp_path, caplog):
     """Optuna's BruteForceSampler calls `Study.stop` once every recipe ran; Ray's OptunaSearch tells
-    outside `Study.optimize`, so `stop` raised and Ray logged it as a warning at each trial's end."""
+    outside `Study.optimize`, so `stop` raised and Ray logged it as a warning at each trial's end.
+    Nor does the sampler warn that it is experimental (an Optuna matter, not the user's)."""
     from lth_search.search.journal import journal_storage
     from lth_search.search.scheduler import PruningAwareOptunaSearch
     from lth_search.search.space import make_sampler, sampler_name
 
     cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null", "search.num_trials=2")
     assert sampler_name(cfg) == "exhaustive"
+    with warnings.catch_warnings():  # nor Optuna's "experimental" warning on the console
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
+        sampler = make_sampler(cfg)
     searcher = PruningAwareOptunaSearch(
         space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
-        sampler=make_sampler(cfg), study_name="ends", storage=journal_storage(str(tmp_path / "ends.journal")),
+        sampler=sampler, study_name="ends", storage=journal_storage(str(tmp_path / "ends.journal")),
     )
     assert {searcher.suggest(trial)["rate"] for trial in ("a", "b")} == {0.2, 0.5}
     with caplog.at_level(logging.WARNING):

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 
 from lth_search.config import ExperimentConfig
 from lth_search.search.journal import journal_storage
@@ -125,7 +127,9 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     """The sampler `sampler_name` names, seeded by the config's seed."""
     name = sampler_name(cfg)
     if name == "exhaustive":
-        return ExhaustiveSampler(seed=cfg.seed)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.1: not the user's concern
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return ExhaustiveSampler(seed=cfg.seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "nsga2":
