@@ -219,19 +219,23 @@ def test_the_driver_trains_dense_stages_ahead_only_on_a_cpu_without_cuda_setting
     assert not _dense_ahead_fits(_cfg("train.device=cpu", f"train.steps={DENSE_AHEAD_STEPS + 1}"))
 
 
+def _optuna_searcher(cfg, sampler, journal: str, study: str):
+    """The search's Optuna searcher over `cfg`'s space, its study in the journal file `journal`."""
+    from lth_search.search.journal import journal_storage
+    from lth_search.search.scheduler import PruningAwareOptunaSearch
+
+    return PruningAwareOptunaSearch(space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
+                                    sampler=sampler, study_name=study, storage=journal_storage(journal))
+
+
 def test_a_proposal_repeating_a_running_recipe_is_drawn_again_and_an_ended_one_is_not(tmp_path):
     """A copy of a running trial's recipe would wait for each of its stages and report the same
     bytes: a slot idle for a whole lineage. Random start-up draws with replacement; the seed here
     draws rate 0.5 twice in a row (checked: without the redraw both trials run rate 0.5)."""
-    from lth_search.search.journal import journal_storage
-    from lth_search.search.scheduler import DUPLICATE_ATTR, RAY_TRIAL_ATTR, PruningAwareOptunaSearch
+    from lth_search.search.scheduler import DUPLICATE_ATTR, RAY_TRIAL_ATTR
 
     cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
-    searcher = PruningAwareOptunaSearch(
-        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
-        sampler=optuna.samplers.RandomSampler(seed=1), study_name="dup",
-        storage=journal_storage(str(tmp_path / "dup.journal")),
-    )
+    searcher = _optuna_searcher(cfg, optuna.samplers.RandomSampler(seed=1), str(tmp_path / "dup.journal"), "dup")
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert first["rate"] != second["rate"]
     trials = searcher._ot_study.get_trials(deepcopy=False)
@@ -249,15 +253,11 @@ def test_an_exhaustive_search_whose_every_recipe_runs_draws_a_copy_without_stopp
     """Optuna's BruteForceSampler calls `Study.stop` from `after_trial` once no recipe is left
     unexplored, and `stop` raises outside `Study.optimize`: telling a copy FAIL when every recipe
     runs already must still draw (a resumed exhaustive search hit it; CI at ff728b3)."""
-    from lth_search.search.journal import journal_storage
-    from lth_search.search.scheduler import DUPLICATE_ATTR, PruningAwareOptunaSearch
+    from lth_search.search.scheduler import DUPLICATE_ATTR
 
     cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
-    searcher = PruningAwareOptunaSearch(
-        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
-        sampler=optuna.samplers.BruteForceSampler(seed=0), study_name="all-running",
-        storage=journal_storage(str(tmp_path / "all.journal")),
-    )
+    searcher = _optuna_searcher(cfg, optuna.samplers.BruteForceSampler(seed=0), str(tmp_path / "all.journal"),
+                                "all-running")
     rates = {searcher.suggest(trial)["rate"] for trial in ("a", "b")}
     assert rates == {0.2, 0.5}
     third = searcher.suggest("c")  # both recipes run: a copy, after the redraws
@@ -271,8 +271,6 @@ def test_an_exhaustive_search_ends_its_trials_without_stop_warnings(tmp_path, ca
     """Optuna's BruteForceSampler calls `Study.stop` once every recipe ran; Ray's OptunaSearch tells
     outside `Study.optimize`, so `stop` raised and Ray logged it as a warning at each trial's end.
     Nor does the sampler warn that it is experimental (an Optuna matter, not the user's)."""
-    from lth_search.search.journal import journal_storage
-    from lth_search.search.scheduler import PruningAwareOptunaSearch
     from lth_search.search.space import make_sampler, sampler_name
 
     cfg = _cfg("search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null", "search.num_trials=2")
@@ -280,10 +278,7 @@ def test_an_exhaustive_search_ends_its_trials_without_stop_warnings(tmp_path, ca
     with warnings.catch_warnings():  # nor Optuna's "experimental" warning on the console
         warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
         sampler = make_sampler(cfg)
-    searcher = PruningAwareOptunaSearch(
-        space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
-        sampler=sampler, study_name="ends", storage=journal_storage(str(tmp_path / "ends.journal")),
-    )
+    searcher = _optuna_searcher(cfg, sampler, str(tmp_path / "ends.journal"), "ends")
     assert {searcher.suggest(trial)["rate"] for trial in ("a", "b")} == {0.2, 0.5}
     with caplog.at_level(logging.WARNING):
         for trial in ("a", "b"):
@@ -300,18 +295,14 @@ def test_trials_that_ended_after_rays_last_snapshot_count_against_a_resumed_sear
     from ray.train._internal.storage import StorageContext
     from ray.tune.search import SearchGenerator
 
-    from lth_search.search.journal import journal_storage
     from lth_search.search.relocation import RelocatedSearchGenerator
-    from lth_search.search.scheduler import PruningAwareOptunaSearch
     from lth_search.store.stage_store import StageStore
 
     cfg = _cfg(f"output_dir={tmp_path}", "search.space.rate=[0.2, 0.5]", "search.space.rewind_step=null")
     journal = str(tmp_path / "study.journal")
 
-    def searcher() -> PruningAwareOptunaSearch:
-        return PruningAwareOptunaSearch(
-            space=DefineByRunSpace(cfg), metric="matching_sparsity", mode="max", cfg=cfg,
-            sampler=optuna.samplers.RandomSampler(seed=0), study_name="s1", storage=journal_storage(journal))
+    def searcher():
+        return _optuna_searcher(cfg, optuna.samplers.RandomSampler(seed=0), journal, "s1")
 
     where = StorageContext(storage_path=str(tmp_path / "ray"), experiment_dir_name="s1")
 

@@ -132,10 +132,10 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
     def _running_twin(self, trial_id: str) -> str | None:
         """The running trial (its Ray id) whose recipe `trial_id`'s proposal repeats, if any: the
-        searcher keeps an Optuna trial only while its trial runs (`on_trial_complete`)."""
+        searcher keeps an Optuna trial only while its trial runs (`on_trial_complete` drops it)."""
         params = self._ot_trials[trial_id].params
         return next((other for other, ot_trial in self._ot_trials.items()
-                     if other != trial_id and other not in self._completed_trials and ot_trial.params == params), None)
+                     if other != trial_id and ot_trial.params == params), None)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Also links the Optuna trial to the trial's MLflow run (user attribute `mlflow_run_id`).
@@ -179,17 +179,22 @@ class PruningAwareOptunaSearch(OptunaSearch):
         many fewer trials (relocation.py), so its lineages stay within its budget. The ones
         counted are kept (`_adopted`, pickled with this searcher into Ray's snapshots), so a
         search resumed again does not count them twice."""
-        cfg = ExperimentConfig.model_validate(self._lth_cfg)
-        records = TrialRecord.load_all(StageStore.from_config(cfg), cfg.name, search_id, unreadable=[])
+        name, store = self._records()
+        records = TrialRecord.load_all(store, name, search_id, unreadable=[])
         adopted: set[str] = self.__dict__.setdefault("_adopted", set())  # absent from a searcher saved before it
         known = set(self._completed_trials) | set(self._ot_trials) | adopted
         found = ended_orphans(records, known)
         adopted |= found
         return len(found)
 
-    def _ended_by_itself(self, trial_id: str) -> bool:
+    def _records(self) -> tuple[str, StageStore]:
+        """(the search's name, the store its trial records are in), from the config it keeps."""
         cfg = ExperimentConfig.model_validate(self._lth_cfg)
-        record = TrialRecord.load(StageStore.from_config(cfg), cfg.name, trial_id)
+        return cfg.name, StageStore.from_config(cfg)
+
+    def _ended_by_itself(self, trial_id: str) -> bool:
+        name, store = self._records()
+        record = TrialRecord.load(store, name, trial_id)
         return record is not None and record.status is TrialStatus.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
