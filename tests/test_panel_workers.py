@@ -14,7 +14,7 @@ from search_helpers import manifests, search_config
 from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_runs import ROLE, run_id
 from lth_search.search.panel_workers import Panel, PanelWorkers, WarmPanels
-from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
+from lth_search.search.ray_leases import RayLeaseService, actor_name, start_lease_actor
 from lth_search.store.stage_store import StageStore
 
 
@@ -23,7 +23,7 @@ def _records(cfg, search_id: str) -> dict[str, TrialRecord]:
 
 
 def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_root, tmp_path):
-    # one worker: the dense stages trained ahead end before its first pack starts
+    # one worker: the dense stage trained ahead ends before its first pack starts
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "search.max_concurrent": 1})
     workers = PanelWorkers(cfg)
     lines: list[str] = []
@@ -43,8 +43,14 @@ def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_
     records = _records(cfg, "s1")
     assert sorted(records) == sorted(run_id("s1", recipes[index], seed) for index, seed in runs)
     assert all(r.status.final for r in records.values())
-    # every run found its dense stage stored: trained ahead, once per seed (replicates too)
-    assert all(r.dense.reused for r in records.values())
+    # seed 7's dense stage, trained ahead (one seed at a time on an idle worker), was stored
+    # before its runs began; seed 8's was trained by its first run and reused by the other.
+    # No pack was tried twice (a retry finds every stage stored, and so hid a lease actor that
+    # had died with the prefetch that started it)
+    assert all(len(r.attempts) == 1 for r in records.values())
+    reused = {seed: sorted(bool(records[run_id("s1", recipe, seed)].dense.reused) for recipe in recipes)
+              for seed in (7, 8)}
+    assert reused == {7: [True, True], 8: [False, True]}
     dense = [m for m in manifests(tmp_path / "store") if m["kind"] == "dense"]
     seeds = sorted(m["inputs"]["seed"] for m in dense)
     assert seeds == sorted(set(seeds)) and {7, 8} <= set(seeds)
@@ -175,6 +181,7 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
         workers.close()
     records = _records(cfg, "s6")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
+    print("DBG", [(r.trial_id[-20:], r.dense.reused, [a.pid for a in r.attempts]) for r in records.values()])
     assert all(r.dense.reused for r in records.values())  # every pack found them stored
 
 
@@ -204,6 +211,41 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
         assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
         pids = Counter(r.attempts[0].pid for r in records.values())
         assert sorted(pids.values()) in splits, (search_id, pids)
+
+
+def test_a_pack_stopped_while_it_trains_a_stage_leaves_the_lease_service_to_the_others(
+        ray_local, data_root, tmp_path):
+    """No driver lease actor here (run_search's): the workers' leases must outlive a stopped
+    worker. A pack ahead is stopped while it holds seed 7's dense lease; the worker that
+    replaces it trains that stage under the same lease service (a lease actor the stopped
+    worker had created died with it, and every other pack's call failed: a CI flake)."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "train.steps": 3000,
+                                              "name": "stopped-lease"})
+    recipes = [cfg.default_recipe(), {"rate": 0.5}]
+    runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    try:
+        workers.warm()
+        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+        workers.start_ahead(Panel("confirm", recipes, runs[:3]), "s10")
+        wait_for(lambda: any(h.endswith("ahead1") for h in _held(cfg.name).values()), 120, "the pack's lease")
+        marker = "f" * 64  # a lease of this test's, in the lease actor the workers use
+        assert RayLeaseService(cfg.name).acquire(marker, "test", 600.0)
+        workers.run(Panel("confirm", recipes, runs, lineage_rounds=100.0), "s10", lines.append)  # stops it
+    finally:
+        workers.close()
+    records = _records(cfg, "s10")
+    assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
+    assert _held(cfg.name) == {marker: "test"}  # the same lease actor, the stopped pack's lease given back
+
+
+def _held(search_name: str) -> dict[str, str]:
+    """The live leases, without starting a lease actor here (RayLeaseService would, and own it)."""
+    try:
+        return ray.get(ray.get_actor(actor_name(search_name)).held.remote())
+    except ValueError:  # not started yet
+        return {}
 
 
 def test_a_worker_left_idle_takes_runs_from_a_busy_pack_between_its_rounds(ray_local, data_root, tmp_path):

@@ -41,7 +41,7 @@ from lth_search.runs.confirmation import pack_runs
 from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_board import HandoverBoard
 from lth_search.search.panel_runs import ROLE, recipe_tag, run_id, run_pack, train_dense
-from lth_search.search.ray_leases import RayLeaseService
+from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
 from lth_search.store.stage_store import StageStore
 
 Run = tuple[int, int]
@@ -123,11 +123,17 @@ class PanelWorkers:
         """The panel runs started ahead (`start_ahead`), not to start again."""
         self._board: Any = None
         """The packs' `HandoverBoard` (panel_board.py), started with the workers."""
+        self._leases: Any = None
+        """The search's lease actor (ray_leases.py), held here so this process owns it."""
 
     def warm(self) -> None:
         """Start the workers now (no-op when they run): their imports overlap whatever comes next."""
         if self._actors:
             return
+        # the workers' stage leases live in an actor this process owns (found, if the driver
+        # started it): one a worker created would die with that worker, and a stopped pack
+        # would take every other pack's leases with it
+        self._leases = start_lease_actor(self.cfg.name)
         self._actors = [self._new_actor() for _ in range(self.cfg.search.max_concurrent)]
         self._ready = [actor.ready.remote() for actor in self._actors]
         self._board = HandoverBoard.remote()
