@@ -56,6 +56,31 @@ def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_
     assert seeds == sorted(set(seeds)) and {7, 8} <= set(seeds)
 
 
+def test_a_spread_gives_seeds_to_a_worker_busy_with_dense_stages_too(ray_local, data_root, tmp_path):
+    """A panel that starts while one worker trains a seed ahead and the other is idle: the seeds
+    left are dealt to both (the busy one's queue behind its seed), not all to the idle one, whose
+    packs would then wait for them (the report's start, quickstart seed 7: 3.7 s of one core)."""
+    cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "train.steps": 3000})
+    workers = PanelWorkers(cfg)
+    lines: list[str] = []
+    runs = [(0, seed) for seed in (7, 8, 9)]
+    try:
+        workers.warm()
+        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+        workers.prefetch([7], "confirm")  # one seed ahead, on one worker
+        workers.prefetch([7, 8, 9], "confirm", spread=True)  # as a panel's start does
+        given: dict[int, list[str]] = {}
+        for work in workers._work.values():
+            given.setdefault(id(work.actor), []).append(work.what)
+        assert sorted(map(sorted, given.values())) == [
+            ["the dense stages of seeds [7]", "the dense stages of seeds [9]"], ["the dense stages of seeds [8]"]]
+        workers.run(Panel("confirm", [cfg.default_recipe()], runs), "s11", lines.append)
+    finally:
+        workers.close()
+    records = _records(cfg, "s11")
+    assert lines == [] and len(records) == 3 and all(r.status.final and r.dense.reused for r in records.values())
+
+
 def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_local, data_root, tmp_path):
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "search.max_failures": 1})
     workers = PanelWorkers(cfg)

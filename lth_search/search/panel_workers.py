@@ -93,6 +93,8 @@ class _Work:
     """The panel runs it walks, when started ahead of its panel (`start_ahead`)."""
     walking: int = 0
     """How many runs a pack of runs may still hand over (panel_board.py); 0: none, or not a pack."""
+    dense: bool = False
+    """Dense stages trained ahead (`prefetch`), not a panel's runs."""
 
 
 class PanelWorkers:
@@ -211,18 +213,33 @@ class PanelWorkers:
 
     def prefetch(self, seeds: list[int], phase: str, spread: bool = False) -> None:
         """Train the dense stages of `seeds` (once per seed): with `spread`, split over every idle
-        worker; else one seed on an idle worker, if one is idle. One seed at a time, so a panel
-        that starts meanwhile spreads the seeds not taken yet over its idle workers instead of
+        worker and every worker busy with dense stages only (a seed given to one queues behind
+        them); else one seed on an idle worker, if one is idle. One seed at a time, so a panel
+        that starts meanwhile spreads the seeds not taken yet over its workers instead of
         waiting for one worker to train them all (quickstart seed 7: the report's first pack
-        waited 5 s for the three seeds the other worker was training)."""
+        waited 5 s for the three seeds the other worker was training).
+
+        Why the busy ones too: the report began with one worker idle and the other finishing a
+        seed ahead; the idle one took both seeds left and the other, free 0.6 s later, waited
+        3.7 s for them in its first pack. A seed queued on a busy worker costs nothing if a pack
+        trains it first: its turn finds the stages stored."""
         seeds = [seed for seed in seeds if seed not in self._prefetched]
-        idle = self._idle()[:len(seeds) if spread else 1] if seeds else []
+        idle = self._idle() + (self._dense_only() if spread else [])
+        idle = idle[:len(seeds) if spread else 1] if seeds else []
         for number, actor in enumerate(idle):
             chunk = seeds[number::len(idle)] if spread else seeds[:1]
             self._prefetched.update(chunk)
             call = actor.train_dense.options(max_task_retries=0, retry_exceptions=False)
             owner = f"{phase}:dense:{chunk[0]}"
-            self._work[call.remote(self.base, chunk, owner)] = _Work(actor, f"the dense stages of seeds {chunk}", owner)
+            self._work[call.remote(self.base, chunk, owner)] = _Work(actor, f"the dense stages of seeds {chunk}", owner,
+                                                                      dense=True)
+
+    def _dense_only(self) -> list[Any]:
+        """The busy workers whose every work in flight is dense stages ahead."""
+        dense: dict[int, bool] = {}
+        for work in self._work.values():
+            dense[id(work.actor)] = dense.get(id(work.actor), True) and work.dense
+        return [actor for actor in self._actors if dense.get(id(actor), False)]
 
     def _idle(self, started_only: bool = False) -> list[Any]:
         """The workers with nothing to do, the started ones first: a worker started in the
