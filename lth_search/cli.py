@@ -263,7 +263,8 @@ def _search_exit(summary: dict[str, Any], as_json: bool) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from lth_search.api import best_ticket
     from lth_search.ticket_forms import export_ticket
-    from lth_search.tickets import FILES, describe_ticket
+    from lth_search.ticket_text import describe_ticket
+    from lth_search.tickets import FILES
 
     if args.out is not None:
         check_location(args.out, "--out")
@@ -285,7 +286,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_tickets(args: argparse.Namespace) -> int:
     from lth_search.api import list_tickets
-    from lth_search.tickets import format_tickets
+    from lth_search.ticket_text import format_tickets
 
     table = list_tickets(experiment=args.experiment, tracking_uri=args.tracking_uri, search_run_id=args.search_run_id)
     print(json.dumps(table) if args.json else format_tickets(table))

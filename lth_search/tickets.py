@@ -297,19 +297,19 @@ def select_ticket(rows: list[dict[str, Any]], max_accuracy_drop: float | None = 
         closest = min((r for r in rows if _judged(r, "dense_val") is not None),
                       key=lambda r: _ranked(r, "dense_val") - _ranked(r), default=None)
         hint = "" if closest is None else (
-            f" (the closest drops {_row_metric(closest).format_margin(_ranked(closest, 'dense_val') - _ranked(closest))})")
+            f" (the closest drops {row_metric(closest).format_margin(_ranked(closest, 'dense_val') - _ranked(closest))})")
         raise TrackingError(f"no ticket matches: none of {len(rows)} is the {criterion_text(max_accuracy_drop)}{hint}")
     return max(pool, key=lambda r: (r["sparsity"], _ranked(r)))
 
 
-def _row_metric(row: dict[str, Any]) -> Metric:
+def row_metric(row: dict[str, Any]) -> Metric:
     """The metric a ticket row was judged on (rows without one: accuracy)."""
     return metric_named(row.get("metric"))
 
 
 def _judged(row: dict[str, Any], prefix: str = "val") -> float | None:
     """A row's value in the verdict's units: accuracy, or the mean loss (a perplexity's log)."""
-    metric = _row_metric(row)
+    metric = row_metric(row)
     value = row.get(f"{prefix}_{metric.name}")
     if value is None or metric.name != "perplexity":
         return value
@@ -321,7 +321,7 @@ def _ranked(row: dict[str, Any], prefix: str = "val") -> float:
     value = _judged(row, prefix)
     if value is None:
         return -math.inf
-    return value if _row_metric(row).higher_is_better else -value
+    return value if row_metric(row).higher_is_better else -value
 
 
 def _search_best(rows: list[dict[str, Any]], confirmed_trial: str | None) -> dict[str, Any]:
@@ -332,92 +332,12 @@ def _search_best(rows: list[dict[str, Any]], confirmed_trial: str | None) -> dic
     for r in rows:  # every trial's ticket; round 0 (the dense network) when none of its rounds matched
         trial, end = str(r["trial_id"]), int(r["matching_round"])
         tickets[trial] = (TrialTicket(trial, end, r["sparsity"], r["val_accuracy"], val_value=_judged(r),
-                                      higher_is_better=_row_metric(r).higher_is_better) if r["round"] == end else
+                                      higher_is_better=row_metric(r).higher_is_better) if r["round"] == end else
                           tickets.get(trial, TrialTicket(trial, 0, 0.0, r["dense_val_accuracy"] or 0.0)))
     best = best_trial_ticket(tickets.values(), trial_id=confirmed_trial)
     if best is None or best.round == 0:
         closest = max(rows, key=lambda r: r.get("margin") if r.get("margin") is not None else -1.0)
         margin = closest.get("margin")
-        hint = "" if margin is None else f" (the closest margin is {_row_metric(closest).format_margin(margin)})"
+        hint = "" if margin is None else f" (the closest margin is {row_metric(closest).format_margin(margin)})"
         raise TrackingError(f"no ticket matches: no round of the {len(rows)} matched its dense network{hint}")
     return ends[(best.trial_id, best.round)]  # type: ignore[union-attr]
-
-
-# Text ----------------------------------------------------------------------------------------
-def _choices(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-def describe_ticket(ticket: Ticket) -> str:
-    """A few readable lines about a ticket (what `lth-search best` prints)."""
-    m = ticket.metrics
-    dense_val, dense_test = m.get("dense_val_accuracy"), m.get("dense_test_accuracy")
-    drop = "" if dense_val is None else f" ({100 * (m['val_accuracy'] - dense_val):+.2f} pp vs dense {100 * dense_val:.2f}%)"
-    test = "" if dense_test is None else f" (dense {100 * dense_test:.2f}%)"
-    registered = ticket.extra.get("model_uri")
-    gains = ticket.summary()["inference"]
-    inference = [] if not {"latency_b1", "latency_batch", "export_bytes"} <= set(gains) else [
-        f"  inference as CSR (one CPU thread, ratios to dense): time x{gains['latency_b1']:.2f} at batch 1, "
-        f"x{gains['latency_batch']:.2f} at batch {ticket.config.tracking.serve_batch}; "
-        f"{gains['export_bytes'] / 1024:.1f} kB vs {gains.get('dense_bytes', 0) / 1024:.1f} kB dense"]
-    named = ticket.metric_summary()
-    if named:  # judged on loss or perplexity: that metric first, by name and direction
-        metric = metric_named(named["metric"])
-        val, test = metric.val_key, metric.test_key
-        lines = [f"  {val} {metric.format(named[val])} (dense {metric.format(named['dense_' + val])}; lower is better)",
-                 f"  {test} {metric.format(named[test])} (dense {metric.format(named['dense_' + test])})"]
-    else:
-        lines = [f"  val  {100 * m['val_accuracy']:.2f}%{drop}", f"  test {100 * m['test_accuracy']:.2f}%{test}"]
-    return "\n".join([
-        f"best ticket of {ticket.experiment}: trial {ticket.trial_id}, round {ticket.round} [{ticket.criterion}]",
-        f"  sparsity {100 * ticket.sparsity:.2f}%  ({100 * (1 - ticket.sparsity):.2f}% of prunable weights remain)",
-        *lines,
-        f"  choices: {_choices(ticket.params) or '(none searched)'}; rewind to step {ticket.rewind_step}",
-        *inference,
-        f"  MLflow run {ticket.run_id}",
-        f"  in Python: t = best_ticket(experiment={ticket.experiment!r}); t.trained_model() (inference), "
-        f"t.rewound_model() (to retrain)",
-        *([f"  registered: mlflow.pyfunc.load_model({registered!r})"] if registered else []),
-    ])
-
-
-def format_tickets(table: list[dict[str, Any]]) -> str:
-    """Every ticket as a fixed-width table, by trial then round."""
-    if not table:
-        return "no tickets"
-    if table[0].get("metric"):
-        return _format_named(table)
-    header = (f"{'trial':<22} {'round':>5} {'sparsity':>9} {'val':>7} {'test':>7} {'dense val':>9} {'margin':>8} "
-              f"{'match':>5} {'reused':>6}  choices")
-    lines = [header]
-    for row in table:
-        dense, margin = row.get("dense_val_accuracy"), row.get("margin")
-        if margin is None and dense is not None:  # runs logged before the paired verdict: against their own dense
-            margin = row["val_accuracy"] - dense
-        delta = "" if margin is None else f"{100 * margin:+.2f}pp"
-        match = {True: "yes", False: "no", None: "?"}[row.get("matching")]
-        lines.append(
-            f"{str(row['trial_id'])[:22]:<22} {row['round']:>5} {100 * row['sparsity']:>8.2f}% "
-            f"{100 * row['val_accuracy']:>6.2f}% {100 * row['test_accuracy']:>6.2f}% "
-            f"{'' if dense is None else f'{100 * dense:.2f}%':>9} {delta:>8} {match:>5} {row.get('reused', 0):>6}  "
-            f"{_choices(row.get('params') or {})}"
-        )
-    return "\n".join(lines)
-
-
-def _format_named(table: list[dict[str, Any]]) -> str:
-    """The tickets of a search judged on loss or perplexity: the metric's columns, by name."""
-    metric = _row_metric(table[0])
-    val, test = metric.val_key, metric.test_key
-    lines = [f"judged on {metric.name} ({metric.direction}; margin in nats of mean loss per target, positive is better)",
-             f"{'trial':<22} {'round':>5} {'sparsity':>9} {val:>15} {test:>15} {'dense ' + val:>21} {'margin':>8} "
-             f"{'match':>5} {'reused':>6}  choices"]
-    for row in table:
-        match = {True: "yes", False: "no", None: "?"}[row.get("matching")]
-        lines.append(
-            f"{str(row['trial_id'])[:22]:<22} {row['round']:>5} {100 * row['sparsity']:>8.2f}% "
-            f"{metric.format(row.get(val)):>15} {metric.format(row.get(test)):>15} "
-            f"{metric.format(row.get('dense_' + val)):>21} {metric.format_margin(row.get('margin')):>8} {match:>5} "
-            f"{row.get('reused', 0):>6}  {_choices(row.get('params') or {})}"
-        )
-    return "\n".join(lines)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lth_search"
 
 FLOORS = {
     "lth_search": 0, "lth_search.errors": 0, "lth_search.portable": 0, "lth_search.config": 1, "lth_search.store": 2,
-    "lth_search.engine": 3, "lth_search.runs": 4, "lth_search.tickets": 5, "lth_search.ticket_forms": 5, "lth_search.compare": 5, "lth_search.search": 6,
+    "lth_search.engine": 3, "lth_search.runs": 4, "lth_search.tickets": 5, "lth_search.ticket_forms": 5, "lth_search.ticket_text": 5, "lth_search.compare": 5, "lth_search.search": 6,
     "lth_search.tracking": 6, "lth_search.api": 7, "lth_search.cli": 8,
 }
 ONLY_IN = {"ray": "lth_search.search", "optuna": "lth_search.search", "mlflow": "lth_search.tracking"}

@@ -13,7 +13,8 @@ from search_helpers import manifests, search_config
 
 from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_runs import ROLE, run_id
-from lth_search.search.panel_workers import Panel, PanelWorkers, WarmPanels
+from lth_search.search.panel_workers import Panel, PanelWorkers
+from lth_search.search.warm_panels import WarmPanels
 from lth_search.search.ray_leases import RayLeaseService, actor_name, start_lease_actor
 from lth_search.store.stage_store import StageStore
 
@@ -206,7 +207,6 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
         workers.close()
     records = _records(cfg, "s6")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
-    print("DBG", [(r.trial_id[-20:], r.dense.reused, [a.pid for a in r.attempts]) for r in records.values()])
     assert all(r.dense.reused for r in records.values())  # every pack found them stored
 
 
@@ -258,11 +258,12 @@ def test_a_pack_stopped_while_it_trains_a_stage_leaves_the_lease_service_to_the_
         marker = "f" * 64  # a lease of this test's, in the lease actor the workers use
         assert RayLeaseService(cfg.name).acquire(marker, "test", 600.0)
         workers.run(Panel("confirm", recipes, runs, lineage_rounds=100.0), "s10", lines.append)  # stops it
+        held = _held(cfg.name)
     finally:
         workers.close()
     records = _records(cfg, "s10")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
-    assert _held(cfg.name) == {marker: "test"}  # the same lease actor, the stopped pack's lease given back
+    assert held == {marker: "test"}  # the same lease actor, the stopped pack's lease given back
 
 
 def _held(search_name: str) -> dict[str, str]:

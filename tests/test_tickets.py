@@ -25,7 +25,8 @@ from lth_search.engine.models import build_model
 from lth_search.engine.pruning import layer_sparsity
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
-from lth_search.tickets import Ticket, format_tickets
+from lth_search.ticket_text import format_tickets
+from lth_search.tickets import Ticket
 from lth_search.tracking.ticket_reader import best_ticket, list_tickets
 from lth_search.tracking.trial_run import TrialTracker
 from lth_search.engine.packs import PackMember, choose_mode, train_pack

@@ -84,7 +84,7 @@ def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int], lineage_
 
 
 class SelectionAhead:
-    """The selection runs certain before the search has ended (panel_workers.py `WarmPanels`
+    """The selection runs certain before the search has ended (warm_panels.py `WarmPanels`
     starts them in the search's tail): the default's and those of the recipes that stay among
     the candidates whatever the running lineages do.
 

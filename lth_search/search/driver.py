@@ -49,7 +49,8 @@ from lth_search.search.durable import check_durable, result_places
 from lth_search.search.ended_trials import ForgetEnded, release_results
 from lth_search.search.journal import journal_storage
 from lth_search.search.panel_runs import train_dense
-from lth_search.search.panel_workers import PanelWorkers, WarmPanels
+from lth_search.search.panel_workers import PanelWorkers
+from lth_search.search.warm_panels import WarmPanels
 from lth_search.search.ray_leases import start_lease_actor
 from lth_search.search.relocation import relocated_search
 from lth_search.search.ray_storage import ray_storage

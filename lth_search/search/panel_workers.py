@@ -9,9 +9,9 @@ searcher, no scheduler, no per-round reports: its lineages' records are its resu
 plain actors run it:
 
 - `PanelWorkers` starts `search.max_concurrent` actors with the trials' resources and keeps
-  them for both panels. `warm()` may start them early: `WarmPanels` does when the search
-  has started its last lineage and a slot has come free, so their start overlaps the
-  search's tail instead of following it; a worker that has started then takes the
+  them for both panels. `warm()` may start them early: `WarmPanels` (warm_panels.py) does
+  when the search has started its last lineage and a slot has come free, so their start
+  overlaps the search's tail instead of following it; a worker that has started then takes the
   selection runs already certain (`start_ahead`), which no longer wait for the search's
   last lineage (quickstart seed 3: the selection ended 4 s sooner).
 - The packs go to whichever worker is free next, so a slow pack does not hold the next
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray import tune
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.confirmation import pack_runs
@@ -126,7 +125,7 @@ class PanelWorkers:
         self._board: Any = None
         """The packs' `HandoverBoard` (panel_board.py), started with the workers."""
         self._leases: Any = None
-        """The search's lease actor (ray_leases.py), held here so this process owns it."""
+        """The search's lease actor (ray_leases.py), held from `warm()` to `close()` so this process owns it."""
 
     def warm(self) -> None:
         """Start the workers now (no-op when they run): their imports overlap whatever comes next."""
@@ -162,6 +161,7 @@ class PanelWorkers:
         self._actors, self._ready, self._work, self._board = [], [], {}, None
         self._prefetched, self._ahead = set(), set()  # what was stopped is to do again
         self._release(stopped)
+        self._leases = None  # the lease actor, if this process started it, stops with the workers
 
     def _release(self, owners: set[str]) -> None:
         """Give back the stage leases that stopped work held."""
@@ -359,54 +359,3 @@ class PanelWorkers:
 def _last_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
-
-
-AheadPanel = Callable[[list[str], int], "Panel | None"]
-"""(ended trial ids, lineages still running) -> the runs of the next panel known already."""
-
-
-class WarmPanels(tune.Callback):
-    """Starts the confirmation's workers in the search's tail, and on them the selection runs
-    already certain; stops them if a lineage must run again.
-
-    The tail: every lineage of the budget has started and one has ended, so a slot is free
-    and no new lineage will want it. The runs started then are the default recipe's and
-    those of the recipes that stay among the candidates whatever the running lineages do
-    (runs/confirmation.py `certain_candidates`): on the quickstart's two slots, the default
-    and the two best while the last lineage runs. They used to wait for that lineage, one
-    slot idle meanwhile (only the selection seeds' dense stages were trained ahead). A trial
-    that Tune recovers after a failure wants a slot again: the workers are stopped until the
-    tail comes back.
-    """
-
-    def __init__(self, workers: PanelWorkers, budget: int, search_id: str, ahead: AheadPanel) -> None:
-        self.workers = workers
-        self.budget = budget
-        self.search_id = search_id
-        self.ahead = ahead
-        self.tail = False
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if len(trials) >= self.budget and not any(t.status == "PENDING" for t in trials):
-            self.tail = True
-            self.workers.warm()
-            self._start_ahead(trials, trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if self.tail:  # a running lineage's round: a worker that has started since may take runs ahead
-            self._start_ahead(trials, None)
-
-    def _start_ahead(self, trials: list, ended_now: Any) -> None:
-        if not self.workers.started_idle():
-            return
-        ended = [t.trial_id for t in trials if t is ended_now or t.status in ("TERMINATED", "ERROR")]
-        panel = self.ahead(ended, len(trials) - len(ended))
-        if panel is not None:
-            self.workers.start_ahead(panel, self.search_id)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.on_trial_complete(iteration, trials, trial, **info)
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tail = False
-        self.workers.close()

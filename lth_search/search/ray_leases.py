@@ -94,12 +94,6 @@ def start_lease_actor(search_name: str) -> ray.actor.ActorHandle:
     return _LeaseActor.options(name=actor_name(search_name), get_if_exists=True).remote()
 
 
-_STARTED_HERE: dict[str, ray.actor.ActorHandle] = {}
-"""Lease actors this process started (no driver had): held for the process's life. An actor
-lives while its creator holds a handle, so one dropped with the `RayLeaseService` that made it
-died under every other process using it (a prefetch's, under the next pack on that worker)."""
-
-
 class RayLeaseService:
     """The `LeaseService` protocol over the named actor (blocking `ray.get` calls).
 
@@ -113,7 +107,7 @@ class RayLeaseService:
         try:
             self._actor = ray.get_actor(self.name)
         except ValueError:  # the driver did not create it (a lineage run outside `run_search`)
-            self._actor = _STARTED_HERE[self.name] = start_lease_actor(search_name)
+            self._actor = start_lease_actor(search_name)  # lives while this handle does
 
     def _holder(self, holder: str) -> str:
         return self.owner or holder
