@@ -16,13 +16,18 @@ def _command(data_root: Path, tmp_path: Path, *extra: str, **overrides: object) 
             *extra]
 
 
+def _table(command: list[str]) -> list[str]:
+    """The lines `lth-search compare` prints, once it has succeeded."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_compare_writes_table_plot_rows_and_an_mlflow_run(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = _command(data_root, tmp_path, "--kinds", "imp,random_prune,synflow", "--seeds", "0,1", "--out", str(out),
                        tracking__enabled="true", diagnostics__stability_steps="[0, 20]")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    table = done.stdout.splitlines()
+    table = _table(command)
     assert table[0].startswith("compare quickstart: seeds 0,1")
     assert table[1].startswith("dense instability barrier (val error, two data orders from theta_k): k=0: ")
     body = [line.split() for line in table[3:]]
@@ -79,9 +84,7 @@ def test_a_loss_judged_comparison_tables_plots_and_logs_the_loss(data_root: Path
     out = tmp_path / "out"
     command = _command(data_root, tmp_path, "--kinds", "imp,random_prune", "--seeds", "0", "--out", str(out),
                        tracking__enabled="true", search__metric="loss")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    table = done.stdout.splitlines()
+    table = _table(command)
     assert table[0].startswith("compare quickstart: seeds 0; dense val ") and "%" not in table[0], table[0]
     assert table[1].split()[4:6] == ["val", "loss"], table[1]
     report = json.loads((out / "compare.json").read_text())

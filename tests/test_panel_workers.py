@@ -6,6 +6,8 @@ import os
 import signal
 import threading
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 from conftest import wait_for
@@ -21,6 +23,18 @@ from lth_search.store.stage_store import StageStore
 
 def _records(cfg, search_id: str) -> dict[str, TrialRecord]:
     return {r.trial_id: r for r in TrialRecord.load_all(StageStore.from_config(cfg), cfg.name, search_id, role=ROLE)}
+
+
+@contextmanager
+def _started(cfg) -> Iterator[PanelWorkers]:
+    """Both workers started (their imports done) before the test deals them anything; closed after."""
+    workers = PanelWorkers(cfg)
+    try:
+        workers.warm()
+        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+        yield workers
+    finally:
+        workers.close()
 
 
 def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_root, tmp_path):
@@ -62,12 +76,9 @@ def test_a_spread_gives_seeds_to_a_worker_busy_with_dense_stages_too(ray_local, 
     left are dealt to both (the busy one's queue behind its seed), not all to the idle one, whose
     packs would then wait for them (the report's start, quickstart seed 7: 3.7 s of one core)."""
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "train.steps": 3000})
-    workers = PanelWorkers(cfg)
     lines: list[str] = []
     runs = [(0, seed) for seed in (7, 8, 9)]
-    try:
-        workers.warm()
-        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+    with _started(cfg) as workers:
         workers.prefetch([7], "confirm")  # one seed ahead, on one worker
         workers.prefetch([7, 8, 9], "confirm", spread=True)  # as a panel's start does
         given: dict[int, list[str]] = {}
@@ -76,8 +87,6 @@ def test_a_spread_gives_seeds_to_a_worker_busy_with_dense_stages_too(ray_local, 
         assert sorted(map(sorted, given.values())) == [
             ["the dense stages of seeds [7]", "the dense stages of seeds [9]"], ["the dense stages of seeds [8]"]]
         workers.run(Panel("confirm", [cfg.default_recipe()], runs), "s11", lines.append)
-    finally:
-        workers.close()
     records = _records(cfg, "s11")
     assert lines == [] and len(records) == 3 and all(r.status.final and r.dense.reused for r in records.values())
 
@@ -196,15 +205,10 @@ def test_packs_that_start_together_find_their_shared_dense_stages_trained_a_shar
     """Both packs start from the dense stages of seeds 7 and 8: the two workers train one seed's
     each before their packs, instead of one pack training both while the other waits."""
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null"})
-    workers = PanelWorkers(cfg)
     lines: list[str] = []
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
-    try:
-        workers.warm()
-        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+    with _started(cfg) as workers:
         workers.run(Panel("confirm", recipes, [(0, 7), (1, 7), (0, 8), (1, 8)]), "s6", lines.append)
-    finally:
-        workers.close()
     records = _records(cfg, "s6")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
     assert all(r.dense.reused for r in records.values())  # every pack found them stored
@@ -223,15 +227,10 @@ def test_runs_ahead_beyond_a_workers_share_are_dealt_again_unless_they_did_that_
     # before they stored a record), two packs of two (or both on one worker, if the worker that
     # replaced the stopped one started late): never that split
     for search_id, rounds, splits in [("s7", 100.0, ([2, 2], [4])), ("s8", 0.0, ([1, 3],))]:
-        workers = PanelWorkers(cfg)
         lines: list[str] = []
-        try:
-            workers.warm()
-            wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+        with _started(cfg) as workers:
             workers.start_ahead(Panel("confirm", recipes, runs[:3]), search_id)
             workers.run(Panel("confirm", recipes, runs, lineage_rounds=rounds), search_id, lines.append)
-        finally:
-            workers.close()
         records = _records(cfg, search_id)
         assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
         pids = Counter(r.attempts[0].pid for r in records.values())
@@ -248,19 +247,14 @@ def test_a_pack_stopped_while_it_trains_a_stage_leaves_the_lease_service_to_the_
                                               "name": "stopped-lease"})
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
-    workers = PanelWorkers(cfg)
     lines: list[str] = []
-    try:
-        workers.warm()
-        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+    with _started(cfg) as workers:
         workers.start_ahead(Panel("confirm", recipes, runs[:3]), "s10")
         wait_for(lambda: any(h.endswith("ahead1") for h in _held(cfg.name).values()), 120, "the pack's lease")
         marker = "f" * 64  # a lease of this test's, in the lease actor the workers use
         assert RayLeaseService(cfg.name).acquire(marker, "test", 600.0)
         workers.run(Panel("confirm", recipes, runs, lineage_rounds=100.0), "s10", lines.append)  # stops it
         held = _held(cfg.name)
-    finally:
-        workers.close()
     records = _records(cfg, "s10")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
     assert held == {marker: "test"}  # the same lease actor, the stopped pack's lease given back
@@ -282,15 +276,10 @@ def test_a_worker_left_idle_takes_runs_from_a_busy_pack_between_its_rounds(ray_l
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "prune.rounds": 8})
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
-    workers = PanelWorkers(cfg)
     lines: list[str] = []
-    try:
-        workers.warm()
-        wait_for(lambda: workers.started_idle() == 2, 120, "both workers' start")
+    with _started(cfg) as workers:
         workers.start_ahead(Panel("confirm", recipes, runs), "s9")
         workers.run(Panel("confirm", recipes, runs), "s9", lines.append)  # lineage_rounds 0: waited for
-    finally:
-        workers.close()
     records = _records(cfg, "s9")
     assert lines == [] and len(records) == 4
     assert all(r.status.final and len(r.rounds) == cfg.prune.rounds for r in records.values())
