@@ -330,3 +330,70 @@ def test_trials_that_ended_after_rays_last_snapshot_count_against_a_resumed_sear
     assert resumed(tmp_path / "snapshot2").total_samples == 4  # counted once, whatever the resumes
     TrialRecord(search=cfg.name, trial_id="f", search_id="s1", status=TrialStatus.STOPPED).save(store)
     assert resumed(tmp_path / "snapshot2").total_samples == 3  # one more ended before the next kill
+
+
+def test_a_worker_process_fetches_the_search_data_set_once_and_a_new_one_replaces_it(ray_local, data_root, tmp_path):
+    import ray
+
+    from lth_search.engine.data import load_dataset
+    from lth_search.search.shared_data import SharedDataset
+    from conftest import tiny_config
+
+    cfg = tiny_config(data_root, tmp_path)
+    first = load_dataset(cfg.data, cfg.seed, "cpu")
+    second = load_dataset(cfg.data, cfg.seed + 1, "cpu")
+
+    @ray.remote(num_cpus=0)
+    class Trials:  # one process, as a reused Tune actor runs its trials
+        def __init__(self) -> None:
+            self.seen = []  # every data set a trial got stays alive: no two can share an id()
+
+        def start(self, shared: SharedDataset) -> tuple[int, str]:
+            self.seen.append(shared.get())
+            return id(self.seen[-1]), _digest(self.seen[-1].train.x)
+
+    worker = Trials.remote()
+    shared_first, shared_second = SharedDataset(first), SharedDataset(second)
+    one, two = ray.get([worker.start.remote(shared_first), worker.start.remote(shared_first)])
+    assert one[0] == two[0]  # the second trial found the first's data set
+    assert one[1] == _digest(first.train.x)
+    three = ray.get(worker.start.remote(shared_second))
+    assert three[0] != one[0] and three[1] == _digest(second.train.x)
+    assert _digest(first.train.x) != _digest(second.train.x)  # the seeds split the data differently
+    ray.kill(worker)
+
+
+def _digest(tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+_MONITOR_FIRST = """
+import signal, sys
+import ray
+from lth_search.search.ray_session import _stop_autoscaler_monitor, ray_session
+
+with ray_session(None):
+    processes = ray._private.worker._global_node.all_processes
+    monitor, raylet = processes["monitor"][0].process, processes["raylet"][0].process
+    assert monitor.poll() is None
+    _stop_autoscaler_monitor()
+    assert monitor.returncode == -signal.SIGKILL, monitor.returncode
+    assert raylet.poll() is None and ray.get(ray.put(7)) == 7  # the rest of Ray is untouched
+assert raylet.poll() is not None and not ray.is_initialized()
+print("stopped")
+"""
+
+
+def test_a_local_rays_autoscaler_monitor_is_killed_before_the_shutdown_waits_on_it():
+    """ray.shutdown gives each head process a second to leave on SIGTERM, and the monitor takes it
+    all (ray_session.py): the session kills it first, leaving the rest of Ray to stop as before."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own local Ray
+    done = subprocess.run([sys.executable, "-c", _MONITOR_FIRST], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr[-2000:]
+    assert "autoscaler failed" not in done.stderr

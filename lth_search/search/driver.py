@@ -66,6 +66,7 @@ from lth_search.search.space import (
 )
 from lth_search.search.ray_session import check_reachable, check_resources, cluster_address, ray_session
 from lth_search.search.result_file import result_files
+from lth_search.search.shared_data import SharedDataset
 from lth_search.search.trainable import PROGRESS_METRICS, lineage_trial
 from lth_search.search.trial_failure import SearchFailure
 from lth_search.search.trial_status import TrialEvents, abandon_orphans, ended_orphans, ended_trials, ray_trials, settle
@@ -76,8 +77,9 @@ Progress = Callable[[str], None]
 
 # Tune pieces ---------------------------------------------------------------------------------
 def _trainable(cfg: ExperimentConfig, state: SearchState, tracking: SearchTracking | None) -> Any:
-    """The lineage trial with the data set (via the object store) and the search context bound."""
-    dataset = load_dataset(cfg.data, cfg.seed, "cpu")
+    """The lineage trial with the data set (via the object store, fetched once per process) and the
+    search context bound."""
+    dataset = SharedDataset(load_dataset(cfg.data, cfg.seed, "cpu"))
     context = {"search_id": state.search_id, "parent_run_id": state.parent_run_id}
     observer_factory = tracking.trial_observer if tracking is not None else None
     bound = tune.with_parameters(

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,7 +45,31 @@ def ray_session(address: str | None, verbosity: int = 0) -> Iterator[None]:
     try:
         yield
     finally:
+        if not cluster_address(address):
+            _stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def _stop_autoscaler_monitor() -> None:
+    """SIGKILL a local Ray's autoscaler monitor, before `ray.shutdown` stops the rest.
+
+    ray.shutdown stops the head's processes one at a time, each given a second to exit on
+    SIGTERM before it is killed. The monitor (which has nothing to scale on a local Ray of
+    fixed size) uses the whole second: measured, raylet 0.03 s, GCS 0.02 s, monitor 1.01 s,
+    1.37 s in all, every core idle. A SIGTERM'd monitor also reports "The autoscaler failed"
+    through the raylet. Killed first, as it is after that second anyway, the shutdown takes
+    0.15 s. Reaches Ray's private node state; a Ray without it shuts down as before.
+    """
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    for info in processes.get("monitor", []):  # ray_constants.PROCESS_TYPE_MONITOR
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass  # ray.shutdown deals with it as it would have
 
 
 @contextmanager

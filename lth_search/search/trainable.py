@@ -18,12 +18,12 @@ import ray
 from ray import tune
 
 from lth_search.config import validate_config
-from lth_search.engine.data import Dataset
 from lth_search.runs.observers import TrialObserverFactory
 from lth_search.runs.record import TrialRecord
 from lth_search.runs.trial import DEFAULT_RECIPE, run_trial
 from lth_search.search.ray_leases import RayLeaseService
 from lth_search.search.scheduler import MLFLOW_RUN_ATTR
+from lth_search.search.shared_data import SharedDataset
 from lth_search.search.space import OPTUNA_TRIAL_KEY, choices_of
 from lth_search.store.stage_store import StageStore
 
@@ -33,7 +33,7 @@ PROGRESS_METRICS = ["round", "sparsity", "val_accuracy", "test_accuracy", "match
 
 
 def lineage_trial(
-    config: dict[str, Any], base: dict[str, Any], dataset: Dataset, context: dict[str, Any],
+    config: dict[str, Any], base: dict[str, Any], dataset: SharedDataset, context: dict[str, Any],
     observer_factory: TrialObserverFactory | None = None,
 ) -> None:
     """The function trainable (Ray passes `config`; `tune.with_parameters` the rest).
@@ -76,7 +76,7 @@ def lineage_trial(
         report(round_index, key, {**metrics, DEFAULT_RECIPE: is_default})
 
     try:
-        run_trial(trial_cfg, store, report_round, record, observer, done, dataset, node_id)
+        run_trial(trial_cfg, store, report_round, record, observer, done, dataset.get(), node_id)
     finally:  # a trial early stopping ends inside `report`: what its run queued is sent all the same
         if observer is not None:
             observer.flush()
