@@ -370,7 +370,7 @@ def _digest(tensor) -> str:
 
 
 _MONITOR_FIRST = """
-import signal, sys
+import signal
 import ray
 from lth_search.search.ray_session import _stop_autoscaler_monitor, ray_session
 
