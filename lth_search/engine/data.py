@@ -30,7 +30,6 @@ from lth_search.errors import ConfigError, DataError, first_line
 from lth_search.engine.plugins import DATA_GROUP, resolve
 
 
-
 # Containers ------------------------------------------------------------------------------
 @dataclass
 class Split:
