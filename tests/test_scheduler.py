@@ -144,3 +144,42 @@ def test_a_searcher_restored_from_before_a_trials_end_does_not_tell_the_study_tw
     first = study.trials[0]
     assert first.state.is_finished() and first.intermediate_values == {1: 0.5}
     assert sum(t.state.is_finished() for t in study.trials) == 1
+
+
+class _Trials:
+    """What Tune hands a scheduler (its controller, wrapped): every trial in creation order, and the live ones."""
+
+    def __init__(self, trials: list) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list:
+        return self.trials
+
+    def get_live_trials(self) -> set:
+        return {trial for trial in self.trials if trial.status != "TERMINATED"}
+
+
+@pytest.mark.parametrize("asha", [False, True])
+def test_the_scheduler_chooses_as_fifo_does_from_the_live_trials_alone(asha: bool, tmp_path: Path) -> None:
+    # Tune asks the scheduler at every step; FIFO's scan of every trial ever made is quadratic in a
+    # search's trials (issue 24). Choosing among the live ones must give FIFO's answer whatever the
+    # trials' statuses: the first pending trial in creation order, else the first paused one.
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    cfg = tiny_config(tmp_path, tmp_path, prune__rounds=3, search__asha__enabled=str(asha).lower())
+    scheduler = make_scheduler(cfg)
+    # Tune's tag begins with its counter: 10 sorts after 9, not between 1 and 2 as text would
+    trials = [Trial("__fake", experiment_tag=f"{n}_rate=0.{n}", stub=True) for n in (1, 2, 9, 10, 11)]
+    cases = [
+        ("TERMINATED", "RUNNING", "PENDING", "PENDING", "PENDING"),  # the 9th, not the 10th
+        ("TERMINATED", "PAUSED", "RUNNING", "PAUSED", "TERMINATED"),  # no pending trial: the first paused
+        ("PENDING", "TERMINATED", "PAUSED", "PENDING", "RUNNING"),  # pending before paused
+        ("TERMINATED", "RUNNING", "TERMINATED", "RUNNING", "ERROR"),  # none waits
+    ]
+    for statuses in cases:
+        for trial, status in zip(trials, statuses):
+            trial.set_status(status)
+        expected = FIFOScheduler().choose_trial_to_run(_Trials(trials))
+        assert scheduler.choose_trial_to_run(_Trials(trials)) is expected, statuses
+    assert expected is None
