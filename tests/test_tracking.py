@@ -28,6 +28,7 @@ from lth_search.engine.data import load_dataset, read_raw
 from lth_search.tracking.client import read_artifact
 from lth_search.store.stage_store import StageStore
 from lth_search.tracking.ticket_reader import best_ticket
+from lth_search.tracking.ticket_table import read_rows, rows_csv
 from lth_search.tracking.mlflow_observers import MlflowTracking
 from mlflow_helpers import search_layout, tracked_trial
 
@@ -118,6 +119,10 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     # the search's best ticket: the end of a trial's unbroken matching run (runs/best.py)
     assert parent.data.metrics["best_matching_sparsity"] == max(result.best.sparsity for result in results.values())
     assert read_artifact(client, parent.info.run_id, "plots/search_summary.png")[:4] == b"\x89PNG"
+    # The finish's table, from its one read of the child runs (tracking/child_runs.py), is the table
+    # `lth-search tickets` reads: the same rows, values and types.
+    _, rows, _ = read_rows(name, search.parent_run_id, uri)
+    assert read_artifact(client, parent.info.run_id, "tickets.csv") == rows_csv(rows)
 
     if backend == "server":
         rest_parent, rest_children = search_layout(uri, name, children=2)

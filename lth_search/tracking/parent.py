@@ -67,17 +67,20 @@ def log_confirmation(search: SearchTracker, confirmation: dict[str, Any]) -> Non
     io.call("tag the confirmed trial", lambda: io.client.set_tag(parent, "lth.confirmed_trial_id", confirmation["trial_id"]))
 
 
-def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_trial: str | None = None) -> None:
+def log_search_summary(search: SearchTracker, expected_tickets: int, confirmed_trial: str | None = None,
+                       rows: list[dict[str, Any]] | None = None) -> None:
     """Rewrite the parent's tickets table (Parquet and CSV), summary plot, metrics and registered model.
 
     `expected_tickets` is how many trial-rounds the store holds: fewer in MLflow is a gap
-    that `lth-search sync` fills, and is said so.
+    that `lth-search sync` fills, and is said so. `rows`: the search's tickets as just read
+    (child_runs.py), else they are read here.
     """
     io, parent = search.io, search.parent_run_id
     ref = SearchRef(search.cfg.experiment_name(), search.experiment, parent)
-    ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
-    if not ok:
-        return
+    if rows is None:
+        ok, rows = io.call("read the search's tickets", lambda: ticket_rows(io.client, ref))
+        if not ok:
+            return
     if len(rows) < expected_tickets:
         log.warning("MLflow holds %d of the %d tickets in the store; run `lth-search sync %s`",
                     len(rows), expected_tickets, search.cfg.name)

@@ -13,8 +13,6 @@ runs it later, once the server answers again.
 from __future__ import annotations
 
 import logging
-import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig, validate_config
@@ -26,8 +24,9 @@ from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.runs.summary import best_records
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
+from lth_search.tracking.child_runs import RunPlace, RunView, read_child_runs, reread
 from lth_search.tracking.describe import search_tags
-from lth_search.tracking.layout import COMPLETE, PARENT, STATUS, TRIAL_ID, is_summary_metric, summary_metrics
+from lth_search.tracking.layout import LINEAGE_PLOT, summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.search_run import SearchTracker
 from lth_search.tracking.trial_run import TERMINAL, TrialTracker, trials_plot_live
@@ -58,69 +57,46 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
 
     `confirmation` (Confirmation.to_json() with the chosen `trial_id`) goes to the parent
     and decides the best ticket. Returns counts of what was logged now (see `reconcile`);
-    nothing raises.
+    nothing raises. The child runs are read once for all three (child_runs.py).
     """
     if not search.open():
         return {}
     search.ensure_config()
-    counts = reconcile(search, records)
-    counts["plots"] = plot_best_trials(search, records)
+    children = read_child_runs(search)
+    counts, touched = reconcile(search, records, children.complete if children else {})
+    places = children.places if children else {}
+    rows = children.tickets() if children is not None and reread(search, children, touched) else None
+    del children  # the driver's peak is at the finish: nothing is held longer than it is needed
     if confirmation is not None:
         log_confirmation(search, confirmation)
-    log_search_summary(search, sum(len(r.round_keys) for r in records), confirmation and confirmation["trial_id"])
+    log_search_summary(search, sum(len(r.round_keys) for r in records), confirmation and confirmation["trial_id"], rows)
+    del rows
+    counts["plots"] = plot_best_trials(search, records, places)
     return counts
 
 
-def reconcile(search: SearchTracker, records: list[TrialRecord]) -> dict[str, int]:
-    """Log, for every trial record, what its child run lacks. Returns counts of what was logged."""
+def reconcile(search: SearchTracker, records: list[TrialRecord],
+              complete: dict[str, RunView]) -> tuple[dict[str, int], set[str]]:
+    """Log, for every trial record, what its child run lacks (`complete`: the runs that may already
+    show theirs, child_runs.py). Returns counts of what was logged and the runs it opened (what they
+    show may have changed)."""
     stages = _Stages(search.cfg)
     counts = {"trials": 0, "dense": 0, "rounds": 0, "summaries": 0}
-    complete = _complete_runs(search)
+    touched: set[str] = set()
     for record in sorted(records, key=lambda r: r.trial_id):
-        logged = [] if _up_to_date(complete.get(record.trial_id), record) else reconcile_trial(search, record, stages)
+        tracker = None if _up_to_date(complete.get(record.trial_id), record) else reconcile_trial(search, record, stages)
+        logged = tracker.logged if tracker is not None else []
+        if tracker is not None and tracker.run_id is not None:  # its rows may have changed
+            touched.add(tracker.run_id)
         counts["trials"] += 1
         counts["dense"] += logged.count("dense")
         counts["rounds"] += sum(item.startswith("round_") for item in logged)
         counts["summaries"] += logged.count("summary")
-    return counts
+    return counts, touched
 
 
-@dataclass(frozen=True)
-class _RunView:
-    """What `_up_to_date` reads of a complete run: its status and its summary metrics. The whole runs
-    (tags with their descriptions, params, data-set inputs) are read a page at a time and not kept, nor
-    are a run's other metrics (per-layer sparsities, per-round series' latest values: dozens of names,
-    each a new string in every run), kept for every trial of the search until the reconciliation ends
-    (issue 24: the driver's peak at the finish)."""
-
-    status_tag: str | None
-    run_status: str
-    metrics: dict[str, float]
-
-
-def _complete_runs(search: SearchTracker) -> dict[str, _RunView]:
-    """The search's child runs that their trials ended with nothing missing, by trial id, in one query
-    per page of runs (client.RUN_PAGE): asking each run what it holds costs ~5 queries a trial at the end
-    of a search."""
-    if search.parent_run_id is None or search.experiment is None:
-        return {}
-    tags = {PARENT: search.parent_run_id, COMPLETE: "1"}
-
-    def views() -> dict[str, _RunView]:
-        return {run.data.tags.get(TRIAL_ID): _RunView(run.data.tags.get(STATUS), run.info.status, _summary(run))
-                for run in search.io.tagged_runs(search.experiment, tags)}
-
-    ok, found = search.io.call("list the trials' runs", views)
-    return found if ok else {}
-
-
-def _summary(run: Any) -> dict[str, float]:
-    """A run's summary metrics (`layout.is_summary_metric`), their names shared between runs."""
-    return {sys.intern(name): value for name, value in run.data.metrics.items() if is_summary_metric(name)}
-
-
-def _up_to_date(run: _RunView | None, record: TrialRecord) -> bool:
-    """Whether a complete run (`_complete_runs`) already shows this record: ended with its status and its
+def _up_to_date(run: RunView | None, record: TrialRecord) -> bool:
+    """Whether a complete run (child_runs.py) already shows this record: ended with its status and its
     summary. A trial the driver stopped or failed after the run ended is reconciled in full."""
     if run is None or record.status not in TERMINAL or run.status_tag != record.status.value:
         return False
@@ -131,9 +107,9 @@ def _up_to_date(run: _RunView | None, record: TrialRecord) -> bool:
     return result is not None and all(run.metrics.get(k) == v for k, v in summary_metrics(result).items())
 
 
-def _trial_run(search: SearchTracker, record: TrialRecord) -> tuple[TrialTracker, LineageResult] | None:
-    """The trial's child run (found or created) and its lineage so far; None before its dense stage or
-    when MLflow does not answer."""
+def _tracker(search: SearchTracker, record: TrialRecord) -> tuple[TrialTracker, LineageResult] | None:
+    """The tracker of the trial's child run (not opened yet) and its lineage so far; None before its
+    dense stage."""
     cfg = validate_config(record.config, source=f"trial record {record.trial_id}")
     cfg.tracking = search.cfg.tracking.model_copy()  # where MLflow is now, not where it was
     result = record.result(cfg.search.tolerance, cfg.prune.patience, cfg.verdict_metric())
@@ -141,14 +117,42 @@ def _trial_run(search: SearchTracker, record: TrialRecord) -> tuple[TrialTracker
         return None
     tracker = TrialTracker(cfg, search.parent_run_id, record.trial_id, record.choices, search.io,
                            tags=search_tags(record.search_id, record.optuna_trial))
-    return (tracker, result) if tracker.ensure_run() else None
+    return tracker, result
 
 
-def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages) -> list[str]:
-    """Bring one trial's child run up to date; returns what was logged (dense, round_N, summary)."""
+def _trial_run(search: SearchTracker, record: TrialRecord) -> tuple[TrialTracker, LineageResult] | None:
+    """The trial's child run (found or created, with what it holds) and its lineage so far; None before
+    its dense stage or when MLflow does not answer."""
+    found = _tracker(search, record)
+    return found if found is not None and found[0].ensure_run() else None
+
+
+def _placed_run(search: SearchTracker, record: TrialRecord,
+                place: RunPlace | None) -> tuple[TrialTracker, LineageResult] | None:
+    """`_trial_run` for drawing its plot: at a place the finish already read (child_runs.py), the run
+    is opened there and asked only whether it has its plot (one listing, not a search by tag and the
+    five reads of everything it holds)."""
+    if place is None:
+        return _trial_run(search, record)
+    found = _tracker(search, record)
+    if found is None:
+        return None
+    tracker, io = found[0], search.io
+    ok, names = io.call(f"list the plots of trial {record.trial_id}",
+                        lambda: io.artifact_names(place.run_id, LINEAGE_PLOT.rsplit("/", 1)[0]))
+    if not ok:
+        return None
+    tracker.run_id, tracker.artifact_uri = place.run_id, place.artifact_uri
+    tracker.state.plot = LINEAGE_PLOT in names
+    return found
+
+
+def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages) -> TrialTracker | None:
+    """Bring one trial's child run up to date; returns its tracker (`logged`: what was logged, dense,
+    round_N, summary), None before its dense stage or when MLflow does not answer."""
     found = _trial_run(search, record)
     if found is None:
-        return []
+        return None
     tracker, result = found
     if tracker.needs_dense():
         tracker.log_dense(result, stages.get(record.dense_key) if tracker.needs_dense_stage() else None)
@@ -159,18 +163,19 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     tracker.flush()
     if record.status in TERMINAL and _needs_finish(tracker, result, record.status):
         tracker.finish(result, record.status)
-    return tracker.logged
+    return tracker
 
 
-def plot_best_trials(search: SearchTracker, records: list[TrialRecord]) -> int:
+def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: dict[str, RunPlace]) -> int:
     """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
-    (trial_run.py `trials_plot_live`), those that lack their plot; returns how many were drawn."""
+    (trial_run.py `trials_plot_live`), those that lack their plot; returns how many were drawn. `places`:
+    the trials' runs as the finish read them (child_runs.py), by trial id."""
     cfg = search.cfg
     if trials_plot_live(cfg):
         return 0
     drawn = 0
     for record in best_records(records, cfg.tracking.trial_plots):
-        found = _trial_run(search, record)
+        found = _placed_run(search, record, places.get(record.trial_id))
         if found is not None and not found[0].state.plot:
             found[0].plot(found[1])
             drawn += found[0].state.plot

@@ -225,21 +225,30 @@ def _inference_column(metric: str) -> str:
     return metric.replace("/", "_")
 
 
-def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
-    """Every ticket of a search, by trial then round."""
-    rows: list[dict[str, Any]] = []
+def runs_with_rows(client: Any, ref: SearchRef) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """Every trial run of a search with its ticket rows, oldest first: a page of runs at a time, their
+    metric histories read together."""
     runs = candidate_runs(client, ref)
-    while True:  # a page of runs at a time, their metric histories read together
+    while True:
         page = list(itertools.islice(runs, PAGE))
         if not page:
-            break
+            return
         ids = [run.info.run_id for run in page]
         keys = {run.info.run_id: history_keys(run) for run in page}
         wanted = dict.fromkeys(key for run_keys in keys.values() for key in run_keys)
         histories = {key: metric_histories(client, ids, key) for key in wanted}
         for run in page:
-            rows += run_rows(client, run, {key: histories[key][run.info.run_id] for key in keys[run.info.run_id]})
+            yield run, run_rows(client, run, {key: histories[key][run.info.run_id] for key in keys[run.info.run_id]})
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ticket rows by trial then round: the order of every tickets table."""
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["round"]))
+
+
+def ticket_rows(client: Any, ref: SearchRef) -> list[dict[str, Any]]:
+    """Every ticket of a search, by trial then round."""
+    return sort_rows([row for _, rows in runs_with_rows(client, ref) for row in rows])
 
 
 def read_rows(
