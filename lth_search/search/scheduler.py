@@ -72,11 +72,15 @@ def first_waiting(tune_controller: Any) -> Any:
     return None
 
 
-class LiveFIFOScheduler(FIFOScheduler):
-    """FIFOScheduler choosing among the live trials (`first_waiting`)."""
+class ChoosesAmongLive:
+    """A scheduler mixin: FIFO's choice among the live trials (`first_waiting`)."""
 
     def choose_trial_to_run(self, tune_controller: Any) -> Any:
         return first_waiting(tune_controller)
+
+
+class LiveFIFOScheduler(ChoosesAmongLive, FIFOScheduler):
+    """FIFOScheduler choosing among the live trials."""
 
 
 def make_scheduler(cfg: ExperimentConfig) -> Any:
@@ -93,15 +97,12 @@ def make_scheduler(cfg: ExperimentConfig) -> Any:
     )
 
 
-class DefaultToTheEnd(ASHAScheduler):
+class DefaultToTheEnd(ChoosesAmongLive, ASHAScheduler):
     """ASHA at equal sparsity that never stops the default recipe (its results still count)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         return TrialScheduler.CONTINUE if result.get(DEFAULT_RECIPE) else decision
-
-    def choose_trial_to_run(self, tune_controller: Any) -> Any:
-        return first_waiting(tune_controller)
 
 
 class PruningAwareOptunaSearch(OptunaSearch):

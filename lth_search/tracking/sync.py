@@ -86,7 +86,7 @@ def reconcile(search: SearchTracker, records: list[TrialRecord],
     for record in sorted(records, key=lambda r: r.trial_id):
         tracker = None if _up_to_date(complete.get(record.trial_id), record) else reconcile_trial(search, record, stages)
         logged = tracker.logged if tracker is not None else []
-        if tracker is not None and tracker.run_id is not None:  # its rows may have changed
+        if tracker is not None:  # an opened run (reconcile_trial returns only those): its rows may have changed
             touched.add(tracker.run_id)
         counts["trials"] += 1
         counts["dense"] += logged.count("dense")
