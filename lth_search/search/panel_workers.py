@@ -29,7 +29,6 @@ search never waits on a worker that waits on the search.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,11 +36,9 @@ import ray
 
 from lth_search.config import ExperimentConfig
 from lth_search.runs.confirmation import pack_runs
-from lth_search.runs.record import TrialRecord
 from lth_search.search.panel_board import HandoverBoard
-from lth_search.search.panel_runs import ROLE, recipe_tag, run_id, run_pack, train_dense
+from lth_search.search.panel_runs import recipe_tag, run_pack, train_dense
 from lth_search.search.ray_leases import RayLeaseService, start_lease_actor
-from lth_search.store.stage_store import StageStore
 
 Run = tuple[int, int]
 """(recipe index, seed): `recipes[index]` on `seed`."""
@@ -94,6 +91,9 @@ class _Work:
     """How many runs a pack of runs may still hand over (panel_board.py); 0: none, or not a pack."""
     dense: bool = False
     """Dense stages trained ahead (`prefetch`), not a panel's runs."""
+    recipes: list[dict[str, Any]] = field(default_factory=list)
+    """The recipes its runs' indices refer to (a pack's): a pack ahead's list is the ahead panel's,
+    whose order need not be its panel's."""
 
 
 class PanelWorkers:
@@ -175,42 +175,6 @@ class PanelWorkers:
         except ray.exceptions.RayError:  # no lease actor left: no lease is held either
             pass
 
-    def _stop(self, refs: set[Any]) -> None:
-        """Stop the work `refs`: their workers are killed and replaced by fresh ones (a stage is
-        published whole or not at all, so what they stored stays for whoever runs them next)."""
-        owners = set()
-        for ref in refs:
-            work = self._work.pop(ref)
-            index = next(i for i, actor in enumerate(self._actors) if actor is work.actor)
-            ray.kill(work.actor, no_restart=True)
-            self._actors[index] = self._new_actor()
-            self._ready[index] = self._actors[index].ready.remote()
-            self._ahead -= work.runs
-            owners.add(work.owner)
-        self._release(owners)
-
-    def _ahead_pays(self, panel: Panel, keys: dict[RunKey, Run], search_id: str, refs: set[Any]) -> bool:
-        """Whether the runs started ahead (`refs`, in flight) are worth waiting for rather than
-        dealing the whole panel evenly again: yes when their packs hold no more than a worker's
-        even share, or when they have done, ahead, at least the stages of the runs they hold
-        beyond it (a run: its dense replicates and the rounds the search's lineages walked, their
-        median). A pack of 8 ahead that the search's end met 1.5 s after it began kept its
-        worker 33 s against 18 s for the other's 4 (quickstart seed 7); one that had run 10 s
-        (seed 3) ended with the other."""
-        share = math.ceil(len(panel.runs) / max(self.cfg.search.max_concurrent, 1))
-        surplus = sum(len(self._work[ref].runs) - share for ref in refs)
-        if surplus <= 0 or not panel.lineage_rounds:  # no more than a share, or nothing to judge by
-            return True
-        store = StageStore.from_config(self.cfg)
-        replicates = self.cfg.prune.dense_replicates  # a run's dense stage: that many trainings of its steps
-        done = 0
-        for key in set().union(*(self._work[ref].runs for ref in refs)) & keys.keys():
-            index, seed = keys[key]
-            record = TrialRecord.load(store, self.cfg.name, run_id(search_id, panel.recipes[index], seed), role=ROLE)
-            if record is not None:
-                done += len(record.rounds) + (replicates if record.dense is not None else 0)
-        return done >= surplus * (replicates + panel.lineage_rounds)
-
     def prefetch(self, seeds: list[int], phase: str, spread: bool = False) -> None:
         """Train the dense stages of `seeds` (once per seed): with `spread`, split over every idle
         worker and every worker busy with dense stages only (a seed given to one queues behind
@@ -272,7 +236,8 @@ class PanelWorkers:
         owner = f"{panel.phase}:{search_id}:ahead{number}"
         ref = self._pack_call(idle[0]).remote(self.base, panel.recipes, [list(run) for run in todo], search_id, owner,
                                               self._board)
-        self._work[ref] = _Work(idle[0], f"{panel.phase} pack ahead {number}", owner, started, len(todo))
+        self._work[ref] = _Work(idle[0], f"{panel.phase} pack ahead {number}", owner, started, len(todo),
+                                recipes=panel.recipes)
 
     def _pack_call(self, actor: Any) -> Any:
         retries = self.cfg.search.max_failures
@@ -283,7 +248,15 @@ class PanelWorkers:
         """Every run of `panel`, in packs on the next free workers; returns when all have ended
         (their records are the results). Runs started ahead are waited for, not started again,
         and the rest are dealt over the workers those leave free. A worker left without a pack
-        meanwhile trains the dense stages of `then_prefetch`, the next panel's seeds."""
+        meanwhile takes runs from a busy pack (panel_board.py), else trains the dense stages of
+        `then_prefetch`, the next panel's seeds.
+
+        Runs ahead beyond a worker's even share are never stopped to be dealt again. They were,
+        by killing their worker, when they had not yet done that surplus's stages: the pack's
+        round in hand was lost, a new process imported torch and the engine again (~2 core-s
+        on 2 cores), and Ray printed `Task _PanelWorker.run_pack failed ... killed by ray.kill`
+        on the quickstart's console. A worker left idle now takes the surplus between two of
+        the pack's rounds instead, with nothing trained twice."""
         self.warm()
         keys = panel.keys()
         ahead = {ref for ref, work in self._work.items() if work.runs & keys.keys()}
@@ -293,10 +266,6 @@ class PanelWorkers:
         for ref in ended:  # work that ended before this panel (a prefetch, a pack ahead) frees its worker first
             self._settle(ref, on_failure)
             mine.discard(ref)
-        if mine and not self._ahead_pays(panel, keys, search_id, mine):
-            covered -= set().union(*(self._work[ref].runs for ref in mine))
-            self._stop(mine)
-            mine = set()
         busy = {id(self._work[ref].actor) for ref in mine}
         remaining = [run for key, run in keys.items() if key not in covered]
         if not mine and self._idle() and len(self._actors) > 1:  # packs started together would all
@@ -306,7 +275,8 @@ class PanelWorkers:
             self.prefetch(list(dict.fromkeys(seed for _, seed in remaining)), panel.phase, spread=True)
         packs = pack_runs(remaining, max(self.cfg.search.max_concurrent - len(busy), 1), self.cfg.resources.pack)
         queue = list(range(len(packs)))
-        asks: dict[Any, Any] = {}  # an idle worker's ask for runs (panel_board.py) -> the pack asked
+        asks: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
+        """An idle worker's ask for runs (panel_board.py) -> the pack asked, and its recipes."""
         while queue or mine or asks:
             for actor in self._idle():
                 if queue:
@@ -315,34 +285,42 @@ class PanelWorkers:
                     owner = f"{panel.phase}:{search_id}:pack{index}"
                     ref = self._pack_call(actor).remote(self.base, panel.recipes, [list(run) for run in packs[index]],
                                                         search_id, owner, self._board)
-                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner, walking=len(packs[index]))
+                    self._work[ref] = _Work(actor, f"{panel.phase} pack {index}", owner, walking=len(packs[index]),
+                                            recipes=panel.recipes)
                     mine.add(ref)
             for _ in range(len(self._idle()) - len(asks)):  # nothing queued: take runs from a busy pack
-                victim = max((ref for ref in mine if self._work[ref].walking > 1 and ref not in asks.values()),
+                asked = {victim for victim, _ in asks.values()}
+                victim = max((ref for ref in mine if self._work[ref].walking > 1 and ref not in asked),
                              key=lambda ref: self._work[ref].walking, default=None)
                 if victim is not None:
-                    asks[self._board.ask.remote(self._work[victim].owner)] = victim
+                    asks[self._board.ask.remote(self._work[victim].owner)] = (victim, self._work[victim].recipes)
                 elif then_prefetch:
                     self.prefetch(then_prefetch, panel.phase)
                     break
             if self._work or asks:  # the next end of anything, or a pack's answer, frees or feeds a worker
                 [ref], _ = ray.wait([*self._work, *asks], num_returns=1)
                 if ref in asks:
-                    self._handed(ref, asks.pop(ref), packs, queue)
+                    self._handed(ref, *asks.pop(ref), keys, packs, queue)
                     continue
                 owner = self._work[ref].owner
                 self._settle(ref, on_failure)
                 mine.discard(ref)
-                if ref in asks.values():  # it ended before its next round: the ask gets nothing
+                if ref in {victim for victim, _ in asks.values()}:  # it ended before its next round: the ask gets nothing
                     self._board.cancel.remote(owner)
 
-    def _handed(self, ask: Any, victim: Any, packs: list[list[Run]], queue: list[int]) -> None:
+    def _handed(self, ask: Any, victim: Any, recipes: list[dict[str, Any]], keys: dict[RunKey, Run],
+                packs: list[list[Run]], queue: list[int]) -> None:
         """A pack's answer to an ask: the runs it gave up become a pack of their own, queued;
-        a pack down to one run (or ended) is not asked again."""
-        runs = [(int(index), int(seed)) for index, seed in ray.get(ask)]
+        a pack down to one run (or ended) is not asked again.
+
+        The pack names its runs by its own recipes' indices; the queued pack by the panel's
+        (`keys`). A pack ahead got the ahead panel's list, in another order: read as the panel's,
+        its runs went to the wrong recipes, and the runs it gave up were never walked."""
+        given = [(recipe_tag(recipes[int(index)]), int(seed)) for index, seed in ray.get(ask)]
         work = self._work.get(victim)
         if work is not None:
-            work.walking = work.walking - len(runs) if runs else 0
+            work.walking = work.walking - len(given) if given else 0
+        runs = [keys[key] for key in given if key in keys]  # a pack ahead walks only its panel's runs
         if runs:
             packs.append(runs)
             queue.append(len(packs) - 1)

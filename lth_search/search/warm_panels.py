@@ -45,8 +45,11 @@ class WarmPanels(tune.Callback):
             self.workers.warm()
             self._start_ahead(trials, trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if self.tail:  # a running lineage's round: a worker that has started since may take runs ahead
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """A worker that has started since the last step takes runs ahead now. It used to wait for
+        the next round a running lineage reported: seconds of a free core on the quickstart, a
+        round's length, between the worker's imports and its first run ahead."""
+        if self.tail:
             self._start_ahead(trials, None)
 
     def _start_ahead(self, trials: list, ended_now: Any) -> None:
