@@ -220,8 +220,10 @@ def test_runs_ahead_beyond_a_workers_share_are_waited_for_and_shared_never_stopp
     starts before they did a run's worth of stages. They are not stopped and dealt again (that
     killed their worker: its round in hand lost, a new process importing torch again, and Ray's
     `run_pack failed ... killed by ray.kill` line on the console): the fourth run goes to the
-    other worker, which then takes runs from the pack between its rounds. Every stage is trained
-    once, and the two workers' processes are all there ever were."""
+    other worker, which then takes runs from the pack between its rounds. The ahead panel lists the
+    recipes in another order than the panel (SelectionAhead's may): the runs the pack gives up are
+    walked on as their own recipe's (read by the panel's indices, they were not walked at all).
+    Every stage is trained once, and the two workers' processes are all there ever were."""
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "prune.rounds": 8})
     recipes = [cfg.default_recipe(), {"rate": 0.5}]
     runs = [(0, 7), (1, 7), (0, 8), (1, 8)]
@@ -229,7 +231,7 @@ def test_runs_ahead_beyond_a_workers_share_are_waited_for_and_shared_never_stopp
     with _started(cfg) as workers:
         # the ahead panel lists the recipes in another order (as SelectionAhead's may): runs[:3]
         workers.start_ahead(Panel("confirm", recipes[::-1], [(1, 7), (0, 7), (1, 8)]), "s7")
-        workers.run(Panel("confirm", recipes, runs, lineage_rounds=100.0), "s7", lines.append)
+        workers.run(Panel("confirm", recipes, runs), "s7", lines.append)
     records = _records(cfg, "s7")
     assert lines == [] and len(records) == 4
     assert all(r.status.final and len(r.rounds) == cfg.prune.rounds for r in records.values())
@@ -260,7 +262,7 @@ def test_workers_closed_while_a_pack_trains_a_stage_leave_the_lease_service_to_t
         assert RayLeaseService(cfg.name).acquire(marker, "test", 600.0)
         workers.close()  # stops the pack mid-stage
         assert _held(cfg.name) == {marker: "test"}  # the same lease actor, the stopped pack's lease given back
-        workers.run(Panel("confirm", recipes, runs, lineage_rounds=100.0), "s10", lines.append)  # new workers
+        workers.run(Panel("confirm", recipes, runs), "s10", lines.append)  # new workers
         held = _held(cfg.name)
     records = _records(cfg, "s10")
     assert lines == [] and len(records) == 4 and all(r.status.final for r in records.values())
@@ -287,7 +289,7 @@ def test_a_worker_left_idle_takes_runs_from_a_busy_pack_between_its_rounds(ray_l
     lines: list[str] = []
     with _started(cfg) as workers:
         workers.start_ahead(Panel("confirm", recipes, runs), "s9")
-        workers.run(Panel("confirm", recipes, runs), "s9", lines.append)  # lineage_rounds 0: waited for
+        workers.run(Panel("confirm", recipes, runs), "s9", lines.append)
     records = _records(cfg, "s9")
     assert lines == [] and len(records) == 4
     assert all(r.status.final and len(r.rounds) == cfg.prune.rounds for r in records.values())

@@ -11,7 +11,6 @@ reruns it on resume, and every stored stage is reused.
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
@@ -47,8 +46,7 @@ def run_confirmation(
     progress(f"confirming {len(recipes)} recipe(s) on {len(seeds)} fresh selection seeds {seeds}:")
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
-    rounds = statistics.median([len(r.rounds) for r in records if r.rounds] or [0])
-    selection = _panel(CONFIRM, recipes, seeds, rounds)
+    selection = _panel(CONFIRM, recipes, seeds)
     confirmation = confirmation_of(cfg, recipes, _run_panel(cfg, search_id, workers, selection, progress,
                                                           report_seeds(cfg)))
     chosen = confirmation.chosen
@@ -79,8 +77,8 @@ def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, pan
     return done
 
 
-def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int], lineage_rounds: float = 0.0) -> Panel:
-    return Panel(phase, recipes, [(index, seed) for index in range(len(recipes)) for seed in seeds], lineage_rounds)
+def _panel(phase: str, recipes: list[dict[str, Any]], seeds: list[int]) -> Panel:
+    return Panel(phase, recipes, [(index, seed) for index in range(len(recipes)) for seed in seeds])
 
 
 class SelectionAhead:

@@ -70,10 +70,6 @@ class Panel:
     phase: str
     recipes: list[dict[str, Any]]
     runs: list[Run]
-    lineage_rounds: float = 0.0
-    """How many rounds a lineage walks, as the search's did (their median); 0 if unknown (runs
-    ahead are then waited for, whatever their share)."""
-
     def keys(self) -> dict[RunKey, Run]:
         return {(recipe_tag(self.recipes[index]), seed): (index, seed) for index, seed in self.runs}
 
@@ -275,8 +271,8 @@ class PanelWorkers:
             self.prefetch(list(dict.fromkeys(seed for _, seed in remaining)), panel.phase, spread=True)
         packs = pack_runs(remaining, max(self.cfg.search.max_concurrent - len(busy), 1), self.cfg.resources.pack)
         queue = list(range(len(packs)))
-        asks: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
-        """An idle worker's ask for runs (panel_board.py) -> the pack asked, and its recipes."""
+        asks: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}  # an idle worker's ask for runs
+        # (panel_board.py) -> the pack asked, and the recipes its runs' indices refer to
         while queue or mine or asks:
             for actor in self._idle():
                 if queue:
