@@ -14,6 +14,7 @@ from conftest import wait_for
 from search_helpers import manifests, search_config
 
 from lth_search.runs.record import TrialRecord
+from lth_search.search.confirm import run_panel
 from lth_search.search.panel_runs import ROLE, run_id
 from lth_search.search.panel_workers import Panel, PanelWorkers
 from lth_search.search.warm_panels import WarmPanels
@@ -96,12 +97,15 @@ def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_lo
     workers = PanelWorkers(cfg)
     lines: list[str] = []
     recipes = [cfg.default_recipe(), {"rate": 7.0}]  # no valid config: every attempt of its pack raises
-    try:
-        workers.run(Panel("confirm", recipes, [(0, 7), (1, 7)]), "s2", lines.append)  # a pack each (2 workers)
+    try:  # through confirm.py's panel runner: a pack each (2 workers)
+        done = run_panel(cfg, "s2", workers, Panel("confirm", recipes, [(0, 7), (1, 7)]), lines.append)
     finally:
         workers.close()
-    assert len(lines) == 1 and "\n" not in lines[0]
+    assert len(lines) == 2 and "\n" not in lines[0]
     assert lines[0].startswith("confirm pack 1 failed, left out:") and "rate" in lines[0]
+    # the verdict is told what it lost, whatever lost it (a run given up by a pack and never walked did)
+    assert lines[1] == "confirm: 1 of 2 runs did not end; the verdict pairs only the seeds whose runs did"
+    assert [(index, seed) for index, seed, _ in done] == [(0, 7)]
     records = _records(cfg, "s2")
     default = run_id("s2", recipes[0], 7)
     assert list(records) == [default] and records[default].status.final

@@ -47,7 +47,7 @@ def run_confirmation(
     for index, recipe in enumerate(recipes):
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
     selection = _panel(CONFIRM, recipes, seeds)
-    confirmation = confirmation_of(cfg, recipes, _run_panel(cfg, search_id, workers, selection, progress,
+    confirmation = confirmation_of(cfg, recipes, run_panel(cfg, search_id, workers, selection, progress,
                                                           report_seeds(cfg)))
     chosen = confirmation.chosen
     if chosen.is_default or not confirmation.report_seeds:
@@ -56,11 +56,11 @@ def run_confirmation(
     progress(f"measuring the chosen recipe against the default on {len(confirmation.report_seeds)} reporting seeds "
              f"{confirmation.report_seeds} (they take part in no choice)")
     report = _panel(REPORT, pair, confirmation.report_seeds)
-    add_report(confirmation, _run_panel(cfg, search_id, workers, report, progress))
+    add_report(confirmation, run_panel(cfg, search_id, workers, report, progress))
     return confirmation
 
 
-def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, panel: Panel,
+def run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, panel: Panel,
                progress: Callable[[str], None], next_seeds: list[int] | None = None,
                ) -> list[tuple[int, int, TrialRecord]]:
     """Every recipe on every seed, in packs on the warm workers; (recipe index, seed, final record)
@@ -74,6 +74,9 @@ def _run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, pan
         seed = int(record.config["seed"])
         if index is not None and seed in seeds and record.status.final:
             done.append((index, seed, record))
+    if len(done) < len(panel.runs):  # failed packs said so above; the verdict must not hide the seeds it lost
+        progress(f"{panel.phase}: {len(panel.runs) - len(done)} of {len(panel.runs)} runs did not end; "
+                 f"the verdict pairs only the seeds whose runs did")
     return done
 
 
