@@ -48,7 +48,7 @@ def run_confirmation(
         progress(f"  {'default' if index == 0 else f'top {index}'}: {recipe_text(recipe)}")
     selection = _panel(CONFIRM, recipes, seeds)
     confirmation = confirmation_of(cfg, recipes, run_panel(cfg, search_id, workers, selection, progress,
-                                                          report_seeds(cfg)))
+                                                         report_seeds(cfg)))
     chosen = confirmation.chosen
     if chosen.is_default or not confirmation.report_seeds:
         return confirmation
@@ -61,8 +61,8 @@ def run_confirmation(
 
 
 def run_panel(cfg: ExperimentConfig, search_id: str, workers: PanelWorkers, panel: Panel,
-               progress: Callable[[str], None], next_seeds: list[int] | None = None,
-               ) -> list[tuple[int, int, TrialRecord]]:
+              progress: Callable[[str], None], next_seeds: list[int] | None = None,
+              ) -> list[tuple[int, int, TrialRecord]]:
     """Every recipe on every seed, in packs on the warm workers; (recipe index, seed, final record)
     per run. A worker left idle trains ahead the dense stages of `next_seeds` (the next panel's)."""
     workers.run(panel, search_id, progress, next_seeds)
