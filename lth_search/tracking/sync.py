@@ -63,8 +63,8 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
         return {}
     search.ensure_config()
     children = read_child_runs(search)
-    counts, touched = reconcile(search, records, children.complete if children else {})
-    places = children.places if children else {}
+    counts, touched = reconcile(search, records, children.complete if children is not None else {})
+    places = children.places if children is not None else {}
     rows = children.tickets() if children is not None and reread(search, children, touched) else None
     del children  # the driver's peak is at the finish: nothing is held longer than it is needed
     if confirmation is not None:
@@ -85,8 +85,9 @@ def reconcile(search: SearchTracker, records: list[TrialRecord],
     touched: set[str] = set()
     for record in sorted(records, key=lambda r: r.trial_id):
         tracker = None if _up_to_date(complete.get(record.trial_id), record) else reconcile_trial(search, record, stages)
-        logged = tracker.logged if tracker is not None else []
+        logged: list[str] = []
         if tracker is not None:  # an opened run (reconcile_trial returns only those): its rows may have changed
+            logged = tracker.logged
             touched.add(tracker.run_id)
         counts["trials"] += 1
         counts["dense"] += logged.count("dense")
