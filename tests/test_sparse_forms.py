@@ -131,7 +131,7 @@ def test_measured_form_is_sparse_only_where_it_pays(tmp_path: Path) -> None:
 def test_a_rounds_latency_timing_is_a_share_of_its_training_at_most_the_budget() -> None:
     """Issue 24: at 0.2 s a round the timing was most of a tiny lineage's time."""
     from lth_search.engine.lineage.results import RoundResult
-    from lth_search.tracking.trial_run import inference_budget
+    from lth_search.tracking.round_metrics import inference_budget
 
     tracking = load_config(None, []).tracking
     assert (tracking.inference_share, tracking.inference_budget_s) == (0.1, 0.2)

@@ -41,7 +41,7 @@ def lineage_trial(
     `base` is the search's config as a dict, `context` holds the search id and the
     tracking parent run id; `observer_factory` opens the trial's tracking run.
     """
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per round is noise
+    quiet_checkpoint_lines()
     cfg = validate_config(base, source="search config")
     choices = choices_of(config)
     trial_cfg = cfg.with_choices(choices)
@@ -80,6 +80,14 @@ def lineage_trial(
     finally:  # a trial early stopping ends inside `report`: what its run queued is sent all the same
         if observer is not None:
             observer.flush()
+
+
+def quiet_checkpoint_lines() -> None:
+    """Ray's one "checkpoint created" line per round is noise. Set once per process: `setLevel`
+    clears the level cache of every logger in it (Ray's, MLflow's, torch's), at every trial."""
+    train_log = logging.getLogger("ray.train")
+    if train_log.level != logging.WARNING:
+        train_log.setLevel(logging.WARNING)
 
 
 def _checkpointed_round(checkpoint: tune.Checkpoint | None) -> int:

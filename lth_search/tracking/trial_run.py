@@ -33,13 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lth_search.config import ExperimentConfig
-from lth_search.config.runtime import TrackingConfig
 from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
-from lth_search.engine.models import build_model, layer_sizes
-from lth_search.engine.sparsity_gains import SparsityGains, measure_gains, stage_gains
-from lth_search.errors import LthError
 from lth_search.runs.record import TrialStatus
 from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.entry import StageEntry
@@ -67,7 +63,6 @@ from lth_search.tracking.layout import (
     mask_layers_artifact,
     mask_layers_csv,
     rewind_artifact,
-    round_metrics,
     sparsity_series,
     sparsity_step,
     summary_metrics,
@@ -76,6 +71,7 @@ from lth_search.tracking.layout import (
 from lth_search.tracking.links import sync_hint
 from lth_search.tracking.pending import PendingLog
 from lth_search.tracking.plots import lineage_plot
+from lth_search.tracking.round_metrics import RoundMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +85,6 @@ def trials_plot_live(cfg: ExperimentConfig) -> bool:
     """Whether a search's trials plot themselves as they end: at most `tracking.trial_plots` lineages. A
     larger search plots its best `trial_plots` trials at its finish (sync.py `plot_best_trials`)."""
     return cfg.search.num_trials <= cfg.tracking.trial_plots
-
-
-def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> float:
-    """Seconds the round's latency timing may take: `inference_share` of the round's training time,
-    at most `inference_budget_s`. At 0.2 s a round, the timing was most of a tiny lineage's time
-    (a 2-round MLP trial trains in ~0.15 s); a network that trains for seconds gets the full budget."""
-    training_s = round_result.steps / round_result.train_steps_per_s if round_result.train_steps_per_s > 0 else 0.0
-    return min(tracking.inference_budget_s, tracking.inference_share * training_s) or tracking.inference_budget_s
 
 
 @dataclass
@@ -123,11 +111,8 @@ class TrialTracker:
                  io: MlflowIO | None = None, role: str = "trial", tags: dict[str, str] | None = None,
                  identity: dict[str, str] | None = None) -> None:
         self.cfg, self.parent_run_id, self.trial_id, self.role = cfg, parent_run_id, trial_id, role
-        self._layer_groups: dict[str, tuple[str, int]] | None = None
         self.artifact_uri: str | None = None
         """Where the run's artifacts go (from MLflow with the run): uploads need no look-up."""
-        self._gains_model: Any = None
-        """The network the rounds' inference gains load their weights into (built at the first)."""
         self.tags = dict(tags or {})
         """Extra tags of a new run (the search id and Optuna trial number, see `search_tags`)."""
         self.identity = dict(identity or {})
@@ -141,6 +126,7 @@ class TrialTracker:
         """What this tracker logged (dense, round_N, summary), for sync's report."""
         self.metric = metric_named(cfg.verdict_metric())
         """The metric the verdict judges: logged by its name (`val_loss`, ...) beside accuracy."""
+        self.round_metrics = RoundMetrics(cfg, self.metric, trial_id)
         self.pending = PendingLog()
         """What is logged but not yet sent (pending.py): sent every tracking.flush_s and at the end."""
         self._sent_at = time.monotonic()
@@ -295,64 +281,13 @@ class TrialTracker:
         except MlflowException:  # trials adding the same data set at once collide once; it exists now
             self.io.client.log_inputs(self.run_id, entry)
 
-    def _round_metrics(self, round_result: RoundResult, entry: StageEntry | None) -> list[tuple[int, dict[str, float]]]:
-        """The round's metrics at step = round, and its by-sparsity series at step = sparsity."""
-        metrics = round_metrics(round_result, self.metric)
-        metrics.update(self._inference_gains(round_result, entry))
-        metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
-        return [(round_result.round, metrics), (sparsity_step(round_result.sparsity), sparsity_series(round_result))]
-
-    def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
-        """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
-        (tracking.measure_inference) and the stage is at hand; {} for a pretrained model or a failed round."""
-        tracking = self.cfg.tracking
-        if (not tracking.measure_inference or entry is None or "end" not in entry.weights
-                or round_result.failed is not None or self.cfg.model.is_pretrained):
-            return {}
-
-        def measure() -> SparsityGains:
-            shape, classes = data_signature(self.cfg.data)
-            if self._gains_model is None:  # built once per trial: its weights are loaded per round
-                self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
-            self._gains_model.load_state_dict(entry.weights["end"])
-            return measure_gains(self._gains_model, tuple(shape), tracking.serve_batch,
-                                 inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
-
-        try:
-            gains = stage_gains(entry.key, tracking.serve_batch, measure)
-        except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
-            log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
-                        round_result.round, error)
-            return {}
-        return {f"inference/{name}": value for name, value in gains.metrics().items()}
-
-    def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
-        """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
-
-        The groups and sizes come from the model, built once per trial (milliseconds for a
-        built-in one); a pretrained hf: model is not loaded again for this: its per-layer
-        sparsity is logged alone."""
-        if self._layer_groups is None:
-            try:
-                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
-            except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
-                self._layer_groups = {}
-        totals: dict[str, list[float]] = {}
-        for layer, fraction in round_result.layer_sparsity.items():
-            if layer in self._layer_groups:
-                group, size = self._layer_groups[layer]
-                pruned_and_size = totals.setdefault(group, [0.0, 0.0])
-                pruned_and_size[0] += fraction * size
-                pruned_and_size[1] += size
-        return {group: pruned / size for group, (pruned, size) in sorted(totals.items()) if size}
-
     def log_round(self, round_result: RoundResult, entry: StageEntry | None) -> None:
         """The round's metrics at step = round, its mask and its trained weights, each once."""
         if not self.ensure_run():
             return
         index, pending = round_result.round, self.pending
         if index not in self.state.rounds:
-            pending.metrics += self._round_metrics(round_result, entry)
+            pending.metrics += self.round_metrics.of(round_result, entry)
             pending.add(f"round {index}", "values", lambda: self._sent(f"round_{index}", {}))
         if index not in self.state.masks and entry is not None and "mask" in entry.masks:
             pending.files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])

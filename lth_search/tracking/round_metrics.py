@@ -1,0 +1,94 @@
+"""What one round logs as metrics: its results, what its sparsity buys at inference, and its
+sparsity per layer group (tracking/layout.py names them).
+
+Kept apart from the run (trial_run.py) because it is measurement, not logging: the inference
+gains time the round's network (engine/sparsity_gains.py) and the group sparsity needs the
+model's layer sizes. Both need a model built once per trial, which this object keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lth_search.config import ExperimentConfig
+from lth_search.config.runtime import TrackingConfig
+from lth_search.engine.data import data_signature
+from lth_search.engine.lineage.metric import Metric
+from lth_search.engine.lineage.results import RoundResult
+from lth_search.engine.models import build_model, layer_sizes
+from lth_search.engine.sparsity_gains import SparsityGains, measure_gains, stage_gains
+from lth_search.errors import LthError
+from lth_search.store.entry import StageEntry
+from lth_search.tracking.layout import round_metrics, sparsity_series, sparsity_step
+
+log = logging.getLogger(__name__)
+
+
+def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> float:
+    """Seconds the round's latency timing may take: `inference_share` of the round's training time,
+    at most `inference_budget_s`. At 0.2 s a round, the timing was most of a tiny lineage's time
+    (a 2-round MLP trial trains in ~0.15 s); a network that trains for seconds gets the full budget."""
+    training_s = round_result.steps / round_result.train_steps_per_s if round_result.train_steps_per_s > 0 else 0.0
+    return min(tracking.inference_budget_s, tracking.inference_share * training_s) or tracking.inference_budget_s
+
+
+class RoundMetrics:
+    """The metrics of a trial's rounds, one round at a time (`of`)."""
+
+    def __init__(self, cfg: ExperimentConfig, metric: Metric, trial_id: str) -> None:
+        self.cfg, self.metric, self.trial_id = cfg, metric, trial_id
+        self._gains_model: Any = None
+        """The network the rounds' inference gains load their weights into (built at the first)."""
+        self._layer_groups: dict[str, tuple[str, int]] | None = None
+
+    def of(self, round_result: RoundResult, entry: StageEntry | None) -> list[tuple[int, dict[str, float]]]:
+        """The round's metrics at step = round, and its by-sparsity series at step = sparsity."""
+        metrics = round_metrics(round_result, self.metric)
+        metrics.update(self._inference_gains(round_result, entry))
+        metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
+        return [(round_result.round, metrics), (sparsity_step(round_result.sparsity), sparsity_series(round_result))]
+
+    def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
+        """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
+        (tracking.measure_inference) and the stage is at hand; {} for a pretrained model or a failed round."""
+        tracking = self.cfg.tracking
+        if (not tracking.measure_inference or entry is None or "end" not in entry.weights
+                or round_result.failed is not None or self.cfg.model.is_pretrained):
+            return {}
+
+        def measure() -> SparsityGains:
+            shape, classes = data_signature(self.cfg.data)
+            if self._gains_model is None:  # built once per trial: its weights are loaded per round
+                self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
+            self._gains_model.load_state_dict(entry.weights["end"])
+            return measure_gains(self._gains_model, tuple(shape), tracking.serve_batch,
+                                 inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
+
+        try:
+            gains = stage_gains(entry.key, tracking.serve_batch, measure)
+        except (LthError, RuntimeError, ValueError) as error:  # measuring never costs a lineage its metrics
+            log.warning("trial %s round %d: inference gains not measured (%s)", self.trial_id,
+                        round_result.round, error)
+            return {}
+        return {f"inference/{name}": value for name, value in gains.metrics().items()}
+
+    def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
+        """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
+
+        The groups and sizes come from the model, built once per trial (milliseconds for a
+        built-in one); a pretrained hf: model is not loaded again for this: its per-layer
+        sparsity is logged alone."""
+        if self._layer_groups is None:
+            try:
+                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
+            except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
+                self._layer_groups = {}
+        totals: dict[str, list[float]] = {}
+        for layer, fraction in round_result.layer_sparsity.items():
+            if layer in self._layer_groups:
+                group, size = self._layer_groups[layer]
+                pruned_and_size = totals.setdefault(group, [0.0, 0.0])
+                pruned_and_size[0] += fraction * size
+                pruned_and_size[1] += size
+        return {group: pruned / size for group, (pruned, size) in sorted(totals.items()) if size}
