@@ -296,7 +296,13 @@ def resident_bytes(model: nn.Module) -> int:
 def peak_forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
     """Peak memory of one forward pass: the model's resident bytes plus the most its temporaries
     (activations, im2col buffers) held at once. On CUDA, torch's allocator peak; on CPU, the
-    profiler's allocation record replayed in time order."""
+    profiler's allocation record replayed in time order.
+
+    The autograd profiler (the same Kineto record underneath), not `torch.profiler.profile`:
+    that one's start asks `hasattr(torch, "_inductor")`, which imports the inductor (sympy and
+    all) to read one cudagraphs flag, 1.4 s of a core the first time in every process (each
+    trial actor, each `lth-search lineage`), against 17 ms. Same peaks (checked on an MLP and
+    a conv net)."""
     if example.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -304,11 +310,9 @@ def peak_forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
         model(example)
         torch.cuda.synchronize()
         return resident_bytes(model) + torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), torch.autograd.profiler.profile(use_cpu=True, profile_memory=True) as prof:
         model(example)
-    changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in prof.events()
+    changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in prof.function_events
                      if event.self_cpu_memory_usage)
     held = top = 0
     for _, change in changes:
