@@ -80,13 +80,22 @@ def _builtin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, s
     with torch.device("meta"):
         model = build_architecture(cfg.name, input_shape, num_classes, cfg.widths, cfg.width, cfg.batch_norm,
                                    **options)
-    model = model.to_empty(device="cpu")
+    model = _materialised(model)
     generator = torch.Generator().manual_seed(int(seed))
     if isinstance(model, TransformerClassifier):
         _initialise_transformer(model, generator)
     else:
         _initialise(model, generator)
     return model
+
+
+def _materialised(model: nn.Module) -> nn.Module:
+    """`model.to_empty(device="cpu")` without its import: `to_empty` calls `empty_like` on each meta
+    tensor, and the meta kernel of `empty_like` (torch._refs) imports torch.fx's symbolic shapes and
+    sympy, 0.8 s of a core the first time in every process (each trial actor, each panel worker, each
+    lineage command). `empty_strided` from the meta tensor's sizes and strides allocates the same
+    uninitialised storage; `_initialise` fills every tensor either way."""
+    return model._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu"))
 
 
 def _plugin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
