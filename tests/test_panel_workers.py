@@ -74,12 +74,18 @@ def test_a_panel_reuses_the_dense_stages_a_worker_trained_ahead(ray_local, data_
 def test_a_spread_gives_seeds_to_a_worker_busy_with_dense_stages_too(ray_local, data_root, tmp_path):
     """A panel that starts while one worker trains a seed ahead and the other is idle: the seeds
     left are dealt to both (the busy one's queue behind its seed), not all to the idle one, whose
-    packs would then wait for them (the report's start, quickstart seed 7: 3.7 s of one core)."""
+    packs would then wait for them (the report's start, quickstart seed 7: 3.7 s of one core).
+
+    Seeds 7 and 8 are reused by the runs whatever the timing: seed 7's prefetch holds its lease
+    before the panel starts, and seed 8's worker ends its prefetch before it takes a pack. Seed 9
+    is queued behind seed 7: a pack may reach it first (the other worker's 3000 steps ending
+    before seed 7's did, under the suite's load) and train it, once."""
     cfg = search_config(data_root, tmp_path, {"search.space.rewind_step": "null", "train.steps": 3000})
     lines: list[str] = []
     runs = [(0, seed) for seed in (7, 8, 9)]
     with _started(cfg) as workers:
         workers.prefetch([7], "confirm")  # one seed ahead, on one worker
+        wait_for(lambda: "confirm:dense:7" in _held(cfg.name).values(), 120, "seed 7's dense lease")
         workers.prefetch([7, 8, 9], "confirm", spread=True)  # as a panel's start does
         given: dict[int, list[str]] = {}
         for work in workers._work.values():
@@ -88,7 +94,11 @@ def test_a_spread_gives_seeds_to_a_worker_busy_with_dense_stages_too(ray_local, 
             ["the dense stages of seeds [7]", "the dense stages of seeds [9]"], ["the dense stages of seeds [8]"]]
         workers.run(Panel("confirm", [cfg.default_recipe()], runs), "s11", lines.append)
     records = _records(cfg, "s11")
-    assert lines == [] and len(records) == 3 and all(r.status.final and r.dense.reused for r in records.values())
+    assert lines == [] and len(records) == 3 and all(r.status.final for r in records.values())
+    assert records[run_id("s11", cfg.default_recipe(), 7)].dense.reused
+    assert records[run_id("s11", cfg.default_recipe(), 8)].dense.reused
+    executed = [key for r in records.values() for a in r.attempts for key in a.executed_keys]
+    assert len(executed) == len(set(executed))  # seed 9's dense too: trained once
 
 
 def test_a_pack_that_keeps_failing_is_one_line_and_the_other_packs_finish(ray_local, data_root, tmp_path):
