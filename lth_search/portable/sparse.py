@@ -301,8 +301,8 @@ def peak_forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
     The autograd profiler (the same Kineto record underneath), not `torch.profiler.profile`:
     that one's start asks `hasattr(torch, "_inductor")`, which imports the inductor (sympy and
     all) to read one cudagraphs flag, 1.4 s of a core the first time in every process (each
-    trial actor, each `lth-search lineage`), against 17 ms. Same peaks (checked on an MLP and
-    a conv net)."""
+    trial actor, each `lth-search lineage`), against 17 ms. Same peaks (checked on the quickstart
+    MLP dense and CSR, conv6 and the transformer)."""
     if example.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
