@@ -70,6 +70,7 @@ class Panel:
     phase: str
     recipes: list[dict[str, Any]]
     runs: list[Run]
+
     def keys(self) -> dict[RunKey, Run]:
         return {(recipe_tag(self.recipes[index]), seed): (index, seed) for index, seed in self.runs}
 
