@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -161,9 +161,15 @@ class TrialRecord:
 
     # JSON --------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["status"] = self.status.value
-        data["dense_key"] = self.dense_key
+        """The record as JSON. The config and choices are the record's own dicts, not copies
+        (`dataclasses.asdict` copied the whole config at every save, four times a trial): write
+        the JSON out, do not change it."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(
+            status=self.status.value, dense=asdict(self.dense) if self.dense is not None else None,
+            rounds=[asdict(r) for r in self.rounds], matching=asdict(self.matching) if self.matching else None,
+            attempts=[asdict(a) for a in self.attempts], round_keys=list(self.round_keys), dense_key=self.dense_key,
+        )
         return data
 
     @classmethod

@@ -71,10 +71,12 @@ def _get(data: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def to_saved(data: dict[str, Any], root: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of `data` whose `keys` under `root` are relative, listed in `data["relative"]`."""
-    import copy
+    """A copy of `data` whose `keys` under `root` are relative, listed in `data["relative"]`.
 
-    saved = copy.deepcopy(data)
+    Only the dicts on the way to a changed key are copied; the rest is shared with `data`
+    (a record's config is most of it, and a trial saves its record at every stage), so the
+    copy is for writing out, not for changing in place."""
+    saved = dict(data)
     made: list[str] = []
     for key in keys:
         node, last = _get(saved, key)
@@ -82,10 +84,19 @@ def to_saved(data: dict[str, Any], root: str, keys: tuple[str, ...]) -> dict[str
             continue
         rel = relative(node.get(last), root)
         if rel is not None:
-            node[last] = rel
+            _spine(saved, key)[last] = rel
             made.append(key)
     saved["relative"] = made
     return saved
+
+
+def _spine(saved: dict[str, Any], key: str) -> dict[str, Any]:
+    """The dict holding `key`'s last part, each dict on the way to it copied into `saved` first."""
+    node = saved
+    for part in key.split(".")[:-1]:
+        node[part] = dict(node[part])
+        node = node[part]
+    return node
 
 
 def from_saved(data: dict[str, Any], root: str) -> dict[str, Any]:

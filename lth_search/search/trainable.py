@@ -61,13 +61,15 @@ def lineage_trial(
         observer = observer_factory(trial_cfg, context.get("parent_run_id"), trial_id, choices,
                                     context.get("search_id"), config.get(OPTUNA_TRIAL_KEY), first_attempt)
 
+    checkpoints = tempfile.TemporaryDirectory(prefix="lth-ckpt-")
+    """One folder for the trial's checkpoints: Ray copies it to storage at each report."""
+
     def report(round_index: int, key: str, metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="lth-ckpt-") as directory:
-            state = {"round": round_index, "key": key, "trial_id": trial_id}
-            (Path(directory) / CHECKPOINT_FILE).write_text(json.dumps(state))
-            run_id = getattr(observer, "run_id", None)  # the trial's MLflow run: the study links to it
-            tune.report({**metrics, MLFLOW_RUN_ATTR: run_id} if run_id else metrics,
-                        checkpoint=tune.Checkpoint.from_directory(directory))
+        state = {"round": round_index, "key": key, "trial_id": trial_id}
+        (Path(checkpoints.name) / CHECKPOINT_FILE).write_text(json.dumps(state))
+        run_id = getattr(observer, "run_id", None)  # the trial's MLflow run: the study links to it
+        tune.report({**metrics, MLFLOW_RUN_ATTR: run_id} if run_id else metrics,
+                    checkpoint=tune.Checkpoint.from_directory(checkpoints.name))
 
     node_id = ray.get_runtime_context().get_node_id()
     is_default = int(trial_cfg.prune == cfg.prune)  # the config's own recipe: judged to the end (scheduler.py)
@@ -80,6 +82,7 @@ def lineage_trial(
     finally:  # a trial early stopping ends inside `report`: what its run queued is sent all the same
         if observer is not None:
             observer.flush()
+        checkpoints.cleanup()
 
 
 def quiet_checkpoint_lines() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from lth_search.tracking.client import MlflowIO
+from lth_search.tracking.layout import COMPLETE
 
 Part = Literal["values", "files", "inputs"]
 
@@ -34,6 +35,9 @@ class PendingLog:
     files: dict[str, bytes] = field(default_factory=dict)
     inputs: Callable[[], None] | None = None
     """Logs the data set as the run's input (MLflow's own request)."""
+    complete: bool = False
+    """Mark the run complete (`lth.complete`) with the values when nothing of it was missed before
+    them: the run's end sends its status tags in its last `log_batch`, not in one of their own."""
     sent: list[tuple[Part, Callable[[], None]]] = field(default_factory=list)
     """(part, update): applied when that part was sent."""
     what: list[str] = field(default_factory=list)
@@ -57,11 +61,13 @@ class PendingLog:
         done: set[Part] = set()
         if self.files and io.call(f"upload {label}", lambda: io.log_files(run_id, self.files, artifact_uri))[0]:
             done.add("files")
+        if self.inputs is not None and io.call(f"log the data set of {owner}", self.inputs)[0]:
+            done.add("inputs")
+        if self.complete and not io.missed:  # the values go last: every other part of the run is in
+            self.tags[COMPLETE] = "1"
         if (self.metrics or self.params or self.tags) and io.call(
                 f"log {label}", lambda: io.log_batch(run_id, self.metrics, self.params, self.tags))[0]:
             done.add("values")
-        if self.inputs is not None and io.call(f"log the data set of {owner}", self.inputs)[0]:
-            done.add("inputs")
         for part, update in self.sent:
             if part in done:
                 update()

@@ -8,6 +8,7 @@ model's layer sizes. Both need a model built once per trial, which this object k
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -33,13 +34,28 @@ def inference_budget(tracking: TrackingConfig, round_result: RoundResult) -> flo
     return min(tracking.inference_budget_s, tracking.inference_share * training_s) or tracking.inference_budget_s
 
 
+_NETWORK: dict[str, tuple[Any, tuple[int, ...]]] = {}
+"""The last network `network` built and its input shape, by its model config and data signature."""
+
+
+def network(cfg: ExperimentConfig) -> tuple[Any, tuple[int, ...]]:
+    """A network of `cfg`'s model for its data, built once per process while the model stays the
+    same (a trial actor walks lineage after lineage of one model): the rounds load their weights
+    into it, the group sparsity reads its layers' sizes. Two builds a trial were ~1 % of a tiny
+    lineage's fixed cost. Built-in and plug-in models only (a pretrained one is never built here)."""
+    shape, classes = data_signature(cfg.data)
+    key = json.dumps([cfg.model.model_dump(mode="json"), list(shape), classes], sort_keys=True)
+    if key not in _NETWORK:
+        _NETWORK.clear()
+        _NETWORK[key] = build_model(cfg.model, shape, classes, cfg.seed), tuple(shape)
+    return _NETWORK[key]
+
+
 class RoundMetrics:
     """The metrics of a trial's rounds, one round at a time (`of`)."""
 
     def __init__(self, cfg: ExperimentConfig, metric: Metric, trial_id: str) -> None:
         self.cfg, self.metric, self.trial_id = cfg, metric, trial_id
-        self._gains_model: Any = None
-        """The network the rounds' inference gains load their weights into (built at the first)."""
         self._layer_groups: dict[str, tuple[str, int]] | None = None
 
     def of(self, round_result: RoundResult, entry: StageEntry | None) -> list[tuple[int, dict[str, float]]]:
@@ -58,11 +74,9 @@ class RoundMetrics:
             return {}
 
         def measure() -> SparsityGains:
-            shape, classes = data_signature(self.cfg.data)
-            if self._gains_model is None:  # built once per trial: its weights are loaded per round
-                self._gains_model = build_model(self.cfg.model, shape, classes, self.cfg.seed)
-            self._gains_model.load_state_dict(entry.weights["end"])
-            return measure_gains(self._gains_model, tuple(shape), tracking.serve_batch,
+            model, shape = network(self.cfg)
+            model.load_state_dict(entry.weights["end"])
+            return measure_gains(model, shape, tracking.serve_batch,
                                  inference_budget(tracking, round_result), vocab_size=self.cfg.model.vocab_size)
 
         try:
@@ -81,7 +95,7 @@ class RoundMetrics:
         sparsity is logged alone."""
         if self._layer_groups is None:
             try:
-                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg)
+                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg, network(self.cfg)[0])
             except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
                 self._layer_groups = {}
         totals: dict[str, list[float]] = {}

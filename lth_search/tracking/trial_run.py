@@ -37,7 +37,6 @@ from lth_search.engine.data import data_signature
 from lth_search.engine.lineage.metric import metric_named
 from lth_search.engine.lineage.results import LineageResult, RoundResult
 from lth_search.runs.record import TrialStatus
-from lth_search.store.codec import encode_mask, encode_weights
 from lth_search.store.entry import StageEntry
 from lth_search.tracking.client import MlflowIO, flatten, metric_history
 from lth_search.tracking.describe import data_input, run_description, search_tags, source_tags
@@ -255,7 +254,7 @@ class TrialTracker:
             pending.add("the dense stage", "values", lambda: self._sent("dense", dense))
         step = self.cfg.prune.rewind_step
         if not self.state.rewind and dense_entry is not None:
-            pending.files[rewind_artifact(step)] = encode_weights(dense_entry.weights[f"rewind_{step}"])
+            pending.files[rewind_artifact(step)] = dense_entry.weights_file(f"rewind_{step}")
             pending.add(f"θ{step}", "files", lambda: setattr(self.state, "rewind", True))
         if not self.state.data and dense_entry is not None and "data_fingerprint" in dense_entry.inputs:
             fingerprint = dense_entry.inputs["data_fingerprint"]
@@ -291,10 +290,10 @@ class TrialTracker:
             pending.add(f"round {index}", "values", lambda: self._sent(f"round_{index}", {}))
         if index not in self.state.masks and entry is not None and "mask" in entry.masks:
             pending.files[mask_layers_artifact(index)] = mask_layers_csv(entry.masks["mask"])
-            pending.files[mask_artifact(index)] = encode_mask(entry.masks["mask"])
+            pending.files[mask_artifact(index)] = entry.mask_file("mask")
             pending.add(f"the round {index} mask", "files", lambda: self.state.masks.add(index))
         if index not in self.state.trained and entry is not None and "end" in entry.weights:
-            pending.files[trained_artifact(index)] = encode_weights(entry.weights["end"])
+            pending.files[trained_artifact(index)] = entry.weights_file("end")
             pending.add(f"the round {index} weights", "files", lambda: self.state.trained.add(index))
         self.flush(force=False)
 
@@ -310,19 +309,27 @@ class TrialTracker:
             self._queue_plot(result)
         if result.failed:
             self.pending.tags[FAILED] = result.failed[:500]
+        tagged: list[bool] = []
+        if not self.identity:  # its status and completeness go with its last values (pending.py)
+            self.pending.tags[STATUS] = status.value
+            self.pending.complete = True
+            self.pending.add("the status", "values", lambda: tagged.append(True))
         self.flush()
         if self.identity and self.io.missed:
             return  # left RUNNING, not FINISHED with rounds missing: a rerun finds it by its identity and completes it
         run_status = "FAILED" if result.failed else TERMINAL.get(status, "FINISHED")
-        ok, _ = self.io.call(f"end the run of trial {self.trial_id}", lambda: self._end(status.value, run_status))
+        ok, _ = self.io.call(f"end the run of trial {self.trial_id}",
+                             lambda: self._end(status.value, run_status, tagged=bool(tagged)))
         if ok:
             self.state.status = run_status
 
-    def _end(self, status: str, run_status: str) -> None:
+    def _end(self, status: str, run_status: str, tagged: bool) -> None:
+        """End the run; its status tags first, unless they went with its last values (`tagged`)."""
         from mlflow.entities import RunTag
 
-        tags = [RunTag(STATUS, status)] + ([RunTag(COMPLETE, "1")] if not self.io.missed else [])
-        self.io.client.log_batch(self.run_id, tags=tags)
+        if not tagged:
+            tags = [RunTag(STATUS, status)] + ([RunTag(COMPLETE, "1")] if not self.io.missed else [])
+            self.io.client.log_batch(self.run_id, tags=tags)
         self.io.client.set_terminated(self.run_id, run_status)
 
     def plots_live(self) -> bool:
