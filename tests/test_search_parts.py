@@ -397,3 +397,44 @@ def test_a_local_rays_autoscaler_monitor_is_killed_before_the_shutdown_waits_on_
     done = subprocess.run([sys.executable, "-c", _MONITOR_FIRST], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr[-2000:]
     assert "autoscaler failed" not in done.stderr
+
+
+def test_ended_trials_tpe_proposes_exactly_what_tpe_proposes():
+    """The search's TPE keeps ended trials' internal values (search/tpe_cache.py): the same
+    proposals as Optuna's TPE, ask for ask, with running trials (constant liar), pruned and
+    failed ones, a parameter some trials lack, and its pickled state free of the cache."""
+    import pickle
+
+    from optuna.samplers._tpe.sampler import TPESampler
+
+    from lth_search.search.tpe_cache import EndedTrialsTPESampler
+
+    assert "_get_internal_repr" in vars(TPESampler), "Optuna renamed the method tpe_cache.py overrides"
+    rates = [round(0.05 + 0.01 * i, 2) for i in range(30)]
+
+    def proposals(sampler: optuna.samplers.BaseSampler) -> list[dict]:
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        out, running = [], []
+        for number in range(70):
+            trial = study.ask()
+            trial.suggest_categorical("rate", rates)
+            trial.suggest_float("scale", 0.0, 1.0)
+            trial.suggest_int("rewind", 0, 20)
+            if number % 7 == 0:
+                trial.suggest_categorical("scope", ["global", "layerwise"])  # only some trials have it
+            out.append(dict(trial.params))
+            running.append(trial)
+            if len(running) > 2:  # two stay running: TPE counts them as liars
+                ended = running.pop(0)
+                state = [optuna.trial.TrialState.COMPLETE] * 5 + [optuna.trial.TrialState.PRUNED,
+                                                                   optuna.trial.TrialState.FAIL]
+                chosen = state[ended.number % 7]
+                value = (ended.params["rate"] * ended.params["scale"]) if chosen is optuna.trial.TrialState.COMPLETE else None
+                study.tell(ended, value, state=chosen)
+        return out
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cached = EndedTrialsTPESampler(seed=5, n_startup_trials=10)
+    assert proposals(cached) == proposals(TPESampler(seed=5, n_startup_trials=10))
+    assert cached._rows and sum(len(rows) for rows in cached._rows.values()) > 50
+    assert pickle.loads(pickle.dumps(cached))._rows == {}

@@ -21,6 +21,7 @@ from optuna.exceptions import ExperimentalWarning
 
 from lth_search.config import ExperimentConfig
 from lth_search.search.journal import journal_storage
+from lth_search.search.tpe_cache import EndedTrialsTPESampler
 
 OPTUNA_TRIAL_KEY = "optuna_trial"
 """Config key carrying the Optuna trial number, so a Ray trial can be matched to its study trial."""
@@ -134,7 +135,7 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "nsga2":
         return PicklableNSGAII(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
+    return EndedTrialsTPESampler(seed=cfg.seed, n_startup_trials=startup_trials(cfg.search.num_trials))
 
 
 def close_orphans(journal: str, study_name: str) -> int:
