@@ -44,6 +44,30 @@ def test_put_get_round_trip(store: StageStore) -> None:
     assert set(manifest["files"]["weights_end.safetensors"]) == {"sha256", "bytes"}
 
 
+def test_an_entry_hands_out_the_files_the_store_holds(store: StageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracking uploads a stage's weights and mask as the store's own bytes (`weights_file`,
+    `mask_file`), whether the entry was just written or read back; a large entry keeps no copy
+    of its files and encodes them again, to the same bytes."""
+    import lth_search.store.entry as entry_module
+    from lth_search.store.codec import encode_mask, encode_weights
+
+    key = key_of("files")
+    entry = make_entry(key)
+    store.put(entry)
+    stored = {name: read_file(store, entry_file(store, key, name))
+              for name in ("weights_end.safetensors", "mask_mask.parquet")}
+    loaded = store.get(key)
+    assert loaded is not None
+    for held in (entry, loaded):
+        assert held.encoded and held.weights_file("end") == stored["weights_end.safetensors"]
+        assert held.mask_file("mask") == stored["mask_mask.parquet"]
+    assert stored["weights_end.safetensors"] == encode_weights(entry.weights["end"])
+    assert stored["mask_mask.parquet"] == encode_mask(entry.masks["mask"])
+    monkeypatch.setattr(entry_module, "ENCODED_KEPT_BYTES", 10)
+    large = store.get(key)
+    assert large is not None and large.encoded == {} and large.weights_file("end") == stored["weights_end.safetensors"]
+
+
 def test_a_second_put_keeps_the_first_entry(store: StageStore) -> None:
     key = key_of("race")
     store.put(make_entry(key, seed=1))

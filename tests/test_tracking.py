@@ -72,6 +72,25 @@ def check_child(client: MlflowClient, child, result, choices: dict, store: Stage
     assert read_artifact(client, run_id, "plots/accuracy_vs_sparsity.png")[:4] == b"\x89PNG"
 
 
+def test_a_run_that_missed_an_upload_ends_unmarked_as_complete(data_root: Path, tmp_path: Path, dataset,
+                                                               quick_mlflow_retries) -> None:
+    """A run's status tags go with its last values (tracking/pending.py); `lth.complete` only when nothing
+    of the run was missed before them, so `lth-search sync` still fills in what the failed upload lacked."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(data_root, tmp_path / "out", name="missed", tracking__enabled="true", tracking__uri=uri,
+                      search__tolerance=0.02)
+    not_a_folder = tmp_path / "artifacts"
+    not_a_folder.write_text("a file where the experiment's artifacts would go: every upload fails")
+    MlflowClient(uri).create_experiment(cfg.experiment_name(), artifact_location=str(not_a_folder))
+    observer = MlflowTracking().start(cfg, str(tmp_path / "ray" / "missed-1"), None)
+    tracker, _, result = tracked_trial(cfg, observer.tracker.parent_run_id, "t0", TRIALS["t0"],
+                                       StageStore.from_config(cfg), dataset, "missed-1")
+    assert tracker.io.missed and all("upload" in what for what in tracker.io.missed)
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lth.status"] == "finished"
+    assert "lth.complete" not in run.data.tags and run.data.metrics["matching_sparsity"] == result.best.sparsity
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "server"])
 def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: Path, tmp_path: Path, dataset,
                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,6 +125,7 @@ def test_search_layout(backend: str, request: pytest.FixtureRequest, data_root: 
     for child in children:
         trial_id = child.data.tags["lth.trial_id"]
         assert child.info.status == "FINISHED"
+        assert child.data.tags["lth.status"] == "finished" and child.data.tags["lth.complete"] == "1"
         rewind_step = cfg.with_choices(TRIALS[trial_id]).prune.rewind_step
         check_child(client, child, results[trial_id], TRIALS[trial_id], store, rewind_step)
 
