@@ -49,6 +49,22 @@ def test_every_kind_reaches_the_imp_sparsities_with_its_own_keys(every_kind) -> 
     assert len(keys) == 2 * len(KINDS)
 
 
+def test_lineages_sharing_a_dense_stage_share_its_probe_gradient(every_kind) -> None:
+    """Every kind's lineage starts from the one dense stage: its probe gradient at theta_k is kept once
+    per process (probes.py `_GRADIENTS`) and is the gradient computed afresh."""
+    from lth_search.engine.diagnostics import probe_gradients
+    from lth_search.engine.lineage import probes
+
+    cfg, _, imp, _ = every_kind
+    dense = imp.entries[0]
+    kept = [key for key in probes._GRADIENTS if key[0] == dense.key]
+    assert len(kept) == 1
+    size, split, names = cfg.diagnostics.probe_size, imp.data.train, sorted(imp.groups)
+    fresh = probe_gradients(imp.model, dense.weights[f"rewind_{cfg.prune.rewind_step}"], split.x[:size],
+                            split.y[:size], names)
+    assert all(torch.equal(fresh[name], probes._GRADIENTS[kept[0]][name]) for name in names)
+
+
 def test_a_second_run_reuses_every_stage(every_kind) -> None:
     cfg, stages, _, runs = every_kind
     for kind in ("lr_rewind", "synflow", "random_reinit"):

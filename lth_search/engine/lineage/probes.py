@@ -70,13 +70,21 @@ def attach_probes(lineage: "Lineage") -> None:
         lineage.diagnose = RoundProbes(lineage)
 
 
+GRADIENTS_KEPT = 8
+_GRADIENTS: dict[tuple, dict[str, torch.Tensor]] = {}
+"""Probe gradients at theta_k (`RoundProbes.gradient`), oldest first. The trials of a search share
+their dense stages, and a trial actor walks lineage after lineage: each of them computed the same
+gradient again (a forward and backward pass on the probe batch and a copy of the model, ~2 % of a
+tiny lineage's fixed cost). The key is the dense stage's (its weights and data) with what else
+the gradient depends on; the tensors are read, never changed."""
+
+
 class RoundProbes:
     """`lineage.diagnose`: the diagnostics of one round stage of `lineage`."""
 
     def __init__(self, lineage: "Lineage") -> None:
         self.lineage = lineage
         self.settings = lineage.cfg.diagnostics
-        self._gradients: dict[str, dict[str, torch.Tensor]] = {}
 
     # Reference points -------------------------------------------------------------------
     def rewind_state(self, dense: StageEntry) -> dict[str, torch.Tensor]:
@@ -89,16 +97,18 @@ class RoundProbes:
         return self.rewind_state(dense)
 
     def gradient(self, dense: StageEntry) -> dict[str, torch.Tensor]:
-        """The loss gradient at theta_k on the fixed probe batch (computed once per dense stage)."""
-        if dense.key not in self._gradients:
-            lineage = self.lineage
-            size = self.settings.probe_size
+        """The loss gradient at theta_k on the fixed probe batch, computed once per process for a
+        dense stage, rewind step, batch size, layers and device (`_GRADIENTS`)."""
+        lineage = self.lineage
+        size, names = self.settings.probe_size, sorted(lineage.groups)
+        key = (dense.key, lineage.cfg.prune.rewind_step, size, tuple(names), str(lineage.device))
+        if key not in _GRADIENTS:
             split = lineage.data.train
             state = {n: t.to(lineage.device) for n, t in self.rewind_state(dense).items()}
-            self._gradients[dense.key] = probe_gradients(
-                lineage.model, state, split.x[:size], split.y[:size], sorted(lineage.groups)
-            )
-        return self._gradients[dense.key]
+            _GRADIENTS[key] = probe_gradients(lineage.model, state, split.x[:size], split.y[:size], names)
+            while len(_GRADIENTS) > GRADIENTS_KEPT:
+                _GRADIENTS.pop(next(iter(_GRADIENTS)))
+        return _GRADIENTS[key]
 
     # The diagnostics ----------------------------------------------------------------------
     def __call__(self, dense: StageEntry, entry: StageEntry) -> RoundDiagnostics:
