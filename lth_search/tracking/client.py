@@ -316,18 +316,31 @@ class MlflowIO:
         """Upload several artifacts ({artifact_file: data}, e.g. a round's mask and weights) in one
         request: each request resolves the run's artifact store again. `artifact_uri`, the run's
         (known since its creation), saves MLflow's look-up of the run (a query of its tags,
-        params and metrics) on the first upload. Raises."""
+        params and metrics) on the first upload. An artifact store on a local path is written in
+        place (each file where the repository's `log_artifacts` would copy it, with its path checks),
+        not through a temporary folder copied over: a trial's files are written once, not twice. Raises."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
+        repo = get_artifact_repository(artifact_uri, tracking_uri=self.uri) if artifact_uri is not None else None
+        if isinstance(repo, LocalArtifactRepository):
+            from mlflow.utils.uri import validate_path_is_safe, validate_path_within_directory
+
+            for artifact_file, data in files.items():  # MLflow's own checks: a safe path inside the run's folder
+                local = os.path.join(repo.artifact_dir, os.path.normpath(validate_path_is_safe(artifact_file)))
+                validate_path_within_directory(repo.artifact_dir, local)
+                Path(local).parent.mkdir(parents=True, exist_ok=True)
+                Path(local).write_bytes(data)
+            return
         with tempfile.TemporaryDirectory(prefix="lth-mlflow-") as tmp:
             for artifact_file, data in files.items():
                 local = Path(tmp) / artifact_file
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_bytes(data)
-            if artifact_uri is None:
+            if repo is None:
                 self.client.log_artifacts(run_id, tmp)
             else:
-                get_artifact_repository(artifact_uri, tracking_uri=self.uri).log_artifacts(tmp)
+                repo.log_artifacts(tmp)
 
     def read_artifact(self, run_id: str, artifact_file: str) -> bytes:
         """The bytes of one artifact of a run. Raises."""
