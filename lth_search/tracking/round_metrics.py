@@ -3,7 +3,7 @@ sparsity per layer group (tracking/layout.py names them).
 
 Kept apart from the run (trial_run.py) because it is measurement, not logging: the inference
 gains time the round's network (engine/sparsity_gains.py) and the group sparsity needs the
-model's layer sizes. Both need a model built once per trial, which this object keeps.
+model's layer sizes. Both use one network per process (`network`).
 """
 
 from __future__ import annotations
