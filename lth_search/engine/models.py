@@ -327,14 +327,9 @@ def _check_text_fit(cfg: ModelConfig, data: "Dataset") -> None:
                           "(with model.vocab_size) or an hf:PATH model")
 
 
-def layer_sizes(cfg: ExperimentConfig, model: nn.Module | None = None) -> dict[str, tuple[str, int]]:
-    """Prunable layer -> (group, weights) of `cfg`'s model (`model` if given, else built with the
-    data's shape and seed): what tracking needs to sum per-layer sparsity into per-group sparsity."""
-    if model is None:
-        from lth_search.engine.data import data_signature
-
-        shape, classes = data_signature(cfg.data)
-        model = build_model(cfg.model, shape, classes, cfg.seed)
+def layer_sizes(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Prunable layer -> (group, weights) of a built model: what tracking needs to sum per-layer
+    sparsity into per-group sparsity."""
     parameters = dict(model.named_parameters())
     return {name: (group, parameters[name].numel()) for name, group in model.prunable.items()}
 

@@ -90,12 +90,11 @@ class RoundMetrics:
     def _group_sparsity(self, round_result: RoundResult) -> dict[str, float]:
         """Sparsity per layer group (attn, mlp, embed, output, ...), weighted by the layers' sizes.
 
-        The groups and sizes come from the model, built once per trial (milliseconds for a
-        built-in one); a pretrained hf: model is not loaded again for this: its per-layer
-        sparsity is logged alone."""
+        The groups and sizes come from the process's network (`network`); a pretrained hf: model
+        is not loaded again for this: its per-layer sparsity is logged alone."""
         if self._layer_groups is None:
             try:
-                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(self.cfg, network(self.cfg)[0])
+                self._layer_groups = {} if self.cfg.model.is_pretrained else layer_sizes(network(self.cfg)[0])
             except LthError:  # the lineage reports a model or data set it cannot build; logging goes on
                 self._layer_groups = {}
         totals: dict[str, list[float]] = {}
