@@ -438,3 +438,39 @@ def test_ended_trials_tpe_proposes_exactly_what_tpe_proposes():
     assert proposals(cached) == proposals(TPESampler(seed=5, n_startup_trials=10))
     assert cached._rows and sum(len(rows) for rows in cached._rows.values()) > 50
     assert pickle.loads(pickle.dumps(cached))._rows == {}
+
+
+def test_a_finished_tuner_lets_go_of_every_trial(ray_local, tmp_path):
+    # Tune's console callback and Ray's JSON writer kept every trial Tune ran after `fit`
+    # returned, so all of them stayed in the driver through the summary and tracking's finish,
+    # where it peaks (issue 24). A real Tuner of a trivial trainable, with the search's writer.
+    import gc
+    import weakref
+
+    from ray import tune
+
+    from lth_search.search.ended_trials import release_results
+    from lth_search.search.result_file import result_files
+
+    seen: list[weakref.ref] = []
+
+    class Seen(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            seen.append(weakref.ref(trial))
+
+    def trainable(config):
+        tune.report({"score": config["x"]})
+
+    tuner = tune.Tuner(
+        trainable, param_space={"x": tune.grid_search([1, 2, 3])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Seen(), *result_files()], verbose=1),
+    )
+    grid = tuner.fit()
+    assert len(seen) == 3 and grid.num_errors == 0
+    del grid
+    gc.collect()
+    assert any(ref() is not None for ref in seen)  # the Tuner still held them
+    release_results(tuner)
+    gc.collect()
+    assert [ref() for ref in seen] == [None, None, None]
