@@ -205,3 +205,31 @@ def test_a_failed_round_logs_no_margin_and_a_judged_one_does() -> None:
     assert failed["matches"] == 0.0 and failed["failed"] == 1.0 and "margin" not in failed
     judged = round_metrics(RoundResult(val_accuracy=0.6, round=1, sparsity=0.2, matches=False, margin=-0.02, **stage))
     assert judged["margin"] == -0.02 and judged["failed"] == 0.0
+
+
+def test_a_search_larger_than_trial_plots_times_inference_only_for_its_best_trials(
+        data_root: Path, tmp_path: Path) -> None:
+    """A search of more lineages than `tracking.trial_plots` times no round's inference gains as its
+    trials go (a tenth of each round's training in the trial's slot, issue 24); its finish times every
+    round of its best trials before the tickets table is written, so their rows carry the gains and
+    the other trials' rows do not."""
+    import pyarrow.csv
+
+    dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(data_root, tmp_path, name="large", tracking__enabled="true", tracking__uri=uri,
+                      search__num_trials=2, search__tolerance=0.02, tracking__trial_plots=1,
+                      tracking__measure_inference="true", tracking__inference_budget_s=0.02)
+    _, records, _ = run_search(cfg, dataset, "large-1")
+
+    client = MlflowClient(uri)
+    parent, runs = trial_runs(client, "large")
+    best = best_records(records, 1)[0]
+    timed = {trial_id: {m.step for m in client.get_metric_history(run.info.run_id, "inference/latency_b1")}
+             for trial_id, run in runs.items()}
+    assert timed[best.trial_id] == set(range(1, len(best.round_keys) + 1)) != set()
+    assert [steps for trial_id, steps in timed.items() if trial_id != best.trial_id] == [set()]
+    table = pyarrow.csv.read_csv(io.BytesIO(read_artifact(client, parent.info.run_id, "tickets.csv"))).to_pylist()
+    gains = {(row["trial_id"].removeprefix("trial "), row["round"]): row["inference_latency_b1"] for row in table}
+    assert all((value is not None) == (trial_id == best.trial_id) for (trial_id, _), value in gains.items())
+    assert any(value is not None for value in gains.values())

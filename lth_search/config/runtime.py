@@ -64,7 +64,9 @@ class TrackingConfig(Section):
                              "(dense, CSR, BSR per layer) and each round's latency ratio are measured")
     measure_inference: bool = Field(True, description="log per round what the sparsity buys at inference "
                                     "(inference/* metrics: non-zeros, CSR export bytes, latency and peak memory "
-                                    "against dense); about inference_budget_s plus a model build per round")
+                                    "against dense), as each round ends in a search of at most trial_plots "
+                                    "lineages and a lone lineage, else for the best trial_plots trials at the "
+                                    "search's finish; about inference_budget_s plus a model build per round")
     inference_budget_s: float = Field(0.2, gt=0, le=60, description="seconds of timing per round for the "
                                       "inference/* latency ratios (batch 1 and serve_batch), at most")
     inference_share: float = Field(0.1, gt=0, le=1, description="the timing of a round takes at most this "
@@ -76,9 +78,11 @@ class TrackingConfig(Section):
                            "each send is a few MLflow requests, so a tiny lineage makes ~5 instead of ~12; "
                            "0 sends after every stage")
     trial_plots: int = Field(20, ge=0, description="a search of at most this many lineages plots each trial's "
-                             "accuracy against sparsity as it ends; a larger one plots its best trial_plots "
-                             "trials at its finish (a plot costs ~0.08 s of a slot: more than a tiny lineage's "
-                             "training); every trial's by_sparsity/* metrics chart it in the MLflow UI anyway")
+                             "accuracy against sparsity and times its rounds' inference gains as it goes; a "
+                             "larger one does both for its best trial_plots trials at its finish (a plot costs "
+                             "~0.08 s of a slot, the timing a tenth of every round's training: more than a tiny "
+                             "lineage's training between them); every trial's by_sparsity/* metrics chart its "
+                             "curve in the MLflow UI anyway")
 
     @field_validator("uri")
     @classmethod

@@ -54,18 +54,22 @@ def network(cfg: ExperimentConfig) -> tuple[Any, tuple[int, ...]]:
 class RoundMetrics:
     """The metrics of a trial's rounds, one round at a time (`of`)."""
 
-    def __init__(self, cfg: ExperimentConfig, metric: Metric, trial_id: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, metric: Metric, trial_id: str, gains_live: bool = True) -> None:
         self.cfg, self.metric, self.trial_id = cfg, metric, trial_id
+        self.gains_live = gains_live
+        """Whether `of` times the round's inference gains; else only the best trials of a large search
+        have them, timed at its finish (trial_run.py `trials_detailed_live`)."""
         self._layer_groups: dict[str, tuple[str, int]] | None = None
 
     def of(self, round_result: RoundResult, entry: StageEntry | None) -> list[tuple[int, dict[str, float]]]:
         """The round's metrics at step = round, and its by-sparsity series at step = sparsity."""
         metrics = round_metrics(round_result, self.metric)
-        metrics.update(self._inference_gains(round_result, entry))
+        if self.gains_live:
+            metrics.update(self.inference_gains(round_result, entry))
         metrics.update({f"group_sparsity/{group}": value for group, value in self._group_sparsity(round_result).items()})
         return [(round_result.round, metrics), (sparsity_step(round_result.sparsity), sparsity_series(round_result))]
 
-    def _inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
+    def inference_gains(self, round_result: RoundResult, entry: StageEntry | None) -> dict[str, float]:
         """`inference/*` (engine/sparsity_gains.py) of the round's trained weights, when measured
         (tracking.measure_inference) and the stage is at hand; {} for a pretrained model or a failed round."""
         tracking = self.cfg.tracking

@@ -24,12 +24,13 @@ from lth_search.runs.state import SearchState, SearchStatus
 from lth_search.runs.summary import best_records
 from lth_search.store.entry import StageEntry
 from lth_search.store.stage_store import StageStore
-from lth_search.tracking.child_runs import RunPlace, RunView, read_child_runs, reread
+from lth_search.tracking.child_runs import ChildRuns, RunPlace, RunView, read_child_runs, reread
 from lth_search.tracking.describe import search_tags
-from lth_search.tracking.layout import LINEAGE_PLOT, summary_metrics
+from lth_search.tracking.layout import INFERENCE_METRICS, LINEAGE_PLOT, summary_metrics
 from lth_search.tracking.parent import log_confirmation, log_search_summary
 from lth_search.tracking.search_run import SearchTracker
-from lth_search.tracking.trial_run import TERMINAL, TrialTracker, trials_plot_live
+from lth_search.tracking.ticket_table import inference_column
+from lth_search.tracking.trial_run import TERMINAL, TrialTracker, trials_detailed_live
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
     search.ensure_config()
     children = read_child_runs(search)
     counts, touched = reconcile(search, records, children.complete if children is not None else {})
+    touched |= time_best_trials(search, records, children)
     places = children.places if children is not None else {}
     rows = children.tickets() if children is not None and reread(search, children, touched) else None
     del children  # the driver's peak is at the finish: nothing is held longer than it is needed
@@ -167,12 +169,37 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     return tracker
 
 
+def time_best_trials(search: SearchTracker, records: list[TrialRecord], children: ChildRuns | None) -> set[str]:
+    """Time the rounds' inference gains of the best `tracking.trial_plots` trials of a search too large
+    for every trial to time its own as it ends (trial_run.py `trials_detailed_live`), those whose runs
+    lack them; returns the runs given them. Before the tickets table is read, so that its rows and
+    `best` show them. `children`: the trials' runs as the finish read them (child_runs.py); None when
+    MLflow did not answer then, and the gains are left to `lth-search sync`."""
+    cfg = search.cfg
+    if trials_detailed_live(cfg) or not cfg.tracking.measure_inference or children is None:
+        return set()
+    stages = _Stages(cfg)
+    timed = set()
+    for record in best_records(records, cfg.tracking.trial_plots):
+        place = children.places.get(record.trial_id)
+        if place is None or _has_gains(children.rows.get(place.run_id)):
+            continue
+        found = _tracker(search, record)
+        if found is None:
+            continue
+        tracker, result = found
+        tracker.run_id, tracker.artifact_uri = place.run_id, place.artifact_uri
+        if tracker.log_gains(result, stages.get):
+            timed.add(place.run_id)
+    return timed
+
+
 def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: dict[str, RunPlace]) -> int:
     """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
-    (trial_run.py `trials_plot_live`), those that lack their plot; returns how many were drawn. `places`:
+    (trial_run.py `trials_detailed_live`), those that lack their plot; returns how many were drawn. `places`:
     the trials' runs as the finish read them (child_runs.py), by trial id."""
     cfg = search.cfg
-    if trials_plot_live(cfg):
+    if trials_detailed_live(cfg):
         return 0
     drawn = 0
     for record in best_records(records, cfg.tracking.trial_plots):
@@ -181,6 +208,11 @@ def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: 
             found[0].plot(found[1])
             drawn += found[0].state.plot
     return drawn
+
+
+def _has_gains(rows: list[dict[str, Any]] | None) -> bool:
+    """Whether a run's ticket rows (ticket_table.py) show inference gains at some round."""
+    return any(row.get(inference_column(name)) is not None for row in rows or [] for name in INFERENCE_METRICS)
 
 
 def _needs_finish(tracker: TrialTracker, result, status: TrialStatus) -> bool:

@@ -210,7 +210,7 @@ def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None 
             "margin": history["margin"].get(step),
             "failed": bool(history["failed"].get(step, 0.0)) or lineage_failed,
             "matching_round": matching_round,
-            **{_inference_column(key): history[key].get(step) for key in INFERENCE_METRICS},
+            **{inference_column(key): history[key].get(step) for key in INFERENCE_METRICS},
             "params": params,
         })
         if named:  # judged on loss or perplexity: the metric by name and direction (accuracy rows stay as they were)
@@ -220,7 +220,7 @@ def run_rows(client: Any, run: Any, history: dict[str, dict[int, float]] | None 
     return rows
 
 
-def _inference_column(metric: str) -> str:
+def inference_column(metric: str) -> str:
     """`inference/latency_b1` -> `inference_latency_b1` (a column name without a slash)."""
     return metric.replace("/", "_")
 
@@ -285,7 +285,7 @@ FIXED_COLUMNS = ("trial_id", "run_id", "round")
 METRIC_COLUMNS = (
     "sparsity", "val_accuracy", "test_accuracy", "dense_val_accuracy", "dense_test_accuracy", "reused",
     "train_loss", "train_steps_per_s", "tolerance", "matching", "margin", "failed", "matching_round",
-    *(_inference_column(metric) for metric in INFERENCE_METRICS),
+    *(inference_column(metric) for metric in INFERENCE_METRICS),
 )
 NAMED_METRIC_COLUMNS = ("metric", "direction")
 """Columns of a search judged on loss or perplexity (then also `val_loss`, `dense_val_loss`, ...)."""

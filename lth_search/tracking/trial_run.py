@@ -9,7 +9,8 @@ trial's choices as params; metrics ``dense_val_accuracy`` ... at step 0; per rou
 ``layer_sparsity/<layer>``, ``train_loss``, ``train_steps_per_s``, ``reused``, what the
 sparsity buys at inference ``inference/<name>`` (engine/sparsity_gains.py: non-zeros, CSR
 export bytes, latency ratios at batch 1 and tracking.serve_batch, peak memory ratio; when
-tracking.measure_inference); artifacts
+tracking.measure_inference, and in a search of more than tracking.trial_plots lineages only
+for its best trials, at its finish: `trials_detailed_live`); artifacts
 ``config.json``, ``weights/rewind_<k>.safetensors`` (once), ``masks/round_NN.parquet``
 (codec.encode_mask), ``weights/trained_round_NN.safetensors`` (the round's trained end
 weights), ``plots/accuracy_vs_sparsity.png``; ``by_sparsity/val_accuracy`` and
@@ -30,7 +31,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from lth_search.config import ExperimentConfig
 from lth_search.engine.data import data_signature
@@ -80,9 +81,12 @@ TERMINAL = {
 """Trial record status -> MLflow run status; other statuses leave the run RUNNING."""
 
 
-def trials_plot_live(cfg: ExperimentConfig) -> bool:
-    """Whether a search's trials plot themselves as they end: at most `tracking.trial_plots` lineages. A
-    larger search plots its best `trial_plots` trials at its finish (sync.py `plot_best_trials`)."""
+def trials_detailed_live(cfg: ExperimentConfig) -> bool:
+    """Whether a search's trials plot themselves and time each round's inference gains as they go: at
+    most `tracking.trial_plots` lineages. A larger search does both for its best `trial_plots` trials
+    at its finish (sync.py `time_best_trials`, `plot_best_trials`): the timing is a tenth of every round's training
+    time in the trial's slot (round_metrics.py `inference_budget`), spent on every lineage of a
+    search of thousands while its best few are those a researcher deploys or compares."""
     return cfg.search.num_trials <= cfg.tracking.trial_plots
 
 
@@ -125,7 +129,7 @@ class TrialTracker:
         """What this tracker logged (dense, round_N, summary), for sync's report."""
         self.metric = metric_named(cfg.verdict_metric())
         """The metric the verdict judges: logged by its name (`val_loss`, ...) beside accuracy."""
-        self.round_metrics = RoundMetrics(cfg, self.metric, trial_id)
+        self.round_metrics = RoundMetrics(cfg, self.metric, trial_id, gains_live=self.details_live())
         self.pending = PendingLog()
         """What is logged but not yet sent (pending.py): sent every tracking.flush_s and at the end."""
         self._sent_at = time.monotonic()
@@ -305,7 +309,7 @@ class TrialTracker:
         if summary:
             self.pending.metrics.append((0, summary))
             self.pending.add("the summary", "values", lambda: self._sent("summary", summary))
-        if (summary or self.state.status == "RUNNING") and self.plots_live():
+        if (summary or self.state.status == "RUNNING") and self.details_live():
             self._queue_plot(result)
         if result.failed:
             self.pending.tags[FAILED] = result.failed[:500]
@@ -332,10 +336,28 @@ class TrialTracker:
             self.io.client.log_batch(self.run_id, tags=tags)
         self.io.client.set_terminated(self.run_id, run_status)
 
-    def plots_live(self) -> bool:
-        """Whether this run plots itself as it ends: a lone lineage, or a trial of a search whose trials
-        plot as they end (`trials_plot_live`)."""
-        return self.role != "trial" or trials_plot_live(self.cfg)
+    def details_live(self) -> bool:
+        """Whether this run plots itself as it ends and times its rounds' inference gains as they end:
+        a lone lineage, or a trial of a search whose trials do (`trials_detailed_live`)."""
+        return self.role != "trial" or trials_detailed_live(self.cfg)
+
+    def log_gains(self, result: LineageResult, entry_of: Callable[[str], StageEntry | None]) -> bool:
+        """Time and log now the inference gains of every round of `result` that has its stage
+        (`entry_of(key)`), at step = round: what a trial of a large search did not time as it went
+        (`trials_detailed_live`). Whether they were sent; never raises."""
+        if not self.ensure_run():
+            return False
+        for round_result in result.rounds:
+            entry = entry_of(round_result.key) if round_result.failed is None else None
+            gains = self.round_metrics.inference_gains(round_result, entry) if entry is not None else {}
+            if gains:
+                self.pending.metrics.append((round_result.round, gains))
+        if self.pending.empty():
+            return False
+        sent: list[bool] = []
+        self.pending.add("the inference gains", "values", lambda: sent.append(True))
+        self.flush()
+        return bool(sent)
 
     def plot(self, result: LineageResult) -> None:
         """Draw and upload the lineage plot (its judged metric against sparsity) now (never raises)."""
