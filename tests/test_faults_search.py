@@ -40,7 +40,12 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
             assert len(stored) == 1  # the dense stage, and nothing else
             assert list((disk / "store" / "tmp").iterdir()) == []  # no staging left behind
             records = trial_records(disk / "store", "diskfull")
-            assert len(records) == 2 and all(not r.get("round_keys") for r in records.values())
+            # a trial's record is written after its dense stage; the first trial's round fails on the
+            # full disk and stops the search (max_failures 0), and on a loaded machine the second trial
+            # may not have saved its record by then (seen once in the whole suite): it starts afresh on
+            # resume (this path alone: the same test with search.max_concurrent=1 passes)
+            assert 1 <= len(records) <= 2 and all(not r.get("round_keys") for r in records.values())
+            first_run = set(records)
 
             ballast.unlink()  # space freed
             code, _, err = run_cli(["resume", "diskfull", "--store-uri", str(disk / "store")])
@@ -48,7 +53,8 @@ def test_disk_full_during_a_search_then_resume(ray_local, data_root: Path, tmp_p
             records = trial_records(disk / "store", "diskfull")
             assert sorted(r["status"] for r in records.values()) == ["finished", "finished"]
             assert all(len(r["round_keys"]) == 2 for r in records.values())
-            retrained = {k for r in records.values() for a in r["attempts"][1:] for k in a["executed_keys"]} & stored
+            resumed = [r["attempts"][1:] if trial_id in first_run else r["attempts"] for trial_id, r in records.items()]
+            retrained = {k for attempts in resumed for a in attempts for k in a["executed_keys"]} & stored
             assert retrained == set()  # the resumed attempts reused the stored dense stage
             assert not any(name.endswith(".tmp") for name in snapshot(disk / "store"))
     except MountRefused as refused:
