@@ -212,15 +212,18 @@ def test_a_search_larger_than_trial_plots_times_inference_only_for_its_best_tria
     """A search of more lineages than `tracking.trial_plots` times no round's inference gains as its
     trials go (a tenth of each round's training in the trial's slot, issue 24); its finish times every
     round of its best trials before the tickets table is written, so their rows carry the gains and
-    the other trials' rows do not."""
+    the other trials' rows do not; and those of the trial a confirmation chose, once."""
     import pyarrow.csv
+
+    from lth_search.tracking.child_runs import read_child_runs
+    from lth_search.tracking.sync import time_best_trials
 
     dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_config(data_root, tmp_path, name="large", tracking__enabled="true", tracking__uri=uri,
                       search__num_trials=2, search__tolerance=0.02, tracking__trial_plots=1,
                       tracking__measure_inference="true", tracking__inference_budget_s=0.02)
-    _, records, _ = run_search(cfg, dataset, "large-1")
+    search, records, _ = run_search(cfg, dataset, "large-1")
 
     client = MlflowClient(uri)
     parent, runs = trial_runs(client, "large")
@@ -233,3 +236,11 @@ def test_a_search_larger_than_trial_plots_times_inference_only_for_its_best_tria
     gains = {(row["trial_id"].removeprefix("trial "), row["round"]): row["inference_latency_b1"] for row in table}
     assert all((value is not None) == (trial_id == best.trial_id) for (trial_id, _), value in gains.items())
     assert any(value is not None for value in gains.values())
+
+    # the trial a confirmation chose (the default recipe can win it from outside the best few) is timed too
+    other = next(r for r in records if r.trial_id != best.trial_id)
+    assert time_best_trials(search, records, read_child_runs(search), chosen=other.trial_id) == {
+        runs[other.trial_id].info.run_id}
+    steps = {m.step for m in client.get_metric_history(runs[other.trial_id].info.run_id, "inference/latency_b1")}
+    assert steps == set(range(1, len(other.round_keys) + 1))
+    assert time_best_trials(search, records, read_child_runs(search), chosen=other.trial_id) == set()  # once

@@ -65,15 +65,16 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
     search.ensure_config()
     children = read_child_runs(search)
     counts, touched = reconcile(search, records, children.complete if children is not None else {})
-    touched |= time_best_trials(search, records, children)
+    chosen = confirmation and confirmation["trial_id"]
+    touched |= time_best_trials(search, records, children, chosen)
     places = children.places if children is not None else {}
     rows = children.tickets() if children is not None and reread(search, children, touched) else None
     del children  # the driver's peak is at the finish: nothing is held longer than it is needed
     if confirmation is not None:
         log_confirmation(search, confirmation)
-    log_search_summary(search, sum(len(r.round_keys) for r in records), confirmation and confirmation["trial_id"], rows)
+    log_search_summary(search, sum(len(r.round_keys) for r in records), chosen, rows)
     del rows
-    counts["plots"] = plot_best_trials(search, records, places)
+    counts["plots"] = plot_best_trials(search, records, places, chosen)
     return counts
 
 
@@ -169,18 +170,20 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     return tracker
 
 
-def time_best_trials(search: SearchTracker, records: list[TrialRecord], children: ChildRuns | None) -> set[str]:
+def time_best_trials(search: SearchTracker, records: list[TrialRecord], children: ChildRuns | None,
+                     chosen: str | None = None) -> set[str]:
     """Time the rounds' inference gains of the best `tracking.trial_plots` trials of a search too large
     for every trial to time its own as it ends (trial_run.py `trials_detailed_live`), those whose runs
     lack them; returns the runs given them. Before the tickets table is read, so that its rows and
     `best` show them. `children`: the trials' runs as the finish read them (child_runs.py); None when
-    MLflow did not answer then, and the gains are left to `lth-search sync`."""
+    MLflow did not answer then, and the gains are left to `lth-search sync`. `chosen`: the trial the
+    confirmation chose, timed too (`best` shows its gains) when it is not among the best."""
     cfg = search.cfg
     if trials_detailed_live(cfg) or not cfg.tracking.measure_inference or children is None:
         return set()
     stages = _Stages(cfg)
     timed = set()
-    for record in best_records(records, cfg.tracking.trial_plots):
+    for record in _best_and_chosen(records, cfg.tracking.trial_plots, chosen):
         place = children.places.get(record.trial_id)
         if place is None or _has_gains(children.rows.get(place.run_id)):
             continue
@@ -194,20 +197,31 @@ def time_best_trials(search: SearchTracker, records: list[TrialRecord], children
     return timed
 
 
-def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: dict[str, RunPlace]) -> int:
+def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: dict[str, RunPlace],
+                     chosen: str | None = None) -> int:
     """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
-    (trial_run.py `trials_detailed_live`), those that lack their plot; returns how many were drawn. `places`:
-    the trials' runs as the finish read them (child_runs.py), by trial id."""
+    (trial_run.py `trials_detailed_live`), and the confirmation's `chosen` one, those that lack their
+    plot; returns how many were drawn. `places`: the trials' runs as the finish read them
+    (child_runs.py), by trial id."""
     cfg = search.cfg
     if trials_detailed_live(cfg):
         return 0
     drawn = 0
-    for record in best_records(records, cfg.tracking.trial_plots):
+    for record in _best_and_chosen(records, cfg.tracking.trial_plots, chosen):
         found = _placed_run(search, record, places.get(record.trial_id))
         if found is not None and not found[0].state.plot:
             found[0].plot(found[1])
             drawn += found[0].state.plot
     return drawn
+
+
+def _best_and_chosen(records: list[TrialRecord], count: int, chosen: str | None) -> list[TrialRecord]:
+    """The best `count` trials (runs/best.py's order), then the confirmation's chosen trial if it is not
+    among them: the default recipe can win the confirmation from outside the best few on val."""
+    best = best_records(records, count)
+    if chosen is None or chosen in {record.trial_id for record in best}:
+        return best
+    return best + [record for record in records if record.trial_id == chosen][:1]
 
 
 def _has_gains(rows: list[dict[str, Any]] | None) -> bool:
