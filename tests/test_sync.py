@@ -216,7 +216,7 @@ def test_a_search_larger_than_trial_plots_times_inference_only_for_its_best_tria
     import pyarrow.csv
 
     from lth_search.tracking.child_runs import read_child_runs
-    from lth_search.tracking.sync import time_best_trials
+    from lth_search.tracking.sync import detailed_trials, time_best_trials
 
     dataset = load_dataset(tiny_config(data_root, tmp_path).data, seed=0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -239,8 +239,9 @@ def test_a_search_larger_than_trial_plots_times_inference_only_for_its_best_tria
 
     # the trial a confirmation chose (the default recipe can win it from outside the best few) is timed too
     other = next(r for r in records if r.trial_id != best.trial_id)
-    assert time_best_trials(search, records, read_child_runs(search), chosen=other.trial_id) == {
+    chosen = detailed_trials(cfg, records, other.trial_id)
+    assert time_best_trials(search, chosen, read_child_runs(search)) == {
         runs[other.trial_id].info.run_id}
     steps = {m.step for m in client.get_metric_history(runs[other.trial_id].info.run_id, "inference/latency_b1")}
     assert steps == set(range(1, len(other.round_keys) + 1))
-    assert time_best_trials(search, records, read_child_runs(search), chosen=other.trial_id) == set()  # once
+    assert time_best_trials(search, chosen, read_child_runs(search)) == set()  # once

@@ -66,7 +66,8 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
     children = read_child_runs(search)
     counts, touched = reconcile(search, records, children.complete if children is not None else {})
     chosen = confirmation and confirmation["trial_id"]
-    touched |= time_best_trials(search, records, children, chosen)
+    detailed = detailed_trials(search.cfg, records, chosen)
+    touched |= time_best_trials(search, detailed, children)
     places = children.places if children is not None else {}
     rows = children.tickets() if children is not None and reread(search, children, touched) else None
     del children  # the driver's peak is at the finish: nothing is held longer than it is needed
@@ -74,7 +75,7 @@ def refresh(search: SearchTracker, records: list[TrialRecord], confirmation: dic
         log_confirmation(search, confirmation)
     log_search_summary(search, sum(len(r.round_keys) for r in records), chosen, rows)
     del rows
-    counts["plots"] = plot_best_trials(search, records, places, chosen)
+    counts["plots"] = plot_best_trials(search, detailed, places)
     return counts
 
 
@@ -138,16 +139,24 @@ def _placed_run(search: SearchTracker, record: TrialRecord,
     five reads of everything it holds)."""
     if place is None:
         return _trial_run(search, record)
-    found = _tracker(search, record)
+    found = _tracker_at(search, record, place)
     if found is None:
         return None
-    tracker, io = found[0], search.io
+    io = search.io
     ok, names = io.call(f"list the plots of trial {record.trial_id}",
                         lambda: io.artifact_names(place.run_id, LINEAGE_PLOT.rsplit("/", 1)[0]))
     if not ok:
         return None
-    tracker.run_id, tracker.artifact_uri = place.run_id, place.artifact_uri
-    tracker.state.plot = LINEAGE_PLOT in names
+    found[0].state.plot = LINEAGE_PLOT in names
+    return found
+
+
+def _tracker_at(search: SearchTracker, record: TrialRecord,
+                place: RunPlace) -> tuple[TrialTracker, LineageResult] | None:
+    """`_tracker`, its run the one at `place` (no search by tag, nothing it holds read)."""
+    found = _tracker(search, record)
+    if found is not None:
+        found[0].run_id, found[0].artifact_uri = place.run_id, place.artifact_uri
     return found
 
 
@@ -170,58 +179,48 @@ def reconcile_trial(search: SearchTracker, record: TrialRecord, stages: _Stages)
     return tracker
 
 
-def time_best_trials(search: SearchTracker, records: list[TrialRecord], children: ChildRuns | None,
-                     chosen: str | None = None) -> set[str]:
-    """Time the rounds' inference gains of the best `tracking.trial_plots` trials of a search too large
-    for every trial to time its own as it ends (trial_run.py `trials_detailed_live`), those whose runs
+def detailed_trials(cfg: ExperimentConfig, records: list[TrialRecord], chosen: str | None) -> list[TrialRecord]:
+    """The trials a search too large for every trial to plot itself and time its inference gains as it
+    ends (trial_run.py `trials_detailed_live`) does both for at its finish: its best `tracking.trial_plots`
+    (runs/best.py's order), then the trial its confirmation `chosen` if it is not among them (the
+    default recipe can win the confirmation from outside the best few on val). [] for a smaller search."""
+    if trials_detailed_live(cfg):
+        return []
+    best = best_records(records, cfg.tracking.trial_plots)
+    if chosen is None or chosen in {record.trial_id for record in best}:
+        return best
+    return best + [record for record in records if record.trial_id == chosen][:1]
+
+
+def time_best_trials(search: SearchTracker, detailed: list[TrialRecord], children: ChildRuns | None) -> set[str]:
+    """Time the rounds' inference gains of the `detailed` trials (`detailed_trials`), those whose runs
     lack them; returns the runs given them. Before the tickets table is read, so that its rows and
     `best` show them. `children`: the trials' runs as the finish read them (child_runs.py); None when
-    MLflow did not answer then, and the gains are left to `lth-search sync`. `chosen`: the trial the
-    confirmation chose, timed too (`best` shows its gains) when it is not among the best."""
-    cfg = search.cfg
-    if trials_detailed_live(cfg) or not cfg.tracking.measure_inference or children is None:
+    MLflow did not answer then, and the gains are left to `lth-search sync`."""
+    if not search.cfg.tracking.measure_inference or children is None:
         return set()
-    stages = _Stages(cfg)
+    stages = _Stages(search.cfg)
     timed = set()
-    for record in _best_and_chosen(records, cfg.tracking.trial_plots, chosen):
+    for record in detailed:
         place = children.places.get(record.trial_id)
         if place is None or _has_gains(children.rows.get(place.run_id)):
             continue
-        found = _tracker(search, record)
-        if found is None:
-            continue
-        tracker, result = found
-        tracker.run_id, tracker.artifact_uri = place.run_id, place.artifact_uri
-        if tracker.log_gains(result, stages.get):
+        found = _tracker_at(search, record, place)
+        if found is not None and found[0].log_gains(found[1], stages.get):
             timed.add(place.run_id)
     return timed
 
 
-def plot_best_trials(search: SearchTracker, records: list[TrialRecord], places: dict[str, RunPlace],
-                     chosen: str | None = None) -> int:
-    """Plot the best `tracking.trial_plots` trials of a search too large for every trial to plot itself
-    (trial_run.py `trials_detailed_live`), and the confirmation's `chosen` one, those that lack their
-    plot; returns how many were drawn. `places`: the trials' runs as the finish read them
-    (child_runs.py), by trial id."""
-    cfg = search.cfg
-    if trials_detailed_live(cfg):
-        return 0
+def plot_best_trials(search: SearchTracker, detailed: list[TrialRecord], places: dict[str, RunPlace]) -> int:
+    """Plot the `detailed` trials (`detailed_trials`), those that lack their plot; returns how many were
+    drawn. `places`: the trials' runs as the finish read them (child_runs.py), by trial id."""
     drawn = 0
-    for record in _best_and_chosen(records, cfg.tracking.trial_plots, chosen):
+    for record in detailed:
         found = _placed_run(search, record, places.get(record.trial_id))
         if found is not None and not found[0].state.plot:
             found[0].plot(found[1])
             drawn += found[0].state.plot
     return drawn
-
-
-def _best_and_chosen(records: list[TrialRecord], count: int, chosen: str | None) -> list[TrialRecord]:
-    """The best `count` trials (runs/best.py's order), then the confirmation's chosen trial if it is not
-    among them: the default recipe can win the confirmation from outside the best few on val."""
-    best = best_records(records, count)
-    if chosen is None or chosen in {record.trial_id for record in best}:
-        return best
-    return best + [record for record in records if record.trial_id == chosen][:1]
 
 
 def _has_gains(rows: list[dict[str, Any]] | None) -> bool:

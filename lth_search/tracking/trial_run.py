@@ -84,9 +84,9 @@ TERMINAL = {
 def trials_detailed_live(cfg: ExperimentConfig) -> bool:
     """Whether a search's trials plot themselves and time each round's inference gains as they go: at
     most `tracking.trial_plots` lineages. A larger search does both for its best `trial_plots` trials
-    at its finish (sync.py `time_best_trials`, `plot_best_trials`): the timing is a tenth of every round's training
-    time in the trial's slot (round_metrics.py `inference_budget`), spent on every lineage of a
-    search of thousands while its best few are those a researcher deploys or compares."""
+    at its finish (sync.py `detailed_trials`): the timing is a tenth of every round's training time
+    in the trial's slot (round_metrics.py `inference_budget`), spent on every lineage of a search of
+    thousands while its best few are those a researcher deploys or compares."""
     return cfg.search.num_trials <= cfg.tracking.trial_plots
 
 
@@ -348,8 +348,8 @@ class TrialTracker:
         if not self.ensure_run():
             return False
         for round_result in result.rounds:
-            entry = entry_of(round_result.key) if round_result.failed is None else None
-            gains = self.round_metrics.inference_gains(round_result, entry) if entry is not None else {}
+            entry = entry_of(round_result.key) if round_result.failed is None else None  # no read for a failed one
+            gains = self.round_metrics.inference_gains(round_result, entry)
             if gains:
                 self.pending.metrics.append((round_result.round, gains))
         if self.pending.empty():
